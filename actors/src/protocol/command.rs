@@ -1,0 +1,185 @@
+//! Parsing one SMTP command line (without its line end) into a typed [`Command`].
+//!
+//! Purely syntactic: whether a command is allowed now is the session's business.
+
+use super::address::{parse_path, AddressError, Mailbox, Path};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Ehlo(String),
+    Helo(String),
+    Mail { from: Path, params: MailParams },
+    Rcpt { to: Mailbox },
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Vrfy,
+    Help,
+    /// Known commands mailroot does not offer (EXPN, TURN, ETRN, STARTTLS, AUTH, BDAT until configured).
+    NotImplemented,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailParams {
+    pub size: Option<u64>,
+    pub body_8bit: bool,
+    pub smtputf8: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    Unrecognized,
+    /// Bytes that are not UTF-8, or control characters in a command line.
+    Syntax(&'static str),
+    BadSender(AddressError),
+    BadRecipient(AddressError),
+    /// An ESMTP parameter we do not know or whose value is malformed.
+    BadParameter,
+}
+
+pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
+    let line = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("Invalid UTF-8 in command"))?;
+    if line.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(CommandError::Syntax("Control characters in command"));
+    }
+    let (verb, arg) = match line.find(' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, ""),
+    };
+    let verb = verb.to_ascii_uppercase();
+    match verb.as_str() {
+        "EHLO" | "HELO" => {
+            let domain = arg.trim();
+            if domain.is_empty() || domain.contains(' ') {
+                return Err(CommandError::Syntax("EHLO/HELO requires one domain or address literal"));
+            }
+            let d = domain.to_string();
+            Ok(if verb == "EHLO" { Command::Ehlo(d) } else { Command::Helo(d) })
+        }
+        "MAIL" => {
+            let rest = strip_keyword(arg, "FROM:").ok_or(CommandError::Syntax("Syntax: MAIL FROM:<address>"))?;
+            let (from, params) = parse_path(rest).map_err(CommandError::BadSender)?;
+            Ok(Command::Mail { from, params: parse_mail_params(params)? })
+        }
+        "RCPT" => {
+            let rest = strip_keyword(arg, "TO:").ok_or(CommandError::Syntax("Syntax: RCPT TO:<address>"))?;
+            let (to, params) = parse_path(rest).map_err(CommandError::BadRecipient)?;
+            let to = to.ok_or(CommandError::BadRecipient(AddressError::Empty))?;
+            if !params.trim().is_empty() {
+                return Err(CommandError::BadParameter);
+            }
+            Ok(Command::Rcpt { to })
+        }
+        "DATA" => no_arg(arg, Command::Data),
+        "RSET" => no_arg(arg, Command::Rset),
+        "QUIT" => no_arg(arg, Command::Quit),
+        "NOOP" => Ok(Command::Noop),
+        "HELP" => Ok(Command::Help),
+        "VRFY" => {
+            if arg.trim().is_empty() {
+                Err(CommandError::Syntax("Syntax: VRFY <user>"))
+            } else {
+                Ok(Command::Vrfy)
+            }
+        }
+        "EXPN" | "TURN" | "ETRN" | "STARTTLS" | "AUTH" | "BDAT" | "ATRN" | "SEND" | "SOML" | "SAML" => {
+            Ok(Command::NotImplemented)
+        }
+        _ => Err(CommandError::Unrecognized),
+    }
+}
+
+fn no_arg(arg: &str, cmd: Command) -> Result<Command, CommandError> {
+    if arg.trim().is_empty() {
+        Ok(cmd)
+    } else {
+        Err(CommandError::Syntax("This command takes no argument"))
+    }
+}
+
+/// Strips `FROM:`/`TO:` case-insensitively.
+fn strip_keyword<'a>(arg: &'a str, kw: &str) -> Option<&'a str> {
+    let head = arg.get(..kw.len())?;
+    head.eq_ignore_ascii_case(kw).then(|| &arg[kw.len()..])
+}
+
+fn parse_mail_params(s: &str) -> Result<MailParams, CommandError> {
+    let mut p = MailParams::default();
+    for param in s.split(' ').filter(|t| !t.is_empty()) {
+        let (key, value) = match param.find('=') {
+            Some(i) => (&param[..i], Some(&param[i + 1..])),
+            None => (param, None),
+        };
+        match (key.to_ascii_uppercase().as_str(), value) {
+            ("SIZE", Some(v)) if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) => {
+                // More digits than u64 holds is simply "too big".
+                p.size = Some(v.parse().unwrap_or(u64::MAX));
+            }
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => p.body_8bit = true,
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => p.body_8bit = false,
+            ("SMTPUTF8", None) => p.smtputf8 = true,
+            _ => return Err(CommandError::BadParameter),
+        }
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mb(l: &str, d: &str) -> Mailbox {
+        Mailbox { local: l.into(), domain: d.into() }
+    }
+
+    #[test]
+    fn commands() {
+        let cases: Vec<(&[u8], Result<Command, CommandError>)> = vec![
+            (b"EHLO client.test", Ok(Command::Ehlo("client.test".into()))),
+            (b"ehlo [127.0.0.1]", Ok(Command::Ehlo("[127.0.0.1]".into()))),
+            (b"HELO x", Ok(Command::Helo("x".into()))),
+            (b"EHLO", Err(CommandError::Syntax("EHLO/HELO requires one domain or address literal"))),
+            (b"MAIL FROM:<a@b.test>", Ok(Command::Mail { from: Some(mb("a", "b.test")), params: MailParams::default() })),
+            (b"mail from: <a@b.test>", Ok(Command::Mail { from: Some(mb("a", "b.test")), params: MailParams::default() })),
+            (b"MAIL FROM:<>", Ok(Command::Mail { from: None, params: MailParams::default() })),
+            (
+                b"MAIL FROM:<a@b.test> SIZE=1000 BODY=8BITMIME SMTPUTF8",
+                Ok(Command::Mail {
+                    from: Some(mb("a", "b.test")),
+                    params: MailParams { size: Some(1000), body_8bit: true, smtputf8: true },
+                }),
+            ),
+            (b"MAIL FROM:<a@b.test> SIZE=99999999999999999999", Ok(Command::Mail { from: Some(mb("a", "b.test")), params: MailParams { size: Some(u64::MAX), ..Default::default() } })),
+            (b"MAIL FROM:<a@b.test> SIZE=12x", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> SIZE=", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> FOO=BAR", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> BODY=BINARYMIME", Err(CommandError::BadParameter)),
+            (b"MAIL TO:<a@b.test>", Err(CommandError::Syntax("Syntax: MAIL FROM:<address>"))),
+            (b"MAIL FROM:<a@b", Err(CommandError::BadSender(AddressError::Unterminated))),
+            (b"MAIL", Err(CommandError::Syntax("Syntax: MAIL FROM:<address>"))),
+            (b"RCPT TO:<c@d.test>", Ok(Command::Rcpt { to: mb("c", "d.test") })),
+            (b"RCPT TO:<Postmaster>", Ok(Command::Rcpt { to: mb("postmaster", "") })),
+            (b"RCPT TO:<>", Err(CommandError::BadRecipient(AddressError::Empty))),
+            (b"RCPT TO:<c@d.test> NOTIFY=NEVER", Err(CommandError::BadParameter)),
+            (b"RCPT TO:<c@@d.test>", Err(CommandError::BadRecipient(AddressError::BadLocalPart))),
+            (b"DATA", Ok(Command::Data)),
+            (b"data x", Err(CommandError::Syntax("This command takes no argument"))),
+            (b"RSET", Ok(Command::Rset)),
+            (b"NOOP anything", Ok(Command::Noop)),
+            (b"QUIT", Ok(Command::Quit)),
+            (b"VRFY root", Ok(Command::Vrfy)),
+            (b"VRFY", Err(CommandError::Syntax("Syntax: VRFY <user>"))),
+            (b"HELP", Ok(Command::Help)),
+            (b"EXPN list", Ok(Command::NotImplemented)),
+            (b"STARTTLS", Ok(Command::NotImplemented)),
+            (b"XYZZY", Err(CommandError::Unrecognized)),
+            (b"", Err(CommandError::Unrecognized)),
+            (b"MAIL FROM:<\xff@b.test>", Err(CommandError::Syntax("Invalid UTF-8 in command"))),
+            (b"NOOP \x00", Err(CommandError::Syntax("Control characters in command"))),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse(input), expected, "input {:?}", String::from_utf8_lossy(input));
+        }
+    }
+}

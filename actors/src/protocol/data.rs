@@ -1,0 +1,302 @@
+//! The DATA receiver: finds the end of a message, undoes dot-stuffing, and enforces the size,
+//! line-length and line-ending rules without ever buffering more than the size limit.
+//!
+//! Only `<CR><LF>.<CR><LF>` ends a message. A bare LF or bare CR anywhere marks the message as
+//! refused (SMTP smuggling defence, CVE-2023-51764/5/6) and never counts as a line end, so
+//! `<LF>.<LF>`, `<LF>.<CR><LF>` and `<CR><LF>.<LF>` cannot end DATA. After a refusal the receiver
+//! keeps draining until the real end so the session stays in step with the client.
+
+/// Why a message is refused at the end of DATA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataProblem {
+    TooBig,
+    LineTooLong,
+    BareLf,
+    BareCr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line (after CRLF, or at the start of DATA).
+    LineStart,
+    /// Saw `.` at the start of a line.
+    Dot,
+    /// Saw `.` `CR` at the start of a line.
+    DotCr,
+    /// Inside a line.
+    Mid,
+    /// Saw `CR` inside a line.
+    Cr,
+}
+
+/// RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF.
+pub const MAX_LINE: usize = 1000;
+
+#[derive(Debug)]
+pub struct DataReceiver {
+    state: State,
+    limit: usize,
+    body: Vec<u8>,
+    problem: Option<DataProblem>,
+    /// Octets of the current line as sent (before unstuffing), CRLF included.
+    line_len: usize,
+    /// Offset in `body` where the current line starts; used to read header lines.
+    line_start: usize,
+    in_header: bool,
+    received_headers: usize,
+    saw_8bit: bool,
+}
+
+/// What the receiver has at the end of DATA.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DataOutcome {
+    Message { body: Vec<u8>, received_headers: usize, eight_bit: bool },
+    Refused(DataProblem),
+}
+
+impl DataReceiver {
+    pub fn new(limit: usize) -> Self {
+        DataReceiver {
+            state: State::LineStart,
+            limit,
+            body: Vec::new(),
+            problem: None,
+            line_len: 0,
+            line_start: 0,
+            in_header: true,
+            received_headers: 0,
+            saw_8bit: false,
+        }
+    }
+
+    /// Consumes bytes from `input`. Returns how many were used and, when the end of data was
+    /// found, the outcome; the bytes after it belong to the command stream.
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Option<DataOutcome>) {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                State::Mid => {
+                    // Fast path: copy the run of ordinary bytes up to the next CR or LF.
+                    let run = input[i..].iter().position(|&c| c == b'\r' || c == b'\n').unwrap_or(input.len() - i);
+                    if run > 0 {
+                        self.line_len += run;
+                        self.emit(&input[i..i + run]);
+                        i += run;
+                        self.check_line_len();
+                        continue;
+                    }
+                    self.line_len += 1;
+                    if b == b'\r' {
+                        self.state = State::Cr;
+                    } else {
+                        self.flag(DataProblem::BareLf);
+                        self.emit(b"\n");
+                    }
+                }
+                State::LineStart => {
+                    self.line_len = 1;
+                    match b {
+                        b'.' => self.state = State::Dot,
+                        b'\r' => self.state = State::Cr,
+                        b'\n' => {
+                            self.flag(DataProblem::BareLf);
+                            self.emit(b"\n");
+                            self.state = State::Mid;
+                        }
+                        _ => {
+                            self.emit(&[b]);
+                            self.state = State::Mid;
+                        }
+                    }
+                }
+                State::Dot => {
+                    self.line_len += 1;
+                    match b {
+                        b'\r' => self.state = State::DotCr,
+                        b'\n' => {
+                            self.flag(DataProblem::BareLf);
+                            self.emit(b".\n");
+                            self.state = State::Mid;
+                        }
+                        // Dot-unstuffing: the leading dot is dropped, this byte kept.
+                        _ => {
+                            self.emit(&[b]);
+                            self.state = State::Mid;
+                        }
+                    }
+                }
+                State::DotCr => {
+                    if b == b'\n' {
+                        return (i + 1, Some(self.finish()));
+                    }
+                    // ".<CR>x": the CR was bare; `b` is looked at again as ordinary line content.
+                    self.flag(DataProblem::BareCr);
+                    self.emit(b".\r");
+                    self.state = State::Mid;
+                    continue;
+                }
+                State::Cr => {
+                    if b == b'\n' {
+                        self.line_len += 1;
+                        self.check_line_len();
+                        self.emit(b"\r\n");
+                        self.end_of_line();
+                        self.state = State::LineStart;
+                    } else {
+                        self.flag(DataProblem::BareCr);
+                        self.emit(b"\r");
+                        self.state = State::Mid;
+                        continue;
+                    }
+                }
+            }
+            self.check_line_len();
+            i += 1;
+        }
+        (input.len(), None)
+    }
+
+    fn check_line_len(&mut self) {
+        if self.line_len > MAX_LINE {
+            self.flag(DataProblem::LineTooLong);
+        }
+    }
+
+    fn flag(&mut self, p: DataProblem) {
+        if self.problem.is_none() {
+            self.problem = Some(p);
+            // Drained from here on: the message will not be kept.
+            self.body = Vec::new();
+        }
+    }
+
+    fn emit(&mut self, bytes: &[u8]) {
+        if self.problem.is_some() {
+            return;
+        }
+        if self.body.len() + bytes.len() > self.limit {
+            self.flag(DataProblem::TooBig);
+            return;
+        }
+        if !self.saw_8bit && bytes.iter().any(|b| *b >= 0x80) {
+            self.saw_8bit = true;
+        }
+        self.body.extend_from_slice(bytes);
+    }
+
+    fn end_of_line(&mut self) {
+        if self.in_header && self.problem.is_none() {
+            let line = &self.body[self.line_start..];
+            if line == b"\r\n" {
+                self.in_header = false;
+            } else if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+                self.received_headers += 1;
+            }
+        }
+        self.line_start = self.body.len();
+        self.line_len = 0;
+    }
+
+    fn finish(&mut self) -> DataOutcome {
+        match self.problem {
+            Some(p) => DataOutcome::Refused(p),
+            None => DataOutcome::Message {
+                body: std::mem::take(&mut self.body),
+                received_headers: self.received_headers,
+                eight_bit: self.saw_8bit,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(limit: usize, input: &[u8]) -> (usize, Option<DataOutcome>) {
+        DataReceiver::new(limit).feed(input)
+    }
+
+    fn msg(body: &[u8]) -> Option<DataOutcome> {
+        Some(DataOutcome::Message { body: body.to_vec(), received_headers: 0, eight_bit: false })
+    }
+
+    #[test]
+    fn end_of_data_and_smuggling() {
+        let cases: Vec<(&[u8], usize, Option<DataOutcome>)> = vec![
+            (b"a\r\n.\r\n", 6, msg(b"a\r\n")),
+            (b".\r\n", 3, msg(b"")),
+            (b"a\r\n.\r\nMAIL", 6, msg(b"a\r\n")),
+            (b"..a\r\n.\r\n", 8, msg(b".a\r\n")),
+            (b"...\r\n.\r\n", 8, msg(b"..\r\n")),
+            (b"a\r\n.b\r\n.\r\n", 10, msg(b"a\r\nb\r\n")),
+            // Smuggling variants: none of these ends DATA and each refuses the message.
+            (b"a\n.\n", 4, None),
+            (b"a\n.\r\n", 5, None),
+            (b"a\r\n.\n", 5, None),
+            (b"a\r.\r", 4, None),
+            (b"a\n.\nb\r\n.\r\n", 10, Some(DataOutcome::Refused(DataProblem::BareLf))),
+            (b"a\n.\r\nb\r\n.\r\n", 11, Some(DataOutcome::Refused(DataProblem::BareLf))),
+            (b"a\r\n.\nMAIL\r\n.\r\n", 14, Some(DataOutcome::Refused(DataProblem::BareLf))),
+            (b"a\rb\r\n.\r\n", 8, Some(DataOutcome::Refused(DataProblem::BareCr))),
+            (b"a\r\n.\rX\r\n.\r\n", 11, Some(DataOutcome::Refused(DataProblem::BareCr))),
+            (b"a\r\r\n.\r\n", 7, Some(DataOutcome::Refused(DataProblem::BareCr))),
+        ];
+        for (input, used, outcome) in cases {
+            assert_eq!(run(1000, input), (used, outcome), "input {:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn byte_at_a_time_matches_whole() {
+        let input = b"Received: x\r\nreceived: y\r\nSubject: s\r\n\r\n..b\r\nReceived: not a header\r\n.\r\nQUIT\r\n";
+        let mut r = DataReceiver::new(1000);
+        let mut got = None;
+        let mut consumed = 0;
+        for (i, b) in input.iter().enumerate() {
+            let (n, out) = r.feed(std::slice::from_ref(b));
+            assert_eq!(n, 1);
+            if out.is_some() {
+                got = out;
+                consumed = i + 1;
+                break;
+            }
+        }
+        assert_eq!(consumed, input.len() - 6);
+        assert_eq!(
+            got,
+            Some(DataOutcome::Message {
+                body: b"Received: x\r\nreceived: y\r\nSubject: s\r\n\r\n.b\r\nReceived: not a header\r\n".to_vec(),
+                received_headers: 2,
+                eight_bit: false,
+            })
+        );
+    }
+
+    #[test]
+    fn limits() {
+        // Exactly at the size limit is fine; one more octet is too big, and draining continues.
+        assert_eq!(run(5, b"abc\r\n.\r\n").1, msg(b"abc\r\n"));
+        assert_eq!(run(4, b"abc\r\n.\r\n").1, Some(DataOutcome::Refused(DataProblem::TooBig)));
+        let line998 = [vec![b'x'; 998], b"\r\n.\r\n".to_vec()].concat();
+        assert!(matches!(run(10_000, &line998).1, Some(DataOutcome::Message { .. })));
+        let line999 = [vec![b'x'; 999], b"\r\n.\r\n".to_vec()].concat();
+        assert_eq!(run(10_000, &line999).1, Some(DataOutcome::Refused(DataProblem::LineTooLong)));
+        // 8-bit content is noted.
+        assert!(matches!(run(100, "é\r\n.\r\n".as_bytes()).1, Some(DataOutcome::Message { eight_bit: true, .. })));
+    }
+
+    #[test]
+    fn never_buffers_more_than_the_limit() {
+        let mut r = DataReceiver::new(1024);
+        let chunk = vec![b'y'; 100];
+        let line = [chunk.as_slice(), b"\r\n"].concat();
+        for _ in 0..10_000 {
+            let (_, out) = r.feed(&line);
+            assert!(out.is_none());
+            assert!(r.body.capacity() <= 4096);
+        }
+        assert_eq!(r.feed(b".\r\n").1, Some(DataOutcome::Refused(DataProblem::TooBig)));
+    }
+}

@@ -1,0 +1,100 @@
+//! The `Received:` trace header (RFC 5321 §4.4) and RFC 5322 dates, formatted from a Unix time
+//! passed in by the caller.
+
+use std::net::IpAddr;
+
+/// Formats `secs` since the epoch as an RFC 5322 date in UTC, e.g. `Sat, 28 Nov 2026 21:47:37 +0000`.
+pub fn rfc5322_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[(days.rem_euclid(7)) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Replaces anything outside a conservative set with `?`, so a client-chosen HELO name cannot
+/// break the header's structure (comments, folding) or smuggle control characters.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .take(255)
+        .map(|c| if c.is_ascii_alphanumeric() || "-._:[]".contains(c) { c } else { '?' })
+        .collect()
+}
+
+/// Where a message came from, for the trace header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Smtp { helo: String, ip: IpAddr, protocol: &'static str },
+    Pickup,
+}
+
+/// The complete `Received:` header, folded, CRLF-terminated. `for` names the recipient only when
+/// there is exactly one, so a Bcc'd list is not disclosed.
+pub fn received_header(origin: &Origin, hostname: &str, id: u64, single_rcpt: Option<&str>, now: u64) -> String {
+    let from = match origin {
+        Origin::Smtp { helo, ip, protocol } => {
+            format!("from {} ([{}])\r\n\tby {} (mailroot) with {} id {}", sanitize(helo), ip, hostname, protocol, id)
+        }
+        Origin::Pickup => format!("from pickup\r\n\tby {} (mailroot) with local id {}", hostname, id),
+    };
+    let for_part = match single_rcpt {
+        Some(r) if r.len() <= 256 && !r.contains(['\r', '\n']) => format!("\r\n\tfor <{r}>"),
+        _ => String::new(),
+    };
+    format!("Received: {from}{for_part};\r\n\t{}\r\n", rfc5322_date(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        let cases = [
+            (0, "Thu, 01 Jan 1970 00:00:00 +0000"),
+            (951_782_400, "Tue, 29 Feb 2000 00:00:00 +0000"),
+            (1_795_902_457, "Sat, 28 Nov 2026 21:47:37 +0000"),
+            (4_102_444_799, "Thu, 31 Dec 2099 23:59:59 +0000"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(rfc5322_date(secs), want, "secs {secs}");
+        }
+    }
+
+    #[test]
+    fn header() {
+        let o = Origin::Smtp { helo: "bad (name)\r\n".into(), ip: "127.0.0.1".parse().unwrap(), protocol: "ESMTP" };
+        assert_eq!(
+            received_header(&o, "mx.test", 7, Some("a@b.test"), 0),
+            "Received: from bad??name??? ([127.0.0.1])\r\n\tby mx.test (mailroot) with ESMTP id 7\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
+        assert_eq!(
+            received_header(&Origin::Pickup, "mx.test", 8, None, 0),
+            "Received: from pickup\r\n\tby mx.test (mailroot) with local id 8;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! The SMTP server state machine of one connection, sans-IO: bytes in, [`Action`]s out.
+//!
+//! It knows nothing about sockets, actors or the queue. The caller feeds bytes, pulls actions
+//! until `None` (more input needed), writes the replies, and answers every
+//! [`Action::Enqueue`] with [`Session::enqueued`] before pulling again — which keeps replies in
+//! order under PIPELINING.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::address::Mailbox;
+use super::command::{self, Command, CommandError};
+use super::data::{DataOutcome, DataProblem, DataReceiver};
+use super::reply::{self, Reply};
+
+/// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.
+pub const MAX_COMMAND_LINE: usize = 512;
+
+/// Session-wide policy, shared by all sessions of a listener.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    pub hostname: String,
+    /// Lower-cased local domains; the first is the default domain.
+    pub local_domains: Vec<String>,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    /// 0 = no limit.
+    pub max_messages_per_connection: usize,
+    /// 0 = no limit.
+    pub max_errors: usize,
+    pub max_hop_count: usize,
+}
+
+impl SessionParams {
+    pub fn is_local(&self, domain: &str) -> bool {
+        self.local_domains.iter().any(|d| d == domain)
+    }
+}
+
+/// What the caller must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Reply(Reply),
+    /// Store this message durably, then call [`Session::enqueued`].
+    Enqueue(Incoming),
+    /// Something was refused: for the log and the refusal counters. A reply follows.
+    Refused(Refusal),
+    /// Close the connection after writing the replies so far.
+    Close,
+}
+
+/// A complete message received over SMTP, ready for the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub sender: Option<Mailbox>,
+    pub recipients: Vec<Mailbox>,
+    pub body: Vec<u8>,
+    pub helo: String,
+    /// `SMTP`, `ESMTP` or `UTF8SMTP` for the `Received:` header (RFC 3848).
+    pub protocol: &'static str,
+    pub eight_bit: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalCause {
+    RelayDenied,
+    MessageTooBig,
+    LineTooLong,
+    DataLineTooLong,
+    BareLf,
+    BareCr,
+    HopCountExceeded,
+    TooManyRecipients,
+    TooManyErrors,
+    TooManyMessages,
+    IdleTimeout,
+    QueueFailure,
+}
+
+impl RefusalCause {
+    /// Stable label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCause::RelayDenied => "relay_denied",
+            RefusalCause::MessageTooBig => "message_too_big",
+            RefusalCause::LineTooLong => "command_line_too_long",
+            RefusalCause::DataLineTooLong => "data_line_too_long",
+            RefusalCause::BareLf => "bare_lf",
+            RefusalCause::BareCr => "bare_cr",
+            RefusalCause::HopCountExceeded => "hop_count_exceeded",
+            RefusalCause::TooManyRecipients => "too_many_recipients",
+            RefusalCause::TooManyErrors => "too_many_errors",
+            RefusalCause::TooManyMessages => "too_many_messages",
+            RefusalCause::IdleTimeout => "idle_timeout",
+            RefusalCause::QueueFailure => "queue_failure",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub cause: RefusalCause,
+    pub sender: Option<String>,
+    pub recipients: Vec<String>,
+    /// The recipient refused, for RCPT-time refusals.
+    pub recipient: Option<String>,
+    pub size: usize,
+}
+
+/// Why the queue could not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueError {
+    /// The store is out of space: 452 4.3.1.
+    Storage,
+    /// Anything else (store error, queue actor gone): 451 4.3.0.
+    Temporary,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Command,
+    /// A command line was too long; bytes are dropped until the next LF.
+    DiscardLine,
+    Data(DataReceiver),
+    /// An `Enqueue` is outstanding.
+    AwaitingQueue,
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct Transaction {
+    sender: Option<Option<Mailbox>>,
+    recipients: Vec<Mailbox>,
+    smtputf8: bool,
+}
+
+pub struct Session {
+    params: Arc<SessionParams>,
+    relay_allowed: bool,
+    client_ip: IpAddr,
+    input: Vec<u8>,
+    mode: Mode,
+    helo: Option<(String, bool)>,
+    txn: Transaction,
+    errors: usize,
+    messages: usize,
+    out: VecDeque<Action>,
+}
+
+impl Session {
+    pub fn new(params: Arc<SessionParams>, client_ip: IpAddr, relay_allowed: bool) -> Self {
+        Session {
+            params,
+            relay_allowed,
+            client_ip,
+            input: Vec::new(),
+            mode: Mode::Command,
+            helo: None,
+            txn: Transaction::default(),
+            errors: 0,
+            messages: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        reply::greeting(&self.params.hostname)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.mode, Mode::Closed)
+    }
+
+    /// Adds bytes read from the client. The buffer holds at most what one read brought plus one
+    /// partial command line, because the caller drains it before reading again.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if !self.is_closed() {
+            self.input.extend_from_slice(bytes);
+        }
+    }
+
+    /// The client was silent for too long.
+    pub fn timeout(&mut self) -> Vec<Action> {
+        self.mode = Mode::Closed;
+        self.input.clear();
+        vec![
+            Action::Refused(self.refusal(RefusalCause::IdleTimeout, None, 0)),
+            Action::Reply(reply::idle_timeout(&self.params.hostname)),
+            Action::Close,
+        ]
+    }
+
+    /// The next action, or `None` when more input is needed.
+    pub fn next_action(&mut self) -> Option<Action> {
+        loop {
+            if let Some(a) = self.out.pop_front() {
+                return Some(a);
+            }
+            match &mut self.mode {
+                Mode::Closed | Mode::AwaitingQueue => return None,
+                Mode::DiscardLine => {
+                    let lf = self.input.iter().position(|&b| b == b'\n');
+                    match lf {
+                        Some(i) => {
+                            self.input.drain(..=i);
+                            self.mode = Mode::Command;
+                            self.error(RefusalCause::LineTooLong, reply::line_too_long());
+                        }
+                        None => {
+                            self.input.clear();
+                            return None;
+                        }
+                    }
+                }
+                Mode::Data(rx) => {
+                    if self.input.is_empty() {
+                        return None;
+                    }
+                    let (used, outcome) = rx.feed(&self.input);
+                    self.input.drain(..used);
+                    if let Some(outcome) = outcome {
+                        self.mode = Mode::Command;
+                        self.end_of_data(outcome);
+                    } else {
+                        return None;
+                    }
+                }
+                Mode::Command => {
+                    let lf = self.input.iter().position(|&b| b == b'\n');
+                    match lf {
+                        Some(i) if i + 1 > MAX_COMMAND_LINE => {
+                            self.input.drain(..=i);
+                            self.error(RefusalCause::LineTooLong, reply::line_too_long());
+                        }
+                        Some(i) => {
+                            let mut line: Vec<u8> = self.input.drain(..=i).collect();
+                            line.pop();
+                            if line.last() == Some(&b'\r') {
+                                line.pop();
+                            }
+                            self.command(&line);
+                        }
+                        None if self.input.len() >= MAX_COMMAND_LINE => {
+                            self.input.clear();
+                            self.mode = Mode::DiscardLine;
+                        }
+                        None => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The queue's answer to the last [`Action::Enqueue`].
+    pub fn enqueued(&mut self, result: Result<u64, EnqueueError>) -> Reply {
+        if matches!(self.mode, Mode::AwaitingQueue) {
+            self.mode = Mode::Command;
+        }
+        self.txn = Transaction::default();
+        match result {
+            Ok(id) => {
+                self.messages += 1;
+                reply::queued(id)
+            }
+            Err(EnqueueError::Storage) => reply::insufficient_storage(),
+            Err(EnqueueError::Temporary) => reply::queue_unavailable(),
+        }
+    }
+
+    fn refusal(&self, cause: RefusalCause, recipient: Option<String>, size: usize) -> Refusal {
+        Refusal {
+            cause,
+            sender: self.txn.sender.as_ref().map(|s| s.as_ref().map(|m| m.to_string()).unwrap_or_default()),
+            recipients: self.txn.recipients.iter().map(|r| r.to_string()).collect(),
+            recipient,
+            size,
+        }
+    }
+
+    fn reply(&mut self, r: Reply) {
+        self.out.push_back(Action::Reply(r));
+    }
+
+    /// A client error: counted towards `max_errors`, which ends the session when reached.
+    fn error(&mut self, cause: RefusalCause, r: Reply) {
+        let refusal = self.refusal(cause, None, 0);
+        self.reject(Some(refusal), r);
+    }
+
+    fn reject(&mut self, refusal: Option<Refusal>, r: Reply) {
+        if let Some(refusal) = refusal {
+            self.out.push_back(Action::Refused(refusal));
+        }
+        self.reply(r);
+        self.errors += 1;
+        if self.params.max_errors > 0 && self.errors >= self.params.max_errors {
+            let refusal = self.refusal(RefusalCause::TooManyErrors, None, 0);
+            self.out.push_back(Action::Refused(refusal));
+            self.close_with(reply::too_many_errors(&self.params.hostname));
+        }
+    }
+
+    fn close_with(&mut self, r: Reply) {
+        self.reply(r);
+        self.out.push_back(Action::Close);
+        self.mode = Mode::Closed;
+        self.input.clear();
+    }
+
+    fn command(&mut self, line: &[u8]) {
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(e) => {
+                let r = match e {
+                    CommandError::Unrecognized => reply::unrecognized(),
+                    CommandError::Syntax(t) => reply::syntax(t),
+                    CommandError::BadSender(a) => reply::bad_sender_address(a.text()),
+                    CommandError::BadRecipient(a) => reply::bad_recipient_address(a.text()),
+                    CommandError::BadParameter => reply::unsupported_parameter(),
+                };
+                self.reject(None, r);
+                return;
+            }
+        };
+        match cmd {
+            Command::Ehlo(name) => {
+                let r = reply::ehlo(&self.params.hostname, &name, self.params.max_message_size as u64);
+                self.helo = Some((name, true));
+                self.txn = Transaction::default();
+                self.reply(r);
+            }
+            Command::Helo(name) => {
+                let r = reply::helo(&self.params.hostname, &name);
+                self.helo = Some((name, false));
+                self.txn = Transaction::default();
+                self.reply(r);
+            }
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to } => self.rcpt(to),
+            Command::Data => self.data(),
+            Command::Rset => {
+                self.txn = Transaction::default();
+                self.reply(reply::reset_ok());
+            }
+            Command::Noop => self.reply(reply::ok()),
+            Command::Quit => {
+                let r = reply::closing(&self.params.hostname);
+                self.close_with(r);
+            }
+            Command::Vrfy => self.reply(reply::cannot_vrfy()),
+            Command::Help => self.reply(reply::help()),
+            Command::NotImplemented => self.reject(None, reply::not_implemented()),
+        }
+    }
+
+    fn mail(&mut self, from: Option<Mailbox>, params: command::MailParams) {
+        let Some((_, esmtp)) = &self.helo else {
+            return self.reject(None, reply::bad_sequence("Send EHLO or HELO first"));
+        };
+        if self.txn.sender.is_some() {
+            return self.reject(None, reply::bad_sequence("Sender already given (nested MAIL)"));
+        }
+        let has_params = params != command::MailParams::default();
+        if has_params && !esmtp {
+            // Service extensions are only available after EHLO (RFC 5321 §4.1.1.1).
+            return self.reject(None, reply::unsupported_parameter());
+        }
+        if self.params.max_messages_per_connection > 0 && self.messages >= self.params.max_messages_per_connection {
+            let refusal = self.refusal(RefusalCause::TooManyMessages, None, 0);
+            self.out.push_back(Action::Refused(refusal));
+            let r = reply::too_many_messages(&self.params.hostname);
+            return self.close_with(r);
+        }
+        if let Some(m) = &from {
+            if !m.is_ascii() && !params.smtputf8 {
+                return self.reject(None, reply::utf8_needs_smtputf8());
+            }
+            if m.domain.is_empty() {
+                return self.reject(None, reply::bad_sender_address("address lacks a domain"));
+            }
+        }
+        if let Some(size) = params.size {
+            if size > self.params.max_message_size as u64 {
+                let mut refusal = self.refusal(RefusalCause::MessageTooBig, None, 0);
+                refusal.sender = Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default());
+                self.out.push_back(Action::Refused(refusal));
+                return self.reply(reply::size_exceeded());
+            }
+        }
+        self.txn = Transaction { sender: Some(from), recipients: Vec::new(), smtputf8: params.smtputf8 };
+        self.reply(reply::sender_ok());
+    }
+
+    fn rcpt(&mut self, mut to: Mailbox) {
+        if self.txn.sender.is_none() {
+            return self.reject(None, reply::bad_sequence("Need MAIL before RCPT"));
+        }
+        if to.domain.is_empty() {
+            // `<postmaster>` alone (RFC 5321 §4.5.1) means the postmaster of the default domain.
+            match self.params.local_domains.first() {
+                Some(d) => to.domain = d.clone(),
+                None => return self.reject(None, reply::bad_recipient_address("address lacks a domain")),
+            }
+        }
+        if !to.is_ascii() && !self.txn.smtputf8 {
+            return self.reject(None, reply::utf8_needs_smtputf8());
+        }
+        if self.txn.recipients.len() >= self.params.max_recipients {
+            let refusal = self.refusal(RefusalCause::TooManyRecipients, Some(to.to_string()), 0);
+            self.out.push_back(Action::Refused(refusal));
+            return self.reply(reply::too_many_recipients());
+        }
+        if !self.params.is_local(&to.domain) && !self.relay_allowed {
+            let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
+            return self.reject(Some(refusal), reply::relay_denied());
+        }
+        self.txn.recipients.push(to);
+        self.reply(reply::recipient_ok());
+    }
+
+    fn data(&mut self) {
+        if self.txn.sender.is_none() {
+            return self.reject(None, reply::bad_sequence("Need MAIL before DATA"));
+        }
+        if self.txn.recipients.is_empty() {
+            return self.reject(None, reply::no_valid_recipients());
+        }
+        self.mode = Mode::Data(DataReceiver::new(self.params.max_message_size));
+        self.reply(reply::start_data());
+    }
+
+    fn end_of_data(&mut self, outcome: DataOutcome) {
+        let (body, received, eight_bit) = match outcome {
+            DataOutcome::Message { body, received_headers, eight_bit } => (body, received_headers, eight_bit),
+            DataOutcome::Refused(problem) => {
+                let (cause, r) = match problem {
+                    DataProblem::TooBig => (RefusalCause::MessageTooBig, reply::size_exceeded()),
+                    DataProblem::LineTooLong => (RefusalCause::DataLineTooLong, reply::data_line_too_long()),
+                    DataProblem::BareLf => (RefusalCause::BareLf, reply::bare_lf()),
+                    DataProblem::BareCr => (RefusalCause::BareCr, reply::bare_cr()),
+                };
+                let refusal = self.refusal(cause, None, 0);
+                self.txn = Transaction::default();
+                if problem == DataProblem::TooBig {
+                    // Not a protocol error by the client: no error count.
+                    self.out.push_back(Action::Refused(refusal));
+                    self.reply(r);
+                } else {
+                    self.reject(Some(refusal), r);
+                }
+                return;
+            }
+        };
+        if received > self.params.max_hop_count {
+            let refusal = self.refusal(RefusalCause::HopCountExceeded, None, body.len());
+            self.txn = Transaction::default();
+            return self.reject(Some(refusal), reply::hop_count_exceeded());
+        }
+        let txn = std::mem::take(&mut self.txn);
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let protocol = match (esmtp, txn.smtputf8) {
+            (true, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            _ => "SMTP",
+        };
+        self.mode = Mode::AwaitingQueue;
+        self.out.push_back(Action::Enqueue(Incoming {
+            sender: txn.sender.flatten(),
+            recipients: txn.recipients,
+            body,
+            helo,
+            protocol,
+            eight_bit,
+        }));
+    }
+
+    pub fn client_ip(&self) -> IpAddr {
+        self.client_ip
+    }
+}
