@@ -2,6 +2,20 @@
 //!
 //! Layout:
 //! - [`protocol`]: the sans-IO SMTP protocol (commands, DATA receiver, session state machine,
-//!   reply catalogue). No sockets, no actors.
+//!   reply catalogue, trace header). No sockets, no actors.
+//! - [`store`]: the sled queue store (envelopes, chunked bodies, retry index).
+//! - [`commit`]: group commit, shared by the queue and the Drop writer.
+//! - [`delivery`]: the `Deliver`/`DeliveryReport` interface and outcome classification.
+//! - Actors: [`listener`], [`session`], [`queue`], [`local_drop`], [`pickup`].
+//! - [`metrics`]: the prometheus-client registry the actors update.
 
+pub mod commit;
+pub mod delivery;
+pub mod listener;
+pub mod local_drop;
+pub mod metrics;
+pub mod pickup;
 pub mod protocol;
+pub mod queue;
+pub mod session;
+pub mod store;

@@ -29,7 +29,7 @@ struct Run {
 fn drive(p: SessionParams, relay: bool, chunks: &[&[u8]], queue: Result<u64, EnqueueError>) -> Run {
     let mut s = Session::new(Arc::new(p), "192.0.2.9".parse().unwrap(), relay);
     let mut run = Run::default();
-    let mut record = |run: &mut Run, r: super::Reply| {
+    let record = |run: &mut Run, r: super::Reply| {
         run.codes.push(match r.status {
             Some(st) => format!("{}/{}", r.code, st),
             None => r.code.to_string(),
@@ -69,7 +69,10 @@ fn check_with(p: SessionParams, relay: bool, input: &str, expected: &str) -> Run
     // The same bytes one at a time must give the same replies: framing never depends on reads.
     let bytes: Vec<&[u8]> = input.as_bytes().chunks(1).collect();
     let split = drive(p, relay, &bytes, Ok(0));
-    assert_eq!(split.codes, whole.codes, "byte-at-a-time transcript for {input:?}");
+    assert_eq!(
+        split.codes, whole.codes,
+        "byte-at-a-time transcript for {input:?}"
+    );
     assert_eq!(split.messages, whole.messages);
     whole
 }
@@ -85,8 +88,17 @@ fn basic_transaction() {
     assert!(r.closed);
     assert_eq!(r.messages.len(), 1);
     let m = &r.messages[0];
-    assert_eq!(m.sender.as_ref().map(|s| s.to_string()), Some("a@remote.test".into()));
-    assert_eq!(m.recipients.iter().map(|r| r.to_string()).collect::<Vec<_>>(), vec!["b@example.test"]);
+    assert_eq!(
+        m.sender.as_ref().map(|s| s.to_string()),
+        Some("a@remote.test".into())
+    );
+    assert_eq!(
+        m.recipients
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>(),
+        vec!["b@example.test"]
+    );
     assert_eq!(m.body, b"Subject: hi\r\n\r\nbody\r\n");
     assert_eq!(m.protocol, "ESMTP");
     assert!(r.wire.contains("250 2.0.0 OK queued as 101\r\n"));
@@ -109,19 +121,46 @@ fn every_command() {
         ("quit\n", "220 221/2.0.0"),
         // Sequence errors.
         ("MAIL FROM:<a@b.test>\r\n", "220 503/5.5.1"),
-        ("EHLO c\r\nRCPT TO:<b@example.test>\r\n", "220 250 503/5.5.1"),
+        (
+            "EHLO c\r\nRCPT TO:<b@example.test>\r\n",
+            "220 250 503/5.5.1",
+        ),
         ("EHLO c\r\nDATA\r\n", "220 250 503/5.5.1"),
-        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n", "220 250 250/2.1.0 554/5.5.1"),
-        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\n", "220 250 250/2.1.0 503/5.5.1"),
+        (
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n",
+            "220 250 250/2.1.0 554/5.5.1",
+        ),
+        (
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\n",
+            "220 250 250/2.1.0 503/5.5.1",
+        ),
         // RSET forgets the transaction; EHLO does too.
-        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRSET\r\nRCPT TO:<b@example.test>\r\n", "220 250 250/2.1.0 250/2.0.0 503/5.5.1"),
-        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nEHLO c\r\nMAIL FROM:<a@b.test>\r\n", "220 250 250/2.1.0 250 250/2.1.0"),
+        (
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRSET\r\nRCPT TO:<b@example.test>\r\n",
+            "220 250 250/2.1.0 250/2.0.0 503/5.5.1",
+        ),
+        (
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nEHLO c\r\nMAIL FROM:<a@b.test>\r\n",
+            "220 250 250/2.1.0 250 250/2.1.0",
+        ),
         // Syntax.
         ("EHLO c\r\nMAIL FROM:<a@b\r\n", "220 250 501/5.1.7"),
-        ("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a..b@example.test>\r\n", "220 250 250/2.1.0 501/5.1.3"),
-        ("EHLO c\r\nMAIL FROM:<a@b.test> FOO=1\r\n", "220 250 555/5.5.4"),
-        ("HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n", "220 250 555/5.5.4"),
-        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n", "220 250 250/2.1.0 555/5.5.4"),
+        (
+            "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a..b@example.test>\r\n",
+            "220 250 250/2.1.0 501/5.1.3",
+        ),
+        (
+            "EHLO c\r\nMAIL FROM:<a@b.test> FOO=1\r\n",
+            "220 250 555/5.5.4",
+        ),
+        (
+            "HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n",
+            "220 250 555/5.5.4",
+        ),
+        (
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n",
+            "220 250 250/2.1.0 555/5.5.4",
+        ),
         ("EHLO c\r\nMAIL FROM:<postmaster>\r\n", "220 250 501/5.1.7"),
         ("\r\n", "220 500/5.5.2"),
         ("NOOP \x01\r\n", "220 501/5.5.4"),
@@ -135,9 +174,19 @@ fn every_command() {
 fn recipients_local_relay_and_postmaster() {
     let input = "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@EXAMPLE.test>\r\nRCPT TO:<y@alias.test>\r\nRCPT TO:<z@remote.test>\r\n";
     // Relay client: remote recipient accepted.
-    check_with(params(), true, input, "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5");
+    check_with(
+        params(),
+        true,
+        input,
+        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5",
+    );
     // Outsider: local recipients accepted, remote one refused.
-    let r = check_with(params(), false, input, "220 250 250/2.1.0 250/2.1.5 250/2.1.5 550/5.7.1");
+    let r = check_with(
+        params(),
+        false,
+        input,
+        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 550/5.7.1",
+    );
     assert_eq!(r.refusals, vec![RefusalCause::RelayDenied]);
     // <postmaster> alone is the default domain's postmaster, accepted from anyone.
     let r = check_with(
@@ -146,7 +195,10 @@ fn recipients_local_relay_and_postmaster() {
         "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\n",
         "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0",
     );
-    assert_eq!(r.messages[0].recipients[0].to_string(), "postmaster@example.test");
+    assert_eq!(
+        r.messages[0].recipients[0].to_string(),
+        "postmaster@example.test"
+    );
     assert_eq!(r.messages[0].sender, None);
 }
 
@@ -157,7 +209,10 @@ fn too_many_recipients_keeps_those_accepted() {
         input.push_str(&format!("RCPT TO:<u{i}@example.test>\r\n"));
     }
     input.push_str("DATA\r\nx\r\n.\r\n");
-    let r = check(&input, "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5 452/4.5.3 452/4.5.3 354 250/2.0.0");
+    let r = check(
+        &input,
+        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5 452/4.5.3 452/4.5.3 354 250/2.0.0",
+    );
     assert_eq!(r.messages[0].recipients.len(), 3);
 }
 
@@ -165,9 +220,22 @@ fn too_many_recipients_keeps_those_accepted() {
 fn size_limits() {
     let txn = "EHLO c\r\nMAIL FROM:<a@b.test> SIZE=2000\r\nRCPT TO:<b@example.test>\r\nDATA\r\n";
     check(txn, "220 250 250/2.1.0 250/2.1.5 354");
-    check("EHLO c\r\nMAIL FROM:<a@b.test> SIZE=2001\r\n", "220 250 552/5.3.4");
+    check(
+        "EHLO c\r\nMAIL FROM:<a@b.test> SIZE=2001\r\n",
+        "220 250 552/5.3.4",
+    );
     // A body over the limit is drained, refused with 552, and the session goes on.
-    let big = format!("{txn}{}\r\n.\r\nNOOP\r\n", "x".repeat(900).repeat(3).chars().collect::<Vec<_>>().chunks(900).map(|c| c.iter().collect::<String>()).collect::<Vec<_>>().join("\r\n"));
+    let big = format!(
+        "{txn}{}\r\n.\r\nNOOP\r\n",
+        "x".repeat(900)
+            .repeat(3)
+            .chars()
+            .collect::<Vec<_>>()
+            .chunks(900)
+            .map(|c| c.iter().collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    );
     let r = check(&big, "220 250 250/2.1.0 250/2.1.5 354 552/5.3.4 250/2.0.0");
     assert!(r.messages.is_empty());
     assert_eq!(r.refusals, vec![RefusalCause::MessageTooBig]);
@@ -184,22 +252,43 @@ fn long_lines() {
     let r = check(&very_long, "220 500/5.5.6 250/2.0.0");
     assert_eq!(r.refusals, vec![RefusalCause::LineTooLong]);
     // A text line over 1000 octets refuses the message after draining to the end of DATA.
-    let data = format!("{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n{}\r\n.\r\nNOOP\r\n", "y".repeat(999));
+    let data = format!(
+        "{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n{}\r\n.\r\nNOOP\r\n",
+        "y".repeat(999)
+    );
     check(&data, "220 250 250/2.1.0 250/2.1.5 354 554/5.6.0 250/2.0.0");
 }
 
 #[test]
 fn smuggling_variants_yield_exactly_one_message() {
     // Each body tries to end DATA early and start a second, forged transaction inside it.
-    let forged = "MAIL FROM:<ceo@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n";
-    for (name, early_end) in [("<LF>.<LF>", "\n.\n"), ("<LF>.<CR><LF>", "\n.\r\n"), ("<CR><LF>.<LF>", "\r\n.\n"), ("<CR>.<CR>", "\r.\r")] {
+    let forged =
+        "MAIL FROM:<ceo@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n";
+    for (name, early_end) in [
+        ("<LF>.<LF>", "\n.\n"),
+        ("<LF>.<CR><LF>", "\n.\r\n"),
+        ("<CR><LF>.<LF>", "\r\n.\n"),
+        ("<CR>.<CR>", "\r.\r"),
+    ] {
         let input = format!(
             "{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhello{early_end}{forged}.\r\nQUIT\r\n"
         );
         let r = drive(params(), true, &[input.as_bytes()], Ok(0));
-        assert!(r.messages.is_empty(), "{name}: the message holding a bare line end must be refused");
-        assert_eq!(r.codes.iter().filter(|c| c.starts_with("354")).count(), 1, "{name}: {}", r.wire);
-        assert!(r.codes.iter().any(|c| c == "554/5.6.0"), "{name}: {}", r.wire);
+        assert!(
+            r.messages.is_empty(),
+            "{name}: the message holding a bare line end must be refused"
+        );
+        assert_eq!(
+            r.codes.iter().filter(|c| c.starts_with("354")).count(),
+            1,
+            "{name}: {}",
+            r.wire
+        );
+        assert!(
+            r.codes.iter().any(|c| c == "554/5.6.0"),
+            "{name}: {}",
+            r.wire
+        );
         assert!(r.closed, "{name}: QUIT after the real end is executed");
     }
     // With proper line ends the "forged" lines are just body text of one message.
@@ -212,9 +301,19 @@ fn smuggling_variants_yield_exactly_one_message() {
 #[test]
 fn bare_line_ends_are_named() {
     let base = format!("{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
-    let r = drive(params(), true, &[format!("{base}a\nb\r\n.\r\n").as_bytes()], Ok(0));
+    let r = drive(
+        params(),
+        true,
+        &[format!("{base}a\nb\r\n.\r\n").as_bytes()],
+        Ok(0),
+    );
     assert!(r.wire.contains("bare <LF>"), "{}", r.wire);
-    let r = drive(params(), true, &[format!("{base}a\rb\r\n.\r\n").as_bytes()], Ok(0));
+    let r = drive(
+        params(),
+        true,
+        &[format!("{base}a\rb\r\n.\r\n").as_bytes()],
+        Ok(0),
+    );
     assert!(r.wire.contains("bare <CR>"), "{}", r.wire);
 }
 
@@ -240,7 +339,10 @@ fn dot_stuffing_and_8bit() {
         "EHLO c\r\nMAIL FROM:<a@b.test> BODY=8BITMIME\r\nRCPT TO:<b@example.test>\r\nDATA\r\n..leading dot\r\n..\r\nünïcödé\r\n.\r\n",
         "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0",
     );
-    assert_eq!(r.messages[0].body, ".leading dot\r\n.\r\nünïcödé\r\n".as_bytes());
+    assert_eq!(
+        r.messages[0].body,
+        ".leading dot\r\n.\r\nünïcödé\r\n".as_bytes()
+    );
     assert!(r.messages[0].eight_bit);
 }
 
@@ -252,8 +354,14 @@ fn smtputf8_addresses() {
         "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0",
     );
     assert_eq!(r.messages[0].protocol, "UTF8SMTP");
-    check("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ü@example.test>\r\n", "220 250 250/2.1.0 553/5.6.7");
-    check("EHLO c\r\nMAIL FROM:<\u{1}@b.test>\r\n", "220 250 501/5.5.4");
+    check(
+        "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ü@example.test>\r\n",
+        "220 250 250/2.1.0 553/5.6.7",
+    );
+    check(
+        "EHLO c\r\nMAIL FROM:<\u{1}@b.test>\r\n",
+        "220 250 501/5.5.4",
+    );
 }
 
 #[test]
@@ -276,7 +384,12 @@ fn hop_count() {
 fn max_errors_closes() {
     let mut p = params();
     p.max_errors = 3;
-    let r = check_with(p, true, "FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n", "220 500/5.5.2 500/5.5.2 500/5.5.2 421/4.7.0");
+    let r = check_with(
+        p,
+        true,
+        "FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n",
+        "220 500/5.5.2 500/5.5.2 500/5.5.2 421/4.7.0",
+    );
     assert!(r.closed);
     assert_eq!(r.refusals, vec![RefusalCause::TooManyErrors]);
 }
@@ -286,17 +399,38 @@ fn max_messages_per_connection() {
     let mut p = params();
     p.max_messages_per_connection = 1;
     let txn = "MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n";
-    let r = check_with(p, true, &format!("{HELLO}{txn}{txn}"), "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0 421/4.7.0");
+    let r = check_with(
+        p,
+        true,
+        &format!("{HELLO}{txn}{txn}"),
+        "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0 421/4.7.0",
+    );
     assert!(r.closed);
 }
 
 #[test]
 fn queue_failures_are_temporary() {
     let input = format!("{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\nMAIL FROM:<a@b.test>\r\n");
-    let r = drive(params(), true, &[input.as_bytes()], Err(EnqueueError::Temporary));
-    assert_eq!(r.codes.join(" "), "220 250 250/2.1.0 250/2.1.5 354 451/4.3.0 250/2.1.0");
-    let r = drive(params(), true, &[input.as_bytes()], Err(EnqueueError::Storage));
-    assert_eq!(r.codes.join(" "), "220 250 250/2.1.0 250/2.1.5 354 452/4.3.1 250/2.1.0");
+    let r = drive(
+        params(),
+        true,
+        &[input.as_bytes()],
+        Err(EnqueueError::Temporary),
+    );
+    assert_eq!(
+        r.codes.join(" "),
+        "220 250 250/2.1.0 250/2.1.5 354 451/4.3.0 250/2.1.0"
+    );
+    let r = drive(
+        params(),
+        true,
+        &[input.as_bytes()],
+        Err(EnqueueError::Storage),
+    );
+    assert_eq!(
+        r.codes.join(" "),
+        "220 250 250/2.1.0 250/2.1.5 354 452/4.3.1 250/2.1.0"
+    );
 }
 
 #[test]

@@ -1,0 +1,126 @@
+//! The LocalDrop actor: delivers local recipients into the Drop folder, one `<id>.eml` per message,
+//! in the IIS format (`x-sender:`/`x-receiver:` lines, then the message).
+//!
+//! Invariant: a recipient is reported delivered only after its file was written in SortTemp,
+//! `fdatasync`ed, renamed into Drop and the Drop directory synced. Readers of Drop never see a
+//! partial file. A redelivery of the same message (after a crash) replaces the file rather than
+//! adding a second one. Directory syncs are group-committed across concurrent deliveries.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use crate::commit::GroupCommit;
+use crate::delivery::{Deliver, DeliveryReport, Outcome};
+use crate::metrics::Metrics;
+
+pub struct LocalDrop {
+    drop_dir: PathBuf,
+    sort_temp: PathBuf,
+    metrics: Arc<Metrics>,
+    dir_sync: Option<GroupCommit>,
+    /// Makes temporary names unique even for two attempts of one message.
+    counter: Arc<AtomicU64>,
+}
+
+impl LocalDrop {
+    pub fn new(drop_dir: PathBuf, sort_temp: PathBuf, metrics: Arc<Metrics>) -> Self {
+        LocalDrop {
+            drop_dir,
+            sort_temp,
+            metrics,
+            dir_sync: None,
+            counter: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Actor for LocalDrop {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        let dir = self.drop_dir.clone();
+        self.dir_sync = Some(GroupCommit::spawn(
+            "drop directory",
+            move || sync_dir(&dir),
+            Some(self.metrics.drop_commit_batch.clone()),
+        ));
+    }
+}
+
+/// `fsync` of a directory makes the renames into it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The Drop file's bytes: envelope lines, then the stored message.
+pub fn drop_file_contents(sender: &str, recipients: &[&str], message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 64 * (recipients.len() + 1));
+    let sender = if sender.is_empty() { "<>" } else { sender };
+    out.extend_from_slice(format!("x-sender: {sender}\r\n").as_bytes());
+    for r in recipients {
+        out.extend_from_slice(format!("x-receiver: {r}\r\n").as_bytes());
+    }
+    out.extend_from_slice(message);
+    out
+}
+
+fn write_drop_file(req: &Deliver, drop_dir: &Path, sort_temp: &Path, seq: u64) -> io::Result<()> {
+    let rcpts: Vec<&str> = req.recipients.iter().map(|r| r.address.as_str()).collect();
+    let contents = drop_file_contents(&req.sender, &rcpts, &req.message);
+    let tmp = sort_temp.join(format!("{}.{}.tmp", req.id, seq));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&contents)?;
+        f.sync_data()?;
+        fs::rename(&tmp, drop_dir.join(format!("{}.eml", req.id)))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl Handler<Deliver> for LocalDrop {
+    type Result = ResponseFuture<DeliveryReport>;
+
+    fn handle(&mut self, req: Deliver, _ctx: &mut Self::Context) -> Self::Result {
+        let (drop_dir, sort_temp) = (self.drop_dir.clone(), self.sort_temp.clone());
+        let seq = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dir_sync = self.dir_sync.clone();
+        Box::pin(async move {
+            let req2 = req.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                write_drop_file(&req2, &drop_dir, &sort_temp, seq)
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            if let Err(e) = written {
+                return DeliveryReport::all(
+                    &req,
+                    Outcome::from_io_error("writing the Drop file", &e),
+                );
+            }
+            let synced = match dir_sync {
+                Some(s) => s
+                    .commit()
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string())),
+                None => Err(io::Error::other("drop directory syncer not running")),
+            };
+            match synced {
+                Ok(()) => DeliveryReport::all(
+                    &req,
+                    Outcome::Delivered(format!("250 2.0.0 dropped as {}.eml", req.id)),
+                ),
+                Err(e) => {
+                    DeliveryReport::all(&req, Outcome::from_io_error("syncing the Drop folder", &e))
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,135 @@
+//! The metrics registry (prometheus-client): counters every actor updates. Exposed by the admin
+//! API in a later change; tests and benchmarks read them directly.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    /// Messages accepted into the queue, by source (`smtp`, `pickup`).
+    pub messages_received: Family<SourceLabel, Counter>,
+    /// Bytes of accepted messages, trace header included.
+    pub bytes_received: Counter,
+    /// Per-recipient delivery results, by route (`drop`, …) and result.
+    pub deliveries: Family<RouteLabel, Counter>,
+    pub connections_total: Counter,
+    pub connections_current: Gauge,
+    /// Refused connections, commands and messages, by cause.
+    pub refusals: Family<CauseLabel, Counter>,
+    /// Pickup files taken (`queued`) or moved to Badmail (`badmail`).
+    pub pickup_files: Family<ResultLabel, Counter>,
+    /// Messages in the queue store.
+    pub queue_messages: Gauge,
+    /// How many waiters each queue sync served (group commit).
+    pub queue_commit_batch: Histogram,
+    /// How many files each Drop directory sync covered.
+    pub drop_commit_batch: Histogram,
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0].into_iter())
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Arc<Self> {
+        let m = Metrics {
+            messages_received: Family::default(),
+            bytes_received: Counter::default(),
+            deliveries: Family::default(),
+            connections_total: Counter::default(),
+            connections_current: Gauge::default(),
+            refusals: Family::default(),
+            pickup_files: Family::default(),
+            queue_messages: Gauge::default(),
+            queue_commit_batch: batch_histogram(),
+            drop_commit_batch: batch_histogram(),
+        };
+        let r = registry.sub_registry_with_prefix("mailroot");
+        r.register(
+            "messages_received",
+            "Messages accepted into the queue",
+            m.messages_received.clone(),
+        );
+        r.register(
+            "bytes_received",
+            "Bytes of accepted messages",
+            m.bytes_received.clone(),
+        );
+        r.register(
+            "deliveries",
+            "Per-recipient delivery results",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "inbound_connections",
+            "SMTP connections accepted",
+            m.connections_total.clone(),
+        );
+        r.register(
+            "inbound_connections_current",
+            "SMTP connections open now",
+            m.connections_current.clone(),
+        );
+        r.register(
+            "refusals",
+            "Refused connections, commands and messages by cause",
+            m.refusals.clone(),
+        );
+        r.register(
+            "pickup_files",
+            "Pickup files taken or moved to Badmail",
+            m.pickup_files.clone(),
+        );
+        r.register(
+            "queue_messages",
+            "Messages in the queue",
+            m.queue_messages.clone(),
+        );
+        r.register(
+            "queue_commit_batch_size",
+            "Messages made durable per queue sync",
+            m.queue_commit_batch.clone(),
+        );
+        r.register(
+            "drop_commit_batch_size",
+            "Drop files made durable per directory sync",
+            m.drop_commit_batch.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// A registry-less instance for tests and embedding without metrics.
+    pub fn unregistered() -> Arc<Self> {
+        Self::new(&mut Registry::default())
+    }
+
+    pub fn refused(&self, cause: &'static str) {
+        self.refusals.get_or_create(&CauseLabel { cause }).inc();
+    }
+}

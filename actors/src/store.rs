@@ -1,0 +1,434 @@
+//! The durable queue store on sled: envelopes with per-recipient state, message bodies in chunks,
+//! the retry-time index and the Pickup "already taken" marks.
+//!
+//! Invariants:
+//! - Bodies are stored in chunks of at most [`CHUNK`] bytes, so sled keeps them in its log (values
+//!   over ~128 KiB go to unsynced blob files, see docs/architecture.md) and one
+//!   [`Store::sync`] makes a whole batch durable.
+//! - The envelope of a message is written after its body; sled recovers a prefix of its log, so an
+//!   envelope found after a crash always has its body. Bodies without an envelope are removed at open.
+//! - `sync` = sled's flush (which only `sync_file_range`s) plus an `fdatasync` of the log file.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub type QueueId = u64;
+
+/// Body chunk size: well under sled's blob threshold (segment size / 4 = 128 KiB by default).
+pub const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RcptStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientState {
+    pub address: String,
+    pub status: RcptStatus,
+    pub attempts: u32,
+    /// The last delivery result text (remote reply, or the local error).
+    pub last_reply: Option<String>,
+    /// Unix seconds of the next attempt after a temporary failure.
+    pub next_attempt: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: QueueId,
+    /// Empty for the null reverse-path `<>`.
+    pub sender: String,
+    pub recipients: Vec<RecipientState>,
+    /// Stored size, trace header included.
+    pub size: u64,
+    /// Unix seconds.
+    pub received_at: u64,
+    /// `smtp` or `pickup`.
+    pub source: String,
+    /// Client address for SMTP, file name for Pickup.
+    pub origin: String,
+    /// Earliest `next_attempt` of the pending recipients; mirrored in the retry index.
+    pub next_attempt: Option<u64>,
+}
+
+impl Envelope {
+    pub fn is_finished(&self) -> bool {
+        self.recipients
+            .iter()
+            .all(|r| r.status != RcptStatus::Pending)
+    }
+}
+
+/// Identifies a Pickup file that has been queued, so a restart between "queued" and "file
+/// deleted" does not take it twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PickupMark {
+    pub name: String,
+    /// Inode, size and modification time of the file.
+    pub fingerprint: String,
+}
+
+#[derive(Debug)]
+pub enum StoreError {
+    Sled(sled::Error),
+    Io(std::io::Error),
+    Corrupt(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Sled(e) => write!(f, "queue store: {e}"),
+            StoreError::Io(e) => write!(f, "queue store I/O: {e}"),
+            StoreError::Corrupt(e) => write!(f, "queue store record unreadable: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl StoreError {
+    /// True when the disk is full (so the client is told 452 4.3.1 rather than 451).
+    pub fn is_no_space(&self) -> bool {
+        let io = match self {
+            StoreError::Io(e) => Some(e),
+            StoreError::Sled(sled::Error::Io(e)) => Some(e),
+            _ => None,
+        };
+        io.is_some_and(|e| {
+            e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull
+        })
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Sled(e)
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Io(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+pub struct Store {
+    db: sled::Db,
+    envelopes: sled::Tree,
+    bodies: sled::Tree,
+    retry: sled::Tree,
+    pickup: sled::Tree,
+    /// A second handle on sled's log file: `fdatasync` acts on the inode.
+    log: File,
+    path: PathBuf,
+}
+
+fn body_key(id: QueueId, chunk: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&id.to_be_bytes());
+    k[8..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+fn retry_key(at: u64, id: QueueId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&at.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn id_from(bytes: &[u8]) -> Option<QueueId> {
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. sled locks the folder: a second process gets an error.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(128 * 1024 * 1024)
+            .flush_every_ms(Some(500))
+            .open()?;
+        let log = File::open(dir.join("db"))?;
+        let store = Store {
+            envelopes: db.open_tree("envelopes")?,
+            bodies: db.open_tree("bodies")?,
+            retry: db.open_tree("retry")?,
+            pickup: db.open_tree("pickup")?,
+            db,
+            log,
+            path: dir.to_path_buf(),
+        };
+        store.remove_orphans()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new, never reused, increasing message ID (sled persists the counter; IDs may skip after a crash).
+    pub fn next_id(&self) -> Result<QueueId> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Writes body and envelope (and the Pickup mark). Not durable until [`Store::sync`].
+    pub fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
+        for (i, chunk) in message.chunks(CHUNK).enumerate() {
+            self.bodies.insert(body_key(env.id, i as u32), chunk)?;
+        }
+        if let Some(m) = mark {
+            let v =
+                serde_json::to_vec(&(env.id, m)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.pickup.insert(m.name.as_bytes(), v)?;
+        }
+        self.put_envelope(env, None)
+    }
+
+    /// Makes everything written so far durable: sled's flush, then a real `fdatasync`.
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush()?;
+        self.log.sync_data()?;
+        Ok(())
+    }
+
+    pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>> {
+        match self.envelopes.get(id.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("envelope {id}: {e}"))),
+        }
+    }
+
+    /// Rewrites an envelope, keeping the retry index in step with its `next_attempt`.
+    pub fn update(&self, env: &Envelope) -> Result<()> {
+        let old = self.envelope(env.id)?;
+        self.put_envelope(env, old.and_then(|o| o.next_attempt))
+    }
+
+    fn put_envelope(&self, env: &Envelope, old_next: Option<u64>) -> Result<()> {
+        if old_next != env.next_attempt {
+            if let Some(at) = old_next {
+                self.retry.remove(retry_key(at, env.id))?;
+            }
+        }
+        if let Some(at) = env.next_attempt {
+            self.retry.insert(retry_key(at, env.id), &[])?;
+        }
+        let v = serde_json::to_vec(env).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.envelopes.insert(env.id.to_be_bytes(), v)?;
+        Ok(())
+    }
+
+    pub fn body(&self, id: QueueId) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for kv in self.bodies.scan_prefix(id.to_be_bytes()) {
+            let (_, v) = kv?;
+            out.extend_from_slice(&v);
+        }
+        Ok(out)
+    }
+
+    /// Removes a finished message: envelope first (so a crash leaves at worst an orphan body,
+    /// cleaned at the next open), then retry entry and body.
+    pub fn remove(&self, id: QueueId) -> Result<()> {
+        if let Some(env) = self.envelope(id)? {
+            if let Some(at) = env.next_attempt {
+                self.retry.remove(retry_key(at, id))?;
+            }
+        }
+        self.envelopes.remove(id.to_be_bytes())?;
+        let keys: Vec<_> = self
+            .bodies
+            .scan_prefix(id.to_be_bytes())
+            .keys()
+            .collect::<std::result::Result<_, _>>()?;
+        for k in keys {
+            self.bodies.remove(k)?;
+        }
+        Ok(())
+    }
+
+    /// IDs of messages with pending recipients, oldest first.
+    pub fn pending(&self) -> Result<Vec<Envelope>> {
+        let mut out = Vec::new();
+        for kv in self.envelopes.iter() {
+            let (k, v) = kv?;
+            match serde_json::from_slice::<Envelope>(&v) {
+                Ok(env) if !env.is_finished() => out.push(env),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(key = ?k, error = %e, "unreadable envelope left in the queue")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Messages whose retry time is at or before `now`, earliest first.
+    pub fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueId>> {
+        let mut out = Vec::new();
+        for k in self
+            .retry
+            .range(..retry_key(now, u64::MAX))
+            .keys()
+            .take(limit)
+        {
+            let k = k?;
+            if let Some(id) = k.get(8..).and_then(id_from) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of messages in the queue (for the metrics gauge).
+    pub fn len(&self) -> usize {
+        self.envelopes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.envelopes.is_empty()
+    }
+
+    /// The queue ID of a Pickup file already queued under this name and fingerprint.
+    pub fn pickup_taken(&self, mark: &PickupMark) -> Result<Option<QueueId>> {
+        match self.pickup.get(mark.name.as_bytes())? {
+            Some(v) => {
+                let (id, stored): (QueueId, PickupMark) =
+                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((stored == *mark).then_some(id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn forget_pickup(&self, name: &str) -> Result<()> {
+        self.pickup.remove(name.as_bytes())?;
+        Ok(())
+    }
+
+    fn remove_orphans(&self) -> Result<()> {
+        let mut last: Option<QueueId> = None;
+        let mut orphans = Vec::new();
+        for k in self.bodies.iter().keys() {
+            let k = k?;
+            let Some(id) = id_from(&k) else { continue };
+            if last != Some(id) && !self.envelopes.contains_key(id.to_be_bytes())? {
+                orphans.push(id);
+            }
+            last = Some(id);
+        }
+        for id in orphans {
+            tracing::warn!(
+                id,
+                "removing the body of a message whose envelope was never written"
+            );
+            self.remove(id)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(id: QueueId, next: Option<u64>) -> Envelope {
+        Envelope {
+            id,
+            sender: "a@b.test".into(),
+            recipients: vec![RecipientState {
+                address: "c@d.test".into(),
+                status: RcptStatus::Pending,
+                attempts: 0,
+                last_reply: None,
+                next_attempt: next,
+            }],
+            size: 3,
+            received_at: 0,
+            source: "smtp".into(),
+            origin: "127.0.0.1".into(),
+            next_attempt: next,
+        }
+    }
+
+    #[test]
+    fn insert_read_update_remove_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let id;
+        {
+            let s = Store::open(dir.path()).unwrap();
+            id = s.next_id().unwrap();
+            assert!(id > 0);
+            s.insert(&env(id, None), &big, None).unwrap();
+            s.sync().unwrap();
+            assert_eq!(s.body(id).unwrap(), big);
+            // Retry index follows next_attempt.
+            let mut e = env(id, Some(100));
+            s.update(&e).unwrap();
+            assert_eq!(s.due(99, 10).unwrap(), Vec::<u64>::new());
+            assert_eq!(s.due(100, 10).unwrap(), vec![id]);
+            e.next_attempt = Some(200);
+            s.update(&e).unwrap();
+            assert_eq!(s.due(150, 10).unwrap(), Vec::<u64>::new());
+            assert_eq!(s.due(200, 10).unwrap(), vec![id]);
+            s.sync().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.body(id).unwrap(), big);
+        assert_eq!(s.pending().unwrap().len(), 1);
+        assert!(s.next_id().unwrap() > id);
+        s.remove(id).unwrap();
+        assert!(s.envelope(id).unwrap().is_none());
+        assert!(s.body(id).unwrap().is_empty());
+        assert_eq!(s.due(u64::MAX, 10).unwrap(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn orphan_bodies_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.bodies
+                .insert(body_key(7, 0), b"orphan".as_slice())
+                .unwrap();
+            s.sync().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.body(7).unwrap().is_empty());
+    }
+
+    #[test]
+    fn pickup_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mark = PickupMark {
+            name: "a.eml".into(),
+            fingerprint: "1:2:3".into(),
+        };
+        s.insert(&env(5, None), b"x", Some(&mark)).unwrap();
+        assert_eq!(s.pickup_taken(&mark).unwrap(), Some(5));
+        let other = PickupMark {
+            name: "a.eml".into(),
+            fingerprint: "9:9:9".into(),
+        };
+        assert_eq!(s.pickup_taken(&other).unwrap(), None);
+        s.forget_pickup("a.eml").unwrap();
+        assert_eq!(s.pickup_taken(&mark).unwrap(), None);
+    }
+}
