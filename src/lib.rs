@@ -1,1 +1,14 @@
-//! placeholder
+//! mailroot: an actor-model mail transfer agent. This crate is the daemon and the library to
+//! embed it: configuration, wiring of the actors from `mailroot-actors`, and the CLI's pieces.
+//!
+//! Layout:
+//! - [`config`]: the TOML configuration, its defaults and validation.
+//! - [`daemon`]: creates the Mailroot folders, starts the actors, stops them in order.
+//!
+//! Embedding: `let running = mailroot::daemon::start(config, Default::default())?;` then
+//! `running.stop()`.
+
+pub mod config;
+pub mod daemon;
+
+pub use mailroot_actors as actors;

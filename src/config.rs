@@ -1,0 +1,351 @@
+//! The configuration file: TOML, every key with a default that works on a fresh machine,
+//! validated into errors that name the key. docs/configuration.md documents each key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The file `mailroot run` uses when `--config` is not given and it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config/mailroot.toml";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: Server,
+    pub mailroot: Mailroot,
+    pub domains: Domains,
+    pub relay: Relay,
+    pub limits: Limits,
+    pub queue: Queue,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// The name used in the greeting, in EHLO and in `Received:` headers.
+    pub hostname: String,
+    pub listen: Vec<String>,
+    pub max_connections: usize,
+    pub idle_timeout: HumanDuration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            hostname: system_hostname(),
+            listen: vec!["127.0.0.1:2525".into()],
+            max_connections: 1000,
+            idle_timeout: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mailroot {
+    /// Holds Pickup, Queue, Drop, Badmail and SortTemp; relative to the config file's folder.
+    pub path: PathBuf,
+}
+
+impl Default for Mailroot {
+    fn default() -> Self {
+        Mailroot { path: PathBuf::from("mailroot") }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Domains {
+    /// The first is the default domain, the rest are aliases sharing the Drop folder.
+    pub local: Vec<String>,
+}
+
+impl Default for Domains {
+    fn default() -> Self {
+        Domains { local: vec!["localhost".into()] }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    /// Clients in these networks may send to non-local domains.
+    pub allow_networks: Vec<IpNet>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay { allow_networks: vec!["127.0.0.0/8".parse().expect("literal"), "::1/128".parse().expect("literal")] }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// 0 = no limit.
+    pub max_messages_per_connection: usize,
+    /// 0 = no limit.
+    pub max_errors: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_message_size: 26_214_400, max_recipients: 100, max_messages_per_connection: 0, max_errors: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Queue {
+    /// More `Received:` headers than this is a mail loop (RFC 5321 §6.3 asks for at least 100).
+    pub max_hop_count: usize,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue { max_hop_count: 100 }
+    }
+}
+
+/// A duration written as `30s`, `15m`, `2h` or `5d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. \"15m\""))?;
+        let secs = match unit {
+            "ms" => return Ok(HumanDuration(Duration::from_millis(n))),
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86_400,
+            _ => return Err(format!("invalid duration {s:?}: the unit must be ms, s, m, h or d")),
+        };
+        Ok(HumanDuration(Duration::from_secs(secs)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        if d.subsec_millis() != 0 || d.as_secs() == 0 {
+            return write!(f, "{}ms", d.as_millis());
+        }
+        let s = d.as_secs();
+        match () {
+            _ if s % 86_400 == 0 => write!(f, "{}d", s / 86_400),
+            _ if s % 3600 == 0 => write!(f, "{}h", s / 3600),
+            _ if s % 60 == 0 => write!(f, "{}m", s / 60),
+            _ => write!(f, "{s}s"),
+        }
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && mailroot_actors::protocol::address::validate_domain(h).is_ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A loaded config and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// `None` = built-in defaults.
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `path`, or `config/mailroot.toml` when it exists, or the built-in defaults.
+    pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        let Some(path) = path else {
+            let config = Config::default();
+            config.validate()?;
+            return Ok(Loaded { config, source: None });
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let mut config = Config::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.resolve_paths(&base);
+        Ok(Loaded { config, source: Some(path) })
+    }
+
+    /// Parses and validates TOML text; relative paths stay relative.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Makes relative paths relative to `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if self.mailroot.path.is_relative() {
+            self.mailroot.path = base.join(&self.mailroot.path);
+        }
+    }
+
+    pub fn listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.server
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(i, a)| a.parse().map_err(|_| ConfigError(format!("server.listen[{i}]: {a:?} is not an address:port"))))
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: String| Err(ConfigError(format!("{key}: {msg}")));
+        use mailroot_actors::protocol::address::validate_domain;
+        if validate_domain(&self.server.hostname).is_err() {
+            return err("server.hostname", format!("{:?} is not a valid host name", self.server.hostname));
+        }
+        if self.server.listen.is_empty() {
+            return err("server.listen", "at least one address is needed".into());
+        }
+        self.listen_addrs()?;
+        if self.server.max_connections == 0 {
+            return err("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.idle_timeout.0.is_zero() {
+            return err("server.idle_timeout", "must be more than 0".into());
+        }
+        if self.mailroot.path.as_os_str().is_empty() {
+            return err("mailroot.path", "must not be empty".into());
+        }
+        if self.domains.local.is_empty() {
+            return err("domains.local", "at least one local domain is needed (the first is the default domain)".into());
+        }
+        for (i, d) in self.domains.local.iter().enumerate() {
+            if validate_domain(d).is_err() || d.starts_with('[') {
+                return err(&format!("domains.local[{i}]"), format!("{d:?} is not a valid domain"));
+            }
+        }
+        if self.limits.max_message_size < 1024 {
+            return err("limits.max_message_size", "must be at least 1024 bytes (RFC 5321 asks for 64 KB)".into());
+        }
+        if self.limits.max_message_size > (1 << 31) {
+            return err("limits.max_message_size", "must be at most 2 GiB".into());
+        }
+        if self.limits.max_recipients == 0 {
+            return err("limits.max_recipients", "must be at least 1 (RFC 5321 asks for 100)".into());
+        }
+        if self.queue.max_hop_count == 0 {
+            return err("queue.max_hop_count", "must be at least 1 (RFC 5321 asks for 100)".into());
+        }
+        Ok(())
+    }
+
+    /// The local domains, lower-cased, default first.
+    pub fn local_domains(&self) -> Vec<String> {
+        self.domains.local.iter().map(|d| d.to_ascii_lowercase()).collect()
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let cases = [("30s", 30), ("15m", 900), ("2h", 7200), ("5d", 432_000), (" 1m ", 60)];
+        for (s, secs) in cases {
+            assert_eq!(HumanDuration::parse(s), Ok(HumanDuration(Duration::from_secs(secs))), "{s}");
+        }
+        assert_eq!(HumanDuration::parse("250ms"), Ok(HumanDuration(Duration::from_millis(250))));
+        for bad in ["", "m", "15", "15x", "-1m", "1.5h"] {
+            assert!(HumanDuration::parse(bad).is_err(), "{bad}");
+        }
+        for (secs, shown) in [(90, "90s"), (900, "15m"), (7200, "2h"), (172_800, "2d")] {
+            assert_eq!(HumanDuration(Duration::from_secs(secs)).to_string(), shown);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[server]\nlisten = [\"nonsense\"]\n", "server.listen[0]"),
+            ("[server]\nidle_timeout = \"5 minutes\"\n", "idle_timeout"),
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            ("[server]\nbogus = 1\n", "bogus"),
+            ("[domains]\nlocal = []\n", "domains.local"),
+            ("[domains]\nlocal = [\"ok.test\", \"bad domain\"]\n", "domains.local[1]"),
+            ("[relay]\nallow_networks = [\"10.0.0.0/33\"]\n", "allow_networks"),
+            ("[limits]\nmax_message_size = 10\n", "limits.max_message_size"),
+            ("[limits]\nmax_recipients = \"many\"\n", "max_recipients"),
+            ("[queue]\nmax_hop_count = 0\n", "queue.max_hop_count"),
+            ("[nosuch]\n", "nosuch"),
+        ];
+        for (text, key) in cases {
+            let e = Config::from_toml(text).expect_err(text).0;
+            assert!(e.contains(key), "error for {text:?} should name {key}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid_and_matches_the_defaults() {
+        let text = include_str!("../config/mailroot.toml");
+        let c = Config::from_toml(text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.server.listen, d.server.listen);
+        assert_eq!(c.domains.local, d.domains.local);
+        assert_eq!(c.limits.max_message_size, d.limits.max_message_size);
+        assert_eq!(c.server.idle_timeout, d.server.idle_timeout);
+        // What check-config prints loads back to the same thing.
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let mut c = Config::from_toml("[mailroot]\npath = \"spool\"\n").unwrap();
+        c.resolve_paths(Path::new("/etc/mailroot"));
+        assert_eq!(c.mailroot.path, PathBuf::from("/etc/mailroot/spool"));
+        let mut c = Config::from_toml("[mailroot]\npath = \"/var/spool/mailroot\"\n").unwrap();
+        c.resolve_paths(Path::new("/etc/mailroot"));
+        assert_eq!(c.mailroot.path, PathBuf::from("/var/spool/mailroot"));
+    }
+}

@@ -1,0 +1,300 @@
+//! Wiring: creates the Mailroot folders, opens the queue, starts every actor on its arbiter,
+//! binds the listeners, and stops it all in order.
+//!
+//! Arbiters: the Queue gets one of its own (its sled writes must not stall sessions); sessions are
+//! spread over one arbiter per core; Listener, LocalDrop and Pickup share the system arbiter.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_rt::{Arbiter, System};
+use mailroot_actors::listener::{Listener, ListenerSettings, StopListening};
+use mailroot_actors::local_drop::LocalDrop;
+use mailroot_actors::metrics::Metrics;
+use mailroot_actors::pickup::{Pickup, PickupSettings};
+use mailroot_actors::protocol::SessionParams;
+use mailroot_actors::queue::{Flush, Queue, QueueSettings, Router};
+use mailroot_actors::store::Store;
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use crate::config::Config;
+
+/// The folders of a Mailroot.
+#[derive(Debug, Clone)]
+pub struct Folders {
+    pub root: PathBuf,
+    pub pickup: PathBuf,
+    pub queue: PathBuf,
+    pub drop: PathBuf,
+    pub badmail: PathBuf,
+    pub sort_temp: PathBuf,
+}
+
+impl Folders {
+    pub fn new(root: &Path) -> Self {
+        Folders {
+            root: root.to_path_buf(),
+            pickup: root.join("Pickup"),
+            queue: root.join("Queue"),
+            drop: root.join("Drop"),
+            badmail: root.join("Badmail"),
+            sort_temp: root.join("SortTemp"),
+        }
+    }
+
+    pub fn create(&self) -> std::io::Result<()> {
+        for d in [&self.pickup, &self.queue, &self.drop, &self.badmail, &self.sort_temp] {
+            std::fs::create_dir_all(d).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// Options that are not part of the config file.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Stop on SIGTERM/SIGINT (the binary); tests stop through [`Running::stop`].
+    pub handle_signals: bool,
+}
+
+/// A running mailroot.
+pub struct Running {
+    /// The addresses the SMTP listeners are bound to (useful with port 0).
+    pub smtp_addrs: Vec<SocketAddr>,
+    pub folders: Folders,
+    registry: Arc<Registry>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// The metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+
+    /// Stops accepting, flushes the queue, stops every actor and waits for it.
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.join();
+    }
+
+    /// Waits until the daemon stops by itself (a signal).
+    pub fn wait(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.join();
+    }
+}
+
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// sled locks its folder; a daemon that just stopped may take a moment to let go.
+fn open_store(dir: &Path) -> Result<Store, StartError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(StartError(format!("opening the queue in {}: {e}", dir.display()))),
+        }
+    }
+}
+
+/// Starts mailroot on its own thread and returns once it listens (or failed to start).
+pub fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
+    let folders = Folders::new(&config.mailroot.path);
+    folders.create().map_err(|e| StartError(format!("creating the Mailroot folders: {e}")))?;
+    let listen = config.listen_addrs().map_err(|e| StartError(e.to_string()))?;
+    let store = open_store(&folders.queue)?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let registry = Arc::new(registry);
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Vec<SocketAddr>, StartError>>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let f = folders.clone();
+    let thread = std::thread::Builder::new()
+        .name("mailroot".into())
+        .spawn(move || run_system(config, options, f, store, metrics, listen, ready_tx, stop_rx))
+        .map_err(|e| StartError(format!("cannot start the actor system thread: {e}")))?;
+
+    match ready_rx.recv() {
+        Ok(Ok(smtp_addrs)) => Ok(Running { smtp_addrs, folders, registry, stop: Some(stop_tx), thread: Some(thread) }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(StartError("the actor system stopped while starting".into()))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_system(
+    config: Config,
+    options: StartOptions,
+    folders: Folders,
+    store: Store,
+    metrics: Arc<Metrics>,
+    listen: Vec<SocketAddr>,
+    ready: std::sync::mpsc::Sender<Result<Vec<SocketAddr>, StartError>>,
+    stop_rx: oneshot::Receiver<()>,
+) {
+    let system = System::new();
+    let queue_arbiter = Arbiter::new();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let session_arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+
+    let started = system.block_on(async {
+        let mut sockets = Vec::new();
+        let mut addrs = Vec::new();
+        for addr in &listen {
+            let socket = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError(format!("server.listen: cannot listen on {addr}: {e}")))?;
+            addrs.push(socket.local_addr().map_err(|e| StartError(e.to_string()))?);
+            sockets.push(socket);
+        }
+        let local_domains = config.local_domains();
+        let drop = LocalDrop::new(folders.drop.clone(), folders.sort_temp.clone(), metrics.clone()).start();
+        let router = Router { local_domains: local_domains.clone(), local: drop.recipient(), remote: None };
+        let queue_settings = QueueSettings { hostname: config.server.hostname.clone(), ..QueueSettings::default() };
+        let qm = metrics.clone();
+        let queue = Queue::start_in_arbiter(&queue_arbiter.handle(), move |_| Queue::new(store, queue_settings, router, qm));
+        let params = Arc::new(SessionParams {
+            hostname: config.server.hostname.clone(),
+            local_domains,
+            max_message_size: config.limits.max_message_size as usize,
+            max_recipients: config.limits.max_recipients,
+            max_messages_per_connection: config.limits.max_messages_per_connection,
+            max_errors: config.limits.max_errors,
+            max_hop_count: config.queue.max_hop_count,
+        });
+        let listener = Listener::new(
+            sockets,
+            ListenerSettings {
+                params,
+                relay_networks: Arc::new(config.relay.allow_networks.clone()),
+                max_connections: config.server.max_connections,
+                idle_timeout: config.server.idle_timeout.0,
+            },
+            queue.clone().recipient(),
+            metrics.clone(),
+            session_arbiters.iter().map(|a| a.handle()).collect(),
+        )
+        .start();
+        let pickup = Pickup::new(
+            PickupSettings {
+                pickup_dir: folders.pickup.clone(),
+                badmail_dir: folders.badmail.clone(),
+                poll: Duration::from_millis(250),
+                max_message_size: config.limits.max_message_size as usize,
+                max_hop_count: config.queue.max_hop_count,
+                max_concurrent: 64,
+            },
+            queue.clone().recipient(),
+            queue.clone().recipient(),
+            metrics.clone(),
+        )
+        .start();
+        info!(mailroot = %folders.root.display(), hostname = %config.server.hostname, domains = ?config.domains.local, "mailroot started");
+        Ok::<_, StartError>((addrs, listener, queue, pickup))
+    });
+
+    let ok = system.block_on(async move {
+        let (listener, queue, pickup) = match started {
+            Ok((addrs, listener, queue, pickup)) => {
+                let _ = ready.send(Ok(addrs));
+                (listener, queue, pickup)
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return false;
+            }
+        };
+        // Spawned here so that it runs on the system arbiter once `run` starts.
+        actix_rt::spawn(async move {
+            wait_for_stop(stop_rx, options.handle_signals).await;
+            info!("stopping: no new connections, flushing the queue");
+            let _ = listener.send(StopListening).await;
+            drop(pickup);
+            match queue.send(Flush).await {
+                Ok(Ok(())) => info!("queue flushed"),
+                Ok(Err(e)) => error!(error = %e, "final queue flush failed"),
+                Err(e) => error!(error = %e, "queue unavailable at shutdown"),
+            }
+            System::current().stop();
+        });
+        true
+    });
+    if ok {
+        if let Err(e) = system.run() {
+            error!(error = %e, "actor system error");
+        }
+    } else {
+        System::current().stop();
+    }
+    for a in session_arbiters {
+        a.stop();
+        let _ = a.join();
+    }
+    queue_arbiter.stop();
+    let _ = queue_arbiter.join();
+    info!("mailroot stopped");
+}
+
+async fn wait_for_stop(stop_rx: oneshot::Receiver<()>, signals: bool) {
+    if !signals {
+        let _ = stop_rx.await;
+        return;
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers; stop with SIGKILL only");
+        let _ = stop_rx.await;
+        return;
+    };
+    tokio::select! {
+        _ = stop_rx => {}
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
