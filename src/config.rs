@@ -105,11 +105,14 @@ impl Default for Limits {
 pub struct Queue {
     /// More `Received:` headers than this is a mail loop (RFC 5321 §6.3 asks for at least 100).
     pub max_hop_count: usize,
+    /// Waits after the 1st, 2nd, … temporary delivery failure; the last one repeats.
+    pub retry_intervals: Vec<HumanDuration>,
 }
 
 impl Default for Queue {
     fn default() -> Self {
-        Queue { max_hop_count: 100 }
+        let m = |n: u64| HumanDuration(Duration::from_secs(n * 60));
+        Queue { max_hop_count: 100, retry_intervals: vec![m(15), m(30), m(60), m(240)] }
     }
 }
 
@@ -122,7 +125,8 @@ impl HumanDuration {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. \"15m\""))?;
+        let n: u64 =
+            num.parse().map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. \"15m\""))?;
         let secs = match unit {
             "ms" => return Ok(HumanDuration(Duration::from_millis(n))),
             "s" => n,
@@ -229,7 +233,9 @@ impl Config {
             .listen
             .iter()
             .enumerate()
-            .map(|(i, a)| a.parse().map_err(|_| ConfigError(format!("server.listen[{i}]: {a:?} is not an address:port"))))
+            .map(|(i, a)| {
+                a.parse().map_err(|_| ConfigError(format!("server.listen[{i}]: {a:?} is not an address:port")))
+            })
             .collect()
     }
 
@@ -253,7 +259,10 @@ impl Config {
             return err("mailroot.path", "must not be empty".into());
         }
         if self.domains.local.is_empty() {
-            return err("domains.local", "at least one local domain is needed (the first is the default domain)".into());
+            return err(
+                "domains.local",
+                "at least one local domain is needed (the first is the default domain)".into(),
+            );
         }
         for (i, d) in self.domains.local.iter().enumerate() {
             if validate_domain(d).is_err() || d.starts_with('[') {
@@ -268,6 +277,12 @@ impl Config {
         }
         if self.limits.max_recipients == 0 {
             return err("limits.max_recipients", "must be at least 1 (RFC 5321 asks for 100)".into());
+        }
+        if self.queue.retry_intervals.is_empty() {
+            return err("queue.retry_intervals", "at least one interval is needed".into());
+        }
+        if let Some(i) = self.queue.retry_intervals.iter().position(|d| d.0 < Duration::from_secs(1)) {
+            return err(&format!("queue.retry_intervals[{i}]"), "must be at least 1s".into());
         }
         if self.queue.max_hop_count == 0 {
             return err("queue.max_hop_count", "must be at least 1 (RFC 5321 asks for 100)".into());
@@ -317,6 +332,8 @@ mod tests {
             ("[limits]\nmax_message_size = 10\n", "limits.max_message_size"),
             ("[limits]\nmax_recipients = \"many\"\n", "max_recipients"),
             ("[queue]\nmax_hop_count = 0\n", "queue.max_hop_count"),
+            ("[queue]\nretry_intervals = []\n", "queue.retry_intervals"),
+            ("[queue]\nretry_intervals = [\"1m\", \"10ms\"]\n", "queue.retry_intervals[1]"),
             ("[nosuch]\n", "nosuch"),
         ];
         for (text, key) in cases {

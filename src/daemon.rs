@@ -196,7 +196,11 @@ fn run_system(
         let local_domains = config.local_domains();
         let drop = LocalDrop::new(folders.drop.clone(), folders.sort_temp.clone(), metrics.clone()).start();
         let router = Router { local_domains: local_domains.clone(), local: drop.recipient(), remote: None };
-        let queue_settings = QueueSettings { hostname: config.server.hostname.clone(), ..QueueSettings::default() };
+        let queue_settings = QueueSettings {
+            hostname: config.server.hostname.clone(),
+            retry_intervals: config.queue.retry_intervals.iter().map(|d| d.0).collect(),
+            ..QueueSettings::default()
+        };
         let qm = metrics.clone();
         let queue = Queue::start_in_arbiter(&queue_arbiter.handle(), move |_| Queue::new(store, queue_settings, router, qm));
         let params = Arc::new(SessionParams {

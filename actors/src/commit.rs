@@ -35,9 +35,7 @@ impl GroupCommit {
                 let f = sync.clone();
                 let result = match tokio::task::spawn_blocking(move || f()).await {
                     Ok(r) => r.map_err(Arc::new),
-                    Err(e) => Err(Arc::new(io::Error::other(format!(
-                        "{name} sync task failed: {e}"
-                    )))),
+                    Err(e) => Err(Arc::new(io::Error::other(format!("{name} sync task failed: {e}")))),
                 };
                 if let Some(h) = &batch_sizes {
                     h.observe(batch.len() as f64);
@@ -56,11 +54,7 @@ impl GroupCommit {
     /// Waits until everything written before this call is durable.
     pub async fn commit(&self) -> Result<(), Arc<io::Error>> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(tx)
-            .await
-            .map_err(|_| Arc::new(io::Error::other("commit task stopped")))?;
-        rx.await
-            .map_err(|_| Arc::new(io::Error::other("commit task stopped")))?
+        self.tx.send(tx).await.map_err(|_| Arc::new(io::Error::other("commit task stopped")))?;
+        rx.await.map_err(|_| Arc::new(io::Error::other("commit task stopped")))?
     }
 }

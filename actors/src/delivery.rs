@@ -40,10 +40,7 @@ impl DeliveryReport {
             results: req
                 .recipients
                 .iter()
-                .map(|r| RecipientResult {
-                    index: r.index,
-                    outcome: outcome.clone(),
-                })
+                .map(|r| RecipientResult { index: r.index, outcome: outcome.clone() })
                 .collect(),
         }
     }
@@ -118,9 +115,6 @@ mod tests {
         for (code, label) in cases {
             assert_eq!(Outcome::from_reply(code, "x").label(), label, "code {code}");
         }
-        assert_eq!(
-            Outcome::from_io_error("drop", &io::Error::other("disk full")).label(),
-            "temporary"
-        );
+        assert_eq!(Outcome::from_io_error("drop", &io::Error::other("disk full")).label(), "temporary");
     }
 }

@@ -61,15 +61,7 @@ impl Listener {
         arbiters: Vec<actix_rt::ArbiterHandle>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.max_connections));
-        Listener {
-            sockets,
-            settings,
-            queue,
-            metrics,
-            permits,
-            arbiters,
-            next: 0,
-        }
+        Listener { sockets, settings, queue, metrics, permits, arbiters, next: 0 }
     }
 }
 
@@ -117,24 +109,18 @@ impl Handler<Accepted> for Listener {
         let Accepted { mut stream, peer } = msg;
         self.metrics.connections_total.inc();
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.metrics
-                .refused(protocol::RefusalCause::TooManyConnections.as_str());
+            self.metrics.refused(protocol::RefusalCause::TooManyConnections.as_str());
             info!(client = %peer, cause = "too_many_connections", "refused");
             let bytes = reply::too_many_connections(&self.settings.params.hostname).to_bytes();
             actix_rt::spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
                 let _ = stream.shutdown().await;
             });
             return;
         };
         let relay = relay_allowed(&self.settings.relay_networks, peer.ip());
         let proto = protocol::Session::new(self.settings.params.clone(), peer.ip(), relay);
-        let (queue, metrics, idle) = (
-            self.queue.clone(),
-            self.metrics.clone(),
-            self.settings.idle_timeout,
-        );
+        let (queue, metrics, idle) = (self.queue.clone(), self.metrics.clone(), self.settings.idle_timeout);
         let run = move |stream: TcpStream| async move {
             metrics.connections_current.inc();
             let session = Session::new(proto, queue, peer, metrics.clone()).start();

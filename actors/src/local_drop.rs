@@ -29,13 +29,7 @@ pub struct LocalDrop {
 
 impl LocalDrop {
     pub fn new(drop_dir: PathBuf, sort_temp: PathBuf, metrics: Arc<Metrics>) -> Self {
-        LocalDrop {
-            drop_dir,
-            sort_temp,
-            metrics,
-            dir_sync: None,
-            counter: Arc::new(AtomicU64::new(0)),
-        }
+        LocalDrop { drop_dir, sort_temp, metrics, dir_sync: None, counter: Arc::new(AtomicU64::new(0)) }
     }
 }
 
@@ -94,32 +88,19 @@ impl Handler<Deliver> for LocalDrop {
         let dir_sync = self.dir_sync.clone();
         Box::pin(async move {
             let req2 = req.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                write_drop_file(&req2, &drop_dir, &sort_temp, seq)
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            let written = tokio::task::spawn_blocking(move || write_drop_file(&req2, &drop_dir, &sort_temp, seq))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
             if let Err(e) = written {
-                return DeliveryReport::all(
-                    &req,
-                    Outcome::from_io_error("writing the Drop file", &e),
-                );
+                return DeliveryReport::all(&req, Outcome::from_io_error("writing the Drop file", &e));
             }
             let synced = match dir_sync {
-                Some(s) => s
-                    .commit()
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string())),
+                Some(s) => s.commit().await.map_err(|e| io::Error::other(e.to_string())),
                 None => Err(io::Error::other("drop directory syncer not running")),
             };
             match synced {
-                Ok(()) => DeliveryReport::all(
-                    &req,
-                    Outcome::Delivered(format!("250 2.0.0 dropped as {}.eml", req.id)),
-                ),
-                Err(e) => {
-                    DeliveryReport::all(&req, Outcome::from_io_error("syncing the Drop folder", &e))
-                }
+                Ok(()) => DeliveryReport::all(&req, Outcome::Delivered(format!("250 2.0.0 dropped as {}.eml", req.id))),
+                Err(e) => DeliveryReport::all(&req, Outcome::from_io_error("syncing the Drop folder", &e)),
             }
         })
     }

@@ -71,56 +71,16 @@ impl Metrics {
             drop_commit_batch: batch_histogram(),
         };
         let r = registry.sub_registry_with_prefix("mailroot");
-        r.register(
-            "messages_received",
-            "Messages accepted into the queue",
-            m.messages_received.clone(),
-        );
-        r.register(
-            "bytes_received",
-            "Bytes of accepted messages",
-            m.bytes_received.clone(),
-        );
-        r.register(
-            "deliveries",
-            "Per-recipient delivery results",
-            m.deliveries.clone(),
-        );
-        r.register(
-            "inbound_connections",
-            "SMTP connections accepted",
-            m.connections_total.clone(),
-        );
-        r.register(
-            "inbound_connections_current",
-            "SMTP connections open now",
-            m.connections_current.clone(),
-        );
-        r.register(
-            "refusals",
-            "Refused connections, commands and messages by cause",
-            m.refusals.clone(),
-        );
-        r.register(
-            "pickup_files",
-            "Pickup files taken or moved to Badmail",
-            m.pickup_files.clone(),
-        );
-        r.register(
-            "queue_messages",
-            "Messages in the queue",
-            m.queue_messages.clone(),
-        );
-        r.register(
-            "queue_commit_batch_size",
-            "Messages made durable per queue sync",
-            m.queue_commit_batch.clone(),
-        );
-        r.register(
-            "drop_commit_batch_size",
-            "Drop files made durable per directory sync",
-            m.drop_commit_batch.clone(),
-        );
+        r.register("messages_received", "Messages accepted into the queue", m.messages_received.clone());
+        r.register("bytes_received", "Bytes of accepted messages", m.bytes_received.clone());
+        r.register("deliveries", "Per-recipient delivery results", m.deliveries.clone());
+        r.register("inbound_connections", "SMTP connections accepted", m.connections_total.clone());
+        r.register("inbound_connections_current", "SMTP connections open now", m.connections_current.clone());
+        r.register("refusals", "Refused connections, commands and messages by cause", m.refusals.clone());
+        r.register("pickup_files", "Pickup files taken or moved to Badmail", m.pickup_files.clone());
+        r.register("queue_messages", "Messages in the queue", m.queue_messages.clone());
+        r.register("queue_commit_batch_size", "Messages made durable per queue sync", m.queue_commit_batch.clone());
+        r.register("drop_commit_batch_size", "Drop files made durable per directory sync", m.drop_commit_batch.clone());
         Arc::new(m)
     }
 

@@ -105,10 +105,7 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
                     continue;
                 }
             } else {
-                let colon = line
-                    .iter()
-                    .position(|&b| b == b':')
-                    .ok_or("a header line has no colon")?;
+                let colon = line.iter().position(|&b| b == b':').ok_or("a header line has no colon")?;
                 let name = &line[..colon];
                 if name.is_empty() || !name.iter().all(|&b| (33..=126).contains(&b)) {
                     return Err("invalid header field name (is there a header at all?)".into());
@@ -118,10 +115,7 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
                 if name == "received" {
                     received += 1;
                 }
-                fields.push((
-                    name,
-                    String::from_utf8_lossy(&line[colon + 1..]).into_owned(),
-                ));
+                fields.push((name, String::from_utf8_lossy(&line[colon + 1..]).into_owned()));
                 if skipping_bcc {
                     pos += len;
                     continue;
@@ -132,18 +126,13 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
         pos += len;
     }
     if received > max_hop_count {
-        return Err(format!(
-            "{received} Received headers exceed the hop count limit of {max_hop_count}"
-        ));
+        return Err(format!("{received} Received headers exceed the hop count limit of {max_hop_count}"));
     }
 
     let sender = match x_sender {
         Some(s) => s,
         None => {
-            let from = fields
-                .iter()
-                .find(|f| f.0 == "from")
-                .ok_or("no x-sender line and no From: header")?;
+            let from = fields.iter().find(|f| f.0 == "from").ok_or("no x-sender line and no From: header")?;
             let mut addrs = address_list(&from.1).map_err(|e| format!("From: {e}"))?;
             if addrs.is_empty() {
                 return Err("From: holds no address".into());
@@ -153,10 +142,7 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
     };
     let recipients = if x_receivers.is_empty() {
         let mut all = Vec::new();
-        for f in fields
-            .iter()
-            .filter(|f| matches!(f.0.as_str(), "to" | "cc" | "bcc"))
-        {
+        for f in fields.iter().filter(|f| matches!(f.0.as_str(), "to" | "cc" | "bcc")) {
             all.extend(address_list(&f.1).map_err(|e| format!("{}: {e}", f.0))?);
         }
         all
@@ -166,11 +152,7 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
     if recipients.is_empty() {
         return Err("no recipients: no x-receiver lines and no To:, Cc: or Bcc: addresses".into());
     }
-    Ok(PickupMessage {
-        sender,
-        recipients,
-        body: out,
-    })
+    Ok(PickupMessage { sender, recipients, body: out })
 }
 
 /// CRLF stays, a lone LF becomes CRLF (Unix tools write LF), a lone CR is refused.
@@ -213,23 +195,12 @@ fn split_lines(text: &[u8]) -> Vec<&[u8]> {
 }
 
 fn envelope_address(value: &[u8], allow_null: bool) -> Result<Option<Mailbox>, String> {
-    let v = std::str::from_utf8(value)
-        .map_err(|_| "envelope line is not UTF-8")?
-        .trim();
-    let v = v
-        .strip_prefix('<')
-        .and_then(|s| s.strip_suffix('>'))
-        .unwrap_or(v);
+    let v = std::str::from_utf8(value).map_err(|_| "envelope line is not UTF-8")?.trim();
+    let v = v.strip_prefix('<').and_then(|s| s.strip_suffix('>')).unwrap_or(v);
     if v.is_empty() {
-        return if allow_null {
-            Ok(None)
-        } else {
-            Err("empty envelope address".into())
-        };
+        return if allow_null { Ok(None) } else { Err("empty envelope address".into()) };
     }
-    parse_mailbox(v)
-        .map(Some)
-        .map_err(|e| format!("envelope address {v:?}: {}", e.text()))
+    parse_mailbox(v).map(Some).map_err(|e| format!("envelope address {v:?}: {}", e.text()))
 }
 
 /// Extracts the addr-specs of an RFC 5322 address list (names, comments, groups allowed).
@@ -312,15 +283,7 @@ impl Pickup {
         done: Recipient<PickupDone>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Pickup {
-            settings,
-            queue,
-            done,
-            metrics,
-            seen: HashMap::new(),
-            in_flight: HashSet::new(),
-            scanning: false,
-        }
+        Pickup { settings, queue, done, metrics, seen: HashMap::new(), in_flight: HashSet::new(), scanning: false }
     }
 
     fn scan(&mut self, ctx: &mut Context<Self>) {
@@ -341,10 +304,7 @@ impl Pickup {
                 let mut now_seen = HashMap::new();
                 for (name, fp) in found {
                     let stable = act.seen.get(&name) == Some(&fp);
-                    if stable
-                        && !act.in_flight.contains(&name)
-                        && act.in_flight.len() < act.settings.max_concurrent
-                    {
+                    if stable && !act.in_flight.contains(&name) && act.in_flight.len() < act.settings.max_concurrent {
                         act.take(name.clone(), fp.clone(), ctx);
                     }
                     now_seen.insert(name, fp);
@@ -383,26 +343,13 @@ fn list_candidates(dir: &Path) -> io::Result<Vec<(String, String)>> {
         if !meta.is_file() {
             continue;
         }
-        out.push((
-            name,
-            format!(
-                "{}:{}:{}.{}",
-                meta.ino(),
-                meta.size(),
-                meta.mtime(),
-                meta.mtime_nsec()
-            ),
-        ));
+        out.push((name, format!("{}:{}:{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec())));
     }
     Ok(out)
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
 }
 
 async fn process(
@@ -426,32 +373,18 @@ async fn process(
     .await
     {
         Ok(Some(raw)) => raw,
-        Ok(None) => {
-            return badmail(
-                &s,
-                &name,
-                "the file is larger than the maximum message size",
-                &metrics,
-            )
-            .await
-        }
+        Ok(None) => return badmail(&s, &name, "the file is larger than the maximum message size", &metrics).await,
         Err(e) => return warn!(file = %name, error = %e, "cannot read pickup file; will retry"),
     };
     let parsed = match parse_pickup(&raw, s.max_hop_count) {
-        Ok(p) if p.body.len() > s.max_message_size => {
-            Err("the message is larger than the maximum message size".into())
-        }
+        Ok(p) if p.body.len() > s.max_message_size => Err("the message is larger than the maximum message size".into()),
         other => other,
     };
     let msg = match parsed {
         Ok(m) => m,
         Err(reason) => return badmail(&s, &name, &reason, &metrics).await,
     };
-    let sender = msg
-        .sender
-        .as_ref()
-        .map(|m| m.to_string())
-        .unwrap_or_default();
+    let sender = msg.sender.as_ref().map(|m| m.to_string()).unwrap_or_default();
     let recipients: Vec<String> = msg.recipients.iter().map(|r| r.to_string()).collect();
     let size = msg.body.len();
     let req = Enqueue {
@@ -460,23 +393,15 @@ async fn process(
         body: msg.body,
         origin: Origin::Pickup,
         origin_text: name.clone(),
-        pickup: Some(PickupMark {
-            name: name.clone(),
-            fingerprint,
-        }),
+        pickup: Some(PickupMark { name: name.clone(), fingerprint }),
     };
     let id = match queue.send(req).await {
         Ok(Ok(id)) => id,
-        Ok(Err(e)) => {
-            return warn!(file = %name, error = ?e, "queue refused pickup file; will retry")
-        }
+        Ok(Err(e)) => return warn!(file = %name, error = ?e, "queue refused pickup file; will retry"),
         Err(e) => return warn!(file = %name, error = %e, "queue unavailable; will retry"),
     };
     info!(id, file = %name, sender = %sender, recipients = %recipients.join(","), size, result = "accepted", "pickup");
-    metrics
-        .pickup_files
-        .get_or_create(&ResultLabel { result: "queued" })
-        .inc();
+    metrics.pickup_files.get_or_create(&ResultLabel { result: "queued" }).inc();
     let dir = s.pickup_dir.clone();
     match blocking(move || {
         fs::remove_file(&path)?;
@@ -496,10 +421,7 @@ async fn process(
 
 async fn badmail(s: &PickupSettings, name: &str, reason: &str, metrics: &Metrics) {
     warn!(file = %name, reason, "pickup file moved to Badmail");
-    metrics
-        .pickup_files
-        .get_or_create(&ResultLabel { result: "badmail" })
-        .inc();
+    metrics.pickup_files.get_or_create(&ResultLabel { result: "badmail" }).inc();
     let (from, bad_dir) = (s.pickup_dir.join(name), s.badmail_dir.clone());
     let (name, reason) = (name.to_string(), reason.to_string());
     let res = blocking(move || {
@@ -549,10 +471,7 @@ mod tests {
         let raw = b"x-sender: a@b.test\r\nx-receiver: c@example.test\r\nX-Receiver: <d@example.test>\r\nSubject: s\r\n\r\nbody\r\n";
         let m = parse_pickup(raw, 100).unwrap();
         assert_eq!(m.sender.unwrap().to_string(), "a@b.test");
-        assert_eq!(
-            addrs(&m.recipients),
-            vec!["c@example.test", "d@example.test"]
-        );
+        assert_eq!(addrs(&m.recipients), vec!["c@example.test", "d@example.test"]);
         assert_eq!(m.body, b"Subject: s\r\n\r\nbody\r\n");
     }
 
@@ -563,74 +482,40 @@ mod tests {
         assert_eq!(m.sender.unwrap().to_string(), "al@b.test");
         assert_eq!(
             addrs(&m.recipients),
-            vec![
-                "x@example.test",
-                "y@example.test",
-                "z@example.test",
-                "hidden@example.test",
-                "hidden2@example.test"
-            ]
+            vec!["x@example.test", "y@example.test", "z@example.test", "hidden@example.test", "hidden2@example.test"]
         );
         let body = String::from_utf8(m.body).unwrap();
-        assert!(
-            !body.to_ascii_lowercase().contains("bcc") && !body.contains("hidden"),
-            "{body}"
-        );
+        assert!(!body.to_ascii_lowercase().contains("bcc") && !body.contains("hidden"), "{body}");
         assert!(body.starts_with("From: \"Al, B\" <al@b.test>\r\nTo:"));
         assert!(body.ends_with("Subject: s\r\n\r\nbody\r\n"));
     }
 
     #[test]
     fn malformed_files() {
-        let long = format!(
-            "From: a@b.test\r\nTo: c@d.test\r\n\r\n{}\r\n",
-            "x".repeat(1200)
-        );
-        let hops = format!(
-            "From: a@b.test\r\nTo: c@d.test\r\n{}\r\nx\r\n",
-            "Received: x\r\n".repeat(4)
-        );
+        let long = format!("From: a@b.test\r\nTo: c@d.test\r\n\r\n{}\r\n", "x".repeat(1200));
+        let hops = format!("From: a@b.test\r\nTo: c@d.test\r\n{}\r\nx\r\n", "Received: x\r\n".repeat(4));
         let cases: Vec<(&[u8], &str)> = vec![
             (b"", "no message"),
-            (
-                b"Subject: s\r\n\r\nbody\r\n",
-                "no x-sender line and no From",
-            ),
-            (
-                b"From: a@b.test\r\nSubject: s\r\n\r\nbody\r\n",
-                "no recipients",
-            ),
+            (b"Subject: s\r\n\r\nbody\r\n", "no x-sender line and no From"),
+            (b"From: a@b.test\r\nSubject: s\r\n\r\nbody\r\n", "no recipients"),
             (b"x-sender: a@b.test\r\n\r\n", "no recipients"),
-            (
-                b"From: a@b.test\r\nTo: not an address\r\n\r\n",
-                "to: address",
-            ),
+            (b"From: a@b.test\r\nTo: not an address\r\n\r\n", "to: address"),
             (b"From: a@b.test\r\nTo: c@d.test\rX\r\n\r\n", "bare CR"),
             (b"just some text\r\n", "no colon"),
-            (
-                b"x-sender: a@b.test\r\nx-receiver: bad@@x\r\n\r\n",
-                "envelope address",
-            ),
+            (b"x-sender: a@b.test\r\nx-receiver: bad@@x\r\n\r\n", "envelope address"),
             (long.as_bytes(), "longer than 998"),
             (hops.as_bytes(), "hop count"),
         ];
         for (raw, want) in cases {
             let err = parse_pickup(raw, 3).err().unwrap_or_default();
-            assert!(
-                err.contains(want),
-                "{:?}: got {err:?}, want {want:?}",
-                String::from_utf8_lossy(raw)
-            );
+            assert!(err.contains(want), "{:?}: got {err:?}, want {want:?}", String::from_utf8_lossy(raw));
         }
     }
 
     #[test]
     fn null_sender_and_utf8() {
-        let m = parse_pickup(
-            "x-sender: <>\r\nx-receiver: ü@example.test\r\nSubject: ö\r\n\r\nx\r\n".as_bytes(),
-            100,
-        )
-        .unwrap();
+        let m = parse_pickup("x-sender: <>\r\nx-receiver: ü@example.test\r\nSubject: ö\r\n\r\nx\r\n".as_bytes(), 100)
+            .unwrap();
         assert_eq!(m.sender, None);
         assert_eq!(addrs(&m.recipients), vec!["ü@example.test"]);
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::commit::GroupCommit;
 use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Outcome};
@@ -60,10 +60,7 @@ pub struct Router {
 
 impl Router {
     fn route(&self, address: &str) -> Option<(&'static str, Recipient<Deliver>)> {
-        let domain = address
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
-            .unwrap_or_default();
+        let domain = address.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
         if self.local_domains.iter().any(|d| *d == domain) {
             Some(("drop", self.local.clone()))
         } else {
@@ -86,10 +83,7 @@ impl Default for QueueSettings {
     fn default() -> Self {
         QueueSettings {
             hostname: "localhost".into(),
-            retry_intervals: [15, 30, 60, 240]
-                .iter()
-                .map(|m| Duration::from_secs(m * 60))
-                .collect(),
+            retry_intervals: [15, 30, 60, 240].iter().map(|m| Duration::from_secs(m * 60)).collect(),
             max_in_flight: 256,
             retry_poll: Duration::from_secs(1),
         }
@@ -99,17 +93,11 @@ impl Default for QueueSettings {
 /// The wait before the next attempt after `attempts` failures (1-based); the last interval repeats.
 pub fn retry_delay(intervals: &[Duration], attempts: u32) -> Duration {
     let i = (attempts.max(1) as usize - 1).min(intervals.len().saturating_sub(1));
-    intervals
-        .get(i)
-        .copied()
-        .unwrap_or(Duration::from_secs(900))
+    intervals.get(i).copied().unwrap_or(Duration::from_secs(900))
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 pub struct Queue {
@@ -128,12 +116,7 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(
-        store: Store,
-        settings: QueueSettings,
-        router: Router,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(store: Store, settings: QueueSettings, router: Router, metrics: Arc<Metrics>) -> Self {
         Queue {
             store: Arc::new(store),
             committer: None,
@@ -165,12 +148,7 @@ impl Queue {
     }
 
     /// Sends the pending recipients of `id` to their delivery actors; false when nothing was sent.
-    fn dispatch(
-        &mut self,
-        id: QueueId,
-        body: Option<Arc<Vec<u8>>>,
-        ctx: &mut Context<Self>,
-    ) -> bool {
+    fn dispatch(&mut self, id: QueueId, body: Option<Arc<Vec<u8>>>, ctx: &mut Context<Self>) -> bool {
         let env = match self.store.envelope(id) {
             Ok(Some(env)) => env,
             Ok(None) => return false,
@@ -180,26 +158,26 @@ impl Queue {
             }
         };
         let now = unix_now();
-        let mut groups: Vec<(&'static str, Recipient<Deliver>, Vec<DeliveryRecipient>)> =
-            Vec::new();
+        let mut groups: Vec<(&'static str, Recipient<Deliver>, Vec<DeliveryRecipient>)> = Vec::new();
+        let mut held = Vec::new();
         for (index, r) in env.recipients.iter().enumerate() {
             if r.status != RcptStatus::Pending || r.next_attempt.is_some_and(|t| t > now) {
                 continue;
             }
             let Some((name, actor)) = self.router.route(&r.address) else {
+                held.push(r.address.as_str());
                 continue;
             };
-            let rcpt = DeliveryRecipient {
-                index,
-                address: r.address.clone(),
-            };
+            let rcpt = DeliveryRecipient { index, address: r.address.clone() };
             match groups.iter_mut().find(|g| g.0 == name) {
                 Some(g) => g.2.push(rcpt),
                 None => groups.push((name, actor, vec![rcpt])),
             }
         }
+        if !held.is_empty() {
+            info!(id, recipients = %held.join(","), "no delivery actor for these recipients yet; they stay queued");
+        }
         if groups.is_empty() {
-            debug!(id, "no recipient routable now; message stays queued");
             return false;
         }
         let message = match body {
@@ -213,12 +191,7 @@ impl Queue {
             },
         };
         for (route, actor, recipients) in groups {
-            let req = Deliver {
-                id,
-                sender: env.sender.clone(),
-                recipients,
-                message: message.clone(),
-            };
+            let req = Deliver { id, sender: env.sender.clone(), recipients, message: message.clone() };
             self.in_flight += 1;
             *self.outstanding.entry(id).or_default() += 1;
             let fallback = req.clone();
@@ -227,10 +200,7 @@ impl Queue {
                 .into_actor(self)
                 .map(move |res, act, ctx| {
                     let report = res.unwrap_or_else(|e| {
-                        DeliveryReport::all(
-                            &fallback,
-                            Outcome::Temporary(format!("delivery actor unavailable: {e}")),
-                        )
+                        DeliveryReport::all(&fallback, Outcome::Temporary(format!("delivery actor unavailable: {e}")))
                     });
                     act.in_flight -= 1;
                     act.record(id, route, report);
@@ -261,11 +231,7 @@ impl Queue {
         let now = unix_now();
         for res in report.results {
             let Some(r) = env.recipients.get_mut(res.index) else {
-                warn!(
-                    id,
-                    index = res.index,
-                    "delivery report names an unknown recipient"
-                );
+                warn!(id, index = res.index, "delivery report names an unknown recipient");
                 continue;
             };
             r.attempts += 1;
@@ -284,13 +250,7 @@ impl Queue {
                     r.next_attempt = Some(now + delay.as_secs());
                 }
             }
-            self.metrics
-                .deliveries
-                .get_or_create(&RouteLabel {
-                    route,
-                    result: res.outcome.label(),
-                })
-                .inc();
+            self.metrics.deliveries.get_or_create(&RouteLabel { route, result: res.outcome.label() }).inc();
             info!(
                 id,
                 sender = %env.sender,
@@ -303,17 +263,9 @@ impl Queue {
                 "delivery"
             );
         }
-        env.next_attempt = env
-            .recipients
-            .iter()
-            .filter(|r| r.status == RcptStatus::Pending)
-            .filter_map(|r| r.next_attempt)
-            .min();
-        let result = if env.is_finished() {
-            self.store.remove(id)
-        } else {
-            self.store.update(&env)
-        };
+        env.next_attempt =
+            env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).filter_map(|r| r.next_attempt).min();
+        let result = if env.is_finished() { self.store.remove(id) } else { self.store.update(&env) };
         if let Err(e) = result {
             error!(id, error = %e, "cannot record delivery results; the message will be retried");
         }
@@ -321,11 +273,7 @@ impl Queue {
     }
 
     fn check_retries(&mut self, ctx: &mut Context<Self>) {
-        let room = self
-            .settings
-            .max_in_flight
-            .saturating_mul(4)
-            .saturating_sub(self.ready.len());
+        let room = self.settings.max_in_flight.saturating_mul(4).saturating_sub(self.ready.len());
         if room == 0 {
             return;
         }
@@ -350,11 +298,7 @@ impl Actor for Queue {
         let store = self.store.clone();
         self.committer = Some(GroupCommit::spawn(
             "queue",
-            move || {
-                store
-                    .sync()
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            },
+            move || store.sync().map_err(|e| std::io::Error::other(e.to_string())),
             Some(self.metrics.queue_commit_batch.clone()),
         ));
         match self.store.pending() {
@@ -412,13 +356,7 @@ impl Handler<Enqueue> for Queue {
         };
         let now = unix_now();
         let single = (msg.recipients.len() == 1).then(|| msg.recipients[0].to_string());
-        let header = received_header(
-            &msg.origin,
-            &self.settings.hostname,
-            id,
-            single.as_deref(),
-            now,
-        );
+        let header = received_header(&msg.origin, &self.settings.hostname, id, single.as_deref(), now);
         let mut message = Vec::with_capacity(header.len() + msg.body.len());
         message.extend_from_slice(header.as_bytes());
         message.extend_from_slice(&msg.body);
@@ -429,11 +367,7 @@ impl Handler<Enqueue> for Queue {
         };
         let env = Envelope {
             id,
-            sender: msg
-                .sender
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
+            sender: msg.sender.as_ref().map(|s| s.to_string()).unwrap_or_default(),
             recipients: msg
                 .recipients
                 .iter()
@@ -460,28 +394,21 @@ impl Handler<Enqueue> for Queue {
         };
         let size = message.len() as u64;
         let message = Arc::new(message);
-        Box::pin(
-            async move { committer.commit().await }
-                .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(()) => {
-                        act.metrics
-                            .messages_received
-                            .get_or_create(&SourceLabel { source })
-                            .inc();
-                        act.metrics.bytes_received.inc_by(size);
-                        act.metrics.queue_messages.set(act.store.len() as i64);
-                        act.schedule(id, Some(message));
-                        act.pump(ctx);
-                        Ok(id)
-                    }
-                    Err(e) => {
-                        error!(id, error = %e, "queue sync failed; refusing the message");
-                        let _ = act.store.remove(id);
-                        Err(EnqueueError::Temporary)
-                    }
-                }),
-        )
+        Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
+                act.metrics.bytes_received.inc_by(size);
+                act.metrics.queue_messages.set(act.store.len() as i64);
+                act.schedule(id, Some(message));
+                act.pump(ctx);
+                Ok(id)
+            }
+            Err(e) => {
+                error!(id, error = %e, "queue sync failed; refusing the message");
+                let _ = act.store.remove(id);
+                Err(EnqueueError::Temporary)
+            }
+        }))
     }
 }
 
@@ -511,21 +438,9 @@ mod tests {
     fn retry_schedule() {
         let m = |n: u64| Duration::from_secs(n * 60);
         let schedule = vec![m(15), m(30), m(60), m(240)];
-        let cases = [
-            (0, m(15)),
-            (1, m(15)),
-            (2, m(30)),
-            (3, m(60)),
-            (4, m(240)),
-            (5, m(240)),
-            (1000, m(240)),
-        ];
+        let cases = [(0, m(15)), (1, m(15)), (2, m(30)), (3, m(60)), (4, m(240)), (5, m(240)), (1000, m(240))];
         for (attempts, want) in cases {
-            assert_eq!(
-                retry_delay(&schedule, attempts),
-                want,
-                "attempts {attempts}"
-            );
+            assert_eq!(retry_delay(&schedule, attempts), want, "attempts {attempts}");
         }
         assert_eq!(retry_delay(&[], 3), Duration::from_secs(900));
     }

@@ -50,18 +50,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(
-        proto: protocol::Session,
-        queue: Recipient<Enqueue>,
-        peer: SocketAddr,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Session {
-            proto: Some(proto),
-            queue,
-            peer,
-            metrics,
-        }
+    pub fn new(proto: protocol::Session, queue: Recipient<Enqueue>, peer: SocketAddr, metrics: Arc<Metrics>) -> Self {
+        Session { proto: Some(proto), queue, peer, metrics }
     }
 }
 
@@ -106,18 +96,11 @@ async fn drive(
                     sender: m.sender,
                     recipients: m.recipients,
                     body: m.body,
-                    origin: Origin::Smtp {
-                        helo: m.helo,
-                        ip: peer.ip(),
-                        protocol: m.protocol,
-                    },
+                    origin: Origin::Smtp { helo: m.helo, ip: peer.ip(), protocol: m.protocol },
                     origin_text: peer.to_string(),
                     pickup: None,
                 };
-                let result = queue
-                    .send(req)
-                    .await
-                    .unwrap_or(Err(EnqueueError::Temporary));
+                let result = queue.send(req).await.unwrap_or(Err(EnqueueError::Temporary));
                 let reply = proto.enqueued(result);
                 match result {
                     Ok(id) => {
@@ -139,15 +122,8 @@ impl Handler<Greet> for Session {
     type Result = Output;
 
     fn handle(&mut self, _msg: Greet, _ctx: &mut Self::Context) -> Output {
-        let bytes = self
-            .proto
-            .as_ref()
-            .map(|p| p.greeting().to_bytes())
-            .unwrap_or_default();
-        Output {
-            bytes,
-            close: false,
-        }
+        let bytes = self.proto.as_ref().map(|p| p.greeting().to_bytes()).unwrap_or_default();
+        Output { bytes, close: false }
     }
 }
 
@@ -157,19 +133,10 @@ impl Handler<Input> for Session {
     fn handle(&mut self, msg: Input, _ctx: &mut Self::Context) -> Self::Result {
         let Some(mut proto) = self.proto.take() else {
             // Only reachable if the I/O task did not wait for the previous answer.
-            return Box::pin(actix::fut::ready(Output {
-                bytes: Vec::new(),
-                close: true,
-            }));
+            return Box::pin(actix::fut::ready(Output { bytes: Vec::new(), close: true }));
         };
         proto.feed(&msg.0);
-        let fut = drive(
-            proto,
-            self.queue.clone(),
-            self.peer,
-            self.metrics.clone(),
-            Output::default(),
-        );
+        let fut = drive(proto, self.queue.clone(), self.peer, self.metrics.clone(), Output::default());
         Box::pin(fut.into_actor(self).map(|(proto, out), act, _ctx| {
             act.proto = Some(proto);
             out
@@ -181,10 +148,7 @@ impl Handler<IdleTimeout> for Session {
     type Result = Output;
 
     fn handle(&mut self, _msg: IdleTimeout, _ctx: &mut Self::Context) -> Output {
-        let mut out = Output {
-            bytes: Vec::new(),
-            close: true,
-        };
+        let mut out = Output { bytes: Vec::new(), close: true };
         if let Some(proto) = self.proto.as_mut() {
             for action in proto.timeout() {
                 match action {
@@ -233,9 +197,5 @@ pub async fn serve(mut stream: TcpStream, session: Addr<Session>, idle: Duration
 }
 
 async fn write(stream: &mut TcpStream, bytes: &[u8], idle: Duration) -> bool {
-    bytes.is_empty()
-        || matches!(
-            tokio::time::timeout(idle, stream.write_all(bytes)).await,
-            Ok(Ok(()))
-        )
+    bytes.is_empty() || matches!(tokio::time::timeout(idle, stream.write_all(bytes)).await, Ok(Ok(())))
 }

@@ -58,9 +58,7 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn is_finished(&self) -> bool {
-        self.recipients
-            .iter()
-            .all(|r| r.status != RcptStatus::Pending)
+        self.recipients.iter().all(|r| r.status != RcptStatus::Pending)
     }
 }
 
@@ -100,9 +98,7 @@ impl StoreError {
             StoreError::Sled(sled::Error::Io(e)) => Some(e),
             _ => None,
         };
-        io.is_some_and(|e| {
-            e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull
-        })
+        io.is_some_and(|e| e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull)
     }
 }
 
@@ -146,21 +142,14 @@ fn retry_key(at: u64, id: QueueId) -> [u8; 16] {
 }
 
 fn id_from(bytes: &[u8]) -> Option<QueueId> {
-    bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
+    bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`. sled locks the folder: a second process gets an error.
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(128 * 1024 * 1024)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(128 * 1024 * 1024).flush_every_ms(Some(500)).open()?;
         let log = File::open(dir.join("db"))?;
         let store = Store {
             envelopes: db.open_tree("envelopes")?,
@@ -190,8 +179,7 @@ impl Store {
             self.bodies.insert(body_key(env.id, i as u32), chunk)?;
         }
         if let Some(m) = mark {
-            let v =
-                serde_json::to_vec(&(env.id, m)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let v = serde_json::to_vec(&(env.id, m)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             self.pickup.insert(m.name.as_bytes(), v)?;
         }
         self.put_envelope(env, None)
@@ -207,9 +195,9 @@ impl Store {
     pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>> {
         match self.envelopes.get(id.to_be_bytes())? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("envelope {id}: {e}"))),
+            Some(v) => {
+                serde_json::from_slice(&v).map(Some).map_err(|e| StoreError::Corrupt(format!("envelope {id}: {e}")))
+            }
         }
     }
 
@@ -251,11 +239,7 @@ impl Store {
             }
         }
         self.envelopes.remove(id.to_be_bytes())?;
-        let keys: Vec<_> = self
-            .bodies
-            .scan_prefix(id.to_be_bytes())
-            .keys()
-            .collect::<std::result::Result<_, _>>()?;
+        let keys: Vec<_> = self.bodies.scan_prefix(id.to_be_bytes()).keys().collect::<std::result::Result<_, _>>()?;
         for k in keys {
             self.bodies.remove(k)?;
         }
@@ -281,12 +265,7 @@ impl Store {
     /// Messages whose retry time is at or before `now`, earliest first.
     pub fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueId>> {
         let mut out = Vec::new();
-        for k in self
-            .retry
-            .range(..retry_key(now, u64::MAX))
-            .keys()
-            .take(limit)
-        {
+        for k in self.retry.range(..retry_key(now, u64::MAX)).keys().take(limit) {
             let k = k?;
             if let Some(id) = k.get(8..).and_then(id_from) {
                 out.push(id);
@@ -333,10 +312,7 @@ impl Store {
             last = Some(id);
         }
         for id in orphans {
-            tracing::warn!(
-                id,
-                "removing the body of a message whose envelope was never written"
-            );
+            tracing::warn!(id, "removing the body of a message whose envelope was never written");
             self.remove(id)?;
         }
         Ok(())
@@ -404,9 +380,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            s.bodies
-                .insert(body_key(7, 0), b"orphan".as_slice())
-                .unwrap();
+            s.bodies.insert(body_key(7, 0), b"orphan".as_slice()).unwrap();
             s.sync().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
@@ -417,16 +391,10 @@ mod tests {
     fn pickup_marks() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        let mark = PickupMark {
-            name: "a.eml".into(),
-            fingerprint: "1:2:3".into(),
-        };
+        let mark = PickupMark { name: "a.eml".into(), fingerprint: "1:2:3".into() };
         s.insert(&env(5, None), b"x", Some(&mark)).unwrap();
         assert_eq!(s.pickup_taken(&mark).unwrap(), Some(5));
-        let other = PickupMark {
-            name: "a.eml".into(),
-            fingerprint: "9:9:9".into(),
-        };
+        let other = PickupMark { name: "a.eml".into(), fingerprint: "9:9:9".into() };
         assert_eq!(s.pickup_taken(&other).unwrap(), None);
         s.forget_pickup("a.eml").unwrap();
         assert_eq!(s.pickup_taken(&mark).unwrap(), None);

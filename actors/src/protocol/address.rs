@@ -117,19 +117,13 @@ pub fn parse_mailbox(s: &str) -> Result<Mailbox, AddressError> {
         return Err(AddressError::Empty);
     }
     if s.eq_ignore_ascii_case("postmaster") {
-        return Ok(Mailbox {
-            local: "postmaster".into(),
-            domain: String::new(),
-        });
+        return Ok(Mailbox { local: "postmaster".into(), domain: String::new() });
     }
     let at = split_at_domain(s).ok_or(AddressError::MissingAt)?;
     let (local, domain) = (&s[..at], &s[at + 1..]);
     validate_local(local)?;
     validate_domain(domain)?;
-    Ok(Mailbox {
-        local: local.to_string(),
-        domain: domain.to_ascii_lowercase(),
-    })
+    Ok(Mailbox { local: local.to_string(), domain: domain.to_ascii_lowercase() })
 }
 
 /// The index of the `@` that separates local part and domain (the last one outside quotes).
@@ -171,9 +165,7 @@ fn validate_local(local: &str) -> Result<(), AddressError> {
                     _ => return Err(AddressError::BadLocalPart),
                 },
                 '"' => return Err(AddressError::BadLocalPart),
-                c if c.is_ascii() && !(' '..='~').contains(&c) => {
-                    return Err(AddressError::BadLocalPart)
-                }
+                c if c.is_ascii() && !(' '..='~').contains(&c) => return Err(AddressError::BadLocalPart),
                 _ => {}
             }
         }
@@ -198,28 +190,19 @@ pub fn validate_domain(domain: &str) -> Result<(), AddressError> {
     }
     if let Some(lit) = domain.strip_prefix('[') {
         let inner = lit.strip_suffix(']').ok_or(AddressError::BadDomain)?;
-        let ok = if let Some(v6) = inner
-            .strip_prefix("IPv6:")
-            .or_else(|| inner.strip_prefix("ipv6:"))
-        {
+        let ok = if let Some(v6) = inner.strip_prefix("IPv6:").or_else(|| inner.strip_prefix("ipv6:")) {
             v6.parse::<std::net::Ipv6Addr>().is_ok()
         } else {
             inner.parse::<std::net::Ipv4Addr>().is_ok()
         };
-        return if ok {
-            Ok(())
-        } else {
-            Err(AddressError::BadDomain)
-        };
+        return if ok { Ok(()) } else { Err(AddressError::BadDomain) };
     }
     for label in domain.split('.') {
         let valid = !label.is_empty()
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii());
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii());
         if !valid {
             return Err(AddressError::BadDomain);
         }
@@ -232,10 +215,7 @@ mod tests {
     use super::*;
 
     fn mb(l: &str, d: &str) -> Option<Mailbox> {
-        Some(Mailbox {
-            local: l.into(),
-            domain: d.into(),
-        })
+        Some(Mailbox { local: l.into(), domain: d.into() })
     }
 
     #[test]
@@ -244,17 +224,11 @@ mod tests {
         let long_path = format!("<a@{}.test>", "b.".repeat(130));
         let cases: Vec<(&str, Result<(Path, &str), AddressError>)> = vec![
             ("<a@b.test>", Ok((mb("a", "b.test"), ""))),
-            (
-                "<A.B@EXAMPLE.Test> SIZE=10",
-                Ok((mb("A.B", "example.test"), " SIZE=10")),
-            ),
+            ("<A.B@EXAMPLE.Test> SIZE=10", Ok((mb("A.B", "example.test"), " SIZE=10"))),
             ("<>", Ok((None, ""))),
             (" <a@b.test>", Ok((mb("a", "b.test"), ""))),
             ("a@b.test", Ok((mb("a", "b.test"), ""))),
-            (
-                "<@relay.test,@r2.test:a@b.test>",
-                Ok((mb("a", "b.test"), "")),
-            ),
+            ("<@relay.test,@r2.test:a@b.test>", Ok((mb("a", "b.test"), ""))),
             ("<\"a >b\"@b.test>", Ok((mb("\"a >b\"", "b.test"), ""))),
             ("<postmaster>", Ok((mb("postmaster", ""), ""))),
             ("<a@[192.0.2.1]>", Ok((mb("a", "[192.0.2.1]"), ""))),

@@ -44,8 +44,7 @@ pub enum CommandError {
 }
 
 pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
-    let line =
-        std::str::from_utf8(line).map_err(|_| CommandError::Syntax("Invalid UTF-8 in command"))?;
+    let line = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("Invalid UTF-8 in command"))?;
     if line.chars().any(|c| c.is_control() && c != '\t') {
         return Err(CommandError::Syntax("Control characters in command"));
     }
@@ -58,29 +57,18 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "EHLO" | "HELO" => {
             let domain = arg.trim();
             if domain.is_empty() || domain.contains(' ') {
-                return Err(CommandError::Syntax(
-                    "EHLO/HELO requires one domain or address literal",
-                ));
+                return Err(CommandError::Syntax("EHLO/HELO requires one domain or address literal"));
             }
             let d = domain.to_string();
-            Ok(if verb == "EHLO" {
-                Command::Ehlo(d)
-            } else {
-                Command::Helo(d)
-            })
+            Ok(if verb == "EHLO" { Command::Ehlo(d) } else { Command::Helo(d) })
         }
         "MAIL" => {
-            let rest = strip_keyword(arg, "FROM:")
-                .ok_or(CommandError::Syntax("Syntax: MAIL FROM:<address>"))?;
+            let rest = strip_keyword(arg, "FROM:").ok_or(CommandError::Syntax("Syntax: MAIL FROM:<address>"))?;
             let (from, params) = parse_path(rest).map_err(CommandError::BadSender)?;
-            Ok(Command::Mail {
-                from,
-                params: parse_mail_params(params)?,
-            })
+            Ok(Command::Mail { from, params: parse_mail_params(params)? })
         }
         "RCPT" => {
-            let rest = strip_keyword(arg, "TO:")
-                .ok_or(CommandError::Syntax("Syntax: RCPT TO:<address>"))?;
+            let rest = strip_keyword(arg, "TO:").ok_or(CommandError::Syntax("Syntax: RCPT TO:<address>"))?;
             let (to, params) = parse_path(rest).map_err(CommandError::BadRecipient)?;
             let to = to.ok_or(CommandError::BadRecipient(AddressError::Empty))?;
             if !params.trim().is_empty() {
@@ -100,8 +88,9 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
                 Ok(Command::Vrfy)
             }
         }
-        "EXPN" | "TURN" | "ETRN" | "STARTTLS" | "AUTH" | "BDAT" | "ATRN" | "SEND" | "SOML"
-        | "SAML" => Ok(Command::NotImplemented),
+        "EXPN" | "TURN" | "ETRN" | "STARTTLS" | "AUTH" | "BDAT" | "ATRN" | "SEND" | "SOML" | "SAML" => {
+            Ok(Command::NotImplemented)
+        }
         _ => Err(CommandError::Unrecognized),
     }
 }
@@ -128,9 +117,7 @@ fn parse_mail_params(s: &str) -> Result<MailParams, CommandError> {
             None => (param, None),
         };
         match (key.to_ascii_uppercase().as_str(), value) {
-            ("SIZE", Some(v))
-                if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) =>
-            {
+            ("SIZE", Some(v)) if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) => {
                 // More digits than u64 holds is simply "too big".
                 p.size = Some(v.parse().unwrap_or(u64::MAX));
             }
@@ -148,10 +135,7 @@ mod tests {
     use super::*;
 
     fn mb(l: &str, d: &str) -> Mailbox {
-        Mailbox {
-            local: l.into(),
-            domain: d.into(),
-        }
+        Mailbox { local: l.into(), domain: d.into() }
     }
 
     #[test]
@@ -160,111 +144,44 @@ mod tests {
             (b"EHLO client.test", Ok(Command::Ehlo("client.test".into()))),
             (b"ehlo [127.0.0.1]", Ok(Command::Ehlo("[127.0.0.1]".into()))),
             (b"HELO x", Ok(Command::Helo("x".into()))),
-            (
-                b"EHLO",
-                Err(CommandError::Syntax(
-                    "EHLO/HELO requires one domain or address literal",
-                )),
-            ),
+            (b"EHLO", Err(CommandError::Syntax("EHLO/HELO requires one domain or address literal"))),
             (
                 b"MAIL FROM:<a@b.test>",
-                Ok(Command::Mail {
-                    from: Some(mb("a", "b.test")),
-                    params: MailParams::default(),
-                }),
+                Ok(Command::Mail { from: Some(mb("a", "b.test")), params: MailParams::default() }),
             ),
             (
                 b"mail from: <a@b.test>",
-                Ok(Command::Mail {
-                    from: Some(mb("a", "b.test")),
-                    params: MailParams::default(),
-                }),
+                Ok(Command::Mail { from: Some(mb("a", "b.test")), params: MailParams::default() }),
             ),
-            (
-                b"MAIL FROM:<>",
-                Ok(Command::Mail {
-                    from: None,
-                    params: MailParams::default(),
-                }),
-            ),
+            (b"MAIL FROM:<>", Ok(Command::Mail { from: None, params: MailParams::default() })),
             (
                 b"MAIL FROM:<a@b.test> SIZE=1000 BODY=8BITMIME SMTPUTF8",
                 Ok(Command::Mail {
                     from: Some(mb("a", "b.test")),
-                    params: MailParams {
-                        size: Some(1000),
-                        body_8bit: true,
-                        smtputf8: true,
-                    },
+                    params: MailParams { size: Some(1000), body_8bit: true, smtputf8: true },
                 }),
             ),
             (
                 b"MAIL FROM:<a@b.test> SIZE=99999999999999999999",
                 Ok(Command::Mail {
                     from: Some(mb("a", "b.test")),
-                    params: MailParams {
-                        size: Some(u64::MAX),
-                        ..Default::default()
-                    },
+                    params: MailParams { size: Some(u64::MAX), ..Default::default() },
                 }),
             ),
-            (
-                b"MAIL FROM:<a@b.test> SIZE=12x",
-                Err(CommandError::BadParameter),
-            ),
-            (
-                b"MAIL FROM:<a@b.test> SIZE=",
-                Err(CommandError::BadParameter),
-            ),
-            (
-                b"MAIL FROM:<a@b.test> FOO=BAR",
-                Err(CommandError::BadParameter),
-            ),
-            (
-                b"MAIL FROM:<a@b.test> BODY=BINARYMIME",
-                Err(CommandError::BadParameter),
-            ),
-            (
-                b"MAIL TO:<a@b.test>",
-                Err(CommandError::Syntax("Syntax: MAIL FROM:<address>")),
-            ),
-            (
-                b"MAIL FROM:<a@b",
-                Err(CommandError::BadSender(AddressError::Unterminated)),
-            ),
-            (
-                b"MAIL",
-                Err(CommandError::Syntax("Syntax: MAIL FROM:<address>")),
-            ),
-            (
-                b"RCPT TO:<c@d.test>",
-                Ok(Command::Rcpt {
-                    to: mb("c", "d.test"),
-                }),
-            ),
-            (
-                b"RCPT TO:<Postmaster>",
-                Ok(Command::Rcpt {
-                    to: mb("postmaster", ""),
-                }),
-            ),
-            (
-                b"RCPT TO:<>",
-                Err(CommandError::BadRecipient(AddressError::Empty)),
-            ),
-            (
-                b"RCPT TO:<c@d.test> NOTIFY=NEVER",
-                Err(CommandError::BadParameter),
-            ),
-            (
-                b"RCPT TO:<c@@d.test>",
-                Err(CommandError::BadRecipient(AddressError::BadLocalPart)),
-            ),
+            (b"MAIL FROM:<a@b.test> SIZE=12x", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> SIZE=", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> FOO=BAR", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> BODY=BINARYMIME", Err(CommandError::BadParameter)),
+            (b"MAIL TO:<a@b.test>", Err(CommandError::Syntax("Syntax: MAIL FROM:<address>"))),
+            (b"MAIL FROM:<a@b", Err(CommandError::BadSender(AddressError::Unterminated))),
+            (b"MAIL", Err(CommandError::Syntax("Syntax: MAIL FROM:<address>"))),
+            (b"RCPT TO:<c@d.test>", Ok(Command::Rcpt { to: mb("c", "d.test") })),
+            (b"RCPT TO:<Postmaster>", Ok(Command::Rcpt { to: mb("postmaster", "") })),
+            (b"RCPT TO:<>", Err(CommandError::BadRecipient(AddressError::Empty))),
+            (b"RCPT TO:<c@d.test> NOTIFY=NEVER", Err(CommandError::BadParameter)),
+            (b"RCPT TO:<c@@d.test>", Err(CommandError::BadRecipient(AddressError::BadLocalPart))),
             (b"DATA", Ok(Command::Data)),
-            (
-                b"data x",
-                Err(CommandError::Syntax("This command takes no argument")),
-            ),
+            (b"data x", Err(CommandError::Syntax("This command takes no argument"))),
             (b"RSET", Ok(Command::Rset)),
             (b"NOOP anything", Ok(Command::Noop)),
             (b"QUIT", Ok(Command::Quit)),
@@ -275,22 +192,11 @@ mod tests {
             (b"STARTTLS", Ok(Command::NotImplemented)),
             (b"XYZZY", Err(CommandError::Unrecognized)),
             (b"", Err(CommandError::Unrecognized)),
-            (
-                b"MAIL FROM:<\xff@b.test>",
-                Err(CommandError::Syntax("Invalid UTF-8 in command")),
-            ),
-            (
-                b"NOOP \x00",
-                Err(CommandError::Syntax("Control characters in command")),
-            ),
+            (b"MAIL FROM:<\xff@b.test>", Err(CommandError::Syntax("Invalid UTF-8 in command"))),
+            (b"NOOP \x00", Err(CommandError::Syntax("Control characters in command"))),
         ];
         for (input, expected) in cases {
-            assert_eq!(
-                parse(input),
-                expected,
-                "input {:?}",
-                String::from_utf8_lossy(input)
-            );
+            assert_eq!(parse(input), expected, "input {:?}", String::from_utf8_lossy(input));
         }
     }
 }

@@ -50,11 +50,7 @@ pub struct DataReceiver {
 /// What the receiver has at the end of DATA.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DataOutcome {
-    Message {
-        body: Vec<u8>,
-        received_headers: usize,
-        eight_bit: bool,
-    },
+    Message { body: Vec<u8>, received_headers: usize, eight_bit: bool },
     Refused(DataProblem),
 }
 
@@ -82,10 +78,7 @@ impl DataReceiver {
             match self.state {
                 State::Mid => {
                     // Fast path: copy the run of ordinary bytes up to the next CR or LF.
-                    let run = input[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or(input.len() - i);
+                    let run = input[i..].iter().position(|&c| c == b'\r' || c == b'\n').unwrap_or(input.len() - i);
                     if run > 0 {
                         self.line_len += run;
                         self.emit(&input[i..i + run]);
@@ -226,11 +219,7 @@ mod tests {
     }
 
     fn msg(body: &[u8]) -> Option<DataOutcome> {
-        Some(DataOutcome::Message {
-            body: body.to_vec(),
-            received_headers: 0,
-            eight_bit: false,
-        })
+        Some(DataOutcome::Message { body: body.to_vec(), received_headers: 0, eight_bit: false })
     }
 
     #[test]
@@ -247,44 +236,15 @@ mod tests {
             (b"a\n.\r\n", 5, None),
             (b"a\r\n.\n", 5, None),
             (b"a\r.\r", 4, None),
-            (
-                b"a\n.\nb\r\n.\r\n",
-                10,
-                Some(DataOutcome::Refused(DataProblem::BareLf)),
-            ),
-            (
-                b"a\n.\r\nb\r\n.\r\n",
-                11,
-                Some(DataOutcome::Refused(DataProblem::BareLf)),
-            ),
-            (
-                b"a\r\n.\nMAIL\r\n.\r\n",
-                14,
-                Some(DataOutcome::Refused(DataProblem::BareLf)),
-            ),
-            (
-                b"a\rb\r\n.\r\n",
-                8,
-                Some(DataOutcome::Refused(DataProblem::BareCr)),
-            ),
-            (
-                b"a\r\n.\rX\r\n.\r\n",
-                11,
-                Some(DataOutcome::Refused(DataProblem::BareCr)),
-            ),
-            (
-                b"a\r\r\n.\r\n",
-                7,
-                Some(DataOutcome::Refused(DataProblem::BareCr)),
-            ),
+            (b"a\n.\nb\r\n.\r\n", 10, Some(DataOutcome::Refused(DataProblem::BareLf))),
+            (b"a\n.\r\nb\r\n.\r\n", 11, Some(DataOutcome::Refused(DataProblem::BareLf))),
+            (b"a\r\n.\nMAIL\r\n.\r\n", 14, Some(DataOutcome::Refused(DataProblem::BareLf))),
+            (b"a\rb\r\n.\r\n", 8, Some(DataOutcome::Refused(DataProblem::BareCr))),
+            (b"a\r\n.\rX\r\n.\r\n", 11, Some(DataOutcome::Refused(DataProblem::BareCr))),
+            (b"a\r\r\n.\r\n", 7, Some(DataOutcome::Refused(DataProblem::BareCr))),
         ];
         for (input, used, outcome) in cases {
-            assert_eq!(
-                run(1000, input),
-                (used, outcome),
-                "input {:?}",
-                String::from_utf8_lossy(input)
-            );
+            assert_eq!(run(1000, input), (used, outcome), "input {:?}", String::from_utf8_lossy(input));
         }
     }
 
@@ -318,28 +278,13 @@ mod tests {
     fn limits() {
         // Exactly at the size limit is fine; one more octet is too big, and draining continues.
         assert_eq!(run(5, b"abc\r\n.\r\n").1, msg(b"abc\r\n"));
-        assert_eq!(
-            run(4, b"abc\r\n.\r\n").1,
-            Some(DataOutcome::Refused(DataProblem::TooBig))
-        );
+        assert_eq!(run(4, b"abc\r\n.\r\n").1, Some(DataOutcome::Refused(DataProblem::TooBig)));
         let line998 = [vec![b'x'; 998], b"\r\n.\r\n".to_vec()].concat();
-        assert!(matches!(
-            run(10_000, &line998).1,
-            Some(DataOutcome::Message { .. })
-        ));
+        assert!(matches!(run(10_000, &line998).1, Some(DataOutcome::Message { .. })));
         let line999 = [vec![b'x'; 999], b"\r\n.\r\n".to_vec()].concat();
-        assert_eq!(
-            run(10_000, &line999).1,
-            Some(DataOutcome::Refused(DataProblem::LineTooLong))
-        );
+        assert_eq!(run(10_000, &line999).1, Some(DataOutcome::Refused(DataProblem::LineTooLong)));
         // 8-bit content is noted.
-        assert!(matches!(
-            run(100, "é\r\n.\r\n".as_bytes()).1,
-            Some(DataOutcome::Message {
-                eight_bit: true,
-                ..
-            })
-        ));
+        assert!(matches!(run(100, "é\r\n.\r\n".as_bytes()).1, Some(DataOutcome::Message { eight_bit: true, .. })));
     }
 
     #[test]
@@ -352,9 +297,6 @@ mod tests {
             assert!(out.is_none());
             assert!(r.body.capacity() <= 4096);
         }
-        assert_eq!(
-            r.feed(b".\r\n").1,
-            Some(DataOutcome::Refused(DataProblem::TooBig))
-        );
+        assert_eq!(r.feed(b".\r\n").1, Some(DataOutcome::Refused(DataProblem::TooBig)));
     }
 }

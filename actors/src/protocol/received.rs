@@ -9,9 +9,7 @@ pub fn rfc5322_date(secs: u64) -> String {
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
     const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     format!(
         "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
         WEEKDAYS[(days.rem_euclid(7)) as usize],
@@ -41,53 +39,24 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// Replaces anything outside a conservative set with `?`, so a client-chosen HELO name cannot
 /// break the header's structure (comments, folding) or smuggle control characters.
 pub fn sanitize(name: &str) -> String {
-    name.chars()
-        .take(255)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-._:[]".contains(c) {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
+    name.chars().take(255).map(|c| if c.is_ascii_alphanumeric() || "-._:[]".contains(c) { c } else { '?' }).collect()
 }
 
 /// Where a message came from, for the trace header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    Smtp {
-        helo: String,
-        ip: IpAddr,
-        protocol: &'static str,
-    },
+    Smtp { helo: String, ip: IpAddr, protocol: &'static str },
     Pickup,
 }
 
 /// The complete `Received:` header, folded, CRLF-terminated. `for` names the recipient only when
 /// there is exactly one, so a Bcc'd list is not disclosed.
-pub fn received_header(
-    origin: &Origin,
-    hostname: &str,
-    id: u64,
-    single_rcpt: Option<&str>,
-    now: u64,
-) -> String {
+pub fn received_header(origin: &Origin, hostname: &str, id: u64, single_rcpt: Option<&str>, now: u64) -> String {
     let from = match origin {
         Origin::Smtp { helo, ip, protocol } => {
-            format!(
-                "from {} ([{}])\r\n\tby {} (mailroot) with {} id {}",
-                sanitize(helo),
-                ip,
-                hostname,
-                protocol,
-                id
-            )
+            format!("from {} ([{}])\r\n\tby {} (mailroot) with {} id {}", sanitize(helo), ip, hostname, protocol, id)
         }
-        Origin::Pickup => format!(
-            "from pickup\r\n\tby {} (mailroot) with local id {}",
-            hostname, id
-        ),
+        Origin::Pickup => format!("from pickup\r\n\tby {} (mailroot) with local id {}", hostname, id),
     };
     let for_part = match single_rcpt {
         Some(r) if r.len() <= 256 && !r.contains(['\r', '\n']) => format!("\r\n\tfor <{r}>"),
@@ -115,11 +84,7 @@ mod tests {
 
     #[test]
     fn header() {
-        let o = Origin::Smtp {
-            helo: "bad (name)\r\n".into(),
-            ip: "127.0.0.1".parse().unwrap(),
-            protocol: "ESMTP",
-        };
+        let o = Origin::Smtp { helo: "bad (name)\r\n".into(), ip: "127.0.0.1".parse().unwrap(), protocol: "ESMTP" };
         assert_eq!(
             received_header(&o, "mx.test", 7, Some("a@b.test"), 0),
             "Received: from bad??name??? ([127.0.0.1])\r\n\tby mx.test (mailroot) with ESMTP id 7\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"

@@ -18,19 +18,11 @@ pub struct Reply {
 
 impl Reply {
     fn new(code: u16, status: &'static str, text: impl Into<Cow<'static, str>>) -> Self {
-        Reply {
-            code,
-            status: Some(status),
-            lines: vec![text.into()],
-        }
+        Reply { code, status: Some(status), lines: vec![text.into()] }
     }
 
     fn plain(code: u16, text: impl Into<Cow<'static, str>>) -> Self {
-        Reply {
-            code,
-            status: None,
-            lines: vec![text.into()],
-        }
+        Reply { code, status: None, lines: vec![text.into()] }
     }
 
     pub fn is_positive(&self) -> bool {
@@ -84,43 +76,23 @@ pub fn closing(hostname: &str) -> Reply {
 }
 
 pub fn too_many_connections(hostname: &str) -> Reply {
-    Reply::new(
-        421,
-        "4.7.0",
-        format!("{hostname} too many connections, try again later"),
-    )
+    Reply::new(421, "4.7.0", format!("{hostname} too many connections, try again later"))
 }
 
 pub fn idle_timeout(hostname: &str) -> Reply {
-    Reply::new(
-        421,
-        "4.4.2",
-        format!("{hostname} idle timeout, closing connection"),
-    )
+    Reply::new(421, "4.4.2", format!("{hostname} idle timeout, closing connection"))
 }
 
 pub fn too_many_errors(hostname: &str) -> Reply {
-    Reply::new(
-        421,
-        "4.7.0",
-        format!("{hostname} too many errors, closing connection"),
-    )
+    Reply::new(421, "4.7.0", format!("{hostname} too many errors, closing connection"))
 }
 
 pub fn too_many_messages(hostname: &str) -> Reply {
-    Reply::new(
-        421,
-        "4.7.0",
-        format!("{hostname} too many messages in this connection, reconnect"),
-    )
+    Reply::new(421, "4.7.0", format!("{hostname} too many messages in this connection, reconnect"))
 }
 
 pub fn shutting_down(hostname: &str) -> Reply {
-    Reply::new(
-        421,
-        "4.3.2",
-        format!("{hostname} service shutting down, try again later"),
-    )
+    Reply::new(421, "4.3.2", format!("{hostname} service shutting down, try again later"))
 }
 
 // --- positive ---------------------------------------------------------------------------------
@@ -170,29 +142,17 @@ pub fn queued(id: u64) -> Reply {
 }
 
 pub fn cannot_vrfy() -> Reply {
-    Reply::new(
-        252,
-        "2.5.2",
-        "Cannot VRFY user, but will accept message and attempt delivery",
-    )
+    Reply::new(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
 }
 
 pub fn help() -> Reply {
-    Reply::new(
-        214,
-        "2.0.0",
-        "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP; see RFC 5321",
-    )
+    Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP; see RFC 5321")
 }
 
 // --- temporary failures -----------------------------------------------------------------------
 
 pub fn queue_unavailable() -> Reply {
-    Reply::new(
-        451,
-        "4.3.0",
-        "Temporary failure storing the message, try again later",
-    )
+    Reply::new(451, "4.3.0", "Temporary failure storing the message, try again later")
 }
 
 pub fn insufficient_storage() -> Reply {
@@ -222,11 +182,7 @@ pub fn bad_sender_address(detail: &'static str) -> Reply {
 }
 
 pub fn bad_recipient_address(detail: &'static str) -> Reply {
-    Reply::new(
-        501,
-        "5.1.3",
-        format!("Bad recipient address syntax: {detail}"),
-    )
+    Reply::new(501, "5.1.3", format!("Bad recipient address syntax: {detail}"))
 }
 
 pub fn not_implemented() -> Reply {
@@ -242,19 +198,11 @@ pub fn relay_denied() -> Reply {
 }
 
 pub fn size_exceeded() -> Reply {
-    Reply::new(
-        552,
-        "5.3.4",
-        "Message size exceeds fixed maximum message size",
-    )
+    Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size")
 }
 
 pub fn utf8_needs_smtputf8() -> Reply {
-    Reply::new(
-        553,
-        "5.6.7",
-        "Non-ASCII address requires the SMTPUTF8 parameter",
-    )
+    Reply::new(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 }
 
 pub fn no_valid_recipients() -> Reply {
@@ -262,35 +210,19 @@ pub fn no_valid_recipients() -> Reply {
 }
 
 pub fn hop_count_exceeded() -> Reply {
-    Reply::new(
-        554,
-        "5.4.6",
-        "Too many Received headers: mail loop detected",
-    )
+    Reply::new(554, "5.4.6", "Too many Received headers: mail loop detected")
 }
 
 pub fn data_line_too_long() -> Reply {
-    Reply::new(
-        554,
-        "5.6.0",
-        "Message refused: a line is longer than 1000 octets",
-    )
+    Reply::new(554, "5.6.0", "Message refused: a line is longer than 1000 octets")
 }
 
 pub fn bare_lf() -> Reply {
-    Reply::new(
-        554,
-        "5.6.0",
-        "Message refused: bare <LF> in message data (lines must end in <CR><LF>)",
-    )
+    Reply::new(554, "5.6.0", "Message refused: bare <LF> in message data (lines must end in <CR><LF>)")
 }
 
 pub fn bare_cr() -> Reply {
-    Reply::new(
-        554,
-        "5.6.0",
-        "Message refused: bare <CR> in message data (lines must end in <CR><LF>)",
-    )
+    Reply::new(554, "5.6.0", "Message refused: bare <CR> in message data (lines must end in <CR><LF>)")
 }
 
 pub fn unsupported_parameter() -> Reply {
@@ -306,10 +238,7 @@ mod tests {
         let cases: &[(Reply, &str)] = &[
             (ok(), "250 2.0.0 OK\r\n"),
             (greeting("mx.test"), "220 mx.test ESMTP mailroot ready\r\n"),
-            (
-                start_data(),
-                "354 Start mail input; end with <CRLF>.<CRLF>\r\n",
-            ),
+            (start_data(), "354 Start mail input; end with <CRLF>.<CRLF>\r\n"),
             (queued(42), "250 2.0.0 OK queued as 42\r\n"),
         ];
         for (reply, wire) in cases {

@@ -273,11 +273,7 @@ impl Session {
     fn refusal(&self, cause: RefusalCause, recipient: Option<String>, size: usize) -> Refusal {
         Refusal {
             cause,
-            sender: self
-                .txn
-                .sender
-                .as_ref()
-                .map(|s| s.as_ref().map(|m| m.to_string()).unwrap_or_default()),
+            sender: self.txn.sender.as_ref().map(|s| s.as_ref().map(|m| m.to_string()).unwrap_or_default()),
             recipients: self.txn.recipients.iter().map(|r| r.to_string()).collect(),
             recipient,
             size,
@@ -331,11 +327,7 @@ impl Session {
         };
         match cmd {
             Command::Ehlo(name) => {
-                let r = reply::ehlo(
-                    &self.params.hostname,
-                    &name,
-                    self.params.max_message_size as u64,
-                );
+                let r = reply::ehlo(&self.params.hostname, &name, self.params.max_message_size as u64);
                 self.helo = Some((name, true));
                 self.txn = Transaction::default();
                 self.reply(r);
@@ -369,19 +361,14 @@ impl Session {
             return self.reject(None, reply::bad_sequence("Send EHLO or HELO first"));
         };
         if self.txn.sender.is_some() {
-            return self.reject(
-                None,
-                reply::bad_sequence("Sender already given (nested MAIL)"),
-            );
+            return self.reject(None, reply::bad_sequence("Sender already given (nested MAIL)"));
         }
         let has_params = params != command::MailParams::default();
         if has_params && !esmtp {
             // Service extensions are only available after EHLO (RFC 5321 §4.1.1.1).
             return self.reject(None, reply::unsupported_parameter());
         }
-        if self.params.max_messages_per_connection > 0
-            && self.messages >= self.params.max_messages_per_connection
-        {
+        if self.params.max_messages_per_connection > 0 && self.messages >= self.params.max_messages_per_connection {
             let refusal = self.refusal(RefusalCause::TooManyMessages, None, 0);
             self.out.push_back(Action::Refused(refusal));
             let r = reply::too_many_messages(&self.params.hostname);
@@ -403,11 +390,7 @@ impl Session {
                 return self.reply(reply::size_exceeded());
             }
         }
-        self.txn = Transaction {
-            sender: Some(from),
-            recipients: Vec::new(),
-            smtputf8: params.smtputf8,
-        };
+        self.txn = Transaction { sender: Some(from), recipients: Vec::new(), smtputf8: params.smtputf8 };
         self.reply(reply::sender_ok());
     }
 
@@ -419,10 +402,7 @@ impl Session {
             // `<postmaster>` alone (RFC 5321 §4.5.1) means the postmaster of the default domain.
             match self.params.local_domains.first() {
                 Some(d) => to.domain = d.clone(),
-                None => {
-                    return self
-                        .reject(None, reply::bad_recipient_address("address lacks a domain"))
-                }
+                None => return self.reject(None, reply::bad_recipient_address("address lacks a domain")),
             }
         }
         if !to.is_ascii() && !self.txn.smtputf8 {
@@ -454,17 +434,11 @@ impl Session {
 
     fn end_of_data(&mut self, outcome: DataOutcome) {
         let (body, received, eight_bit) = match outcome {
-            DataOutcome::Message {
-                body,
-                received_headers,
-                eight_bit,
-            } => (body, received_headers, eight_bit),
+            DataOutcome::Message { body, received_headers, eight_bit } => (body, received_headers, eight_bit),
             DataOutcome::Refused(problem) => {
                 let (cause, r) = match problem {
                     DataProblem::TooBig => (RefusalCause::MessageTooBig, reply::size_exceeded()),
-                    DataProblem::LineTooLong => {
-                        (RefusalCause::DataLineTooLong, reply::data_line_too_long())
-                    }
+                    DataProblem::LineTooLong => (RefusalCause::DataLineTooLong, reply::data_line_too_long()),
                     DataProblem::BareLf => (RefusalCause::BareLf, reply::bare_lf()),
                     DataProblem::BareCr => (RefusalCause::BareCr, reply::bare_cr()),
                 };

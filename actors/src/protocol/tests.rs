@@ -69,10 +69,7 @@ fn check_with(p: SessionParams, relay: bool, input: &str, expected: &str) -> Run
     // The same bytes one at a time must give the same replies: framing never depends on reads.
     let bytes: Vec<&[u8]> = input.as_bytes().chunks(1).collect();
     let split = drive(p, relay, &bytes, Ok(0));
-    assert_eq!(
-        split.codes, whole.codes,
-        "byte-at-a-time transcript for {input:?}"
-    );
+    assert_eq!(split.codes, whole.codes, "byte-at-a-time transcript for {input:?}");
     assert_eq!(split.messages, whole.messages);
     whole
 }
@@ -88,17 +85,8 @@ fn basic_transaction() {
     assert!(r.closed);
     assert_eq!(r.messages.len(), 1);
     let m = &r.messages[0];
-    assert_eq!(
-        m.sender.as_ref().map(|s| s.to_string()),
-        Some("a@remote.test".into())
-    );
-    assert_eq!(
-        m.recipients
-            .iter()
-            .map(|r| r.to_string())
-            .collect::<Vec<_>>(),
-        vec!["b@example.test"]
-    );
+    assert_eq!(m.sender.as_ref().map(|s| s.to_string()), Some("a@remote.test".into()));
+    assert_eq!(m.recipients.iter().map(|r| r.to_string()).collect::<Vec<_>>(), vec!["b@example.test"]);
     assert_eq!(m.body, b"Subject: hi\r\n\r\nbody\r\n");
     assert_eq!(m.protocol, "ESMTP");
     assert!(r.wire.contains("250 2.0.0 OK queued as 101\r\n"));
@@ -121,46 +109,22 @@ fn every_command() {
         ("quit\n", "220 221/2.0.0"),
         // Sequence errors.
         ("MAIL FROM:<a@b.test>\r\n", "220 503/5.5.1"),
-        (
-            "EHLO c\r\nRCPT TO:<b@example.test>\r\n",
-            "220 250 503/5.5.1",
-        ),
+        ("EHLO c\r\nRCPT TO:<b@example.test>\r\n", "220 250 503/5.5.1"),
         ("EHLO c\r\nDATA\r\n", "220 250 503/5.5.1"),
-        (
-            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n",
-            "220 250 250/2.1.0 554/5.5.1",
-        ),
-        (
-            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\n",
-            "220 250 250/2.1.0 503/5.5.1",
-        ),
+        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n", "220 250 250/2.1.0 554/5.5.1"),
+        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\n", "220 250 250/2.1.0 503/5.5.1"),
         // RSET forgets the transaction; EHLO does too.
         (
             "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRSET\r\nRCPT TO:<b@example.test>\r\n",
             "220 250 250/2.1.0 250/2.0.0 503/5.5.1",
         ),
-        (
-            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nEHLO c\r\nMAIL FROM:<a@b.test>\r\n",
-            "220 250 250/2.1.0 250 250/2.1.0",
-        ),
+        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nEHLO c\r\nMAIL FROM:<a@b.test>\r\n", "220 250 250/2.1.0 250 250/2.1.0"),
         // Syntax.
         ("EHLO c\r\nMAIL FROM:<a@b\r\n", "220 250 501/5.1.7"),
-        (
-            "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a..b@example.test>\r\n",
-            "220 250 250/2.1.0 501/5.1.3",
-        ),
-        (
-            "EHLO c\r\nMAIL FROM:<a@b.test> FOO=1\r\n",
-            "220 250 555/5.5.4",
-        ),
-        (
-            "HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n",
-            "220 250 555/5.5.4",
-        ),
-        (
-            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n",
-            "220 250 250/2.1.0 555/5.5.4",
-        ),
+        ("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a..b@example.test>\r\n", "220 250 250/2.1.0 501/5.1.3"),
+        ("EHLO c\r\nMAIL FROM:<a@b.test> FOO=1\r\n", "220 250 555/5.5.4"),
+        ("HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n", "220 250 555/5.5.4"),
+        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n", "220 250 250/2.1.0 555/5.5.4"),
         ("EHLO c\r\nMAIL FROM:<postmaster>\r\n", "220 250 501/5.1.7"),
         ("\r\n", "220 500/5.5.2"),
         ("NOOP \x01\r\n", "220 501/5.5.4"),
@@ -174,19 +138,9 @@ fn every_command() {
 fn recipients_local_relay_and_postmaster() {
     let input = "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@EXAMPLE.test>\r\nRCPT TO:<y@alias.test>\r\nRCPT TO:<z@remote.test>\r\n";
     // Relay client: remote recipient accepted.
-    check_with(
-        params(),
-        true,
-        input,
-        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5",
-    );
+    check_with(params(), true, input, "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5");
     // Outsider: local recipients accepted, remote one refused.
-    let r = check_with(
-        params(),
-        false,
-        input,
-        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 550/5.7.1",
-    );
+    let r = check_with(params(), false, input, "220 250 250/2.1.0 250/2.1.5 250/2.1.5 550/5.7.1");
     assert_eq!(r.refusals, vec![RefusalCause::RelayDenied]);
     // <postmaster> alone is the default domain's postmaster, accepted from anyone.
     let r = check_with(
@@ -195,10 +149,7 @@ fn recipients_local_relay_and_postmaster() {
         "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\n",
         "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0",
     );
-    assert_eq!(
-        r.messages[0].recipients[0].to_string(),
-        "postmaster@example.test"
-    );
+    assert_eq!(r.messages[0].recipients[0].to_string(), "postmaster@example.test");
     assert_eq!(r.messages[0].sender, None);
 }
 
@@ -209,10 +160,7 @@ fn too_many_recipients_keeps_those_accepted() {
         input.push_str(&format!("RCPT TO:<u{i}@example.test>\r\n"));
     }
     input.push_str("DATA\r\nx\r\n.\r\n");
-    let r = check(
-        &input,
-        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5 452/4.5.3 452/4.5.3 354 250/2.0.0",
-    );
+    let r = check(&input, "220 250 250/2.1.0 250/2.1.5 250/2.1.5 250/2.1.5 452/4.5.3 452/4.5.3 354 250/2.0.0");
     assert_eq!(r.messages[0].recipients.len(), 3);
 }
 
@@ -220,10 +168,7 @@ fn too_many_recipients_keeps_those_accepted() {
 fn size_limits() {
     let txn = "EHLO c\r\nMAIL FROM:<a@b.test> SIZE=2000\r\nRCPT TO:<b@example.test>\r\nDATA\r\n";
     check(txn, "220 250 250/2.1.0 250/2.1.5 354");
-    check(
-        "EHLO c\r\nMAIL FROM:<a@b.test> SIZE=2001\r\n",
-        "220 250 552/5.3.4",
-    );
+    check("EHLO c\r\nMAIL FROM:<a@b.test> SIZE=2001\r\n", "220 250 552/5.3.4");
     // A body over the limit is drained, refused with 552, and the session goes on.
     let big = format!(
         "{txn}{}\r\n.\r\nNOOP\r\n",
@@ -262,37 +207,22 @@ fn long_lines() {
 #[test]
 fn smuggling_variants_yield_exactly_one_message() {
     // Each body tries to end DATA early and start a second, forged transaction inside it.
-    let forged =
-        "MAIL FROM:<ceo@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n";
-    for (name, early_end) in [
-        ("<LF>.<LF>", "\n.\n"),
-        ("<LF>.<CR><LF>", "\n.\r\n"),
-        ("<CR><LF>.<LF>", "\r\n.\n"),
-        ("<CR>.<CR>", "\r.\r"),
-    ] {
+    let forged = "MAIL FROM:<ceo@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n";
+    for (name, early_end) in
+        [("<LF>.<LF>", "\n.\n"), ("<LF>.<CR><LF>", "\n.\r\n"), ("<CR><LF>.<LF>", "\r\n.\n"), ("<CR>.<CR>", "\r.\r")]
+    {
         let input = format!(
             "{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhello{early_end}{forged}.\r\nQUIT\r\n"
         );
         let r = drive(params(), true, &[input.as_bytes()], Ok(0));
-        assert!(
-            r.messages.is_empty(),
-            "{name}: the message holding a bare line end must be refused"
-        );
-        assert_eq!(
-            r.codes.iter().filter(|c| c.starts_with("354")).count(),
-            1,
-            "{name}: {}",
-            r.wire
-        );
-        assert!(
-            r.codes.iter().any(|c| c == "554/5.6.0"),
-            "{name}: {}",
-            r.wire
-        );
+        assert!(r.messages.is_empty(), "{name}: the message holding a bare line end must be refused");
+        assert_eq!(r.codes.iter().filter(|c| c.starts_with("354")).count(), 1, "{name}: {}", r.wire);
+        assert!(r.codes.iter().any(|c| c == "554/5.6.0"), "{name}: {}", r.wire);
         assert!(r.closed, "{name}: QUIT after the real end is executed");
     }
     // With proper line ends the "forged" lines are just body text of one message.
-    let input = format!("{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhello\r\n{forged}.\r\nQUIT\r\n");
+    let input =
+        format!("{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhello\r\n{forged}.\r\nQUIT\r\n");
     let r = drive(params(), true, &[input.as_bytes()], Ok(0));
     assert_eq!(r.messages.len(), 1);
     assert_eq!(r.messages[0].body, format!("hello\r\n{forged}").as_bytes());
@@ -301,19 +231,9 @@ fn smuggling_variants_yield_exactly_one_message() {
 #[test]
 fn bare_line_ends_are_named() {
     let base = format!("{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n");
-    let r = drive(
-        params(),
-        true,
-        &[format!("{base}a\nb\r\n.\r\n").as_bytes()],
-        Ok(0),
-    );
+    let r = drive(params(), true, &[format!("{base}a\nb\r\n.\r\n").as_bytes()], Ok(0));
     assert!(r.wire.contains("bare <LF>"), "{}", r.wire);
-    let r = drive(
-        params(),
-        true,
-        &[format!("{base}a\rb\r\n.\r\n").as_bytes()],
-        Ok(0),
-    );
+    let r = drive(params(), true, &[format!("{base}a\rb\r\n.\r\n").as_bytes()], Ok(0));
     assert!(r.wire.contains("bare <CR>"), "{}", r.wire);
 }
 
@@ -324,9 +244,8 @@ fn pipelined_batches_reply_in_order() {
         input.push_str(&format!("MAIL FROM:<s{i}@b.test>\r\nRCPT TO:<r{i}@example.test>\r\nRCPT TO:<x@nowhere.test>\r\nDATA\r\nmsg {i}\r\n.\r\n"));
     }
     input.push_str("QUIT\r\n");
-    let expected = "220 250 ".to_string()
-        + &["250/2.1.0 250/2.1.5 550/5.7.1 354 250/2.0.0"; 3].join(" ")
-        + " 221/2.0.0";
+    let expected =
+        "220 250 ".to_string() + &["250/2.1.0 250/2.1.5 550/5.7.1 354 250/2.0.0"; 3].join(" ") + " 221/2.0.0";
     let r = check_with(params(), false, &input, &expected);
     assert_eq!(r.messages.len(), 3);
     assert_eq!(r.messages[2].body, b"msg 2\r\n");
@@ -339,10 +258,7 @@ fn dot_stuffing_and_8bit() {
         "EHLO c\r\nMAIL FROM:<a@b.test> BODY=8BITMIME\r\nRCPT TO:<b@example.test>\r\nDATA\r\n..leading dot\r\n..\r\nünïcödé\r\n.\r\n",
         "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0",
     );
-    assert_eq!(
-        r.messages[0].body,
-        ".leading dot\r\n.\r\nünïcödé\r\n".as_bytes()
-    );
+    assert_eq!(r.messages[0].body, ".leading dot\r\n.\r\nünïcödé\r\n".as_bytes());
     assert!(r.messages[0].eight_bit);
 }
 
@@ -354,14 +270,8 @@ fn smtputf8_addresses() {
         "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0",
     );
     assert_eq!(r.messages[0].protocol, "UTF8SMTP");
-    check(
-        "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ü@example.test>\r\n",
-        "220 250 250/2.1.0 553/5.6.7",
-    );
-    check(
-        "EHLO c\r\nMAIL FROM:<\u{1}@b.test>\r\n",
-        "220 250 501/5.5.4",
-    );
+    check("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ü@example.test>\r\n", "220 250 250/2.1.0 553/5.6.7");
+    check("EHLO c\r\nMAIL FROM:<\u{1}@b.test>\r\n", "220 250 501/5.5.4");
 }
 
 #[test]
@@ -384,12 +294,7 @@ fn hop_count() {
 fn max_errors_closes() {
     let mut p = params();
     p.max_errors = 3;
-    let r = check_with(
-        p,
-        true,
-        "FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n",
-        "220 500/5.5.2 500/5.5.2 500/5.5.2 421/4.7.0",
-    );
+    let r = check_with(p, true, "FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n", "220 500/5.5.2 500/5.5.2 500/5.5.2 421/4.7.0");
     assert!(r.closed);
     assert_eq!(r.refusals, vec![RefusalCause::TooManyErrors]);
 }
@@ -399,38 +304,19 @@ fn max_messages_per_connection() {
     let mut p = params();
     p.max_messages_per_connection = 1;
     let txn = "MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\n";
-    let r = check_with(
-        p,
-        true,
-        &format!("{HELLO}{txn}{txn}"),
-        "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0 421/4.7.0",
-    );
+    let r = check_with(p, true, &format!("{HELLO}{txn}{txn}"), "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0 421/4.7.0");
     assert!(r.closed);
 }
 
 #[test]
 fn queue_failures_are_temporary() {
-    let input = format!("{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\nMAIL FROM:<a@b.test>\r\n");
-    let r = drive(
-        params(),
-        true,
-        &[input.as_bytes()],
-        Err(EnqueueError::Temporary),
+    let input = format!(
+        "{HELLO}MAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nx\r\n.\r\nMAIL FROM:<a@b.test>\r\n"
     );
-    assert_eq!(
-        r.codes.join(" "),
-        "220 250 250/2.1.0 250/2.1.5 354 451/4.3.0 250/2.1.0"
-    );
-    let r = drive(
-        params(),
-        true,
-        &[input.as_bytes()],
-        Err(EnqueueError::Storage),
-    );
-    assert_eq!(
-        r.codes.join(" "),
-        "220 250 250/2.1.0 250/2.1.5 354 452/4.3.1 250/2.1.0"
-    );
+    let r = drive(params(), true, &[input.as_bytes()], Err(EnqueueError::Temporary));
+    assert_eq!(r.codes.join(" "), "220 250 250/2.1.0 250/2.1.5 354 451/4.3.0 250/2.1.0");
+    let r = drive(params(), true, &[input.as_bytes()], Err(EnqueueError::Storage));
+    assert_eq!(r.codes.join(" "), "220 250 250/2.1.0 250/2.1.5 354 452/4.3.1 250/2.1.0");
 }
 
 #[test]

@@ -1,0 +1,221 @@
+//! End-to-end SMTP tests: the real daemon on 127.0.0.1 port 0, spoken to through lettre and raw
+//! sockets, with Drop files checked byte for byte.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lettre::message::Mailbox as LMailbox;
+use lettre::{Message, SmtpTransport, Transport};
+
+#[test]
+fn lettre_message_lands_in_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    let addr = running.smtp_addrs[0];
+    let email = Message::builder()
+        .from("Alice <alice@remote.test>".parse::<LMailbox>().unwrap())
+        .to("Bob <bob@example.test>".parse::<LMailbox>().unwrap())
+        .subject("lettre test")
+        .body(String::from("Hello from lettre.\r\n.leading dot line\r\n"))
+        .unwrap();
+    let mailer = SmtpTransport::builder_dangerous(addr.ip().to_string()).port(addr.port()).build();
+    let response = mailer.send(&email).expect("lettre sends");
+    assert!(response.is_positive());
+    let text = response.message().collect::<Vec<_>>().join(" ");
+    let id: u64 = text.rsplit("queued as ").next().unwrap().trim().parse().expect("queue id in the 250 reply");
+
+    let f = parse_drop(&drop_file(dir.path(), id));
+    assert_eq!(f.sender, "alice@remote.test");
+    assert_eq!(f.receivers, vec!["bob@example.test"]);
+    assert!(f.received.contains(&format!("by {HOST} (mailroot) with ESMTP id {id}")), "{}", f.received);
+    // What lettre put on the wire, dot-unstuffed, is what the Drop file holds after the envelope.
+    // lettre always ends DATA with "\r\n.\r\n", so the body gains one CRLF.
+    let mut sent = email.formatted();
+    sent.extend_from_slice(b"\r\n");
+    assert_eq!(String::from_utf8_lossy(&f.message), String::from_utf8_lossy(&sent));
+    assert_eq!(metric(&running, "mailroot_messages_received_total{source=\"smtp\"}"), 1.0);
+    running.stop();
+}
+
+#[test]
+fn raw_transaction_is_byte_exact_and_pipelined() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    let ehlo = c.cmd("EHLO client.test");
+    for ext in ["PIPELINING", "SIZE 26214400", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+        assert!(ehlo.text.lines().any(|l| l == ext), "EHLO lacks {ext}: {}", ehlo.text);
+    }
+    // One pipelined batch: two transactions, a refused RCPT in between, then QUIT.
+    let body1 = b"Subject: one\r\n\r\n..stuffed\r\nline two\r\n";
+    let mut batch = Vec::new();
+    batch.extend_from_slice(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<a@example.test>\r\nRCPT TO:<b@ALIAS.test>\r\nRCPT TO:<bad address>\r\nDATA\r\n");
+    batch.extend_from_slice(body1);
+    batch.extend_from_slice(b".\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\nSubject: two\r\n\r\nx\r\n.\r\nQUIT\r\n");
+    c.send(&batch);
+    let codes: Vec<u16> = std::iter::from_fn(|| c.read_reply()).map(|r| r.code).collect();
+    assert_eq!(codes, vec![250, 250, 250, 501, 354, 250, 250, 250, 354, 250, 221]);
+
+    let files = wait_for("two Drop files", Duration::from_secs(10), || {
+        let f = drop_files(dir.path());
+        (f.len() == 2).then_some(f)
+    });
+    let first = parse_drop(&std::fs::read(&files[0]).unwrap());
+    assert_eq!(first.sender, "s@remote.test");
+    assert_eq!(first.receivers, vec!["a@example.test", "b@alias.test"]);
+    assert_eq!(first.message, b"Subject: one\r\n\r\n.stuffed\r\nline two\r\n");
+    assert!(first.received.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.example.test (mailroot) with ESMTP id "));
+    assert!(first.received.trim_end().ends_with("+0000"), "{}", first.received);
+    assert!(!first.received.contains("for <"), "no 'for' clause with two recipients");
+    let second = parse_drop(&std::fs::read(&files[1]).unwrap());
+    assert_eq!(second.sender, "<>");
+    assert_eq!(second.receivers, vec!["postmaster@example.test"]);
+    assert!(second.received.contains("for <postmaster@example.test>"));
+    running.stop();
+}
+
+#[test]
+fn relay_is_denied_to_outsiders_and_allowed_to_listed_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), "[relay]\nallow_networks = [\"127.0.0.1/32\"]\n"));
+    let addr = running.smtp_addrs[0];
+    // 127.0.0.9 is not in allow_networks.
+    let mut out = Client::connect_from("127.0.0.9", addr);
+    out.greeting();
+    out.cmd("EHLO outsider.test");
+    assert_eq!(out.cmd("MAIL FROM:<x@outside.test>").code, 250);
+    let r = out.cmd("RCPT TO:<victim@elsewhere.test>");
+    assert_eq!((r.code, r.text.starts_with("5.7.1")), (550, true), "{r:?}");
+    assert_eq!(out.cmd("RCPT TO:<user@example.test>").code, 250, "local mail is accepted from anyone");
+    // 127.0.0.1 may relay; the message stays queued (no remote delivery yet) and is not lost.
+    let mut inside = Client::connect(addr);
+    inside.greeting();
+    inside.cmd("EHLO inside.test");
+    let r = inside.transaction("a@example.test", &["far@elsewhere.test"], b"Subject: relay\r\n\r\nx\r\n");
+    assert_eq!(r.code, 250);
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"relay_denied\"}"), 1.0);
+    wait_for("queued message counted", Duration::from_secs(5), || {
+        (metric(&running, "mailroot_queue_messages") == 1.0).then_some(())
+    });
+    running.stop();
+}
+
+#[test]
+fn ten_megabyte_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    c.greeting();
+    c.cmd("EHLO big.test");
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    let mut n = 0u64;
+    while body.len() < 10 * 1024 * 1024 {
+        body.extend_from_slice(format!("line {n:08} {}\r\n", "x".repeat(60)).as_bytes());
+        n += 1;
+    }
+    let r = c.transaction("a@remote.test", &["big@example.test"], &body);
+    assert_eq!(r.code, 250, "{r:?}");
+    let f = parse_drop(&drop_file(dir.path(), r.queue_id().unwrap()));
+    assert_eq!(f.message.len(), body.len());
+    assert!(f.message == body, "10 MB body must arrive unchanged");
+    running.stop();
+}
+
+#[test]
+fn size_limit_is_enforced_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), "[limits]\nmax_message_size = 10000\n"));
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    c.greeting();
+    c.cmd("EHLO c.test");
+    let r = c.cmd("MAIL FROM:<a@remote.test> SIZE=10001");
+    assert_eq!(r.code, 552);
+    assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<b@example.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    for _ in 0..200 {
+        c.send(format!("{}\r\n", "z".repeat(98)).as_bytes());
+    }
+    c.send(b".\r\n");
+    let r = c.read_reply().unwrap();
+    assert_eq!((r.code, r.text.starts_with("5.3.4")), (552, true), "{r:?}");
+    assert_eq!(c.cmd("NOOP").code, 250);
+    assert!(drop_files(dir.path()).is_empty());
+    running.stop();
+}
+
+#[test]
+fn smuggling_through_the_socket_yields_no_forged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    c.greeting();
+    c.cmd("EHLO c.test");
+    let forged = "MAIL FROM:<ceo@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n";
+    let mut ok_ids = Vec::new();
+    for early in ["\n.\n", "\n.\r\n", "\r\n.\n"] {
+        assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
+        assert_eq!(c.cmd("RCPT TO:<b@example.test>").code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(format!("hello{early}{forged}.\r\n").as_bytes());
+        let r = c.read_reply().unwrap();
+        assert_eq!(r.code, 554, "{early:?}: {r:?}");
+        // Nothing else is pending: the forged commands were body text, not commands.
+        let r = c.cmd("NOOP");
+        assert_eq!(r.code, 250);
+    }
+    let r = c.transaction("a@remote.test", &["b@example.test"], b"clean\r\n");
+    ok_ids.push(r.queue_id().unwrap());
+    drop_file(dir.path(), ok_ids[0]);
+    assert_eq!(drop_files(dir.path()).len(), 1, "exactly one message, the clean one");
+    running.stop();
+}
+
+#[test]
+fn connection_limit_and_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), "max_connections = 2\nidle_timeout = \"1s\"\n"));
+    let addr = running.smtp_addrs[0];
+    let mut a = Client::connect(addr);
+    let mut b = Client::connect(addr);
+    assert_eq!(a.greeting().code, 220);
+    assert_eq!(b.greeting().code, 220);
+    let mut c = Client::connect(addr);
+    let r = c.greeting();
+    assert_eq!((r.code, r.text.starts_with("4.7.0")), (421, true), "{r:?}");
+    assert!(c.read_reply().is_none(), "closed after 421");
+    // Silent clients are cut at the idle timeout with 421 4.4.2.
+    let r = a.read_reply().expect("idle timeout reply");
+    assert_eq!((r.code, r.text.starts_with("4.4.2")), (421, true), "{r:?}");
+    assert!(a.read_reply().is_none());
+    b.read_reply();
+    // Their slots are free again.
+    let mut d = wait_for("a free connection slot", Duration::from_secs(5), || {
+        let mut d = Client::connect(addr);
+        (d.greeting().code == 220).then_some(d)
+    });
+    assert_eq!(d.cmd("QUIT").code, 221);
+    running.stop();
+}
+
+#[test]
+fn hop_count_and_long_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), "[queue]\nmax_hop_count = 2\n"));
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    c.greeting();
+    c.cmd("EHLO c.test");
+    assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<b@example.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Received: 1\r\nReceived: 2\r\nReceived: 3\r\n\r\nloop\r\n.\r\n");
+    let r = c.read_reply().unwrap();
+    assert_eq!((r.code, r.text.starts_with("5.4.6")), (554, true), "{r:?}");
+    let r = c.cmd(&format!("NOOP {}", "n".repeat(600)));
+    assert_eq!((r.code, r.text.starts_with("5.5.6")), (500, true), "{r:?}");
+    assert_eq!(c.cmd("NOOP").code, 250, "resynchronised after the long line");
+    running.stop();
+}
