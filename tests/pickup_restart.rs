@@ -1,0 +1,132 @@
+//! End-to-end tests of the Pickup folder, of retries after a local delivery failure, and of
+//! restarts with mail pending.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+/// Writes a Pickup file the documented way: a dotfile first, then a rename.
+fn put_pickup(dir: &std::path::Path, name: &str, contents: &[u8]) {
+    let tmp = dir.join("Pickup").join(format!(".{name}"));
+    fs::write(&tmp, contents).unwrap();
+    fs::rename(&tmp, dir.join("Pickup").join(name)).unwrap();
+}
+
+#[test]
+fn pickup_both_envelope_forms_and_a_malformed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    put_pickup(
+        dir.path(),
+        "iis.eml",
+        b"x-sender: app@remote.test\r\nx-receiver: one@example.test\r\nx-receiver: two@alias.test\r\nSubject: iis form\r\n\r\nbody one\r\n",
+    );
+    put_pickup(
+        dir.path(),
+        "headers.eml",
+        b"From: Cron <cron@remote.test>\nTo: three@example.test\nBcc: secret@example.test\nSubject: header form\n\nbody two\n",
+    );
+    put_pickup(dir.path(), "broken.eml", b"this is not a message\n");
+
+    let files = wait_for("two Drop files", Duration::from_secs(10), || {
+        let f = drop_files(dir.path());
+        (f.len() == 2).then_some(f)
+    });
+    let mut parsed: Vec<DropFile> = files.iter().map(|p| parse_drop(&fs::read(p).unwrap())).collect();
+    parsed.sort_by(|a, b| a.sender.cmp(&b.sender));
+    let (iis, hdr) = (&parsed[0], &parsed[1]);
+    assert_eq!(iis.sender, "app@remote.test");
+    assert_eq!(iis.receivers, vec!["one@example.test", "two@alias.test"]);
+    assert_eq!(iis.message, b"Subject: iis form\r\n\r\nbody one\r\n");
+    assert!(iis.received.starts_with("Received: from pickup\r\n\tby mx.example.test (mailroot) with local id "));
+    assert_eq!(hdr.sender, "cron@remote.test");
+    assert_eq!(hdr.receivers, vec!["three@example.test", "secret@example.test"]);
+    assert_eq!(hdr.message, b"From: Cron <cron@remote.test>\r\nTo: three@example.test\r\nSubject: header form\r\n\r\nbody two\r\n");
+
+    let bdr = wait_for("Badmail reason", Duration::from_secs(10), || {
+        fs::read_to_string(dir.path().join("Badmail/broken.eml.bdr")).ok()
+    });
+    assert!(bdr.contains("Reason:"), "{bdr}");
+    assert_eq!(fs::read(dir.path().join("Badmail/broken.eml.bad")).unwrap(), b"this is not a message\n");
+    wait_for("Pickup emptied", Duration::from_secs(10), || {
+        (fs::read_dir(dir.path().join("Pickup")).unwrap().count() == 0).then_some(())
+    });
+    assert_eq!(metric(&running, "mailroot_pickup_files_total{result=\"queued\"}"), 2.0);
+    assert_eq!(metric(&running, "mailroot_pickup_files_total{result=\"badmail\"}"), 1.0);
+    running.stop();
+}
+
+#[test]
+fn files_being_written_are_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    // Dotfiles and *.tmp are never taken, however long they sit there.
+    fs::write(dir.path().join("Pickup/.partial"), b"x-sender: a@b.test\r\nx-receiver: c@example.test\r\n\r\nx\r\n").unwrap();
+    fs::write(dir.path().join("Pickup/writing.tmp"), b"x-sender: a@b.test\r\nx-receiver: c@example.test\r\n\r\nx\r\n").unwrap();
+    put_pickup(dir.path(), "marker.eml", b"x-sender: a@b.test\r\nx-receiver: m@example.test\r\n\r\nx\r\n");
+    wait_for("the marker message", Duration::from_secs(10), || (drop_files(dir.path()).len() == 1).then_some(()));
+    // Two more scans go by; the partial files stay.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(drop_files(dir.path()).len(), 1);
+    assert!(dir.path().join("Pickup/.partial").exists() && dir.path().join("Pickup/writing.tmp").exists());
+    running.stop();
+}
+
+#[test]
+fn local_delivery_failure_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), "[queue]\nretry_intervals = [\"1s\"]\n"));
+    // Break the Drop folder: a plain file where the folder should be.
+    fs::remove_dir(dir.path().join("Drop")).unwrap();
+    fs::write(dir.path().join("Drop"), b"").unwrap();
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    c.greeting();
+    c.cmd("EHLO c.test");
+    let id = c.transaction("a@remote.test", &["r@example.test"], b"Subject: retry\r\n\r\nx\r\n").queue_id().unwrap();
+    wait_for("a temporary failure", Duration::from_secs(10), || {
+        (metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}") >= 1.0).then_some(())
+    });
+    fs::remove_file(dir.path().join("Drop")).unwrap();
+    fs::create_dir(dir.path().join("Drop")).unwrap();
+    let f = parse_drop(&drop_file(dir.path(), id));
+    assert_eq!(f.message, b"Subject: retry\r\n\r\nx\r\n");
+    wait_for("queue empty", Duration::from_secs(5), || (metric(&running, "mailroot_queue_messages") == 0.0).then_some(()));
+    running.stop();
+}
+
+#[test]
+fn restart_with_mail_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "[queue]\nretry_intervals = [\"1s\"]\n");
+    let running = start(cfg.clone());
+    fs::remove_dir(dir.path().join("Drop")).unwrap();
+    fs::write(dir.path().join("Drop"), b"").unwrap();
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    c.greeting();
+    c.cmd("EHLO c.test");
+    let local = c.transaction("a@remote.test", &["r@example.test"], b"Subject: pending\r\n\r\nx\r\n").queue_id().unwrap();
+    let remote = c.transaction("a@example.test", &["far@remote.test"], b"Subject: remote\r\n\r\ny\r\n").queue_id().unwrap();
+    assert!(remote > local, "IDs increase");
+    wait_for("a temporary failure", Duration::from_secs(10), || {
+        (metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}") >= 1.0).then_some(())
+    });
+    drop(c);
+    running.stop();
+
+    fs::remove_file(dir.path().join("Drop")).unwrap();
+    let running = start(cfg.clone());
+    // Both messages survived the restart: the local one is delivered below, the remote one stays.
+    let f = parse_drop(&drop_file(dir.path(), local));
+    assert_eq!(f.message, b"Subject: pending\r\n\r\nx\r\n");
+    // The remote one waits for remote delivery, still queued; new IDs stay above the old ones.
+    let mut c = Client::connect(running.smtp_addrs[0]);
+    c.greeting();
+    c.cmd("EHLO c.test");
+    let next = c.transaction("a@remote.test", &["r@example.test"], b"x\r\n").queue_id().unwrap();
+    assert!(next > remote);
+    wait_for("one message left", Duration::from_secs(10), || (metric(&running, "mailroot_queue_messages") == 1.0).then_some(()));
+    running.stop();
+}
