@@ -44,7 +44,10 @@ fn pickup_both_envelope_forms_and_a_malformed_file() {
     assert!(iis.received.starts_with("Received: from pickup\r\n\tby mx.example.test (mailroot) with local id "));
     assert_eq!(hdr.sender, "cron@remote.test");
     assert_eq!(hdr.receivers, vec!["three@example.test", "secret@example.test"]);
-    assert_eq!(hdr.message, b"From: Cron <cron@remote.test>\r\nTo: three@example.test\r\nSubject: header form\r\n\r\nbody two\r\n");
+    assert_eq!(
+        hdr.message,
+        b"From: Cron <cron@remote.test>\r\nTo: three@example.test\r\nSubject: header form\r\n\r\nbody two\r\n"
+    );
 
     let bdr = wait_for("Badmail reason", Duration::from_secs(10), || {
         fs::read_to_string(dir.path().join("Badmail/broken.eml.bdr")).ok()
@@ -64,8 +67,10 @@ fn files_being_written_are_not_taken() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));
     // Dotfiles and *.tmp are never taken, however long they sit there.
-    fs::write(dir.path().join("Pickup/.partial"), b"x-sender: a@b.test\r\nx-receiver: c@example.test\r\n\r\nx\r\n").unwrap();
-    fs::write(dir.path().join("Pickup/writing.tmp"), b"x-sender: a@b.test\r\nx-receiver: c@example.test\r\n\r\nx\r\n").unwrap();
+    fs::write(dir.path().join("Pickup/.partial"), b"x-sender: a@b.test\r\nx-receiver: c@example.test\r\n\r\nx\r\n")
+        .unwrap();
+    fs::write(dir.path().join("Pickup/writing.tmp"), b"x-sender: a@b.test\r\nx-receiver: c@example.test\r\n\r\nx\r\n")
+        .unwrap();
     put_pickup(dir.path(), "marker.eml", b"x-sender: a@b.test\r\nx-receiver: m@example.test\r\n\r\nx\r\n");
     wait_for("the marker message", Duration::from_secs(10), || (drop_files(dir.path()).len() == 1).then_some(()));
     // Two more scans go by; the partial files stay.
@@ -93,7 +98,9 @@ fn local_delivery_failure_is_retried() {
     fs::create_dir(dir.path().join("Drop")).unwrap();
     let f = parse_drop(&drop_file(dir.path(), id));
     assert_eq!(f.message, b"Subject: retry\r\n\r\nx\r\n");
-    wait_for("queue empty", Duration::from_secs(5), || (metric(&running, "mailroot_queue_messages") == 0.0).then_some(()));
+    wait_for("queue empty", Duration::from_secs(5), || {
+        (metric(&running, "mailroot_queue_messages") == 0.0).then_some(())
+    });
     running.stop();
 }
 
@@ -107,8 +114,10 @@ fn restart_with_mail_pending() {
     let mut c = Client::connect(running.smtp_addrs[0]);
     c.greeting();
     c.cmd("EHLO c.test");
-    let local = c.transaction("a@remote.test", &["r@example.test"], b"Subject: pending\r\n\r\nx\r\n").queue_id().unwrap();
-    let remote = c.transaction("a@example.test", &["far@remote.test"], b"Subject: remote\r\n\r\ny\r\n").queue_id().unwrap();
+    let local =
+        c.transaction("a@remote.test", &["r@example.test"], b"Subject: pending\r\n\r\nx\r\n").queue_id().unwrap();
+    let remote =
+        c.transaction("a@example.test", &["far@remote.test"], b"Subject: remote\r\n\r\ny\r\n").queue_id().unwrap();
     assert!(remote > local, "IDs increase");
     wait_for("a temporary failure", Duration::from_secs(10), || {
         (metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}") >= 1.0).then_some(())
@@ -127,6 +136,8 @@ fn restart_with_mail_pending() {
     c.cmd("EHLO c.test");
     let next = c.transaction("a@remote.test", &["r@example.test"], b"x\r\n").queue_id().unwrap();
     assert!(next > remote);
-    wait_for("one message left", Duration::from_secs(10), || (metric(&running, "mailroot_queue_messages") == 1.0).then_some(()));
+    wait_for("one message left", Duration::from_secs(10), || {
+        (metric(&running, "mailroot_queue_messages") == 1.0).then_some(())
+    });
     running.stop();
 }

@@ -54,7 +54,9 @@ fn raw_transaction_is_byte_exact_and_pipelined() {
     let mut batch = Vec::new();
     batch.extend_from_slice(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<a@example.test>\r\nRCPT TO:<b@ALIAS.test>\r\nRCPT TO:<bad address>\r\nDATA\r\n");
     batch.extend_from_slice(body1);
-    batch.extend_from_slice(b".\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\nSubject: two\r\n\r\nx\r\n.\r\nQUIT\r\n");
+    batch.extend_from_slice(
+        b".\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\nSubject: two\r\n\r\nx\r\n.\r\nQUIT\r\n",
+    );
     c.send(&batch);
     let codes: Vec<u16> = std::iter::from_fn(|| c.read_reply()).map(|r| r.code).collect();
     assert_eq!(codes, vec![250, 250, 250, 501, 354, 250, 250, 250, 354, 250, 221]);
@@ -67,7 +69,9 @@ fn raw_transaction_is_byte_exact_and_pipelined() {
     assert_eq!(first.sender, "s@remote.test");
     assert_eq!(first.receivers, vec!["a@example.test", "b@alias.test"]);
     assert_eq!(first.message, b"Subject: one\r\n\r\n.stuffed\r\nline two\r\n");
-    assert!(first.received.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.example.test (mailroot) with ESMTP id "));
+    assert!(first
+        .received
+        .starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.example.test (mailroot) with ESMTP id "));
     assert!(first.received.trim_end().ends_with("+0000"), "{}", first.received);
     assert!(!first.received.contains("for <"), "no 'for' clause with two recipients");
     let second = parse_drop(&std::fs::read(&files[1]).unwrap());

@@ -4,8 +4,9 @@
 //!
 //! Invariants:
 //! - An `Enqueue` is answered `Ok` only after a sync that covers its write has returned.
-//! - At most `max_in_flight` `Deliver` requests are outstanding; everything else waits in `ready`
-//!   (IDs only), so memory stays bounded whatever the queue holds.
+//! - At most `max_in_flight` `Deliver` requests are outstanding; everything else waits in `ready`.
+//!   `ready` keeps message bodies in memory only up to `READY_BODY_BYTES` in total (the rest are
+//!   read back from sled when their turn comes), so memory stays bounded whatever the queue holds.
 //! - A message is removed from the store only when no recipient is pending.
 
 use std::collections::{HashSet, VecDeque};
@@ -61,7 +62,7 @@ pub struct Router {
 impl Router {
     fn route(&self, address: &str) -> Option<(&'static str, Recipient<Deliver>)> {
         let domain = address.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
-        if self.local_domains.iter().any(|d| *d == domain) {
+        if self.local_domains.contains(&domain) {
             Some(("drop", self.local.clone()))
         } else {
             self.remote.clone().map(|r| ("remote", r))
@@ -100,6 +101,11 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Message bodies kept in memory while waiting for a delivery slot, at most.
+const READY_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Bodies handed to delivery actors at once, at most (one message is always allowed).
+const IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
+
 pub struct Queue {
     store: Arc<Store>,
     committer: Option<GroupCommit>,
@@ -108,10 +114,14 @@ pub struct Queue {
     metrics: Arc<Metrics>,
     /// Messages waiting for a delivery slot, with their body when still in memory.
     ready: VecDeque<(QueueId, Option<Arc<Vec<u8>>>)>,
+    /// Bytes of the bodies held in `ready`.
+    ready_bytes: usize,
     /// IDs in `ready` or being delivered: never dispatched twice at once.
     active: HashSet<QueueId>,
-    /// `Deliver` requests outstanding per message.
+    /// `Deliver` requests outstanding.
     in_flight: usize,
+    /// Bytes of the messages those requests carry.
+    in_flight_bytes: usize,
     outstanding: std::collections::HashMap<QueueId, usize>,
 }
 
@@ -124,23 +134,30 @@ impl Queue {
             router,
             metrics,
             ready: VecDeque::new(),
+            ready_bytes: 0,
             active: HashSet::new(),
             in_flight: 0,
+            in_flight_bytes: 0,
             outstanding: Default::default(),
         }
     }
 
     fn schedule(&mut self, id: QueueId, body: Option<Arc<Vec<u8>>>) {
         if self.active.insert(id) {
+            let body = body.filter(|b| self.ready_bytes + b.len() <= READY_BODY_BYTES);
+            self.ready_bytes += body.as_ref().map_or(0, |b| b.len());
             self.ready.push_back((id, body));
         }
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        while self.in_flight < self.settings.max_in_flight {
+        while self.in_flight < self.settings.max_in_flight
+            && (self.in_flight == 0 || self.in_flight_bytes < IN_FLIGHT_BYTES)
+        {
             let Some((id, body)) = self.ready.pop_front() else {
                 break;
             };
+            self.ready_bytes -= body.as_ref().map_or(0, |b| b.len());
             if !self.dispatch(id, body, ctx) {
                 self.active.remove(&id);
             }
@@ -193,8 +210,10 @@ impl Queue {
         for (route, actor, recipients) in groups {
             let req = Deliver { id, sender: env.sender.clone(), recipients, message: message.clone() };
             self.in_flight += 1;
+            self.in_flight_bytes += message.len();
             *self.outstanding.entry(id).or_default() += 1;
             let fallback = req.clone();
+            let size = message.len();
             actor
                 .send(req)
                 .into_actor(self)
@@ -203,6 +222,7 @@ impl Queue {
                         DeliveryReport::all(&fallback, Outcome::Temporary(format!("delivery actor unavailable: {e}")))
                     });
                     act.in_flight -= 1;
+                    act.in_flight_bytes -= size;
                     act.record(id, route, report);
                     act.pump(ctx);
                 })

@@ -14,9 +14,7 @@ pub const HOST: &str = "mx.example.test";
 
 /// A test config: port 0, local domains example.test and alias.test, Mailroot in `dir`.
 pub fn config(dir: &Path, extra: &str) -> Config {
-    let text = format!(
-        "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n{extra}\n"
-    );
+    let text = format!("[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n{extra}\n");
     let mut c = Config::from_toml(&text).expect("test config");
     c.domains.local = vec!["example.test".into(), "alias.test".into()];
     c.mailroot.path = dir.to_path_buf();

@@ -222,7 +222,8 @@ mod tests {
     fn paths() {
         let long_local = format!("<{}@x.test>", "a".repeat(65));
         let long_path = format!("<a@{}.test>", "b.".repeat(130));
-        let cases: Vec<(&str, Result<(Path, &str), AddressError>)> = vec![
+        type Case<'a> = (&'a str, Result<(Path, &'a str), AddressError>);
+        let cases: Vec<Case> = vec![
             ("<a@b.test>", Ok((mb("a", "b.test"), ""))),
             ("<A.B@EXAMPLE.Test> SIZE=10", Ok((mb("A.B", "example.test"), " SIZE=10"))),
             ("<>", Ok((None, ""))),
