@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use ipnet::IpNet;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -106,16 +105,15 @@ impl Handler<Accepted> for Listener {
     type Result = ();
 
     fn handle(&mut self, msg: Accepted, _ctx: &mut Self::Context) {
-        let Accepted { mut stream, peer } = msg;
+        let Accepted { stream, peer } = msg;
         self.metrics.connections_total.inc();
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.metrics.refused(protocol::RefusalCause::TooManyConnections.as_str());
             info!(client = %peer, cause = "too_many_connections", "refused");
-            let bytes = reply::too_many_connections(&self.settings.params.hostname).to_bytes();
-            actix_rt::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
-                let _ = stream.shutdown().await;
-            });
+            // The socket's send buffer is empty, so a non-blocking write of one short line goes
+            // out whole; no task is spawned per refused connection, whatever the flood.
+            let _ = stream.try_write(&reply::too_many_connections(&self.settings.params.hostname).to_bytes());
+            drop(stream);
             return;
         };
         let relay = relay_allowed(&self.settings.relay_networks, peer.ip());

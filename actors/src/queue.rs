@@ -45,6 +45,13 @@ pub struct PickupDone {
     pub name: String,
 }
 
+/// Read one message's envelope and per-recipient state.
+#[derive(Message)]
+#[rtype(result = "Option<Envelope>")]
+pub struct Inspect {
+    pub id: QueueId,
+}
+
 /// Make everything durable (used at shutdown).
 #[derive(Message)]
 #[rtype(result = "Result<(), String>")]
@@ -439,6 +446,14 @@ impl Handler<PickupDone> for Queue {
         if let Err(e) = self.store.forget_pickup(&msg.name) {
             warn!(file = %msg.name, error = %e, "cannot forget pickup mark");
         }
+    }
+}
+
+impl Handler<Inspect> for Queue {
+    type Result = Option<Envelope>;
+
+    fn handle(&mut self, msg: Inspect, _ctx: &mut Self::Context) -> Self::Result {
+        self.store.envelope(msg.id).ok().flatten()
     }
 }
 

@@ -1,0 +1,134 @@
+//! The Queue actor through its messages: a user-written delivery actor slots in as a route, its
+//! results are recorded per recipient, and a Pickup enqueue is idempotent across a restart.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use mailroot_actors::delivery::{Deliver, DeliveryReport, Outcome, RecipientResult};
+use mailroot_actors::local_drop::LocalDrop;
+use mailroot_actors::metrics::Metrics;
+use mailroot_actors::protocol::address::parse_mailbox;
+use mailroot_actors::protocol::received::Origin;
+use mailroot_actors::queue::{Enqueue, Inspect, Queue, QueueSettings, Router};
+use mailroot_actors::store::{PickupMark, RcptStatus, Store};
+
+/// A delivery actor as a user would write one: accepts `ok@`, refuses `bad@` permanently,
+/// defers everyone else.
+struct Scripted {
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Actor for Scripted {
+    type Context = Context<Self>;
+}
+
+impl Handler<Deliver> for Scripted {
+    type Result = DeliveryReport;
+
+    fn handle(&mut self, req: Deliver, _ctx: &mut Self::Context) -> DeliveryReport {
+        let mut results = Vec::new();
+        for r in &req.recipients {
+            self.seen.lock().unwrap().push(r.address.clone());
+            let outcome = if r.address.starts_with("ok@") {
+                Outcome::from_reply(250, "2.0.0 taken")
+            } else if r.address.starts_with("bad@") {
+                Outcome::from_reply(550, "5.1.1 no such user")
+            } else {
+                Outcome::from_reply(451, "4.3.0 later")
+            };
+            results.push(RecipientResult { index: r.index, outcome });
+        }
+        DeliveryReport { results }
+    }
+}
+
+fn enqueue(rcpts: &[&str], mark: Option<PickupMark>) -> Enqueue {
+    Enqueue {
+        sender: Some(parse_mailbox("s@example.test").unwrap()),
+        recipients: rcpts.iter().map(|r| parse_mailbox(r).unwrap()).collect(),
+        body: b"Subject: t\r\n\r\nx\r\n".to_vec(),
+        origin: Origin::Pickup,
+        origin_text: "test".into(),
+        pickup: mark,
+    }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn custom_delivery_actor_results_are_recorded_per_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let (drop_dir, temp) = (dir.path().join("Drop"), dir.path().join("SortTemp"));
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    std::fs::create_dir_all(&temp).unwrap();
+    let metrics = Metrics::unregistered();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
+    let remote = Scripted { seen: seen.clone() }.start();
+    let router = Router {
+        local_domains: vec!["example.test".into()],
+        local: local.recipient(),
+        remote: Some(remote.recipient()),
+    };
+    let store = Store::open(&dir.path().join("Queue")).unwrap();
+    let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
+
+    let id = queue
+        .send(enqueue(&["local@example.test", "ok@far.test", "bad@far.test", "later@far.test"], None))
+        .await
+        .unwrap()
+        .unwrap();
+    until("the local drop file", || drop_dir.join(format!("{id}.eml")).exists()).await;
+    until("three remote results", || seen.lock().unwrap().len() == 3).await;
+    // One Deliver carried all three remote recipients.
+    assert_eq!(*seen.lock().unwrap(), vec!["ok@far.test", "bad@far.test", "later@far.test"]);
+    let env = loop {
+        let env = queue.send(Inspect { id }).await.unwrap().expect("still queued: one recipient is deferred");
+        if env.recipients.iter().all(|r| r.attempts == 1) {
+            break env;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let states: Vec<(&str, RcptStatus, &str)> =
+        env.recipients.iter().map(|r| (r.address.as_str(), r.status, r.last_reply.as_deref().unwrap_or(""))).collect();
+    assert_eq!(
+        states,
+        vec![
+            ("local@example.test", RcptStatus::Delivered, &*format!("250 2.0.0 dropped as {id}.eml")),
+            ("ok@far.test", RcptStatus::Delivered, "250 2.0.0 taken"),
+            ("bad@far.test", RcptStatus::Failed, "550 5.1.1 no such user"),
+            ("later@far.test", RcptStatus::Pending, "451 4.3.0 later"),
+        ]
+    );
+    // The deferred recipient waits for the first retry interval (15 minutes by default).
+    let next = env.recipients[3].next_attempt.expect("a retry time");
+    assert_eq!(env.next_attempt, Some(next));
+    let now = mailroot_actors::queue::unix_now();
+    assert!((now + 14 * 60..=now + 15 * 60).contains(&next), "next {next}, now {now}");
+}
+
+#[actix_rt::test]
+async fn pickup_enqueue_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (drop_dir, temp) = (dir.path().join("Drop"), dir.path().join("SortTemp"));
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    std::fs::create_dir_all(&temp).unwrap();
+    let metrics = Metrics::unregistered();
+    let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
+    let router = Router { local_domains: vec!["example.test".into()], local: local.recipient(), remote: None };
+    let store = Store::open(&dir.path().join("Queue")).unwrap();
+    let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
+    let mark = PickupMark { name: "a.eml".into(), fingerprint: "1:2:3".into() };
+    let first = queue.send(enqueue(&["x@example.test"], Some(mark.clone()))).await.unwrap().unwrap();
+    let again = queue.send(enqueue(&["x@example.test"], Some(mark))).await.unwrap().unwrap();
+    assert_eq!(first, again, "the same file is one message");
+    until("the drop file", || drop_dir.join(format!("{first}.eml")).exists()).await;
+    assert_eq!(std::fs::read_dir(&drop_dir).unwrap().count(), 1);
+}

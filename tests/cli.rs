@@ -1,0 +1,62 @@
+//! The command line as a contract: `check-config` prints the effective config or an error naming
+//! the key; `run` refuses a broken config.
+
+use std::process::Command;
+
+fn mailroot(args: &[&str], cwd: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailroot")).args(args).current_dir(cwd).output().expect("run mailroot");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nhostname = \"mx.example.test\"\nidle_timeout = \"90s\"\n[mailroot]\npath = \"spool\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = mailroot(&["check-config", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hostname = \"mx.example.test\""), "{out}");
+    assert!(out.contains("idle_timeout = \"90s\""), "{out}");
+    assert!(out.contains("max_recipients = 100"), "defaults are shown too: {out}");
+    // Relative paths are relative to the config file's folder.
+    assert!(out.contains(&format!("path = \"{}\"", dir.path().join("spool").display())), "{out}");
+}
+
+#[test]
+fn without_a_config_file_the_defaults_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = mailroot(&["check-config"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("built-in defaults"), "{out}");
+    assert!(out.contains("listen = [\"127.0.0.1:2525\"]"), "{out}");
+    assert!(out.contains("local = [\"localhost\"]"), "{out}");
+}
+
+#[test]
+fn errors_name_the_key_and_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    for (text, key) in [
+        ("[limits]\nmax_recipients = -1\n", "max_recipients"),
+        ("[server]\nlisten = [\"127.0.0.1\"]\n", "server.listen[0]"),
+        ("[server]\nlisen = []\n", "lisen"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let (code, _, err) = mailroot(&["check-config", "--config", cfg.to_str().unwrap()], dir.path());
+        assert_eq!(code, 2, "{text}");
+        assert!(err.contains(key), "error for {text:?} should name {key}: {err}");
+        let (code, _, err) = mailroot(&["run", "--config", cfg.to_str().unwrap()], dir.path());
+        assert_eq!(code, 2, "run refuses it too: {err}");
+    }
+    let (code, _, err) = mailroot(&["check-config", "--config", "/nonexistent/m.toml"], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/m.toml"), "{err}");
+}
