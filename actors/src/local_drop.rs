@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use tokio::sync::Semaphore;
 
 use crate::commit::GroupCommit;
 use crate::delivery::{Deliver, DeliveryReport, Outcome};
@@ -25,11 +26,24 @@ pub struct LocalDrop {
     dir_sync: Option<GroupCommit>,
     /// Makes temporary names unique even for two attempts of one message.
     counter: Arc<AtomicU64>,
+    /// Files being written at once. Enough concurrent `fdatasync`s for ext4 to merge them into
+    /// shared journal commits; more only makes writers spin on the SortTemp directory lock.
+    writers: Arc<Semaphore>,
 }
+
+/// How many Drop files are written concurrently.
+pub const DROP_WRITERS: usize = 16;
 
 impl LocalDrop {
     pub fn new(drop_dir: PathBuf, sort_temp: PathBuf, metrics: Arc<Metrics>) -> Self {
-        LocalDrop { drop_dir, sort_temp, metrics, dir_sync: None, counter: Arc::new(AtomicU64::new(0)) }
+        LocalDrop {
+            drop_dir,
+            sort_temp,
+            metrics,
+            dir_sync: None,
+            counter: Arc::new(AtomicU64::new(0)),
+            writers: Arc::new(Semaphore::new(DROP_WRITERS)),
+        }
     }
 }
 
@@ -86,11 +100,19 @@ impl Handler<Deliver> for LocalDrop {
         let (drop_dir, sort_temp) = (self.drop_dir.clone(), self.sort_temp.clone());
         let seq = self.counter.fetch_add(1, Ordering::Relaxed);
         let dir_sync = self.dir_sync.clone();
+        let writers = self.writers.clone();
         Box::pin(async move {
             let req2 = req.clone();
-            let written = tokio::task::spawn_blocking(move || write_drop_file(&req2, &drop_dir, &sort_temp, seq))
+            let written = match writers.acquire_owned().await {
+                Ok(permit) => tokio::task::spawn_blocking(move || {
+                    let r = write_drop_file(&req2, &drop_dir, &sort_temp, seq);
+                    drop(permit);
+                    r
+                })
                 .await
-                .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+                .unwrap_or_else(|e| Err(io::Error::other(e.to_string()))),
+                Err(e) => Err(io::Error::other(e.to_string())),
+            };
             if let Err(e) = written {
                 return DeliveryReport::all(&req, Outcome::from_io_error("writing the Drop file", &e));
             }

@@ -129,6 +129,8 @@ pub struct Queue {
     in_flight: usize,
     /// Bytes of the messages those requests carry.
     in_flight_bytes: usize,
+    /// Messages in the store (counted once at open: sled's `len` walks the whole tree).
+    queued: usize,
     outstanding: std::collections::HashMap<QueueId, usize>,
 }
 
@@ -145,6 +147,7 @@ impl Queue {
             active: HashSet::new(),
             in_flight: 0,
             in_flight_bytes: 0,
+            queued: 0,
             outstanding: Default::default(),
         }
     }
@@ -292,11 +295,16 @@ impl Queue {
         }
         env.next_attempt =
             env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).filter_map(|r| r.next_attempt).min();
-        let result = if env.is_finished() { self.store.remove(id) } else { self.store.update(&env) };
-        if let Err(e) = result {
-            error!(id, error = %e, "cannot record delivery results; the message will be retried");
+        let finished = env.is_finished();
+        let result = if finished { self.store.remove(id) } else { self.store.update(&env) };
+        match result {
+            Ok(()) if finished => {
+                self.queued = self.queued.saturating_sub(1);
+                self.metrics.queue_messages.set(self.queued as i64);
+            }
+            Ok(()) => {}
+            Err(e) => error!(id, error = %e, "cannot record delivery results; the message will be retried"),
         }
-        self.metrics.queue_messages.set(self.store.len() as i64);
     }
 
     fn check_retries(&mut self, ctx: &mut Context<Self>) {
@@ -339,11 +347,12 @@ impl Actor for Queue {
                         self.schedule(env.id, None);
                     }
                 }
-                info!(resumed, queued = self.store.len(), "queue opened");
+                self.queued = self.store.len();
+                info!(resumed, queued = self.queued, "queue opened");
             }
             Err(e) => error!(error = %e, "cannot list pending messages"),
         }
-        self.metrics.queue_messages.set(self.store.len() as i64);
+        self.metrics.queue_messages.set(self.queued as i64);
         self.pump(ctx);
         ctx.run_interval(self.settings.retry_poll, |act, ctx| act.check_retries(ctx));
     }
@@ -425,7 +434,8 @@ impl Handler<Enqueue> for Queue {
             Ok(()) => {
                 act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
                 act.metrics.bytes_received.inc_by(size);
-                act.metrics.queue_messages.set(act.store.len() as i64);
+                act.queued += 1;
+                act.metrics.queue_messages.set(act.queued as i64);
                 act.schedule(id, Some(message));
                 act.pump(ctx);
                 Ok(id)
