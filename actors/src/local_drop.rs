@@ -32,7 +32,7 @@ pub struct LocalDrop {
 }
 
 /// How many Drop files are written concurrently.
-pub const DROP_WRITERS: usize = 16;
+pub const DROP_WRITERS: usize = 32;
 
 impl LocalDrop {
     pub fn new(drop_dir: PathBuf, sort_temp: PathBuf, metrics: Arc<Metrics>) -> Self {
