@@ -519,4 +519,49 @@ mod tests {
         assert_eq!(m.sender, None);
         assert_eq!(addrs(&m.recipients), vec!["ü@example.test"]);
     }
+
+    /// Random files never panic the parser; whatever it accepts has recipients and CRLF lines.
+    #[test]
+    fn random_files_never_panic() {
+        let pieces: &[&[u8]] = &[
+            b"x-sender: a@b.test\n",
+            b"x-receiver: c@d.test\r\n",
+            b"From: x@y.test\n",
+            b"To: ",
+            b"Bcc: q@r.test,\n",
+            b" folded\n",
+            b"\r",
+            b"\n",
+            b":",
+            b"<",
+            b">",
+            b"\"",
+            b"(",
+            b"@",
+            b"\xff",
+            b"Received: x\n",
+            b"Subject: s\n\nbody\n",
+        ];
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..3000 {
+            let mut raw = Vec::new();
+            for _ in 0..(next() % 40) {
+                if next() % 5 == 0 {
+                    raw.push(next() as u8);
+                } else {
+                    raw.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+            }
+            if let Ok(m) = parse_pickup(&raw, 2) {
+                assert!(!m.recipients.is_empty());
+                assert!(!m.body.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'), "{raw:?}");
+            }
+        }
+    }
 }

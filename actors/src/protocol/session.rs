@@ -170,6 +170,11 @@ impl Session {
         reply::greeting(&self.params.hostname)
     }
 
+    /// Bytes received but not yet consumed (bounded: see [`Session::feed`]).
+    pub fn buffered(&self) -> usize {
+        self.input.len()
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.mode, Mode::Closed)
     }

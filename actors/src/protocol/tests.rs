@@ -327,3 +327,96 @@ fn timeout_closes_with_421() {
     assert!(matches!(actions[2], Action::Close));
     assert!(s.is_closed());
 }
+
+/// A small deterministic generator (xorshift64*), so failures reproduce from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Hostile input is normal input: random mixes of valid commands, smuggling line ends, long
+/// lines and raw garbage, cut into random reads. The session must never panic, never hold more
+/// than one read plus one command line, and only emit well-formed reply lines.
+#[test]
+fn random_streams_never_break_the_session() {
+    let pieces: &[&[u8]] = &[
+        b"EHLO x\r\n",
+        b"HELO y\r\n",
+        b"MAIL FROM:<a@b.test>\r\n",
+        b"MAIL FROM:<> SIZE=10\r\n",
+        b"RCPT TO:<c@example.test>\r\n",
+        b"RCPT TO:<d@far.test>\r\n",
+        b"DATA\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"VRFY x\r\n",
+        b"\r\n.\r\n",
+        b"\n.\n",
+        b"\r\n.\n",
+        b"\n.\r\n",
+        b".",
+        b"\r",
+        b"\n",
+        b"..\r\n",
+        b"Received: x\r\n",
+        b"\xff\xfe\x00",
+        "ü@ß\r\n".as_bytes(),
+        b"MAIL FROM:<\"q>\"@x>\r\n",
+        b"RCPT TO:<postmaster>\r\n",
+        b"QUIT\r\n",
+        b"BDAT 10 LAST\r\n",
+        b"<<<>>>@@@::",
+    ];
+    let mut p = params();
+    p.max_errors = 0;
+    p.max_recipients = 5;
+    for seed in 1..=2000u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut stream = Vec::new();
+        while stream.len() < 4000 {
+            match rng.below(10) {
+                0 => stream.extend((0..rng.below(700)).map(|_| rng.next() as u8)),
+                1 => stream.extend(std::iter::repeat_n(b'a', rng.below(3000))),
+                _ => stream.extend_from_slice(pieces[rng.below(pieces.len())]),
+            }
+        }
+        let mut s = Session::new(Arc::new(p.clone()), "192.0.2.1".parse().unwrap(), rng.below(2) == 0);
+        let mut pos = 0;
+        let mut id = 0;
+        while pos < stream.len() && !s.is_closed() {
+            let n = 1 + rng.below(16 * 1024).min(stream.len() - pos - 1);
+            let read = &stream[pos..pos + n];
+            pos += n;
+            s.feed(read);
+            assert!(s.buffered() <= 16 * 1024 + 512, "seed {seed}: buffer grew to {}", s.buffered());
+            while let Some(a) = s.next_action() {
+                match a {
+                    Action::Reply(r) => {
+                        let wire = r.to_bytes();
+                        for line in wire.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                            assert!(line.len() <= 512 && line.ends_with(b"\r"), "seed {seed}: bad reply line {line:?}");
+                            assert!((200..600).contains(&r.code), "seed {seed}: code {}", r.code);
+                        }
+                    }
+                    Action::Enqueue(m) => {
+                        assert!(!m.recipients.is_empty() && m.recipients.len() <= 5, "seed {seed}");
+                        assert!(m.body.len() <= p.max_message_size, "seed {seed}");
+                        id += 1;
+                        s.enqueued(Ok(id));
+                    }
+                    Action::Refused(_) | Action::Close => {}
+                }
+            }
+        }
+    }
+}
