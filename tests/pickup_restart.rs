@@ -87,9 +87,7 @@ fn local_delivery_failure_is_retried() {
     // Break the Drop folder: a plain file where the folder should be.
     fs::remove_dir(dir.path().join("Drop")).unwrap();
     fs::write(dir.path().join("Drop"), b"").unwrap();
-    let mut c = Client::connect(running.smtp_addrs[0]);
-    c.greeting();
-    c.cmd("EHLO c.test");
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let id = c.transaction("a@remote.test", &["r@example.test"], b"Subject: retry\r\n\r\nx\r\n").queue_id().unwrap();
     wait_for("a temporary failure", Duration::from_secs(10), || {
         (metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}") >= 1.0).then_some(())
@@ -111,9 +109,7 @@ fn restart_with_mail_pending() {
     let running = start(cfg.clone());
     fs::remove_dir(dir.path().join("Drop")).unwrap();
     fs::write(dir.path().join("Drop"), b"").unwrap();
-    let mut c = Client::connect(running.smtp_addrs[0]);
-    c.greeting();
-    c.cmd("EHLO c.test");
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let local =
         c.transaction("a@remote.test", &["r@example.test"], b"Subject: pending\r\n\r\nx\r\n").queue_id().unwrap();
     let remote =
@@ -131,9 +127,7 @@ fn restart_with_mail_pending() {
     let f = parse_drop(&drop_file(dir.path(), local));
     assert_eq!(f.message, b"Subject: pending\r\n\r\nx\r\n");
     // The remote one waits for remote delivery, still queued; new IDs stay above the old ones.
-    let mut c = Client::connect(running.smtp_addrs[0]);
-    c.greeting();
-    c.cmd("EHLO c.test");
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let next = c.transaction("a@remote.test", &["r@example.test"], b"x\r\n").queue_id().unwrap();
     assert!(next > remote);
     wait_for("one message left", Duration::from_secs(10), || {

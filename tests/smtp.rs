@@ -95,9 +95,7 @@ fn relay_is_denied_to_outsiders_and_allowed_to_listed_networks() {
     assert_eq!((r.code, r.text.starts_with("5.7.1")), (550, true), "{r:?}");
     assert_eq!(out.cmd("RCPT TO:<user@example.test>").code, 250, "local mail is accepted from anyone");
     // 127.0.0.1 may relay; the message stays queued (no remote delivery yet) and is not lost.
-    let mut inside = Client::connect(addr);
-    inside.greeting();
-    inside.cmd("EHLO inside.test");
+    let mut inside = Client::ready(addr, "inside.test");
     let r = inside.transaction("a@example.test", &["far@elsewhere.test"], b"Subject: relay\r\n\r\nx\r\n");
     assert_eq!(r.code, 250);
     assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"relay_denied\"}"), 1.0);
@@ -111,9 +109,7 @@ fn relay_is_denied_to_outsiders_and_allowed_to_listed_networks() {
 fn ten_megabyte_message() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));
-    let mut c = Client::connect(running.smtp_addrs[0]);
-    c.greeting();
-    c.cmd("EHLO big.test");
+    let mut c = Client::ready(running.smtp_addrs[0], "big.test");
     let mut body = b"Subject: big\r\n\r\n".to_vec();
     let mut n = 0u64;
     while body.len() < 10 * 1024 * 1024 {
@@ -132,9 +128,7 @@ fn ten_megabyte_message() {
 fn size_limit_is_enforced_and_the_session_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), "[limits]\nmax_message_size = 10000\n"));
-    let mut c = Client::connect(running.smtp_addrs[0]);
-    c.greeting();
-    c.cmd("EHLO c.test");
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let r = c.cmd("MAIL FROM:<a@remote.test> SIZE=10001");
     assert_eq!(r.code, 552);
     assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
@@ -155,9 +149,7 @@ fn size_limit_is_enforced_and_the_session_goes_on() {
 fn smuggling_through_the_socket_yields_no_forged_message() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));
-    let mut c = Client::connect(running.smtp_addrs[0]);
-    c.greeting();
-    c.cmd("EHLO c.test");
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let forged = "MAIL FROM:<ceo@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n";
     let mut ok_ids = Vec::new();
     for early in ["\n.\n", "\n.\r\n", "\r\n.\n"] {
@@ -209,9 +201,7 @@ fn connection_limit_and_idle_timeout() {
 fn hop_count_and_long_lines() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), "[queue]\nmax_hop_count = 2\n"));
-    let mut c = Client::connect(running.smtp_addrs[0]);
-    c.greeting();
-    c.cmd("EHLO c.test");
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
     assert_eq!(c.cmd("RCPT TO:<b@example.test>").code, 250);
     assert_eq!(c.cmd("DATA").code, 354);

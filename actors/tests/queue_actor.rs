@@ -62,23 +62,25 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[actix_rt::test]
-async fn custom_delivery_actor_results_are_recorded_per_recipient() {
+/// A Queue with a real LocalDrop for `example.test` and `remote` for every other domain.
+fn queue_with(remote: Option<Recipient<Deliver>>) -> (tempfile::TempDir, std::path::PathBuf, Addr<Queue>) {
     let dir = tempfile::tempdir().unwrap();
     let (drop_dir, temp) = (dir.path().join("Drop"), dir.path().join("SortTemp"));
     std::fs::create_dir_all(&drop_dir).unwrap();
     std::fs::create_dir_all(&temp).unwrap();
     let metrics = Metrics::unregistered();
-    let seen = Arc::new(Mutex::new(Vec::new()));
     let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
-    let remote = Scripted { seen: seen.clone() }.start();
-    let router = Router {
-        local_domains: vec!["example.test".into()],
-        local: local.recipient(),
-        remote: Some(remote.recipient()),
-    };
+    let router = Router { local_domains: vec!["example.test".into()], local: local.recipient(), remote };
     let store = Store::open(&dir.path().join("Queue")).unwrap();
     let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
+    (dir, drop_dir, queue)
+}
+
+#[actix_rt::test]
+async fn custom_delivery_actor_results_are_recorded_per_recipient() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let remote = Scripted { seen: seen.clone() }.start();
+    let (_dir, drop_dir, queue) = queue_with(Some(remote.recipient()));
 
     let id = queue
         .send(enqueue(&["local@example.test", "ok@far.test", "bad@far.test", "later@far.test"], None))
@@ -116,15 +118,7 @@ async fn custom_delivery_actor_results_are_recorded_per_recipient() {
 
 #[actix_rt::test]
 async fn pickup_enqueue_is_idempotent() {
-    let dir = tempfile::tempdir().unwrap();
-    let (drop_dir, temp) = (dir.path().join("Drop"), dir.path().join("SortTemp"));
-    std::fs::create_dir_all(&drop_dir).unwrap();
-    std::fs::create_dir_all(&temp).unwrap();
-    let metrics = Metrics::unregistered();
-    let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
-    let router = Router { local_domains: vec!["example.test".into()], local: local.recipient(), remote: None };
-    let store = Store::open(&dir.path().join("Queue")).unwrap();
-    let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
+    let (_dir, drop_dir, queue) = queue_with(None);
     let mark = PickupMark { name: "a.eml".into(), fingerprint: "1:2:3".into() };
     let first = queue.send(enqueue(&["x@example.test"], Some(mark.clone()))).await.unwrap().unwrap();
     let again = queue.send(enqueue(&["x@example.test"], Some(mark))).await.unwrap().unwrap();

@@ -93,6 +93,14 @@ impl Client {
         Client { reader: BufReader::new(sock.try_clone().expect("clone")), writer: sock }
     }
 
+    /// Connected, greeted and past `EHLO <helo>`: ready for a transaction.
+    pub fn ready(addr: SocketAddr, helo: &str) -> Client {
+        let mut c = Client::connect(addr);
+        assert_eq!(c.greeting().code, 220);
+        assert_eq!(c.cmd(&format!("EHLO {helo}")).code, 250);
+        c
+    }
+
     pub fn read_reply(&mut self) -> Option<Reply> {
         let mut text = String::new();
         loop {
