@@ -97,12 +97,22 @@ pub fn shutting_down(hostname: &str) -> Reply {
 
 // --- positive ---------------------------------------------------------------------------------
 
+/// The client's EHLO/HELO argument as echoed back: at most 64 characters, so a reply line stays
+/// within RFC 5321's 512 octets whatever the client sent.
+fn echo(client: &str) -> String {
+    let mut s: String = client.chars().take(64).collect();
+    if s.len() < client.len() {
+        s.push_str("...");
+    }
+    s
+}
+
 pub fn ehlo(hostname: &str, client: &str, max_size: u64) -> Reply {
     Reply {
         code: 250,
         status: None,
         lines: vec![
-            format!("{hostname} greets {client}").into(),
+            format!("{hostname} greets {}", echo(client)).into(),
             "PIPELINING".into(),
             format!("SIZE {max_size}").into(),
             "8BITMIME".into(),
@@ -114,7 +124,7 @@ pub fn ehlo(hostname: &str, client: &str, max_size: u64) -> Reply {
 }
 
 pub fn helo(hostname: &str, client: &str) -> Reply {
-    Reply::plain(250, format!("{hostname} greets {client}"))
+    Reply::plain(250, format!("{hostname} greets {}", echo(client)))
 }
 
 pub fn ok() -> Reply {

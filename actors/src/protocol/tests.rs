@@ -373,7 +373,6 @@ fn random_streams_never_break_the_session() {
         "ü@ß\r\n".as_bytes(),
         b"MAIL FROM:<\"q>\"@x>\r\n",
         b"RCPT TO:<postmaster>\r\n",
-        b"QUIT\r\n",
         b"BDAT 10 LAST\r\n",
         b"<<<>>>@@@::",
     ];
@@ -418,5 +417,14 @@ fn random_streams_never_break_the_session() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn echoed_names_keep_reply_lines_within_512_octets() {
+    for verb in ["EHLO", "HELO"] {
+        let input = format!("{verb} {}\r\n", "h".repeat(512 - 7));
+        let r = check(&input, "220 250");
+        assert!(r.wire.lines().all(|l| l.len() + 1 <= 512), "{}", r.wire);
     }
 }
