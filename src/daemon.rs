@@ -121,11 +121,24 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// The highest queue ID that names a file in Drop (`<id>.eml`), so new IDs never reuse one even
+/// if the Queue folder was wiped.
+fn highest_drop_id(drop_dir: &Path) -> std::io::Result<u64> {
+    let mut max = 0;
+    for entry in std::fs::read_dir(drop_dir)? {
+        let name = entry?.file_name();
+        if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".eml")).and_then(|n| n.parse::<u64>().ok()) {
+            max = max.max(id);
+        }
+    }
+    Ok(max)
+}
+
 /// sled locks its folder; a daemon that just stopped may take a moment to let go.
-fn open_store(dir: &Path) -> Result<Store, StartError> {
+fn open_store(dir: &Path, id_floor: u64) -> Result<Store, StartError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Store::open(dir) {
+        match Store::open(dir, id_floor) {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -140,7 +153,10 @@ pub fn start(config: Config, options: StartOptions) -> Result<Running, StartErro
     let folders = Folders::new(&config.mailroot.path);
     folders.create().map_err(|e| StartError(format!("creating the Mailroot folders: {e}")))?;
     let listen = config.listen_addrs().map_err(|e| StartError(e.to_string()))?;
-    let store = open_store(&folders.queue)?;
+    let floor = highest_drop_id(&folders.drop)
+        .map_err(|e| StartError(format!("reading {}: {e}", folders.drop.display())))?
+        .saturating_add(1);
+    let store = open_store(&folders.queue, floor)?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);

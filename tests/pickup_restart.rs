@@ -135,3 +135,27 @@ fn restart_with_mail_pending() {
     });
     running.stop();
 }
+
+#[test]
+fn wiping_the_queue_folder_never_reuses_a_drop_file_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let running = start(cfg.clone());
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
+    let first = c.transaction("a@remote.test", &["r@example.test"], b"Subject: first\r\n\r\nx\r\n").queue_id().unwrap();
+    drop_file(dir.path(), first);
+    drop(c);
+    running.stop();
+
+    // The operator resets the queue; the undelivered-to-anyone Drop file is still there.
+    fs::remove_dir_all(dir.path().join("Queue")).unwrap();
+    let running = start(cfg);
+    let mut c = Client::ready(running.smtp_addrs[0], "c.test");
+    let second =
+        c.transaction("a@remote.test", &["r@example.test"], b"Subject: second\r\n\r\ny\r\n").queue_id().unwrap();
+    assert!(second > first, "new ID {second} must not reuse {first}");
+    drop_file(dir.path(), second);
+    let kept = parse_drop(&fs::read(dir.path().join(format!("Drop/{first}.eml"))).unwrap());
+    assert_eq!(kept.message, b"Subject: first\r\n\r\nx\r\n");
+    running.stop();
+}

@@ -8,13 +8,20 @@
 //! - The envelope of a message is written after its body; sled recovers a prefix of its log, so an
 //!   envelope found after a crash always has its body. Bodies without an envelope are removed at open.
 //! - `sync` = sled's flush (which only `sync_file_range`s) plus an `fdatasync` of the log file.
+//! - Message IDs come from our own counter, persisted with every insert and never lowered. At open
+//!   it is raised above every envelope in the store and above any floor the caller gives (the
+//!   daemon passes the highest ID already in Drop), so wiping the Queue folder cannot make a new
+//!   message reuse the name of an undelivered Drop file.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 pub type QueueId = u64;
+
+const NEXT_ID: &[u8] = b"next_id";
 
 /// Body chunk size: well under sled's blob threshold (segment size / 4 = 128 KiB by default).
 pub const CHUNK: usize = 64 * 1024;
@@ -122,6 +129,9 @@ pub struct Store {
     bodies: sled::Tree,
     retry: sled::Tree,
     pickup: sled::Tree,
+    meta: sled::Tree,
+    /// The next message ID to hand out.
+    next: AtomicU64,
     /// A second handle on sled's log file: `fdatasync` acts on the inode.
     log: File,
     path: PathBuf,
@@ -147,7 +157,8 @@ fn id_from(bytes: &[u8]) -> Option<QueueId> {
 
 impl Store {
     /// Opens (or creates) the store in `dir`. sled locks the folder: a second process gets an error.
-    pub fn open(dir: &Path) -> Result<Store> {
+    /// New IDs will be at least `id_floor`.
+    pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
         std::fs::create_dir_all(dir)?;
         let db = sled::Config::new().path(dir).cache_capacity(128 * 1024 * 1024).flush_every_ms(Some(500)).open()?;
         let log = File::open(dir.join("db"))?;
@@ -156,11 +167,16 @@ impl Store {
             bodies: db.open_tree("bodies")?,
             retry: db.open_tree("retry")?,
             pickup: db.open_tree("pickup")?,
+            meta: db.open_tree("meta")?,
+            next: AtomicU64::new(1),
             db,
             log,
             path: dir.to_path_buf(),
         };
         store.remove_orphans()?;
+        let stored = store.meta.get(NEXT_ID)?.as_deref().and_then(id_from).unwrap_or(1);
+        let after_last = store.envelopes.last()?.and_then(|(k, _)| id_from(&k)).map_or(1, |id| id + 1);
+        store.next.store(stored.max(after_last).max(id_floor).max(1), Ordering::SeqCst);
         Ok(store)
     }
 
@@ -168,13 +184,22 @@ impl Store {
         &self.path
     }
 
-    /// A new, never reused, increasing message ID (sled persists the counter; IDs may skip after a crash).
+    /// A new, increasing message ID. The counter is persisted by [`Store::insert`]: an ID handed
+    /// out for a message that never became durable may be handed out again after a crash, which
+    /// is harmless because that message was never acknowledged or delivered.
     pub fn next_id(&self) -> Result<QueueId> {
-        Ok(self.db.generate_id()? + 1)
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        if id == u64::MAX {
+            return Err(StoreError::Corrupt("message IDs exhausted".into()));
+        }
+        Ok(id)
     }
 
     /// Writes body and envelope (and the Pickup mark). Not durable until [`Store::sync`].
     pub fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
+        // The counter goes into the log before the envelope: a recovered envelope implies a
+        // recovered counter above it.
+        self.meta.insert(NEXT_ID, &self.next.load(Ordering::SeqCst).to_be_bytes())?;
         for (i, chunk) in message.chunks(CHUNK).enumerate() {
             self.bodies.insert(body_key(env.id, i as u32), chunk)?;
         }
@@ -348,7 +373,7 @@ mod tests {
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let id;
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Store::open(dir.path(), 0).unwrap();
             id = s.next_id().unwrap();
             assert!(id > 0);
             s.insert(&env(id, None), &big, None).unwrap();
@@ -365,7 +390,7 @@ mod tests {
             assert_eq!(s.due(200, 10).unwrap(), vec![id]);
             s.sync().unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
         assert_eq!(s.body(id).unwrap(), big);
         assert_eq!(s.pending().unwrap().len(), 1);
         assert!(s.next_id().unwrap() > id);
@@ -376,21 +401,45 @@ mod tests {
     }
 
     #[test]
+    fn ids_increase_across_reopen_and_respect_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let last;
+        {
+            let s = Store::open(dir.path(), 0).unwrap();
+            let a = s.next_id().unwrap();
+            let b = s.next_id().unwrap();
+            assert!(a >= 1 && b == a + 1);
+            s.insert(&env(b, None), b"x", None).unwrap();
+            s.remove(b).unwrap();
+            s.sync().unwrap();
+            last = b;
+        }
+        // The message is gone, but its ID is not handed out again.
+        let s = Store::open(dir.path(), 0).unwrap();
+        assert!(s.next_id().unwrap() > last);
+        drop(s);
+        // A floor (the highest ID in Drop, after the Queue folder was wiped) is respected.
+        let wiped = tempfile::tempdir().unwrap();
+        let s = Store::open(wiped.path(), 500).unwrap();
+        assert_eq!(s.next_id().unwrap(), 500);
+    }
+
+    #[test]
     fn orphan_bodies_are_removed_at_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Store::open(dir.path(), 0).unwrap();
             s.bodies.insert(body_key(7, 0), b"orphan".as_slice()).unwrap();
             s.sync().unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
         assert!(s.body(7).unwrap().is_empty());
     }
 
     #[test]
     fn pickup_marks() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), 0).unwrap();
         let mark = PickupMark { name: "a.eml".into(), fingerprint: "1:2:3".into() };
         s.insert(&env(5, None), b"x", Some(&mark)).unwrap();
         assert_eq!(s.pickup_taken(&mark).unwrap(), Some(5));

@@ -71,7 +71,7 @@ fn queue_with(remote: Option<Recipient<Deliver>>) -> (tempfile::TempDir, std::pa
     let metrics = Metrics::unregistered();
     let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
     let router = Router { local_domains: vec!["example.test".into()], local: local.recipient(), remote };
-    let store = Store::open(&dir.path().join("Queue")).unwrap();
+    let store = Store::open(&dir.path().join("Queue"), 1).unwrap();
     let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
     (dir, drop_dir, queue)
 }
