@@ -329,9 +329,13 @@ impl Pickup {
     }
 }
 
+/// Files looked at per scan, at most: a Pickup folder flooded with files is worked through in
+/// slices instead of being listed whole four times a second.
+const SCAN_LIMIT: usize = 4096;
+
 fn list_candidates(dir: &Path) -> io::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir)? {
+    for entry in fs::read_dir(dir)?.take(SCAN_LIMIT) {
         let entry = entry?;
         let Ok(name) = entry.file_name().into_string() else {
             continue;
