@@ -329,13 +329,16 @@ impl Pickup {
     }
 }
 
-/// Files looked at per scan, at most: a Pickup folder flooded with files is worked through in
-/// slices instead of being listed whole four times a second.
+/// Candidates collected per scan, at most: a Pickup folder flooded with files is worked through
+/// in slices, and the scan's memory stays bounded.
 const SCAN_LIMIT: usize = 4096;
 
 fn list_candidates(dir: &Path) -> io::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir)?.take(SCAN_LIMIT) {
+    for entry in fs::read_dir(dir)? {
+        if out.len() >= SCAN_LIMIT {
+            break;
+        }
         let entry = entry?;
         let Ok(name) = entry.file_name().into_string() else {
             continue;
