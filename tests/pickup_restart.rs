@@ -85,20 +85,15 @@ fn local_delivery_failure_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), "[queue]\nretry_intervals = [\"1s\"]\n"));
     // Break the Drop folder: a plain file where the folder should be.
-    fs::remove_dir(dir.path().join("Drop")).unwrap();
-    fs::write(dir.path().join("Drop"), b"").unwrap();
+    break_drop(dir.path());
     let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let id = c.transaction("a@remote.test", &["r@example.test"], b"Subject: retry\r\n\r\nx\r\n").queue_id().unwrap();
-    wait_for("a temporary failure", Duration::from_secs(10), || {
-        (metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}") >= 1.0).then_some(())
-    });
+    wait_metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}", |v| v >= 1.0);
     fs::remove_file(dir.path().join("Drop")).unwrap();
     fs::create_dir(dir.path().join("Drop")).unwrap();
     let f = parse_drop(&drop_file(dir.path(), id));
     assert_eq!(f.message, b"Subject: retry\r\n\r\nx\r\n");
-    wait_for("queue empty", Duration::from_secs(5), || {
-        (metric(&running, "mailroot_queue_messages") == 0.0).then_some(())
-    });
+    wait_metric(&running, "mailroot_queue_messages", |v| v == 0.0);
     running.stop();
 }
 
@@ -107,17 +102,14 @@ fn restart_with_mail_pending() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "[queue]\nretry_intervals = [\"1s\"]\n");
     let running = start(cfg.clone());
-    fs::remove_dir(dir.path().join("Drop")).unwrap();
-    fs::write(dir.path().join("Drop"), b"").unwrap();
+    break_drop(dir.path());
     let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let local =
         c.transaction("a@remote.test", &["r@example.test"], b"Subject: pending\r\n\r\nx\r\n").queue_id().unwrap();
     let remote =
         c.transaction("a@example.test", &["far@remote.test"], b"Subject: remote\r\n\r\ny\r\n").queue_id().unwrap();
     assert!(remote > local, "IDs increase");
-    wait_for("a temporary failure", Duration::from_secs(10), || {
-        (metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}") >= 1.0).then_some(())
-    });
+    wait_metric(&running, "mailroot_deliveries_total{route=\"drop\",result=\"temporary\"}", |v| v >= 1.0);
     drop(c);
     running.stop();
 
@@ -130,9 +122,7 @@ fn restart_with_mail_pending() {
     let mut c = Client::ready(running.smtp_addrs[0], "c.test");
     let next = c.transaction("a@remote.test", &["r@example.test"], b"x\r\n").queue_id().unwrap();
     assert!(next > remote);
-    wait_for("one message left", Duration::from_secs(10), || {
-        (metric(&running, "mailroot_queue_messages") == 1.0).then_some(())
-    });
+    wait_metric(&running, "mailroot_queue_messages", |v| v == 1.0);
     running.stop();
 }
 

@@ -99,9 +99,7 @@ fn relay_is_denied_to_outsiders_and_allowed_to_listed_networks() {
     let r = inside.transaction("a@example.test", &["far@elsewhere.test"], b"Subject: relay\r\n\r\nx\r\n");
     assert_eq!(r.code, 250);
     assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"relay_denied\"}"), 1.0);
-    wait_for("queued message counted", Duration::from_secs(5), || {
-        (metric(&running, "mailroot_queue_messages") == 1.0).then_some(())
-    });
+    wait_metric(&running, "mailroot_queue_messages", |v| v == 1.0);
     running.stop();
 }
 

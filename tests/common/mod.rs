@@ -60,6 +60,17 @@ pub fn metric(running: &Running, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits until the metric `name_and_labels` satisfies `ok`.
+pub fn wait_metric(running: &Running, name_and_labels: &str, ok: impl Fn(f64) -> bool) {
+    wait_for(name_and_labels, Duration::from_secs(10), || ok(metric(running, name_and_labels)).then_some(()));
+}
+
+/// Puts a plain file where the Drop folder should be, so local delivery fails temporarily.
+pub fn break_drop(dir: &Path) {
+    std::fs::remove_dir(dir.join("Drop")).expect("remove Drop");
+    std::fs::write(dir.join("Drop"), b"").expect("file in Drop's place");
+}
+
 /// A raw SMTP client over a real socket.
 pub struct Client {
     reader: BufReader<TcpStream>,
