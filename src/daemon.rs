@@ -136,11 +136,17 @@ fn highest_drop_id(drop_dir: &Path) -> std::io::Result<u64> {
 
 /// sled locks its folder; a daemon that just stopped may take a moment to let go.
 fn open_store(dir: &Path, id_floor: u64) -> Result<Store, StartError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         match Store::open(dir, id_floor) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+            Err(e) if e.to_string().contains("lock") => {
+                if Instant::now() > deadline {
+                    return Err(StartError(format!(
+                        "the queue in {} is locked: is another mailroot running on this Mailroot? ({e})",
+                        dir.display()
+                    )));
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => return Err(StartError(format!("opening the queue in {}: {e}", dir.display()))),
