@@ -290,9 +290,9 @@ impl Config {
         Ok(())
     }
 
-    /// The local domains, lower-cased, default first.
-    pub fn local_domains(&self) -> Vec<String> {
-        self.domains.local.iter().map(|d| d.to_ascii_lowercase()).collect()
+    /// The local domains, default first.
+    pub fn local_domains(&self) -> mailroot_actors::protocol::LocalDomains {
+        mailroot_actors::protocol::LocalDomains::new(&self.domains.local)
     }
 
     pub fn to_toml(&self) -> String {

@@ -48,9 +48,20 @@ impl Folders {
         }
     }
 
+    /// Creates the folders, and empties SortTemp: what is there was being written when a previous
+    /// run stopped and is referenced by nothing (the queue still holds those messages).
     pub fn create(&self) -> std::io::Result<()> {
+        fn context(d: &Path) -> impl FnOnce(std::io::Error) -> std::io::Error + '_ {
+            move |e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display()))
+        }
         for d in [&self.pickup, &self.queue, &self.drop, &self.badmail, &self.sort_temp] {
-            std::fs::create_dir_all(d).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+            std::fs::create_dir_all(d).map_err(context(d))?;
+        }
+        for entry in std::fs::read_dir(&self.sort_temp).map_err(context(&self.sort_temp))? {
+            let path = entry.map_err(context(&self.sort_temp))?.path();
+            if path.is_file() {
+                std::fs::remove_file(&path).map_err(context(&path))?;
+            }
         }
         Ok(())
     }

@@ -149,3 +149,29 @@ fn wiping_the_queue_folder_never_reuses_a_drop_file_name() {
     assert_eq!(kept.message, b"Subject: first\r\n\r\nx\r\n");
     running.stop();
 }
+
+#[test]
+fn oversized_pickup_file_goes_to_badmail_and_sort_temp_is_emptied_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // Leftovers of a Drop write interrupted by a crash.
+    fs::create_dir_all(dir.path().join("SortTemp")).unwrap();
+    fs::write(dir.path().join("SortTemp/7.0.tmp"), b"half a message").unwrap();
+    let running = start(config(dir.path(), "[limits]\nmax_message_size = 2000\n"));
+    assert!(!dir.path().join("SortTemp/7.0.tmp").exists(), "SortTemp is scratch: emptied at start");
+
+    let big = format!("x-sender: a@b.test\r\nx-receiver: c@example.test\r\n\r\n{}", "y\r\n".repeat(700));
+    put_pickup(dir.path(), "big.eml", big.as_bytes());
+    let bdr = wait_for("Badmail reason", Duration::from_secs(10), || {
+        fs::read_to_string(dir.path().join("Badmail/big.eml.bdr")).ok()
+    });
+    assert!(bdr.contains("larger than the maximum message size"), "{bdr}");
+    assert_eq!(fs::read(dir.path().join("Badmail/big.eml.bad")).unwrap(), big.as_bytes());
+    // Far over the limit too (the read stops one byte past it).
+    let huge = vec![b'z'; 200_000];
+    put_pickup(dir.path(), "huge.eml", &huge);
+    wait_for("huge file in Badmail", Duration::from_secs(10), || {
+        dir.path().join("Badmail/huge.eml.bad").exists().then_some(())
+    });
+    assert!(drop_files(dir.path()).is_empty());
+    running.stop();
+}

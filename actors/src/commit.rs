@@ -11,6 +11,8 @@ use std::sync::Arc;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::fsio::blocking;
+
 type Waiter = oneshot::Sender<Result<(), Arc<io::Error>>>;
 
 #[derive(Clone)]
@@ -20,7 +22,7 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Spawns the commit task on the current runtime. `sync` runs on the blocking pool.
-    pub fn spawn<F>(name: &'static str, sync: F, batch_sizes: Option<Histogram>) -> Self
+    pub fn spawn<F>(name: &'static str, sync: F, batch_sizes: Histogram) -> Self
     where
         F: Fn() -> io::Result<()> + Send + Sync + 'static,
     {
@@ -33,13 +35,8 @@ impl GroupCommit {
                     batch.push(w);
                 }
                 let f = sync.clone();
-                let result = match tokio::task::spawn_blocking(move || f()).await {
-                    Ok(r) => r.map_err(Arc::new),
-                    Err(e) => Err(Arc::new(io::Error::other(format!("{name} sync task failed: {e}")))),
-                };
-                if let Some(h) = &batch_sizes {
-                    h.observe(batch.len() as f64);
-                }
+                let result = blocking(move || f()).await.map_err(Arc::new);
+                batch_sizes.observe(batch.len() as f64);
                 if let Err(e) = &result {
                     tracing::error!(what = name, error = %e, "sync failed");
                 }

@@ -33,15 +33,18 @@ pub struct DeliveryReport {
     pub results: Vec<RecipientResult>,
 }
 
+impl Deliver {
+    /// The envelope indices of the recipients in this request.
+    pub fn indices(&self) -> Vec<usize> {
+        self.recipients.iter().map(|r| r.index).collect()
+    }
+}
+
 impl DeliveryReport {
-    /// The same outcome for every recipient of a request.
-    pub fn all(req: &Deliver, outcome: Outcome) -> Self {
+    /// The same outcome for every recipient (by envelope index), e.g. `req.indices()`.
+    pub fn all(indices: Vec<usize>, outcome: Outcome) -> Self {
         DeliveryReport {
-            results: req
-                .recipients
-                .iter()
-                .map(|r| RecipientResult { index: r.index, outcome: outcome.clone() })
-                .collect(),
+            results: indices.into_iter().map(|index| RecipientResult { index, outcome: outcome.clone() }).collect(),
         }
     }
 }

@@ -4,13 +4,15 @@
 //! - [`protocol`]: the sans-IO SMTP protocol (commands, DATA receiver, session state machine,
 //!   reply catalogue, trace header). No sockets, no actors.
 //! - [`store`]: the sled queue store (envelopes, chunked bodies, retry index).
-//! - [`commit`]: group commit, shared by the queue and the Drop writer.
+//! - [`commit`]: group commit, shared by the queue and the Drop writer; [`fsio`]: blocking-pool
+//!   and directory-sync helpers.
 //! - [`delivery`]: the `Deliver`/`DeliveryReport` interface and outcome classification.
 //! - Actors: [`listener`], [`session`], [`queue`], [`local_drop`], [`pickup`].
 //! - [`metrics`]: the prometheus-client registry the actors update.
 
 pub mod commit;
 pub mod delivery;
+pub mod fsio;
 pub mod listener;
 pub mod local_drop;
 pub mod metrics;

@@ -9,7 +9,6 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -17,6 +16,7 @@ use tokio::sync::Semaphore;
 
 use crate::commit::GroupCommit;
 use crate::delivery::{Deliver, DeliveryReport, Outcome};
+use crate::fsio::{blocking, sync_dir};
 use crate::metrics::Metrics;
 
 pub struct LocalDrop {
@@ -25,7 +25,7 @@ pub struct LocalDrop {
     metrics: Arc<Metrics>,
     dir_sync: Option<GroupCommit>,
     /// Makes temporary names unique even for two attempts of one message.
-    counter: Arc<AtomicU64>,
+    seq: u64,
     /// Files being written at once. Enough concurrent `fdatasync`s for ext4 to merge them into
     /// shared journal commits; more only makes writers spin on the SortTemp directory lock.
     writers: Arc<Semaphore>,
@@ -41,7 +41,7 @@ impl LocalDrop {
             sort_temp,
             metrics,
             dir_sync: None,
-            counter: Arc::new(AtomicU64::new(0)),
+            seq: 0,
             writers: Arc::new(Semaphore::new(DROP_WRITERS)),
         }
     }
@@ -52,17 +52,9 @@ impl Actor for LocalDrop {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         let dir = self.drop_dir.clone();
-        self.dir_sync = Some(GroupCommit::spawn(
-            "drop directory",
-            move || sync_dir(&dir),
-            Some(self.metrics.drop_commit_batch.clone()),
-        ));
+        self.dir_sync =
+            Some(GroupCommit::spawn("drop directory", move || sync_dir(&dir), self.metrics.drop_commit_batch.clone()));
     }
-}
-
-/// `fsync` of a directory makes the renames into it durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// The Drop file's bytes: envelope lines, then the stored message.
@@ -98,32 +90,36 @@ impl Handler<Deliver> for LocalDrop {
 
     fn handle(&mut self, req: Deliver, _ctx: &mut Self::Context) -> Self::Result {
         let (drop_dir, sort_temp) = (self.drop_dir.clone(), self.sort_temp.clone());
-        let seq = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
         let dir_sync = self.dir_sync.clone();
         let writers = self.writers.clone();
+        let req = Arc::new(req);
         Box::pin(async move {
-            let req2 = req.clone();
             let written = match writers.acquire_owned().await {
-                Ok(permit) => tokio::task::spawn_blocking(move || {
-                    let r = write_drop_file(&req2, &drop_dir, &sort_temp, seq);
-                    drop(permit);
-                    r
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e.to_string()))),
+                Ok(permit) => {
+                    let req = req.clone();
+                    blocking(move || {
+                        let r = write_drop_file(&req, &drop_dir, &sort_temp, seq);
+                        drop(permit);
+                        r
+                    })
+                    .await
+                }
                 Err(e) => Err(io::Error::other(e.to_string())),
             };
             if let Err(e) = written {
-                return DeliveryReport::all(&req, Outcome::from_io_error("writing the Drop file", &e));
+                return DeliveryReport::all(req.indices(), Outcome::from_io_error("writing the Drop file", &e));
             }
             let synced = match dir_sync {
                 Some(s) => s.commit().await.map_err(|e| io::Error::other(e.to_string())),
                 None => Err(io::Error::other("drop directory syncer not running")),
             };
-            match synced {
-                Ok(()) => DeliveryReport::all(&req, Outcome::Delivered(format!("250 2.0.0 dropped as {}.eml", req.id))),
-                Err(e) => DeliveryReport::all(&req, Outcome::from_io_error("syncing the Drop folder", &e)),
-            }
+            let outcome = match synced {
+                Ok(()) => Outcome::Delivered(format!("250 2.0.0 dropped as {}.eml", req.id)),
+                Err(e) => Outcome::from_io_error("syncing the Drop folder", &e),
+            };
+            DeliveryReport::all(req.indices(), outcome)
         })
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tracing::{error, info, warn};
 
-use crate::local_drop::sync_dir;
+use crate::fsio::{blocking, sync_dir};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::protocol::address::parse_mailbox;
 use crate::protocol::data::MAX_LINE;
@@ -292,14 +292,13 @@ impl Pickup {
         }
         self.scanning = true;
         let dir = self.settings.pickup_dir.clone();
-        let list = async move { tokio::task::spawn_blocking(move || list_candidates(&dir)).await };
-        list.into_actor(self)
+        blocking(move || list_candidates(&dir))
+            .into_actor(self)
             .map(|res, act, ctx| {
                 act.scanning = false;
                 let found = match res {
-                    Ok(Ok(found)) => found,
-                    Ok(Err(e)) => return warn!(error = %e, "cannot list the Pickup folder"),
-                    Err(e) => return error!(error = %e, "pickup scan task failed"),
+                    Ok(found) => found,
+                    Err(e) => return warn!(error = %e, "cannot list the Pickup folder"),
                 };
                 let mut now_seen = HashMap::new();
                 for (name, fp) in found {
@@ -355,10 +354,6 @@ fn list_candidates(dir: &Path) -> io::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
-}
-
 async fn process(
     s: PickupSettings,
     name: String,
@@ -371,11 +366,10 @@ async fn process(
     let limit = s.max_message_size as u64 + 64 * 1024;
     let p = path.clone();
     let raw = match blocking(move || {
-        let len = fs::metadata(&p)?.len();
-        if len > limit {
-            return Ok(None);
-        }
-        fs::read(&p).map(Some)
+        // Read at most one byte past the limit, even if the file grows while we read it.
+        let mut raw = Vec::new();
+        fs::File::open(&p)?.take(limit + 1).read_to_end(&mut raw)?;
+        Ok((raw.len() as u64 <= limit).then_some(raw))
     })
     .await
     {

@@ -20,7 +20,7 @@ use crate::commit::GroupCommit;
 use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Outcome};
 use crate::metrics::{Metrics, RouteLabel, SourceLabel};
 use crate::protocol::received::{received_header, Origin};
-use crate::protocol::{EnqueueError, Mailbox};
+use crate::protocol::{EnqueueError, LocalDomains, Mailbox};
 use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, Store};
 
 /// Store one new message. Answered once it is on stable storage.
@@ -61,15 +61,14 @@ pub struct Flush;
 /// else they stay queued until a remote delivery actor is wired in.
 #[derive(Clone)]
 pub struct Router {
-    pub local_domains: Vec<String>,
+    pub local_domains: LocalDomains,
     pub local: Recipient<Deliver>,
     pub remote: Option<Recipient<Deliver>>,
 }
 
 impl Router {
     fn route(&self, address: &str) -> Option<(&'static str, Recipient<Deliver>)> {
-        let domain = address.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
-        if self.local_domains.contains(&domain) {
+        if self.local_domains.contains_address(address) {
             Some(("drop", self.local.clone()))
         } else {
             self.remote.clone().map(|r| ("remote", r))
@@ -222,14 +221,14 @@ impl Queue {
             self.in_flight += 1;
             self.in_flight_bytes += message.len();
             *self.outstanding.entry(id).or_default() += 1;
-            let fallback = req.clone();
+            let indices = req.indices();
             let size = message.len();
             actor
                 .send(req)
                 .into_actor(self)
                 .map(move |res, act, ctx| {
                     let report = res.unwrap_or_else(|e| {
-                        DeliveryReport::all(&fallback, Outcome::Temporary(format!("delivery actor unavailable: {e}")))
+                        DeliveryReport::all(indices, Outcome::Temporary(format!("delivery actor unavailable: {e}")))
                     });
                     act.in_flight -= 1;
                     act.in_flight_bytes -= size;
@@ -258,6 +257,7 @@ impl Queue {
             Ok(None) => return,
             Err(e) => return error!(id, error = %e, "cannot read envelope to record results"),
         };
+        let stored_next = env.next_attempt;
         let now = unix_now();
         for res in report.results {
             let Some(r) = env.recipients.get_mut(res.index) else {
@@ -296,7 +296,7 @@ impl Queue {
         env.next_attempt =
             env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).filter_map(|r| r.next_attempt).min();
         let finished = env.is_finished();
-        let result = if finished { self.store.remove(id) } else { self.store.update(&env) };
+        let result = if finished { self.store.remove(id, stored_next) } else { self.store.update(&env, stored_next) };
         match result {
             Ok(()) if finished => {
                 self.queued = self.queued.saturating_sub(1);
@@ -334,23 +334,23 @@ impl Actor for Queue {
         self.committer = Some(GroupCommit::spawn(
             "queue",
             move || store.sync().map_err(|e| std::io::Error::other(e.to_string())),
-            Some(self.metrics.queue_commit_batch.clone()),
+            self.metrics.queue_commit_batch.clone(),
         ));
-        match self.store.pending() {
+        match self.store.envelopes() {
             Ok(envs) => {
                 let now = unix_now();
+                self.queued = envs.len();
                 let mut resumed = 0;
-                for env in envs {
+                for env in envs.iter().filter(|e| !e.is_finished()) {
                     // Messages waiting for a retry time are the retry check's; the rest go now.
                     if env.next_attempt.is_none_or(|t| t <= now) {
                         resumed += 1;
                         self.schedule(env.id, None);
                     }
                 }
-                self.queued = self.store.len();
                 info!(resumed, queued = self.queued, "queue opened");
             }
-            Err(e) => error!(error = %e, "cannot list pending messages"),
+            Err(e) => error!(error = %e, "cannot list the queued messages"),
         }
         self.metrics.queue_messages.set(self.queued as i64);
         self.pump(ctx);
@@ -422,7 +422,7 @@ impl Handler<Enqueue> for Queue {
             next_attempt: None,
         };
         if let Err(e) = self.store.insert(&env, &message, msg.pickup.as_ref()) {
-            let _ = self.store.remove(id);
+            let _ = self.store.discard(&env, msg.pickup.as_ref());
             return Box::pin(actix::fut::ready(Err(fail(e))));
         }
         let Some(committer) = self.committer.clone() else {
@@ -430,6 +430,7 @@ impl Handler<Enqueue> for Queue {
         };
         let size = message.len() as u64;
         let message = Arc::new(message);
+        let mark = msg.pickup;
         Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
                 act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
@@ -442,7 +443,7 @@ impl Handler<Enqueue> for Queue {
             }
             Err(e) => {
                 error!(id, error = %e, "queue sync failed; refusing the message");
-                let _ = act.store.remove(id);
+                let _ = act.store.discard(&env, mark.as_ref());
                 Err(EnqueueError::Temporary)
             }
         }))

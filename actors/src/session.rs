@@ -81,8 +81,8 @@ async fn drive(
     queue: Recipient<Enqueue>,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
-    mut out: Output,
 ) -> (protocol::Session, Output) {
+    let mut out = Output::default();
     while let Some(action) = proto.next_action() {
         match action {
             Action::Reply(r) => r.write_to(&mut out.bytes),
@@ -127,16 +127,16 @@ impl Handler<Greet> for Session {
     }
 }
 
-impl Handler<Input> for Session {
-    type Result = ResponseActFuture<Self, Output>;
-
-    fn handle(&mut self, msg: Input, _ctx: &mut Self::Context) -> Self::Result {
+impl Session {
+    /// Lets `step` act on the protocol state (feed input, signal a timeout), then runs every
+    /// action that results, awaiting the queue where needed.
+    fn run(&mut self, step: impl FnOnce(&mut protocol::Session)) -> ResponseActFuture<Self, Output> {
         let Some(mut proto) = self.proto.take() else {
             // Only reachable if the I/O task did not wait for the previous answer.
             return Box::pin(actix::fut::ready(Output { bytes: Vec::new(), close: true }));
         };
-        proto.feed(&msg.0);
-        let fut = drive(proto, self.queue.clone(), self.peer, self.metrics.clone(), Output::default());
+        step(&mut proto);
+        let fut = drive(proto, self.queue.clone(), self.peer, self.metrics.clone());
         Box::pin(fut.into_actor(self).map(|(proto, out), act, _ctx| {
             act.proto = Some(proto);
             out
@@ -144,21 +144,19 @@ impl Handler<Input> for Session {
     }
 }
 
-impl Handler<IdleTimeout> for Session {
-    type Result = Output;
+impl Handler<Input> for Session {
+    type Result = ResponseActFuture<Self, Output>;
 
-    fn handle(&mut self, _msg: IdleTimeout, _ctx: &mut Self::Context) -> Output {
-        let mut out = Output { bytes: Vec::new(), close: true };
-        if let Some(proto) = self.proto.as_mut() {
-            for action in proto.timeout() {
-                match action {
-                    Action::Reply(r) => r.write_to(&mut out.bytes),
-                    Action::Refused(r) => log_refusal(self.peer, &self.metrics, &r),
-                    _ => {}
-                }
-            }
-        }
-        out
+    fn handle(&mut self, msg: Input, _ctx: &mut Self::Context) -> Self::Result {
+        self.run(|proto| proto.feed(&msg.0))
+    }
+}
+
+impl Handler<IdleTimeout> for Session {
+    type Result = ResponseActFuture<Self, Output>;
+
+    fn handle(&mut self, _msg: IdleTimeout, _ctx: &mut Self::Context) -> Self::Result {
+        self.run(protocol::Session::timeout)
     }
 }
 

@@ -14,7 +14,7 @@
 //!   message reuse the name of an undelivered Drop file.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -134,7 +134,6 @@ pub struct Store {
     next: AtomicU64,
     /// A second handle on sled's log file: `fdatasync` acts on the inode.
     log: File,
-    path: PathBuf,
 }
 
 fn body_key(id: QueueId, chunk: u32) -> [u8; 12] {
@@ -171,17 +170,12 @@ impl Store {
             next: AtomicU64::new(1),
             db,
             log,
-            path: dir.to_path_buf(),
         };
         store.remove_orphans()?;
         let stored = store.meta.get(NEXT_ID)?.as_deref().and_then(id_from).unwrap_or(1);
         let after_last = store.envelopes.last()?.and_then(|(k, _)| id_from(&k)).map_or(1, |id| id + 1);
         store.next.store(stored.max(after_last).max(id_floor).max(1), Ordering::SeqCst);
         Ok(store)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// A new, increasing message ID. The counter is persisted by [`Store::insert`]: an ID handed
@@ -203,11 +197,23 @@ impl Store {
         for (i, chunk) in message.chunks(CHUNK).enumerate() {
             self.bodies.insert(body_key(env.id, i as u32), chunk)?;
         }
+        self.put_envelope(env, None)?;
+        // The mark goes last: a recovered mark implies a recovered envelope, so a mark whose
+        // envelope is gone means the message was delivered, never that it was half-written.
         if let Some(m) = mark {
             let v = serde_json::to_vec(&(env.id, m)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             self.pickup.insert(m.name.as_bytes(), v)?;
         }
-        self.put_envelope(env, None)
+        Ok(())
+    }
+
+    /// Undoes an [`Store::insert`] whose sync failed: the message and its Pickup mark go, so a
+    /// retried Pickup file is queued afresh.
+    pub fn discard(&self, env: &Envelope, mark: Option<&PickupMark>) -> Result<()> {
+        if let Some(m) = mark {
+            self.forget_pickup(&m.name)?;
+        }
+        self.remove(env.id, env.next_attempt)
     }
 
     /// Makes everything written so far durable: sled's flush, then a real `fdatasync`.
@@ -226,10 +232,10 @@ impl Store {
         }
     }
 
-    /// Rewrites an envelope, keeping the retry index in step with its `next_attempt`.
-    pub fn update(&self, env: &Envelope) -> Result<()> {
-        let old = self.envelope(env.id)?;
-        self.put_envelope(env, old.and_then(|o| o.next_attempt))
+    /// Rewrites an envelope whose stored `next_attempt` was `old_next`, keeping the retry index in
+    /// step (the caller has just read the envelope; reading it again here would parse it twice).
+    pub fn update(&self, env: &Envelope, old_next: Option<u64>) -> Result<()> {
+        self.put_envelope(env, old_next)
     }
 
     fn put_envelope(&self, env: &Envelope, old_next: Option<u64>) -> Result<()> {
@@ -255,15 +261,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes a finished message: envelope first (so a crash leaves at worst an orphan body,
-    /// cleaned at the next open), then retry entry and body.
-    pub fn remove(&self, id: QueueId) -> Result<()> {
-        if let Some(env) = self.envelope(id)? {
-            if let Some(at) = env.next_attempt {
-                self.retry.remove(retry_key(at, id))?;
-            }
-        }
+    /// Removes a message whose stored `next_attempt` is `stored_next`: envelope first, so a crash
+    /// leaves at worst an orphan body, cleaned at the next open; then retry entry and body.
+    pub fn remove(&self, id: QueueId, stored_next: Option<u64>) -> Result<()> {
         self.envelopes.remove(id.to_be_bytes())?;
+        if let Some(at) = stored_next {
+            self.retry.remove(retry_key(at, id))?;
+        }
+        self.remove_body(id)
+    }
+
+    fn remove_body(&self, id: QueueId) -> Result<()> {
         let keys: Vec<_> = self.bodies.scan_prefix(id.to_be_bytes()).keys().collect::<std::result::Result<_, _>>()?;
         for k in keys {
             self.bodies.remove(k)?;
@@ -271,17 +279,14 @@ impl Store {
         Ok(())
     }
 
-    /// IDs of messages with pending recipients, oldest first.
-    pub fn pending(&self) -> Result<Vec<Envelope>> {
+    /// Every readable envelope, oldest first.
+    pub fn envelopes(&self) -> Result<Vec<Envelope>> {
         let mut out = Vec::new();
         for kv in self.envelopes.iter() {
             let (k, v) = kv?;
             match serde_json::from_slice::<Envelope>(&v) {
-                Ok(env) if !env.is_finished() => out.push(env),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(key = ?k, error = %e, "unreadable envelope left in the queue")
-                }
+                Ok(env) => out.push(env),
+                Err(e) => tracing::error!(key = ?k, error = %e, "unreadable envelope left in the queue"),
             }
         }
         Ok(out)
@@ -297,15 +302,6 @@ impl Store {
             }
         }
         Ok(out)
-    }
-
-    /// Number of messages in the queue (for the metrics gauge).
-    pub fn len(&self) -> usize {
-        self.envelopes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.envelopes.is_empty()
     }
 
     /// The queue ID of a Pickup file already queued under this name and fingerprint.
@@ -325,20 +321,24 @@ impl Store {
         Ok(())
     }
 
+    /// Bodies whose envelope was never written (a crash mid-insert). Jumps from message to
+    /// message instead of reading every chunk key.
     fn remove_orphans(&self) -> Result<()> {
-        let mut last: Option<QueueId> = None;
         let mut orphans = Vec::new();
-        for k in self.bodies.iter().keys() {
-            let k = k?;
-            let Some(id) = id_from(&k) else { continue };
-            if last != Some(id) && !self.envelopes.contains_key(id.to_be_bytes())? {
+        let mut next = self.bodies.first()?;
+        while let Some((k, _)) = next {
+            let Some(id) = id_from(&k) else { break };
+            if !self.envelopes.contains_key(id.to_be_bytes())? {
                 orphans.push(id);
             }
-            last = Some(id);
+            next = match id.checked_add(1) {
+                Some(n) => self.bodies.range(body_key(n, 0)..).next().transpose()?,
+                None => None,
+            };
         }
         for id in orphans {
             tracing::warn!(id, "removing the body of a message whose envelope was never written");
-            self.remove(id)?;
+            self.remove_body(id)?;
         }
         Ok(())
     }
@@ -381,20 +381,21 @@ mod tests {
             assert_eq!(s.body(id).unwrap(), big);
             // Retry index follows next_attempt.
             let mut e = env(id, Some(100));
-            s.update(&e).unwrap();
+            s.update(&e, None).unwrap();
             assert_eq!(s.due(99, 10).unwrap(), Vec::<u64>::new());
             assert_eq!(s.due(100, 10).unwrap(), vec![id]);
             e.next_attempt = Some(200);
-            s.update(&e).unwrap();
+            s.update(&e, Some(100)).unwrap();
             assert_eq!(s.due(150, 10).unwrap(), Vec::<u64>::new());
             assert_eq!(s.due(200, 10).unwrap(), vec![id]);
             s.sync().unwrap();
         }
         let s = Store::open(dir.path(), 0).unwrap();
         assert_eq!(s.body(id).unwrap(), big);
-        assert_eq!(s.pending().unwrap().len(), 1);
+        let stored = s.envelopes().unwrap();
+        assert_eq!(stored.len(), 1);
         assert!(s.next_id().unwrap() > id);
-        s.remove(id).unwrap();
+        s.remove(stored[0].id, stored[0].next_attempt).unwrap();
         assert!(s.envelope(id).unwrap().is_none());
         assert!(s.body(id).unwrap().is_empty());
         assert_eq!(s.due(u64::MAX, 10).unwrap(), Vec::<u64>::new());
@@ -410,7 +411,7 @@ mod tests {
             let b = s.next_id().unwrap();
             assert!(a >= 1 && b == a + 1);
             s.insert(&env(b, None), b"x", None).unwrap();
-            s.remove(b).unwrap();
+            s.remove(b, None).unwrap();
             s.sync().unwrap();
             last = b;
         }
@@ -429,11 +430,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), 0).unwrap();
+            s.insert(&env(3, None), &vec![b'k'; 3 * CHUNK], None).unwrap();
             s.bodies.insert(body_key(7, 0), b"orphan".as_slice()).unwrap();
+            s.bodies.insert(body_key(7, 1), b"orphan".as_slice()).unwrap();
+            s.insert(&env(9, None), b"kept", None).unwrap();
+            s.bodies.insert(body_key(u64::MAX, 0), b"orphan".as_slice()).unwrap();
             s.sync().unwrap();
         }
         let s = Store::open(dir.path(), 0).unwrap();
         assert!(s.body(7).unwrap().is_empty());
+        assert!(s.body(u64::MAX).unwrap().is_empty());
+        assert_eq!(s.body(3).unwrap().len(), 3 * CHUNK);
+        assert_eq!(s.body(9).unwrap(), b"kept");
     }
 
     #[test]
@@ -447,5 +455,10 @@ mod tests {
         assert_eq!(s.pickup_taken(&other).unwrap(), None);
         s.forget_pickup("a.eml").unwrap();
         assert_eq!(s.pickup_taken(&mark).unwrap(), None);
+        // A message whose sync failed is discarded with its mark: the file is queued afresh later.
+        s.insert(&env(6, None), b"y", Some(&mark)).unwrap();
+        s.discard(&env(6, None), Some(&mark)).unwrap();
+        assert_eq!(s.pickup_taken(&mark).unwrap(), None);
+        assert!(s.envelope(6).unwrap().is_none() && s.body(6).unwrap().is_empty());
     }
 }

@@ -10,6 +10,7 @@ use mailroot_actors::local_drop::LocalDrop;
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::protocol::address::parse_mailbox;
 use mailroot_actors::protocol::received::Origin;
+use mailroot_actors::protocol::LocalDomains;
 use mailroot_actors::queue::{Enqueue, Inspect, Queue, QueueSettings, Router};
 use mailroot_actors::store::{PickupMark, RcptStatus, Store};
 
@@ -70,7 +71,7 @@ fn queue_with(remote: Option<Recipient<Deliver>>) -> (tempfile::TempDir, std::pa
     std::fs::create_dir_all(&temp).unwrap();
     let metrics = Metrics::unregistered();
     let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
-    let router = Router { local_domains: vec!["example.test".into()], local: local.recipient(), remote };
+    let router = Router { local_domains: LocalDomains::new(["example.test"]), local: local.recipient(), remote };
     let store = Store::open(&dir.path().join("Queue"), 1).unwrap();
     let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
     (dir, drop_dir, queue)

@@ -22,6 +22,32 @@ impl fmt::Display for Mailbox {
     }
 }
 
+/// The domains delivered locally; the first is the default domain. The one place that decides
+/// "is this domain ours" (RCPT policy and queue routing both ask it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalDomains(Vec<String>);
+
+impl LocalDomains {
+    pub fn new<S: AsRef<str>>(domains: impl IntoIterator<Item = S>) -> Self {
+        LocalDomains(domains.into_iter().map(|d| d.as_ref().to_ascii_lowercase()).collect())
+    }
+
+    /// Domains compare case-insensitively.
+    pub fn contains(&self, domain: &str) -> bool {
+        self.0.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The domain of an address (`local@domain`), checked with [`LocalDomains::contains`].
+    pub fn contains_address(&self, address: &str) -> bool {
+        address.rsplit_once('@').is_some_and(|(_, d)| self.contains(d))
+    }
+
+    /// The default domain: completes a bare `postmaster`.
+    pub fn default_domain(&self) -> Option<&str> {
+        self.0.first().map(String::as_str)
+    }
+}
+
 /// Why an address was refused; each maps to one short text for the reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddressError {
@@ -216,6 +242,23 @@ mod tests {
 
     fn mb(l: &str, d: &str) -> Option<Mailbox> {
         Some(Mailbox { local: l.into(), domain: d.into() })
+    }
+
+    #[test]
+    fn local_domains() {
+        let d = LocalDomains::new(["Example.TEST", "alias.test"]);
+        assert_eq!(d.default_domain(), Some("example.test"));
+        for (addr, local) in [
+            ("a@example.test", true),
+            ("a@EXAMPLE.test", true),
+            ("a@alias.test", true),
+            ("a@other.test", false),
+            ("\"x@example.test\"@other.test", false),
+            ("example.test", false),
+        ] {
+            assert_eq!(d.contains_address(addr), local, "{addr}");
+        }
+        assert_eq!(LocalDomains::new(Vec::<String>::new()).default_domain(), None);
     }
 
     #[test]

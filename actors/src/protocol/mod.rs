@@ -14,6 +14,6 @@ pub mod session;
 #[cfg(test)]
 mod tests;
 
-pub use address::Mailbox;
+pub use address::{LocalDomains, Mailbox};
 pub use reply::Reply;
 pub use session::{Action, EnqueueError, Incoming, Refusal, RefusalCause, Session, SessionParams};

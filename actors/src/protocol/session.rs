@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::address::Mailbox;
+use super::address::{LocalDomains, Mailbox};
 use super::command::{self, Command, CommandError};
 use super::data::{DataOutcome, DataProblem, DataReceiver};
 use super::reply::{self, Reply};
@@ -21,8 +21,7 @@ pub const MAX_COMMAND_LINE: usize = 512;
 #[derive(Debug, Clone)]
 pub struct SessionParams {
     pub hostname: String,
-    /// Lower-cased local domains; the first is the default domain.
-    pub local_domains: Vec<String>,
+    pub local_domains: LocalDomains,
     pub max_message_size: usize,
     pub max_recipients: usize,
     /// 0 = no limit.
@@ -30,12 +29,6 @@ pub struct SessionParams {
     /// 0 = no limit.
     pub max_errors: usize,
     pub max_hop_count: usize,
-}
-
-impl SessionParams {
-    pub fn is_local(&self, domain: &str) -> bool {
-        self.local_domains.iter().any(|d| d == domain)
-    }
 }
 
 /// What the caller must do next.
@@ -187,15 +180,13 @@ impl Session {
         }
     }
 
-    /// The client was silent for too long.
-    pub fn timeout(&mut self) -> Vec<Action> {
-        self.mode = Mode::Closed;
-        self.input.clear();
-        vec![
-            Action::Refused(self.refusal(RefusalCause::IdleTimeout, None, 0)),
-            Action::Reply(reply::idle_timeout(&self.params.hostname)),
-            Action::Close,
-        ]
+    /// The client was silent for too long: the next actions are the refusal, `421 4.4.2` and
+    /// `Close`, and nothing after.
+    pub fn timeout(&mut self) {
+        let refusal = self.refusal(RefusalCause::IdleTimeout, None, 0);
+        self.out.push_back(Action::Refused(refusal));
+        let r = reply::idle_timeout(&self.params.hostname);
+        self.close_with(r);
     }
 
     /// The next action, or `None` when more input is needed.
@@ -405,8 +396,8 @@ impl Session {
         }
         if to.domain.is_empty() {
             // `<postmaster>` alone (RFC 5321 §4.5.1) means the postmaster of the default domain.
-            match self.params.local_domains.first() {
-                Some(d) => to.domain = d.clone(),
+            match self.params.local_domains.default_domain() {
+                Some(d) => to.domain = d.to_string(),
                 None => return self.reject(None, reply::bad_recipient_address("address lacks a domain")),
             }
         }
@@ -418,7 +409,7 @@ impl Session {
             self.out.push_back(Action::Refused(refusal));
             return self.reply(reply::too_many_recipients());
         }
-        if !self.params.is_local(&to.domain) && !self.relay_allowed {
+        if !self.params.local_domains.contains(&to.domain) && !self.relay_allowed {
             let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
             return self.reject(Some(refusal), reply::relay_denied());
         }

@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
+use super::address::LocalDomains;
 use super::session::{Action, EnqueueError, Incoming, RefusalCause, Session, SessionParams};
 
 fn params() -> SessionParams {
     SessionParams {
         hostname: "mx.example.test".into(),
-        local_domains: vec!["example.test".into(), "alias.test".into()],
+        local_domains: LocalDomains::new(["example.test", "alias.test"]),
         max_message_size: 2000,
         max_recipients: 3,
         max_messages_per_connection: 0,
@@ -322,9 +323,14 @@ fn queue_failures_are_temporary() {
 #[test]
 fn timeout_closes_with_421() {
     let mut s = Session::new(Arc::new(params()), "192.0.2.9".parse().unwrap(), false);
-    let actions = s.timeout();
+    // Input still buffered when the timeout fires is not executed.
+    s.feed(b"NOOP");
+    s.timeout();
+    let actions: Vec<Action> = std::iter::from_fn(|| s.next_action()).collect();
+    assert!(matches!(&actions[0], Action::Refused(r) if r.cause == RefusalCause::IdleTimeout));
     assert!(matches!(&actions[1], Action::Reply(r) if r.code == 421 && r.status == Some("4.4.2")));
     assert!(matches!(actions[2], Action::Close));
+    assert_eq!(actions.len(), 3);
     assert!(s.is_closed());
 }
 
