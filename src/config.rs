@@ -1,12 +1,15 @@
 //! The configuration file: TOML, every key with a default that works on a fresh machine,
 //! validated into errors that name the key. docs/configuration.md documents each key.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use mailroot_actors::remote::connection::Timeouts;
+use mailroot_actors::remote::{DomainPolicy, RemoteSettings, SmartHost};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The file `mailroot run` uses when `--config` is not given and it exists.
@@ -21,6 +24,7 @@ pub struct Config {
     pub relay: Relay,
     pub limits: Limits,
     pub queue: Queue,
+    pub delivery: Delivery,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,12 +66,25 @@ impl Default for Mailroot {
 pub struct Domains {
     /// The first is the default domain, the rest are aliases sharing the Drop folder.
     pub local: Vec<String>,
+    /// Settings for particular remote domains, by domain name.
+    pub remote: BTreeMap<String, RemoteDomain>,
 }
 
 impl Default for Domains {
     fn default() -> Self {
-        Domains { local: vec!["localhost".into()] }
+        Domains { local: vec!["localhost".into()], remote: BTreeMap::new() }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteDomain {
+    /// Send this domain's mail to this host instead of its MX hosts.
+    pub smart_host: String,
+    /// Anyone may send mail for this domain through us (we are its backup MX).
+    pub relay_allowed: bool,
+    /// Deliver only over STARTTLS; otherwise the mail waits.
+    pub require_tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,12 +124,85 @@ pub struct Queue {
     pub max_hop_count: usize,
     /// Waits after the 1st, 2nd, … temporary delivery failure; the last one repeats.
     pub retry_intervals: Vec<HumanDuration>,
+    /// Recipients still failing this long after arrival are given up and reported (NDR).
+    pub expire_after: HumanDuration,
+    /// The sender gets one delay notice once a message has waited this long.
+    pub delay_notice_after: HumanDuration,
+    /// Gets a copy of every non-delivery report; empty = nobody.
+    pub ndr_copy_to: String,
 }
 
 impl Default for Queue {
     fn default() -> Self {
         let m = |n: u64| HumanDuration(Duration::from_secs(n * 60));
-        Queue { max_hop_count: 100, retry_intervals: vec![m(15), m(30), m(60), m(240)] }
+        Queue {
+            max_hop_count: 100,
+            retry_intervals: vec![m(15), m(30), m(60), m(240)],
+            expire_after: HumanDuration(Duration::from_secs(5 * 86_400)),
+            delay_notice_after: m(240),
+            ndr_copy_to: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    /// The port used on MX hosts.
+    pub remote_port: u16,
+    /// DNS servers as `ip` or `ip:port`; empty = the system resolver (/etc/resolv.conf).
+    pub nameservers: Vec<String>,
+    pub dns_timeout: HumanDuration,
+    /// `host`, `host:port`, `[host]` or `[192.0.2.1]:25`; brackets skip the MX lookup.
+    pub smart_host: String,
+    pub direct_before_smart_host: bool,
+    pub max_connections: usize,
+    pub max_connections_per_domain: usize,
+    pub max_messages_per_connection: usize,
+    pub connect_timeout: HumanDuration,
+    pub command_timeout: HumanDuration,
+    pub data_timeout: HumanDuration,
+    /// The name we give in EHLO; empty = server.hostname.
+    pub helo_name: String,
+    /// Rewrites a local domain in MAIL FROM to this domain when relaying; empty = off.
+    pub masquerade_domain: String,
+    /// Use STARTTLS when the peer offers it.
+    pub starttls: bool,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        let s = |n: u64| HumanDuration(Duration::from_secs(n));
+        Delivery {
+            remote_port: 25,
+            nameservers: Vec::new(),
+            dns_timeout: s(10),
+            smart_host: String::new(),
+            direct_before_smart_host: false,
+            max_connections: 1000,
+            max_connections_per_domain: 100,
+            max_messages_per_connection: 100,
+            connect_timeout: s(30),
+            command_timeout: s(300),
+            data_timeout: s(600),
+            helo_name: String::new(),
+            masquerade_domain: String::new(),
+            starttls: true,
+        }
+    }
+}
+
+impl Delivery {
+    pub fn nameserver_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.nameservers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse::<SocketAddr>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| ConfigError(format!("delivery.nameservers[{i}]: {a:?} is not an ip or ip:port")))
+            })
+            .collect()
     }
 }
 
@@ -287,7 +377,100 @@ impl Config {
         if self.queue.max_hop_count == 0 {
             return err("queue.max_hop_count", "must be at least 1 (RFC 5321 asks for 100)".into());
         }
+        if self.queue.expire_after.0 < Duration::from_secs(1) {
+            return err("queue.expire_after", "must be at least 1s".into());
+        }
+        if !self.queue.ndr_copy_to.is_empty()
+            && mailroot_actors::protocol::address::parse_mailbox(&self.queue.ndr_copy_to).is_err()
+        {
+            return err("queue.ndr_copy_to", format!("{:?} is not an email address", self.queue.ndr_copy_to));
+        }
+        let d = &self.delivery;
+        if d.remote_port == 0 {
+            return err("delivery.remote_port", "must be 1-65535".into());
+        }
+        d.nameserver_addrs()?;
+        if !d.smart_host.is_empty() {
+            SmartHost::parse(&d.smart_host).map_err(|e| ConfigError(format!("delivery.smart_host: {e}")))?;
+        }
+        for (key, v) in [
+            ("delivery.max_connections", d.max_connections),
+            ("delivery.max_connections_per_domain", d.max_connections_per_domain),
+            ("delivery.max_messages_per_connection", d.max_messages_per_connection),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1".into());
+            }
+        }
+        for (key, v) in [
+            ("delivery.dns_timeout", d.dns_timeout),
+            ("delivery.connect_timeout", d.connect_timeout),
+            ("delivery.command_timeout", d.command_timeout),
+            ("delivery.data_timeout", d.data_timeout),
+        ] {
+            if v.0.is_zero() {
+                return err(key, "must be more than 0".into());
+            }
+        }
+        if !d.helo_name.is_empty() && validate_domain(&d.helo_name).is_err() {
+            return err("delivery.helo_name", format!("{:?} is not a valid host name", d.helo_name));
+        }
+        if !d.masquerade_domain.is_empty() && validate_domain(&d.masquerade_domain).is_err() {
+            return err("delivery.masquerade_domain", format!("{:?} is not a valid domain", d.masquerade_domain));
+        }
+        for (name, r) in &self.domains.remote {
+            if validate_domain(name).is_err() || name.starts_with('[') {
+                return err(&format!("domains.remote.{name:?}"), "not a valid domain".into());
+            }
+            if !r.smart_host.is_empty() {
+                SmartHost::parse(&r.smart_host)
+                    .map_err(|e| ConfigError(format!("domains.remote.{name:?}.smart_host: {e}")))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Remote domains anyone may relay to (`relay_allowed = true`).
+    pub fn relay_domains(&self) -> mailroot_actors::protocol::LocalDomains {
+        mailroot_actors::protocol::LocalDomains::new(
+            self.domains.remote.iter().filter(|(_, r)| r.relay_allowed).map(|(d, _)| d.clone()),
+        )
+    }
+
+    /// The remote delivery settings this config describes.
+    pub fn remote_settings(&self) -> Result<RemoteSettings, ConfigError> {
+        let d = &self.delivery;
+        let smart = |s: &str| -> Result<Option<SmartHost>, ConfigError> {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                SmartHost::parse(s).map(Some).map_err(ConfigError)
+            }
+        };
+        let mut domains = BTreeMap::new();
+        for (name, r) in &self.domains.remote {
+            domains.insert(
+                name.to_ascii_lowercase(),
+                DomainPolicy { smart_host: smart(&r.smart_host)?, require_tls: r.require_tls },
+            );
+        }
+        Ok(RemoteSettings {
+            helo_name: if d.helo_name.is_empty() { self.server.hostname.clone() } else { d.helo_name.clone() },
+            remote_port: d.remote_port,
+            nameservers: d.nameserver_addrs()?,
+            dns_timeout: d.dns_timeout.0,
+            smart_host: smart(&d.smart_host)?,
+            direct_before_smart_host: d.direct_before_smart_host,
+            max_connections: d.max_connections,
+            max_connections_per_domain: d.max_connections_per_domain,
+            max_messages_per_connection: d.max_messages_per_connection,
+            timeouts: Timeouts { connect: d.connect_timeout.0, command: d.command_timeout.0, data: d.data_timeout.0 },
+            starttls: d.starttls,
+            masquerade_domain: (!d.masquerade_domain.is_empty()).then(|| d.masquerade_domain.clone()),
+            local_domains: self.local_domains(),
+            domains,
+            idle_timeout: Duration::from_secs(10),
+        })
     }
 
     /// The local domains, default first.

@@ -18,6 +18,7 @@ use mailroot_actors::metrics::Metrics;
 use mailroot_actors::pickup::{Pickup, PickupSettings};
 use mailroot_actors::protocol::SessionParams;
 use mailroot_actors::queue::{Flush, Queue, QueueSettings, Router};
+use mailroot_actors::remote::RemoteDelivery;
 use mailroot_actors::store::Store;
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
@@ -213,6 +214,7 @@ fn run_system(
 ) {
     let system = System::new();
     let queue_arbiter = Arbiter::new();
+    let delivery_arbiter = Arbiter::new();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let session_arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
 
@@ -228,10 +230,18 @@ fn run_system(
         }
         let local_domains = config.local_domains();
         let drop = LocalDrop::new(folders.drop.clone(), folders.sort_temp.clone(), metrics.clone()).start();
-        let router = Router { local_domains: local_domains.clone(), local: drop.recipient(), remote: None };
+        let remote_settings = config.remote_settings().map_err(|e| StartError(e.to_string()))?;
+        let remote = RemoteDelivery::new(remote_settings, metrics.clone()).map_err(StartError)?;
+        let remote = RemoteDelivery::start_in_arbiter(&delivery_arbiter.handle(), move |_| remote);
+        let router =
+            Router { local_domains: local_domains.clone(), local: drop.recipient(), remote: Some(remote.recipient()) };
         let queue_settings = QueueSettings {
             hostname: config.server.hostname.clone(),
             retry_intervals: config.queue.retry_intervals.iter().map(|d| d.0).collect(),
+            expire_after: config.queue.expire_after.0,
+            delay_notice_after: config.queue.delay_notice_after.0,
+            ndr_copy_to: Some(config.queue.ndr_copy_to.clone()).filter(|s| !s.is_empty()),
+            badmail_dir: folders.badmail.clone(),
             ..QueueSettings::default()
         };
         let qm = metrics.clone();
@@ -239,6 +249,7 @@ fn run_system(
         let params = Arc::new(SessionParams {
             hostname: config.server.hostname.clone(),
             local_domains,
+            relay_domains: config.relay_domains(),
             max_message_size: config.limits.max_message_size as usize,
             max_recipients: config.limits.max_recipients,
             max_messages_per_connection: config.limits.max_messages_per_connection,
@@ -315,6 +326,8 @@ fn run_system(
     }
     queue_arbiter.stop();
     let _ = queue_arbiter.join();
+    delivery_arbiter.stop();
+    let _ = delivery_arbiter.join();
     info!("mailroot stopped");
 }
 

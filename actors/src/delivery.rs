@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::store::QueueId;
 
 /// Deliver one message to some of its recipients. Every recipient sent must appear in the report.
@@ -19,6 +20,8 @@ pub struct Deliver {
     pub recipients: Vec<DeliveryRecipient>,
     /// The message as stored: our `Received:` header on top, CRLF line ends, not dot-stuffed.
     pub message: Arc<Vec<u8>>,
+    /// `RET`/`ENVID`, for a next hop that speaks DSN.
+    pub dsn: MessageDsn,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +29,8 @@ pub struct DeliveryRecipient {
     /// Index in the envelope's recipient list.
     pub index: usize,
     pub address: String,
+    /// `NOTIFY`/`ORCPT`, for a next hop that speaks DSN.
+    pub dsn: RcptDsn,
 }
 
 #[derive(Debug, Clone, MessageResponse)]
@@ -44,7 +49,7 @@ impl DeliveryReport {
     /// The same outcome for every recipient (by envelope index), e.g. `req.indices()`.
     pub fn all(indices: Vec<usize>, outcome: Outcome) -> Self {
         DeliveryReport {
-            results: indices.into_iter().map(|index| RecipientResult { index, outcome: outcome.clone() }).collect(),
+            results: indices.into_iter().map(|index| RecipientResult::new(index, outcome.clone())).collect(),
         }
     }
 }
@@ -53,6 +58,28 @@ impl DeliveryReport {
 pub struct RecipientResult {
     pub index: usize,
     pub outcome: Outcome,
+    /// The server that answered (`mx.example.org[192.0.2.1]`), for delivery status reports.
+    pub remote_mta: Option<String>,
+    /// Who owes the sender a success notice (`NOTIFY=SUCCESS`) when this is `Delivered`.
+    pub handoff: Handoff,
+}
+
+impl RecipientResult {
+    /// A result of final delivery (the default for delivery actors that store mail).
+    pub fn new(index: usize, outcome: Outcome) -> Self {
+        RecipientResult { index, outcome, remote_mta: None, handoff: Handoff::Final }
+    }
+}
+
+/// What a successful delivery means for Delivery Status Notifications (RFC 3461 §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// The message reached its destination: we send a "delivered" notice if asked.
+    Final,
+    /// Handed to a next hop that does not speak DSN: we send a "relayed" notice if asked.
+    Relayed,
+    /// Handed to a next hop that took the DSN request over: nothing from us.
+    PassedOn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,6 +31,11 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 pub struct Metrics {
     /// Messages accepted into the queue, by source (`smtp`, `pickup`).
     pub messages_received: Family<SourceLabel, Counter>,
@@ -50,6 +55,21 @@ pub struct Metrics {
     pub queue_commit_batch: Histogram,
     /// How many files each Drop directory sync covered.
     pub drop_commit_batch: Histogram,
+    /// Notifications generated, by kind (`failure`, `delay`, `success`).
+    pub notifications: Family<KindLabel, Counter>,
+    /// Messages written to Badmail by the queue, by cause.
+    pub badmail: Family<CauseLabel, Counter>,
+    /// Delivery attempts that were retries (attempt number 2 or later), per recipient.
+    pub retries: Counter,
+    /// Outbound SMTP connections opened, and open now.
+    pub outbound_connections: Counter,
+    pub outbound_connections_current: Gauge,
+    /// Outbound connection attempts that failed (refused, timed out, unreachable).
+    pub outbound_connect_failures: Counter,
+    /// Outbound connections that negotiated TLS.
+    pub outbound_tls: Counter,
+    /// DNS lookups made for delivery, by result (`ok`, `nxdomain`, `nodata`, `error`).
+    pub dns_queries: Family<ResultLabel, Counter>,
 }
 
 fn batch_histogram() -> Histogram {
@@ -69,6 +89,14 @@ impl Metrics {
             queue_messages: Gauge::default(),
             queue_commit_batch: batch_histogram(),
             drop_commit_batch: batch_histogram(),
+            notifications: Family::default(),
+            badmail: Family::default(),
+            retries: Counter::default(),
+            outbound_connections: Counter::default(),
+            outbound_connections_current: Gauge::default(),
+            outbound_connect_failures: Counter::default(),
+            outbound_tls: Counter::default(),
+            dns_queries: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("mailroot");
         r.register("messages_received", "Messages accepted into the queue", m.messages_received.clone());
@@ -81,6 +109,22 @@ impl Metrics {
         r.register("queue_messages", "Messages in the queue", m.queue_messages.clone());
         r.register("queue_commit_batch_size", "Messages made durable per queue sync", m.queue_commit_batch.clone());
         r.register("drop_commit_batch_size", "Drop files made durable per directory sync", m.drop_commit_batch.clone());
+        r.register("notifications", "Delivery status notifications generated", m.notifications.clone());
+        r.register("badmail", "Messages the queue wrote to Badmail", m.badmail.clone());
+        r.register("delivery_retries", "Per-recipient delivery attempts after the first", m.retries.clone());
+        r.register("outbound_connections", "Outbound SMTP connections opened", m.outbound_connections.clone());
+        r.register(
+            "outbound_connections_current",
+            "Outbound SMTP connections open now",
+            m.outbound_connections_current.clone(),
+        );
+        r.register(
+            "outbound_connect_failures",
+            "Outbound connection attempts that failed",
+            m.outbound_connect_failures.clone(),
+        );
+        r.register("outbound_tls", "Outbound connections that negotiated TLS", m.outbound_tls.clone());
+        r.register("dns_queries", "DNS lookups made for delivery", m.dns_queries.clone());
         Arc::new(m)
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tracing::{error, info, warn};
 
-use crate::fsio::{blocking, sync_dir};
+use crate::fsio::{blocking, sync_dir, unique_badmail_base};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::protocol::address::parse_mailbox;
 use crate::protocol::data::MAX_LINE;
@@ -391,6 +391,8 @@ async fn process(
     let req = Enqueue {
         sender: msg.sender,
         recipients: msg.recipients,
+        dsn: Default::default(),
+        rcpt_dsn: Vec::new(),
         body: msg.body,
         origin: Origin::Pickup,
         origin_text: name.clone(),
@@ -426,7 +428,7 @@ async fn badmail(s: &PickupSettings, name: &str, reason: &str, metrics: &Metrics
     let (from, bad_dir) = (s.pickup_dir.join(name), s.badmail_dir.clone());
     let (name, reason) = (name.to_string(), reason.to_string());
     let res = blocking(move || {
-        let base = unique_base(&bad_dir, &name);
+        let base = unique_badmail_base(&bad_dir, &name);
         let mut bdr = fs::File::create(bad_dir.join(format!("{base}.bdr")))?;
         writeln!(bdr, "Pickup file: {name}\r\nReason: {reason}\r")?;
         bdr.sync_all()?;
@@ -437,17 +439,6 @@ async fn badmail(s: &PickupSettings, name: &str, reason: &str, metrics: &Metrics
     if let Err(e) = res {
         error!(error = %e, "cannot move a malformed pickup file to Badmail");
     }
-}
-
-/// `name`, or `name-2`, `name-3`… when Badmail already holds that name.
-fn unique_base(dir: &Path, name: &str) -> String {
-    let mut base = name.to_string();
-    let mut n = 1;
-    while dir.join(format!("{base}.bad")).exists() || dir.join(format!("{base}.bdr")).exists() {
-        n += 1;
-        base = format!("{name}-{n}");
-    }
-    base
 }
 
 impl Actor for Pickup {

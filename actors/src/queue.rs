@@ -1,6 +1,7 @@
 //! The Queue actor: owns the sled store, assigns message IDs, answers `Enqueue` only once the
 //! message is durable (group commit), routes each recipient to a delivery actor, and records the
-//! per-recipient results.
+//! per-recipient results: retry times, expiry, delay notices, non-delivery reports and success
+//! notices (RFC 3464), and Badmail for notifications that cannot be delivered.
 //!
 //! Invariants:
 //! - An `Enqueue` is answered `Ok` only after a sync that covers its write has returned.
@@ -8,8 +9,15 @@
 //!   `ready` keeps message bodies in memory only up to `READY_BODY_BYTES` in total (the rest are
 //!   read back from sled when their turn comes), so memory stays bounded whatever the queue holds.
 //! - A message is removed from the store only when no recipient is pending.
+//! - A notification about a message is written to the store before that message's new state, so
+//!   sled's prefix recovery never keeps the state without the notification. A message from the
+//!   null sender never causes a notification; its failures go to Badmail (written and synced
+//!   before the state that forgets it).
+//! - Every retry time written is either told to the [`RetryScheduler`] or not earlier than a time
+//!   already told to it, so the scheduler never sleeps past a due message.
 
 use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,11 +25,15 @@ use actix::prelude::*;
 use tracing::{error, info, warn};
 
 use crate::commit::GroupCommit;
-use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Outcome};
-use crate::metrics::{Metrics, RouteLabel, SourceLabel};
-use crate::protocol::received::{received_header, Origin};
+use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome};
+use crate::fsio::write_badmail;
+use crate::metrics::{CauseLabel, KindLabel, Metrics, RouteLabel, SourceLabel};
+use crate::notify::{self, Report, ReportKind, ReportRecipient};
+use crate::protocol::dsn::{MessageDsn, RcptDsn};
+use crate::protocol::received::{received_header, rfc5322_date, Origin};
 use crate::protocol::{EnqueueError, LocalDomains, Mailbox};
-use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, Store};
+use crate::retry::{Reschedule, RetryBatch, RetryDue, RetryScheduler};
+use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, Store, StoreError};
 
 /// Store one new message. Answered once it is on stable storage.
 #[derive(Message)]
@@ -29,6 +41,9 @@ use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, St
 pub struct Enqueue {
     pub sender: Option<Mailbox>,
     pub recipients: Vec<Mailbox>,
+    pub dsn: MessageDsn,
+    /// DSN parameters of `recipients`, index for index (missing entries mean none given).
+    pub rcpt_dsn: Vec<RcptDsn>,
     /// The message without our trace header; the queue adds it, as it knows the ID.
     pub body: Vec<u8>,
     pub origin: Origin,
@@ -81,9 +96,15 @@ pub struct QueueSettings {
     pub hostname: String,
     /// Waits after the 1st, 2nd, … temporary failure; the last repeats.
     pub retry_intervals: Vec<Duration>,
+    /// Recipients still failing this long after arrival are given up (4.4.7) and reported.
+    pub expire_after: Duration,
+    /// The sender gets one delay notice once a message has waited this long.
+    pub delay_notice_after: Duration,
+    /// Gets a copy of every non-delivery report.
+    pub ndr_copy_to: Option<String>,
+    /// Where undeliverable notifications go.
+    pub badmail_dir: PathBuf,
     pub max_in_flight: usize,
-    /// How often the retry index is checked for due messages.
-    pub retry_poll: Duration,
 }
 
 impl Default for QueueSettings {
@@ -91,8 +112,11 @@ impl Default for QueueSettings {
         QueueSettings {
             hostname: "localhost".into(),
             retry_intervals: [15, 30, 60, 240].iter().map(|m| Duration::from_secs(m * 60)).collect(),
+            expire_after: Duration::from_secs(5 * 86_400),
+            delay_notice_after: Duration::from_secs(4 * 3600),
+            ndr_copy_to: None,
+            badmail_dir: PathBuf::from("Badmail"),
             max_in_flight: 256,
-            retry_poll: Duration::from_secs(1),
         }
     }
 }
@@ -103,6 +127,19 @@ pub fn retry_delay(intervals: &[Duration], attempts: u32) -> Duration {
     intervals.get(i).copied().unwrap_or(Duration::from_secs(900))
 }
 
+/// When a recipient that just failed temporarily for the `attempts`-th time is tried next: the
+/// schedule's delay, but never after the message expires, nor after its delay notice is due
+/// (so both happen on time rather than at the next scheduled attempt). All times in Unix seconds.
+pub fn next_attempt_at(s: &QueueSettings, attempts: u32, received_at: u64, notified: bool, now: u64) -> u64 {
+    let mut at = now.saturating_add(retry_delay(&s.retry_intervals, attempts).as_secs());
+    at = at.min(received_at.saturating_add(s.expire_after.as_secs()));
+    let notice = received_at.saturating_add(s.delay_notice_after.as_secs());
+    if !notified && notice > now {
+        at = at.min(notice);
+    }
+    at.max(now + 1)
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -111,6 +148,19 @@ pub fn unix_now() -> u64 {
 const READY_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// Bodies handed to delivery actors at once, at most (one message is always allowed).
 const IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
+/// Failure reports return the whole message (`RET=FULL`) only up to this size.
+const MAX_RETURNED_MESSAGE: usize = 1024 * 1024;
+
+/// A message to store: what an `Enqueue` carries, or a notification the queue makes itself.
+struct NewMessage {
+    sender: Option<String>,
+    recipients: Vec<(String, RcptDsn)>,
+    dsn: MessageDsn,
+    body: Vec<u8>,
+    origin: Origin,
+    origin_text: String,
+    pickup: Option<PickupMark>,
+}
 
 pub struct Queue {
     store: Arc<Store>,
@@ -118,6 +168,9 @@ pub struct Queue {
     settings: QueueSettings,
     router: Router,
     metrics: Arc<Metrics>,
+    scheduler: Option<Addr<RetryScheduler>>,
+    /// The earliest retry time told to the scheduler (see the invariants).
+    told_scheduler: Option<u64>,
     /// Messages waiting for a delivery slot, with their body when still in memory.
     ready: VecDeque<(QueueId, Option<Arc<Vec<u8>>>)>,
     /// Bytes of the bodies held in `ready`.
@@ -134,6 +187,7 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// The queue and its [`RetryScheduler`] are started together on the current arbiter.
     pub fn new(store: Store, settings: QueueSettings, router: Router, metrics: Arc<Metrics>) -> Self {
         Queue {
             store: Arc::new(store),
@@ -141,6 +195,8 @@ impl Queue {
             settings,
             router,
             metrics,
+            scheduler: None,
+            told_scheduler: None,
             ready: VecDeque::new(),
             ready_bytes: 0,
             active: HashSet::new(),
@@ -194,14 +250,17 @@ impl Queue {
                 held.push(r.address.as_str());
                 continue;
             };
-            let rcpt = DeliveryRecipient { index, address: r.address.clone() };
+            if r.attempts > 0 {
+                self.metrics.retries.inc();
+            }
+            let rcpt = DeliveryRecipient { index, address: r.address.clone(), dsn: r.dsn.clone() };
             match groups.iter_mut().find(|g| g.0 == name) {
                 Some(g) => g.2.push(rcpt),
                 None => groups.push((name, actor, vec![rcpt])),
             }
         }
         if !held.is_empty() {
-            info!(id, recipients = %held.join(","), "no delivery actor for these recipients yet; they stay queued");
+            info!(id, recipients = %held.join(","), "no delivery actor for these recipients; they stay queued");
         }
         if groups.is_empty() {
             return false;
@@ -217,7 +276,8 @@ impl Queue {
             },
         };
         for (route, actor, recipients) in groups {
-            let req = Deliver { id, sender: env.sender.clone(), recipients, message: message.clone() };
+            let req =
+                Deliver { id, sender: env.sender.clone(), recipients, message: message.clone(), dsn: env.dsn.clone() };
             self.in_flight += 1;
             self.in_flight_bytes += message.len();
             *self.outstanding.entry(id).or_default() += 1;
@@ -232,7 +292,7 @@ impl Queue {
                     });
                     act.in_flight -= 1;
                     act.in_flight_bytes -= size;
-                    act.record(id, route, report);
+                    act.record(id, route, report, ctx);
                     act.pump(ctx);
                 })
                 .spawn(ctx);
@@ -240,7 +300,7 @@ impl Queue {
         true
     }
 
-    fn record(&mut self, id: QueueId, route: &'static str, report: DeliveryReport) {
+    fn record(&mut self, id: QueueId, route: &'static str, report: DeliveryReport, ctx: &mut Context<Self>) {
         let done_here = match self.outstanding.get_mut(&id) {
             Some(n) => {
                 *n -= 1;
@@ -259,42 +319,118 @@ impl Queue {
         };
         let stored_next = env.next_attempt;
         let now = unix_now();
+        let expires_at = env.received_at.saturating_add(self.settings.expire_after.as_secs());
+        let (mut failed, mut delayed, mut succeeded) = (Vec::new(), Vec::new(), Vec::new());
         for res in report.results {
             let Some(r) = env.recipients.get_mut(res.index) else {
                 warn!(id, index = res.index, "delivery report names an unknown recipient");
                 continue;
             };
+            if r.status != RcptStatus::Pending {
+                warn!(id, index = res.index, "delivery report for a recipient already done; ignored");
+                continue;
+            }
             r.attempts += 1;
             r.last_reply = Some(res.outcome.text().to_string());
+            r.remote_mta = res.remote_mta.clone();
+            let mut outcome = res.outcome.clone();
             match &res.outcome {
                 Outcome::Delivered(_) => {
                     r.status = RcptStatus::Delivered;
                     r.next_attempt = None;
+                    match res.handoff {
+                        Handoff::Final => succeeded.push((res.index, "delivered")),
+                        Handoff::Relayed => succeeded.push((res.index, "relayed")),
+                        Handoff::PassedOn => {}
+                    }
                 }
                 Outcome::Permanent(_) => {
                     r.status = RcptStatus::Failed;
                     r.next_attempt = None;
+                    failed.push(res.index);
+                }
+                Outcome::Temporary(text) if now >= expires_at => {
+                    let waited = humanize(now.saturating_sub(env.received_at));
+                    let text = format!("4.4.7 Message expired after {waited} in the queue; last result: {text}");
+                    outcome = Outcome::Permanent(text.clone());
+                    r.last_reply = Some(text);
+                    r.status = RcptStatus::Failed;
+                    r.next_attempt = None;
+                    failed.push(res.index);
                 }
                 Outcome::Temporary(_) => {
-                    let delay = retry_delay(&self.settings.retry_intervals, r.attempts);
-                    r.next_attempt = Some(now + delay.as_secs());
+                    let at = next_attempt_at(&self.settings, r.attempts, env.received_at, env.delay_notified, now);
+                    r.next_attempt = Some(at);
+                    delayed.push(res.index);
                 }
             }
-            self.metrics.deliveries.get_or_create(&RouteLabel { route, result: res.outcome.label() }).inc();
+            self.metrics.deliveries.get_or_create(&RouteLabel { route, result: outcome.label() }).inc();
             info!(
                 id,
                 sender = %env.sender,
                 recipient = %r.address,
                 route,
-                result = res.outcome.label(),
+                result = outcome.label(),
                 attempts = r.attempts,
                 next_attempt = ?r.next_attempt,
-                reply = %res.outcome.text(),
+                remote = r.remote_mta.as_deref().unwrap_or(""),
+                reply = %outcome.text(),
                 "delivery"
             );
         }
         env.next_attempt =
             env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).filter_map(|r| r.next_attempt).min();
+
+        // Notifications go into the store before the state that makes them due (see invariants).
+        let mut original: Option<Vec<u8>> = None;
+        let mut body = |store: &Store| -> Option<Vec<u8>> {
+            if original.is_none() {
+                original = store.body(id).map_err(|e| error!(id, error = %e, "cannot read message for a report")).ok();
+            }
+            original.clone()
+        };
+        let mut notices: Vec<(QueueId, Arc<Vec<u8>>)> = Vec::new();
+        if env.sender.is_empty() {
+            if !failed.is_empty() {
+                let Some(message) = body(&self.store) else { return };
+                if let Err(e) = self.badmail(&env, &failed, &message) {
+                    // Keep the message queued: losing it silently is worse than retrying.
+                    return error!(id, error = %e, "cannot write an undeliverable notification to Badmail; kept");
+                }
+            }
+        } else {
+            let delay_due = now >= env.received_at.saturating_add(self.settings.delay_notice_after.as_secs());
+            let wants = |i: &usize, f: fn(&RcptDsn) -> bool| env.recipients.get(*i).is_some_and(|r| f(&r.dsn));
+            let failed_n: Vec<usize> = failed.iter().copied().filter(|i| wants(i, |d| d.notify().failure)).collect();
+            let delayed_n: Vec<usize> = if !env.delay_notified && delay_due {
+                delayed.iter().copied().filter(|i| wants(i, |d| d.notify().delay)).collect()
+            } else {
+                Vec::new()
+            };
+            let succeeded_n: Vec<(usize, &str)> =
+                succeeded.iter().copied().filter(|(i, _)| wants(i, |d| d.notify().success)).collect();
+            let jobs = [
+                (ReportKind::Failure, failed_n.iter().map(|&i| (i, "failed")).collect::<Vec<_>>()),
+                (ReportKind::Delay, delayed_n.iter().map(|&i| (i, "delayed")).collect()),
+                (ReportKind::Success, succeeded_n),
+            ];
+            for (kind, rcpts) in jobs {
+                if rcpts.is_empty() {
+                    continue;
+                }
+                let Some(message) = body(&self.store) else { return };
+                match self.store_notification(&env, kind, &rcpts, &message, expires_at, now) {
+                    Ok(n) => notices.push(n),
+                    Err(e) => {
+                        return error!(id, error = %e, "cannot store a delivery notification; results will be retried")
+                    }
+                }
+            }
+            if !delayed.is_empty() && delay_due {
+                env.delay_notified = true;
+            }
+        }
+
         let finished = env.is_finished();
         let result = if finished { self.store.remove(id, stored_next) } else { self.store.update(&env, stored_next) };
         match result {
@@ -302,25 +438,201 @@ impl Queue {
                 self.queued = self.queued.saturating_sub(1);
                 self.metrics.queue_messages.set(self.queued as i64);
             }
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(at) = env.next_attempt {
+                    self.tell_scheduler(at, now);
+                }
+            }
             Err(e) => error!(id, error = %e, "cannot record delivery results; the message will be retried"),
+        }
+        if !notices.is_empty() {
+            self.commit_notices(notices, ctx);
         }
     }
 
-    fn check_retries(&mut self, ctx: &mut Context<Self>) {
+    /// Builds a report about `rcpts` of `env` and stores it (not yet durable).
+    fn store_notification(
+        &mut self,
+        env: &Envelope,
+        kind: ReportKind,
+        rcpts: &[(usize, &'static str)],
+        message: &[u8],
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(QueueId, Arc<Vec<u8>>), StoreError> {
+        let recipients = rcpts
+            .iter()
+            .filter_map(|&(i, action)| env.recipients.get(i).map(|r| (r, action)))
+            .map(|(r, action)| ReportRecipient {
+                address: r.address.clone(),
+                orcpt: r.dsn.orcpt.clone(),
+                action,
+                reply: r.last_reply.clone().unwrap_or_default(),
+                remote_mta: r.remote_mta.clone(),
+                will_retry_until: (kind == ReportKind::Delay).then_some(expires_at),
+            })
+            .collect();
+        let report = notify::build(&Report {
+            kind,
+            hostname: &self.settings.hostname,
+            queue_id: env.id,
+            to: &env.sender,
+            envid: env.dsn.envid.as_deref(),
+            arrival: env.received_at,
+            now,
+            recipients,
+            original: message,
+            ret: env.dsn.ret,
+            max_full: MAX_RETURNED_MESSAGE,
+        });
+        let mut to = vec![(env.sender.clone(), RcptDsn::default())];
+        if let Some(copy) = self.settings.ndr_copy_to.as_ref().filter(|_| kind == ReportKind::Failure) {
+            to.push((copy.clone(), RcptDsn::default()));
+        }
+        let kind_name = match kind {
+            ReportKind::Failure => "failure",
+            ReportKind::Delay => "delay",
+            ReportKind::Success => "success",
+        };
+        let (new, message) = self.store_message(NewMessage {
+            sender: None,
+            recipients: to,
+            dsn: MessageDsn::default(),
+            body: report,
+            origin: Origin::Local,
+            origin_text: format!("{kind_name} notice for {}", env.id),
+            pickup: None,
+        })?;
+        self.metrics.notifications.get_or_create(&KindLabel { kind: kind_name }).inc();
+        info!(id = new.id, about = env.id, to = %env.sender, kind = kind_name, "notification queued");
+        Ok((new.id, message))
+    }
+
+    /// Makes stored notifications durable, then queues them for delivery.
+    fn commit_notices(&mut self, notices: Vec<(QueueId, Arc<Vec<u8>>)>, ctx: &mut Context<Self>) {
+        let Some(committer) = self.committer.clone() else { return };
+        self.queued += notices.len();
+        self.metrics.queue_messages.set(self.queued as i64);
+        async move { committer.commit().await }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                if let Err(e) = res {
+                    // They stay in the store and are picked up again at the next start.
+                    return error!(error = %e, "queue sync failed for notifications");
+                }
+                for (id, message) in notices {
+                    act.schedule(id, Some(message));
+                }
+                act.pump(ctx);
+            })
+            .spawn(ctx);
+    }
+
+    /// A notification (null sender) that cannot be delivered goes to Badmail, never back out.
+    fn badmail(&self, env: &Envelope, failed: &[usize], message: &[u8]) -> std::io::Result<()> {
+        let mut reason = format!(
+            "Queue ID: {}\r\nReason: a message from the null sender (a notification) could not be delivered\r\nArrival-Date: {}\r\n",
+            env.id,
+            rfc5322_date(env.received_at)
+        );
+        for r in failed.iter().filter_map(|&i| env.recipients.get(i)) {
+            reason.push_str(&format!("Recipient: {} -- {}\r\n", r.address, r.last_reply.as_deref().unwrap_or("")));
+        }
+        let base = write_badmail(&self.settings.badmail_dir, &env.id.to_string(), message, &reason)?;
+        self.metrics.badmail.get_or_create(&CauseLabel { cause: "undeliverable_notification" }).inc();
+        warn!(id = env.id, file = %base, "undeliverable notification written to Badmail");
+        Ok(())
+    }
+
+    /// Writes a new message (body, envelope) to the store; durable only after a commit.
+    fn store_message(&mut self, msg: NewMessage) -> Result<(Envelope, Arc<Vec<u8>>), StoreError> {
+        let id = self.store.next_id()?;
+        let now = unix_now();
+        let single = (msg.recipients.len() == 1).then(|| msg.recipients[0].0.clone());
+        let header = received_header(&msg.origin, &self.settings.hostname, id, single.as_deref(), now);
+        let mut message = Vec::with_capacity(header.len() + msg.body.len());
+        message.extend_from_slice(header.as_bytes());
+        message.extend_from_slice(&msg.body);
+        drop(msg.body);
+        let source = match msg.origin {
+            Origin::Smtp { .. } => "smtp",
+            Origin::Pickup => "pickup",
+            Origin::Local => "local",
+        };
+        let env = Envelope {
+            id,
+            sender: msg.sender.unwrap_or_default(),
+            recipients: msg
+                .recipients
+                .into_iter()
+                .map(|(address, dsn)| RecipientState {
+                    address,
+                    status: RcptStatus::Pending,
+                    attempts: 0,
+                    last_reply: None,
+                    next_attempt: None,
+                    remote_mta: None,
+                    dsn,
+                })
+                .collect(),
+            size: message.len() as u64,
+            received_at: now,
+            source: source.into(),
+            origin: msg.origin_text,
+            next_attempt: None,
+            dsn: msg.dsn,
+            delay_notified: false,
+        };
+        if let Err(e) = self.store.insert(&env, &message, msg.pickup.as_ref()) {
+            let _ = self.store.discard(&env, msg.pickup.as_ref());
+            return Err(e);
+        }
+        Ok((env, Arc::new(message)))
+    }
+
+    fn tell_scheduler(&mut self, at: u64, now: u64) {
+        if self.told_scheduler.is_none_or(|t| at < t || t <= now) {
+            if let Some(s) = &self.scheduler {
+                // At most one message per new earliest time, so this cannot grow without bound.
+                s.do_send(Reschedule { at });
+                self.told_scheduler = Some(at);
+            }
+        }
+    }
+
+    /// Queues the messages whose retry time has come; true when there may be more than fitted.
+    fn take_due(&mut self, now: u64, ctx: &mut Context<Self>) -> bool {
         let room = self.settings.max_in_flight.saturating_mul(4).saturating_sub(self.ready.len());
         if room == 0 {
-            return;
+            return true;
         }
-        match self.store.due(unix_now(), room + self.active.len()) {
+        let want = room + self.active.len();
+        let more = match self.store.due(now, want) {
             Ok(ids) => {
+                let more = ids.len() == want;
                 for id in ids {
                     self.schedule(id, None);
                 }
+                more
             }
-            Err(e) => error!(error = %e, "cannot read the retry index"),
-        }
+            Err(e) => {
+                error!(error = %e, "cannot read the retry index");
+                true
+            }
+        };
         self.pump(ctx);
+        more
+    }
+}
+
+/// `3d 4h`, `2h 5m`, `42s`: a wait for people to read.
+fn humanize(secs: u64) -> String {
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{secs}s"),
+        (0, 0, m) => format!("{m}m"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
     }
 }
 
@@ -336,13 +648,14 @@ impl Actor for Queue {
             move || store.sync().map_err(|e| std::io::Error::other(e.to_string())),
             self.metrics.queue_commit_batch.clone(),
         ));
+        self.scheduler = Some(RetryScheduler::new(self.store.clone(), ctx.address().recipient()).start());
         match self.store.envelopes() {
             Ok(envs) => {
                 let now = unix_now();
                 self.queued = envs.len();
                 let mut resumed = 0;
                 for env in envs.iter().filter(|e| !e.is_finished()) {
-                    // Messages waiting for a retry time are the retry check's; the rest go now.
+                    // Messages waiting for a retry time are the scheduler's; the rest go now.
                     if env.next_attempt.is_none_or(|t| t <= now) {
                         resumed += 1;
                         self.schedule(env.id, None);
@@ -354,7 +667,6 @@ impl Actor for Queue {
         }
         self.metrics.queue_messages.set(self.queued as i64);
         self.pump(ctx);
-        ctx.run_interval(self.settings.retry_poll, |act, ctx| act.check_retries(ctx));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -368,7 +680,7 @@ impl Handler<Enqueue> for Queue {
     type Result = ResponseActFuture<Self, Result<QueueId, EnqueueError>>;
 
     fn handle(&mut self, msg: Enqueue, _ctx: &mut Self::Context) -> Self::Result {
-        let fail = |e: crate::store::StoreError| {
+        let fail = |e: StoreError| {
             error!(error = %e, "cannot store message");
             if e.is_no_space() {
                 EnqueueError::Storage
@@ -386,51 +698,35 @@ impl Handler<Enqueue> for Queue {
                 Err(e) => return Box::pin(actix::fut::ready(Err(fail(e)))),
             }
         }
-        let id = match self.store.next_id() {
-            Ok(id) => id,
-            Err(e) => return Box::pin(actix::fut::ready(Err(fail(e)))),
-        };
-        let now = unix_now();
-        let single = (msg.recipients.len() == 1).then(|| msg.recipients[0].to_string());
-        let header = received_header(&msg.origin, &self.settings.hostname, id, single.as_deref(), now);
-        let mut message = Vec::with_capacity(header.len() + msg.body.len());
-        message.extend_from_slice(header.as_bytes());
-        message.extend_from_slice(&msg.body);
-        drop(msg.body);
         let source = match msg.origin {
             Origin::Smtp { .. } => "smtp",
             Origin::Pickup => "pickup",
+            Origin::Local => "local",
         };
-        let env = Envelope {
-            id,
-            sender: msg.sender.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        let mark = msg.pickup.clone();
+        let rcpt_dsn = msg.rcpt_dsn;
+        let new = NewMessage {
+            sender: msg.sender.as_ref().map(|s| s.to_string()),
             recipients: msg
                 .recipients
                 .iter()
-                .map(|r| RecipientState {
-                    address: r.to_string(),
-                    status: RcptStatus::Pending,
-                    attempts: 0,
-                    last_reply: None,
-                    next_attempt: None,
-                })
+                .enumerate()
+                .map(|(i, r)| (r.to_string(), rcpt_dsn.get(i).cloned().unwrap_or_default()))
                 .collect(),
-            size: message.len() as u64,
-            received_at: now,
-            source: source.into(),
-            origin: msg.origin_text,
-            next_attempt: None,
+            dsn: msg.dsn,
+            body: msg.body,
+            origin: msg.origin,
+            origin_text: msg.origin_text,
+            pickup: msg.pickup,
         };
-        if let Err(e) = self.store.insert(&env, &message, msg.pickup.as_ref()) {
-            let _ = self.store.discard(&env, msg.pickup.as_ref());
-            return Box::pin(actix::fut::ready(Err(fail(e))));
-        }
+        let (env, message) = match self.store_message(new) {
+            Ok(stored) => stored,
+            Err(e) => return Box::pin(actix::fut::ready(Err(fail(e)))),
+        };
         let Some(committer) = self.committer.clone() else {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
         };
-        let size = message.len() as u64;
-        let message = Arc::new(message);
-        let mark = msg.pickup;
+        let (id, size) = (env.id, message.len() as u64);
         Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
                 act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
@@ -447,6 +743,16 @@ impl Handler<Enqueue> for Queue {
                 Err(EnqueueError::Temporary)
             }
         }))
+    }
+}
+
+impl Handler<RetryDue> for Queue {
+    type Result = RetryBatch;
+
+    fn handle(&mut self, msg: RetryDue, ctx: &mut Self::Context) -> RetryBatch {
+        // The scheduler now sleeps on its own reading of the index.
+        self.told_scheduler = None;
+        RetryBatch { more: self.take_due(msg.now, ctx) }
     }
 }
 

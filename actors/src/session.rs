@@ -95,6 +95,8 @@ async fn drive(
                 let req = Enqueue {
                     sender: m.sender,
                     recipients: m.recipients,
+                    dsn: m.dsn,
+                    rcpt_dsn: m.rcpt_dsn,
                     body: m.body,
                     origin: Origin::Smtp { helo: m.helo, ip: peer.ip(), protocol: m.protocol },
                     origin_text: peer.to_string(),

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::dsn::{MessageDsn, RcptDsn};
+
 pub type QueueId = u64;
 
 const NEXT_ID: &[u8] = b"next_id";
@@ -43,6 +45,11 @@ pub struct RecipientState {
     pub last_reply: Option<String>,
     /// Unix seconds of the next attempt after a temporary failure.
     pub next_attempt: Option<u64>,
+    /// The server that gave `last_reply`, for delivery status reports.
+    #[serde(default)]
+    pub remote_mta: Option<String>,
+    #[serde(default)]
+    pub dsn: RcptDsn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +68,11 @@ pub struct Envelope {
     pub origin: String,
     /// Earliest `next_attempt` of the pending recipients; mirrored in the retry index.
     pub next_attempt: Option<u64>,
+    #[serde(default)]
+    pub dsn: MessageDsn,
+    /// A delay notice has been sent for this message (one per message).
+    #[serde(default)]
+    pub delay_notified: bool,
 }
 
 impl Envelope {
@@ -304,6 +316,14 @@ impl Store {
         Ok(out)
     }
 
+    /// The earliest retry time at or after `from` (Unix seconds), if any.
+    pub fn earliest_retry(&self, from: u64) -> Result<Option<u64>> {
+        match self.retry.range(retry_key(from, 0)..).keys().next() {
+            Some(k) => Ok(k?.get(..8).and_then(id_from)),
+            None => Ok(None),
+        }
+    }
+
     /// The queue ID of a Pickup file already queued under this name and fingerprint.
     pub fn pickup_taken(&self, mark: &PickupMark) -> Result<Option<QueueId>> {
         match self.pickup.get(mark.name.as_bytes())? {
@@ -358,12 +378,16 @@ mod tests {
                 attempts: 0,
                 last_reply: None,
                 next_attempt: next,
+                remote_mta: None,
+                dsn: Default::default(),
             }],
             size: 3,
             received_at: 0,
             source: "smtp".into(),
             origin: "127.0.0.1".into(),
             next_attempt: next,
+            dsn: Default::default(),
+            delay_notified: false,
         }
     }
 
@@ -388,6 +412,9 @@ mod tests {
             s.update(&e, Some(100)).unwrap();
             assert_eq!(s.due(150, 10).unwrap(), Vec::<u64>::new());
             assert_eq!(s.due(200, 10).unwrap(), vec![id]);
+            assert_eq!(s.earliest_retry(0).unwrap(), Some(200));
+            assert_eq!(s.earliest_retry(200).unwrap(), Some(200));
+            assert_eq!(s.earliest_retry(201).unwrap(), None);
             s.sync().unwrap();
         }
         let s = Store::open(dir.path(), 0).unwrap();

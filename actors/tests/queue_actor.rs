@@ -38,7 +38,7 @@ impl Handler<Deliver> for Scripted {
             } else {
                 Outcome::from_reply(451, "4.3.0 later")
             };
-            results.push(RecipientResult { index: r.index, outcome });
+            results.push(RecipientResult::new(r.index, outcome));
         }
         DeliveryReport { results }
     }
@@ -48,6 +48,8 @@ fn enqueue(rcpts: &[&str], mark: Option<PickupMark>) -> Enqueue {
     Enqueue {
         sender: Some(parse_mailbox("s@example.test").unwrap()),
         recipients: rcpts.iter().map(|r| parse_mailbox(r).unwrap()).collect(),
+        dsn: Default::default(),
+        rcpt_dsn: Vec::new(),
         body: b"Subject: t\r\n\r\nx\r\n".to_vec(),
         origin: Origin::Pickup,
         origin_text: "test".into(),

@@ -3,6 +3,7 @@
 //! Purely syntactic: whether a command is allowed now is the session's business.
 
 use super::address::{parse_path, AddressError, Mailbox, Path};
+use super::dsn::{self, MessageDsn, Notify, RcptDsn, Ret};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -14,6 +15,7 @@ pub enum Command {
     },
     Rcpt {
         to: Mailbox,
+        dsn: RcptDsn,
     },
     Data,
     Rset,
@@ -30,6 +32,7 @@ pub struct MailParams {
     pub size: Option<u64>,
     pub body_8bit: bool,
     pub smtputf8: bool,
+    pub dsn: MessageDsn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,10 +74,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
             let rest = strip_keyword(arg, "TO:").ok_or(CommandError::Syntax("Syntax: RCPT TO:<address>"))?;
             let (to, params) = parse_path(rest).map_err(CommandError::BadRecipient)?;
             let to = to.ok_or(CommandError::BadRecipient(AddressError::Empty))?;
-            if !params.trim().is_empty() {
-                return Err(CommandError::BadParameter);
-            }
-            Ok(Command::Rcpt { to })
+            Ok(Command::Rcpt { to, dsn: parse_rcpt_params(params)? })
         }
         "DATA" => no_arg(arg, Command::Data),
         "RSET" => no_arg(arg, Command::Rset),
@@ -124,10 +124,36 @@ fn parse_mail_params(s: &str) -> Result<MailParams, CommandError> {
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => p.body_8bit = true,
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => p.body_8bit = false,
             ("SMTPUTF8", None) => p.smtputf8 = true,
+            // A repeated DSN parameter is an error (RFC 3461 §4.3, §4.4).
+            ("RET", Some(v)) if p.dsn.ret.is_none() => {
+                p.dsn.ret = Some(match v.to_ascii_uppercase().as_str() {
+                    "FULL" => Ret::Full,
+                    "HDRS" => Ret::Hdrs,
+                    _ => return Err(CommandError::BadParameter),
+                })
+            }
+            ("ENVID", Some(v))
+                if p.dsn.envid.is_none() && !v.is_empty() && v.len() <= dsn::MAX_ENVID && dsn::is_xtext(v) =>
+            {
+                p.dsn.envid = Some(v.to_string())
+            }
             _ => return Err(CommandError::BadParameter),
         }
     }
     Ok(p)
+}
+
+fn parse_rcpt_params(s: &str) -> Result<RcptDsn, CommandError> {
+    let mut d = RcptDsn::default();
+    for param in s.split(' ').filter(|t| !t.is_empty()) {
+        let (key, value) = param.split_once('=').ok_or(CommandError::BadParameter)?;
+        match key.to_ascii_uppercase().as_str() {
+            "NOTIFY" if d.notify.is_none() => d.notify = Some(Notify::parse(value).ok_or(CommandError::BadParameter)?),
+            "ORCPT" if d.orcpt.is_none() && dsn::valid_orcpt(value) => d.orcpt = Some(value.to_string()),
+            _ => return Err(CommandError::BadParameter),
+        }
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -158,7 +184,7 @@ mod tests {
                 b"MAIL FROM:<a@b.test> SIZE=1000 BODY=8BITMIME SMTPUTF8",
                 Ok(Command::Mail {
                     from: Some(mb("a", "b.test")),
-                    params: MailParams { size: Some(1000), body_8bit: true, smtputf8: true },
+                    params: MailParams { size: Some(1000), body_8bit: true, smtputf8: true, ..Default::default() },
                 }),
             ),
             (
@@ -175,10 +201,43 @@ mod tests {
             (b"MAIL TO:<a@b.test>", Err(CommandError::Syntax("Syntax: MAIL FROM:<address>"))),
             (b"MAIL FROM:<a@b", Err(CommandError::BadSender(AddressError::Unterminated))),
             (b"MAIL", Err(CommandError::Syntax("Syntax: MAIL FROM:<address>"))),
-            (b"RCPT TO:<c@d.test>", Ok(Command::Rcpt { to: mb("c", "d.test") })),
-            (b"RCPT TO:<Postmaster>", Ok(Command::Rcpt { to: mb("postmaster", "") })),
+            (b"RCPT TO:<c@d.test>", Ok(Command::Rcpt { to: mb("c", "d.test"), dsn: RcptDsn::default() })),
+            (b"RCPT TO:<Postmaster>", Ok(Command::Rcpt { to: mb("postmaster", ""), dsn: RcptDsn::default() })),
             (b"RCPT TO:<>", Err(CommandError::BadRecipient(AddressError::Empty))),
-            (b"RCPT TO:<c@d.test> NOTIFY=NEVER", Err(CommandError::BadParameter)),
+            (
+                b"RCPT TO:<c@d.test> NOTIFY=NEVER",
+                Ok(Command::Rcpt {
+                    to: mb("c", "d.test"),
+                    dsn: RcptDsn { notify: Some(Notify { success: false, failure: false, delay: false }), orcpt: None },
+                }),
+            ),
+            (
+                b"RCPT TO:<c@d.test> notify=SUCCESS,FAILURE ORCPT=rfc822;c+2Bx@d.test",
+                Ok(Command::Rcpt {
+                    to: mb("c", "d.test"),
+                    dsn: RcptDsn {
+                        notify: Some(Notify { success: true, failure: true, delay: false }),
+                        orcpt: Some("rfc822;c+2Bx@d.test".into()),
+                    },
+                }),
+            ),
+            (b"RCPT TO:<c@d.test> NOTIFY=NEVER,DELAY", Err(CommandError::BadParameter)),
+            (b"RCPT TO:<c@d.test> NOTIFY=DELAY NOTIFY=DELAY", Err(CommandError::BadParameter)),
+            (b"RCPT TO:<c@d.test> ORCPT=c@d.test", Err(CommandError::BadParameter)),
+            (b"RCPT TO:<c@d.test> FOO", Err(CommandError::BadParameter)),
+            (
+                b"MAIL FROM:<a@b.test> RET=hdrs ENVID=QQ+2B1",
+                Ok(Command::Mail {
+                    from: Some(mb("a", "b.test")),
+                    params: MailParams {
+                        dsn: MessageDsn { ret: Some(Ret::Hdrs), envid: Some("QQ+2B1".into()) },
+                        ..Default::default()
+                    },
+                }),
+            ),
+            (b"MAIL FROM:<a@b.test> RET=ALL", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> RET=FULL RET=FULL", Err(CommandError::BadParameter)),
+            (b"MAIL FROM:<a@b.test> ENVID=a=b", Err(CommandError::BadParameter)),
             (b"RCPT TO:<c@@d.test>", Err(CommandError::BadRecipient(AddressError::BadLocalPart))),
             (b"DATA", Ok(Command::Data)),
             (b"data x", Err(CommandError::Syntax("This command takes no argument"))),

@@ -5,8 +5,10 @@
 //! and actions come out; that is what makes it table-testable and fuzzable.
 
 pub mod address;
+pub mod client;
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod received;
 pub mod reply;
 pub mod session;

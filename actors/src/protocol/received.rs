@@ -45,8 +45,14 @@ pub fn sanitize(name: &str) -> String {
 /// Where a message came from, for the trace header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    Smtp { helo: String, ip: IpAddr, protocol: &'static str },
+    Smtp {
+        helo: String,
+        ip: IpAddr,
+        protocol: &'static str,
+    },
     Pickup,
+    /// Made by this server (delivery status notifications).
+    Local,
 }
 
 /// The complete `Received:` header, folded, CRLF-terminated. `for` names the recipient only when
@@ -57,6 +63,7 @@ pub fn received_header(origin: &Origin, hostname: &str, id: u64, single_rcpt: Op
             format!("from {} ([{}])\r\n\tby {} (mailroot) with {} id {}", sanitize(helo), ip, hostname, protocol, id)
         }
         Origin::Pickup => format!("from pickup\r\n\tby {} (mailroot) with local id {}", hostname, id),
+        Origin::Local => format!("by {} (mailroot) with local id {}", hostname, id),
     };
     let for_part = match single_rcpt {
         Some(r) if r.len() <= 256 && !r.contains(['\r', '\n']) => format!("\r\n\tfor <{r}>"),

@@ -118,6 +118,7 @@ pub fn ehlo(hostname: &str, client: &str, max_size: u64) -> Reply {
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
             "SMTPUTF8".into(),
+            "DSN".into(),
             "HELP".into(),
         ],
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::address::{LocalDomains, Mailbox};
 use super::command::{self, Command, CommandError};
 use super::data::{DataOutcome, DataProblem, DataReceiver};
+use super::dsn::{MessageDsn, RcptDsn};
 use super::reply::{self, Reply};
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.
@@ -22,6 +23,8 @@ pub const MAX_COMMAND_LINE: usize = 512;
 pub struct SessionParams {
     pub hostname: String,
     pub local_domains: LocalDomains,
+    /// Remote domains anyone may relay to (we are their backup MX): `relay_allowed = true`.
+    pub relay_domains: LocalDomains,
     pub max_message_size: usize,
     pub max_recipients: usize,
     /// 0 = no limit.
@@ -48,6 +51,9 @@ pub enum Action {
 pub struct Incoming {
     pub sender: Option<Mailbox>,
     pub recipients: Vec<Mailbox>,
+    pub dsn: MessageDsn,
+    /// DSN parameters of `recipients`, index for index.
+    pub rcpt_dsn: Vec<RcptDsn>,
     pub body: Vec<u8>,
     pub helo: String,
     /// `SMTP`, `ESMTP` or `UTF8SMTP` for the `Received:` header (RFC 3848).
@@ -128,6 +134,9 @@ struct Transaction {
     sender: Option<Option<Mailbox>>,
     recipients: Vec<Mailbox>,
     smtputf8: bool,
+    dsn: MessageDsn,
+    /// DSN parameters of `recipients`, index for index.
+    rcpt_dsn: Vec<RcptDsn>,
 }
 
 pub struct Session {
@@ -335,7 +344,7 @@ impl Session {
                 self.reply(r);
             }
             Command::Mail { from, params } => self.mail(from, params),
-            Command::Rcpt { to } => self.rcpt(to),
+            Command::Rcpt { to, dsn } => self.rcpt(to, dsn),
             Command::Data => self.data(),
             Command::Rset => {
                 self.txn = Transaction::default();
@@ -386,13 +395,22 @@ impl Session {
                 return self.reply(reply::size_exceeded());
             }
         }
-        self.txn = Transaction { sender: Some(from), recipients: Vec::new(), smtputf8: params.smtputf8 };
+        self.txn = Transaction {
+            sender: Some(from),
+            recipients: Vec::new(),
+            smtputf8: params.smtputf8,
+            dsn: params.dsn,
+            rcpt_dsn: Vec::new(),
+        };
         self.reply(reply::sender_ok());
     }
 
-    fn rcpt(&mut self, mut to: Mailbox) {
+    fn rcpt(&mut self, mut to: Mailbox, dsn: RcptDsn) {
         if self.txn.sender.is_none() {
             return self.reject(None, reply::bad_sequence("Need MAIL before RCPT"));
+        }
+        if dsn != RcptDsn::default() && !self.helo.as_ref().is_some_and(|h| h.1) {
+            return self.reject(None, reply::unsupported_parameter());
         }
         if to.domain.is_empty() {
             // `<postmaster>` alone (RFC 5321 §4.5.1) means the postmaster of the default domain.
@@ -409,11 +427,15 @@ impl Session {
             self.out.push_back(Action::Refused(refusal));
             return self.reply(reply::too_many_recipients());
         }
-        if !self.params.local_domains.contains(&to.domain) && !self.relay_allowed {
+        if !self.params.local_domains.contains(&to.domain)
+            && !self.params.relay_domains.contains(&to.domain)
+            && !self.relay_allowed
+        {
             let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
             return self.reject(Some(refusal), reply::relay_denied());
         }
         self.txn.recipients.push(to);
+        self.txn.rcpt_dsn.push(dsn);
         self.reply(reply::recipient_ok());
     }
 
@@ -466,6 +488,8 @@ impl Session {
         self.out.push_back(Action::Enqueue(Incoming {
             sender: txn.sender.flatten(),
             recipients: txn.recipients,
+            dsn: txn.dsn,
+            rcpt_dsn: txn.rcpt_dsn,
             body,
             helo,
             protocol,

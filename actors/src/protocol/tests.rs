@@ -9,6 +9,7 @@ fn params() -> SessionParams {
     SessionParams {
         hostname: "mx.example.test".into(),
         local_domains: LocalDomains::new(["example.test", "alias.test"]),
+        relay_domains: LocalDomains::new(["backup.test"]),
         max_message_size: 2000,
         max_recipients: 3,
         max_messages_per_connection: 0,
@@ -125,7 +126,14 @@ fn every_command() {
         ("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a..b@example.test>\r\n", "220 250 250/2.1.0 501/5.1.3"),
         ("EHLO c\r\nMAIL FROM:<a@b.test> FOO=1\r\n", "220 250 555/5.5.4"),
         ("HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n", "220 250 555/5.5.4"),
-        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n", "220 250 250/2.1.0 555/5.5.4"),
+        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n", "220 250 250/2.1.0 250/2.1.5"),
+        (
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER,DELAY\r\n",
+            "220 250 250/2.1.0 555/5.5.4",
+        ),
+        ("HELO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n", "220 250 250/2.1.0 555/5.5.4"),
+        ("EHLO c\r\nMAIL FROM:<a@b.test> RET=FULL ENVID=x\r\n", "220 250 250/2.1.0"),
+        ("EHLO c\r\nMAIL FROM:<a@b.test> RET=SOME\r\n", "220 250 555/5.5.4"),
         ("EHLO c\r\nMAIL FROM:<postmaster>\r\n", "220 250 501/5.1.7"),
         ("\r\n", "220 500/5.5.2"),
         ("NOOP \x01\r\n", "220 501/5.5.4"),
@@ -434,4 +442,30 @@ fn echoed_names_keep_reply_lines_within_512_octets() {
         // `lines()` drops the CRLF, which counts towards the 512 octets.
         assert!(r.wire.lines().all(|l| l.len() <= 510), "{}", r.wire);
     }
+}
+
+#[test]
+fn dsn_parameters_reach_the_queue() {
+    let r = check(
+        "EHLO c\r\nMAIL FROM:<a@b.test> RET=HDRS ENVID=id+2B1\r\nRCPT TO:<x@example.test> NOTIFY=SUCCESS ORCPT=rfc822;x@example.test\r\nRCPT TO:<y@example.test>\r\nDATA\r\nx\r\n.\r\n",
+        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 354 250/2.0.0",
+    );
+    let m = &r.messages[0];
+    assert_eq!(m.dsn.ret, Some(super::dsn::Ret::Hdrs));
+    assert_eq!(m.dsn.envid.as_deref(), Some("id+2B1"));
+    assert_eq!(m.rcpt_dsn.len(), 2);
+    assert_eq!(m.rcpt_dsn[0].notify.map(|n| n.success), Some(true));
+    assert_eq!(m.rcpt_dsn[0].orcpt.as_deref(), Some("rfc822;x@example.test"));
+    assert_eq!(m.rcpt_dsn[1], super::dsn::RcptDsn::default());
+    assert!(r.wire.contains("250-DSN\r\n"));
+}
+
+#[test]
+fn relay_allowed_domains_take_mail_from_anyone() {
+    check_with(
+        params(),
+        false,
+        "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@backup.test>\r\nRCPT TO:<x@BACKUP.TEST>\r\nRCPT TO:<x@other.test>\r\n",
+        "220 250 250/2.1.0 250/2.1.5 250/2.1.5 550/5.7.1",
+    );
 }

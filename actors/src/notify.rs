@@ -1,0 +1,276 @@
+//! Delivery status notifications (RFC 3464): non-delivery reports, delay notices and success
+//! notices, built with mail-builder from plain data. No I/O and no clock: the caller passes the
+//! time in, which keeps this table-testable.
+
+use std::borrow::Cow;
+
+use mail_builder::headers::content_type::ContentType;
+use mail_builder::headers::raw::Raw;
+use mail_builder::mime::{BodyPart, MimePart};
+use mail_builder::MessageBuilder;
+
+use crate::protocol::dsn::{xtext_decode, Ret};
+use crate::protocol::received::rfc5322_date;
+
+/// Which report, i.e. which `Action:` its recipients carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    Failure,
+    Delay,
+    Success,
+}
+
+/// One recipient in a report.
+#[derive(Debug, Clone)]
+pub struct ReportRecipient {
+    pub address: String,
+    /// `ORCPT` as received (`rfc822;xtext`).
+    pub orcpt: Option<String>,
+    /// `failed`, `delayed`, `delivered` or `relayed`.
+    pub action: &'static str,
+    /// The last result text: a remote reply (`550 5.1.1 …`) or our own reason.
+    pub reply: String,
+    /// Set when `reply` came from a remote server.
+    pub remote_mta: Option<String>,
+    /// Delay notices: when we give up.
+    pub will_retry_until: Option<u64>,
+}
+
+pub struct Report<'a> {
+    pub kind: ReportKind,
+    pub hostname: &'a str,
+    pub queue_id: u64,
+    /// The original envelope sender: the report goes there.
+    pub to: &'a str,
+    pub envid: Option<&'a str>,
+    pub arrival: u64,
+    pub now: u64,
+    pub recipients: Vec<ReportRecipient>,
+    /// The original message as stored.
+    pub original: &'a [u8],
+    /// `RET`; when the sender did not say, headers only.
+    pub ret: Option<Ret>,
+    /// Messages larger than this are returned as headers only whatever `RET` says.
+    pub max_full: usize,
+}
+
+/// The enhanced status code (RFC 3463) for a result text: the one the reply carries when it has
+/// one, else derived from its class.
+pub fn status_code(reply: &str, action: &str) -> String {
+    let mut words = reply.split_whitespace();
+    let first = words.next().unwrap_or("");
+    let candidate =
+        if first.len() == 3 && first.bytes().all(|b| b.is_ascii_digit()) { words.next() } else { Some(first) };
+    if let Some(c) = candidate.filter(|c| is_enhanced(c)) {
+        return c.to_string();
+    }
+    match (action, first.as_bytes().first()) {
+        ("delivered" | "relayed", _) => "2.0.0".into(),
+        (_, Some(b'5')) => "5.0.0".into(),
+        ("failed", _) => "5.0.0".into(),
+        _ => "4.0.0".into(),
+    }
+}
+
+fn is_enhanced(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..].iter().all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Keeps header and report field values on one line and of sane length.
+fn field(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(900).collect()
+}
+
+/// The header block of a stored message (up to the first empty line).
+pub fn header_block(message: &[u8]) -> &[u8] {
+    let end = message.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 2).unwrap_or(message.len());
+    &message[..end]
+}
+
+fn subject_of(message: &[u8]) -> Option<String> {
+    let headers = String::from_utf8_lossy(header_block(message));
+    let mut lines = headers.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        if line.len() > 8 && line[..8].eq_ignore_ascii_case("subject:") {
+            let mut v = line[8..].trim().to_string();
+            while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
+                v.push(' ');
+                v.push_str(next.trim());
+                lines.next();
+            }
+            return Some(field(&v));
+        }
+    }
+    None
+}
+
+/// Builds the complete report message (CRLF line ends, ready to queue from `<>`).
+pub fn build(r: &Report) -> Vec<u8> {
+    let (subject, intro) = match r.kind {
+        ReportKind::Failure => (
+            "Undelivered Mail Returned to Sender",
+            "Your message could not be delivered to one or more recipients. It has been given up on.",
+        ),
+        ReportKind::Delay => (
+            "Delayed Mail (still being retried)",
+            "Your message has not been delivered yet to one or more recipients. Delivery will be retried; \
+             you do not need to send it again. You will be told if it finally fails.",
+        ),
+        ReportKind::Success => ("Successful Mail Delivery Report", "Your message was delivered to these recipients."),
+    };
+    let mut human =
+        format!("This is the mail system at {host}.\r\n\r\n{intro}\r\n\r\n", host = field(r.hostname), intro = intro);
+    if let Some(s) = subject_of(r.original) {
+        human.push_str(&format!("Subject of your message: {s}\r\n\r\n"));
+    }
+    for rc in &r.recipients {
+        human.push_str(&format!("<{}>: {}\r\n", field(&rc.address), field(&rc.reply)));
+        if let Some(until) = rc.will_retry_until {
+            human.push_str(&format!("    (will be retried until {})\r\n", rfc5322_date(until)));
+        }
+    }
+
+    let mut status = format!("Reporting-MTA: dns; {}\r\n", field(r.hostname));
+    if let Some(envid) = r.envid {
+        status.push_str(&format!("Original-Envelope-Id: {}\r\n", field(envid)));
+    }
+    status.push_str(&format!("X-Mailroot-Queue-ID: {}\r\n", r.queue_id));
+    status.push_str(&format!("Arrival-Date: {}\r\n", rfc5322_date(r.arrival)));
+    for rc in &r.recipients {
+        status.push_str("\r\n");
+        if let Some(orcpt) = &rc.orcpt {
+            // ORCPT stays in xtext on the wire (RFC 3464 §2.3.1); show the decoded form when valid.
+            let (kind, addr) = orcpt.split_once(';').unwrap_or(("rfc822", orcpt));
+            let addr = xtext_decode(addr).unwrap_or_else(|| addr.to_string());
+            status.push_str(&format!("Original-Recipient: {}; {}\r\n", field(kind), field(&addr)));
+        }
+        status.push_str(&format!("Final-Recipient: rfc822; {}\r\n", field(&rc.address)));
+        status.push_str(&format!("Action: {}\r\n", rc.action));
+        status.push_str(&format!("Status: {}\r\n", status_code(&rc.reply, rc.action)));
+        if let Some(mta) = &rc.remote_mta {
+            status.push_str(&format!("Remote-MTA: dns; {}\r\n", field(mta)));
+            status.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", field(&rc.reply)));
+        }
+        status.push_str(&format!("Last-Attempt-Date: {}\r\n", rfc5322_date(r.now)));
+        if let Some(until) = rc.will_retry_until {
+            status.push_str(&format!("Will-Retry-Until: {}\r\n", rfc5322_date(until)));
+        }
+    }
+
+    let full = r.kind == ReportKind::Failure && r.ret == Some(Ret::Full) && r.original.len() <= r.max_full;
+    let returned: Vec<u8> = if full {
+        let mut v = b"Content-Type: message/rfc822\r\nContent-Description: Undelivered message\r\n\r\n".to_vec();
+        v.extend_from_slice(r.original);
+        v
+    } else {
+        let mut v = b"Content-Type: text/rfc822-headers\r\nContent-Description: Message headers\r\n\r\n".to_vec();
+        v.extend_from_slice(header_block(r.original));
+        v
+    };
+    let returned = String::from_utf8_lossy(&returned).into_owned();
+
+    let parts = vec![
+        MimePart::new(ContentType::new("text/plain").attribute("charset", "utf-8"), BodyPart::from(human))
+            .transfer_encoding("8bit"),
+        MimePart::raw(BodyPart::from(format!(
+            "Content-Type: message/delivery-status\r\nContent-Description: Delivery report\r\n\r\n{status}"
+        ))),
+        MimePart::raw(BodyPart::Text(Cow::Owned(returned))),
+    ];
+    let report = MimePart::new(
+        ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
+        BodyPart::Multipart(parts),
+    );
+    let from = format!("MAILER-DAEMON@{}", field(r.hostname));
+    let to = if r.to.is_empty() { "undisclosed-recipients:;".to_string() } else { field(r.to) };
+    MessageBuilder::new()
+        .from(("Mail Delivery System".to_string(), from))
+        .to(to)
+        .subject(subject)
+        .date(r.now as i64)
+        .message_id(format!("{}.{}.{}@{}", r.queue_id, r.now, subject.len(), field(r.hostname)))
+        .header("Auto-Submitted", Raw::new("auto-replied"))
+        .body(report)
+        .write_to_vec()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes() {
+        let cases = [
+            ("550 5.1.1 no such user", "failed", "5.1.1"),
+            ("550 no such user", "failed", "5.0.0"),
+            ("451 4.3.0 try later", "delayed", "4.3.0"),
+            ("451 try later", "delayed", "4.0.0"),
+            ("4.4.7 message expired", "failed", "4.4.7"),
+            ("connection refused", "delayed", "4.0.0"),
+            ("connection refused", "failed", "5.0.0"),
+            ("250 2.0.0 ok", "delivered", "2.0.0"),
+            ("250 ok", "relayed", "2.0.0"),
+            ("550 9.9.9 odd", "failed", "5.0.0"),
+        ];
+        for (reply, action, want) in cases {
+            assert_eq!(status_code(reply, action), want, "{reply:?}");
+        }
+    }
+
+    fn report(kind: ReportKind, ret: Option<Ret>) -> String {
+        let original = b"Received: x\r\nSubject: Hello\r\n there\r\nFrom: a@b.test\r\n\r\nsecret body\r\n";
+        let r = Report {
+            kind,
+            hostname: "mx.example.test",
+            queue_id: 42,
+            to: "a@b.test",
+            envid: Some("E1"),
+            arrival: 1_700_000_000,
+            now: 1_700_000_100,
+            recipients: vec![ReportRecipient {
+                address: "c@d.test".into(),
+                orcpt: Some("rfc822;C+2Bx@d.test".into()),
+                action: if kind == ReportKind::Delay { "delayed" } else { "failed" },
+                reply: "550 5.1.1 no such user\r\nInjected: header".into(),
+                remote_mta: Some("mx.d.test[192.0.2.1]".into()),
+                will_retry_until: None,
+            }],
+            original,
+            ret,
+            max_full: 1 << 20,
+        };
+        String::from_utf8(build(&r)).unwrap()
+    }
+
+    #[test]
+    fn failure_report_shape() {
+        let m = report(ReportKind::Failure, None);
+        assert!(m.contains("From: \"Mail Delivery System\" <MAILER-DAEMON@mx.example.test>\r\n"), "{m}");
+        assert!(m.contains("Subject: Undelivered Mail Returned to Sender\r\n"), "{m}");
+        assert!(m.contains("Content-Type: multipart/report; report-type=\"delivery-status\""), "{m}");
+        assert!(m.contains("Content-Type: message/delivery-status\r\n"), "{m}");
+        assert!(m.contains("Original-Envelope-Id: E1\r\n"), "{m}");
+        assert!(m.contains("Original-Recipient: rfc822; C+x@d.test\r\n"), "{m}");
+        assert!(m.contains("Final-Recipient: rfc822; c@d.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"), "{m}");
+        assert!(m.contains("Remote-MTA: dns; mx.d.test[192.0.2.1]\r\n"), "{m}");
+        // A hostile reply cannot add a header line to the report.
+        assert!(!m.contains("\r\nInjected:"), "{m}");
+        assert!(m.contains("Content-Type: text/rfc822-headers\r\n"), "{m}");
+        assert!(m.contains("Subject of your message: Hello there"), "{m}");
+        assert!(!m.contains("secret body"), "headers only by default: {m}");
+        assert!(!m.contains("\n\n") && !m.replace("\r\n", "").contains('\n'), "CRLF only");
+    }
+
+    #[test]
+    fn full_return_and_delay() {
+        let m = report(ReportKind::Failure, Some(Ret::Full));
+        assert!(m.contains("Content-Type: message/rfc822\r\n") && m.contains("secret body"), "{m}");
+        let m = report(ReportKind::Delay, Some(Ret::Full));
+        assert!(m.contains("Subject: Delayed Mail") && m.contains("Action: delayed\r\n"), "{m}");
+        assert!(!m.contains("secret body"), "delay notices carry headers only: {m}");
+    }
+}

@@ -1,0 +1,212 @@
+//! Finding where a domain's mail goes: MX records in preference order (equal preferences
+//! shuffled), the implicit MX, RFC 7505 null MX, and address lookups — every DNS answer
+//! classified as a host list, a permanent failure or a temporary one.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::TokioResolver;
+
+use crate::delivery::Outcome;
+use crate::metrics::{Metrics, ResultLabel};
+
+/// At most this many MX hosts are tried, and this many addresses per host: a hostile zone
+/// cannot make one delivery attempt walk thousands of targets.
+pub const MAX_MX_HOSTS: usize = 10;
+pub const MAX_ADDRESSES_PER_HOST: usize = 4;
+
+/// One MX host (or the domain itself, for the implicit MX).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxHost {
+    pub name: String,
+    pub preference: u16,
+}
+
+pub struct Dns {
+    resolver: TokioResolver,
+    metrics: Arc<Metrics>,
+}
+
+/// Orders MX records by preference and shuffles each group of equal preference (RFC 5321 §5.1),
+/// using `seed` so that tests can check the result.
+pub fn order_mx(mut hosts: Vec<MxHost>, seed: u64) -> Vec<MxHost> {
+    hosts.sort_by_key(|h| h.preference);
+    let mut state = seed | 1;
+    let mut rand = move || {
+        // xorshift64: a load spreader, not cryptography.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut start = 0;
+    while start < hosts.len() {
+        let end = hosts[start..]
+            .iter()
+            .position(|h| h.preference != hosts[start].preference)
+            .map_or(hosts.len(), |n| start + n);
+        for i in (start + 1..end).rev() {
+            let j = start + (rand() % (i - start + 1) as u64) as usize;
+            hosts.swap(i, j);
+        }
+        start = end;
+    }
+    hosts
+}
+
+fn random_seed() -> u64 {
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+/// Turns a domain into the absolute name we query, so no search list is ever appended.
+fn absolute(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    }
+}
+
+impl Dns {
+    /// `nameservers` empty = the system resolver configuration (`/etc/resolv.conf`).
+    pub fn new(nameservers: &[SocketAddr], timeout: Duration, metrics: Arc<Metrics>) -> Result<Dns, String> {
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if nameservers.is_empty() {
+            TokioResolver::builder(provider).map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+        } else {
+            let servers = nameservers
+                .iter()
+                .map(|a| {
+                    let mut ns = NameServerConfig::udp_and_tcp(a.ip());
+                    for c in &mut ns.connections {
+                        c.port = a.port();
+                    }
+                    ns
+                })
+                .collect();
+            let mut b = TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider);
+            b.options_mut().use_hosts_file = ResolveHosts::Never;
+            b
+        };
+        let opts: &mut ResolverOpts = builder.options_mut();
+        opts.timeout = timeout;
+        opts.attempts = 1;
+        // Retries are the queue's job; a short cache keeps a burst to one domain to one lookup.
+        opts.positive_max_ttl = Some(Duration::from_secs(300));
+        opts.negative_max_ttl = Some(Duration::from_secs(30));
+        let resolver = builder.build().map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
+        Ok(Dns { resolver, metrics })
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics.dns_queries.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// The hosts to try for `domain`, best first.
+    pub async fn mx_hosts(&self, domain: &str) -> Result<Vec<MxHost>, Outcome> {
+        match self.resolver.lookup(absolute(domain), RecordType::MX).await {
+            Ok(lookup) => {
+                self.count("ok");
+                let mut hosts = Vec::new();
+                let mut null_mx = false;
+                for record in lookup.answers() {
+                    if let RData::MX(mx) = &record.data {
+                        if mx.exchange.is_root() {
+                            null_mx = true;
+                            continue;
+                        }
+                        let name = mx.exchange.to_ascii();
+                        hosts.push(MxHost { name: name.trim_end_matches('.').to_string(), preference: mx.preference });
+                    }
+                }
+                if null_mx && hosts.is_empty() {
+                    return Err(Outcome::Permanent(format!(
+                        "556 5.1.10 Domain {domain} accepts no mail (null MX, RFC 7505)"
+                    )));
+                }
+                if hosts.is_empty() {
+                    // Answers of other types only (e.g. a CNAME chain without MX): implicit MX.
+                    return Ok(vec![MxHost { name: domain.to_string(), preference: 0 }]);
+                }
+                let mut hosts = order_mx(hosts, random_seed());
+                hosts.truncate(MAX_MX_HOSTS);
+                Ok(hosts)
+            }
+            Err(e) if e.is_nx_domain() => {
+                self.count("nxdomain");
+                Err(Outcome::Permanent(format!("550 5.1.2 Domain {domain} does not exist (NXDOMAIN)")))
+            }
+            Err(e) if e.is_no_records_found() => {
+                self.count("nodata");
+                Ok(vec![MxHost { name: domain.to_string(), preference: 0 }])
+            }
+            Err(e) => {
+                self.count("error");
+                Err(temporary_dns(domain, "MX", &e))
+            }
+        }
+    }
+
+    /// The addresses of one host. `Ok(empty)` when the name exists without addresses or does
+    /// not exist; `Err` only for a failure worth retrying (timeout, SERVFAIL).
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, Outcome> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        match self.resolver.lookup_ip(absolute(host)).await {
+            Ok(ips) => {
+                self.count("ok");
+                let mut out: Vec<IpAddr> = ips.iter().filter(|ip| !ip.is_unspecified() && !ip.is_multicast()).collect();
+                out.dedup();
+                out.truncate(MAX_ADDRESSES_PER_HOST);
+                Ok(out)
+            }
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
+                self.count(if e.is_nx_domain() { "nxdomain" } else { "nodata" });
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                self.count("error");
+                Err(temporary_dns(host, "A/AAAA", &e))
+            }
+        }
+    }
+}
+
+fn temporary_dns(name: &str, kind: &str, e: &NetError) -> Outcome {
+    let msg: String = e.to_string().chars().filter(|c| !c.is_control()).take(200).collect();
+    Outcome::Temporary(format!("451 4.4.3 DNS lookup of {kind} for {name} failed: {msg}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(name: &str, preference: u16) -> MxHost {
+        MxHost { name: name.into(), preference }
+    }
+
+    #[test]
+    fn mx_order() {
+        let hosts = vec![h("c", 20), h("a", 10), h("b", 10), h("d", 30), h("e", 10)];
+        let mut seen_first = std::collections::HashSet::new();
+        for seed in 0..200u64 {
+            let got = order_mx(hosts.clone(), seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let prefs: Vec<u16> = got.iter().map(|h| h.preference).collect();
+            assert_eq!(prefs, vec![10, 10, 10, 20, 30]);
+            assert_eq!(&got[3..], &[h("c", 20), h("d", 30)]);
+            seen_first.insert(got[0].name.clone());
+        }
+        // Equal preferences really are spread.
+        assert_eq!(seen_first.len(), 3, "{seen_first:?}");
+        assert_eq!(order_mx(vec![], 1), vec![]);
+        assert_eq!(absolute("example.test"), "example.test.");
+        assert_eq!(absolute("example.test."), "example.test.");
+    }
+}

@@ -1,0 +1,527 @@
+//! The RemoteDelivery actor: delivers `Deliver` requests for non-local domains over SMTP —
+//! grouped by domain, routed through MX records or a smart host, over pooled connections within
+//! global and per-domain limits.
+//!
+//! Invariants:
+//! - Every recipient of a request gets exactly one result, whatever DNS or the peers do.
+//! - An open connection holds one global and one per-route permit for its whole life, idle or
+//!   not; a request that needs a permit held by an idle connection closes that connection first,
+//!   so idle connections never starve new routes.
+//! - A connection goes back to the pool only after a clean transaction, and at most
+//!   `max_messages_per_connection` transactions run on it.
+
+pub mod connection;
+pub mod dns;
+mod pool;
+mod tls;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
+use crate::metrics::Metrics;
+use crate::protocol::client::{dot_stuff, is_eight_bit};
+use crate::protocol::dsn::Ret;
+use crate::protocol::LocalDomains;
+use connection::{Connection, Failure, Timeouts, Transaction};
+use dns::{Dns, MxHost};
+use pool::{Permits, Pool};
+
+/// A relay host: `host`, `host:port`, `[host]` or `[192.0.2.1]:25`. Brackets skip the MX lookup
+/// (as in IIS): the name's own addresses are used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmartHost {
+    pub host: String,
+    pub port: Option<u16>,
+    pub mx_lookup: bool,
+}
+
+impl SmartHost {
+    pub fn parse(s: &str) -> Result<SmartHost, String> {
+        let s = s.trim();
+        let bad = || format!("{s:?} is not host, host:port, [host] or [host]:port");
+        if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?),
+            };
+            if host.is_empty() {
+                return Err(bad());
+            }
+            return Ok(SmartHost { host: host.to_string(), port, mx_lookup: false });
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        if host.is_empty() || host.contains([' ', '[', ']']) {
+            return Err(bad());
+        }
+        let is_ip = host.parse::<IpAddr>().is_ok();
+        Ok(SmartHost { host: host.to_string(), port, mx_lookup: !is_ip })
+    }
+}
+
+/// Settings of one remote domain (`[domains.remote."example.org"]`).
+#[derive(Debug, Clone, Default)]
+pub struct DomainPolicy {
+    pub smart_host: Option<SmartHost>,
+    /// Deliver only over TLS: no STARTTLS or a failed handshake is a temporary failure.
+    pub require_tls: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
+    pub helo_name: String,
+    pub remote_port: u16,
+    pub nameservers: Vec<SocketAddr>,
+    pub dns_timeout: Duration,
+    pub smart_host: Option<SmartHost>,
+    /// Try the MX hosts first and the smart host only when they fail temporarily.
+    pub direct_before_smart_host: bool,
+    pub max_connections: usize,
+    pub max_connections_per_domain: usize,
+    pub max_messages_per_connection: usize,
+    pub timeouts: Timeouts,
+    /// Opportunistic STARTTLS.
+    pub starttls: bool,
+    /// Rewrites a local domain in MAIL FROM to this one.
+    pub masquerade_domain: Option<String>,
+    pub local_domains: LocalDomains,
+    /// Per-domain policies, by lower-case domain.
+    pub domains: BTreeMap<String, DomainPolicy>,
+    /// How long an idle connection stays in the pool.
+    pub idle_timeout: Duration,
+}
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        RemoteSettings {
+            helo_name: "localhost".into(),
+            remote_port: 25,
+            nameservers: Vec::new(),
+            dns_timeout: Duration::from_secs(10),
+            smart_host: None,
+            direct_before_smart_host: false,
+            max_connections: 1000,
+            max_connections_per_domain: 100,
+            max_messages_per_connection: 100,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(30),
+                command: Duration::from_secs(300),
+                data: Duration::from_secs(600),
+            },
+            starttls: true,
+            masquerade_domain: None,
+            local_domains: LocalDomains::new(Vec::<String>::new()),
+            domains: BTreeMap::new(),
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where one domain's mail goes.
+#[derive(Debug, Clone)]
+enum Route {
+    Mx(String),
+    Smart(SmartHost),
+}
+
+struct Inner {
+    settings: RemoteSettings,
+    dns: Dns,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+}
+
+pub struct RemoteDelivery {
+    inner: Arc<Inner>,
+}
+
+impl RemoteDelivery {
+    /// Must be called inside the arbiter that will run the actor (the resolver spawns there).
+    pub fn new(settings: RemoteSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let dns = Dns::new(&settings.nameservers, settings.dns_timeout, metrics.clone())?;
+        let tls = settings.starttls.then(tls::client_config).transpose()?;
+        let pool = Pool::new(
+            Arc::new(Semaphore::new(settings.max_connections)),
+            settings.max_connections_per_domain,
+            metrics.clone(),
+        );
+        Ok(RemoteDelivery { inner: Arc::new(Inner { settings, dns, tls, pool, metrics }) })
+    }
+}
+
+impl Actor for RemoteDelivery {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Requests are bounded by the Queue's in-flight limit; this is only a safety margin.
+        ctx.set_mailbox_capacity(1024);
+        let every = (self.inner.settings.idle_timeout / 2).max(Duration::from_millis(500));
+        ctx.run_interval(every, |act, _| act.inner.pool.expire(act.inner.settings.idle_timeout));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.inner.pool.close_all();
+    }
+}
+
+impl Handler<Deliver> for RemoteDelivery {
+    type Result = ResponseFuture<DeliveryReport>;
+
+    fn handle(&mut self, req: Deliver, _ctx: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.deliver(req).await })
+    }
+}
+
+/// What one domain's delivery needs, shared by its recipients.
+struct Job {
+    id: u64,
+    sender: String,
+    message: Arc<Vec<u8>>,
+    /// Dot-stuffed once per message, on first use.
+    data: Arc<tokio::sync::OnceCell<Vec<u8>>>,
+    dsn_ret: Option<Ret>,
+    dsn_envid: Option<String>,
+    eight_bit: bool,
+}
+
+impl Inner {
+    async fn deliver(self: Arc<Self>, req: Deliver) -> DeliveryReport {
+        let mut by_domain: BTreeMap<String, Vec<DeliveryRecipient>> = BTreeMap::new();
+        for r in req.recipients {
+            let domain = r.address.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+            by_domain.entry(domain).or_default().push(r);
+        }
+        let job = Arc::new(Job {
+            id: req.id,
+            sender: req.sender,
+            eight_bit: is_eight_bit(&req.message),
+            message: req.message,
+            data: Arc::new(tokio::sync::OnceCell::new()),
+            dsn_ret: req.dsn.ret,
+            dsn_envid: req.dsn.envid,
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for (domain, rcpts) in by_domain {
+            let (inner, job) = (self.clone(), job.clone());
+            tasks.spawn_local(async move { inner.deliver_domain(&job, &domain, rcpts).await });
+        }
+        let mut results = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(mut r) => results.append(&mut r),
+                Err(e) => warn!(id = job.id, error = %e, "a domain delivery task failed"),
+            }
+        }
+        DeliveryReport { results }
+    }
+
+    fn route_for(&self, domain: &str) -> (Option<Route>, Option<Route>) {
+        let policy = self.settings.domains.get(domain);
+        if let Some(sh) = policy.and_then(|p| p.smart_host.clone()) {
+            return (Some(Route::Smart(sh)), None);
+        }
+        match &self.settings.smart_host {
+            Some(sh) if self.settings.direct_before_smart_host => {
+                (Some(Route::Mx(domain.to_string())), Some(Route::Smart(sh.clone())))
+            }
+            Some(sh) => (Some(Route::Smart(sh.clone())), None),
+            None => (Some(Route::Mx(domain.to_string())), None),
+        }
+    }
+
+    async fn deliver_domain(&self, job: &Job, domain: &str, rcpts: Vec<DeliveryRecipient>) -> Vec<RecipientResult> {
+        let fail_all = |o: Outcome, remote: Option<String>| -> Vec<RecipientResult> {
+            rcpts
+                .iter()
+                .map(|r| RecipientResult {
+                    index: r.index,
+                    outcome: o.clone(),
+                    remote_mta: remote.clone(),
+                    handoff: Handoff::Final,
+                })
+                .collect()
+        };
+        // Checks that need no connection.
+        let smtputf8 = !job.sender.is_ascii() || rcpts.iter().any(|r| !r.address.is_ascii());
+        let require_tls = self.settings.domains.get(domain).is_some_and(|p| p.require_tls);
+        let (first, fallback) = self.route_for(domain);
+        let mut last = Outcome::Temporary(format!("451 4.4.0 No route to {domain}"));
+        let mut last_remote = None;
+        for route in [first, fallback].into_iter().flatten() {
+            let (key, targets) = match self.targets(&route).await {
+                Ok(t) => t,
+                Err(o) => {
+                    last = o;
+                    last_remote = None;
+                    if matches!(last, Outcome::Permanent(_)) && matches!(route, Route::Mx(_)) {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match self.try_targets(job, &key, &targets, &rcpts, require_tls, smtputf8).await {
+                Ok(results) => return results,
+                Err((o, remote)) => {
+                    last = o;
+                    last_remote = remote;
+                    // A permanent answer from a real server is final; only temporary trouble
+                    // sends the message on to the smart host.
+                    if matches!(last, Outcome::Permanent(_)) {
+                        break;
+                    }
+                }
+            }
+        }
+        fail_all(last, last_remote)
+    }
+
+    /// The addresses to try for a route, best first, and the key its connections are pooled
+    /// and limited under.
+    async fn targets(&self, route: &Route) -> Result<(String, Vec<(String, SocketAddr)>), Outcome> {
+        let (key, hosts, port) = match route {
+            Route::Mx(domain) => (domain.clone(), self.dns.mx_hosts(domain).await?, self.settings.remote_port),
+            Route::Smart(sh) => {
+                let port = sh.port.unwrap_or(self.settings.remote_port);
+                let key = format!("smarthost:{}:{port}", sh.host);
+                let hosts = if sh.mx_lookup {
+                    self.dns.mx_hosts(&sh.host).await?
+                } else {
+                    vec![MxHost { name: sh.host.clone(), preference: 0 }]
+                };
+                (key, hosts, port)
+            }
+        };
+        let mut targets = Vec::new();
+        let mut dns_trouble = None;
+        for h in &hosts {
+            match self.dns.addresses(&h.name).await {
+                Ok(ips) => targets.extend(ips.into_iter().map(|ip| (h.name.clone(), SocketAddr::new(ip, port)))),
+                Err(o) => dns_trouble = Some(o),
+            }
+        }
+        if targets.is_empty() {
+            return Err(dns_trouble.unwrap_or_else(|| {
+                let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                Outcome::Permanent(format!("550 5.4.4 No address found for {}", names.join(", ")))
+            }));
+        }
+        Ok((key, targets))
+    }
+
+    /// Tries each address in turn until one gives per-recipient answers.
+    async fn try_targets(
+        &self,
+        job: &Job,
+        key: &str,
+        targets: &[(String, SocketAddr)],
+        rcpts: &[DeliveryRecipient],
+        require_tls: bool,
+        smtputf8: bool,
+    ) -> Result<Vec<RecipientResult>, (Outcome, Option<String>)> {
+        let mut last = (Outcome::Temporary("451 4.4.1 No host answered".into()), None);
+        for (host, addr) in targets {
+            let mut clear_text = false;
+            // At most: a pooled connection that turned out dead, then a fresh one, then a
+            // fresh one in clear text after a failed TLS handshake.
+            for _ in 0..3 {
+                let (mut conn, permits) = match self.connection(key, host, *addr, require_tls, clear_text).await {
+                    Ok(c) => c,
+                    Err(f) => {
+                        if f.tls_failed && !require_tls && !clear_text {
+                            info!(id = job.id, host = %host, addr = %addr, "TLS handshake failed; retrying in clear text");
+                            clear_text = true;
+                            last = (f.outcome, None);
+                            continue;
+                        }
+                        last = (f.outcome, None);
+                        break;
+                    }
+                };
+                let fresh = conn.messages == 0;
+                match self.transaction(job, &mut conn, rcpts, smtputf8).await {
+                    Ok(results) => {
+                        self.finish(key, conn, permits);
+                        return Ok(results);
+                    }
+                    Err(f) => {
+                        let remote = Some(conn.peer.clone());
+                        self.finish(key, conn, permits);
+                        if !f.try_next_host {
+                            return Err((f.outcome, remote));
+                        }
+                        last = (f.outcome, remote);
+                        if fresh {
+                            break;
+                        }
+                        // A pooled connection the peer had closed: try again on a new one.
+                        debug!(id = job.id, host = %host, "pooled connection failed; opening a new one");
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// A pooled connection to `addr`, or a new one.
+    async fn connection(
+        &self,
+        key: &str,
+        host: &str,
+        addr: SocketAddr,
+        require_tls: bool,
+        clear_text: bool,
+    ) -> Result<(Connection, Permits), Failure> {
+        if !clear_text {
+            if let Some(pooled) = self.pool.take(key, addr) {
+                return Ok(pooled);
+            }
+        }
+        let Some(permits) = self.pool.permits(key).await else {
+            return Err(Failure {
+                outcome: Outcome::Temporary("451 4.3.0 Outbound connection limits are shut down".into()),
+                try_next_host: false,
+                tls_failed: false,
+            });
+        };
+        let tls = if clear_text { None } else { self.tls.as_ref() };
+        match Connection::open(addr, host, &self.settings.helo_name, tls, require_tls, &self.settings.timeouts).await {
+            Ok(c) => {
+                self.metrics.outbound_connections.inc();
+                if c.tls {
+                    self.metrics.outbound_tls.inc();
+                }
+                Ok((c, permits))
+            }
+            Err(f) => {
+                self.metrics.outbound_connect_failures.inc();
+                Err(f)
+            }
+        }
+    }
+
+    /// After a transaction: back to the pool, or closed with QUIT.
+    fn finish(&self, key: &str, conn: Connection, permits: Permits) {
+        if conn.reusable && conn.messages < self.settings.max_messages_per_connection {
+            self.pool.put(key, conn, permits);
+        } else {
+            pool::close(conn, permits);
+        }
+    }
+
+    async fn transaction(
+        &self,
+        job: &Job,
+        conn: &mut Connection,
+        rcpts: &[DeliveryRecipient],
+        smtputf8: bool,
+    ) -> Result<Vec<RecipientResult>, Failure> {
+        let caps = conn.caps.clone();
+        let peer = conn.peer.clone();
+        let refuse = |text: String| -> Result<Vec<RecipientResult>, Failure> {
+            Err(Failure { outcome: Outcome::Permanent(text), try_next_host: false, tls_failed: false })
+        };
+        if let Some(limit) = caps.size.filter(|&n| n > 0) {
+            if job.message.len() as u64 > limit {
+                return refuse(format!(
+                    "552 5.3.4 Message of {} bytes exceeds the {limit}-byte limit of {peer}",
+                    job.message.len()
+                ));
+            }
+        }
+        if job.eight_bit && !caps.eight_bit_mime {
+            return refuse(format!(
+                "554 5.6.3 {peer} does not accept 8-bit data (no 8BITMIME); the message was not converted"
+            ));
+        }
+        if smtputf8 && !caps.smtputf8 {
+            return refuse(format!("553 5.6.7 {peer} does not support internationalized addresses (no SMTPUTF8)"));
+        }
+        let mut mail_params = String::new();
+        if caps.size.is_some() {
+            mail_params.push_str(&format!(" SIZE={}", job.message.len()));
+        }
+        if job.eight_bit {
+            mail_params.push_str(" BODY=8BITMIME");
+        }
+        if smtputf8 {
+            mail_params.push_str(" SMTPUTF8");
+        }
+        if caps.dsn {
+            if let Some(ret) = job.dsn_ret {
+                mail_params.push_str(&format!(" RET={}", ret.keyword()));
+            }
+            if let Some(envid) = &job.dsn_envid {
+                mail_params.push_str(&format!(" ENVID={envid}"));
+            }
+        }
+        let recipients: Vec<(&str, String)> = rcpts
+            .iter()
+            .map(|r| {
+                let mut p = String::new();
+                if caps.dsn {
+                    if let Some(n) = r.dsn.notify {
+                        p.push_str(&format!(" NOTIFY={}", n.keyword()));
+                    }
+                    if let Some(o) = &r.dsn.orcpt {
+                        p.push_str(&format!(" ORCPT={o}"));
+                    }
+                }
+                (r.address.as_str(), p)
+            })
+            .collect();
+        let sender = self.masquerade(&job.sender);
+        let data = job.data.get_or_init(|| async { dot_stuff(&job.message) }).await;
+        let t = Transaction { sender: &sender, mail_params, recipients, data };
+        let outcomes = conn.send(&t).await?;
+        let handoff = if caps.dsn { Handoff::PassedOn } else { Handoff::Relayed };
+        Ok(rcpts
+            .iter()
+            .zip(outcomes)
+            .map(|(r, outcome)| RecipientResult { index: r.index, outcome, remote_mta: Some(peer.clone()), handoff })
+            .collect())
+    }
+
+    fn masquerade(&self, sender: &str) -> String {
+        if let (Some(m), Some((local, domain))) = (&self.settings.masquerade_domain, sender.rsplit_once('@')) {
+            if self.settings.local_domains.contains(domain) {
+                return format!("{local}@{m}");
+            }
+        }
+        sender.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_host_syntax() {
+        let sh = |h: &str, p: Option<u16>, mx| Ok(SmartHost { host: h.into(), port: p, mx_lookup: mx });
+        let cases = [
+            ("relay.example.org", sh("relay.example.org", None, true)),
+            ("relay.example.org:587", sh("relay.example.org", Some(587), true)),
+            ("[relay.example.org]", sh("relay.example.org", None, false)),
+            ("[192.0.2.1]:25", sh("192.0.2.1", Some(25), false)),
+            ("192.0.2.1:2525", sh("192.0.2.1", Some(2525), false)),
+        ];
+        for (input, want) in cases {
+            assert_eq!(SmartHost::parse(input), want, "{input}");
+        }
+        for bad in ["", "[]", "[x]y", "host:port", "a b", "[1.2.3.4]:99999"] {
+            assert!(SmartHost::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

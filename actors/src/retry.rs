@@ -1,0 +1,137 @@
+//! The RetryScheduler actor: sleeps until the earliest retry time in the sled retry index, then
+//! tells the Queue (`RetryDue`) to take the messages that are due.
+//!
+//! Invariants:
+//! - The times live in sled, not here: after a restart the scheduler reads the earliest one and
+//!   sleeps until then, so no retry is lost or run early.
+//! - The scheduler never sleeps past a time the Queue has told it (`Reschedule`) nor past the
+//!   earliest time it read from the index after its last wake-up.
+//! - One `RetryDue` at a time: the next is sent only after the Queue answered the last, which is
+//!   the backpressure when the Queue is full (it answers `more: true` and the scheduler comes
+//!   back a second later).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tracing::{debug, error};
+
+use crate::queue::unix_now;
+use crate::store::Store;
+
+/// Sent to the Queue: take the messages due at `now`.
+#[derive(Message)]
+#[rtype(result = "RetryBatch")]
+pub struct RetryDue {
+    pub now: u64,
+}
+
+#[derive(Debug, MessageResponse)]
+pub struct RetryBatch {
+    /// The Queue had no room for all that is due: come back soon.
+    pub more: bool,
+}
+
+/// Sent by the Queue: a message now waits until `at` (Unix seconds).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reschedule {
+    pub at: u64,
+}
+
+pub struct RetryScheduler {
+    store: Arc<Store>,
+    queue: Recipient<RetryDue>,
+    /// When the timer fires, and its handle.
+    wake: Option<(u64, SpawnHandle)>,
+    /// A `RetryDue` is outstanding.
+    busy: bool,
+    /// The earliest `Reschedule` received while busy.
+    pending: Option<u64>,
+}
+
+impl RetryScheduler {
+    pub fn new(store: Arc<Store>, queue: Recipient<RetryDue>) -> Self {
+        RetryScheduler { store, queue, wake: None, busy: false, pending: None }
+    }
+
+    /// Sleeps until `at` unless already waking earlier.
+    fn arm(&mut self, at: u64, ctx: &mut Context<Self>) {
+        if let Some((current, handle)) = self.wake {
+            if current <= at {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let wait = Duration::from_secs(at.saturating_sub(unix_now()));
+        debug!(at, wait_secs = wait.as_secs(), "retry scheduler sleeping");
+        let handle = ctx.run_later(wait, |act, ctx| {
+            act.wake = None;
+            act.fire(ctx);
+        });
+        self.wake = Some((at, handle));
+    }
+
+    /// Arms for the earliest time in the index at or after `from`.
+    fn arm_from_store(&mut self, from: u64, ctx: &mut Context<Self>) {
+        match self.store.earliest_retry(from) {
+            Ok(Some(at)) => self.arm(at, ctx),
+            Ok(None) => {}
+            Err(e) => {
+                error!(error = %e, "cannot read the retry index; trying again in 10 s");
+                self.arm(unix_now() + 10, ctx);
+            }
+        }
+    }
+
+    fn fire(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        self.busy = true;
+        let now = unix_now();
+        self.queue
+            .send(RetryDue { now })
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.busy = false;
+                let more = match res {
+                    Ok(batch) => batch.more,
+                    Err(e) => {
+                        error!(error = %e, "queue unavailable for retries");
+                        true
+                    }
+                };
+                if more {
+                    act.arm(unix_now() + 1, ctx);
+                }
+                if let Some(at) = act.pending.take() {
+                    act.arm(at.max(now + 1), ctx);
+                }
+                // Entries at or before `now` were taken (or are being delivered and will be
+                // rescheduled when their results come back).
+                act.arm_from_store(now + 1, ctx);
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Actor for RetryScheduler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.arm_from_store(0, ctx);
+    }
+}
+
+impl Handler<Reschedule> for RetryScheduler {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reschedule, ctx: &mut Self::Context) {
+        if self.busy {
+            self.pending = Some(self.pending.map_or(msg.at, |p| p.min(msg.at)));
+        } else {
+            self.arm(msg.at, ctx);
+        }
+    }
+}
