@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use mailroot::config::Config;
 use mailroot::daemon::{self, Running, StartOptions};
 
+pub mod dns;
+pub mod peer;
+
 pub const HOST: &str = "mx.example.test";
 
 /// A test config: port 0, local domains example.test and alias.test, Mailroot in `dir`.

@@ -78,7 +78,15 @@ impl Dns {
     pub fn new(nameservers: &[SocketAddr], timeout: Duration, metrics: Arc<Metrics>) -> Result<Dns, String> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = if nameservers.is_empty() {
-            TokioResolver::builder(provider).map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+            match TokioResolver::builder(provider.clone()) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Start anyway: local delivery works, and remote mail waits (temporary
+                    // failures) until the operator fixes resolv.conf or sets delivery.nameservers.
+                    tracing::error!(error = %e, "cannot read the system DNS configuration; remote delivery will fail until it is fixed");
+                    TokioResolver::builder_with_config(ResolverConfig::from_name_servers(Vec::new()), provider)
+                }
+            }
         } else {
             let servers = nameservers
                 .iter()

@@ -31,7 +31,15 @@ use crate::protocol::dsn::Ret;
 use crate::protocol::LocalDomains;
 use connection::{Connection, Failure, Timeouts, Transaction};
 use dns::{Dns, MxHost};
-use pool::{Permits, Pool};
+use pool::{Acquired, Permits, Pool};
+
+fn limits_closed() -> Failure {
+    Failure {
+        outcome: Outcome::Temporary("451 4.3.0 Outbound connection limits are shut down".into()),
+        try_next_host: false,
+        tls_failed: false,
+    }
+}
 
 /// A relay host: `host`, `host:port`, `[host]` or `[192.0.2.1]:25`. Brackets skip the MX lookup
 /// (as in IIS): the name's own addresses are used.
@@ -383,17 +391,19 @@ impl Inner {
         require_tls: bool,
         clear_text: bool,
     ) -> Result<(Connection, Permits), Failure> {
-        if !clear_text {
-            if let Some(pooled) = self.pool.take(key, addr) {
-                return Ok(pooled);
+        let permits = match self.pool.acquire(key, addr).await {
+            // A clear-text retry after a failed handshake must not reuse a TLS connection.
+            Some(Acquired::Pooled(c, p)) if !clear_text => return Ok((*c, p)),
+            Some(Acquired::Pooled(c, p)) => {
+                pool::close(*c, p);
+                match self.pool.acquire(key, addr).await {
+                    Some(Acquired::New(p)) => p,
+                    Some(Acquired::Pooled(c, p)) => return Ok((*c, p)),
+                    None => return Err(limits_closed()),
+                }
             }
-        }
-        let Some(permits) = self.pool.permits(key).await else {
-            return Err(Failure {
-                outcome: Outcome::Temporary("451 4.3.0 Outbound connection limits are shut down".into()),
-                try_next_host: false,
-                tls_failed: false,
-            });
+            Some(Acquired::New(p)) => p,
+            None => return Err(limits_closed()),
         };
         let tls = if clear_text { None } else { self.tls.as_ref() };
         match Connection::open(addr, host, &self.settings.helo_name, tls, require_tls, &self.settings.timeouts).await {

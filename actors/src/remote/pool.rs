@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::connection::Connection;
 use crate::metrics::Metrics;
@@ -30,17 +30,32 @@ struct Idle {
     since: Instant,
 }
 
+/// One route's connection limit, and a signal for requests waiting on it.
+struct Route {
+    limit: Arc<Semaphore>,
+    /// Signalled when a connection of this route goes idle: a waiter may take it.
+    idle: Notify,
+}
+
 #[derive(Default)]
 struct State {
     idle: HashMap<(String, SocketAddr), Vec<Idle>>,
-    routes: HashMap<String, Arc<Semaphore>>,
+    routes: HashMap<String, Arc<Route>>,
 }
 
 pub struct Pool {
     state: Mutex<State>,
     global: Arc<Semaphore>,
+    /// Signalled when any connection goes idle.
+    any_idle: Notify,
     per_route: usize,
     metrics: Arc<Metrics>,
+}
+
+/// What a request gets: a connection that is already open, or the right to open one.
+pub enum Acquired {
+    Pooled(Box<Connection>, Permits),
+    New(Permits),
 }
 
 /// Says QUIT and closes, in the background; the permits are released when it is done.
@@ -53,7 +68,13 @@ pub fn close(mut conn: Connection, permits: Permits) {
 
 impl Pool {
     pub fn new(global: Arc<Semaphore>, per_route: usize, metrics: Arc<Metrics>) -> Self {
-        Pool { state: Mutex::new(State::default()), global, per_route: per_route.max(1), metrics }
+        Pool {
+            state: Mutex::new(State::default()),
+            global,
+            any_idle: Notify::new(),
+            per_route: per_route.max(1),
+            metrics,
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -74,11 +95,23 @@ impl Pool {
 
     pub fn put(&self, key: &str, conn: Connection, permits: Permits) {
         let addr = conn.addr;
-        self.state().idle.entry((key.to_string(), addr)).or_default().push(Idle {
-            conn,
-            permits,
-            since: Instant::now(),
-        });
+        let route = {
+            let mut st = self.state();
+            st.idle.entry((key.to_string(), addr)).or_default().push(Idle { conn, permits, since: Instant::now() });
+            st.routes.get(key).cloned()
+        };
+        if let Some(r) = route {
+            r.idle.notify_waiters();
+        }
+        self.any_idle.notify_waiters();
+    }
+
+    fn route(&self, key: &str) -> Arc<Route> {
+        self.state()
+            .routes
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(Route { limit: Arc::new(Semaphore::new(self.per_route)), idle: Notify::new() }))
+            .clone()
     }
 
     /// Closes one idle connection, of this route when `key` is given; false when there is none.
@@ -104,31 +137,47 @@ impl Pool {
         }
     }
 
-    /// Waits for the right to open one more connection on this route (`None` only if the
-    /// semaphores were closed, which nothing does).
-    pub async fn permits(&self, key: &str) -> Option<Permits> {
-        let route = self
-            .state()
-            .routes
-            .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_route)))
-            .clone();
-        let route = match route.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                self.evict(Some(key));
-                route.acquire_owned().await.ok()?
+    /// An idle connection to `addr` on this route, or the right to open a new one; waits while
+    /// the limits are reached, taking the first connection that goes idle meanwhile. `None`
+    /// only if the semaphores were closed, which nothing does.
+    pub async fn acquire(&self, key: &str, addr: SocketAddr) -> Option<Acquired> {
+        let route = self.route(key);
+        let route_permit = loop {
+            let notified = route.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some((c, p)) = self.take(key, addr) {
+                return Some(Acquired::Pooled(Box::new(c), p));
+            }
+            if let Ok(p) = route.limit.clone().try_acquire_owned() {
+                break p;
+            }
+            // Idle connections of this route to other addresses give their permits back.
+            if self.evict(Some(key)) {
+                continue;
+            }
+            tokio::select! {
+                p = route.limit.clone().acquire_owned() => break p.ok()?,
+                _ = &mut notified => continue,
             }
         };
-        let global = match self.global.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                self.evict(None);
-                self.global.clone().acquire_owned().await.ok()?
+        let global_permit = loop {
+            let notified = self.any_idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Ok(p) = self.global.clone().try_acquire_owned() {
+                break p;
+            }
+            if self.evict(None) {
+                continue;
+            }
+            tokio::select! {
+                p = self.global.clone().acquire_owned() => break p.ok()?,
+                _ = &mut notified => continue,
             }
         };
         self.metrics.outbound_connections_current.inc();
-        Some(Permits { _global: global, _route: route, metrics: self.metrics.clone() })
+        Some(Acquired::New(Permits { _global: global_permit, _route: route_permit, metrics: self.metrics.clone() }))
     }
 
     /// Closes connections idle longer than `max_idle` and forgets unused route limits.
@@ -143,7 +192,7 @@ impl Pool {
             }
             st.idle.retain(|_, l| !l.is_empty());
             let per_route = self.per_route;
-            st.routes.retain(|_, s| Arc::strong_count(s) > 1 || s.available_permits() < per_route);
+            st.routes.retain(|_, r| Arc::strong_count(r) > 1 || r.limit.available_permits() < per_route);
         }
         for i in old {
             close(i.conn, i.permits);

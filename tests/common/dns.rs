@@ -1,0 +1,162 @@
+//! A real DNS server for tests: UDP and TCP on 127.0.0.1, answering from a table the test can
+//! change while it runs — MX, A and AAAA records, NXDOMAIN, SERVFAIL, silence (a timeout) and
+//! garbage bytes.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, MX};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// MX records: (preference, exchange); an exchange of "." is a null MX.
+    Mx(Vec<(u16, String)>),
+    Addrs(Vec<IpAddr>),
+    NxDomain,
+    ServFail,
+    /// No answer at all: the resolver times out.
+    Silent,
+    /// Bytes that are not a DNS message.
+    Garbage,
+}
+
+#[derive(Default)]
+struct Zone {
+    entries: HashMap<(String, RecordType), Answer>,
+}
+
+#[derive(Clone)]
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    zone: Arc<Mutex<Zone>>,
+    pub queries: Arc<Mutex<Vec<(String, RecordType)>>>,
+}
+
+fn key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl DnsServer {
+    /// Starts on 127.0.0.1 (UDP and TCP on one port) on a thread of its own.
+    pub fn start() -> DnsServer {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let zone = Arc::new(Mutex::new(Zone::default()));
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let (z, q) = (zone.clone(), queries.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                // UDP and TCP on the same port: retry until both binds succeed.
+                let (udp, tcp) = loop {
+                    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp bind");
+                    let port = udp.local_addr().expect("addr").port();
+                    if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                        break (udp, tcp);
+                    }
+                };
+                tx.send(udp.local_addr().expect("addr")).expect("send addr");
+                let (zt, qt) = (z.clone(), q.clone());
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = tcp.accept().await {
+                        let (z, q) = (zt.clone(), qt.clone());
+                        tokio::spawn(async move {
+                            let mut len = [0u8; 2];
+                            while s.read_exact(&mut len).await.is_ok() {
+                                let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+                                if s.read_exact(&mut buf).await.is_err() {
+                                    return;
+                                }
+                                if let Some(out) = respond(&z, &q, &buf) {
+                                    let mut framed = (out.len() as u16).to_be_bytes().to_vec();
+                                    framed.extend_from_slice(&out);
+                                    if s.write_all(&framed).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let Ok((n, from)) = udp.recv_from(&mut buf).await else { continue };
+                    if let Some(out) = respond(&z, &q, &buf[..n]) {
+                        let _ = udp.send_to(&out, from).await;
+                    }
+                }
+            });
+        });
+        let addr = rx.recv().expect("dns server address");
+        DnsServer { addr, zone, queries }
+    }
+
+    pub fn set(&self, name: &str, rtype: RecordType, answer: Answer) {
+        self.zone.lock().unwrap().entries.insert((key(name), rtype), answer);
+    }
+
+    /// `name` has MX records pointing at `hosts` (preference, host).
+    pub fn mx(&self, name: &str, hosts: &[(u16, &str)]) {
+        self.set(name, RecordType::MX, Answer::Mx(hosts.iter().map(|(p, h)| (*p, h.to_string())).collect()));
+    }
+
+    /// `name` has these A records.
+    pub fn a(&self, name: &str, ips: &[&str]) {
+        self.set(name, RecordType::A, Answer::Addrs(ips.iter().map(|i| i.parse().expect("ip")).collect()));
+    }
+
+    pub fn query_count(&self, name: &str) -> usize {
+        self.queries.lock().unwrap().iter().filter(|(n, _)| *n == key(name)).count()
+    }
+}
+
+fn respond(zone: &Mutex<Zone>, queries: &Mutex<Vec<(String, RecordType)>>, bytes: &[u8]) -> Option<Vec<u8>> {
+    let req = Message::from_vec(bytes).ok()?;
+    let query = req.queries.first()?.clone();
+    let name = key(&query.name().to_ascii());
+    let rtype = query.query_type();
+    queries.lock().unwrap().push((name.clone(), rtype));
+    let answer = {
+        let z = zone.lock().unwrap();
+        match z.entries.get(&(name.clone(), rtype)) {
+            Some(a) => Some(a.clone()),
+            // The name exists with other types: NOERROR with no answers (NODATA).
+            None if z.entries.keys().any(|(n, _)| *n == name) => None,
+            None => Some(Answer::NxDomain),
+        }
+    };
+    let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.authoritative = true;
+    resp.add_query(query.clone());
+    let owner = query.name().clone();
+    match answer {
+        None => {}
+        Some(Answer::Mx(hosts)) => {
+            for (pref, host) in hosts {
+                let exchange = if host == "." { Name::root() } else { Name::from_ascii(format!("{host}.")).ok()? };
+                resp.add_answer(Record::from_rdata(owner.clone(), 1, RData::MX(MX::new(pref, exchange))));
+            }
+        }
+        Some(Answer::Addrs(ips)) => {
+            for ip in ips {
+                let rdata = match (ip, rtype) {
+                    (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),
+                    (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(v6)),
+                    _ => continue,
+                };
+                resp.add_answer(Record::from_rdata(owner.clone(), 1, rdata));
+            }
+        }
+        Some(Answer::NxDomain) => resp.metadata.response_code = ResponseCode::NXDomain,
+        Some(Answer::ServFail) => resp.metadata.response_code = ResponseCode::ServFail,
+        Some(Answer::Silent) => return None,
+        Some(Answer::Garbage) => return Some(b"\x00\x01garbage that is not DNS at all".to_vec()),
+    }
+    resp.to_vec().ok()
+}
