@@ -3,11 +3,9 @@
 //! is in Drop. Run with `cargo bench --bench smtp_load -- [--messages N] [--sessions S]
 //! [--size BYTES] [--dir PATH]`; see docs/performance.md.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+mod common;
+
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailroot::config::Config;
@@ -34,42 +32,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn read_reply(r: &mut BufReader<TcpStream>) -> u16 {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return 0;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        }
-    }
-}
-
-fn session(addr: SocketAddr, next: Arc<AtomicUsize>, total: usize, body: Arc<Vec<u8>>) -> usize {
-    let s = TcpStream::connect(addr).expect("connect");
-    s.set_nodelay(true).ok();
-    let mut r = BufReader::new(s.try_clone().expect("clone"));
-    let mut w = s;
-    assert_eq!(read_reply(&mut r), 220);
-    w.write_all(b"EHLO bench.test\r\n").unwrap();
-    assert_eq!(read_reply(&mut r), 250);
-    let mut ok = 0;
-    while next.fetch_add(1, Ordering::Relaxed) < total {
-        // PIPELINING: envelope and DATA in one write, then the body.
-        w.write_all(b"MAIL FROM:<bench@remote.test>\r\nRCPT TO:<sink@example.test>\r\nDATA\r\n").unwrap();
-        let codes = [read_reply(&mut r), read_reply(&mut r), read_reply(&mut r)];
-        assert_eq!(codes, [250, 250, 354]);
-        w.write_all(&body).unwrap();
-        if read_reply(&mut r) == 250 {
-            ok += 1;
-        }
-    }
-    w.write_all(b"QUIT\r\n").ok();
-    ok
 }
 
 fn histogram_avg(metrics: &str, name: &str) -> f64 {
@@ -99,13 +61,7 @@ fn main() {
     let running = daemon::start(config, StartOptions::default()).expect("start");
     let addr = running.smtp_addrs[0];
 
-    let mut body = b"From: bench@remote.test\r\nTo: sink@example.test\r\nSubject: load\r\n\r\n".to_vec();
-    while body.len() + 80 < a.size {
-        body.extend_from_slice(&[b'x'; 76]);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(b".\r\n");
-    let body = Arc::new(body);
+    let body = common::body(a.size, "sink@example.test");
 
     println!(
         "smtp_load: {} messages of {} bytes, {} sessions, mailroot in {}",
@@ -114,16 +70,9 @@ fn main() {
         a.sessions,
         base.display()
     );
-    let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    let threads: Vec<_> = (0..a.sessions)
-        .map(|_| {
-            let (next, body) = (next.clone(), body.clone());
-            std::thread::spawn(move || session(addr, next, a.messages, body))
-        })
-        .collect();
-    let accepted: usize = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
-    let accept_time = start.elapsed();
+    let (accepted, accept_time) =
+        common::load(addr, a.sessions, a.messages, "bench@remote.test", "sink@example.test", body);
     // Poll the delivery counter, not the folder: listing 20,000 files every few milliseconds
     // would cost more CPU than the server under test.
     let delivered = |m: &str| {

@@ -514,6 +514,17 @@ mod tests {
             ("[relay]\nallow_networks = [\"10.0.0.0/33\"]\n", "allow_networks"),
             ("[limits]\nmax_message_size = 10\n", "limits.max_message_size"),
             ("[limits]\nmax_recipients = \"many\"\n", "max_recipients"),
+            ("[delivery]\nremote_port = 0\n", "delivery.remote_port"),
+            ("[delivery]\nnameservers = [\"dns.example\"]\n", "delivery.nameservers[0]"),
+            ("[delivery]\nsmart_host = \"[broken\"\n", "delivery.smart_host"),
+            ("[delivery]\nmax_connections_per_domain = 0\n", "delivery.max_connections_per_domain"),
+            ("[delivery]\ncommand_timeout = \"0s\"\n", "delivery.command_timeout"),
+            ("[delivery]\nhelo_name = \"bad name\"\n", "delivery.helo_name"),
+            ("[delivery]\nbogus = 1\n", "bogus"),
+            ("[queue]\nndr_copy_to = \"not an address\"\n", "queue.ndr_copy_to"),
+            ("[queue]\nexpire_after = \"0s\"\n", "queue.expire_after"),
+            ("[domains.remote.\"x.test\"]\nsmart_host = \"a b\"\n", "smart_host"),
+            ("[domains.remote.\"x.test\"]\nrelay = true\n", "relay"),
             ("[queue]\nmax_hop_count = 0\n", "queue.max_hop_count"),
             ("[queue]\nretry_intervals = []\n", "queue.retry_intervals"),
             ("[queue]\nretry_intervals = [\"1m\", \"10ms\"]\n", "queue.retry_intervals[1]"),
@@ -534,6 +545,11 @@ mod tests {
         assert_eq!(c.domains.local, d.domains.local);
         assert_eq!(c.limits.max_message_size, d.limits.max_message_size);
         assert_eq!(c.server.idle_timeout, d.server.idle_timeout);
+        assert_eq!(c.queue.expire_after, d.queue.expire_after);
+        assert_eq!(c.queue.delay_notice_after, d.queue.delay_notice_after);
+        assert_eq!(c.delivery.remote_port, d.delivery.remote_port);
+        assert_eq!(c.delivery.max_messages_per_connection, d.delivery.max_messages_per_connection);
+        assert_eq!(c.delivery.command_timeout, d.delivery.command_timeout);
         // What check-config prints loads back to the same thing.
         let again = Config::from_toml(&c.to_toml()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());

@@ -796,4 +796,46 @@ mod tests {
         }
         assert_eq!(retry_delay(&[], 3), Duration::from_secs(900));
     }
+
+    /// The next attempt time: the schedule, clamped to the delay-notice time (until the notice
+    /// went out) and to the expiry time, and always in the future.
+    #[test]
+    fn next_attempt_times() {
+        let m = |n: u64| Duration::from_secs(n * 60);
+        let s = QueueSettings {
+            retry_intervals: vec![m(15), m(30), m(60), m(240)],
+            expire_after: m(5 * 24 * 60),
+            delay_notice_after: m(240),
+            ..QueueSettings::default()
+        };
+        let t0 = 1_000_000;
+        let min = |n: u64| t0 + n * 60;
+        // (attempts, notified, now, expected)
+        let cases = [
+            (1, false, t0, min(15)),
+            (2, false, min(15), min(45)),
+            (3, false, min(45), min(105)),
+            // 4th failure at 1h45: the schedule says 5h45, the delay notice is due at 4h.
+            (4, false, min(105), min(240)),
+            (4, true, min(105), min(345)),
+            (9, true, min(345), min(585)),
+            // Near expiry (5 days): the last attempt happens exactly at expiry.
+            (30, true, min(7100), min(7200)),
+            // Past expiry or at the notice time: never in the past, never now.
+            (31, true, min(7300), min(7300) + 1),
+            (4, false, min(240), min(480)),
+        ];
+        for (attempts, notified, now, want) in cases {
+            assert_eq!(
+                next_attempt_at(&s, attempts, t0, notified, now),
+                want,
+                "attempts {attempts}, notified {notified}, now +{}m",
+                (now - t0) / 60
+            );
+        }
+        assert_eq!(humanize(42), "42s");
+        assert_eq!(humanize(5 * 60), "5m");
+        assert_eq!(humanize(7500), "2h 5m");
+        assert_eq!(humanize(5 * 86_400 + 3600), "5d 1h");
+    }
 }

@@ -1,0 +1,172 @@
+//! Shared by the benchmarks: the load-generating SMTP client (PIPELINING, one session per
+//! thread), the test message, and a fast counting SMTP sink.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+
+fn read_reply(r: &mut BufReader<TcpStream>) -> u16 {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return 0;
+        }
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+        }
+    }
+}
+
+/// A message of about `size` bytes, dot-terminated, ready to send after DATA.
+pub fn body(size: usize, to: &str) -> Arc<Vec<u8>> {
+    let mut body = format!("From: bench@remote.test\r\nTo: {to}\r\nSubject: load\r\n\r\n").into_bytes();
+    while body.len() + 80 < size {
+        body.extend_from_slice(&[b'x'; 76]);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b".\r\n");
+    Arc::new(body)
+}
+
+/// One client session sending messages until `next` reaches `total`; returns how many were
+/// accepted with 250.
+pub fn session(
+    addr: SocketAddr,
+    from: &str,
+    to: &str,
+    next: Arc<AtomicUsize>,
+    total: usize,
+    body: Arc<Vec<u8>>,
+) -> usize {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).ok();
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut w = s;
+    assert_eq!(read_reply(&mut r), 220);
+    w.write_all(b"EHLO bench.test\r\n").unwrap();
+    assert_eq!(read_reply(&mut r), 250);
+    let envelope = format!("MAIL FROM:<{from}>\r\nRCPT TO:<{to}>\r\nDATA\r\n");
+    let mut ok = 0;
+    while next.fetch_add(1, Ordering::Relaxed) < total {
+        // PIPELINING: envelope and DATA in one write, then the body.
+        w.write_all(envelope.as_bytes()).unwrap();
+        let codes = [read_reply(&mut r), read_reply(&mut r), read_reply(&mut r)];
+        assert_eq!(codes, [250, 250, 354]);
+        w.write_all(&body).unwrap();
+        if read_reply(&mut r) == 250 {
+            ok += 1;
+        }
+    }
+    w.write_all(b"QUIT\r\n").ok();
+    ok
+}
+
+/// Runs `sessions` sessions to `addr` and returns (accepted, time taken).
+pub fn load(
+    addr: SocketAddr,
+    sessions: usize,
+    total: usize,
+    from: &str,
+    to: &str,
+    body: Arc<Vec<u8>>,
+) -> (usize, Duration) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..sessions)
+        .map(|_| {
+            let (next, body, from, to) = (next.clone(), body.clone(), from.to_string(), to.to_string());
+            std::thread::spawn(move || session(addr, &from, &to, next, total, body))
+        })
+        .collect();
+    let accepted = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    (accepted, start.elapsed())
+}
+
+/// An SMTP server that accepts everything (PIPELINING, 8BITMIME) and counts the messages.
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub messages: Arc<AtomicUsize>,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        let messages = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let count = messages.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("sink bind");
+                tx.send(l.local_addr().expect("addr")).expect("send");
+                while let Ok((s, _)) = l.accept().await {
+                    let count = count.clone();
+                    tokio::spawn(async move {
+                        let _ = s.set_nodelay(true);
+                        let (r, mut w) = s.into_split();
+                        let mut r = AsyncBufReader::new(r);
+                        if w.write_all(b"220 sink ESMTP\r\n").await.is_err() {
+                            return;
+                        }
+                        let mut line = Vec::new();
+                        let mut in_data = false;
+                        let mut out = Vec::new();
+                        loop {
+                            line.clear();
+                            match r.read_until(b'\n', &mut line).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                            if in_data {
+                                if line == b".\r\n" {
+                                    in_data = false;
+                                    count.fetch_add(1, Ordering::Relaxed);
+                                    out.extend_from_slice(b"250 2.0.0 Ok\r\n");
+                                }
+                            } else {
+                                let upper = line.to_ascii_uppercase();
+                                if upper.starts_with(b"EHLO") {
+                                    out.extend_from_slice(b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+                                } else if upper.starts_with(b"DATA") {
+                                    in_data = true;
+                                    out.extend_from_slice(b"354 go\r\n");
+                                } else if upper.starts_with(b"QUIT") {
+                                    let _ = w.write_all(b"221 bye\r\n").await;
+                                    return;
+                                } else {
+                                    out.extend_from_slice(b"250 Ok\r\n");
+                                }
+                            }
+                            // Reply when the client waits: nothing more is buffered.
+                            if !out.is_empty() && r.buffer().is_empty() {
+                                if w.write_all(&out).await.is_err() {
+                                    return;
+                                }
+                                out.clear();
+                            }
+                        }
+                    });
+                }
+            });
+        });
+        let addr = rx.recv().expect("sink address");
+        Sink { addr, messages }
+    }
+
+    /// Waits until the sink has `n` messages in total; false after `limit`.
+    pub fn wait_for(&self, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.messages.load(Ordering::Relaxed) < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+}
