@@ -252,8 +252,9 @@ fn retry_schedule_survives_a_restart() {
     let running = start(config(dir.path(), &cfg));
     let got = wait_received(&p[0], 1);
     let waited = first.elapsed();
-    // The retry time is stored in whole seconds: at least 3 of the 4 seconds must pass.
-    assert!(waited >= Duration::from_secs(3), "retried too early after the restart: {waited:?}");
+    // The retry time is stored in whole seconds, and `first` is taken a little after the attempt:
+    // of the 4 seconds, more than 2 must have passed.
+    assert!(waited >= Duration::from_secs(2), "retried too early after the restart: {waited:?}");
     assert_eq!(got[0].rcpts, vec!["<t4soon@later.test>"]);
     wait_metric(&running, "mailroot_queue_messages", |v| v == 0.0);
     running.stop();
@@ -356,6 +357,54 @@ fn connection_reuse_and_limits_under_a_thousand_messages() {
 }
 
 #[test]
+fn global_connection_limit_across_domains() {
+    let n = net();
+    let dns = DnsServer::start();
+    let p = peers(n, vec![Behavior::default()]);
+    for d in ["one.test", "two.test", "three.test"] {
+        dns.mx(d, &[(10, "mx.shared.test")]);
+    }
+    dns.a("mx.shared.test", &[&p[0].addr.ip().to_string()]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = "max_connections = 2\nmax_connections_per_domain = 100\nmax_messages_per_connection = 10";
+    let running = start(config(dir.path(), &remote_config(&dns, port_of(&p), "", d)));
+    let addr = running.smtp_addrs[0];
+    let senders: Vec<_> = ["one.test", "two.test", "three.test"]
+        .into_iter()
+        .map(|domain| {
+            std::thread::spawn(move || {
+                let mut c = Client::ready(addr, "bulk.client");
+                for i in 0..100 {
+                    let to = format!("x{i}@{domain}");
+                    let body = format!("Subject: {i}\r\n\r\nto {to}\r\n");
+                    assert_eq!(c.transaction("sender@example.test", &[&to], body.as_bytes()).code, 250);
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    wait_for("300 messages at the peer", Duration::from_secs(60), || (p[0].rcpt_count() >= 300).then_some(()));
+    wait_metric(&running, "mailroot_queue_messages", |v| v == 0.0);
+    // Three domains, each allowed 100 connections, share two.
+    assert!(p[0].max_open() <= 2, "global limit: {} connections open at once", p[0].max_open());
+    running.stop();
+}
+
+#[test]
+fn unusable_smart_host_is_temporary() {
+    let dns = DnsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &remote_config(&dns, 2525, "", "smart_host = \"nosuch-relay.test\"")));
+    send(&running, "sender@example.test", &["x@anywhere.test"], "Subject: s\r\n\r\nx\r\n");
+    wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v >= 1.0);
+    assert_eq!(metric(&running, "mailroot_queue_messages"), 1.0, "the message waits for the operator");
+    assert!(drops_with(dir.path(), "Undelivered").is_empty(), "no bounce for our own misconfiguration");
+    running.stop();
+}
+
+#[test]
 fn starttls_opportunistic_fallback_and_required() {
     let n = net();
     let dns = DnsServer::start();
@@ -378,7 +427,7 @@ fn starttls_opportunistic_fallback_and_required() {
     assert!(!wait_received(&p[1], 1)[0].tls, "a failed handshake falls back to clear text");
     wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v >= 2.0);
     assert!(p[2].received().is_empty(), "require_tls: never in clear text");
-    assert_eq!(metric(&running, "mailroot_queue_messages"), 1.0, "the message waits for TLS");
+    wait_metric(&running, "mailroot_queue_messages", |v| v == 1.0);
     assert!(metric(&running, "mailroot_outbound_tls_total") >= 1.0);
     running.stop();
 }
@@ -410,7 +459,7 @@ fn hostile_peers_fail_temporarily_and_never_stick() {
     // The refusing greeting is permanent; the other five are retried.
     wait_drop_with(dir.path(), "Undelivered Mail");
     wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v >= 5.0);
-    assert_eq!(metric(&running, "mailroot_queue_messages"), 5.0);
+    wait_metric(&running, "mailroot_queue_messages", |v| v == 5.0);
     // All peers behave again: every message is delivered on a retry.
     for peer in &p {
         peer.set(|b| *b = Behavior::default());

@@ -270,6 +270,13 @@ impl Inner {
         for route in [first, fallback].into_iter().flatten() {
             let (key, targets) = match self.targets(&route).await {
                 Ok(t) => t,
+                // A smart host that cannot be resolved is the operator's problem, never a
+                // reason to bounce mail: it stays temporary whatever DNS says.
+                Err(Outcome::Permanent(text)) if matches!(route, Route::Smart(_)) => {
+                    last = Outcome::Temporary(format!("451 4.4.4 Smart host unusable: {text}"));
+                    last_remote = None;
+                    continue;
+                }
                 Err(o) => {
                     last = o;
                     last_remote = None;
