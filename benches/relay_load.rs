@@ -19,36 +19,11 @@ use common::Sink;
 use mailroot::config::Config;
 use mailroot::daemon::{self, StartOptions};
 
-struct Args {
-    messages: usize,
-    sessions: usize,
-    size: usize,
-    dir: Option<PathBuf>,
-    postfix: bool,
-}
-
-fn args() -> Args {
-    let mut a = Args { messages: 20_000, sessions: 20, size: 1024, dir: None, postfix: true };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().unwrap_or_default();
-        match k.as_str() {
-            "--messages" => a.messages = v().parse().unwrap_or(a.messages),
-            "--sessions" => a.sessions = v().parse().unwrap_or(a.sessions),
-            "--size" => a.size = v().parse().unwrap_or(a.size),
-            "--dir" => a.dir = Some(PathBuf::from(v())),
-            "--no-postfix" => a.postfix = false,
-            _ => {} // cargo passes --bench
-        }
-    }
-    a
-}
-
 const TO: &str = "sink@relay.test";
 const FROM: &str = "bench@example.test";
 
 /// Runs the load against `addr` and waits for the sink; returns messages/s end to end.
-fn measure(name: &str, addr: SocketAddr, sink: &Sink, a: &Args) -> Option<f64> {
+fn measure(name: &str, addr: SocketAddr, sink: &Sink, a: &common::Args) -> Option<f64> {
     let before = sink.messages.load(Ordering::Relaxed);
     let start = Instant::now();
     let (accepted, accept_time) = common::load(addr, a.sessions, a.messages, FROM, TO, common::body(a.size, TO));
@@ -66,7 +41,7 @@ fn measure(name: &str, addr: SocketAddr, sink: &Sink, a: &Args) -> Option<f64> {
     all_there.then(|| arrived as f64 / e2e.as_secs_f64())
 }
 
-fn run_mailroot(base: &Path, sink: &Sink, a: &Args) -> Option<f64> {
+fn run_mailroot(base: &Path, sink: &Sink, a: &common::Args) -> Option<f64> {
     let _ = std::fs::remove_dir_all(base);
     let text = format!(
         "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n\
@@ -182,7 +157,7 @@ fn postfix_available() -> Result<(), String> {
 }
 
 fn main() {
-    let a = args();
+    let a = common::Args::parse();
     let base = a.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-relay"));
     let _ = std::fs::remove_dir_all(&base);
     let sink = Sink::start();

@@ -11,29 +11,6 @@ use std::time::{Duration, Instant};
 use mailroot::config::Config;
 use mailroot::daemon::{self, StartOptions};
 
-struct Args {
-    messages: usize,
-    sessions: usize,
-    size: usize,
-    dir: Option<PathBuf>,
-}
-
-fn args() -> Args {
-    let mut a = Args { messages: 20_000, sessions: 20, size: 1024, dir: None };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().unwrap_or_default();
-        match k.as_str() {
-            "--messages" => a.messages = v().parse().unwrap_or(a.messages),
-            "--sessions" => a.sessions = v().parse().unwrap_or(a.sessions),
-            "--size" => a.size = v().parse().unwrap_or(a.size),
-            "--dir" => a.dir = Some(PathBuf::from(v())),
-            _ => {} // cargo passes --bench
-        }
-    }
-    a
-}
-
 fn histogram_avg(metrics: &str, name: &str) -> f64 {
     let get = |suffix: &str| {
         metrics
@@ -50,7 +27,7 @@ fn histogram_avg(metrics: &str, name: &str) -> f64 {
 }
 
 fn main() {
-    let a = args();
+    let a = common::Args::parse();
     let base = a.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-mailroot"));
     let _ = std::fs::remove_dir_all(&base);
     let mut config = Config::from_toml(

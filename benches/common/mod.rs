@@ -4,11 +4,41 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+
+/// Command-line options shared by the benchmarks.
+pub struct Args {
+    pub messages: usize,
+    pub sessions: usize,
+    pub size: usize,
+    pub dir: Option<PathBuf>,
+    /// Run Postfix side by side (relay benchmark); `--no-postfix` turns it off.
+    pub postfix: bool,
+}
+
+impl Args {
+    pub fn parse() -> Args {
+        let mut a = Args { messages: 20_000, sessions: 20, size: 1024, dir: None, postfix: true };
+        let mut it = std::env::args().skip(1);
+        while let Some(k) = it.next() {
+            let mut v = || it.next().unwrap_or_default();
+            match k.as_str() {
+                "--messages" => a.messages = v().parse().unwrap_or(a.messages),
+                "--sessions" => a.sessions = v().parse().unwrap_or(a.sessions),
+                "--size" => a.size = v().parse().unwrap_or(a.size),
+                "--dir" => a.dir = Some(PathBuf::from(v())),
+                "--no-postfix" => a.postfix = false,
+                _ => {} // cargo passes --bench
+            }
+        }
+        a
+    }
+}
 
 fn read_reply(r: &mut BufReader<TcpStream>) -> u16 {
     let mut line = String::new();
