@@ -89,14 +89,15 @@ fn mx_preference_fallback_and_implicit_mx() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), &remote_config(&dns, port_of(&p), "", "")));
 
-    send(&running, "sender@example.test", &["rcpt@pref.test"], "Subject: pref\r\n\r\nhello\r\n");
+    // Lines starting with a dot travel dot-stuffed and arrive as written.
+    send(&running, "sender@example.test", &["rcpt@pref.test"], "Subject: pref\r\n\r\n..dot line\r\nhello\r\n");
     let got = wait_received(&p[1], 1);
     assert!(got[0].mail_from.starts_with("<sender@example.test> SIZE="), "{}", got[0].mail_from);
     assert_eq!(got[0].rcpts, vec!["<rcpt@pref.test>"]);
     assert_eq!(got[0].helo, HOST);
     let text = String::from_utf8_lossy(&got[0].data);
     assert!(text.starts_with("Received: from client.test"), "{text}");
-    assert!(text.ends_with("hello\r\n"), "{text}");
+    assert!(text.ends_with("\r\n.dot line\r\nhello\r\n"), "{text}");
     assert!(p[2].received().is_empty(), "the third MX is not needed");
 
     send(&running, "sender@example.test", &["rcpt@implicit.test"], "Subject: implicit\r\n\r\nhi\r\n");
@@ -540,12 +541,20 @@ fn dsn_passed_on_or_answered_and_peer_capabilities_honoured() {
     // nothing is sent.
     send(&running, "sender@example.test", &["big@small.test"], &format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(500)));
     send(&running, "sender@example.test", &["eight@small.test"], "Subject: 8bit\r\n\r\ncaf\u{e9}\r\n");
-    let ndr = wait_for("two failure reports", LONG, || {
+    // A UTF-8 address to a peer without SMTPUTF8: permanent too.
+    let mut c = Client::ready(addr, "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<sender@example.test> SMTPUTF8").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<j\u{fc}rgen@small.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: utf8\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.read_reply().unwrap().code, 250);
+    let ndr = wait_for("three failure reports", LONG, || {
         let v = drops_with(dir.path(), "Undelivered Mail");
-        (v.len() == 2).then_some(v.join("\n"))
+        (v.len() == 3).then_some(v.join("\n"))
     });
     assert!(ndr.contains("Status: 5.3.4"), "{ndr}");
     assert!(ndr.contains("Status: 5.6.3"), "{ndr}");
+    assert!(ndr.contains("Status: 5.6.7"), "{ndr}");
     assert!(p[2].received().is_empty());
     // EHLO refused: HELO works.
     send(&running, "sender@example.test", &["old@old.test"], "Subject: old\r\n\r\nx\r\n");

@@ -94,8 +94,9 @@ fn subject_of(message: &[u8]) -> Option<String> {
     let headers = String::from_utf8_lossy(header_block(message));
     let mut lines = headers.split("\r\n").peekable();
     while let Some(line) = lines.next() {
-        if line.len() > 8 && line[..8].eq_ignore_ascii_case("subject:") {
-            let mut v = line[8..].trim().to_string();
+        // `get`, not slicing: byte 8 may fall inside a UTF-8 character of any header line.
+        if let Some(rest) = line.get(..8).filter(|h| h.eq_ignore_ascii_case("subject:")).and_then(|_| line.get(8..)) {
+            let mut v = rest.trim().to_string();
             while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
                 v.push(' ');
                 v.push_str(next.trim());
@@ -222,7 +223,9 @@ mod tests {
     }
 
     fn report(kind: ReportKind, ret: Option<Ret>) -> String {
-        let original = b"Received: x\r\nSubject: Hello\r\n there\r\nFrom: a@b.test\r\n\r\nsecret body\r\n";
+        // The first line has a multi-byte character across byte 8 (a panic once).
+        let original = "\tfor <jürgen@d.test>;\r\nReceived: x\r\nSubject: Hello\r\n there\r\nFrom: a@b.test\r\n\r\nsecret body\r\n";
+        let original = original.as_bytes();
         let r = Report {
             kind,
             hostname: "mx.example.test",
@@ -272,5 +275,49 @@ mod tests {
         let m = report(ReportKind::Delay, Some(Ret::Full));
         assert!(m.contains("Subject: Delayed Mail") && m.contains("Action: delayed\r\n"), "{m}");
         assert!(!m.contains("secret body"), "delay notices carry headers only: {m}");
+    }
+
+    /// Random originals and replies (bytes from a hostile client or peer) never panic the
+    /// builder, and never add a line to the report's headers.
+    #[test]
+    fn random_input_never_panics() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet: Vec<u8> = "ab:. \r\n\tSubject:ü€\x00\x7f".bytes().chain([0xff, 0xc3, 0x80]).collect();
+        for _ in 0..2000 {
+            let len = (next() % 300) as usize;
+            let original: Vec<u8> = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+            let reply = String::from_utf8_lossy(&original[..len.min(80)]).into_owned();
+            let r = Report {
+                kind: ReportKind::Failure,
+                hostname: "mx.example.test",
+                queue_id: 1,
+                to: "a@b.test",
+                envid: None,
+                arrival: 0,
+                now: 0,
+                recipients: vec![ReportRecipient {
+                    address: "c@d.test".into(),
+                    orcpt: Some(reply.clone()),
+                    action: "failed",
+                    reply,
+                    remote_mta: Some("mx".into()),
+                    will_retry_until: Some(u64::MAX),
+                }],
+                original: &original,
+                ret: Some(Ret::Full),
+                max_full: 100,
+            };
+            let out = build(&r);
+            let head = header_block(&out);
+            let text = String::from_utf8_lossy(head);
+            assert!(text.lines().all(|l| !l.starts_with("Injected")));
+            assert!(!out.is_empty());
+        }
     }
 }

@@ -300,4 +300,32 @@ mod tests {
         }
         assert!(is_eight_bit("é".as_bytes()) && !is_eight_bit(b"plain"));
     }
+
+    /// Random server output never panics the parser and never grows its buffer without bound.
+    #[test]
+    fn random_replies_are_handled() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"0123456789 -\r\nabc\xff";
+        for _ in 0..2000 {
+            let mut p = ReplyParser::new();
+            for _ in 0..(next() % 20) {
+                let n = (next() % 200) as usize;
+                let chunk: Vec<u8> = (0..n).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+                p.feed(&chunk);
+                loop {
+                    match p.next_reply() {
+                        Ok(Some(r)) => assert!((200..600).contains(&r.code)),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                assert!(p.buffered() <= MAX_REPLY_LINE + 200);
+            }
+        }
+    }
 }

@@ -46,11 +46,18 @@ pub struct Failure {
     pub try_next_host: bool,
     /// The TLS handshake failed: the same host may work in clear text.
     pub tls_failed: bool,
+    /// `outcome` is the peer's own reply (not our description of a network or local problem).
+    pub peer_reply: bool,
 }
 
 impl Failure {
     fn host(outcome: Outcome) -> Self {
-        Failure { outcome, try_next_host: true, tls_failed: false }
+        Failure { outcome, try_next_host: true, tls_failed: false, peer_reply: false }
+    }
+
+    /// The peer refused with this reply.
+    fn reply(reply: &ServerReply, try_next_host: bool) -> Self {
+        Failure { outcome: reply_outcome(reply), try_next_host, tls_failed: false, peer_reply: true }
     }
 }
 
@@ -125,7 +132,7 @@ impl Connection {
         };
         let greeting = c.read_reply(timeouts.command, "waiting for the greeting of").await?;
         if greeting.code != 220 {
-            return Err(Failure::host(reply_outcome(&greeting)));
+            return Err(Failure::reply(&greeting, true));
         }
         c.hello(helo).await?;
         if c.caps.starttls {
@@ -152,13 +159,13 @@ impl Connection {
             return Ok(());
         }
         if reply.code == 421 {
-            return Err(Failure::host(reply_outcome(&reply)));
+            return Err(Failure::reply(&reply, true));
         }
         // EHLO refused: an old server; HELO means no extensions at all.
         self.write(format!("HELO {helo}\r\n").as_bytes(), self.timeouts.command).await?;
         let reply = self.read_reply(self.timeouts.command, "waiting for the HELO reply of").await?;
         if reply.code != 250 {
-            return Err(Failure::host(reply_outcome(&reply)));
+            return Err(Failure::reply(&reply, true));
         }
         self.caps = Capabilities::default();
         Ok(())
@@ -189,11 +196,13 @@ impl Connection {
                 outcome: Outcome::Temporary(format!("451 4.7.5 TLS handshake with {} failed: {e}", self.peer)),
                 try_next_host: true,
                 tls_failed: true,
+                peer_reply: false,
             }),
             Err(_) => Err(Failure {
                 outcome: timeout_error(&self.peer, "in the TLS handshake with"),
                 try_next_host: true,
                 tls_failed: true,
+                peer_reply: false,
             }),
         }
     }
@@ -293,7 +302,7 @@ impl Connection {
         if mail_reply.code != 250 {
             self.reset().await;
             // A sender refusal is about this message, not the host: no other MX is tried.
-            return Err(Failure { outcome: reply_outcome(&mail_reply), try_next_host: false, tls_failed: false });
+            return Err(Failure::reply(&mail_reply, false));
         }
         let mut outcomes: Vec<Option<Outcome>> =
             rcpt_replies.iter().map(|r| if r.is_positive() { None } else { Some(reply_outcome(r)) }).collect();

@@ -38,6 +38,7 @@ fn limits_closed() -> Failure {
         outcome: Outcome::Temporary("451 4.3.0 Outbound connection limits are shut down".into()),
         try_next_host: false,
         tls_failed: false,
+        peer_reply: false,
     }
 }
 
@@ -354,13 +355,14 @@ impl Inner {
                 let (mut conn, permits) = match self.connection(key, host, *addr, require_tls, clear_text).await {
                     Ok(c) => c,
                     Err(f) => {
+                        let remote = f.peer_reply.then(|| format!("{host}[{}]", addr.ip()));
                         if f.tls_failed && !require_tls && !clear_text {
                             info!(id = job.id, host = %host, addr = %addr, "TLS handshake failed; retrying in clear text");
                             clear_text = true;
-                            last = (f.outcome, None);
+                            last = (f.outcome, remote);
                             continue;
                         }
-                        last = (f.outcome, None);
+                        last = (f.outcome, remote);
                         break;
                     }
                 };
@@ -371,7 +373,8 @@ impl Inner {
                         return Ok(results);
                     }
                     Err(f) => {
-                        let remote = Some(conn.peer.clone());
+                        // Report the peer as the source only of what it said itself.
+                        let remote = f.peer_reply.then(|| conn.peer.clone());
                         self.finish(key, conn, permits);
                         if !f.try_next_host {
                             return Err((f.outcome, remote));
@@ -447,7 +450,12 @@ impl Inner {
         let caps = conn.caps.clone();
         let peer = conn.peer.clone();
         let refuse = |text: String| -> Result<Vec<RecipientResult>, Failure> {
-            Err(Failure { outcome: Outcome::Permanent(text), try_next_host: false, tls_failed: false })
+            Err(Failure {
+                outcome: Outcome::Permanent(text),
+                try_next_host: false,
+                tls_failed: false,
+                peer_reply: false,
+            })
         };
         if let Some(limit) = caps.size.filter(|&n| n > 0) {
             if job.message.len() as u64 > limit {
@@ -457,13 +465,14 @@ impl Inner {
                 ));
             }
         }
+        // The more specific reason first: UTF-8 addresses make the message 8-bit as well.
+        if smtputf8 && !caps.smtputf8 {
+            return refuse(format!("553 5.6.7 {peer} does not support internationalized addresses (no SMTPUTF8)"));
+        }
         if job.eight_bit && !caps.eight_bit_mime {
             return refuse(format!(
                 "554 5.6.3 {peer} does not accept 8-bit data (no 8BITMIME); the message was not converted"
             ));
-        }
-        if smtputf8 && !caps.smtputf8 {
-            return refuse(format!("553 5.6.7 {peer} does not support internationalized addresses (no SMTPUTF8)"));
         }
         let mut mail_params = String::new();
         if caps.size.is_some() {
