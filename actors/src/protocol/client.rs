@@ -318,11 +318,8 @@ mod tests {
                 let n = (next() % 200) as usize;
                 let chunk: Vec<u8> = (0..n).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
                 p.feed(&chunk);
-                loop {
-                    match p.next_reply() {
-                        Ok(Some(r)) => assert!((200..600).contains(&r.code)),
-                        Ok(None) | Err(_) => break,
-                    }
+                while let Ok(Some(r)) = p.next_reply() {
+                    assert!((200..600).contains(&r.code));
                 }
                 assert!(p.buffered() <= MAX_REPLY_LINE + 200);
             }
