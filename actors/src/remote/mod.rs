@@ -262,7 +262,7 @@ impl Inner {
                 })
                 .collect()
         };
-        // Checks that need no connection.
+        // What every transaction for this domain needs to know.
         let smtputf8 = !job.sender.is_ascii() || rcpts.iter().any(|r| !r.address.is_ascii());
         let require_tls = self.settings.domains.get(domain).is_some_and(|p| p.require_tls);
         let (first, fallback) = self.route_for(domain);
