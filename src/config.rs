@@ -1,7 +1,7 @@
 //! The configuration file: TOML, every key with a default that works on a fresh machine,
 //! validated into errors that name the key. docs/configuration.md documents each key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,53 @@ pub struct Config {
     pub limits: Limits,
     pub queue: Queue,
     pub delivery: Delivery,
+    pub tls: Tls,
+    pub auth: Auth,
+    pub access: Access,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain; with `key`, STARTTLS is offered. Relative to the config's folder.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Mail commands before STARTTLS get 530 5.7.0.
+    pub required: bool,
+}
+
+impl Tls {
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// TOML file with a `[users]` table of `name = "argon2 hash"`; empty = AUTH off.
+    pub users_file: PathBuf,
+    /// Offer AUTH in clear text to loopback clients (local submission without TLS).
+    pub allow_plaintext_loopback: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Access {
+    /// Only these networks may connect (empty = everyone).
+    pub allow: Vec<IpNet>,
+    /// These networks may not connect, whatever `allow` says.
+    pub deny: Vec<IpNet>,
+    /// Connections open at once per client address (IPv6: per /64); 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections per client address in any minute; 0 = no limit.
+    pub max_connections_per_ip_per_minute: usize,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access { allow: Vec::new(), deny: Vec::new(), max_connections_per_ip: 50, max_connections_per_ip_per_minute: 0 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,11 +156,19 @@ pub struct Limits {
     pub max_messages_per_connection: usize,
     /// 0 = no limit.
     pub max_errors: usize,
+    /// Each reply after a client error waits this × the errors so far (at most 10 s).
+    pub error_delay: HumanDuration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_message_size: 26_214_400, max_recipients: 100, max_messages_per_connection: 0, max_errors: 10 }
+        Limits {
+            max_message_size: 26_214_400,
+            max_recipients: 100,
+            max_messages_per_connection: 0,
+            max_errors: 10,
+            error_delay: HumanDuration(Duration::from_millis(500)),
+        }
     }
 }
 
@@ -313,8 +368,10 @@ impl Config {
 
     /// Makes relative paths relative to `base` (the config file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        if self.mailroot.path.is_relative() {
-            self.mailroot.path = base.join(&self.mailroot.path);
+        for p in [&mut self.mailroot.path, &mut self.tls.cert, &mut self.tls.key, &mut self.auth.users_file] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
         }
     }
 
@@ -418,6 +475,18 @@ impl Config {
         if !d.masquerade_domain.is_empty() && validate_domain(&d.masquerade_domain).is_err() {
             return err("delivery.masquerade_domain", format!("{:?} is not a valid domain", d.masquerade_domain));
         }
+        if self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty() {
+            return err("tls", "cert and key go together: set both or neither".into());
+        }
+        if self.tls.required && !self.tls.enabled() {
+            return err("tls.required", "needs tls.cert and tls.key".into());
+        }
+        if !self.auth.users_file.as_os_str().is_empty() && !self.tls.enabled() && !self.auth.allow_plaintext_loopback {
+            return err(
+                "auth.users_file",
+                "AUTH is only offered over TLS: set tls.cert and tls.key, or auth.allow_plaintext_loopback".into(),
+            );
+        }
         for (name, r) in &self.domains.remote {
             if validate_domain(name).is_err() || name.starts_with('[') {
                 return err(&format!("domains.remote.{name:?}"), "not a valid domain".into());
@@ -428,6 +497,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The AUTH users from `auth.users_file` (`None` when AUTH is off).
+    pub fn load_users(&self) -> Result<Option<HashMap<String, String>>, ConfigError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct UsersFile {
+            #[serde(default)]
+            users: HashMap<String, String>,
+        }
+        let path = &self.auth.users_file;
+        if path.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("auth.users_file: {}: {e}", path.display())))?;
+        let file: UsersFile =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("auth.users_file: {}: {e}", path.display())))?;
+        Ok(Some(file.users))
     }
 
     /// Remote domains anyone may relay to (`relay_allowed = true`).

@@ -12,17 +12,19 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_rt::{Arbiter, System};
-use mailroot_actors::listener::{Listener, ListenerSettings, StopListening};
+use mailroot_actors::auth::Users;
+use mailroot_actors::listener::{AccessLists, Listener, ListenerSettings, StopListening};
 use mailroot_actors::local_drop::LocalDrop;
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::pickup::{Pickup, PickupSettings};
 use mailroot_actors::protocol::SessionParams;
 use mailroot_actors::queue::{Flush, Queue, QueueSettings, Router};
 use mailroot_actors::remote::RemoteDelivery;
+use mailroot_actors::session::SessionShared;
 use mailroot_actors::store::Store;
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 
@@ -166,6 +168,37 @@ fn open_store(dir: &Path, id_floor: u64) -> Result<Store, StartError> {
     }
 }
 
+/// The TLS configuration and AUTH users, loaded before anything starts so a bad file is a clear
+/// start error.
+#[derive(Clone)]
+struct Security {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    users: Option<Arc<Users>>,
+}
+
+impl Security {
+    fn load(config: &Config) -> Result<Security, StartError> {
+        let tls = if config.tls.enabled() {
+            let c = mailroot_actors::tls::server_config(&config.tls.cert, &config.tls.key)
+                .map_err(|e| StartError(format!("tls: {e}")))?;
+            Some(c)
+        } else {
+            None
+        };
+        let users = match config.load_users().map_err(|e| StartError(e.to_string()))? {
+            Some(map) => {
+                let users = Users::new(map).map_err(|e| StartError(format!("auth.users_file: {e}")))?;
+                if users.is_empty() {
+                    warn!("auth.users_file has no users: every AUTH will fail");
+                }
+                Some(Arc::new(users))
+            }
+            None => None,
+        };
+        Ok(Security { tls, users })
+    }
+}
+
 /// Starts mailroot on its own thread and returns once it listens (or failed to start).
 pub fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let folders = Folders::new(&config.mailroot.path);
@@ -174,6 +207,7 @@ pub fn start(config: Config, options: StartOptions) -> Result<Running, StartErro
     let floor = highest_drop_id(&folders.drop)
         .map_err(|e| StartError(format!("reading {}: {e}", folders.drop.display())))?
         .saturating_add(1);
+    let security = Security::load(&config)?;
     let store = open_store(&folders.queue, floor)?;
 
     let mut registry = Registry::default();
@@ -185,7 +219,7 @@ pub fn start(config: Config, options: StartOptions) -> Result<Running, StartErro
     let f = folders.clone();
     let thread = std::thread::Builder::new()
         .name("mailroot".into())
-        .spawn(move || run_system(config, options, f, store, metrics, listen, ready_tx, stop_rx))
+        .spawn(move || run_system(config, options, f, store, metrics, listen, security, ready_tx, stop_rx))
         .map_err(|e| StartError(format!("cannot start the actor system thread: {e}")))?;
 
     match ready_rx.recv() {
@@ -209,6 +243,7 @@ fn run_system(
     store: Store,
     metrics: Arc<Metrics>,
     listen: Vec<SocketAddr>,
+    security: Security,
     ready: std::sync::mpsc::Sender<Result<Vec<SocketAddr>, StartError>>,
     stop_rx: oneshot::Receiver<()>,
 ) {
@@ -255,6 +290,10 @@ fn run_system(
             max_messages_per_connection: config.limits.max_messages_per_connection,
             max_errors: config.limits.max_errors,
             max_hop_count: config.queue.max_hop_count,
+            tls_available: security.tls.is_some(),
+            tls_required: config.tls.required,
+            auth_enabled: security.users.is_some(),
+            auth_plaintext_loopback: config.auth.allow_plaintext_loopback,
         });
         let listener = Listener::new(
             sockets,
@@ -263,9 +302,17 @@ fn run_system(
                 relay_networks: Arc::new(config.relay.allow_networks.clone()),
                 max_connections: config.server.max_connections,
                 idle_timeout: config.server.idle_timeout.0,
+                access: AccessLists { allow: config.access.allow.clone(), deny: config.access.deny.clone() },
+                max_connections_per_ip: config.access.max_connections_per_ip,
+                max_connections_per_ip_per_minute: config.access.max_connections_per_ip_per_minute,
+                tls: security.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             },
-            queue.clone().recipient(),
-            metrics.clone(),
+            SessionShared {
+                queue: queue.clone().recipient(),
+                metrics: metrics.clone(),
+                users: security.users.clone(),
+                error_delay: config.limits.error_delay.0,
+            },
             session_arbiters.iter().map(|a| a.handle()).collect(),
         )
         .start();

@@ -1,4 +1,5 @@
-//! The `mailroot` command: `run` the daemon in the foreground, or `check-config`.
+//! The `mailroot` command: `run` the daemon in the foreground, `check-config`, and the tools
+//! `gen-cert` (a self-signed certificate for trials) and `passwd` (a password hash for AUTH).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -29,11 +30,73 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Write a self-signed certificate and key (cert.pem, key.pem) for trying STARTTLS.
+    GenCert {
+        /// The name the certificate is for (your server.hostname).
+        #[arg(long)]
+        hostname: String,
+        /// Folder to write cert.pem and key.pem into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Read a password from standard input and print its argon2 hash for auth.users_file.
+    Passwd,
+}
+
+fn gen_cert(hostname: &str, out: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    mailroot_actors::protocol::address::validate_domain(hostname)
+        .map_err(|_| format!("{hostname:?} is not a valid host name"))?;
+    let cert = rcgen::generate_simple_self_signed(vec![hostname.to_string()]).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let (cert_path, key_path) = (out.join("cert.pem"), out.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    // The key is readable by its owner only.
+    let mut key = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    key.write_all(cert.signing_key.serialize_pem().as_bytes()).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    println!("wrote {} and {}", cert_path.display(), key_path.display());
+    println!("[tls]\ncert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
+    Ok(())
+}
+
+fn passwd() -> Result<(), String> {
+    if std::io::stdin().is_terminal() {
+        eprint!("Password (echoed): ");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| format!("reading the password: {e}"))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err("empty password".into());
+    }
+    println!("{}", mailroot_actors::auth::hash_password(password)?);
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::GenCert { hostname, out } => match gen_cert(&hostname, &out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailroot gen-cert: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Passwd => match passwd() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailroot passwd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(loaded) => {
                 match &loaded.source {

@@ -7,9 +7,12 @@
 //! - [`commit`]: group commit, shared by the queue and the Drop writer; [`fsio`]: blocking-pool
 //!   and directory-sync helpers.
 //! - [`delivery`]: the `Deliver`/`DeliveryReport` interface and outcome classification.
-//! - Actors: [`listener`], [`session`], [`queue`], [`local_drop`], [`pickup`].
+//! - Actors: [`listener`], [`session`], [`queue`], [`retry`], [`local_drop`], [`remote`], [`pickup`].
+//! - [`auth`]: AUTH users and password hashes; [`tls`]: the inbound TLS configuration;
+//!   [`notify`]: delivery status notifications.
 //! - [`metrics`]: the prometheus-client registry the actors update.
 
+pub mod auth;
 pub mod commit;
 pub mod delivery;
 pub mod fsio;
@@ -24,3 +27,4 @@ pub mod remote;
 pub mod retry;
 pub mod session;
 pub mod store;
+pub mod tls;

@@ -1,12 +1,19 @@
-//! The Listener actor: accepts TCP connections, enforces `max_connections`, and starts one
-//! Session actor (plus its I/O task) per connection, spread over the session arbiters.
+//! The Listener actor: accepts TCP connections, applies the access lists and the connection
+//! limits (in total, per client address, per client address per minute), and starts one Session
+//! actor (plus its I/O task) per connection, spread over the session arbiters.
 //!
-//! Invariant: the connection-limit permit moves into the connection's task and is released only
-//! when the socket is closed, so the limit counts real open sockets.
+//! Invariants:
+//! - The connection-limit permit and the per-address count move into the connection's task and
+//!   are released only when the socket is closed, so the limits count real open sockets.
+//! - A refused connection gets one reply written without blocking and is closed; no task is
+//!   spawned for it, whatever the flood.
+//! - Per-address state is bounded: IPv6 clients are counted per /64, and entries with no open
+//!   connection and no recent connection are dropped every minute.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use ipnet::IpNet;
@@ -15,9 +22,8 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::protocol::{self, reply, SessionParams};
-use crate::queue::Enqueue;
-use crate::session::{serve, Session};
+use crate::protocol::{self, reply, RefusalCause, SessionParams};
+use crate::session::{serve, Session, SessionShared};
 
 #[derive(Clone)]
 pub struct ListenerSettings {
@@ -25,14 +31,61 @@ pub struct ListenerSettings {
     pub relay_networks: Arc<Vec<IpNet>>,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    pub access: AccessLists,
+    /// Connections open at once from one address (IPv6: one /64); 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections from one address (IPv6: one /64) in any 60 seconds; 0 = no limit.
+    pub max_connections_per_ip_per_minute: usize,
+    /// Offered as STARTTLS when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The IIS connection-control lists: with `allow` non-empty only those networks may connect;
+/// `deny` refuses networks whatever `allow` says.
+#[derive(Debug, Clone, Default)]
+pub struct AccessLists {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+impl AccessLists {
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
+            && !self.deny.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// The address a per-client limit counts: the IPv4 address, or the IPv6 /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+#[derive(Default)]
+struct PerClient {
+    open: usize,
+    /// Times of the connections accepted in the last minute (at most the per-minute limit).
+    recent: VecDeque<Instant>,
+}
+
+type Clients = Arc<Mutex<HashMap<IpAddr, PerClient>>>;
+
+fn lock(clients: &Clients) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PerClient>> {
+    clients.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct Listener {
     sockets: Vec<TcpListener>,
     settings: ListenerSettings,
-    queue: Recipient<Enqueue>,
-    metrics: Arc<Metrics>,
+    shared: SessionShared,
     permits: Arc<Semaphore>,
+    clients: Clients,
     /// Session actors run on these, round robin; empty = the listener's own arbiter.
     arbiters: Vec<actix_rt::ArbiterHandle>,
     next: usize,
@@ -55,12 +108,65 @@ impl Listener {
     pub fn new(
         sockets: Vec<TcpListener>,
         settings: ListenerSettings,
-        queue: Recipient<Enqueue>,
-        metrics: Arc<Metrics>,
+        shared: SessionShared,
         arbiters: Vec<actix_rt::ArbiterHandle>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.max_connections));
-        Listener { sockets, settings, queue, metrics, permits, arbiters, next: 0 }
+        Listener { sockets, settings, shared, permits, clients: Clients::default(), arbiters, next: 0 }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Writes one reply without blocking and drops the connection.
+    fn refuse(&self, stream: TcpStream, peer: SocketAddr, cause: RefusalCause, r: reply::Reply) {
+        self.metrics().refused(cause.as_str());
+        info!(client = %peer, cause = cause.as_str(), "refused");
+        // The socket's send buffer is empty, so a non-blocking write of one short line goes out
+        // whole.
+        let _ = stream.try_write(&r.to_bytes());
+    }
+
+    /// Counts a new connection from `ip` against the per-address limits; `Err` = refuse it.
+    fn admit(&self, ip: IpAddr, now: Instant) -> Result<(), RefusalCause> {
+        let (per_ip, per_minute) =
+            (self.settings.max_connections_per_ip, self.settings.max_connections_per_ip_per_minute);
+        if per_ip == 0 && per_minute == 0 {
+            return Ok(());
+        }
+        let mut clients = lock(&self.clients);
+        let c = clients.entry(client_key(ip)).or_default();
+        if per_ip > 0 && c.open >= per_ip {
+            return Err(RefusalCause::TooManyConnectionsFromIp);
+        }
+        if per_minute > 0 {
+            while c.recent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+                c.recent.pop_front();
+            }
+            if c.recent.len() >= per_minute {
+                return Err(RefusalCause::ConnectionRate);
+            }
+            c.recent.push_back(now);
+        }
+        c.open += 1;
+        Ok(())
+    }
+}
+
+/// Gives back a connection's place in the per-address count when it closes.
+struct ClientSlot {
+    clients: Option<Clients>,
+    key: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Some(clients) = &self.clients {
+            if let Some(c) = lock(clients).get_mut(&self.key) {
+                c.open = c.open.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -73,6 +179,13 @@ impl Actor for Listener {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        let clients = self.clients.clone();
+        ctx.run_interval(Duration::from_secs(60), move |_, _| {
+            let now = Instant::now();
+            lock(&clients).retain(|_, c| {
+                c.open > 0 || c.recent.back().is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
+            });
+        });
         for socket in std::mem::take(&mut self.sockets) {
             let me = ctx.address();
             if let Ok(addr) = socket.local_addr() {
@@ -106,25 +219,30 @@ impl Handler<Accepted> for Listener {
 
     fn handle(&mut self, msg: Accepted, _ctx: &mut Self::Context) {
         let Accepted { stream, peer } = msg;
-        self.metrics.connections_total.inc();
+        self.metrics().connections_total.inc();
+        let hostname = self.settings.params.hostname.clone();
+        if !self.settings.access.permits(peer.ip()) {
+            return self.refuse(stream, peer, RefusalCause::AccessDenied, reply::access_denied(&hostname));
+        }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.metrics.refused(protocol::RefusalCause::TooManyConnections.as_str());
-            info!(client = %peer, cause = "too_many_connections", "refused");
-            // The socket's send buffer is empty, so a non-blocking write of one short line goes
-            // out whole; no task is spawned per refused connection, whatever the flood.
-            let _ = stream.try_write(&reply::too_many_connections(&self.settings.params.hostname).to_bytes());
-            drop(stream);
-            return;
+            return self.refuse(stream, peer, RefusalCause::TooManyConnections, reply::too_many_connections(&hostname));
         };
+        if let Err(cause) = self.admit(peer.ip(), Instant::now()) {
+            return self.refuse(stream, peer, cause, reply::too_many_connections_from_ip(&hostname));
+        }
+        let limited = self.settings.max_connections_per_ip > 0 || self.settings.max_connections_per_ip_per_minute > 0;
+        let slot = ClientSlot { clients: limited.then(|| self.clients.clone()), key: client_key(peer.ip()) };
         let relay = relay_allowed(&self.settings.relay_networks, peer.ip());
         let proto = protocol::Session::new(self.settings.params.clone(), peer.ip(), relay);
-        let (queue, metrics, idle) = (self.queue.clone(), self.metrics.clone(), self.settings.idle_timeout);
+        let (shared, idle, tls) = (self.shared.clone(), self.settings.idle_timeout, self.settings.tls.clone());
         let run = move |stream: TcpStream| async move {
+            let metrics = shared.metrics.clone();
             metrics.connections_current.inc();
-            let session = Session::new(proto, queue, peer, metrics.clone()).start();
-            serve(stream, session, idle).await;
+            let session = Session::new(proto, shared, peer).start();
+            serve(stream, session, idle, tls).await;
             metrics.connections_current.dec();
             drop(permit);
+            drop(slot);
         };
         if self.arbiters.is_empty() {
             actix_rt::spawn(run(stream));

@@ -70,6 +70,10 @@ pub struct Metrics {
     pub outbound_tls: Counter,
     /// DNS lookups made for delivery, by result (`ok`, `nxdomain`, `nodata`, `error`).
     pub dns_queries: Family<ResultLabel, Counter>,
+    /// AUTH attempts, by result (`success`, `failure`).
+    pub auth: Family<ResultLabel, Counter>,
+    /// Inbound connections upgraded with STARTTLS.
+    pub inbound_tls: Counter,
 }
 
 fn batch_histogram() -> Histogram {
@@ -97,6 +101,8 @@ impl Metrics {
             outbound_connect_failures: Counter::default(),
             outbound_tls: Counter::default(),
             dns_queries: Family::default(),
+            auth: Family::default(),
+            inbound_tls: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("mailroot");
         r.register("messages_received", "Messages accepted into the queue", m.messages_received.clone());
@@ -125,6 +131,8 @@ impl Metrics {
         );
         r.register("outbound_tls", "Outbound connections that negotiated TLS", m.outbound_tls.clone());
         r.register("dns_queries", "DNS lookups made for delivery", m.dns_queries.clone());
+        r.register("auth", "SMTP AUTH attempts by result", m.auth.clone());
+        r.register("inbound_tls", "Inbound connections upgraded with STARTTLS", m.inbound_tls.clone());
         Arc::new(m)
     }
 

@@ -1,20 +1,31 @@
 //! The Session actor (one per SMTP connection) and the small I/O task that owns its socket.
 //!
 //! The I/O task reads bytes, sends them to the actor as [`Input`] and waits for the [`Output`]
-//! (reply bytes and whether to close) before reading again. Waiting gives backpressure and keeps
-//! replies in order under PIPELINING; owning the socket in one task keeps a later STARTTLS upgrade
-//! a local change. The actor holds the sans-IO [`protocol::Session`] and talks to the Queue.
+//! (reply bytes, whether to close or start TLS, how long to wait first) before reading again.
+//! Waiting gives backpressure and keeps replies in order under PIPELINING; owning the socket in
+//! one task makes STARTTLS a local change: write the 220, hand the TCP stream to the TLS
+//! acceptor, go on reading from the TLS stream. The actor holds the sans-IO
+//! [`protocol::Session`], checks AUTH credentials and talks to the Queue.
+//!
+//! Invariants:
+//! - After STARTTLS nothing read in clear text is used: the protocol drops its buffer when it
+//!   asks for TLS, and the I/O task reads nothing between the 220 and the handshake.
+//! - Each reply that follows a client error waits `error_delay` × the errors so far (at most
+//!   `MAX_ERROR_DELAY`): the tarpit that slows down guessing and scanning.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use crate::metrics::Metrics;
+use crate::auth::Users;
+use crate::fsio::blocking;
+use crate::metrics::{Metrics, ResultLabel};
 use crate::protocol::received::Origin;
 use crate::protocol::{self, Action, EnqueueError};
 use crate::queue::Enqueue;
@@ -34,24 +45,46 @@ pub struct Input(pub Vec<u8>);
 #[rtype(result = "Output")]
 pub struct IdleTimeout;
 
-/// What to write back, and whether to close afterwards.
+/// The TLS handshake asked for by the last [`Output`] succeeded.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TlsStarted;
+
+/// What to write back, and what to do next.
 #[derive(Debug, Default, MessageResponse)]
 pub struct Output {
     pub bytes: Vec<u8>,
     pub close: bool,
+    /// After writing, hand the connection to the TLS acceptor.
+    pub start_tls: bool,
+    /// Wait this long before writing (the error tarpit).
+    pub delay: Duration,
+}
+
+/// The longest the tarpit makes one reply wait.
+pub const MAX_ERROR_DELAY: Duration = Duration::from_secs(10);
+
+/// What every session of a listener shares besides the protocol parameters.
+#[derive(Clone)]
+pub struct SessionShared {
+    pub queue: Recipient<Enqueue>,
+    pub metrics: Arc<Metrics>,
+    /// AUTH users; `None` = AUTH off.
+    pub users: Option<Arc<Users>>,
+    /// Tarpit step: each reply after an error waits this × the errors so far.
+    pub error_delay: Duration,
 }
 
 pub struct Session {
     /// `None` only while a handler's future owns it.
     proto: Option<protocol::Session>,
-    queue: Recipient<Enqueue>,
+    shared: SessionShared,
     peer: SocketAddr,
-    metrics: Arc<Metrics>,
 }
 
 impl Session {
-    pub fn new(proto: protocol::Session, queue: Recipient<Enqueue>, peer: SocketAddr, metrics: Arc<Metrics>) -> Self {
-        Session { proto: Some(proto), queue, peer, metrics }
+    pub fn new(proto: protocol::Session, shared: SessionShared, peer: SocketAddr) -> Self {
+        Session { proto: Some(proto), shared, peer }
     }
 }
 
@@ -75,19 +108,35 @@ fn log_refusal(peer: SocketAddr, metrics: &Metrics, r: &protocol::Refusal) {
     );
 }
 
-/// Runs the protocol over what is buffered, awaiting the queue for each complete message.
-async fn drive(
-    mut proto: protocol::Session,
-    queue: Recipient<Enqueue>,
-    peer: SocketAddr,
-    metrics: Arc<Metrics>,
-) -> (protocol::Session, Output) {
+/// Runs the protocol over what is buffered, awaiting the queue for each complete message and
+/// the password check for each AUTH.
+async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: SocketAddr) -> (protocol::Session, Output) {
     let mut out = Output::default();
+    let errors_before = proto.errors();
+    let metrics = &shared.metrics;
     while let Some(action) = proto.next_action() {
         match action {
             Action::Reply(r) => r.write_to(&mut out.bytes),
-            Action::Refused(r) => log_refusal(peer, &metrics, &r),
+            Action::Refused(r) => log_refusal(peer, metrics, &r),
             Action::Close => out.close = true,
+            Action::StartTls => {
+                // The protocol waits for `TlsStarted`; nothing more to do in this round.
+                out.start_tls = true;
+                break;
+            }
+            Action::Authenticate { user, password } => {
+                let ok = match shared.users.clone() {
+                    Some(users) => {
+                        let u = user.clone();
+                        blocking(move || Ok(users.verify(&u, &password.0))).await.unwrap_or(false)
+                    }
+                    None => false,
+                };
+                let result = if ok { "success" } else { "failure" };
+                metrics.auth.get_or_create(&ResultLabel { result }).inc();
+                info!(client = %peer, user = %user, result, "auth");
+                proto.authenticated(ok);
+            }
             Action::Enqueue(m) => {
                 let sender = m.sender.as_ref().map(|s| s.to_string()).unwrap_or_default();
                 let recipients: Vec<String> = m.recipients.iter().map(|r| r.to_string()).collect();
@@ -102,11 +151,12 @@ async fn drive(
                     origin_text: peer.to_string(),
                     pickup: None,
                 };
-                let result = queue.send(req).await.unwrap_or(Err(EnqueueError::Temporary));
+                let result = shared.queue.send(req).await.unwrap_or(Err(EnqueueError::Temporary));
                 let reply = proto.enqueued(result);
+                let user = proto.user().unwrap_or("-").to_string();
                 match result {
                     Ok(id) => {
-                        info!(id, client = %peer, sender = %sender, recipients = %recipients.join(","), size, result = "accepted", "message")
+                        info!(id, client = %peer, user = %user, sender = %sender, recipients = %recipients.join(","), size, result = "accepted", "message")
                     }
                     Err(_) => {
                         metrics.refused(protocol::RefusalCause::QueueFailure.as_str());
@@ -117,6 +167,9 @@ async fn drive(
             }
         }
     }
+    if proto.errors() > errors_before && !shared.error_delay.is_zero() {
+        out.delay = shared.error_delay.saturating_mul(proto.errors() as u32).min(MAX_ERROR_DELAY);
+    }
     (proto, out)
 }
 
@@ -125,7 +178,7 @@ impl Handler<Greet> for Session {
 
     fn handle(&mut self, _msg: Greet, _ctx: &mut Self::Context) -> Output {
         let bytes = self.proto.as_ref().map(|p| p.greeting().to_bytes()).unwrap_or_default();
-        Output { bytes, close: false }
+        Output { bytes, ..Output::default() }
     }
 }
 
@@ -135,10 +188,10 @@ impl Session {
     fn run(&mut self, step: impl FnOnce(&mut protocol::Session)) -> ResponseActFuture<Self, Output> {
         let Some(mut proto) = self.proto.take() else {
             // Only reachable if the I/O task did not wait for the previous answer.
-            return Box::pin(actix::fut::ready(Output { bytes: Vec::new(), close: true }));
+            return Box::pin(actix::fut::ready(Output { close: true, ..Output::default() }));
         };
         step(&mut proto);
-        let fut = drive(proto, self.queue.clone(), self.peer, self.metrics.clone());
+        let fut = drive(proto, self.shared.clone(), self.peer);
         Box::pin(fut.into_actor(self).map(|(proto, out), act, _ctx| {
             act.proto = Some(proto);
             out
@@ -151,6 +204,17 @@ impl Handler<Input> for Session {
 
     fn handle(&mut self, msg: Input, _ctx: &mut Self::Context) -> Self::Result {
         self.run(|proto| proto.feed(&msg.0))
+    }
+}
+
+impl Handler<TlsStarted> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _msg: TlsStarted, _ctx: &mut Self::Context) {
+        if let Some(proto) = self.proto.as_mut() {
+            proto.tls_started();
+            self.shared.metrics.inbound_tls.inc();
+        }
     }
 }
 
@@ -167,14 +231,40 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Owns the socket of one connection until it closes. Every write is bounded by `idle` too, so a
 /// client that stops reading cannot pin the connection.
-pub async fn serve(mut stream: TcpStream, session: Addr<Session>, idle: Duration) {
+pub async fn serve(stream: TcpStream, session: Addr<Session>, idle: Duration, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
     let Ok(greeting) = session.send(Greet).await else {
         return;
     };
+    let mut stream = stream;
     if !write(&mut stream, &greeting.bytes, idle).await {
         return;
     }
+    let Some(tcp) = pump(stream, &session, idle).await else {
+        return;
+    };
+    // STARTTLS: the protocol only asks for it when an acceptor is configured.
+    let Some(acceptor) = tls else {
+        return;
+    };
+    match tokio::time::timeout(idle, acceptor.accept(tcp)).await {
+        Ok(Ok(tls_stream)) => {
+            if session.send(TlsStarted).await.is_err() {
+                return;
+            }
+            debug!(client = ?peer, "TLS started");
+            // A second STARTTLS is refused by the protocol, so this never returns a stream.
+            let _ = pump(tls_stream, &session, idle).await;
+        }
+        Ok(Err(e)) => info!(client = ?peer, error = %e, "TLS handshake failed"),
+        Err(_) => info!(client = ?peer, "TLS handshake timed out"),
+    }
+}
+
+/// Reads, asks the session, writes, until the connection ends (`None`) or the session asks for
+/// TLS (the stream is handed back, with nothing read past the STARTTLS command's batch).
+async fn pump<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, session: &Addr<Session>, idle: Duration) -> Option<S> {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         let out = match tokio::time::timeout(idle, stream.read(&mut buf)).await {
@@ -188,14 +278,27 @@ pub async fn serve(mut stream: TcpStream, session: Addr<Session>, idle: Duration
                 Err(_) => break,
             },
         };
-        let close = out.close;
-        if !write(&mut stream, &out.bytes, idle).await || close {
+        if !out.delay.is_zero() {
+            tokio::time::sleep(out.delay).await;
+        }
+        if !write(&mut stream, &out.bytes, idle).await || out.close {
             break;
+        }
+        if out.start_tls {
+            return Some(stream);
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    None
 }
 
-async fn write(stream: &mut TcpStream, bytes: &[u8], idle: Duration) -> bool {
-    bytes.is_empty() || matches!(tokio::time::timeout(idle, stream.write_all(bytes)).await, Ok(Ok(())))
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], idle: Duration) -> bool {
+    if bytes.is_empty() {
+        return true;
+    }
+    let fut = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    matches!(tokio::time::timeout(idle, fut).await, Ok(Ok(())))
 }

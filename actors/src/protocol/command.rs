@@ -23,7 +23,18 @@ pub enum Command {
     Quit,
     Vrfy,
     Help,
-    /// Known commands mailroot does not offer (EXPN, TURN, ETRN, STARTTLS, AUTH, BDAT until configured).
+    StartTls,
+    /// `AUTH mechanism [initial-response]`; the mechanism upper-cased.
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
+    /// `BDAT size [LAST]` (RFC 3030).
+    Bdat {
+        size: u64,
+        last: bool,
+    },
+    /// Known commands mailroot does not offer (EXPN, TURN, ETRN, …).
     NotImplemented,
 }
 
@@ -88,9 +99,35 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
                 Ok(Command::Vrfy)
             }
         }
-        "EXPN" | "TURN" | "ETRN" | "STARTTLS" | "AUTH" | "BDAT" | "ATRN" | "SEND" | "SOML" | "SAML" => {
-            Ok(Command::NotImplemented)
+        "STARTTLS" => no_arg(arg, Command::StartTls),
+        "AUTH" => {
+            let mut words = arg.split(' ').filter(|w| !w.is_empty());
+            let mechanism = words.next().ok_or(CommandError::Syntax("Syntax: AUTH mechanism [initial-response]"))?;
+            let initial = words.next().map(str::to_string);
+            if words.next().is_some() {
+                return Err(CommandError::Syntax("Syntax: AUTH mechanism [initial-response]"));
+            }
+            Ok(Command::Auth { mechanism: mechanism.to_ascii_uppercase(), initial })
         }
+        "BDAT" => {
+            let mut words = arg.split(' ').filter(|w| !w.is_empty());
+            let size = words
+                .next()
+                .filter(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
+                // More digits than u64 holds is simply "too big".
+                .map(|n| n.parse().unwrap_or(u64::MAX))
+                .ok_or(CommandError::Syntax("Syntax: BDAT size [LAST]"))?;
+            let last = match words.next() {
+                None => false,
+                Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+                Some(_) => return Err(CommandError::Syntax("Syntax: BDAT size [LAST]")),
+            };
+            if words.next().is_some() {
+                return Err(CommandError::Syntax("Syntax: BDAT size [LAST]"));
+            }
+            Ok(Command::Bdat { size, last })
+        }
+        "EXPN" | "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" => Ok(Command::NotImplemented),
         _ => Err(CommandError::Unrecognized),
     }
 }
@@ -248,7 +285,22 @@ mod tests {
             (b"VRFY", Err(CommandError::Syntax("Syntax: VRFY <user>"))),
             (b"HELP", Ok(Command::Help)),
             (b"EXPN list", Ok(Command::NotImplemented)),
-            (b"STARTTLS", Ok(Command::NotImplemented)),
+            (b"STARTTLS", Ok(Command::StartTls)),
+            (b"starttls x", Err(CommandError::Syntax("This command takes no argument"))),
+            (b"AUTH plain", Ok(Command::Auth { mechanism: "PLAIN".into(), initial: None })),
+            (
+                b"AUTH PLAIN AGFsaWNlAHNlY3JldA==",
+                Ok(Command::Auth { mechanism: "PLAIN".into(), initial: Some("AGFsaWNlAHNlY3JldA==".into()) }),
+            ),
+            (b"AUTH", Err(CommandError::Syntax("Syntax: AUTH mechanism [initial-response]"))),
+            (b"AUTH PLAIN a b", Err(CommandError::Syntax("Syntax: AUTH mechanism [initial-response]"))),
+            (b"BDAT 100", Ok(Command::Bdat { size: 100, last: false })),
+            (b"bdat 0 last", Ok(Command::Bdat { size: 0, last: true })),
+            (b"BDAT 99999999999999999999 LAST", Ok(Command::Bdat { size: u64::MAX, last: true })),
+            (b"BDAT 999999999999999999999", Err(CommandError::Syntax("Syntax: BDAT size [LAST]"))),
+            (b"BDAT", Err(CommandError::Syntax("Syntax: BDAT size [LAST]"))),
+            (b"BDAT -1", Err(CommandError::Syntax("Syntax: BDAT size [LAST]"))),
+            (b"BDAT 10 FIRST", Err(CommandError::Syntax("Syntax: BDAT size [LAST]"))),
             (b"XYZZY", Err(CommandError::Unrecognized)),
             (b"", Err(CommandError::Unrecognized)),
             (b"MAIL FROM:<\xff@b.test>", Err(CommandError::Syntax("Invalid UTF-8 in command"))),

@@ -5,6 +5,10 @@
 //! refused (SMTP smuggling defence, CVE-2023-51764/5/6) and never counts as a line end, so
 //! `<LF>.<LF>`, `<LF>.<CR><LF>` and `<CR><LF>.<LF>` cannot end DATA. After a refusal the receiver
 //! keeps draining until the real end so the session stays in step with the client.
+//!
+//! The same receiver takes BDAT chunks (RFC 3030) in raw mode: no dot-stuffing and no end
+//! marker (the client says the sizes), but the same size, line-length and bare CR/LF rules, so a
+//! message is judged the same whichever way it came.
 
 /// Why a message is refused at the end of DATA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub struct DataReceiver {
     in_header: bool,
     received_headers: usize,
     saw_8bit: bool,
+    /// BDAT: no dot-stuffing, no end marker.
+    raw: bool,
 }
 
 /// What the receiver has at the end of DATA.
@@ -66,7 +72,33 @@ impl DataReceiver {
             in_header: true,
             received_headers: 0,
             saw_8bit: false,
+            raw: false,
         }
+    }
+
+    /// A receiver for BDAT chunks: feed every chunk, then [`DataReceiver::finish_chunks`].
+    pub fn raw(limit: usize) -> Self {
+        DataReceiver { raw: true, ..DataReceiver::new(limit) }
+    }
+
+    /// True once the message is known to be refused (e.g. too big): later chunks are drained.
+    pub fn problem(&self) -> Option<DataProblem> {
+        self.problem
+    }
+
+    /// The end of a chunked message (`BDAT … LAST`). A final line without CRLF gets one; a
+    /// final bare CR refuses the message.
+    pub fn finish_chunks(&mut self) -> DataOutcome {
+        match self.state {
+            State::Cr | State::DotCr => self.flag(DataProblem::BareCr),
+            State::Mid | State::Dot => {
+                self.emit(b"\r\n");
+                self.end_of_line();
+            }
+            State::LineStart => {}
+        }
+        self.state = State::LineStart;
+        self.finish()
     }
 
     /// Consumes bytes from `input`. Returns how many were used and, when the end of data was
@@ -79,6 +111,12 @@ impl DataReceiver {
                 State::Mid => {
                     // Fast path: copy the run of ordinary bytes up to the next CR or LF.
                     let run = input[i..].iter().position(|&c| c == b'\r' || c == b'\n').unwrap_or(input.len() - i);
+                    // Stop at the byte that makes the line too long, as byte-by-byte feeding
+                    // would: which problem is found first must not depend on how reads split.
+                    let run = match self.problem {
+                        Some(_) => run,
+                        None => run.min((MAX_LINE + 1).saturating_sub(self.line_len).max(1)),
+                    };
                     if run > 0 {
                         self.line_len += run;
                         self.emit(&input[i..i + run]);
@@ -97,7 +135,7 @@ impl DataReceiver {
                 State::LineStart => {
                     self.line_len = 1;
                     match b {
-                        b'.' => self.state = State::Dot,
+                        b'.' if !self.raw => self.state = State::Dot,
                         b'\r' => self.state = State::Cr,
                         b'\n' => {
                             self.flag(DataProblem::BareLf);
@@ -298,5 +336,37 @@ mod tests {
             assert!(r.body.capacity() <= 4096);
         }
         assert_eq!(r.feed(b".\r\n").1, Some(DataOutcome::Refused(DataProblem::TooBig)));
+    }
+
+    #[test]
+    fn chunks_in_raw_mode() {
+        let run_chunks = |limit: usize, chunks: &[&[u8]]| {
+            let mut rx = DataReceiver::raw(limit);
+            for c in chunks {
+                assert_eq!(rx.feed(c).0, c.len(), "raw mode takes every byte");
+            }
+            rx.finish_chunks()
+        };
+        let m = |b: &[u8], received: usize| DataOutcome::Message {
+            body: b.to_vec(),
+            received_headers: received,
+            eight_bit: false,
+        };
+        let cases: Vec<(Vec<&[u8]>, DataOutcome)> = vec![
+            // A dot line is content, never an end: the smuggled "message" stays inside this one.
+            (vec![b"a\r\n.\r\nMAIL FROM:<x@y>\r\n"], m(b"a\r\n.\r\nMAIL FROM:<x@y>\r\n", 0)),
+            (vec![b"..a\r\n"], m(b"..a\r\n", 0)),
+            (vec![b"Received: x\r", b"\nSubject: s\r\n\r\nbody"], m(b"Received: x\r\nSubject: s\r\n\r\nbody\r\n", 1)),
+            (vec![], m(b"", 0)),
+            (vec![b"a\n.\nb\r\n"], DataOutcome::Refused(DataProblem::BareLf)),
+            (vec![b"a\r.\r\n"], DataOutcome::Refused(DataProblem::BareCr)),
+            (vec![b"a\r\nb\r"], DataOutcome::Refused(DataProblem::BareCr)),
+            (vec![b"0123456789012345678901234567890123456789", b"x"], DataOutcome::Refused(DataProblem::TooBig)),
+        ];
+        for (chunks, want) in cases {
+            assert_eq!(run_chunks(40, &chunks), want, "{chunks:?}");
+        }
+        let long = vec![b'x'; MAX_LINE + 1];
+        assert_eq!(run_chunks(4000, &[&long]), DataOutcome::Refused(DataProblem::LineTooLong));
     }
 }

@@ -107,21 +107,81 @@ fn echo(client: &str) -> String {
     s
 }
 
-pub fn ehlo(hostname: &str, client: &str, max_size: u64) -> Reply {
-    Reply {
-        code: 250,
-        status: None,
-        lines: vec![
-            format!("{hostname} greets {}", echo(client)).into(),
-            "PIPELINING".into(),
-            format!("SIZE {max_size}").into(),
-            "8BITMIME".into(),
-            "ENHANCEDSTATUSCODES".into(),
-            "SMTPUTF8".into(),
-            "DSN".into(),
-            "HELP".into(),
-        ],
+/// What an EHLO reply offers beyond the fixed extensions, which depends on the session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Offer {
+    pub starttls: bool,
+    pub auth: bool,
+}
+
+pub fn ehlo(hostname: &str, client: &str, max_size: u64, offer: Offer) -> Reply {
+    let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![
+        format!("{hostname} greets {}", echo(client)).into(),
+        "PIPELINING".into(),
+        format!("SIZE {max_size}").into(),
+        "8BITMIME".into(),
+        "ENHANCEDSTATUSCODES".into(),
+        "SMTPUTF8".into(),
+        "DSN".into(),
+        "CHUNKING".into(),
+    ];
+    if offer.starttls {
+        lines.push("STARTTLS".into());
     }
+    if offer.auth {
+        lines.push("AUTH PLAIN LOGIN".into());
+    }
+    lines.push("HELP".into());
+    Reply { code: 250, status: None, lines }
+}
+
+pub fn ready_for_tls() -> Reply {
+    Reply::new(220, "2.0.0", "Ready to start TLS")
+}
+
+pub fn tls_required() -> Reply {
+    Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
+}
+
+pub fn access_denied(hostname: &str) -> Reply {
+    Reply::new(554, "5.7.1", format!("{hostname} Access denied"))
+}
+
+pub fn too_many_connections_from_ip(hostname: &str) -> Reply {
+    Reply::new(421, "4.7.0", format!("{hostname} Too many connections from your address, try again later"))
+}
+
+/// `334 <challenge>`: the challenge is already base64.
+pub fn auth_challenge(challenge: &'static str) -> Reply {
+    Reply { code: 334, status: None, lines: vec![challenge.into()] }
+}
+
+pub fn auth_ok() -> Reply {
+    Reply::new(235, "2.7.0", "Authentication successful")
+}
+
+pub fn auth_failed() -> Reply {
+    Reply::new(535, "5.7.8", "Authentication credentials invalid")
+}
+
+pub fn auth_cancelled() -> Reply {
+    Reply::new(501, "5.0.0", "Authentication cancelled")
+}
+
+pub fn auth_bad_encoding() -> Reply {
+    Reply::new(501, "5.5.2", "Cannot decode the response (base64 expected)")
+}
+
+pub fn auth_mechanism_unsupported() -> Reply {
+    Reply::new(504, "5.5.4", "Unrecognized authentication mechanism")
+}
+
+pub fn auth_needs_encryption() -> Reply {
+    Reply::new(538, "5.7.11", "Encryption required for requested authentication mechanism")
+}
+
+pub fn chunk_received(size: u64) -> Reply {
+    Reply::new(250, "2.0.0", format!("{size} octets received"))
 }
 
 pub fn helo(hostname: &str, client: &str) -> Reply {
@@ -255,8 +315,12 @@ mod tests {
         for (reply, wire) in cases {
             assert_eq!(String::from_utf8_lossy(&reply.to_bytes()), *wire);
         }
-        let e = String::from_utf8(ehlo("mx.test", "client", 1000).to_bytes()).unwrap_or_default();
+        let e = String::from_utf8(ehlo("mx.test", "client", 1000, Offer::default()).to_bytes()).unwrap_or_default();
         assert!(e.starts_with("250-mx.test greets client\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"));
+        assert!(e.contains("250-CHUNKING\r\n") && !e.contains("STARTTLS") && !e.contains("AUTH"));
         assert!(e.ends_with("250 HELP\r\n"));
+        let e = String::from_utf8(ehlo("mx.test", "c", 1, Offer { starttls: true, auth: true }).to_bytes())
+            .unwrap_or_default();
+        assert!(e.contains("250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250 HELP\r\n"), "{e}");
     }
 }

@@ -15,6 +15,39 @@ use super::data::{DataOutcome, DataProblem, DataReceiver};
 use super::dsn::{MessageDsn, RcptDsn};
 use super::reply::{self, Reply};
 
+/// Standard base64 (RFC 4648) with padding, as AUTH uses; `None` for anything else.
+fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    if input.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() / 4 * 3);
+    let chunks = input.len() / 4;
+    for (i, quad) in input.chunks(4).enumerate() {
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && i + 1 != chunks) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
 
@@ -32,6 +65,14 @@ pub struct SessionParams {
     /// 0 = no limit.
     pub max_errors: usize,
     pub max_hop_count: usize,
+    /// STARTTLS is offered (a certificate is configured).
+    pub tls_available: bool,
+    /// Mail commands before STARTTLS get 530 5.7.0.
+    pub tls_required: bool,
+    /// AUTH PLAIN and LOGIN are offered: over TLS, or in clear text from loopback when
+    /// `auth_plaintext_loopback`.
+    pub auth_enabled: bool,
+    pub auth_plaintext_loopback: bool,
 }
 
 /// What the caller must do next.
@@ -44,6 +85,24 @@ pub enum Action {
     Refused(Refusal),
     /// Close the connection after writing the replies so far.
     Close,
+    /// Write the replies so far, then do the TLS handshake and call [`Session::tls_started`]
+    /// (or close the connection if it fails). Input buffered before it has been discarded.
+    StartTls,
+    /// Check these credentials, then call [`Session::authenticated`].
+    Authenticate {
+        user: String,
+        password: Secret,
+    },
+}
+
+/// A password: never shown by `Debug`, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// A complete message received over SMTP, ready for the queue.
@@ -76,6 +135,11 @@ pub enum RefusalCause {
     IdleTimeout,
     QueueFailure,
     TooManyConnections,
+    TooManyConnectionsFromIp,
+    ConnectionRate,
+    AccessDenied,
+    TlsRequired,
+    AuthFailed,
 }
 
 impl RefusalCause {
@@ -95,6 +159,11 @@ impl RefusalCause {
             RefusalCause::IdleTimeout => "idle_timeout",
             RefusalCause::QueueFailure => "queue_failure",
             RefusalCause::TooManyConnections => "too_many_connections",
+            RefusalCause::TooManyConnectionsFromIp => "too_many_connections_from_ip",
+            RefusalCause::ConnectionRate => "connection_rate",
+            RefusalCause::AccessDenied => "access_denied",
+            RefusalCause::TlsRequired => "tls_required",
+            RefusalCause::AuthFailed => "auth_failed",
         }
     }
 }
@@ -126,8 +195,33 @@ enum Mode {
     Data(DataReceiver),
     /// An `Enqueue` is outstanding.
     AwaitingQueue,
+    /// Reading the octets of a BDAT chunk; `refuse` is the reply when the chunk is not wanted.
+    Bdat {
+        size: u64,
+        remaining: u64,
+        last: bool,
+        refuse: Option<Reply>,
+    },
+    /// Reading an AUTH response line.
+    Auth(AuthStep),
+    /// An `Authenticate` is outstanding.
+    AwaitingAuth {
+        user: String,
+    },
+    /// A `StartTls` is outstanding.
+    AwaitingTls,
     Closed,
 }
+
+#[derive(Debug)]
+enum AuthStep {
+    Plain,
+    LoginUser,
+    LoginPassword { user: String },
+}
+
+const USERNAME_PROMPT: &str = "VXNlcm5hbWU6"; // "Username:"
+const PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6"; // "Password:"
 
 #[derive(Debug, Default)]
 struct Transaction {
@@ -137,6 +231,8 @@ struct Transaction {
     dsn: MessageDsn,
     /// DSN parameters of `recipients`, index for index.
     rcpt_dsn: Vec<RcptDsn>,
+    /// The message so far when it comes in BDAT chunks.
+    chunks: Option<DataReceiver>,
 }
 
 pub struct Session {
@@ -150,6 +246,10 @@ pub struct Session {
     errors: usize,
     messages: usize,
     out: VecDeque<Action>,
+    /// TLS is active on this connection.
+    tls: bool,
+    /// The authenticated user.
+    user: Option<String>,
 }
 
 impl Session {
@@ -165,7 +265,54 @@ impl Session {
             errors: 0,
             messages: 0,
             out: VecDeque::new(),
+            tls: false,
+            user: None,
         }
+    }
+
+    /// Client errors so far (each makes the next reply wait a little longer: the tarpit).
+    pub fn errors(&self) -> usize {
+        self.errors
+    }
+
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The TLS handshake after [`Action::StartTls`] succeeded. Everything learnt before it is
+    /// forgotten (RFC 3207 §4.2): the client starts again with EHLO.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.txn = Transaction::default();
+        self.user = None;
+        self.input.clear();
+        if matches!(self.mode, Mode::AwaitingTls) {
+            self.mode = Mode::Command;
+        }
+    }
+
+    /// The answer to [`Action::Authenticate`]: the reply follows as the next action.
+    pub fn authenticated(&mut self, ok: bool) {
+        let Mode::AwaitingAuth { user } = std::mem::replace(&mut self.mode, Mode::Command) else {
+            return;
+        };
+        if ok {
+            self.user = Some(user);
+            self.reply(reply::auth_ok());
+        } else {
+            let refusal = self.refusal(RefusalCause::AuthFailed, Some(user), 0);
+            self.reject(Some(refusal), reply::auth_failed());
+        }
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.params.auth_enabled
+            && (self.tls || (self.params.auth_plaintext_loopback && self.client_ip.to_canonical().is_loopback()))
     }
 
     pub fn greeting(&self) -> Reply {
@@ -205,7 +352,43 @@ impl Session {
                 return Some(a);
             }
             match &mut self.mode {
-                Mode::Closed | Mode::AwaitingQueue => return None,
+                Mode::Closed | Mode::AwaitingQueue | Mode::AwaitingAuth { .. } | Mode::AwaitingTls => return None,
+                Mode::Bdat { remaining, .. } => {
+                    if *remaining > 0 {
+                        if self.input.is_empty() {
+                            return None;
+                        }
+                        let n = (*remaining).min(self.input.len() as u64) as usize;
+                        *remaining -= n as u64;
+                        if let Some(rx) = &mut self.txn.chunks {
+                            rx.feed(&self.input[..n]);
+                        }
+                        self.input.drain(..n);
+                        if *remaining > 0 {
+                            return None;
+                        }
+                    }
+                    if let Mode::Bdat { size, last, refuse, .. } = std::mem::replace(&mut self.mode, Mode::Command) {
+                        self.chunk_done(size, last, refuse);
+                    }
+                }
+                Mode::Auth(_) => {
+                    let Some(i) = self.input.iter().position(|&b| b == b'\n') else {
+                        if self.input.len() >= MAX_COMMAND_LINE {
+                            self.input.clear();
+                            self.mode = Mode::DiscardLine;
+                        }
+                        return None;
+                    };
+                    let mut line: Vec<u8> = self.input.drain(..=i).collect();
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    if let Mode::Auth(step) = std::mem::replace(&mut self.mode, Mode::Command) {
+                        self.auth_response(step, &line);
+                    }
+                }
                 Mode::DiscardLine => {
                     let lf = self.input.iter().position(|&b| b == b'\n');
                     match lf {
@@ -330,9 +513,31 @@ impl Session {
                 return;
             }
         };
+        let needs_tls = matches!(
+            cmd,
+            Command::Mail { .. }
+                | Command::Rcpt { .. }
+                | Command::Data
+                | Command::Bdat { .. }
+                | Command::Auth { .. }
+                | Command::Vrfy
+        );
+        if needs_tls && self.params.tls_required && !self.tls {
+            if let Command::Bdat { size, .. } = cmd {
+                // The chunk follows the command unasked: read it, then refuse.
+                self.mode = Mode::Bdat { size, remaining: size, last: false, refuse: Some(reply::tls_required()) };
+                return;
+            }
+            let refusal = self.refusal(RefusalCause::TlsRequired, None, 0);
+            return self.reject(Some(refusal), reply::tls_required());
+        }
         match cmd {
             Command::Ehlo(name) => {
-                let r = reply::ehlo(&self.params.hostname, &name, self.params.max_message_size as u64);
+                let offer = reply::Offer {
+                    starttls: self.params.tls_available && !self.tls,
+                    auth: self.auth_offered() && self.user.is_none(),
+                };
+                let r = reply::ehlo(&self.params.hostname, &name, self.params.max_message_size as u64, offer);
                 self.helo = Some((name, true));
                 self.txn = Transaction::default();
                 self.reply(r);
@@ -357,7 +562,139 @@ impl Session {
             }
             Command::Vrfy => self.reply(reply::cannot_vrfy()),
             Command::Help => self.reply(reply::help()),
+            Command::StartTls => self.start_tls(),
+            Command::Auth { mechanism, initial } => self.auth(&mechanism, initial.as_deref()),
+            Command::Bdat { size, last } => self.bdat(size, last),
             Command::NotImplemented => self.reject(None, reply::not_implemented()),
+        }
+    }
+
+    fn start_tls(&mut self) {
+        if !self.params.tls_available {
+            return self.reject(None, reply::not_implemented());
+        }
+        if self.tls {
+            return self.reject(None, reply::bad_sequence("TLS is already active"));
+        }
+        self.reply(reply::ready_for_tls());
+        self.out.push_back(Action::StartTls);
+        self.mode = Mode::AwaitingTls;
+        // CVE-2011-0411: nothing sent before the handshake may be read as a command after it.
+        self.input.clear();
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>) {
+        if !self.params.auth_enabled {
+            return self.reject(None, reply::not_implemented());
+        }
+        if !self.helo.as_ref().is_some_and(|h| h.1) {
+            return self.reject(None, reply::bad_sequence("Send EHLO first"));
+        }
+        if self.user.is_some() {
+            return self.reject(None, reply::bad_sequence("Already authenticated"));
+        }
+        if self.txn.sender.is_some() {
+            return self.reject(None, reply::bad_sequence("AUTH is not allowed during a mail transaction"));
+        }
+        if !self.auth_offered() {
+            return self.reject(None, reply::auth_needs_encryption());
+        }
+        match (mechanism, initial) {
+            ("PLAIN", None) => {
+                self.reply(reply::auth_challenge(""));
+                self.mode = Mode::Auth(AuthStep::Plain);
+            }
+            ("PLAIN", Some(response)) => self.auth_response(AuthStep::Plain, response.as_bytes()),
+            ("LOGIN", None) => {
+                self.reply(reply::auth_challenge(USERNAME_PROMPT));
+                self.mode = Mode::Auth(AuthStep::LoginUser);
+            }
+            ("LOGIN", Some(response)) => self.auth_response(AuthStep::LoginUser, response.as_bytes()),
+            _ => self.reject(None, reply::auth_mechanism_unsupported()),
+        }
+    }
+
+    /// One client response in an AUTH exchange (base64, or `*` to cancel).
+    fn auth_response(&mut self, step: AuthStep, line: &[u8]) {
+        if line == b"*" {
+            return self.reject(None, reply::auth_cancelled());
+        }
+        // "=" is an empty initial response (RFC 4954 §4).
+        let decoded = if line == b"=" { Some(Vec::new()) } else { base64_decode(line) };
+        let Some(decoded) = decoded else {
+            return self.reject(None, reply::auth_bad_encoding());
+        };
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+        match step {
+            AuthStep::Plain => {
+                // authzid NUL authcid NUL password; acting for another user is not supported.
+                let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
+                let creds = match parts.as_slice() {
+                    [authz, user, pass] if authz.is_empty() || authz == user => text(user).zip(text(pass)),
+                    _ => None,
+                };
+                match creds {
+                    Some((user, pass)) if !user.is_empty() => self.check_credentials(user, pass),
+                    _ => {
+                        let refusal = self.refusal(RefusalCause::AuthFailed, None, 0);
+                        self.reject(Some(refusal), reply::auth_failed())
+                    }
+                }
+            }
+            AuthStep::LoginUser => match text(&decoded) {
+                Some(user) => {
+                    self.reply(reply::auth_challenge(PASSWORD_PROMPT));
+                    self.mode = Mode::Auth(AuthStep::LoginPassword { user });
+                }
+                None => self.reject(None, reply::auth_bad_encoding()),
+            },
+            AuthStep::LoginPassword { user } => match text(&decoded) {
+                Some(pass) => self.check_credentials(user, pass),
+                None => self.reject(None, reply::auth_bad_encoding()),
+            },
+        }
+    }
+
+    fn check_credentials(&mut self, user: String, password: String) {
+        self.out.push_back(Action::Authenticate { user: user.clone(), password: Secret(password) });
+        self.mode = Mode::AwaitingAuth { user };
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) {
+        // The chunk's octets follow the command whatever the answer: they are always read.
+        let refuse = if self.txn.sender.is_none() {
+            Some(reply::bad_sequence("Need MAIL before BDAT"))
+        } else if self.txn.recipients.is_empty() {
+            Some(reply::no_valid_recipients())
+        } else {
+            if self.txn.chunks.is_none() {
+                self.txn.chunks = Some(DataReceiver::raw(self.params.max_message_size));
+            }
+            None
+        };
+        self.mode = Mode::Bdat { size, remaining: size, last, refuse };
+    }
+
+    fn chunk_done(&mut self, size: u64, last: bool, refuse: Option<Reply>) {
+        if let Some(r) = refuse {
+            if r.code == 530 {
+                let refusal = self.refusal(RefusalCause::TlsRequired, None, 0);
+                return self.reject(Some(refusal), r);
+            }
+            return self.reject(None, r);
+        }
+        let Some(rx) = self.txn.chunks.as_mut() else {
+            return self.reject(None, reply::bad_sequence("Need MAIL before BDAT"));
+        };
+        if rx.problem() == Some(DataProblem::TooBig) {
+            // Refused at once: the client need not send the rest.
+            return self.end_of_data(DataOutcome::Refused(DataProblem::TooBig));
+        }
+        if last {
+            let outcome = rx.finish_chunks();
+            self.end_of_data(outcome);
+        } else {
+            self.reply(reply::chunk_received(size));
         }
     }
 
@@ -401,6 +738,7 @@ impl Session {
             smtputf8: params.smtputf8,
             dsn: params.dsn,
             rcpt_dsn: Vec::new(),
+            chunks: None,
         };
         self.reply(reply::sender_ok());
     }
@@ -430,6 +768,7 @@ impl Session {
         if !self.params.local_domains.contains(&to.domain)
             && !self.params.relay_domains.contains(&to.domain)
             && !self.relay_allowed
+            && self.user.is_none()
         {
             let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
             return self.reject(Some(refusal), reply::relay_denied());
@@ -442,6 +781,9 @@ impl Session {
     fn data(&mut self) {
         if self.txn.sender.is_none() {
             return self.reject(None, reply::bad_sequence("Need MAIL before DATA"));
+        }
+        if self.txn.chunks.is_some() {
+            return self.reject(None, reply::bad_sequence("DATA after BDAT: end the message with BDAT ... LAST"));
         }
         if self.txn.recipients.is_empty() {
             return self.reject(None, reply::no_valid_recipients());
@@ -479,10 +821,17 @@ impl Session {
         }
         let txn = std::mem::take(&mut self.txn);
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
-        let protocol = match (esmtp, txn.smtputf8) {
-            (true, true) => "UTF8SMTP",
-            (true, false) => "ESMTP",
-            _ => "SMTP",
+        // RFC 3848 (and RFC 6531 for UTF8SMTP): S for TLS, A for an authenticated client.
+        let protocol = match (esmtp, txn.smtputf8, self.tls, self.user.is_some()) {
+            (true, true, false, false) => "UTF8SMTP",
+            (true, true, true, false) => "UTF8SMTPS",
+            (true, true, false, true) => "UTF8SMTPA",
+            (true, true, true, true) => "UTF8SMTPSA",
+            (true, false, false, false) => "ESMTP",
+            (true, false, true, false) => "ESMTPS",
+            (true, false, false, true) => "ESMTPA",
+            (true, false, true, true) => "ESMTPSA",
+            (false, _, _, _) => "SMTP",
         };
         self.mode = Mode::AwaitingQueue;
         self.out.push_back(Action::Enqueue(Incoming {

@@ -15,6 +15,10 @@ fn params() -> SessionParams {
         max_messages_per_connection: 0,
         max_errors: 10,
         max_hop_count: 3,
+        tls_available: false,
+        tls_required: false,
+        auth_enabled: false,
+        auth_plaintext_loopback: false,
     }
 }
 
@@ -29,7 +33,11 @@ struct Run {
 }
 
 fn drive(p: SessionParams, relay: bool, chunks: &[&[u8]], queue: Result<u64, EnqueueError>) -> Run {
-    let mut s = Session::new(Arc::new(p), "192.0.2.9".parse().unwrap(), relay);
+    drive_from("192.0.2.9", p, relay, chunks, queue)
+}
+
+fn drive_from(ip: &str, p: SessionParams, relay: bool, chunks: &[&[u8]], queue: Result<u64, EnqueueError>) -> Run {
+    let mut s = Session::new(Arc::new(p), ip.parse().unwrap(), relay);
     let mut run = Run::default();
     let record = |run: &mut Run, r: super::Reply| {
         run.codes.push(match r.status {
@@ -53,6 +61,14 @@ fn drive(p: SessionParams, relay: bool, chunks: &[&[u8]], queue: Result<u64, Enq
                 }
                 Action::Refused(r) => run.refusals.push(r.cause),
                 Action::Close => run.closed = true,
+                // The handshake "succeeds" at once: what follows in this chunk was discarded.
+                Action::StartTls => {
+                    run.codes.push("TLS".into());
+                    s.tls_started();
+                }
+                Action::Authenticate { user, password } => {
+                    s.authenticated(user == "alice" && password.0 == "secret");
+                }
             }
         }
     }
@@ -388,11 +404,21 @@ fn random_streams_never_break_the_session() {
         b"MAIL FROM:<\"q>\"@x>\r\n",
         b"RCPT TO:<postmaster>\r\n",
         b"BDAT 10 LAST\r\n",
+        b"BDAT 3\r\n",
+        b"BDAT 99999999999\r\n",
+        b"STARTTLS\r\n",
+        b"AUTH PLAIN\r\n",
+        b"AUTH LOGIN YWxpY2U=\r\n",
+        b"AGFsaWNlAHNlY3JldA==\r\n",
+        b"*\r\n",
         b"<<<>>>@@@::",
     ];
     let mut p = params();
     p.max_errors = 0;
     p.max_recipients = 5;
+    p.tls_available = true;
+    p.auth_enabled = true;
+    p.auth_plaintext_loopback = true;
     for seed in 1..=2000u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut stream = Vec::new();
@@ -428,6 +454,8 @@ fn random_streams_never_break_the_session() {
                         s.enqueued(Ok(id));
                     }
                     Action::Refused(_) | Action::Close => {}
+                    Action::StartTls => s.tls_started(),
+                    Action::Authenticate { .. } => s.authenticated(rng.below(2) == 0),
                 }
             }
         }
@@ -468,4 +496,139 @@ fn relay_allowed_domains_take_mail_from_anyone() {
         "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@backup.test>\r\nRCPT TO:<x@BACKUP.TEST>\r\nRCPT TO:<x@other.test>\r\n",
         "220 250 250/2.1.0 250/2.1.5 250/2.1.5 550/5.7.1",
     );
+}
+
+fn secure() -> SessionParams {
+    SessionParams { tls_available: true, auth_enabled: true, ..params() }
+}
+
+/// Codes of a run fed in the given chunks (a handshake "happens" between chunks).
+fn codes(p: SessionParams, relay: bool, chunks: &[&str]) -> (String, Run) {
+    let bytes: Vec<&[u8]> = chunks.iter().map(|c| c.as_bytes()).collect();
+    let r = drive(p, relay, &bytes, Ok(0));
+    (r.codes.join(" "), r)
+}
+
+#[test]
+fn starttls() {
+    let cases: &[(SessionParams, &[&str], &str)] = &[
+        // Offered only when configured, and only once.
+        (params(), &["EHLO c\r\nSTARTTLS\r\n"], "220 250 502/5.5.1"),
+        (secure(), &["EHLO c\r\nSTARTTLS\r\n", "STARTTLS\r\n"], "220 250 220/2.0.0 TLS 503/5.5.1"),
+        // Everything before the handshake is forgotten: EHLO again, then mail.
+        (secure(), &["EHLO c\r\nSTARTTLS\r\n", "MAIL FROM:<a@b.test>\r\n"], "220 250 220/2.0.0 TLS 503/5.5.1"),
+        (
+            secure(),
+            &["EHLO c\r\nSTARTTLS\r\n", "EHLO c\r\nMAIL FROM:<a@b.test>\r\n"],
+            "220 250 220/2.0.0 TLS 250 250/2.1.0",
+        ),
+        // CVE-2011-0411: commands pipelined after STARTTLS in clear text are never executed.
+        (
+            secure(),
+            &["EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@example.test>\r\n", "NOOP\r\n"],
+            "220 250 220/2.0.0 TLS 250/2.0.0",
+        ),
+        // tls.required: mail commands wait for STARTTLS; EHLO, NOOP, RSET, QUIT do not.
+        (
+            SessionParams { tls_required: true, ..secure() },
+            &[
+                "EHLO c\r\nMAIL FROM:<a@b.test>\r\nNOOP\r\nAUTH PLAIN\r\nSTARTTLS\r\n",
+                "EHLO c\r\nMAIL FROM:<a@b.test>\r\n",
+            ],
+            "220 250 530/5.7.0 250/2.0.0 530/5.7.0 220/2.0.0 TLS 250 250/2.1.0",
+        ),
+    ];
+    for (p, chunks, want) in cases {
+        assert_eq!(codes(p.clone(), true, chunks).0, *want, "{chunks:?}");
+    }
+    let (_, r) = codes(secure(), true, &["EHLO c\r\nSTARTTLS\r\n", "EHLO c\r\n"]);
+    let first = r.wire.split("220 2.0.0").next().unwrap_or("");
+    let after = r.wire.split("220 2.0.0").nth(1).unwrap_or("");
+    assert!(first.contains("250-STARTTLS") && !after.contains("STARTTLS"), "{}", r.wire);
+    assert!(!first.contains("AUTH") && after.contains("250-AUTH PLAIN LOGIN"), "AUTH only over TLS: {}", r.wire);
+}
+
+#[test]
+fn auth() {
+    // "\0alice\0secret" and friends, base64.
+    let good = "AGFsaWNlAHNlY3JldA==";
+    let bad = "AGFsaWNlAHdyb25n";
+    let tls = "EHLO c\r\nSTARTTLS\r\n";
+    let cases: &[(&[&str], &str)] = &[
+        (&[tls, &format!("EHLO c\r\nAUTH PLAIN {good}\r\n")], "250 235/2.7.0"),
+        (&[tls, &format!("EHLO c\r\nAUTH PLAIN\r\n{good}\r\n")], "250 334 235/2.7.0"),
+        (&[tls, &format!("EHLO c\r\nAUTH PLAIN {bad}\r\n")], "250 535/5.7.8"),
+        (&[tls, "EHLO c\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n"], "250 334 334 235/2.7.0"),
+        (&[tls, "EHLO c\r\nAUTH LOGIN YWxpY2U=\r\nd3Jvbmc=\r\n"], "250 334 535/5.7.8"),
+        (&[tls, "EHLO c\r\nAUTH LOGIN\r\n*\r\n"], "250 334 501/5.0.0"),
+        (&[tls, "EHLO c\r\nAUTH PLAIN not-base64!\r\n"], "250 501/5.5.2"),
+        (&[tls, "EHLO c\r\nAUTH CRAM-MD5\r\n"], "250 504/5.5.4"),
+        (&[tls, &format!("EHLO c\r\nAUTH PLAIN {good}\r\nAUTH PLAIN {good}\r\n")], "250 235/2.7.0 503/5.5.1"),
+        (&[tls, &format!("EHLO c\r\nMAIL FROM:<a@b.test>\r\nAUTH PLAIN {good}\r\n")], "250 250/2.1.0 503/5.5.1"),
+        // Acting as another user is not supported.
+        (&[tls, "EHLO c\r\nAUTH PLAIN Ym9iAGFsaWNlAHNlY3JldA==\r\n"], "250 535/5.7.8"),
+        // Never in clear text from a non-loopback client.
+        (&[&format!("EHLO c\r\nAUTH PLAIN {good}\r\n")], "220 250 538/5.7.11"),
+    ];
+    for (chunks, want) in cases {
+        let (got, _) = codes(secure(), false, chunks);
+        let got = got.trim_start_matches("220 250 220/2.0.0 TLS ");
+        assert_eq!(got, *want, "{chunks:?}");
+    }
+    // Loopback clients may authenticate in clear text when allowed.
+    let p = SessionParams { auth_plaintext_loopback: true, ..secure() };
+    let input = format!("EHLO c\r\nAUTH PLAIN {good}\r\n");
+    let r = drive_from("127.0.0.1", p.clone(), false, &[input.as_bytes()], Ok(0));
+    assert_eq!(r.codes.join(" "), "220 250 235/2.7.0");
+    let r = drive_from("192.0.2.1", p, false, &[input.as_bytes()], Ok(0));
+    assert_eq!(r.codes.join(" "), "220 250 538/5.7.11");
+    // An authenticated client may relay; the trace header says ESMTPSA.
+    let (got, r) = codes(
+        secure(),
+        false,
+        &[tls, &format!("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nRSET\r\nAUTH PLAIN {good}\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nx\r\n.\r\n")],
+    );
+    assert!(got.ends_with("250 250/2.1.0 550/5.7.1 250/2.0.0 235/2.7.0 250/2.1.0 250/2.1.5 354 250/2.0.0"), "{got}");
+    assert_eq!(r.messages[0].protocol, "ESMTPSA");
+    assert!(r.refusals.contains(&RefusalCause::RelayDenied));
+}
+
+#[test]
+fn bdat() {
+    let mail = "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n";
+    let r = check(
+        &format!("{mail}BDAT 5\r\nhelloBDAT 8 LAST\r\n world\r\n"),
+        "220 250 250/2.1.0 250/2.1.5 250/2.0.0 250/2.0.0",
+    );
+    assert_eq!(r.messages.len(), 1);
+    assert_eq!(r.messages[0].body, b"hello world\r\n");
+    assert!(r.wire.contains("250 2.0.0 5 octets received\r\n"));
+    // A smuggled "message" inside a chunk is just content: exactly one message.
+    let evil = "a\r\n.\r\nMAIL FROM:<e@x.test>\r\nRCPT TO:<y@example.test>\r\nDATA\r\nevil\r\n.\r\n";
+    let r = check(
+        &format!("{mail}BDAT {} LAST\r\n{evil}QUIT\r\n", evil.len()),
+        "220 250 250/2.1.0 250/2.1.5 250/2.0.0 221/2.0.0",
+    );
+    assert_eq!(r.messages.len(), 1);
+    assert_eq!(r.messages[0].body, evil.as_bytes());
+    assert_eq!(r.messages[0].recipients.len(), 1);
+    // BDAT 0 LAST ends a message; chunks are read even when refused.
+    check(&format!("{mail}BDAT 3\r\nab\nBDAT 0 LAST\r\n"), "220 250 250/2.1.0 250/2.1.5 250/2.0.0 554/5.6.0");
+    check("EHLO c\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n", "220 250 503/5.5.1 250/2.0.0");
+    check("EHLO c\r\nMAIL FROM:<a@b.test>\r\nBDAT 4\r\nNOOPNOOP\r\n", "220 250 250/2.1.0 554/5.5.1 250/2.0.0");
+    // Too big: refused at the chunk that crosses the limit (2000 here), memory stays bounded.
+    let big = "xxxxxxxxx\r\n".repeat(250);
+    let r = check(
+        &format!("{mail}BDAT 2750\r\n{big}BDAT 3 LAST\r\nabcNOOP\r\n"),
+        "220 250 250/2.1.0 250/2.1.5 552/5.3.4 503/5.5.1 250/2.0.0",
+    );
+    assert!(r.messages.is_empty());
+    // No mixing BDAT and DATA in one message.
+    check(&format!("{mail}BDAT 3\r\nabcDATA\r\n"), "220 250 250/2.1.0 250/2.1.5 250/2.0.0 503/5.5.1");
+    check(
+        &format!("{mail}DATA\r\nx\r\n.\r\nBDAT 3 LAST\r\nabc"),
+        "220 250 250/2.1.0 250/2.1.5 354 250/2.0.0 503/5.5.1",
+    );
+    // EHLO offers CHUNKING.
+    assert!(check("EHLO c\r\n", "220 250").wire.contains("250-CHUNKING\r\n"));
 }
