@@ -60,3 +60,53 @@ fn errors_name_the_key_and_fail() {
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/m.toml"), "{err}");
 }
+
+#[test]
+fn gen_cert_and_passwd_make_files_the_daemon_accepts() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = mailroot(&["gen-cert", "--hostname", "mx.example.test", "--out", "tls"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cert.pem"), "{out}");
+    let key_mode = std::fs::metadata(dir.path().join("tls/key.pem")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600, "the key is for its owner only");
+    let (code, _, err) = mailroot(&["gen-cert", "--hostname", "bad name", "--out", "x"], dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("bad name"), "{err}");
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroot"))
+        .arg("passwd")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+
+    // Both go into a config that check-config accepts and that starts.
+    std::fs::write(dir.path().join("users.toml"), format!("[users]\n\"alice\" = \"{hash}\"\n")).unwrap();
+    let cfg = dir.path().join("m.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[tls]\ncert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n\
+         [auth]\nusers_file = \"users.toml\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = mailroot(&["check-config", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("users_file"), "{out}");
+    let mut config = mailroot::config::Config::load(Some(&cfg)).unwrap().config;
+    config.mailroot.path = dir.path().join("spool");
+    let running = mailroot::daemon::start(config, Default::default()).expect("starts with TLS and AUTH");
+    running.stop();
+    // A users file with a broken hash is a start error naming the user.
+    std::fs::write(dir.path().join("users.toml"), "[users]\n\"bob\" = \"plain\"\n").unwrap();
+    let mut config = mailroot::config::Config::load(Some(&cfg)).unwrap().config;
+    config.mailroot.path = dir.path().join("spool2");
+    let e = mailroot::daemon::start(config, Default::default()).err().expect("refused");
+    assert!(e.to_string().contains("bob"), "{e}");
+}
