@@ -66,11 +66,19 @@ pub struct Access {
     pub max_connections_per_ip: usize,
     /// New connections per client address in any minute; 0 = no limit.
     pub max_connections_per_ip_per_minute: usize,
+    /// Look up each client's name (reverse DNS, confirmed forward) for the Received: header.
+    pub reverse_dns: bool,
 }
 
 impl Default for Access {
     fn default() -> Self {
-        Access { allow: Vec::new(), deny: Vec::new(), max_connections_per_ip: 50, max_connections_per_ip_per_minute: 0 }
+        Access {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_connections_per_ip: 50,
+            max_connections_per_ip_per_minute: 0,
+            reverse_dns: false,
+        }
     }
 }
 
@@ -602,6 +610,12 @@ mod tests {
             ("[relay]\nallow_networks = [\"10.0.0.0/33\"]\n", "allow_networks"),
             ("[limits]\nmax_message_size = 10\n", "limits.max_message_size"),
             ("[limits]\nmax_recipients = \"many\"\n", "max_recipients"),
+            ("[tls]\ncert = \"a.pem\"\n", "tls"),
+            ("[tls]\nrequired = true\n", "tls.required"),
+            ("[auth]\nusers_file = \"u.toml\"\n", "auth.users_file"),
+            ("[access]\nallow = [\"nonsense\"]\n", "allow"),
+            ("[access]\nreverse = true\n", "reverse"),
+            ("[limits]\nerror_delay = \"soon\"\n", "error_delay"),
             ("[delivery]\nremote_port = 0\n", "delivery.remote_port"),
             ("[delivery]\nnameservers = [\"dns.example\"]\n", "delivery.nameservers[0]"),
             ("[delivery]\nsmart_host = \"[broken\"\n", "delivery.smart_host"),

@@ -19,6 +19,7 @@ use mailroot_actors::metrics::Metrics;
 use mailroot_actors::pickup::{Pickup, PickupSettings};
 use mailroot_actors::protocol::SessionParams;
 use mailroot_actors::queue::{Flush, Queue, QueueSettings, Router};
+use mailroot_actors::remote::dns::Dns;
 use mailroot_actors::remote::RemoteDelivery;
 use mailroot_actors::session::SessionShared;
 use mailroot_actors::store::Store;
@@ -266,6 +267,13 @@ fn run_system(
         let local_domains = config.local_domains();
         let drop = LocalDrop::new(folders.drop.clone(), folders.sort_temp.clone(), metrics.clone()).start();
         let remote_settings = config.remote_settings().map_err(|e| StartError(e.to_string()))?;
+        let reverse_dns = if config.access.reverse_dns {
+            let dns = Dns::new(&remote_settings.nameservers, remote_settings.dns_timeout, metrics.clone())
+                .map_err(StartError)?;
+            Some(Arc::new(dns))
+        } else {
+            None
+        };
         let remote = RemoteDelivery::new(remote_settings, metrics.clone()).map_err(StartError)?;
         let remote = RemoteDelivery::start_in_arbiter(&delivery_arbiter.handle(), move |_| remote);
         let router =
@@ -306,6 +314,7 @@ fn run_system(
                 max_connections_per_ip: config.access.max_connections_per_ip,
                 max_connections_per_ip_per_minute: config.access.max_connections_per_ip_per_minute,
                 tls: security.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+                reverse_dns,
             },
             SessionShared {
                 queue: queue.clone().recipient(),

@@ -388,3 +388,33 @@ fn tarpit_slows_errors_and_max_errors_closes() {
     assert!(c.read_reply().is_none(), "closed after max_errors");
     running.stop();
 }
+
+/// Loopback clients only here: by RFC 6761 the resolver answers `localhost` for every
+/// 127.x.y.z PTR query itself, and `localhost` resolves to 127.0.0.1 only — so 127.0.0.1 is
+/// verified and any other 127 address fails the forward check, which exercises both paths.
+#[test]
+fn reverse_dns_notes_in_the_received_header() {
+    let dns = common::dns::DnsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra =
+        format!("[access]\nreverse_dns = true\n[delivery]\nnameservers = [\"{}\"]\ndns_timeout = \"1s\"\n", dns.addr);
+    let running = start(config(dir.path(), &extra));
+    let addr = running.smtp_addrs[0];
+    let received = |from: &str, helo: &str| {
+        let mut c = Client::connect_from(from, addr);
+        assert_eq!(c.greeting().code, 220);
+        assert_eq!(c.cmd(&format!("EHLO {helo}")).code, 250);
+        let id = c.transaction("a@remote.test", &["x@example.test"], b"Subject: r\r\n\r\nx\r\n").queue_id().unwrap();
+        parse_drop(&drop_file(dir.path(), id)).received.lines().next().unwrap_or("").to_string()
+    };
+    assert_eq!(received("127.0.0.1", "localhost"), "Received: from localhost (localhost [127.0.0.1])");
+    assert_eq!(
+        received("127.0.0.1", "liar.test"),
+        "Received: from liar.test (localhost [127.0.0.1]; EHLO name does not match)"
+    );
+    assert_eq!(
+        received("127.0.0.21", "localhost"),
+        "Received: from localhost (unknown [127.0.0.21]; no verified reverse DNS)"
+    );
+    running.stop();
+}

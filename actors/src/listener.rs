@@ -38,7 +38,12 @@ pub struct ListenerSettings {
     pub max_connections_per_ip_per_minute: usize,
     /// Offered as STARTTLS when set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Look up each client's name (PTR, confirmed forward) for the `Received:` header.
+    pub reverse_dns: Option<Arc<crate::remote::dns::Dns>>,
 }
+
+/// How long the reverse lookup of a client may delay its greeting.
+const REVERSE_DNS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The IIS connection-control lists: with `allow` non-empty only those networks may connect;
 /// `deny` refuses networks whatever `allow` says.
@@ -233,9 +238,14 @@ impl Handler<Accepted> for Listener {
         let limited = self.settings.max_connections_per_ip > 0 || self.settings.max_connections_per_ip_per_minute > 0;
         let slot = ClientSlot { clients: limited.then(|| self.clients.clone()), key: client_key(peer.ip()) };
         let relay = relay_allowed(&self.settings.relay_networks, peer.ip());
-        let proto = protocol::Session::new(self.settings.params.clone(), peer.ip(), relay);
+        let mut proto = protocol::Session::new(self.settings.params.clone(), peer.ip(), relay);
         let (shared, idle, tls) = (self.shared.clone(), self.settings.idle_timeout, self.settings.tls.clone());
+        let dns = self.settings.reverse_dns.clone();
         let run = move |stream: TcpStream| async move {
+            if let Some(dns) = dns {
+                let name = tokio::time::timeout(REVERSE_DNS_TIMEOUT, dns.verified_name(peer.ip())).await.ok().flatten();
+                proto.set_client_name(name);
+            }
             let metrics = shared.metrics.clone();
             metrics.connections_current.inc();
             let session = Session::new(proto, shared, peer).start();

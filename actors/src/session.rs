@@ -147,7 +147,12 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
                     dsn: m.dsn,
                     rcpt_dsn: m.rcpt_dsn,
                     body: m.body,
-                    origin: Origin::Smtp { helo: m.helo, ip: peer.ip(), protocol: m.protocol },
+                    origin: Origin::Smtp {
+                        helo: m.helo,
+                        ip: peer.ip(),
+                        protocol: m.protocol,
+                        client_name: m.client_name,
+                    },
                     origin_text: peer.to_string(),
                     pickup: None,
                 };

@@ -49,6 +49,8 @@ pub enum Origin {
         helo: String,
         ip: IpAddr,
         protocol: &'static str,
+        /// Reverse DNS, when looked up: the client's forward-confirmed name, or `None`.
+        client_name: Option<Option<String>>,
     },
     Pickup,
     /// Made by this server (delivery status notifications).
@@ -59,8 +61,16 @@ pub enum Origin {
 /// there is exactly one, so a Bcc'd list is not disclosed.
 pub fn received_header(origin: &Origin, hostname: &str, id: u64, single_rcpt: Option<&str>, now: u64) -> String {
     let from = match origin {
-        Origin::Smtp { helo, ip, protocol } => {
-            format!("from {} ([{}])\r\n\tby {} (mailroot) with {} id {}", sanitize(helo), ip, hostname, protocol, id)
+        Origin::Smtp { helo, ip, protocol, client_name } => {
+            // RFC 5321 §4.4 TCP-info: "(name [ip])" when reverse DNS was looked up, with a note
+            // when the EHLO name is not that name.
+            let tcp_info = match client_name {
+                None => format!("[{ip}]"),
+                Some(Some(name)) if name.eq_ignore_ascii_case(helo) => format!("{} [{ip}]", sanitize(name)),
+                Some(Some(name)) => format!("{} [{ip}]; EHLO name does not match", sanitize(name)),
+                Some(None) => format!("unknown [{ip}]; no verified reverse DNS"),
+            };
+            format!("from {} ({tcp_info})\r\n\tby {} (mailroot) with {} id {}", sanitize(helo), hostname, protocol, id)
         }
         Origin::Pickup => format!("from pickup\r\n\tby {} (mailroot) with local id {}", hostname, id),
         Origin::Local => format!("by {} (mailroot) with local id {}", hostname, id),
@@ -91,7 +101,28 @@ mod tests {
 
     #[test]
     fn header() {
-        let o = Origin::Smtp { helo: "bad (name)\r\n".into(), ip: "127.0.0.1".parse().unwrap(), protocol: "ESMTP" };
+        let ip = "127.0.0.1".parse().unwrap();
+        let smtp = |helo: &str, client_name: Option<Option<&str>>| Origin::Smtp {
+            helo: helo.into(),
+            ip,
+            protocol: "ESMTP",
+            client_name: client_name.map(|n| n.map(str::to_string)),
+        };
+        let first_line =
+            |o: &Origin| received_header(o, "mx.test", 1, None, 0).lines().next().unwrap_or("").to_string();
+        let cases = [
+            (smtp("a.test", None), "Received: from a.test ([127.0.0.1])"),
+            (smtp("A.test", Some(Some("a.test"))), "Received: from A.test (a.test [127.0.0.1])"),
+            (
+                smtp("b.test", Some(Some("a.test"))),
+                "Received: from b.test (a.test [127.0.0.1]; EHLO name does not match)",
+            ),
+            (smtp("b.test", Some(None)), "Received: from b.test (unknown [127.0.0.1]; no verified reverse DNS)"),
+        ];
+        for (o, want) in cases {
+            assert_eq!(first_line(&o), want);
+        }
+        let o = smtp("bad (name)\r\n", None);
         assert_eq!(
             received_header(&o, "mx.test", 7, Some("a@b.test"), 0),
             "Received: from bad??name??? ([127.0.0.1])\r\n\tby mx.test (mailroot) with ESMTP id 7\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"

@@ -118,6 +118,8 @@ pub struct Incoming {
     /// `SMTP`, `ESMTP` or `UTF8SMTP` for the `Received:` header (RFC 3848).
     pub protocol: &'static str,
     pub eight_bit: bool,
+    /// Reverse DNS of the client, when looked up (see [`Session::set_client_name`]).
+    pub client_name: Option<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,6 +252,8 @@ pub struct Session {
     tls: bool,
     /// The authenticated user.
     user: Option<String>,
+    /// Reverse DNS of the client: `None` = not looked up.
+    client_name: Option<Option<String>>,
 }
 
 impl Session {
@@ -267,7 +271,14 @@ impl Session {
             out: VecDeque::new(),
             tls: false,
             user: None,
+            client_name: None,
         }
+    }
+
+    /// The result of the reverse DNS lookup of the client (its forward-confirmed name, or
+    /// `None`), for the `Received:` header.
+    pub fn set_client_name(&mut self, name: Option<String>) {
+        self.client_name = Some(name);
     }
 
     /// Client errors so far (each makes the next reply wait a little longer: the tarpit).
@@ -843,6 +854,7 @@ impl Session {
             helo,
             protocol,
             eight_bit,
+            client_name: self.client_name.clone(),
         }));
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
 
 use crate::delivery::Outcome;
@@ -159,6 +159,23 @@ impl Dns {
                 Err(temporary_dns(domain, "MX", &e))
             }
         }
+    }
+
+    /// The client's name by reverse DNS, confirmed forward (one of the PTR names has `ip` among
+    /// its addresses); `None` when there is none or DNS fails.
+    pub async fn verified_name(&self, ip: IpAddr) -> Option<String> {
+        let lookup = self.resolver.lookup(Name::from(ip.to_canonical()), RecordType::PTR).await.ok()?;
+        for record in lookup.answers().iter().take(3) {
+            if let RData::PTR(ptr) = &record.data {
+                let name = ptr.0.to_ascii().trim_end_matches('.').to_string();
+                if let Ok(ips) = self.resolver.lookup_ip(absolute(&name)).await {
+                    if ips.iter().any(|a| a == ip.to_canonical()) {
+                        return Some(name);
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// The addresses of one host. `Ok(empty)` when the name exists without addresses or does
