@@ -320,6 +320,7 @@ fn run_system(
                 queue: queue.clone().recipient(),
                 metrics: metrics.clone(),
                 users: security.users.clone(),
+                auth_checks: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
                 error_delay: config.limits.error_delay.0,
             },
             session_arbiters.iter().map(|a| a.handle()).collect(),

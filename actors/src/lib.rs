@@ -16,6 +16,8 @@ pub mod auth;
 pub mod commit;
 pub mod delivery;
 pub mod fsio;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener;
 pub mod local_drop;
 pub mod metrics;

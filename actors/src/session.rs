@@ -71,6 +71,9 @@ pub struct SessionShared {
     pub metrics: Arc<Metrics>,
     /// AUTH users; `None` = AUTH off.
     pub users: Option<Arc<Users>>,
+    /// Password checks running at once, at most. Each argon2 check takes ~19 MiB and a core for
+    /// tens of milliseconds: unbounded, a flood of AUTH attempts would exhaust memory.
+    pub auth_checks: Arc<tokio::sync::Semaphore>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
 }
@@ -125,12 +128,14 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
                 break;
             }
             Action::Authenticate { user, password } => {
-                let ok = match shared.users.clone() {
-                    Some(users) => {
+                let ok = match (shared.users.clone(), shared.auth_checks.clone().acquire_owned().await) {
+                    (Some(users), Ok(permit)) => {
                         let u = user.clone();
-                        blocking(move || Ok(users.verify(&u, &password.0))).await.unwrap_or(false)
+                        let ok = blocking(move || Ok(users.verify(&u, &password.0))).await.unwrap_or(false);
+                        drop(permit);
+                        ok
                     }
-                    None => false,
+                    _ => false,
                 };
                 let result = if ok { "success" } else { "failure" };
                 metrics.auth.get_or_create(&ResultLabel { result }).inc();

@@ -1,0 +1,127 @@
+//! The checks behind the fuzz targets in `fuzz/`, as plain functions: cargo-fuzz calls them
+//! with generated inputs, and `actors/tests/fuzz_corpus.rs` replays the kept corpus through them
+//! in every `cargo test`, so each input that once found new coverage stays a regression test.
+//! Each panics (an assertion) when the code under test misbehaves.
+
+use std::sync::Arc;
+
+use crate::protocol::client::{Capabilities, ReplyParser, MAX_REPLY_LINE};
+use crate::protocol::command::parse;
+use crate::protocol::data::{DataOutcome, DataReceiver};
+use crate::protocol::{Action, LocalDomains, Session, SessionParams};
+
+/// One command line through the parser: a command or an error, never a panic.
+pub fn command(line: &[u8]) {
+    let _ = parse(line);
+}
+
+const DATA_LIMIT: usize = 4096;
+
+fn run_data(raw: bool, input: &[u8], step: usize) -> (usize, Option<DataOutcome>) {
+    let mut rx = if raw { DataReceiver::raw(DATA_LIMIT) } else { DataReceiver::new(DATA_LIMIT) };
+    let mut used = 0;
+    for chunk in input.chunks(step.max(1)) {
+        let (n, outcome) = rx.feed(chunk);
+        used += n;
+        if let Some(o) = outcome {
+            return (used, Some(o));
+        }
+        assert_eq!(n, chunk.len(), "without an end the whole chunk is taken");
+    }
+    if raw {
+        return (used, Some(rx.finish_chunks()));
+    }
+    (used, None)
+}
+
+/// The DATA and BDAT receivers: the first byte picks the read size. The outcome must not depend
+/// on how reads split, a kept body stays within the limit, and only CRLF line ends survive.
+pub fn data(input: &[u8]) {
+    let Some((&first, rest)) = input.split_first() else { return };
+    for raw in [false, true] {
+        let whole = run_data(raw, rest, rest.len());
+        let split = run_data(raw, rest, usize::from(first % 17) + 1);
+        assert_eq!(whole, split, "the outcome must not depend on how reads split");
+        if let (_, Some(DataOutcome::Message { body, .. })) = &whole {
+            assert!(body.len() <= DATA_LIMIT);
+            for (i, &b) in body.iter().enumerate() {
+                if b == b'\n' {
+                    assert!(i > 0 && body[i - 1] == b'\r', "bare LF kept");
+                }
+                if b == b'\r' {
+                    assert_eq!(body.get(i + 1), Some(&b'\n'), "bare CR kept");
+                }
+            }
+        }
+    }
+}
+
+/// The whole sans-IO session: the first byte sets the options (TLS offered/required, AUTH in
+/// clear text, loopback client, relay, max_errors, read size); every action is answered as the
+/// daemon would. Never a panic, a bounded buffer, well-formed replies.
+pub fn session(input: &[u8]) {
+    let Some((&control, stream)) = input.split_first() else { return };
+    let params = SessionParams {
+        hostname: "mx.example.test".into(),
+        local_domains: LocalDomains::new(["example.test"]),
+        relay_domains: LocalDomains::new(["backup.test"]),
+        max_message_size: 2048,
+        max_recipients: 5,
+        max_messages_per_connection: 0,
+        max_errors: usize::from(control & 0x0f),
+        max_hop_count: 5,
+        tls_available: control & 0x10 != 0,
+        tls_required: control & 0x20 != 0,
+        auth_enabled: true,
+        auth_plaintext_loopback: control & 0x40 != 0,
+    };
+    let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
+    let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);
+    let mut id = 0;
+    let step = usize::from(control % 7) * 37 + 1;
+    for read in stream.chunks(step) {
+        if s.is_closed() {
+            break;
+        }
+        s.feed(read);
+        assert!(s.buffered() <= read.len() + 512 + step, "buffer grew to {}", s.buffered());
+        while let Some(action) = s.next_action() {
+            match action {
+                Action::Reply(r) => {
+                    assert!((200..600).contains(&r.code));
+                    for line in r.to_bytes().split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                        assert!(line.len() <= 512 && line.ends_with(b"\r"), "bad reply line {line:?}");
+                    }
+                }
+                Action::Enqueue(m) => {
+                    assert!(!m.recipients.is_empty() && m.recipients.len() <= 5);
+                    assert!(m.body.len() <= 2048);
+                    id += 1;
+                    let _ = s.enqueued(Ok(id));
+                }
+                Action::StartTls => s.tls_started(),
+                Action::Authenticate { user, password } => s.authenticated(user == "alice" && password.0 == "secret"),
+                Action::Refused(_) | Action::Close => {}
+            }
+        }
+    }
+}
+
+/// What a remote server sends during delivery, through the client-side reply parser.
+pub fn reply_parser(input: &[u8]) {
+    let mut p = ReplyParser::new();
+    for read in input.chunks(97) {
+        p.feed(read);
+        loop {
+            match p.next_reply() {
+                Ok(Some(r)) => {
+                    assert!((200..600).contains(&r.code));
+                    let _ = Capabilities::from_ehlo(&r);
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+        assert!(p.buffered() <= MAX_REPLY_LINE + 97);
+    }
+}
