@@ -133,8 +133,12 @@ impl Peer {
                         let n = st.connections.fetch_add(1, Ordering::SeqCst) + 1;
                         let open = st.open.fetch_add(1, Ordering::SeqCst) + 1;
                         st.max_open.fetch_max(open, Ordering::SeqCst);
-                        serve(s, st.clone(), n, acceptor).await;
-                        st.open.fetch_sub(1, Ordering::SeqCst);
+                        let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                        serve(s, st.clone(), n, acceptor, quit.clone()).await;
+                        // After QUIT the count was already lowered, before the 221 went out.
+                        if !quit.load(Ordering::SeqCst) {
+                            st.open.fetch_sub(1, Ordering::SeqCst);
+                        }
                     });
                 }
             });
@@ -165,7 +169,13 @@ impl Peer {
     }
 }
 
-async fn serve(s: tokio::net::TcpStream, st: Arc<State>, conn: usize, acceptor: tokio_rustls::TlsAcceptor) {
+async fn serve(
+    s: tokio::net::TcpStream,
+    st: Arc<State>,
+    conn: usize,
+    acceptor: tokio_rustls::TlsAcceptor,
+    quit: Arc<std::sync::atomic::AtomicBool>,
+) {
     let b = st.behavior.lock().unwrap().clone();
     if let Some(d) = b.stall {
         tokio::time::sleep(d).await;
@@ -196,20 +206,26 @@ async fn serve(s: tokio::net::TcpStream, st: Arc<State>, conn: usize, acceptor: 
         let _ = s.read(&mut [0u8; 1024]).await;
         return;
     }
-    if let Some(mut plain) = session(s, &st, conn, false).await {
+    if let Some(mut plain) = session(s, &st, conn, false, &quit).await {
         if b.broken_tls {
             let _ = plain.write_all(b"this is not a TLS server hello\r\n").await;
             let _ = plain.read(&mut [0u8; 1024]).await;
             return;
         }
         if let Ok(tls) = acceptor.accept(plain).await {
-            let _ = session(tls, &st, conn, true).await;
+            let _ = session(tls, &st, conn, true, &quit).await;
         }
     }
 }
 
 /// Runs SMTP on `s`; returns the raw stream when the client asked for STARTTLS.
-async fn session<S: AsyncRead + AsyncWrite + Unpin>(s: S, st: &State, conn: usize, tls: bool) -> Option<S> {
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    st: &State,
+    conn: usize,
+    tls: bool,
+    quit: &std::sync::atomic::AtomicBool,
+) -> Option<S> {
     let mut r = BufReader::new(s);
     let mut helo = String::new();
     let mut mail_from: Option<String> = None;
@@ -314,6 +330,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(s: S, st: &State, conn: usiz
         } else if upper == "NOOP" {
             "250 2.0.0 OK".into()
         } else if upper == "QUIT" {
+            // Counted as closed before the client can see the 221 and open another connection.
+            if !quit.swap(true, Ordering::SeqCst) {
+                st.open.fetch_sub(1, Ordering::SeqCst);
+            }
             let _ = r.get_mut().write_all(b"221 2.0.0 Bye\r\n").await;
             return None;
         } else {
