@@ -85,6 +85,16 @@ impl TlsClient {
         self.read()
     }
 
+    /// Connected, through EHLO, STARTTLS and the handshake, and EHLO again: ready for mail.
+    fn encrypted(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> TlsClient {
+        let mut c = TlsClient::connect(addr);
+        assert_eq!(c.cmd("EHLO client.test").0, 250);
+        assert_eq!(c.cmd("STARTTLS").0, 220);
+        c.upgrade(config);
+        assert_eq!(c.cmd("EHLO client.test").0, 250);
+        c
+    }
+
     /// The handshake after a 220 to STARTTLS.
     fn upgrade(&mut self, config: &Arc<rustls::ClientConfig>) {
         let plain = self.plain.take().unwrap();
@@ -189,11 +199,7 @@ fn auth_plain_and_login_over_tls_then_relay() {
     c.send(b"Subject: relayed\r\n\r\nx\r\n.\r\n");
     assert_eq!(c.read().0, 250);
 
-    let mut c = TlsClient::connect(addr);
-    c.cmd("EHLO client.test");
-    c.cmd("STARTTLS");
-    c.upgrade(&client);
-    c.cmd("EHLO client.test");
+    let mut c = TlsClient::encrypted(addr, &client);
     assert_eq!(c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").0, 235);
     assert_eq!(metric(&running, "mailroot_auth_total{result=\"success\"}"), 2.0);
     assert_eq!(metric(&running, "mailroot_auth_total{result=\"failure\"}"), 1.0);
