@@ -25,7 +25,7 @@ use actix::prelude::*;
 use tracing::{error, info, warn};
 
 use crate::commit::GroupCommit;
-use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome};
+use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
 use crate::fsio::write_badmail;
 use crate::metrics::{CauseLabel, KindLabel, Metrics, RouteLabel, SourceLabel};
 use crate::notify::{self, Report, ReportKind, ReportRecipient};
@@ -287,9 +287,23 @@ impl Queue {
                 .send(req)
                 .into_actor(self)
                 .map(move |res, act, ctx| {
-                    let report = res.unwrap_or_else(|e| {
-                        DeliveryReport::all(indices, Outcome::Temporary(format!("delivery actor unavailable: {e}")))
-                    });
+                    let mut report = match res {
+                        Ok(r) => r,
+                        Err(e) => DeliveryReport::all(
+                            indices.clone(),
+                            Outcome::Temporary(format!("delivery actor unavailable: {e}")),
+                        ),
+                    };
+                    // The interface promises a result per recipient; a buggy actor that leaves
+                    // one out must not leave it pending with no retry time.
+                    for index in indices {
+                        if !report.results.iter().any(|r| r.index == index) {
+                            report.results.push(RecipientResult::new(
+                                index,
+                                Outcome::Temporary("delivery actor gave no result for this recipient".into()),
+                            ));
+                        }
+                    }
                     act.in_flight -= 1;
                     act.in_flight_bytes -= size;
                     act.record(id, route, report, ctx);

@@ -129,3 +129,37 @@ async fn pickup_enqueue_is_idempotent() {
     until("the drop file", || drop_dir.join(format!("{first}.eml")).exists()).await;
     assert_eq!(std::fs::read_dir(&drop_dir).unwrap().count(), 1);
 }
+
+/// A buggy delivery actor: answers for the first recipient only.
+struct Forgetful;
+
+impl Actor for Forgetful {
+    type Context = Context<Self>;
+}
+
+impl Handler<Deliver> for Forgetful {
+    type Result = DeliveryReport;
+
+    fn handle(&mut self, req: Deliver, _ctx: &mut Self::Context) -> DeliveryReport {
+        let first = req.recipients.first().map(|r| r.index).unwrap_or(0);
+        DeliveryReport { results: vec![RecipientResult::new(first, Outcome::from_reply(250, "2.0.0 ok"))] }
+    }
+}
+
+#[actix_rt::test]
+async fn a_recipient_left_out_of_a_report_is_retried_not_stuck() {
+    let (_dir, _drop_dir, queue) = queue_with(Some(Forgetful.start().recipient()));
+    let id = queue.send(enqueue(&["a@far.test", "b@far.test"], None)).await.unwrap().unwrap();
+    let env = loop {
+        let env = queue.send(Inspect { id }).await.unwrap().expect("still queued");
+        if env.recipients.iter().all(|r| r.attempts == 1) {
+            break env;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(env.recipients[0].status, RcptStatus::Delivered);
+    let b = &env.recipients[1];
+    assert_eq!(b.status, RcptStatus::Pending);
+    assert!(b.last_reply.as_deref().unwrap_or("").contains("no result"), "{b:?}");
+    assert!(b.next_attempt.is_some(), "it has a retry time");
+}

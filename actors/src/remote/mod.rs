@@ -222,15 +222,27 @@ impl Inner {
             dsn_envid: req.dsn.envid,
         });
         let mut tasks = tokio::task::JoinSet::new();
+        let mut owners = std::collections::HashMap::new();
         for (domain, rcpts) in by_domain {
             let (inner, job) = (self.clone(), job.clone());
-            tasks.spawn_local(async move { inner.deliver_domain(&job, &domain, rcpts).await });
+            let indices: Vec<usize> = rcpts.iter().map(|r| r.index).collect();
+            let handle = tasks.spawn_local(async move { inner.deliver_domain(&job, &domain, rcpts).await });
+            owners.insert(handle.id(), indices);
         }
         let mut results = Vec::new();
-        while let Some(done) = tasks.join_next().await {
+        while let Some(done) = tasks.join_next_with_id().await {
             match done {
-                Ok(mut r) => results.append(&mut r),
-                Err(e) => warn!(id = job.id, error = %e, "a domain delivery task failed"),
+                Ok((_, mut r)) => results.append(&mut r),
+                Err(e) => {
+                    // A panic in one domain's delivery: its recipients are retried later.
+                    warn!(id = job.id, error = %e, "a domain delivery task failed");
+                    for index in owners.remove(&e.id()).unwrap_or_default() {
+                        results.push(RecipientResult::new(
+                            index,
+                            Outcome::Temporary(format!("451 4.3.0 Internal error during delivery: {e}")),
+                        ));
+                    }
+                }
             }
         }
         DeliveryReport { results }
