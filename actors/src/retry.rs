@@ -39,6 +39,9 @@ pub struct Reschedule {
     pub at: u64,
 }
 
+/// The longest the scheduler sleeps at once.
+const MAX_SLEEP_SECS: u64 = 3600;
+
 pub struct RetryScheduler {
     store: Arc<Store>,
     queue: Recipient<RetryDue>,
@@ -63,7 +66,9 @@ impl RetryScheduler {
             }
             ctx.cancel_future(handle);
         }
-        let wait = Duration::from_secs(at.saturating_sub(unix_now()));
+        // Woken at least hourly: a wall-clock jump or a corrupt far-future time cannot leave the
+        // scheduler asleep for days; an early wake-up finds nothing due and sleeps again.
+        let wait = Duration::from_secs(at.saturating_sub(unix_now()).min(MAX_SLEEP_SECS));
         debug!(at, wait_secs = wait.as_secs(), "retry scheduler sleeping");
         let handle = ctx.run_later(wait, |act, ctx| {
             act.wake = None;
