@@ -368,6 +368,23 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Opens the store, waiting while a previous handle's background flusher still holds sled's
+    /// folder lock (it lets go shortly after the handle is dropped; under load that can take a
+    /// moment).
+    fn reopen(dir: &Path, floor: QueueId) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, floor) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot reopen the store: {e}"),
+            }
+        }
+    }
+
     fn env(id: QueueId, next: Option<u64>) -> Envelope {
         Envelope {
             id,
@@ -397,7 +414,7 @@ mod tests {
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let id;
         {
-            let s = Store::open(dir.path(), 0).unwrap();
+            let s = reopen(dir.path(), 0);
             id = s.next_id().unwrap();
             assert!(id > 0);
             s.insert(&env(id, None), &big, None).unwrap();
@@ -417,7 +434,7 @@ mod tests {
             assert_eq!(s.earliest_retry(201).unwrap(), None);
             s.sync().unwrap();
         }
-        let s = Store::open(dir.path(), 0).unwrap();
+        let s = reopen(dir.path(), 0);
         assert_eq!(s.body(id).unwrap(), big);
         let stored = s.envelopes().unwrap();
         assert_eq!(stored.len(), 1);
@@ -433,7 +450,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let last;
         {
-            let s = Store::open(dir.path(), 0).unwrap();
+            let s = reopen(dir.path(), 0);
             let a = s.next_id().unwrap();
             let b = s.next_id().unwrap();
             assert!(a >= 1 && b == a + 1);
@@ -443,7 +460,7 @@ mod tests {
             last = b;
         }
         // The message is gone, but its ID is not handed out again.
-        let s = Store::open(dir.path(), 0).unwrap();
+        let s = reopen(dir.path(), 0);
         assert!(s.next_id().unwrap() > last);
         drop(s);
         // A floor (the highest ID in Drop, after the Queue folder was wiped) is respected.
@@ -456,7 +473,7 @@ mod tests {
     fn orphan_bodies_are_removed_at_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path(), 0).unwrap();
+            let s = reopen(dir.path(), 0);
             s.insert(&env(3, None), &vec![b'k'; 3 * CHUNK], None).unwrap();
             s.bodies.insert(body_key(7, 0), b"orphan".as_slice()).unwrap();
             s.bodies.insert(body_key(7, 1), b"orphan".as_slice()).unwrap();
@@ -464,7 +481,7 @@ mod tests {
             s.bodies.insert(body_key(u64::MAX, 0), b"orphan".as_slice()).unwrap();
             s.sync().unwrap();
         }
-        let s = Store::open(dir.path(), 0).unwrap();
+        let s = reopen(dir.path(), 0);
         assert!(s.body(7).unwrap().is_empty());
         assert!(s.body(u64::MAX).unwrap().is_empty());
         assert_eq!(s.body(3).unwrap().len(), 3 * CHUNK);
@@ -474,7 +491,7 @@ mod tests {
     #[test]
     fn pickup_marks() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), 0).unwrap();
+        let s = reopen(dir.path(), 0);
         let mark = PickupMark { name: "a.eml".into(), fingerprint: "1:2:3".into() };
         s.insert(&env(5, None), b"x", Some(&mark)).unwrap();
         assert_eq!(s.pickup_taken(&mark).unwrap(), Some(5));
