@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_rt::{Arbiter, System};
@@ -151,22 +151,16 @@ fn highest_drop_id(drop_dir: &Path) -> std::io::Result<u64> {
 
 /// sled locks its folder; a daemon that just stopped may take a moment to let go.
 fn open_store(dir: &Path, id_floor: u64) -> Result<Store, StartError> {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        match Store::open(dir, id_floor) {
-            Ok(s) => return Ok(s),
-            Err(e) if e.to_string().contains("lock") => {
-                if Instant::now() > deadline {
-                    return Err(StartError(format!(
-                        "the queue in {} is locked: is another mailroot running on this Mailroot? ({e})",
-                        dir.display()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(StartError(format!("opening the queue in {}: {e}", dir.display()))),
+    Store::open_waiting(dir, id_floor, Duration::from_secs(3)).map_err(|e| {
+        if e.is_locked() {
+            StartError(format!(
+                "the queue in {} is locked: is another mailroot running on this Mailroot? ({e})",
+                dir.display()
+            ))
+        } else {
+            StartError(format!("opening the queue in {}: {e}", dir.display()))
         }
-    }
+    })
 }
 
 /// The TLS configuration and AUTH users, loaded before anything starts so a bad file is a clear

@@ -27,10 +27,6 @@ impl Users {
         Ok(Users { hashes, decoy })
     }
 
-    pub fn len(&self) -> usize {
-        self.hashes.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.hashes.is_empty()
     }

@@ -283,3 +283,42 @@ impl Handler<StopListening> for Listener {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_client_keys() {
+        let cases = [
+            ("192.0.2.7", "192.0.2.7"),
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+            ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::"),
+            ("2001:db8:1:2:ffff::1", "2001:db8:1:2::"),
+            ("2001:db8:1:3::1", "2001:db8:1:3::"),
+        ];
+        for (ip, want) in cases {
+            assert_eq!(client_key(ip.parse().unwrap()), want.parse::<IpAddr>().unwrap(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn access_lists() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let open = AccessLists::default();
+        let deny = AccessLists { allow: vec![], deny: vec![net("192.0.2.0/24")] };
+        let only = AccessLists { allow: vec![net("10.0.0.0/8")], deny: vec![net("10.9.0.0/16")] };
+        let cases = [
+            (&open, "203.0.113.1", true),
+            (&deny, "192.0.2.9", false),
+            (&deny, "::ffff:192.0.2.9", false),
+            (&deny, "192.0.3.9", true),
+            (&only, "10.1.2.3", true),
+            (&only, "10.9.2.3", false),
+            (&only, "11.1.2.3", false),
+        ];
+        for (lists, ip, want) in cases {
+            assert_eq!(lists.permits(ip.parse().unwrap()), want, "{ip} with {lists:?}");
+        }
+    }
+}

@@ -277,8 +277,8 @@ mod tests {
         assert!(!m.contains("secret body"), "delay notices carry headers only: {m}");
     }
 
-    /// Random originals and replies (bytes from a hostile client or peer) never panic the
-    /// builder, and never add a line to the report's headers.
+    /// Random originals and replies (bytes from a hostile client or peer, CR and LF included)
+    /// never panic the builder and never add a field to the delivery-status part.
     #[test]
     fn random_input_never_panics() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -313,11 +313,33 @@ mod tests {
                 ret: Some(Ret::Full),
                 max_full: 100,
             };
-            let out = build(&r);
-            let head = header_block(&out);
-            let text = String::from_utf8_lossy(head);
-            assert!(text.lines().all(|l| !l.starts_with("Injected")));
-            assert!(!out.is_empty());
+            let out = String::from_utf8_lossy(&build(&r)).into_owned();
+            let status = out
+                .split("Content-Type: message/delivery-status\r\n")
+                .nth(1)
+                .and_then(|rest| rest.split("\r\n--").next())
+                .expect("a delivery-status part");
+            // Exactly the fields we write: a reply with CR/LF in it cannot start a new one.
+            let fields: Vec<&str> =
+                status.split("\r\n").filter(|l| !l.is_empty()).filter_map(|l| l.split(':').next()).collect();
+            assert_eq!(
+                fields,
+                [
+                    "Content-Description",
+                    "Reporting-MTA",
+                    "X-Mailroot-Queue-ID",
+                    "Arrival-Date",
+                    "Original-Recipient",
+                    "Final-Recipient",
+                    "Action",
+                    "Status",
+                    "Remote-MTA",
+                    "Diagnostic-Code",
+                    "Last-Attempt-Date",
+                    "Will-Retry-Until"
+                ],
+                "{status:?}"
+            );
         }
     }
 }

@@ -110,6 +110,12 @@ impl std::fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 impl StoreError {
+    /// True when another handle holds sled's folder lock (another process, or one of ours that
+    /// was just dropped and whose background flusher has not let go yet).
+    pub fn is_locked(&self) -> bool {
+        self.to_string().contains("lock")
+    }
+
     /// True when the disk is full (so the client is told 452 4.3.1 rather than 451).
     pub fn is_no_space(&self) -> bool {
         let io = match self {
@@ -188,6 +194,19 @@ impl Store {
         let after_last = store.envelopes.last()?.and_then(|(k, _)| id_from(&k)).map_or(1, |id| id + 1);
         store.next.store(stored.max(after_last).max(id_floor).max(1), Ordering::SeqCst);
         Ok(store)
+    }
+
+    /// [`Store::open`], waiting up to `wait` while the folder is locked.
+    pub fn open_waiting(dir: &Path, id_floor: QueueId, wait: std::time::Duration) -> Result<Store> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Store::open(dir, id_floor) {
+                Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A new, increasing message ID. The counter is persisted by [`Store::insert`]: an ID handed
@@ -368,21 +387,9 @@ impl Store {
 mod tests {
     use super::*;
 
-    /// Opens the store, waiting while a previous handle's background flusher still holds sled's
-    /// folder lock (it lets go shortly after the handle is dropped; under load that can take a
-    /// moment).
+    /// Reopens right after a handle was dropped: its flusher may still hold the lock briefly.
     fn reopen(dir: &Path, floor: QueueId) -> Store {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Store::open(dir, floor) {
-                Ok(s) => return s,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("cannot reopen the store: {e}"),
-            }
-        }
+        Store::open_waiting(dir, floor, std::time::Duration::from_secs(10)).unwrap()
     }
 
     fn env(id: QueueId, next: Option<u64>) -> Envelope {

@@ -127,7 +127,6 @@ impl ReplyParser {
 /// What a server offered in its EHLO reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
-    pub esmtp: bool,
     pub pipelining: bool,
     /// `SIZE n`; `Some(0)` means offered without a limit.
     pub size: Option<u64>,
@@ -140,7 +139,7 @@ pub struct Capabilities {
 impl Capabilities {
     /// Reads a 250 reply to EHLO (the first line is the greeting text).
     pub fn from_ehlo(reply: &ServerReply) -> Self {
-        let mut c = Capabilities { esmtp: true, ..Default::default() };
+        let mut c = Capabilities::default();
         for line in reply.lines.iter().skip(1) {
             let mut words = line.split_whitespace();
             let keyword = words.next().unwrap_or("").to_ascii_uppercase();
@@ -271,7 +270,6 @@ mod tests {
         assert_eq!(
             c,
             Capabilities {
-                esmtp: true,
                 pipelining: true,
                 size: Some(1000),
                 eight_bit_mime: true,

@@ -290,10 +290,6 @@ impl Session {
         self.user.as_deref()
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls
-    }
-
     /// The TLS handshake after [`Action::StartTls`] succeeded. Everything learnt before it is
     /// forgotten (RFC 3207 §4.2): the client starts again with EHLO.
     pub fn tls_started(&mut self) {

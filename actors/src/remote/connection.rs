@@ -346,14 +346,6 @@ impl Connection {
         }
     }
 
-    /// A cheap check that a pooled connection is still alive.
-    pub async fn noop(&mut self) -> bool {
-        if self.write(b"NOOP\r\n", self.timeouts.command).await.is_err() {
-            return false;
-        }
-        matches!(self.read_reply(self.timeouts.command, "waiting for the NOOP reply of").await, Ok(r) if r.code == 250)
-    }
-
     pub async fn quit(&mut self) -> Result<(), Failure> {
         let limit = self.timeouts.command.min(Duration::from_secs(10));
         self.write(b"QUIT\r\n", limit).await?;
