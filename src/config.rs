@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use mailroot_actors::queue::QueueSettings;
 use mailroot_actors::remote::connection::Timeouts;
 use mailroot_actors::remote::{DomainPolicy, RemoteSettings, SmartHost};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -196,13 +197,14 @@ pub struct Queue {
 }
 
 impl Default for Queue {
+    /// The engine's defaults, so the numbers live in one place.
     fn default() -> Self {
-        let m = |n: u64| HumanDuration(Duration::from_secs(n * 60));
+        let q = QueueSettings::default();
         Queue {
             max_hop_count: 100,
-            retry_intervals: vec![m(15), m(30), m(60), m(240)],
-            expire_after: HumanDuration(Duration::from_secs(5 * 86_400)),
-            delay_notice_after: m(240),
+            retry_intervals: q.retry_intervals.into_iter().map(HumanDuration).collect(),
+            expire_after: HumanDuration(q.expire_after),
+            delay_notice_after: HumanDuration(q.delay_notice_after),
             ndr_copy_to: String::new(),
         }
     }
@@ -234,23 +236,24 @@ pub struct Delivery {
 }
 
 impl Default for Delivery {
+    /// The engine's defaults, so the numbers live in one place.
     fn default() -> Self {
-        let s = |n: u64| HumanDuration(Duration::from_secs(n));
+        let r = RemoteSettings::default();
         Delivery {
-            remote_port: 25,
+            remote_port: r.remote_port,
             nameservers: Vec::new(),
-            dns_timeout: s(10),
+            dns_timeout: HumanDuration(r.dns_timeout),
             smart_host: String::new(),
-            direct_before_smart_host: false,
-            max_connections: 1000,
-            max_connections_per_domain: 100,
-            max_messages_per_connection: 100,
-            connect_timeout: s(30),
-            command_timeout: s(300),
-            data_timeout: s(600),
+            direct_before_smart_host: r.direct_before_smart_host,
+            max_connections: r.max_connections,
+            max_connections_per_domain: r.max_connections_per_domain,
+            max_messages_per_connection: r.max_messages_per_connection,
+            connect_timeout: HumanDuration(r.timeouts.connect),
+            command_timeout: HumanDuration(r.timeouts.command),
+            data_timeout: HumanDuration(r.timeouts.data),
             helo_name: String::new(),
             masquerade_domain: String::new(),
-            starttls: true,
+            starttls: r.starttls,
         }
     }
 }
