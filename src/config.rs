@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use mailroot_actors::queue::QueueSettings;
 use mailroot_actors::remote::connection::Timeouts;
 use mailroot_actors::remote::{DomainPolicy, RemoteSettings, SmartHost};
+use mailroot_actors::routes::RouteTable;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The file `mailroot run` uses when `--config` is not given and it exists.
@@ -29,6 +30,60 @@ pub struct Config {
     pub tls: Tls,
     pub auth: Auth,
     pub access: Access,
+    pub admin: Admin,
+    pub log: Log,
+    /// Domain (exact, or `*.suffix` for its subdomains) = delivery actor name.
+    pub routes: BTreeMap<String, String>,
+    pub maildir: MaildirRoute,
+    pub lmtp: LmtpRoute,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// `address:port` of the admin HTTP API; empty = not started.
+    pub listen: String,
+    /// When set, every request needs `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Serve /metrics without the token.
+    pub metrics_public: bool,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: "127.0.0.1:8025".into(), token: String::new(), metrics_public: false }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// W3C extended protocol log, one line per SMTP command; `%Y`, `%m`, `%d` are replaced
+    /// (a new file each day). Relative to the config's folder; empty = off.
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaildirRoute {
+    /// Each recipient's Maildir: `{user}`, `{domain}` and `{address}` are replaced. Empty = the
+    /// `maildir` route is not available.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmtpRoute {
+    /// `host:port` or `unix:/path`; empty = the `lmtp` route is not available.
+    pub address: String,
+    pub max_connections: usize,
+    pub timeout: HumanDuration,
+}
+
+impl Default for LmtpRoute {
+    fn default() -> Self {
+        LmtpRoute { address: String::new(), max_connections: 8, timeout: HumanDuration(Duration::from_secs(300)) }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -91,6 +146,9 @@ pub struct Server {
     pub listen: Vec<String>,
     pub max_connections: usize,
     pub idle_timeout: HumanDuration,
+    /// At stop, sessions may finish the transaction under way and deliveries in flight may end
+    /// for this long; then sessions get 421 and the rest stays queued.
+    pub shutdown_grace: HumanDuration,
 }
 
 impl Default for Server {
@@ -100,6 +158,7 @@ impl Default for Server {
             listen: vec!["127.0.0.1:2525".into()],
             max_connections: 1000,
             idle_timeout: HumanDuration(Duration::from_secs(300)),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -384,6 +443,23 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        for p in [&mut self.log.protocol, &mut self.maildir.path] {
+            if !p.is_empty() && Path::new(p.as_str()).is_relative() {
+                *p = base.join(&*p).to_string_lossy().into_owned();
+            }
+        }
+    }
+
+    /// The admin API address (`None` when `admin.listen` is empty).
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.admin.listen.is_empty() {
+            return Ok(None);
+        }
+        self.admin
+            .listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError(format!("admin.listen: {:?} is not an address:port", self.admin.listen)))
     }
 
     pub fn listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
@@ -496,6 +572,43 @@ impl Config {
             return err(
                 "auth.users_file",
                 "AUTH is only offered over TLS: set tls.cert and tls.key, or auth.allow_plaintext_loopback".into(),
+            );
+        }
+        if !self.admin.listen.is_empty() {
+            self.admin_addr()?;
+        }
+        let table = RouteTable::new(&self.routes).map_err(|e| ConfigError(format!("routes: {e}")))?;
+        for name in table.names() {
+            let missing = match name {
+                "smarthost" if self.delivery.smart_host.is_empty() => Some("delivery.smart_host"),
+                "maildir" if self.maildir.path.is_empty() => Some("maildir.path"),
+                "lmtp" if self.lmtp.address.is_empty() => Some("lmtp.address"),
+                _ => None,
+            };
+            if let Some(key) = missing {
+                return err("routes", format!("route {name:?} needs {key}"));
+            }
+        }
+        if !self.lmtp.address.is_empty()
+            && !self.lmtp.address.starts_with("unix:/")
+            && self.lmtp.address.parse::<SocketAddr>().is_err()
+            && !self.lmtp.address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return err("lmtp.address", format!("{:?} is neither host:port nor unix:/path", self.lmtp.address));
+        }
+        if self.lmtp.max_connections == 0 {
+            return err("lmtp.max_connections", "must be at least 1".into());
+        }
+        if self.lmtp.timeout.0.is_zero() {
+            return err("lmtp.timeout", "must be more than 0".into());
+        }
+        if !self.maildir.path.is_empty()
+            && !self.maildir.path.contains("{user}")
+            && !self.maildir.path.contains("{address}")
+        {
+            return err(
+                "maildir.path",
+                "must contain {user} or {address}, or every recipient shares one Maildir".into(),
             );
         }
         for (name, r) in &self.domains.remote {
@@ -634,6 +747,14 @@ mod tests {
             ("[queue]\nretry_intervals = []\n", "queue.retry_intervals"),
             ("[queue]\nretry_intervals = [\"1m\", \"10ms\"]\n", "queue.retry_intervals[1]"),
             ("[nosuch]\n", "nosuch"),
+            ("[admin]\nlisten = \"localhost\"\n", "admin.listen"),
+            ("[routes]\n\"*\" = \"drop\"\n", "routes"),
+            ("[routes]\n\"a.test\" = \"maildir\"\n", "maildir.path"),
+            ("[routes]\n\"a.test\" = \"lmtp\"\n", "lmtp.address"),
+            ("[routes]\n\"a.test\" = \"smarthost\"\n", "delivery.smart_host"),
+            ("[lmtp]\naddress = \"dovecot\"\n", "lmtp.address"),
+            ("[maildir]\npath = \"/var/mail/shared\"\n", "maildir.path"),
+            ("[server]\nshutdown_grace = \"soon\"\n", "shutdown_grace"),
         ];
         for (text, key) in cases {
             let e = Config::from_toml(text).expect_err(text).0;

@@ -4,8 +4,10 @@
 //! Arbiters: the Queue gets one of its own (its sled writes must not stall sessions); sessions are
 //! spread over one arbiter per core; Listener, LocalDrop and Pickup share the system arbiter.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,21 +15,29 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_rt::{Arbiter, System};
 use mailroot_actors::auth::Users;
+use mailroot_actors::delivery::Deliver;
+use mailroot_actors::listener::Reconfigure;
 use mailroot_actors::listener::{AccessLists, Listener, ListenerSettings, StopListening};
+use mailroot_actors::lmtp::{Lmtp, LmtpSettings};
 use mailroot_actors::local_drop::LocalDrop;
+use mailroot_actors::maildir::{Maildir, MaildirSettings};
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::pickup::{Pickup, PickupSettings};
 use mailroot_actors::protocol::SessionParams;
-use mailroot_actors::queue::{Flush, Queue, QueueSettings, Router};
+use mailroot_actors::queue::{unix_now, Drain, Flush, Queue, QueueSettings, Router, SetRouter};
 use mailroot_actors::remote::dns::Dns;
 use mailroot_actors::remote::RemoteDelivery;
+use mailroot_actors::routes::RouteTable;
+use mailroot_actors::session::ProtocolLog;
 use mailroot_actors::session::SessionShared;
 use mailroot_actors::store::Store;
+use mailroot_actors::supervisor::{self, ChildFactory, DeliverySupervisor};
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::admin::AdminState;
+use crate::config::{Config, Server};
 
 /// The folders of a Mailroot.
 #[derive(Debug, Clone)]
@@ -74,17 +84,48 @@ impl Folders {
 /// Options that are not part of the config file.
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
-    /// Stop on SIGTERM/SIGINT (the binary); tests stop through [`Running::stop`].
+    /// Stop on SIGTERM/SIGINT and reload on SIGHUP (the binary); tests stop through
+    /// [`Running::stop`].
     pub handle_signals: bool,
+    /// The file to read again at a reload (SIGHUP or [`Running::reload`]).
+    pub config_path: Option<PathBuf>,
+}
+
+/// What the control task of a running daemon can be asked to do.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Stop,
+    Reload(Option<oneshot::Sender<Result<Vec<String>, String>>>),
+}
+
+/// Asks a running daemon to stop or reload (the admin API and [`Running`] hold one).
+#[derive(Clone)]
+pub struct ControlHandle(tokio::sync::mpsc::Sender<Control>);
+
+impl ControlHandle {
+    /// Starts an orderly stop (as SIGTERM does). False when the daemon is already gone.
+    pub fn stop(&self) -> bool {
+        // A full channel means requests are already waiting; one more stop changes nothing.
+        !matches!(self.0.try_send(Control::Stop), Err(tokio::sync::mpsc::error::TrySendError::Closed(_)))
+    }
+
+    /// Reloads the configuration file (as SIGHUP); `Ok` lists what changed.
+    pub async fn reload(&self) -> Result<Vec<String>, String> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Control::Reload(Some(tx))).await.map_err(|_| "the daemon is stopping".to_string())?;
+        rx.await.map_err(|_| "the daemon stopped".to_string())?
+    }
 }
 
 /// A running mailroot.
 pub struct Running {
     /// The addresses the SMTP listeners are bound to (useful with port 0).
     pub smtp_addrs: Vec<SocketAddr>,
+    /// The admin API's address, when it runs.
+    pub admin_addr: Option<SocketAddr>,
     pub folders: Folders,
     registry: Arc<Registry>,
-    stop: Option<oneshot::Sender<()>>,
+    control: ControlHandle,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -96,15 +137,26 @@ impl Running {
         s
     }
 
-    /// Stops accepting, flushes the queue, stops every actor and waits for it.
+    /// Reads the configuration file again and applies what can change at run time (as SIGHUP
+    /// does). `Ok` lists what changed; `Err` says why the new file was refused (the old
+    /// configuration stays).
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        let (tx, rx) = oneshot::channel();
+        self.control.0.try_send(Control::Reload(Some(tx))).map_err(|e| format!("daemon not reachable: {e}"))?;
+        rx.blocking_recv().map_err(|_| "the daemon stopped".to_string())?
+    }
+
+    pub fn control(&self) -> ControlHandle {
+        self.control.clone()
+    }
+
+    /// Stops in order (see [`StartOptions`] and `server.shutdown_grace`) and waits for it.
     pub fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+        self.control.stop();
         self.join();
     }
 
-    /// Waits until the daemon stops by itself (a signal).
+    /// Waits until the daemon stops by itself (a signal, or the admin API).
     pub fn wait(mut self) {
         self.join();
     }
@@ -118,9 +170,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+        self.control.stop();
         self.join();
     }
 }
@@ -194,15 +244,117 @@ impl Security {
     }
 }
 
+/// Builds a daemon: the configuration, options, and delivery actors of your own.
+///
+/// ```no_run
+/// # use mailroot::daemon::Daemon;
+/// # use mailroot::config::Config;
+/// # struct Webhook;
+/// # impl actix::Actor for Webhook { type Context = actix::Context<Self>; }
+/// # impl actix::Handler<mailroot::actors::delivery::Deliver> for Webhook {
+/// #     type Result = mailroot::actors::delivery::DeliveryReport;
+/// #     fn handle(&mut self, r: mailroot::actors::delivery::Deliver, _: &mut Self::Context) -> Self::Result {
+/// #         mailroot::actors::delivery::DeliveryReport { results: vec![] }
+/// #     }
+/// # }
+/// let running = Daemon::builder()
+///     .config(Config::default())
+///     .route_actor("webhook", || Webhook)
+///     .start()?;
+/// running.wait();
+/// # Ok::<(), mailroot::daemon::StartError>(())
+/// ```
+#[derive(Default)]
+pub struct DaemonBuilder {
+    config: Option<Config>,
+    options: StartOptions,
+    custom: Vec<(String, ChildFactory)>,
+}
+
+pub struct Daemon;
+
+impl Daemon {
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+}
+
+impl DaemonBuilder {
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    pub fn options(mut self, options: StartOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Registers a delivery actor under `name`, for `[routes]` to use. `build` makes a fresh
+    /// actor: at start, and again each time the supervisor restarts it after a panic. It runs on
+    /// an arbiter (thread) of its own.
+    pub fn route_actor<A, F>(mut self, name: &str, build: F) -> Self
+    where
+        A: Actor<Context = Context<A>> + Handler<Deliver> + Send,
+        F: Fn() -> A + Send + Sync + 'static,
+    {
+        self.custom.push((name.to_string(), supervisor::factory(move || Ok(build()))));
+        self
+    }
+
+    /// Starts mailroot on its own thread and returns once it listens (or failed to start).
+    pub fn start(self) -> Result<Running, StartError> {
+        start_with(self.config.unwrap_or_default(), self.options, self.custom)
+    }
+}
+
 /// Starts mailroot on its own thread and returns once it listens (or failed to start).
 pub fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
+    start_with(config, options, Vec::new())
+}
+
+/// Built-in route names.
+pub const BUILT_IN_ROUTES: [&str; 5] = ["drop", "smtp", "smarthost", "maildir", "lmtp"];
+
+/// The actor-kind label of a route's actor in the metrics.
+fn route_kind(name: &str) -> &str {
+    match name {
+        "drop" => "local-drop",
+        "smtp" => "remote-delivery",
+        other => other,
+    }
+}
+
+fn start_with(
+    config: Config,
+    options: StartOptions,
+    custom: Vec<(String, ChildFactory)>,
+) -> Result<Running, StartError> {
+    for (name, _) in &custom {
+        if BUILT_IN_ROUTES.contains(&name.as_str()) {
+            return Err(StartError(format!("route actor {name:?}: that name is a built-in route")));
+        }
+    }
+    check_route_names(&config, &custom)?;
     let folders = Folders::new(&config.mailroot.path);
     folders.create().map_err(|e| StartError(format!("creating the Mailroot folders: {e}")))?;
     let listen = config.listen_addrs().map_err(|e| StartError(e.to_string()))?;
+    let admin_listener = match config.admin_addr().map_err(|e| StartError(e.to_string()))? {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| StartError(format!("admin.listen: cannot listen on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| StartError(e.to_string()))?),
+        None => None,
+    };
     let floor = highest_drop_id(&folders.drop)
         .map_err(|e| StartError(format!("reading {}: {e}", folders.drop.display())))?
         .saturating_add(1);
     let security = Security::load(&config)?;
+    let protolog = ProtocolLog::open(&config.log.protocol).map_err(|e| StartError(format!("log.protocol: {e}")))?;
     let store = open_store(&folders.queue, floor)?;
 
     let mut registry = Registry::default();
@@ -210,15 +362,29 @@ pub fn start(config: Config, options: StartOptions) -> Result<Running, StartErro
     let registry = Arc::new(registry);
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Vec<SocketAddr>, StartError>>();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let f = folders.clone();
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel::<Control>(16);
+    let control = ControlHandle(control_tx);
+    let parts = Parts {
+        config,
+        options,
+        folders: folders.clone(),
+        store,
+        metrics,
+        registry: registry.clone(),
+        listen,
+        admin: admin_listener,
+        security,
+        protolog,
+        custom,
+        control: control.clone(),
+    };
     let thread = std::thread::Builder::new()
         .name("mailroot".into())
-        .spawn(move || run_system(config, options, f, store, metrics, listen, security, ready_tx, stop_rx))
+        .spawn(move || run_system(parts, ready_tx, control_rx))
         .map_err(|e| StartError(format!("cannot start the actor system thread: {e}")))?;
 
     match ready_rx.recv() {
-        Ok(Ok(smtp_addrs)) => Ok(Running { smtp_addrs, folders, registry, stop: Some(stop_tx), thread: Some(thread) }),
+        Ok(Ok(smtp_addrs)) => Ok(Running { smtp_addrs, admin_addr, folders, registry, control, thread: Some(thread) }),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
@@ -230,23 +396,211 @@ pub fn start(config: Config, options: StartOptions) -> Result<Running, StartErro
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_system(
+/// Every route the config names must have an actor: built in, or registered.
+fn check_route_names(config: &Config, custom: &[(String, ChildFactory)]) -> Result<(), StartError> {
+    let table = RouteTable::new(&config.routes).map_err(|e| StartError(format!("routes: {e}")))?;
+    for name in table.names() {
+        if !BUILT_IN_ROUTES.contains(&name) && !custom.iter().any(|(n, _)| n == name) {
+            let registered: Vec<&str> = custom.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(StartError(format!(
+                "routes: no delivery actor is named {name:?} (built in: {}; registered: {})",
+                BUILT_IN_ROUTES.join(", "),
+                if registered.is_empty() { "none".to_string() } else { registered.join(", ") }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Everything the actor system thread needs.
+struct Parts {
     config: Config,
     options: StartOptions,
     folders: Folders,
     store: Store,
     metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
     listen: Vec<SocketAddr>,
+    admin: Option<std::net::TcpListener>,
     security: Security,
+    protolog: Option<Arc<ProtocolLog>>,
+    custom: Vec<(String, ChildFactory)>,
+    control: ControlHandle,
+}
+
+/// The route actors (supervisors) by name, with the settings each was built from, so a reload
+/// restarts only those whose settings changed.
+#[derive(Default)]
+struct RouteActors {
+    actors: HashMap<String, (String, Addr<DeliverySupervisor>)>,
+}
+
+impl RouteActors {
+    /// Starts (or keeps) the actor of every route the config makes available.
+    fn update(
+        &mut self,
+        config: &Config,
+        folders: &Folders,
+        metrics: &Arc<Metrics>,
+        custom: &[(String, ChildFactory)],
+    ) -> Result<Vec<String>, StartError> {
+        let mut wanted: Vec<(String, String, ChildFactory)> = Vec::new();
+        let (drop_dir, sort_temp, m) = (folders.drop.clone(), folders.sort_temp.clone(), metrics.clone());
+        wanted.push((
+            "drop".into(),
+            format!("{drop_dir:?}"),
+            supervisor::factory(move || Ok(LocalDrop::new(drop_dir.clone(), sort_temp.clone(), m.clone()))),
+        ));
+        let remote = config.remote_settings().map_err(|e| StartError(e.to_string()))?;
+        // Checked here so that a restart cannot meet a resolver error the start did not.
+        RemoteDelivery::new(remote.clone(), metrics.clone()).map_err(StartError)?;
+        let m = metrics.clone();
+        let r = remote.clone();
+        wanted.push((
+            "smtp".into(),
+            format!("{remote:?}"),
+            supervisor::factory(move || RemoteDelivery::new(r.clone(), m.clone())),
+        ));
+        if remote.smart_host.is_some() {
+            let mut smart = remote.clone();
+            smart.direct_before_smart_host = false;
+            smart.domains.values_mut().for_each(|d| d.smart_host = None);
+            let m = metrics.clone();
+            let s = smart.clone();
+            wanted.push((
+                "smarthost".into(),
+                format!("{smart:?}"),
+                supervisor::factory(move || RemoteDelivery::new(s.clone(), m.clone())),
+            ));
+        }
+        if !config.maildir.path.is_empty() {
+            let settings =
+                MaildirSettings { path: config.maildir.path.clone(), hostname: config.server.hostname.clone() };
+            let s = settings.clone();
+            wanted.push((
+                "maildir".into(),
+                format!("{settings:?}"),
+                supervisor::factory(move || Ok(Maildir::new(s.clone()))),
+            ));
+        }
+        if !config.lmtp.address.is_empty() {
+            let settings = LmtpSettings {
+                address: config.lmtp.address.clone(),
+                hostname: config.server.hostname.clone(),
+                timeout: config.lmtp.timeout.0,
+                max_connections: config.lmtp.max_connections,
+            };
+            let s = settings.clone();
+            wanted.push((
+                "lmtp".into(),
+                format!("{settings:?}"),
+                supervisor::factory(move || Ok(Lmtp::new(s.clone()))),
+            ));
+        }
+        for (name, factory) in custom {
+            wanted.push((name.clone(), "custom".into(), factory.clone()));
+        }
+        let mut changed = Vec::new();
+        let mut next = HashMap::new();
+        for (name, key, factory) in wanted {
+            match self.actors.remove(&name) {
+                Some((old_key, addr)) if old_key == key => {
+                    next.insert(name, (key, addr));
+                }
+                old => {
+                    let meter = metrics.actor(route_kind(&name));
+                    let addr = DeliverySupervisor::new(&name, factory, meter).start();
+                    if old.is_some() {
+                        changed.push(name.clone());
+                    }
+                    next.insert(name, (key, addr));
+                }
+            }
+        }
+        // Routes no longer available stop once their deliveries in flight end.
+        changed.extend(self.actors.keys().cloned());
+        self.actors = next;
+        Ok(changed)
+    }
+
+    fn router(&self, config: &Config) -> Result<Router, StartError> {
+        let table = RouteTable::new(&config.routes).map_err(|e| StartError(format!("routes: {e}")))?;
+        Ok(Router {
+            local_domains: config.local_domains(),
+            table: Arc::new(table),
+            actors: self.actors.iter().map(|(n, (_, a))| (n.clone(), a.clone().recipient())).collect(),
+        })
+    }
+}
+
+/// What the SMTP side is built from; rebuilt at each reload.
+fn listener_settings(config: &Config, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
+    let params = Arc::new(SessionParams {
+        hostname: config.server.hostname.clone(),
+        local_domains: config.local_domains(),
+        relay_domains: config.relay_domains(),
+        max_message_size: config.limits.max_message_size as usize,
+        max_recipients: config.limits.max_recipients,
+        max_messages_per_connection: config.limits.max_messages_per_connection,
+        max_errors: config.limits.max_errors,
+        max_hop_count: config.queue.max_hop_count,
+        tls_available: security.tls.is_some(),
+        tls_required: config.tls.required,
+        auth_enabled: security.users.is_some(),
+        auth_plaintext_loopback: config.auth.allow_plaintext_loopback,
+    });
+    ListenerSettings {
+        params,
+        relay_networks: Arc::new(config.relay.allow_networks.clone()),
+        max_connections: config.server.max_connections,
+        idle_timeout: config.server.idle_timeout.0,
+        access: AccessLists { allow: config.access.allow.clone(), deny: config.access.deny.clone() },
+        max_connections_per_ip: config.access.max_connections_per_ip,
+        max_connections_per_ip_per_minute: config.access.max_connections_per_ip_per_minute,
+        tls: security.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+        reverse_dns,
+    }
+}
+
+/// The parts of the running system the control task works with.
+struct System_ {
+    config: Config,
+    config_path: Option<PathBuf>,
+    folders: Folders,
+    metrics: Arc<Metrics>,
+    custom: Vec<(String, ChildFactory)>,
+    routes: RouteActors,
+    reverse_dns: Option<Arc<Dns>>,
+    listener: Addr<Listener>,
+    queue: Addr<Queue>,
+    pickup: Addr<Pickup>,
+    admin: Option<actix_web::dev::ServerHandle>,
+    stop_tx: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+}
+
+fn run_system(
+    parts: Parts,
     ready: std::sync::mpsc::Sender<Result<Vec<SocketAddr>, StartError>>,
-    stop_rx: oneshot::Receiver<()>,
+    mut control_rx: tokio::sync::mpsc::Receiver<Control>,
 ) {
     let system = System::new();
     let queue_arbiter = Arbiter::new();
-    let delivery_arbiter = Arbiter::new();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let session_arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+    let Parts {
+        config,
+        options,
+        folders,
+        store,
+        metrics,
+        registry,
+        listen,
+        admin,
+        security,
+        protolog,
+        custom,
+        control,
+    } = parts;
 
     let started = system.block_on(async {
         let mut sockets = Vec::new();
@@ -258,8 +612,9 @@ fn run_system(
             addrs.push(socket.local_addr().map_err(|e| StartError(e.to_string()))?);
             sockets.push(socket);
         }
-        let local_domains = config.local_domains();
-        let drop = LocalDrop::new(folders.drop.clone(), folders.sort_temp.clone(), metrics.clone()).start();
+        let mut routes = RouteActors::default();
+        routes.update(&config, &folders, &metrics, &custom)?;
+        let router = routes.router(&config)?;
         let remote_settings = config.remote_settings().map_err(|e| StartError(e.to_string()))?;
         let reverse_dns = if config.access.reverse_dns {
             let dns = Dns::new(&remote_settings.nameservers, remote_settings.dns_timeout, metrics.clone())
@@ -268,10 +623,6 @@ fn run_system(
         } else {
             None
         };
-        let remote = RemoteDelivery::new(remote_settings, metrics.clone()).map_err(StartError)?;
-        let remote = RemoteDelivery::start_in_arbiter(&delivery_arbiter.handle(), move |_| remote);
-        let router =
-            Router { local_domains: local_domains.clone(), local: drop.recipient(), remote: Some(remote.recipient()) };
         let queue_settings = QueueSettings {
             hostname: config.server.hostname.clone(),
             retry_intervals: config.queue.retry_intervals.iter().map(|d| d.0).collect(),
@@ -283,42 +634,24 @@ fn run_system(
         };
         let qm = metrics.clone();
         let queue = Queue::start_in_arbiter(&queue_arbiter.handle(), move |_| Queue::new(store, queue_settings, router, qm));
-        let params = Arc::new(SessionParams {
-            hostname: config.server.hostname.clone(),
-            local_domains,
-            relay_domains: config.relay_domains(),
-            max_message_size: config.limits.max_message_size as usize,
-            max_recipients: config.limits.max_recipients,
-            max_messages_per_connection: config.limits.max_messages_per_connection,
-            max_errors: config.limits.max_errors,
-            max_hop_count: config.queue.max_hop_count,
-            tls_available: security.tls.is_some(),
-            tls_required: config.tls.required,
-            auth_enabled: security.users.is_some(),
-            auth_plaintext_loopback: config.auth.allow_plaintext_loopback,
-        });
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
+        let paused = Arc::new(AtomicBool::new(false));
         let listener = Listener::new(
             sockets,
-            ListenerSettings {
-                params,
-                relay_networks: Arc::new(config.relay.allow_networks.clone()),
-                max_connections: config.server.max_connections,
-                idle_timeout: config.server.idle_timeout.0,
-                access: AccessLists { allow: config.access.allow.clone(), deny: config.access.deny.clone() },
-                max_connections_per_ip: config.access.max_connections_per_ip,
-                max_connections_per_ip_per_minute: config.access.max_connections_per_ip_per_minute,
-                tls: security.tls.clone().map(tokio_rustls::TlsAcceptor::from),
-                reverse_dns,
-            },
+            listener_settings(&config, &security, reverse_dns.clone()),
             SessionShared {
                 queue: queue.clone().recipient(),
                 metrics: metrics.clone(),
                 users: security.users.clone(),
                 auth_checks: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
                 error_delay: config.limits.error_delay.0,
+                stop: stop_rx,
+                meter: metrics.actor("session"),
+                protolog,
             },
             session_arbiters.iter().map(|a| a.handle()).collect(),
         )
+        .paused_by(paused.clone())
         .start();
         let pickup = Pickup::new(
             PickupSettings {
@@ -334,15 +667,58 @@ fn run_system(
             metrics.clone(),
         )
         .start();
+        let admin = match admin {
+            Some(socket) => {
+                let state = AdminState {
+                    queue: queue.clone(),
+                    registry,
+                    metrics: metrics.clone(),
+                    token: config.admin.token.clone(),
+                    metrics_public: config.admin.metrics_public,
+                    started: std::time::Instant::now(),
+                    started_unix: unix_now(),
+                    paused,
+                    control: control.clone(),
+                    smtp_listeners: addrs.clone(),
+                    hostname: config.server.hostname.clone(),
+                };
+                let server = crate::admin::serve(socket, state).map_err(|e| StartError(format!("admin.listen: {e}")))?;
+                let handle = server.handle();
+                actix_rt::spawn(async move {
+                    if let Err(e) = server.await {
+                        error!(error = %e, "admin API stopped");
+                    }
+                });
+                Some(handle)
+            }
+            None => None,
+        };
         info!(mailroot = %folders.root.display(), hostname = %config.server.hostname, domains = ?config.domains.local, "mailroot started");
-        Ok::<_, StartError>((addrs, listener, queue, pickup))
+        Ok::<_, StartError>((
+            addrs,
+            System_ {
+                config: config.clone(),
+                config_path: options.config_path.clone(),
+                folders: folders.clone(),
+                metrics: metrics.clone(),
+                custom,
+                routes,
+                reverse_dns,
+                listener,
+                queue,
+                pickup,
+                admin,
+                stop_tx,
+            },
+        ))
     });
 
     let ok = system.block_on(async move {
-        let (listener, queue, pickup) = match started {
-            Ok((addrs, listener, queue, pickup)) => {
+        let sys = match started {
+            Ok((addrs, sys)) => {
                 let _ = ready.send(Ok(addrs));
-                (listener, queue, pickup)
+                sd_notify("READY=1");
+                sys
             }
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -350,18 +726,7 @@ fn run_system(
             }
         };
         // Spawned here so that it runs on the system arbiter once `run` starts.
-        actix_rt::spawn(async move {
-            wait_for_stop(stop_rx, options.handle_signals).await;
-            info!("stopping: no new connections, flushing the queue");
-            let _ = listener.send(StopListening).await;
-            drop(pickup);
-            match queue.send(Flush).await {
-                Ok(Ok(())) => info!("queue flushed"),
-                Ok(Err(e)) => error!(error = %e, "final queue flush failed"),
-                Err(e) => error!(error = %e, "queue unavailable at shutdown"),
-            }
-            System::current().stop();
-        });
+        actix_rt::spawn(control_loop(sys, control_rx_take(&mut control_rx), options.handle_signals));
         true
     });
     if ok {
@@ -377,25 +742,203 @@ fn run_system(
     }
     queue_arbiter.stop();
     let _ = queue_arbiter.join();
-    delivery_arbiter.stop();
-    let _ = delivery_arbiter.join();
     info!("mailroot stopped");
 }
 
-async fn wait_for_stop(stop_rx: oneshot::Receiver<()>, signals: bool) {
-    if !signals {
-        let _ = stop_rx.await;
-        return;
+fn control_rx_take(rx: &mut tokio::sync::mpsc::Receiver<Control>) -> tokio::sync::mpsc::Receiver<Control> {
+    let (_, empty) = tokio::sync::mpsc::channel(1);
+    std::mem::replace(rx, empty)
+}
+
+/// A stop or reload request, from a signal or the control channel.
+enum Request {
+    Stop(&'static str),
+    Reload(Option<oneshot::Sender<Result<Vec<String>, String>>>),
+}
+
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new(enabled: bool) -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        if !enabled {
+            return Signals { term: None, int: None, hup: None };
+        }
+        let s = Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        };
+        if s.term.is_none() || s.int.is_none() || s.hup.is_none() {
+            error!("cannot install every signal handler (TERM, INT, HUP)");
+        }
+        s
     }
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        error!("cannot install signal handlers; stop with SIGKILL only");
-        let _ = stop_rx.await;
-        return;
+
+    async fn next(&mut self, rx: &mut tokio::sync::mpsc::Receiver<Control>) -> Request {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            c = rx.recv() => match c {
+                Some(Control::Stop) | None => Request::Stop("stop requested"),
+                Some(Control::Reload(reply)) => Request::Reload(reply),
+            },
+            _ = recv(&mut self.term) => Request::Stop("SIGTERM received"),
+            _ = recv(&mut self.int) => Request::Stop("SIGINT received"),
+            _ = recv(&mut self.hup) => Request::Reload(None),
+        }
+    }
+}
+
+async fn control_loop(mut sys: System_, mut rx: tokio::sync::mpsc::Receiver<Control>, signals: bool) {
+    let mut signals = Signals::new(signals);
+    loop {
+        match signals.next(&mut rx).await {
+            Request::Reload(reply) => {
+                sd_notify("RELOADING=1");
+                let result = reload(&mut sys).await;
+                match &result {
+                    Ok(changed) if changed.is_empty() => info!("configuration reloaded: nothing changed"),
+                    Ok(changed) => info!(changed = %changed.join(", "), "configuration reloaded"),
+                    Err(e) => error!(error = %e, "configuration reload refused; the running configuration stays"),
+                }
+                sd_notify("READY=1");
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Request::Stop(why) => {
+                info!(why, "stopping");
+                sd_notify("STOPPING=1");
+                let graceful = shutdown(&sys);
+                tokio::select! {
+                    _ = graceful => {}
+                    second = signals.next(&mut rx) => {
+                        if matches!(second, Request::Stop(_)) {
+                            warn!("second stop request: stopping at once");
+                        }
+                    }
+                }
+                match sys.queue.send(Flush).await {
+                    Ok(Ok(())) => info!("queue flushed"),
+                    Ok(Err(e)) => error!(error = %e, "final queue flush failed"),
+                    Err(e) => error!(error = %e, "queue unavailable at shutdown"),
+                }
+                if let Some(admin) = &sys.admin {
+                    admin.stop(false).await;
+                }
+                System::current().stop();
+                return;
+            }
+        }
+    }
+}
+
+/// The orderly part of a stop: no new connections, sessions finish their transaction (until the
+/// grace time), deliveries in flight end (until the grace time) and nothing new starts.
+async fn shutdown(sys: &System_) {
+    let grace = sys.config.server.shutdown_grace.0;
+    let deadline = tokio::time::Instant::now() + grace;
+    let _ = sys.listener.send(StopListening).await;
+    let _ = sys.stop_tx.send(Some(deadline));
+    let drain = sys.queue.send(Drain { grace });
+    let sessions = async {
+        // Sessions past the deadline are being closed with 421; give them a moment to say so.
+        while sys.metrics.connections_current.get() > 0
+            && tokio::time::Instant::now() < deadline + Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     };
-    tokio::select! {
-        _ = stop_rx => {}
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    let (drained, ()) = tokio::join!(drain, sessions);
+    match drained {
+        Ok(0) => info!("no delivery in flight"),
+        Ok(n) => warn!(in_flight = n, "deliveries still in flight at the grace time; their recipients stay queued"),
+        Err(e) => error!(error = %e, "queue unavailable while draining"),
+    }
+    let open = sys.metrics.connections_current.get();
+    if open > 0 {
+        warn!(open, "sessions still open at the grace time");
+    }
+    let _ = &sys.pickup;
+}
+
+/// Reads the configuration again and applies what may change at run time.
+async fn reload(sys: &mut System_) -> Result<Vec<String>, String> {
+    let Some(path) = sys.config_path.clone() else {
+        return Err("mailroot was started without a configuration file; nothing to reload".into());
+    };
+    let new = Config::load(Some(&path)).map_err(|e| e.to_string())?.config;
+    check_route_names(&new, &sys.custom).map_err(|e| e.0)?;
+    let security = Security::load(&new).map_err(|e| e.0)?;
+    // Route actors: only those whose settings changed are replaced.
+    let mut routes = RouteActors { actors: sys.routes.actors.clone() };
+    let restarted = routes.update(&new, &sys.folders, &sys.metrics, &sys.custom).map_err(|e| e.0)?;
+    let router = routes.router(&new).map_err(|e| e.0)?;
+
+    let section = |c: &Config, name: &str| -> String {
+        toml::Value::try_from(c).ok().and_then(|v| v.get(name).map(|s| s.to_string())).unwrap_or_default()
+    };
+    let applied = ["tls", "auth", "relay", "access", "limits", "routes", "domains", "maildir", "lmtp", "delivery"];
+    let restart_only = ["mailroot", "queue", "admin", "log"];
+    let mut changed: Vec<String> =
+        applied.iter().filter(|s| section(&sys.config, s) != section(&new, s)).map(|s| s.to_string()).collect();
+    let old_server = Config { server: Server { listen: vec![], ..sys.config.server.clone() }, ..Config::default() };
+    let new_server = Config { server: Server { listen: vec![], ..new.server.clone() }, ..Config::default() };
+    if section(&old_server, "server") != section(&new_server, "server") {
+        changed.push("server".into());
+    }
+    // A TLS certificate file replaced under the same name is a change too.
+    if security.tls.is_some() && !changed.iter().any(|c| c == "tls") {
+        changed.push("tls (certificate reloaded)".into());
+    }
+    let mut needs_restart: Vec<&str> =
+        restart_only.iter().copied().filter(|s| section(&sys.config, s) != section(&new, s)).collect();
+    if sys.config.server.listen != new.server.listen {
+        needs_restart.push("server.listen");
+    }
+    if !needs_restart.is_empty() {
+        warn!(sections = %needs_restart.join(", "), "changed but only applied at the next start");
+    }
+    sys.listener
+        .send(Reconfigure {
+            settings: listener_settings(&new, &security, sys.reverse_dns.clone()),
+            users: security.users.clone(),
+            error_delay: new.limits.error_delay.0,
+        })
+        .await
+        .map_err(|e| format!("listener unavailable: {e}"))?;
+    sys.queue.send(SetRouter(router)).await.map_err(|e| format!("queue unavailable: {e}"))?;
+    if !restarted.is_empty() {
+        info!(routes = %restarted.join(", "), "route actors replaced with new settings");
+    }
+    sys.routes = routes;
+    sys.config = new;
+    Ok(changed)
+}
+
+/// Tells systemd (`Type=notify`) about our state; nothing when not started by systemd.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        warn!(error = %e, state, "cannot notify systemd");
     }
 }

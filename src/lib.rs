@@ -8,7 +8,12 @@
 //! Embedding: `let running = mailroot::daemon::start(config, Default::default())?;` then
 //! `running.stop()`.
 
+pub mod admin;
+pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod sendmail;
+
+pub use daemon::Daemon;
 
 pub use mailroot_actors as actors;

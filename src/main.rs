@@ -1,5 +1,6 @@
-//! The `mailroot` command: `run` the daemon in the foreground, `check-config`, and the tools
-//! `gen-cert` (a self-signed certificate for trials) and `passwd` (a password hash for AUTH).
+//! The `mailroot` command: `run` the daemon in the foreground, `check-config`, the admin CLI on
+//! the admin API (`queue …`, `ctl …`), `sendmail` (into Pickup), and the tools `gen-cert` (a
+//! self-signed certificate for trials) and `passwd` (a password hash for AUTH).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,6 +11,8 @@ use mailroot::config::Config;
 use mailroot::daemon::{self, StartOptions};
 use tracing_subscriber::EnvFilter;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(name = "mailroot", version, about = "An actor-model mail transfer agent")]
 struct Cli {
@@ -19,11 +22,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run mailroot in the foreground until SIGTERM or SIGINT.
+    /// Run mailroot in the foreground until SIGTERM or SIGINT; SIGHUP reloads the configuration.
     Run {
         /// Configuration file (default: config/mailroot.toml if present, else built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// `text` for people, `json` (one object per line) for log shippers.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+    /// Inspect and manage the queue through the admin API.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Status, pause, resume, reload or stop the running daemon through the admin API.
+    Ctl {
+        #[command(subcommand)]
+        action: CtlAction,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// sendmail-compatible: read a message on standard input and put it into Pickup
+    /// (`-t`, `-f sender`, `-i`; works while the daemon is down).
+    #[command(disable_help_flag = true)]
+    Sendmail {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Validate the configuration and print the effective settings.
     CheckConfig {
@@ -41,6 +70,80 @@ enum Command {
     },
     /// Read a password from standard input and print its argon2 hash for auth.users_file.
     Passwd,
+}
+
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// Configuration file, for [admin] listen and token.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Admin API address (default: admin.listen from the configuration).
+    #[arg(long, global = true)]
+    admin: Option<String>,
+    /// Bearer token (default: admin.token from the configuration).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List queued messages.
+    List {
+        /// active, ready, deferred or held.
+        #[arg(long)]
+        state: Option<String>,
+        /// Messages with a pending recipient in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Start after this message ID (paging).
+        #[arg(long)]
+        after: Option<u64>,
+    },
+    /// Show one message and its recipients.
+    Show {
+        id: u64,
+    },
+    /// Try the message now (or every deferred message with --all).
+    Retry {
+        id: Option<u64>,
+        #[arg(long)]
+        all: bool,
+        /// With --all: only messages with a pending recipient in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Keep the message from being delivered until released.
+    Hold {
+        id: u64,
+    },
+    Release {
+        id: u64,
+    },
+    /// Fail the pending recipients now and send the non-delivery report.
+    Bounce {
+        id: u64,
+    },
+    /// Remove the message without notifying anyone.
+    Delete {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    Status,
+    /// New SMTP clients get 421 4.3.2; open sessions finish; delivery goes on.
+    Pause,
+    Resume,
+    /// Read the configuration file again (as SIGHUP).
+    Reload,
+    /// Stop in order (as SIGTERM).
+    Stop,
 }
 
 fn gen_cert(hostname: &str, out: &std::path::Path) -> Result<(), String> {
@@ -111,12 +214,17 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr)
-                .init();
+        Command::Queue { action, api } => cli::queue(action, &api),
+        Command::Ctl { action, api } => cli::ctl(action, &api),
+        Command::Sendmail { config, args } => cli::sendmail(config.as_deref(), &args),
+        Command::Run { config, log_format } => {
+            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            if log_format == "json" {
+                builder.json().with_current_span(false).init();
+            } else {
+                builder.with_ansi(std::io::stderr().is_terminal()).init();
+            }
             let loaded = match Config::load(config.as_deref()) {
                 Ok(l) => l,
                 Err(e) => {
@@ -128,7 +236,8 @@ fn main() -> ExitCode {
                 Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
                 None => tracing::info!("no configuration file; using built-in defaults"),
             }
-            match daemon::start(loaded.config, StartOptions { handle_signals: true }) {
+            let options = StartOptions { handle_signals: true, config_path: loaded.source.clone() };
+            match daemon::start(loaded.config, options) {
                 Ok(running) => {
                     running.wait();
                     ExitCode::SUCCESS

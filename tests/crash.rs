@@ -127,7 +127,7 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[server]\nhostname = \"mx.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[mailroot]\npath = \"mailroot\"\n[domains]\nlocal = [\"example.test\"]\n{extra}"
+            "[server]\nhostname = \"mx.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[mailroot]\npath = \"mailroot\"\n[domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
         ),
     )
     .unwrap();

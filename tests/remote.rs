@@ -247,7 +247,7 @@ fn retry_schedule_survives_a_restart() {
     send(&running, "sender@example.test", &["t4soon@later.test"], "Subject: later\r\n\r\nx\r\n");
     wait_for("first attempt", LONG, || (p[0].connections() >= 1).then_some(()));
     let first = Instant::now();
-    wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v == 1.0);
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v == 1.0);
     running.stop();
     p[0].set(|b| b.rcpt_replies.clear());
     let running = start(config(dir.path(), &cfg));
@@ -399,7 +399,7 @@ fn unusable_smart_host_is_temporary() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), &remote_config(&dns, 2525, "", "smart_host = \"nosuch-relay.test\"")));
     send(&running, "sender@example.test", &["x@anywhere.test"], "Subject: s\r\n\r\nx\r\n");
-    wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v >= 1.0);
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 1.0);
     assert_eq!(metric(&running, "mailroot_queue_messages"), 1.0, "the message waits for the operator");
     assert!(drops_with(dir.path(), "Undelivered").is_empty(), "no bounce for our own misconfiguration");
     running.stop();
@@ -426,7 +426,7 @@ fn starttls_opportunistic_fallback_and_required() {
     send(&running, "sender@example.test", &["c@plain.test"], "Subject: c\r\n\r\nwaits\r\n");
     assert!(wait_received(&p[0], 1)[0].tls, "delivered over TLS");
     assert!(!wait_received(&p[1], 1)[0].tls, "a failed handshake falls back to clear text");
-    wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v >= 2.0);
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 2.0);
     assert!(p[2].received().is_empty(), "require_tls: never in clear text");
     wait_metric(&running, "mailroot_queue_messages", |v| v == 1.0);
     assert!(metric(&running, "mailroot_outbound_tls_total") >= 1.0);
@@ -459,7 +459,7 @@ fn hostile_peers_fail_temporarily_and_never_stick() {
     send(&running, "sender@example.test", &["x@refuse.test"], "Subject: h\r\n\r\nx\r\n");
     // The refusing greeting is permanent; the other five are retried.
     wait_drop_with(dir.path(), "Undelivered Mail");
-    wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v >= 5.0);
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 5.0);
     wait_metric(&running, "mailroot_queue_messages", |v| v == 5.0);
     // All peers behave again: every message is delivered on a retry.
     for peer in &p {
@@ -486,7 +486,7 @@ fn dns_trouble_is_temporary() {
     for d in ["servfail", "silent", "garbage"] {
         send(&running, "sender@example.test", &[&format!("x@{d}.test")], "Subject: d\r\n\r\nx\r\n");
     }
-    wait_metric(&running, "mailroot_deliveries_total{route=\"remote\",result=\"temporary\"}", |v| v >= 3.0);
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 3.0);
     assert_eq!(metric(&running, "mailroot_queue_messages"), 3.0);
     assert!(drops_with(dir.path(), "Undelivered").is_empty(), "no report for a temporary DNS failure");
     for d in ["servfail", "silent", "garbage"] {

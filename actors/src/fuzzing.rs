@@ -101,7 +101,7 @@ pub fn session(input: &[u8]) {
                 }
                 Action::StartTls => s.tls_started(),
                 Action::Authenticate { user, password } => s.authenticated(user == "alice" && password.0 == "secret"),
-                Action::Refused(_) | Action::Close => {}
+                Action::Refused(_) | Action::Close | Action::Log(_) => {}
             }
         }
     }

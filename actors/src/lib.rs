@@ -7,7 +7,9 @@
 //! - [`commit`]: group commit, shared by the queue and the Drop writer; [`fsio`]: blocking-pool
 //!   and directory-sync helpers.
 //! - [`delivery`]: the `Deliver`/`DeliveryReport` interface and outcome classification.
-//! - Actors: [`listener`], [`session`], [`queue`], [`retry`], [`local_drop`], [`remote`], [`pickup`].
+//! - Actors: [`listener`], [`session`], [`queue`], [`retry`], [`local_drop`], [`remote`], [`pickup`],
+//!   and the delivery actors [`maildir`] and [`lmtp`]; [`supervisor`] restarts delivery actors
+//!   that panic; [`routes`] maps domains to delivery actors by name.
 //! - [`auth`]: AUTH users and password hashes; [`tls`]: the inbound TLS configuration;
 //!   [`notify`]: delivery status notifications.
 //! - [`metrics`]: the prometheus-client registry the actors update.
@@ -19,14 +21,19 @@ pub mod fsio;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod lmtp;
 pub mod local_drop;
+pub mod maildir;
 pub mod metrics;
 pub mod notify;
 pub mod pickup;
 pub mod protocol;
+pub mod protolog;
 pub mod queue;
 pub mod remote;
 pub mod retry;
+pub mod routes;
 pub mod session;
 pub mod store;
+pub mod supervisor;
 pub mod tls;

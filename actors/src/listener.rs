@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
+use crate::metrics::{ActorMeter, Metrics};
 use crate::protocol::{self, reply, RefusalCause, SessionParams};
 use crate::session::{serve, Session, SessionShared};
 
@@ -94,6 +95,9 @@ pub struct Listener {
     /// Session actors run on these, round robin; empty = the listener's own arbiter.
     arbiters: Vec<actix_rt::ArbiterHandle>,
     next: usize,
+    /// Paused (IIS semantics): new connections get 421 4.3.2; open sessions go on.
+    paused: Arc<AtomicBool>,
+    meter: ActorMeter,
 }
 
 /// A connection accepted by one of the accept loops.
@@ -109,6 +113,15 @@ pub struct Accepted {
 #[rtype(result = "()")]
 pub struct StopListening;
 
+/// New settings from a configuration reload: they apply to connections accepted from now on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconfigure {
+    pub settings: ListenerSettings,
+    pub users: Option<Arc<crate::auth::Users>>,
+    pub error_delay: Duration,
+}
+
 impl Listener {
     pub fn new(
         sockets: Vec<TcpListener>,
@@ -117,7 +130,24 @@ impl Listener {
         arbiters: Vec<actix_rt::ArbiterHandle>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.max_connections));
-        Listener { sockets, settings, shared, permits, clients: Clients::default(), arbiters, next: 0 }
+        let meter = shared.metrics.actor("listener");
+        Listener {
+            sockets,
+            settings,
+            shared,
+            permits,
+            clients: Clients::default(),
+            arbiters,
+            next: 0,
+            paused: Arc::default(),
+            meter,
+        }
+    }
+
+    /// Shares the pause switch: set it to pause, clear it to resume (the admin API holds it).
+    pub fn paused_by(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.paused = flag;
+        self
     }
 
     fn metrics(&self) -> &Metrics {
@@ -183,7 +213,12 @@ pub fn relay_allowed(networks: &[IpNet], ip: IpAddr) -> bool {
 impl Actor for Listener {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.meter.stopped();
+    }
+
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.meter.started();
         let clients = self.clients.clone();
         ctx.run_interval(Duration::from_secs(60), move |_, _| {
             let now = Instant::now();
@@ -223,9 +258,13 @@ impl Handler<Accepted> for Listener {
     type Result = ();
 
     fn handle(&mut self, msg: Accepted, _ctx: &mut Self::Context) {
+        let _handling = self.meter.handling();
         let Accepted { stream, peer } = msg;
         self.metrics().connections_total.inc();
         let hostname = self.settings.params.hostname.clone();
+        if self.paused.load(Ordering::Relaxed) {
+            return self.refuse(stream, peer, RefusalCause::Paused, reply::paused(&hostname));
+        }
         if !self.settings.access.permits(peer.ip()) {
             return self.refuse(stream, peer, RefusalCause::AccessDenied, reply::access_denied(&hostname));
         }
@@ -239,6 +278,7 @@ impl Handler<Accepted> for Listener {
         let slot = ClientSlot { clients: limited.then(|| self.clients.clone()), key: client_key(peer.ip()) };
         let relay = relay_allowed(&self.settings.relay_networks, peer.ip());
         let mut proto = protocol::Session::new(self.settings.params.clone(), peer.ip(), relay);
+        proto.set_logging(self.shared.protolog.is_some());
         let (shared, idle, tls) = (self.shared.clone(), self.settings.idle_timeout, self.settings.tls.clone());
         let dns = self.settings.reverse_dns.clone();
         let run = move |stream: TcpStream| async move {
@@ -248,8 +288,9 @@ impl Handler<Accepted> for Listener {
             }
             let metrics = shared.metrics.clone();
             metrics.connections_current.inc();
+            let stop = shared.stop.clone();
             let session = Session::new(proto, shared, peer).start();
-            serve(stream, session, idle, tls).await;
+            serve(stream, session, idle, tls, stop).await;
             metrics.connections_current.dec();
             drop(permit);
             drop(slot);
@@ -272,6 +313,32 @@ impl Handler<Accepted> for Listener {
                 Err(e) => warn!(client = %peer, error = %e, "cannot register the connection"),
             }
         });
+    }
+}
+
+impl Handler<Reconfigure> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconfigure, _ctx: &mut Self::Context) {
+        let (old, new) = (self.settings.max_connections, msg.settings.max_connections);
+        // Open connections keep their permits; only the number handed out from now on changes.
+        if new > old {
+            self.permits.add_permits(new - old);
+        } else if new < old {
+            let forgotten = self.permits.forget_permits(old - new);
+            if forgotten < old - new {
+                // The rest are held by open connections: take them as those close.
+                let (permits, rest) = (self.permits.clone(), (old - new - forgotten) as u32);
+                actix_rt::spawn(async move {
+                    if let Ok(p) = permits.acquire_many(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        self.settings = msg.settings;
+        self.shared.users = msg.users;
+        self.shared.error_delay = msg.error_delay;
     }
 }
 

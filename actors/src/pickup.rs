@@ -21,7 +21,7 @@ use actix::prelude::*;
 use tracing::{error, info, warn};
 
 use crate::fsio::{blocking, sync_dir, unique_badmail_base};
-use crate::metrics::{Metrics, ResultLabel};
+use crate::metrics::{ActorMeter, Metrics, ResultLabel};
 use crate::protocol::address::parse_mailbox;
 use crate::protocol::data::MAX_LINE;
 use crate::protocol::received::Origin;
@@ -274,6 +274,7 @@ pub struct Pickup {
     seen: HashMap<String, String>,
     in_flight: HashSet<String>,
     scanning: bool,
+    meter: ActorMeter,
 }
 
 impl Pickup {
@@ -283,7 +284,17 @@ impl Pickup {
         done: Recipient<PickupDone>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Pickup { settings, queue, done, metrics, seen: HashMap::new(), in_flight: HashSet::new(), scanning: false }
+        let meter = metrics.actor("pickup");
+        Pickup {
+            settings,
+            queue,
+            done,
+            metrics,
+            seen: HashMap::new(),
+            in_flight: HashSet::new(),
+            scanning: false,
+            meter,
+        }
     }
 
     fn scan(&mut self, ctx: &mut Context<Self>) {
@@ -315,12 +326,14 @@ impl Pickup {
 
     fn take(&mut self, name: String, fingerprint: String, ctx: &mut Context<Self>) {
         self.in_flight.insert(name.clone());
+        let handling = self.meter.handling();
         let s = self.settings.clone();
         let (queue, done, metrics) = (self.queue.clone(), self.done.clone(), self.metrics.clone());
         let name2 = name.clone();
         async move { process(s, name2, fingerprint, queue, done, metrics).await }
             .into_actor(self)
             .map(move |_, act, _| {
+                drop(handling);
                 act.in_flight.remove(&name);
                 act.seen.remove(&name);
             })
@@ -444,7 +457,12 @@ async fn badmail(s: &PickupSettings, name: &str, reason: &str, metrics: &Metrics
 impl Actor for Pickup {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.meter.stopped();
+    }
+
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.meter.started();
         ctx.run_interval(self.settings.poll, |act, ctx| act.scan(ctx));
         self.scan(ctx);
     }

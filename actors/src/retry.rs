@@ -16,6 +16,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tracing::{debug, error};
 
+use crate::metrics::ActorMeter;
 use crate::queue::unix_now;
 use crate::store::Store;
 
@@ -51,11 +52,12 @@ pub struct RetryScheduler {
     busy: bool,
     /// The earliest `Reschedule` received while busy.
     pending: Option<u64>,
+    meter: ActorMeter,
 }
 
 impl RetryScheduler {
-    pub fn new(store: Arc<Store>, queue: Recipient<RetryDue>) -> Self {
-        RetryScheduler { store, queue, wake: None, busy: false, pending: None }
+    pub fn new(store: Arc<Store>, queue: Recipient<RetryDue>, meter: ActorMeter) -> Self {
+        RetryScheduler { store, queue, wake: None, busy: false, pending: None, meter }
     }
 
     /// Sleeps until `at` unless already waking earlier.
@@ -125,7 +127,12 @@ impl Actor for RetryScheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.meter.started();
         self.arm_from_store(0, ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.meter.stopped();
     }
 }
 
@@ -133,6 +140,7 @@ impl Handler<Reschedule> for RetryScheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Reschedule, ctx: &mut Self::Context) {
+        let _handling = self.meter.handling();
         if self.busy {
             self.pending = Some(self.pending.map_or(msg.at, |p| p.min(msg.at)));
         } else {

@@ -25,9 +25,10 @@ use tracing::{debug, info};
 
 use crate::auth::Users;
 use crate::fsio::blocking;
-use crate::metrics::{Metrics, ResultLabel};
+use crate::metrics::{ActorMeter, Metrics, ResultLabel};
 use crate::protocol::received::Origin;
 use crate::protocol::{self, Action, EnqueueError};
+pub use crate::protolog::ProtocolLog;
 use crate::queue::Enqueue;
 
 /// The first bytes of a connection: the greeting.
@@ -45,6 +46,11 @@ pub struct Input(pub Vec<u8>);
 #[rtype(result = "Output")]
 pub struct IdleTimeout;
 
+/// The server is stopping: answer `421 4.3.2` and close.
+#[derive(Message)]
+#[rtype(result = "Output")]
+pub struct Shutdown;
+
 /// The TLS handshake asked for by the last [`Output`] succeeded.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -59,7 +65,14 @@ pub struct Output {
     pub start_tls: bool,
     /// Wait this long before writing (the error tarpit).
     pub delay: Duration,
+    /// A mail transaction is under way: a stopping server waits for it (up to its grace time).
+    pub in_transaction: bool,
 }
+
+/// Set when the server starts stopping: the time by which every session must be closed. Sessions
+/// without a transaction under way close at once (421 4.3.2); the others when it ends, or at the
+/// deadline.
+pub type StopSignal = tokio::sync::watch::Receiver<Option<tokio::time::Instant>>;
 
 /// The longest the tarpit makes one reply wait.
 pub const MAX_ERROR_DELAY: Duration = Duration::from_secs(10);
@@ -76,6 +89,10 @@ pub struct SessionShared {
     pub auth_checks: Arc<tokio::sync::Semaphore>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
+    pub stop: StopSignal,
+    pub meter: ActorMeter,
+    /// The protocol log, when `[log] protocol` is set.
+    pub protolog: Option<Arc<ProtocolLog>>,
 }
 
 pub struct Session {
@@ -94,7 +111,12 @@ impl Session {
 impl Actor for Session {
     type Context = Context<Self>;
 
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        self.shared.meter.started();
+    }
+
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.shared.meter.stopped();
         debug!(client = %self.peer, "session ended");
     }
 }
@@ -115,6 +137,7 @@ fn log_refusal(peer: SocketAddr, metrics: &Metrics, r: &protocol::Refusal) {
 /// the password check for each AUTH.
 async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: SocketAddr) -> (protocol::Session, Output) {
     let mut out = Output::default();
+    let started = std::time::Instant::now();
     let errors_before = proto.errors();
     let metrics = &shared.metrics;
     while let Some(action) = proto.next_action() {
@@ -122,6 +145,11 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
             Action::Reply(r) => r.write_to(&mut out.bytes),
             Action::Refused(r) => log_refusal(peer, metrics, &r),
             Action::Close => out.close = true,
+            Action::Log(entry) => {
+                if let Some(log) = &shared.protolog {
+                    log.write(peer.ip(), &entry, started.elapsed());
+                }
+            }
             Action::StartTls => {
                 // The protocol waits for `TlsStarted`; nothing more to do in this round.
                 out.start_tls = true;
@@ -180,6 +208,7 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
     if proto.errors() > errors_before && !shared.error_delay.is_zero() {
         out.delay = shared.error_delay.saturating_mul(proto.errors() as u32).min(MAX_ERROR_DELAY);
     }
+    out.in_transaction = proto.in_transaction();
     (proto, out)
 }
 
@@ -201,8 +230,10 @@ impl Session {
             return Box::pin(actix::fut::ready(Output { close: true, ..Output::default() }));
         };
         step(&mut proto);
+        let handling = self.shared.meter.handling();
         let fut = drive(proto, self.shared.clone(), self.peer);
         Box::pin(fut.into_actor(self).map(|(proto, out), act, _ctx| {
+            drop(handling);
             act.proto = Some(proto);
             out
         }))
@@ -228,6 +259,14 @@ impl Handler<TlsStarted> for Session {
     }
 }
 
+impl Handler<Shutdown> for Session {
+    type Result = ResponseActFuture<Self, Output>;
+
+    fn handle(&mut self, _msg: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
+        self.run(protocol::Session::shutdown)
+    }
+}
+
 impl Handler<IdleTimeout> for Session {
     type Result = ResponseActFuture<Self, Output>;
 
@@ -241,7 +280,13 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Owns the socket of one connection until it closes. Every write is bounded by `idle` too, so a
 /// client that stops reading cannot pin the connection.
-pub async fn serve(stream: TcpStream, session: Addr<Session>, idle: Duration, tls: Option<TlsAcceptor>) {
+pub async fn serve(
+    stream: TcpStream,
+    session: Addr<Session>,
+    idle: Duration,
+    tls: Option<TlsAcceptor>,
+    mut stop: StopSignal,
+) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let Ok(greeting) = session.send(Greet).await else {
@@ -251,7 +296,7 @@ pub async fn serve(stream: TcpStream, session: Addr<Session>, idle: Duration, tl
     if !write(&mut stream, &greeting.bytes, idle).await {
         return;
     }
-    let Some(tcp) = pump(stream, &session, idle).await else {
+    let Some(tcp) = pump(stream, &session, idle, &mut stop).await else {
         return;
     };
     // STARTTLS: the protocol only asks for it when an acceptor is configured.
@@ -265,7 +310,7 @@ pub async fn serve(stream: TcpStream, session: Addr<Session>, idle: Duration, tl
             }
             debug!(client = ?peer, "TLS started");
             // A second STARTTLS is refused by the protocol, so this never returns a stream.
-            let _ = pump(tls_stream, &session, idle).await;
+            let _ = pump(tls_stream, &session, idle, &mut stop).await;
         }
         Ok(Err(e)) => info!(client = ?peer, error = %e, "TLS handshake failed"),
         Err(_) => info!(client = ?peer, "TLS handshake timed out"),
@@ -273,11 +318,39 @@ pub async fn serve(stream: TcpStream, session: Addr<Session>, idle: Duration, tl
 }
 
 /// Reads, asks the session, writes, until the connection ends (`None`) or the session asks for
-/// TLS (the stream is handed back, with nothing read past the STARTTLS command's batch).
-async fn pump<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, session: &Addr<Session>, idle: Duration) -> Option<S> {
+/// TLS (the stream is handed back, with nothing read past the STARTTLS command's batch). When the
+/// server stops, ends the session with 421 once no transaction is under way or the deadline passes.
+async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    session: &Addr<Session>,
+    idle: Duration,
+    stop: &mut StopSignal,
+) -> Option<S> {
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut in_transaction = false;
+    let mut watching = true;
     loop {
-        let out = match tokio::time::timeout(idle, stream.read(&mut buf)).await {
+        let deadline = *stop.borrow_and_update();
+        if let Some(d) = deadline {
+            if !in_transaction || tokio::time::Instant::now() >= d {
+                if let Ok(out) = session.send(Shutdown).await {
+                    let _ = write(&mut stream, &out.bytes, idle).await;
+                }
+                break;
+            }
+        }
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, stream.read(&mut buf)) => Some(r),
+            changed = stop.changed(), if watching && deadline.is_none() => {
+                // The sender is gone only when the daemon is gone; stop watching then.
+                watching = changed.is_ok();
+                None
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => None,
+        };
+        let Some(read) = read else { continue };
+        let out = match read {
             Err(_) => match session.send(IdleTimeout).await {
                 Ok(out) => out,
                 Err(_) => break,
@@ -294,6 +367,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, session: &Addr<S
         if !write(&mut stream, &out.bytes, idle).await || out.close {
             break;
         }
+        in_transaction = out.in_transaction;
         if out.start_tls {
             return Some(stream);
         }

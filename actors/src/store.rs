@@ -73,6 +73,9 @@ pub struct Envelope {
     /// A delay notice has been sent for this message (one per message).
     #[serde(default)]
     pub delay_notified: bool,
+    /// Put on hold by the operator: not delivered until released (no retry-index entry).
+    #[serde(default)]
+    pub held: bool,
 }
 
 impl Envelope {
@@ -323,6 +326,28 @@ impl Store {
         Ok(out)
     }
 
+    /// Envelopes with IDs above `after`, in ID order: paging through the queue.
+    pub fn envelopes_after(&self, after: QueueId) -> impl Iterator<Item = Result<Envelope>> + '_ {
+        self.envelopes.range(after.saturating_add(1).to_be_bytes()..).map(|kv| {
+            let (k, v) = kv?;
+            serde_json::from_slice::<Envelope>(&v).map_err(|e| StoreError::Corrupt(format!("envelope {k:?}: {e}")))
+        })
+    }
+
+    /// Retry-index entries due at or before `now`, and those after it. Reads keys only.
+    pub fn retry_counts(&self, now: u64) -> Result<(usize, usize)> {
+        let (mut due, mut later) = (0, 0);
+        for k in self.retry.iter().keys() {
+            let k = k?;
+            if id_from(&k).is_some_and(|at| at <= now) {
+                due += 1;
+            } else {
+                later += 1;
+            }
+        }
+        Ok((due, later))
+    }
+
     /// Messages whose retry time is at or before `now`, earliest first.
     pub fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueId>> {
         let mut out = Vec::new();
@@ -412,6 +437,7 @@ mod tests {
             next_attempt: next,
             dsn: Default::default(),
             delay_notified: false,
+            held: false,
         }
     }
 

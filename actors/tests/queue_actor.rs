@@ -73,7 +73,7 @@ fn queue_with(remote: Option<Recipient<Deliver>>) -> (tempfile::TempDir, std::pa
     std::fs::create_dir_all(&temp).unwrap();
     let metrics = Metrics::unregistered();
     let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
-    let router = Router { local_domains: LocalDomains::new(["example.test"]), local: local.recipient(), remote };
+    let router = Router::simple(LocalDomains::new(["example.test"]), local.recipient(), remote);
     let store = Store::open(&dir.path().join("Queue"), 1).unwrap();
     let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
     (dir, drop_dir, queue)

@@ -21,6 +21,10 @@ pub fn config(dir: &Path, extra: &str) -> Config {
     let mut c = Config::from_toml(&text).expect("test config");
     c.domains.local = vec!["example.test".into(), "alias.test".into()];
     c.mailroot.path = dir.to_path_buf();
+    // Every test daemon gets its own admin port, unless the test chose one.
+    if !extra.contains("[admin]") {
+        c.admin.listen = "127.0.0.1:0".into();
+    }
     // No tarpit in tests unless a test asks for it: errors are part of many transcripts.
     if !extra.contains("error_delay") {
         c.limits.error_delay = mailroot::config::HumanDuration(Duration::ZERO);

@@ -18,4 +18,4 @@ mod tests;
 
 pub use address::{LocalDomains, Mailbox};
 pub use reply::Reply;
-pub use session::{Action, EnqueueError, Incoming, Refusal, RefusalCause, Session, SessionParams};
+pub use session::{Action, CommandLog, EnqueueError, Incoming, Refusal, RefusalCause, Session, SessionParams};

@@ -22,6 +22,11 @@ pub fn rfc5322_date(secs: u64) -> String {
     )
 }
 
+/// Year, month and day (UTC) of a Unix time.
+pub fn civil_date(secs: u64) -> (i64, u32, u32) {
+    civil_from_days((secs / 86_400) as i64)
+}
+
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

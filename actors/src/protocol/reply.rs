@@ -91,6 +91,10 @@ pub fn too_many_messages(hostname: &str) -> Reply {
     Reply::new(421, "4.7.0", format!("{hostname} too many messages in this connection, reconnect"))
 }
 
+pub fn paused(hostname: &str) -> Reply {
+    Reply::new(421, "4.3.2", format!("{hostname} service paused, try again later"))
+}
+
 pub fn shutting_down(hostname: &str) -> Reply {
     Reply::new(421, "4.3.2", format!("{hostname} service shutting down, try again later"))
 }

@@ -93,6 +93,48 @@ pub enum Action {
         user: String,
         password: Secret,
     },
+    /// A command and its final reply, for the protocol log (only with [`Session::set_logging`]).
+    Log(CommandLog),
+}
+
+/// One line of the protocol log. Never holds AUTH credentials: only the mechanism.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLog {
+    /// The command verb, upper-cased (`EHLO`, `MAIL`, …).
+    pub verb: String,
+    /// Its argument, with spaces as `+` and anything unprintable as `?`, at most 128 characters.
+    pub arg: String,
+    pub status: u16,
+    /// Bytes from the client: the command line, plus the message for DATA and BDAT.
+    pub in_bytes: u64,
+    /// Bytes of the reply.
+    pub out_bytes: u64,
+}
+
+impl CommandLog {
+    fn from_line(line: &[u8]) -> CommandLog {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
+        let verb: String = verb
+            .chars()
+            .take(12)
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '?' })
+            .collect();
+        // AUTH's argument may carry the credentials (AUTH PLAIN <base64>): keep the mechanism only.
+        let arg = if verb == "AUTH" { arg.split(' ').next().unwrap_or("") } else { arg };
+        let arg: String = arg
+            .trim()
+            .chars()
+            .take(128)
+            .map(|c| match c {
+                ' ' => '+',
+                c if c.is_control() => '?',
+                c => c,
+            })
+            .collect();
+        CommandLog { verb, arg, status: 0, in_bytes: line.len() as u64, out_bytes: 0 }
+    }
 }
 
 /// A password: never shown by `Debug`, so it cannot reach a log by accident.
@@ -142,6 +184,10 @@ pub enum RefusalCause {
     AccessDenied,
     TlsRequired,
     AuthFailed,
+    /// The service is paused: new connections get 421 4.3.2.
+    Paused,
+    /// The service is stopping: open sessions end with 421 4.3.2.
+    ShuttingDown,
 }
 
 impl RefusalCause {
@@ -166,6 +212,8 @@ impl RefusalCause {
             RefusalCause::AccessDenied => "access_denied",
             RefusalCause::TlsRequired => "tls_required",
             RefusalCause::AuthFailed => "auth_failed",
+            RefusalCause::Paused => "paused",
+            RefusalCause::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -254,6 +302,10 @@ pub struct Session {
     user: Option<String>,
     /// Reverse DNS of the client: `None` = not looked up.
     client_name: Option<Option<String>>,
+    /// Emit [`Action::Log`] for each command.
+    logging: bool,
+    /// The command waiting for its final reply (when logging).
+    log_cmd: Option<CommandLog>,
 }
 
 impl Session {
@@ -272,7 +324,14 @@ impl Session {
             tls: false,
             user: None,
             client_name: None,
+            logging: false,
+            log_cmd: None,
         }
+    }
+
+    /// Emit an [`Action::Log`] after the final reply to each command (the protocol log).
+    pub fn set_logging(&mut self, on: bool) {
+        self.logging = on;
     }
 
     /// The result of the reverse DNS lookup of the client (its forward-confirmed name, or
@@ -333,6 +392,20 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         matches!(self.mode, Mode::Closed)
+    }
+
+    /// A mail transaction is under way (MAIL given, or message data being read): a stopping
+    /// server lets it finish before closing the connection.
+    pub fn in_transaction(&self) -> bool {
+        self.txn.sender.is_some() || matches!(self.mode, Mode::Data(_) | Mode::AwaitingQueue | Mode::Bdat { .. })
+    }
+
+    /// The server is stopping: the next actions are `421 4.3.2` and `Close`.
+    pub fn shutdown(&mut self) {
+        let refusal = self.refusal(RefusalCause::ShuttingDown, None, 0);
+        self.out.push_back(Action::Refused(refusal));
+        let r = reply::shutting_down(&self.params.hostname);
+        self.close_with(r);
     }
 
     /// Adds bytes read from the client. The buffer holds at most what one read brought plus one
@@ -455,14 +528,20 @@ impl Session {
             self.mode = Mode::Command;
         }
         self.txn = Transaction::default();
-        match result {
+        let r = match result {
             Ok(id) => {
                 self.messages += 1;
                 reply::queued(id)
             }
             Err(EnqueueError::Storage) => reply::insufficient_storage(),
             Err(EnqueueError::Temporary) => reply::queue_unavailable(),
+        };
+        if let Some(mut l) = self.log_cmd.take() {
+            l.status = r.code;
+            l.out_bytes = r.to_bytes().len() as u64;
+            self.out.push_back(Action::Log(l));
         }
+        r
     }
 
     fn refusal(&self, cause: RefusalCause, recipient: Option<String>, size: usize) -> Refusal {
@@ -476,7 +555,23 @@ impl Session {
     }
 
     fn reply(&mut self, r: Reply) {
+        // 334 and 354 are intermediate: the command is logged with its final reply.
+        let log = match self.log_cmd.take() {
+            Some(l) if matches!(r.code, 334 | 354) => {
+                self.log_cmd = Some(l);
+                None
+            }
+            Some(mut l) => {
+                l.status = r.code;
+                l.out_bytes = r.to_bytes().len() as u64;
+                Some(l)
+            }
+            None => None,
+        };
         self.out.push_back(Action::Reply(r));
+        if let Some(l) = log {
+            self.out.push_back(Action::Log(l));
+        }
     }
 
     /// A client error: counted towards `max_errors`, which ends the session when reached.
@@ -506,6 +601,9 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8]) {
+        if self.logging {
+            self.log_cmd = Some(CommandLog::from_line(line));
+        }
         let cmd = match command::parse(line) {
             Ok(c) => c,
             Err(e) => {
@@ -520,6 +618,9 @@ impl Session {
                 return;
             }
         };
+        if let (Some(l), Command::Bdat { size, .. }) = (self.log_cmd.as_mut(), &cmd) {
+            l.in_bytes += size;
+        }
         let needs_tls = matches!(
             cmd,
             Command::Mail { .. }
@@ -841,6 +942,10 @@ impl Session {
             (false, _, _, _) => "SMTP",
         };
         self.mode = Mode::AwaitingQueue;
+        // BDAT counted its chunks as they came.
+        if let Some(l) = self.log_cmd.as_mut().filter(|l| l.verb == "DATA") {
+            l.in_bytes += body.len() as u64;
+        }
         self.out.push_back(Action::Enqueue(Incoming {
             sender: txn.sender.flatten(),
             recipients: txn.recipients,

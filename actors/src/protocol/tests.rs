@@ -30,6 +30,7 @@ struct Run {
     messages: Vec<Incoming>,
     refusals: Vec<RefusalCause>,
     closed: bool,
+    log: Vec<super::session::CommandLog>,
 }
 
 fn drive(p: SessionParams, relay: bool, chunks: &[&[u8]], queue: Result<u64, EnqueueError>) -> Run {
@@ -61,6 +62,7 @@ fn drive_from(ip: &str, p: SessionParams, relay: bool, chunks: &[&[u8]], queue: 
                 }
                 Action::Refused(r) => run.refusals.push(r.cause),
                 Action::Close => run.closed = true,
+                Action::Log(l) => run.log.push(l),
                 // The handshake "succeeds" at once: what follows in this chunk was discarded.
                 Action::StartTls => {
                     run.codes.push("TLS".into());
@@ -453,7 +455,7 @@ fn random_streams_never_break_the_session() {
                         id += 1;
                         s.enqueued(Ok(id));
                     }
-                    Action::Refused(_) | Action::Close => {}
+                    Action::Refused(_) | Action::Close | Action::Log(_) => {}
                     Action::StartTls => s.tls_started(),
                     Action::Authenticate { .. } => s.authenticated(rng.below(2) == 0),
                 }

@@ -16,7 +16,14 @@
 //! - Every retry time written is either told to the [`RetryScheduler`] or not earlier than a time
 //!   already told to it, so the scheduler never sleeps past a due message.
 
-use std::collections::{HashSet, VecDeque};
+mod admin;
+
+pub use admin::{
+    AdminError, Bounce, Delete, Drain, Hold, List, ListFilter, ListPage, MessageInfo, QueueSummary, RecipientInfo,
+    Release, RetryAll, RetryNow, Show, Summary, STATES,
+};
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,12 +34,13 @@ use tracing::{error, info, warn};
 use crate::commit::GroupCommit;
 use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
 use crate::fsio::write_badmail;
-use crate::metrics::{CauseLabel, KindLabel, Metrics, RouteLabel, SourceLabel};
+use crate::metrics::{ActorMeter, CauseLabel, KindLabel, Metrics, RouteLabel, SourceLabel};
 use crate::notify::{self, Report, ReportKind, ReportRecipient};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::received::{received_header, rfc5322_date, Origin};
 use crate::protocol::{EnqueueError, LocalDomains, Mailbox};
 use crate::retry::{Reschedule, RetryBatch, RetryDue, RetryScheduler};
+use crate::routes::{self, RouteTable};
 use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, Store, StoreError};
 
 /// Store one new message. Answered once it is on stable storage.
@@ -72,24 +80,40 @@ pub struct Inspect {
 #[rtype(result = "Result<(), String>")]
 pub struct Flush;
 
-/// Where recipients go. Local domains go to `local`; the others to `remote` when there is one,
-/// else they stay queued until a remote delivery actor is wired in.
+/// Where recipients go: the route table names a delivery actor for each domain; `actors` holds
+/// them by name. A recipient whose route names no actor stays queued (and is logged) until a
+/// reload provides one.
 #[derive(Clone)]
 pub struct Router {
     pub local_domains: LocalDomains,
-    pub local: Recipient<Deliver>,
-    pub remote: Option<Recipient<Deliver>>,
+    pub table: Arc<RouteTable>,
+    pub actors: HashMap<String, Recipient<Deliver>>,
 }
 
 impl Router {
-    fn route(&self, address: &str) -> Option<(&'static str, Recipient<Deliver>)> {
-        if self.local_domains.contains_address(address) {
-            Some(("drop", self.local.clone()))
-        } else {
-            self.remote.clone().map(|r| ("remote", r))
+    /// No rules: local domains to `drop`, the others to `smtp` when given.
+    pub fn simple(local_domains: LocalDomains, drop: Recipient<Deliver>, smtp: Option<Recipient<Deliver>>) -> Self {
+        let mut actors = HashMap::from([(routes::LOCAL_DEFAULT.to_string(), drop)]);
+        if let Some(smtp) = smtp {
+            actors.insert(routes::REMOTE_DEFAULT.to_string(), smtp);
+        }
+        Router { local_domains, table: Arc::default(), actors }
+    }
+
+    /// The route name and its actor; `Err(name)` when no actor has that name.
+    fn route(&self, address: &str) -> Result<(&'static str, Recipient<Deliver>), &str> {
+        let name = self.table.route(routes::domain_of(address), &self.local_domains);
+        match self.actors.get(name) {
+            Some(actor) => Ok((crate::metrics::intern(name), actor.clone())),
+            None => Err(name),
         }
     }
 }
+
+/// Replace the routes (a configuration reload). Deliveries in flight finish with the old ones.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetRouter(pub Router);
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -183,7 +207,14 @@ pub struct Queue {
     in_flight_bytes: usize,
     /// Messages in the store (counted once at open: sled's `len` walks the whole tree).
     queued: usize,
-    outstanding: std::collections::HashMap<QueueId, usize>,
+    outstanding: HashMap<QueueId, usize>,
+    /// Messages on hold (loaded at start, kept by Hold/Release/Delete).
+    held: HashSet<QueueId>,
+    /// Stopping: nothing new is dispatched (see [`Drain`]).
+    draining: bool,
+    /// Told when the last delivery in flight ends while draining.
+    drained: Vec<tokio::sync::oneshot::Sender<()>>,
+    meter: ActorMeter,
 }
 
 impl Queue {
@@ -194,7 +225,6 @@ impl Queue {
             committer: None,
             settings,
             router,
-            metrics,
             scheduler: None,
             told_scheduler: None,
             ready: VecDeque::new(),
@@ -204,6 +234,11 @@ impl Queue {
             in_flight_bytes: 0,
             queued: 0,
             outstanding: Default::default(),
+            held: HashSet::new(),
+            draining: false,
+            drained: Vec::new(),
+            meter: metrics.actor("queue"),
+            metrics,
         }
     }
 
@@ -239,6 +274,9 @@ impl Queue {
                 return false;
             }
         };
+        if env.held || self.draining {
+            return false;
+        }
         let now = unix_now();
         let mut groups: Vec<(&'static str, Recipient<Deliver>, Vec<DeliveryRecipient>)> = Vec::new();
         let mut held = Vec::new();
@@ -246,9 +284,12 @@ impl Queue {
             if r.status != RcptStatus::Pending || r.next_attempt.is_some_and(|t| t > now) {
                 continue;
             }
-            let Some((name, actor)) = self.router.route(&r.address) else {
-                held.push(r.address.as_str());
-                continue;
+            let (name, actor) = match self.router.route(&r.address) {
+                Ok(route) => route,
+                Err(missing) => {
+                    held.push(format!("{} (route {missing:?})", r.address));
+                    continue;
+                }
             };
             if r.attempts > 0 {
                 self.metrics.retries.inc();
@@ -260,7 +301,7 @@ impl Queue {
             }
         }
         if !held.is_empty() {
-            info!(id, recipients = %held.join(","), "no delivery actor for these recipients; they stay queued");
+            warn!(id, recipients = %held.join(","), "no delivery actor for these recipients' route; they stay queued");
         }
         if groups.is_empty() {
             return false;
@@ -307,6 +348,11 @@ impl Queue {
                     act.in_flight -= 1;
                     act.in_flight_bytes -= size;
                     act.record(id, route, report, ctx);
+                    if act.in_flight == 0 {
+                        for tx in act.drained.drain(..) {
+                            let _ = tx.send(());
+                        }
+                    }
                     act.pump(ctx);
                 })
                 .spawn(ctx);
@@ -596,6 +642,7 @@ impl Queue {
             next_attempt: None,
             dsn: msg.dsn,
             delay_notified: false,
+            held: false,
         };
         if let Err(e) = self.store.insert(&env, &message, msg.pickup.as_ref()) {
             let _ = self.store.discard(&env, msg.pickup.as_ref());
@@ -654,6 +701,7 @@ impl Actor for Queue {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.meter.started();
         // Writes are rare compared with the work they wait for; let sessions queue up.
         ctx.set_mailbox_capacity(1024);
         let store = self.store.clone();
@@ -662,20 +710,23 @@ impl Actor for Queue {
             move || store.sync().map_err(|e| std::io::Error::other(e.to_string())),
             self.metrics.queue_commit_batch.clone(),
         ));
-        self.scheduler = Some(RetryScheduler::new(self.store.clone(), ctx.address().recipient()).start());
+        self.scheduler = Some(
+            RetryScheduler::new(self.store.clone(), ctx.address().recipient(), self.metrics.actor("scheduler")).start(),
+        );
         match self.store.envelopes() {
             Ok(envs) => {
                 let now = unix_now();
                 self.queued = envs.len();
                 let mut resumed = 0;
-                for env in envs.iter().filter(|e| !e.is_finished()) {
+                self.held = envs.iter().filter(|e| e.held).map(|e| e.id).collect();
+                for env in envs.iter().filter(|e| !e.is_finished() && !e.held) {
                     // Messages waiting for a retry time are the scheduler's; the rest go now.
                     if env.next_attempt.is_none_or(|t| t <= now) {
                         resumed += 1;
                         self.schedule(env.id, None);
                     }
                 }
-                info!(resumed, queued = self.queued, "queue opened");
+                info!(resumed, queued = self.queued, held = self.held.len(), "queue opened");
             }
             Err(e) => error!(error = %e, "cannot list the queued messages"),
         }
@@ -684,6 +735,7 @@ impl Actor for Queue {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.meter.stopped();
         if let Err(e) = self.store.sync() {
             error!(error = %e, "final queue sync failed");
         }
@@ -694,6 +746,7 @@ impl Handler<Enqueue> for Queue {
     type Result = ResponseActFuture<Self, Result<QueueId, EnqueueError>>;
 
     fn handle(&mut self, msg: Enqueue, _ctx: &mut Self::Context) -> Self::Result {
+        let handling = self.meter.handling();
         let fail = |e: StoreError| {
             error!(error = %e, "cannot store message");
             if e.is_no_space() {
@@ -741,20 +794,23 @@ impl Handler<Enqueue> for Queue {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
         };
         let (id, size) = (env.id, message.len() as u64);
-        Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(()) => {
-                act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
-                act.metrics.bytes_received.inc_by(size);
-                act.queued += 1;
-                act.metrics.queue_messages.set(act.queued as i64);
-                act.schedule(id, Some(message));
-                act.pump(ctx);
-                Ok(id)
-            }
-            Err(e) => {
-                error!(id, error = %e, "queue sync failed; refusing the message");
-                let _ = act.store.discard(&env, mark.as_ref());
-                Err(EnqueueError::Temporary)
+        Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| {
+            drop(handling);
+            match res {
+                Ok(()) => {
+                    act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
+                    act.metrics.bytes_received.inc_by(size);
+                    act.queued += 1;
+                    act.metrics.queue_messages.set(act.queued as i64);
+                    act.schedule(id, Some(message));
+                    act.pump(ctx);
+                    Ok(id)
+                }
+                Err(e) => {
+                    error!(id, error = %e, "queue sync failed; refusing the message");
+                    let _ = act.store.discard(&env, mark.as_ref());
+                    Err(EnqueueError::Temporary)
+                }
             }
         }))
     }
@@ -764,9 +820,20 @@ impl Handler<RetryDue> for Queue {
     type Result = RetryBatch;
 
     fn handle(&mut self, msg: RetryDue, ctx: &mut Self::Context) -> RetryBatch {
+        let _handling = self.meter.handling();
         // The scheduler now sleeps on its own reading of the index.
         self.told_scheduler = None;
         RetryBatch { more: self.take_due(msg.now, ctx) }
+    }
+}
+
+impl Handler<SetRouter> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetRouter, ctx: &mut Self::Context) {
+        self.router = msg.0;
+        // Recipients that waited for a route that now exists go at once.
+        self.take_due(unix_now(), ctx);
     }
 }
 

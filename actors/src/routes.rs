@@ -1,0 +1,127 @@
+//! The route table: which delivery actor (by name) gets the recipients of a domain. Rules map an
+//! exact domain, or `*.suffix` for every subdomain of `suffix`; what no rule names goes to `drop`
+//! when the domain is local and to `smtp` otherwise.
+//!
+//! Invariant: lookups are pure and case-insensitive; an exact rule beats any suffix rule, and a
+//! longer suffix beats a shorter one, whatever the order in the config.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::protocol::address::validate_domain;
+use crate::protocol::LocalDomains;
+
+/// The route for local domains that no rule names.
+pub const LOCAL_DEFAULT: &str = "drop";
+/// The route for other domains that no rule names.
+pub const REMOTE_DEFAULT: &str = "smtp";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    exact: HashMap<String, String>,
+    /// `(".suffix", route)`, longest first.
+    suffixes: Vec<(String, String)>,
+}
+
+impl RouteTable {
+    /// Builds the table from `pattern = "route"` pairs, checking every pattern.
+    pub fn new(rules: &BTreeMap<String, String>) -> Result<RouteTable, String> {
+        let mut table = RouteTable::default();
+        for (pattern, route) in rules {
+            let p = pattern.trim().to_ascii_lowercase();
+            if route.trim().is_empty() {
+                return Err(format!("route for {pattern:?} is empty"));
+            }
+            let (domain, wildcard) = match p.strip_prefix("*.") {
+                Some(rest) => (rest, true),
+                None => (p.as_str(), false),
+            };
+            validate_domain(domain).map_err(|_| format!("{pattern:?} is neither a domain nor *.domain"))?;
+            if wildcard {
+                table.suffixes.push((format!(".{domain}"), route.trim().to_string()));
+            } else {
+                table.exact.insert(domain.to_string(), route.trim().to_string());
+            }
+        }
+        table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Ok(table)
+    }
+
+    /// The route named by a rule for `domain`, if any.
+    pub fn rule(&self, domain: &str) -> Option<&str> {
+        let d = domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(r) = self.exact.get(&d) {
+            return Some(r);
+        }
+        self.suffixes.iter().find(|(s, _)| d.ends_with(s.as_str()) && d.len() > s.len()).map(|(_, r)| r.as_str())
+    }
+
+    /// The route for `domain`: a rule's, else the default for local or remote domains.
+    pub fn route<'a>(&'a self, domain: &str, local: &LocalDomains) -> &'a str {
+        match self.rule(domain) {
+            Some(r) => r,
+            None if local.contains(domain) => LOCAL_DEFAULT,
+            None => REMOTE_DEFAULT,
+        }
+    }
+
+    /// Every route name the rules use.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.exact.values().chain(self.suffixes.iter().map(|(_, r)| r)).map(|s| s.as_str())
+    }
+}
+
+/// The domain part of an address (after the last `@`); the whole text when there is none.
+pub fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or(address, |(_, d)| d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups() {
+        let rules: BTreeMap<String, String> = [
+            ("example.com", "maildir"),
+            ("*.example.com", "lmtp"),
+            ("*.eu.example.com", "webhook"),
+            ("Partner.ORG", "smarthost"),
+            ("*.org", "smtp"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let t = RouteTable::new(&rules).unwrap();
+        let local = LocalDomains::new(["localhost", "corp.test"]);
+        let cases = [
+            ("example.com", "maildir"),
+            ("EXAMPLE.com.", "maildir"),
+            ("a.example.com", "lmtp"),
+            ("x.y.example.com", "lmtp"),
+            // A longer suffix wins whatever the order.
+            ("paris.eu.example.com", "webhook"),
+            // `*.eu.example.com` is subdomains only; eu.example.com itself is under `*.example.com`.
+            ("eu.example.com", "lmtp"),
+            ("partner.org", "smarthost"),
+            ("other.org", "smtp"),
+            // A suffix never matches a name that merely ends with its text.
+            ("notexample.com", "smtp"),
+            ("localhost", "drop"),
+            ("corp.test", "drop"),
+            ("elsewhere.net", "smtp"),
+        ];
+        for (domain, want) in cases {
+            assert_eq!(t.route(domain, &local), want, "{domain}");
+        }
+        assert_eq!(domain_of("a@b@c.org"), "c.org");
+    }
+
+    #[test]
+    fn bad_rules() {
+        for (pattern, route) in [("*", "drop"), ("a..b", "drop"), ("*.", "drop"), ("ok.org", " "), ("**.x.org", "smtp")]
+        {
+            let rules = BTreeMap::from([(pattern.to_string(), route.to_string())]);
+            assert!(RouteTable::new(&rules).is_err(), "{pattern:?} = {route:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The admin HTTP API (actix-web): Prometheus metrics, status, queue management and
+//! pause/resume/stop. JSON in and out; every error is `{"error": "..."}` with a fitting status.
+//!
+//! Invariants:
+//! - With `admin.token` set, every request needs `Authorization: Bearer <token>` (compared in
+//!   constant time); `/metrics` is exempt only with `admin.metrics_public`.
+//! - Handlers only send messages to the actors; the queue's own invariants (durability before a
+//!   reply, no change to a message being delivered) hold for every change made here.
+
+// The `Err` of the request helpers is the response to send, built once per refused request.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::Addr;
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use mailroot_actors::metrics::{Metrics, StateLabel};
+use mailroot_actors::queue::{
+    AdminError, Bounce, Delete, Hold, List, ListFilter, Queue, Release, RetryAll, RetryNow, Show, Summary,
+};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::daemon::ControlHandle;
+
+/// What the handlers work with.
+pub struct AdminState {
+    pub queue: Addr<Queue>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub token: String,
+    pub metrics_public: bool,
+    pub started: Instant,
+    pub started_unix: u64,
+    pub paused: Arc<AtomicBool>,
+    pub control: ControlHandle,
+    pub smtp_listeners: Vec<SocketAddr>,
+    pub hostname: String,
+}
+
+type State = web::Data<AdminState>;
+
+fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(json!({ "error": message.into() }))
+}
+
+fn admin_error(e: AdminError) -> HttpResponse {
+    match e {
+        AdminError::NotFound => error(StatusCode::NOT_FOUND, e.to_string()),
+        AdminError::Conflict(m) => error(StatusCode::CONFLICT, m),
+        AdminError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HttpResponse {
+    error(StatusCode::SERVICE_UNAVAILABLE, format!("the queue is not answering: {e}"))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `Err` is the 401 to send.
+fn authorize(req: &HttpRequest, s: &AdminState, is_metrics: bool) -> Result<(), HttpResponse> {
+    if s.token.is_empty() || (is_metrics && s.metrics_public) {
+        return Ok(());
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => Ok(()),
+        _ => {
+            let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            warn!(client = %who, path = req.path(), "admin API request without a valid token");
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            Err(r)
+        }
+    }
+}
+
+macro_rules! authorized {
+    ($req:expr, $state:expr) => {
+        if let Err(r) = authorize(&$req, &$state, false) {
+            return r;
+        }
+    };
+}
+
+fn message_id(req: &HttpRequest) -> Result<u64, HttpResponse> {
+    req.match_info()
+        .get("id")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "no such message in the queue"))
+}
+
+fn query(req: &HttpRequest) -> Result<HashMap<String, String>, HttpResponse> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad query string: {e}")))
+}
+
+async fn metrics(req: HttpRequest, s: State) -> HttpResponse {
+    if let Err(r) = authorize(&req, &s, true) {
+        return r;
+    }
+    // Queue length by state is computed when asked rather than kept up to date per message.
+    if let Ok(summary) = s.queue.send(Summary).await {
+        for (state, n) in [
+            ("active", summary.active),
+            ("ready", summary.ready),
+            ("deferred", summary.deferred),
+            ("held", summary.held),
+        ] {
+            s.metrics.queue_by_state.get_or_create(&StateLabel { state }).set(n as i64);
+        }
+    }
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the metrics: {e}"));
+    }
+    HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text)
+}
+
+#[derive(Serialize)]
+struct Status {
+    version: &'static str,
+    hostname: String,
+    state: &'static str,
+    started_at: u64,
+    uptime_seconds: u64,
+    listeners: Vec<String>,
+    connections: i64,
+    queue: mailroot_actors::queue::QueueSummary,
+}
+
+async fn status(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let queue = match s.queue.send(Summary).await {
+        Ok(q) => q,
+        Err(e) => return unavailable(e),
+    };
+    HttpResponse::Ok().json(Status {
+        version: env!("CARGO_PKG_VERSION"),
+        hostname: s.hostname.clone(),
+        state: if s.paused.load(Ordering::Relaxed) { "paused" } else { "running" },
+        started_at: s.started_unix,
+        uptime_seconds: s.started.elapsed().as_secs(),
+        listeners: s.smtp_listeners.iter().map(|a| a.to_string()).collect(),
+        connections: s.metrics.connections_current.get(),
+        queue,
+    })
+}
+
+async fn list(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let q = match query(&req) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let number = |key: &str| -> Result<Option<u64>, HttpResponse> {
+        match q.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| error(StatusCode::BAD_REQUEST, format!("{key} must be a number, not {v:?}"))),
+        }
+    };
+    let (after, limit) = match (number("after"), number("limit")) {
+        (Ok(a), Ok(l)) => (a, l),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let filter = ListFilter {
+        state: q.get("state").filter(|s| !s.is_empty()).cloned(),
+        domain: q.get("domain").filter(|s| !s.is_empty()).cloned(),
+        after,
+        limit: limit.unwrap_or(100) as usize,
+    };
+    match s.queue.send(List(filter)).await {
+        Ok(Ok(page)) => HttpResponse::Ok().json(page),
+        Ok(Err(AdminError::Conflict(m))) => error(StatusCode::BAD_REQUEST, m),
+        Ok(Err(e)) => admin_error(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn show(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let id = match message_id(&req) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.queue.send(Show(id)).await {
+        Ok(Ok(m)) => HttpResponse::Ok().json(m),
+        Ok(Err(e)) => admin_error(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// The queue actions on one message, by the last path segment (or DELETE).
+async fn act(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let id = match message_id(&req) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let action = if req.method() == actix_web::http::Method::DELETE {
+        "delete"
+    } else {
+        req.match_info().get("action").unwrap_or("")
+    };
+    let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    info!(client = %who, id, action, "admin API queue action");
+    let done = |r: Result<(), AdminError>| match r {
+        Ok(()) => HttpResponse::Ok().json(json!({ "id": id, "result": action })),
+        Err(e) => admin_error(e),
+    };
+    let shown = |r: Result<mailroot_actors::queue::MessageInfo, AdminError>| match r {
+        Ok(m) => HttpResponse::Ok().json(m),
+        Err(e) => admin_error(e),
+    };
+    let q = &s.queue;
+    match action {
+        "retry" => q.send(RetryNow(id)).await.map(shown),
+        "hold" => q.send(Hold(id)).await.map(shown),
+        "release" => q.send(Release(id)).await.map(shown),
+        "bounce" => q.send(Bounce(id)).await.map(done),
+        "delete" => q.send(Delete(id)).await.map(done),
+        _ => return not_found(req).await,
+    }
+    .unwrap_or_else(unavailable)
+}
+
+async fn retry_all(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let q = match query(&req) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let domain = q.get("domain").filter(|d| !d.is_empty()).cloned();
+    match s.queue.send(RetryAll { domain: domain.clone() }).await {
+        Ok(Ok(n)) => HttpResponse::Ok().json(json!({ "retried": n, "domain": domain })),
+        Ok(Err(e)) => admin_error(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn server_action(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    match req.match_info().get("action").unwrap_or("") {
+        "pause" => {
+            s.paused.store(true, Ordering::Relaxed);
+            info!(client = %who, "paused: new SMTP connections get 421 4.3.2");
+            HttpResponse::Ok().json(json!({ "state": "paused" }))
+        }
+        "resume" => {
+            s.paused.store(false, Ordering::Relaxed);
+            info!(client = %who, "resumed");
+            HttpResponse::Ok().json(json!({ "state": "running" }))
+        }
+        "reload" => {
+            info!(client = %who, "reload requested through the admin API");
+            match s.control.reload().await {
+                Ok(changed) => HttpResponse::Ok().json(json!({ "changed": changed })),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+            }
+        }
+        "stop" => {
+            info!(client = %who, "stop requested through the admin API");
+            if s.control.stop() {
+                HttpResponse::Accepted().json(json!({ "state": "stopping" }))
+            } else {
+                error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is already stopping")
+            }
+        }
+        _ => not_found(req).await,
+    }
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", req.method(), req.path()))
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics))
+        .route("/api/status", web::get().to(status))
+        .route("/api/queue", web::get().to(list))
+        .route("/api/queue/retry-all", web::post().to(retry_all))
+        .route("/api/queue/{id}", web::get().to(show))
+        .route("/api/queue/{id}", web::delete().to(act))
+        .route("/api/queue/{id}/{action}", web::post().to(act))
+        .route("/api/server/{action}", web::post().to(server_action));
+}
+
+/// Builds the server on an already bound socket; the caller spawns it and keeps its handle.
+pub fn serve(socket: std::net::TcpListener, state: AdminState) -> std::io::Result<actix_web::dev::Server> {
+    let addr = socket.local_addr()?;
+    let data = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        App::new().app_data(data.clone()).configure(routes).default_service(web::to(not_found))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(2)
+    .listen(socket)?
+    .run();
+    info!(admin = %addr, "admin API started");
+    Ok(server)
+}

@@ -1,0 +1,266 @@
+//! `mailroot sendmail`: the sendmail-compatible entry point that cron, PHP's `mail()` and
+//! friends call. It reads a message on standard input and writes it into the Pickup folder
+//! atomically, so it works whether the daemon runs or not; the daemon queues it when it sees it.
+//!
+//! Invariants:
+//! - The file appears in Pickup complete or not at all (temporary name starting with `.`, which
+//!   Pickup ignores, `fsync`, rename, `fsync` of the folder).
+//! - The file is checked with the same parser Pickup uses before it is written, so a message
+//!   Pickup would refuse is refused here, with the reason, instead of landing in Badmail.
+
+use std::io::{BufRead, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mailroot_actors::pickup::parse_pickup;
+use mailroot_actors::protocol::address::parse_mailbox;
+use mailroot_actors::protocol::received::rfc5322_date;
+
+use crate::config::Config;
+
+/// sysexits.h codes, which sendmail callers understand.
+pub const EX_USAGE: u8 = 64;
+pub const EX_DATAERR: u8 = 65;
+pub const EX_CANTCREAT: u8 = 73;
+pub const EX_IOERR: u8 = 74;
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Args {
+    /// `-t`: recipients from To:, Cc: and Bcc: too (Bcc: is removed).
+    pub from_headers: bool,
+    /// `-f`: the envelope sender; `<>` or empty for the null sender.
+    pub sender: Option<String>,
+    /// `-i` / `-oi`: a line with a single dot does not end the message.
+    pub ignore_dots: bool,
+    pub recipients: Vec<String>,
+}
+
+/// Parses sendmail's arguments. Options that do not apply here (`-o…`, `-B…`, `-F…`, `-v`, `-bm`,
+/// `-N…`, `-R…`, `-V…`) are accepted and ignored, as other MTAs' sendmail commands do.
+pub fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut a = Args::default();
+    let mut i = 0;
+    let mut only_recipients = false;
+    while i < args.len() {
+        let arg = &args[i];
+        i += 1;
+        if only_recipients || !arg.starts_with('-') || arg == "-" {
+            a.recipients.push(arg.clone());
+            continue;
+        }
+        match arg.as_str() {
+            "--" => only_recipients = true,
+            "-t" => a.from_headers = true,
+            "-i" | "-oi" => a.ignore_dots = true,
+            "-f" | "-r" => {
+                let v = args.get(i).ok_or(format!("{arg} needs a sender address"))?;
+                a.sender = Some(v.clone());
+                i += 1;
+            }
+            "-F" | "-B" | "-N" | "-R" | "-V" | "-O" | "-o" => i += 1,
+            s if s.starts_with("-f") || s.starts_with("-r") => a.sender = Some(s[2..].to_string()),
+            s if ["-o", "-B", "-F", "-N", "-R", "-V", "-O", "-b", "-v", "-e"].iter().any(|p| s.starts_with(p)) => {
+                if s.starts_with("-b") && !matches!(s, "-bm" | "-bs") {
+                    return Err(format!("{s}: only delivery mode (-bm) is supported"));
+                }
+                if s == "-bs" {
+                    return Err("-bs (SMTP on standard input) is not supported; connect to the SMTP port".into());
+                }
+            }
+            s => return Err(format!("unknown option {s}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Reads the message: to the end of input, or (without `-i`) to a line holding a single dot.
+/// At most `limit` bytes.
+pub fn read_message<R: BufRead>(input: &mut R, ignore_dots: bool, limit: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = Read::take(&mut *input, (limit + 2 - out.len().min(limit)) as u64)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("reading the message: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if !ignore_dots && (line == b".\n" || line == b".\r\n") {
+            break;
+        }
+        out.extend_from_slice(&line);
+        if out.len() > limit {
+            return Err(format!("the message is larger than limits.max_message_size ({limit} bytes)"));
+        }
+    }
+    Ok(out)
+}
+
+fn has_header(message: &[u8], name: &str) -> bool {
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return false;
+        }
+        if line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name.as_bytes())
+            && line[name.len()] == b':'
+        {
+            return true;
+        }
+    }
+    false
+}
+
+fn unique() -> String {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:09}.{}", t.as_secs(), t.subsec_nanos(), std::process::id())
+}
+
+/// Builds the Pickup file for `message` and writes it into `pickup_dir`; returns its path.
+pub fn submit(config: &Config, args: &Args, message: &[u8], login: &str) -> Result<std::path::PathBuf, (u8, String)> {
+    let data = |e: String| (EX_DATAERR, e);
+    let domain = config.domains.local.first().map(String::as_str).unwrap_or("localhost");
+    let sender = match args.sender.as_deref() {
+        Some("" | "<>") => String::new(),
+        Some(s) => s.trim_matches(['<', '>']).to_string(),
+        None => format!("{login}@{domain}"),
+    };
+    if !sender.is_empty() {
+        parse_mailbox(&sender).map_err(|e| data(format!("sender {sender:?}: {}", e.text())))?;
+    }
+    let mut recipients = Vec::new();
+    for r in &args.recipients {
+        for one in r.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            // A bare user name is local, as sendmail has it.
+            let full = if one.contains('@') { one.to_string() } else { format!("{one}@{domain}") };
+            let m = parse_mailbox(full.trim_matches(['<', '>']))
+                .map_err(|e| data(format!("recipient {one:?}: {}", e.text())))?;
+            recipients.push(m.to_string());
+        }
+    }
+    if !args.from_headers && recipients.is_empty() {
+        return Err((EX_USAGE, "no recipients: give them as arguments, or use -t to read To:, Cc: and Bcc:".into()));
+    }
+
+    // Headers a sendmail adds when the program did not write them.
+    let mut head = String::new();
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    if !has_header(message, "From") {
+        let from = if sender.is_empty() { format!("MAILER-DAEMON@{domain}") } else { sender.clone() };
+        head.push_str(&format!("From: {from}\r\n"));
+    }
+    if !has_header(message, "Date") {
+        head.push_str(&format!("Date: {}\r\n", rfc5322_date(t)));
+    }
+    if !has_header(message, "Message-ID") {
+        head.push_str(&format!("Message-ID: <{}@{}>\r\n", unique(), config.server.hostname));
+    }
+    let mut body = head.into_bytes();
+    body.extend_from_slice(message);
+
+    let envelope = |rcpts: &[String]| {
+        let mut f = format!("x-sender: <{sender}>\r\n").into_bytes();
+        for r in rcpts {
+            f.extend_from_slice(format!("x-receiver: <{r}>\r\n").as_bytes());
+        }
+        f.extend_from_slice(&body);
+        f
+    };
+    if args.from_headers {
+        // The Pickup parser reads the header recipients (and checks them) when there is no
+        // x-receiver line.
+        let parsed = parse_pickup(&envelope(&[]), config.queue.max_hop_count);
+        match parsed {
+            Ok(p) => recipients.extend(p.recipients.iter().map(|m| m.to_string())),
+            Err(e) if recipients.is_empty() => return Err(data(e)),
+            Err(_) => {}
+        }
+    }
+    recipients.dedup();
+    let file = envelope(&recipients);
+    parse_pickup(&file, config.queue.max_hop_count).map_err(data)?;
+    write_atomically(&config.mailroot.path.join("Pickup"), &file)
+}
+
+fn write_atomically(dir: &Path, contents: &[u8]) -> Result<std::path::PathBuf, (u8, String)> {
+    let io = |what: &str, p: &Path, e: std::io::Error| (EX_IOERR, format!("{what} {}: {e}", p.display()));
+    std::fs::create_dir_all(dir).map_err(|e| (EX_CANTCREAT, format!("creating {}: {e}", dir.display())))?;
+    let name = format!("sendmail-{}", unique());
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dest = dir.join(format!("{name}.eml"));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&tmp)
+            .map_err(|e| io("creating", &tmp, e))?;
+        f.write_all(contents).map_err(|e| io("writing", &tmp, e))?;
+        f.sync_all().map_err(|e| io("syncing", &tmp, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| io("renaming", &tmp, e))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing", dir, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Result<Args, String> {
+        parse_args(&s.split_whitespace().map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn arguments() {
+        let cases: [(&str, Args); 6] = [
+            ("a@x.org", Args { recipients: vec!["a@x.org".into()], ..Args::default() }),
+            ("-t -i", Args { from_headers: true, ignore_dots: true, ..Args::default() }),
+            (
+                "-f me@x.org -oi b",
+                Args {
+                    sender: Some("me@x.org".into()),
+                    ignore_dots: true,
+                    recipients: vec!["b".into()],
+                    ..Args::default()
+                },
+            ),
+            ("-fme@x.org b", Args { sender: Some("me@x.org".into()), recipients: vec!["b".into()], ..Args::default() }),
+            // cron: sendmail -FCronDaemon -i -B8BITMIME -oem user
+            (
+                "-FCronDaemon -i -B8BITMIME -oem user",
+                Args { ignore_dots: true, recipients: vec!["user".into()], ..Args::default() },
+            ),
+            ("-- -odd@x.org", Args { recipients: vec!["-odd@x.org".into()], ..Args::default() }),
+        ];
+        for (line, want) in cases {
+            assert_eq!(args(line).unwrap(), want, "{line}");
+        }
+        for bad in ["-f", "-bs", "-bp", "-q"] {
+            assert!(args(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reading() {
+        let cases: [(&[u8], bool, &[u8]); 4] = [
+            (b"Subject: a\n\nbody\n.\nafter\n", false, b"Subject: a\n\nbody\n"),
+            (b"Subject: a\n\nbody\n.\nafter\n", true, b"Subject: a\n\nbody\n.\nafter\n"),
+            (b"Subject: a\r\n\r\n.\r\n", false, b"Subject: a\r\n\r\n"),
+            (b"no newline at end", false, b"no newline at end"),
+        ];
+        for (input, ignore, want) in cases {
+            let got = read_message(&mut &input[..], ignore, 1000).unwrap();
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(input));
+        }
+        assert!(read_message(&mut &[b'x'; 2000][..], true, 1000).is_err());
+        assert!(has_header(b"Date: x\r\n\r\n", "date"));
+        assert!(!has_header(b"Subject: x\r\n\r\nDate: y\r\n", "Date"));
+    }
+}
