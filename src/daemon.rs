@@ -576,6 +576,7 @@ struct System_ {
     pickup: Addr<Pickup>,
     admin: Option<actix_web::dev::ServerHandle>,
     stop_tx: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+    protolog: Option<Arc<ProtocolLog>>,
 }
 
 fn run_system(
@@ -647,7 +648,7 @@ fn run_system(
                 error_delay: config.limits.error_delay.0,
                 stop: stop_rx,
                 meter: metrics.actor("session"),
-                protolog,
+                protolog: protolog.clone(),
             },
             session_arbiters.iter().map(|a| a.handle()).collect(),
         )
@@ -693,6 +694,16 @@ fn run_system(
             }
             None => None,
         };
+        if let Some(log) = protolog.clone() {
+            // Lines are buffered; a second is as stale as the file gets.
+            actix_rt::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    log.flush();
+                }
+            });
+        }
         info!(mailroot = %folders.root.display(), hostname = %config.server.hostname, domains = ?config.domains.local, "mailroot started");
         Ok::<_, StartError>((
             addrs,
@@ -709,6 +720,7 @@ fn run_system(
                 pickup,
                 admin,
                 stop_tx,
+                protolog,
             },
         ))
     });
@@ -836,6 +848,9 @@ async fn control_loop(mut sys: System_, mut rx: tokio::sync::mpsc::Receiver<Cont
                 }
                 if let Some(admin) = &sys.admin {
                     admin.stop(false).await;
+                }
+                if let Some(log) = &sys.protolog {
+                    log.flush();
                 }
                 System::current().stop();
                 return;

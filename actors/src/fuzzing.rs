@@ -77,6 +77,7 @@ pub fn session(input: &[u8]) {
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);
+    s.set_logging(control & 2 != 0);
     let mut id = 0;
     let step = usize::from(control % 7) * 37 + 1;
     for read in stream.chunks(step) {
@@ -101,7 +102,15 @@ pub fn session(input: &[u8]) {
                 }
                 Action::StartTls => s.tls_started(),
                 Action::Authenticate { user, password } => s.authenticated(user == "alice" && password.0 == "secret"),
-                Action::Refused(_) | Action::Close | Action::Log(_) => {}
+                Action::Log(l) => {
+                    // One W3C field each: no spaces, no control characters, bounded.
+                    for field in [&l.verb, &l.arg] {
+                        assert!(!field.contains(' ') && !field.chars().any(char::is_control), "log field {field:?}");
+                    }
+                    assert!(l.verb.len() <= 12 * 4 && l.arg.chars().count() <= 128);
+                    assert!((200..600).contains(&l.status) && l.in_bytes > 0 && l.out_bytes > 0);
+                }
+                Action::Refused(_) | Action::Close => {}
             }
         }
     }

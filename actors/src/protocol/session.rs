@@ -133,7 +133,8 @@ impl CommandLog {
                 c => c,
             })
             .collect();
-        CommandLog { verb, arg, status: 0, in_bytes: line.len() as u64, out_bytes: 0 }
+        // The line comes without its CRLF.
+        CommandLog { verb, arg, status: 0, in_bytes: line.len() as u64 + 2, out_bytes: 0 }
     }
 }
 

@@ -634,3 +634,73 @@ fn bdat() {
     // EHLO offers CHUNKING.
     assert!(check("EHLO c\r\n", "220 250").wire.contains("250-CHUNKING\r\n"));
 }
+
+/// The protocol log: one entry per command with its final reply; intermediate 334/354 replies
+/// are not entries; credentials never appear; DATA and BDAT count the message bytes.
+#[test]
+fn protocol_log_entries() {
+    fn logged(p: SessionParams, input: &str) -> Vec<(String, String, u16, u64)> {
+        let mut s = Session::new(Arc::new(p), "192.0.2.9".parse().unwrap(), true);
+        s.set_logging(true);
+        let mut out = Vec::new();
+        // `|` separates reads: what follows STARTTLS in the same read is discarded, rightly.
+        for chunk in input.split('|') {
+            s.feed(chunk.as_bytes());
+            while let Some(a) = s.next_action() {
+                match a {
+                    Action::Log(l) => out.push((l.verb, l.arg, l.status, l.in_bytes)),
+                    Action::Enqueue(_) => {
+                        let _ = s.enqueued(Ok(7));
+                    }
+                    Action::Authenticate { .. } => s.authenticated(true),
+                    Action::StartTls => s.tls_started(),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+    let e = |v: &str, a: &str, st: u16, n: u64| (v.to_string(), a.to_string(), st, n);
+    let auth = SessionParams { auth_enabled: true, auth_plaintext_loopback: false, tls_available: true, ..params() };
+    // "\0alice\0secret" in base64.
+    let plain = "AGFsaWNlAHNlY3JldA==";
+    let cases: Vec<(SessionParams, String, Vec<(String, String, u16, u64)>)> = vec![
+        (
+            params(),
+            "EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE=10\r\nRCPT TO:<x@example.test>\r\nDATA\r\nSubject: s\r\n\r\n.\r\nQUIT\r\n".into(),
+            vec![
+                e("EHLO", "c.test", 250, 13),
+                e("MAIL", "FROM:<a@b.test>+SIZE=10", 250, 30),
+                e("RCPT", "TO:<x@example.test>", 250, 26),
+                // The DATA line (6) and the message as stored (14).
+                e("DATA", "", 250, 6 + 14),
+                e("QUIT", "", 221, 6),
+            ],
+        ),
+        (params(), "bogus\x01 x\r\nmail\r\n".into(), vec![e("BOGUS?", "x", 501, 10), e("MAIL", "", 501, 6)]),
+        (
+            params(),
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nBDAT 5\r\nabcdeBDAT 2 LAST\r\nfg".into(),
+            vec![
+                e("EHLO", "c", 250, 8),
+                e("MAIL", "FROM:<a@b.test>", 250, 22),
+                e("RCPT", "TO:<x@example.test>", 250, 26),
+                e("BDAT", "5", 250, 8 + 5),
+                e("BDAT", "2+LAST", 250, 13 + 2),
+            ],
+        ),
+        (
+            auth.clone(),
+            format!("EHLO c\r\nSTARTTLS\r\n|EHLO c\r\nAUTH PLAIN {plain}\r\n"),
+            vec![e("EHLO", "c", 250, 8), e("STARTTLS", "", 220, 10), e("EHLO", "c", 250, 8), e("AUTH", "PLAIN", 235, 33)],
+        ),
+        (
+            auth,
+            "EHLO c\r\nSTARTTLS\r\n|EHLO c\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n".into(),
+            vec![e("EHLO", "c", 250, 8), e("STARTTLS", "", 220, 10), e("EHLO", "c", 250, 8), e("AUTH", "LOGIN", 235, 12)],
+        ),
+    ];
+    for (p, input, want) in cases {
+        assert_eq!(logged(p, &input), want, "{input:?}");
+    }
+}

@@ -1,0 +1,295 @@
+//! The daemon as operators run it: the real binary as a child process. SIGHUP reloads (a broken
+//! file keeps the old configuration), SIGTERM stops in order and a second one at once,
+//! systemd's notify protocol, JSON logs, the W3C protocol log, and `mailroot sendmail`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Daemon {
+    child: Child,
+    smtp: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn spawn(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mailroot"));
+        cmd.args(["run", "--config"]).arg(config).args(args).env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn mailroot");
+        let stderr = child.stderr.take().expect("stderr");
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        let smtp = wait_for("the daemon to listen", Duration::from_secs(30), || {
+            log.lock().unwrap().iter().find_map(|l| {
+                let rest = l.split("listening addr=").nth(1).or_else(|| l.split("\"addr\":\"").nth(1))?;
+                rest.trim().trim_end_matches(|c| c == '"' || c == '}').split('"').next()?.parse().ok()
+            })
+        });
+        Daemon { child, smtp, log }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -s {sig}");
+    }
+
+    fn wait_log(&self, what: &str) -> String {
+        wait_for(&format!("log line {what:?}"), Duration::from_secs(20), || {
+            self.log.lock().unwrap().iter().find(|l| l.contains(what)).cloned()
+        })
+    }
+
+    fn log_count(&self, what: &str) -> usize {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(what)).count()
+    }
+
+    fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("mailroot did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `server` goes into the `[server]` table, `extra` after the other tables.
+fn write_config(dir: &Path, server: &str, extra: &str) -> PathBuf {
+    let path = dir.join("mailroot.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n{server}\n[mailroot]\npath = \"spool\"\n\
+             [domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"\"\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// RCPT replies for three recipients in one transaction.
+fn rcpt_codes(addr: SocketAddr) -> Vec<u16> {
+    let mut c = Client::ready(addr, "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<s@example.test>").code, 250);
+    let codes = (0..3).map(|i| c.cmd(&format!("RCPT TO:<r{i}@example.test>")).code).collect();
+    c.cmd("QUIT");
+    codes
+}
+
+#[test]
+fn sighup_reloads_and_a_broken_file_keeps_the_old_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "", "[limits]\nmax_recipients = 2\n");
+    let d = Daemon::spawn(&cfg, &[], &[]);
+    assert_eq!(rcpt_codes(d.smtp), vec![250, 250, 452]);
+
+    // A broken file: refused with the reason, the old limits stay.
+    std::fs::write(&cfg, "[limits]\nmax_recipients = \"lots\"\n").unwrap();
+    d.signal("HUP");
+    let line = d.wait_log("configuration reload refused");
+    assert!(line.contains("mailroot.toml") && line.contains("parse error"), "{line}");
+    assert_eq!(rcpt_codes(d.smtp), vec![250, 250, 452]);
+
+    // A good file: applied to new sessions, and the log says what changed.
+    write_config(dir.path(), "", "[limits]\nmax_recipients = 5\n[access]\ndeny = [\"127.0.0.99/32\"]\n");
+    d.signal("HUP");
+    let line = d.wait_log("configuration reloaded");
+    assert!(line.contains("limits") && line.contains("access"), "{line}");
+    assert_eq!(rcpt_codes(d.smtp), vec![250, 250, 250]);
+    let mut denied = Client::connect_from("127.0.0.99", d.smtp);
+    assert_eq!(denied.greeting().code, 554);
+    // Something that needs a restart is named as such.
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("path = \"spool\"", "path = \"elsewhere\""))
+        .unwrap();
+    d.signal("HUP");
+    let line = d.wait_log("only applied at the next start");
+    assert!(line.contains("mailroot"), "{line}");
+}
+
+#[test]
+fn sigterm_stops_in_order_and_a_second_signal_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "shutdown_grace = \"30s\"", "");
+
+    // One signal, no sessions: exits 0 at once, queue flushed.
+    let mut d = Daemon::spawn(&cfg, &[], &[]);
+    d.signal("TERM");
+    assert_eq!(d.exit_code(Duration::from_secs(10)), Some(0));
+    assert!(d.log_count("queue flushed") == 1 && d.log_count("mailroot stopped") == 1);
+
+    // A session in the middle of DATA holds the stop for up to 30 s; a second signal ends it now.
+    let mut d = Daemon::spawn(&cfg, &[], &[]);
+    let mut c = Client::ready(d.smtp, "client.test");
+    c.cmd("MAIL FROM:<s@example.test>");
+    c.cmd("RCPT TO:<r@example.test>");
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: slow\r\n\r\n");
+    d.signal("TERM");
+    d.wait_log("stopping");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.child.try_wait().unwrap().is_none(), "waits for the transaction");
+    let t = Instant::now();
+    d.signal("TERM");
+    assert_eq!(d.exit_code(Duration::from_secs(10)), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    d.wait_log("second stop request");
+    assert_eq!(d.log_count("queue flushed"), 1);
+}
+
+#[test]
+fn systemd_notify_and_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "", "");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut d = Daemon::spawn(&cfg, &["--log-format", "json"], &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let mut recv = || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(), "READY=1");
+    d.signal("HUP");
+    assert_eq!(recv(), "RELOADING=1");
+    assert_eq!(recv(), "READY=1");
+    d.signal("TERM");
+    assert_eq!(recv(), "STOPPING=1");
+    assert_eq!(d.exit_code(Duration::from_secs(10)), Some(0));
+    // Every log line is one JSON object with a level and a message.
+    let lines = d.log.lock().unwrap().clone();
+    assert!(lines.len() >= 4, "{lines:?}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+    }
+    assert!(lines.iter().any(|l| l.contains("\"message\":\"mailroot started\"")));
+}
+
+#[test]
+fn the_protocol_log_has_one_w3c_line_per_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "", "[log]\nprotocol = \"logs/smtp-%Y%m%d.log\"\n");
+    let mut d = Daemon::spawn(&cfg, &[], &[]);
+    let mut c = Client::ready(d.smtp, "client.test");
+    let r = c.transaction("s@example.test", &["r@example.test"], b"Subject: logged\r\n\r\n0123456789\r\n");
+    assert_eq!(r.code, 250);
+    assert_eq!(c.cmd("NOOP").code, 250);
+    assert_eq!(c.cmd("BOGUS command").code, 500);
+    assert_eq!(c.cmd("QUIT").code, 221);
+    d.signal("TERM");
+    assert_eq!(d.exit_code(Duration::from_secs(10)), Some(0));
+    let logs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("logs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(logs.len(), 1);
+    let name = logs[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("smtp-20") && name.ends_with(".log") && name.len() == "smtp-20261129.log".len(), "{name}");
+    let text = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(text.contains("#Fields: date time c-ip cs-method cs-uri-stem sc-status sc-bytes cs-bytes time-taken"));
+    let lines: Vec<Vec<&str>> = text.lines().filter(|l| !l.starts_with('#')).map(|l| l.split(' ').collect()).collect();
+    let methods: Vec<(&str, &str)> = lines.iter().map(|f| (f[3], f[5])).collect();
+    assert_eq!(
+        methods,
+        vec![
+            ("EHLO", "250"),
+            ("MAIL", "250"),
+            ("RCPT", "250"),
+            ("DATA", "250"),
+            ("NOOP", "250"),
+            ("BOGUS", "500"),
+            ("QUIT", "221")
+        ],
+        "{text}"
+    );
+    for f in &lines {
+        assert_eq!(f.len(), 9, "nine fields: {f:?}");
+        assert_eq!(f[2], "127.0.0.1");
+        assert!(f[6].parse::<u64>().unwrap() > 0 && f[7].parse::<u64>().unwrap() > 0 && f[8].parse::<u64>().is_ok());
+    }
+    assert_eq!(lines[1][4], "FROM:<s@example.test>");
+    // DATA counts the message's bytes from the client.
+    assert!(lines[3][7].parse::<u64>().unwrap() > "Subject: logged\r\n\r\n0123456789\r\n".len() as u64);
+}
+
+#[test]
+fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "", "");
+    let sendmail = |args: &[&str], input: &[u8]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailroot"))
+            .args(["sendmail", "--config"])
+            .arg(&cfg)
+            .args(args)
+            .env("USER", "cronuser")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let pickup = dir.path().join("spool/Pickup");
+    // -t: recipients from the header; Bcc is removed; a lone dot ends the input without -i.
+    let (code, err) = sendmail(
+        &["-t"],
+        b"To: a@example.test\nBcc: hidden@example.test\nSubject: from cron\n\nline\n.\nnot part of it\n",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    // Explicit recipients, a bare user name, -f and -i (the dot line is content).
+    let (code, err) = sendmail(&["-f", "app@example.test", "-i", "bob"], b"Subject: with -i\n\n.\nafter the dot\n");
+    assert_eq!(code, Some(0), "{err}");
+    // Refused with sendmail's exit codes: no recipient (64), bad address (65).
+    assert_eq!(sendmail(&[], b"Subject: x\n\nx\n").0, Some(64));
+    assert_eq!(sendmail(&["not an address@"], b"Subject: x\n\nx\n").0, Some(65));
+    let files: Vec<String> =
+        std::fs::read_dir(&pickup).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files.iter().all(|f| f.ends_with(".eml") && !f.starts_with('.')), "{files:?}");
+
+    // The daemon takes them when it starts.
+    let d = Daemon::spawn(&cfg, &[], &[]);
+    let drop_dir = dir.path().join("spool");
+    let texts = wait_for("both messages in Drop", Duration::from_secs(20), || {
+        let t: Vec<String> = drop_files(&drop_dir).iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect();
+        (t.len() == 2).then_some(t)
+    });
+    let cron = texts.iter().filter(|t| t.contains("Subject: from cron")).collect::<Vec<_>>();
+    assert_eq!(cron.len(), 1, "one Drop file holds both recipients: {texts:?}");
+    assert!(cron[0].contains("x-sender: cronuser@example.test"), "{}", cron[0]);
+    assert!(cron[0].contains("x-receiver: a@example.test") && cron[0].contains("x-receiver: hidden@example.test"));
+    assert!(!cron[0].contains("Bcc:") && !cron[0].contains("not part of it"), "{}", cron[0]);
+    assert!(cron[0].contains("Message-ID: <") && cron[0].contains("Date: "), "added headers: {}", cron[0]);
+    let bob = texts.iter().find(|t| t.contains("Subject: with -i")).expect("the -i message");
+    assert!(bob.contains("x-sender: app@example.test") && bob.contains("x-receiver: bob@example.test"), "{bob}");
+    assert!(bob.contains("\r\n.\r\nafter the dot"), "{bob}");
+    drop(d);
+}
