@@ -21,8 +21,9 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use mailroot_actors::metrics::{Metrics, StateLabel};
 use mailroot_actors::queue::{
-    AdminError, Bounce, Delete, Hold, List, ListFilter, Queue, Release, RetryAll, RetryNow, Show, Summary,
+    AdminError, Bounce, Delete, Hold, List, ListFilter, Release, RetryAll, RetryNow, Show, Summary,
 };
+use mailroot_actors::supervisor::QueueSupervisor;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
@@ -32,7 +33,7 @@ use crate::daemon::ControlHandle;
 
 /// What the handlers work with.
 pub struct AdminState {
-    pub queue: Addr<Queue>,
+    pub queue: Addr<QueueSupervisor>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub token: String,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -31,7 +31,7 @@ use mailroot_actors::routes::RouteTable;
 use mailroot_actors::session::ProtocolLog;
 use mailroot_actors::session::SessionShared;
 use mailroot_actors::store::Store;
-use mailroot_actors::supervisor::{self, ChildFactory, DeliverySupervisor};
+use mailroot_actors::supervisor::{self, ChildFactory, DeliverySupervisor, QueueFactory, QueueSupervisor};
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
@@ -126,6 +126,7 @@ pub struct Running {
     pub folders: Folders,
     registry: Arc<Registry>,
     control: ControlHandle,
+    failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -156,9 +157,11 @@ impl Running {
         self.join();
     }
 
-    /// Waits until the daemon stops by itself (a signal, or the admin API).
-    pub fn wait(mut self) {
+    /// Waits until the daemon stops by itself (a signal, or the admin API). False when it
+    /// stopped because a part of it failed (the binary then exits with status 1).
+    pub fn wait(mut self) -> bool {
         self.join();
+        !self.failed.load(Ordering::Relaxed)
     }
 
     fn join(&mut self) {
@@ -364,7 +367,9 @@ fn start_with(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Vec<SocketAddr>, StartError>>();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel::<Control>(16);
     let control = ControlHandle(control_tx);
+    let failed = Arc::new(AtomicBool::new(false));
     let parts = Parts {
+        failed: failed.clone(),
         config,
         options,
         folders: folders.clone(),
@@ -384,7 +389,9 @@ fn start_with(
         .map_err(|e| StartError(format!("cannot start the actor system thread: {e}")))?;
 
     match ready_rx.recv() {
-        Ok(Ok(smtp_addrs)) => Ok(Running { smtp_addrs, admin_addr, folders, registry, control, thread: Some(thread) }),
+        Ok(Ok(smtp_addrs)) => {
+            Ok(Running { smtp_addrs, admin_addr, folders, registry, control, failed, thread: Some(thread) })
+        }
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
@@ -426,6 +433,7 @@ struct Parts {
     protolog: Option<Arc<ProtocolLog>>,
     custom: Vec<(String, ChildFactory)>,
     control: ControlHandle,
+    failed: Arc<AtomicBool>,
 }
 
 /// The route actors (supervisors) by name, with the settings each was built from, so a reload
@@ -571,9 +579,14 @@ struct System_ {
     custom: Vec<(String, ChildFactory)>,
     routes: RouteActors,
     reverse_dns: Option<Arc<Dns>>,
+    /// The routes a restarted Queue starts with.
+    router: Arc<std::sync::Mutex<Router>>,
     listener: Addr<Listener>,
-    queue: Addr<Queue>,
+    queue: Addr<QueueSupervisor>,
     pickup: Addr<Pickup>,
+    pickup_factory: Box<dyn Fn() -> Addr<Pickup>>,
+    /// Set when the daemon stops because a part of it failed (exit status 1).
+    failed: Arc<AtomicBool>,
     admin: Option<actix_web::dev::ServerHandle>,
     stop_tx: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
     protolog: Option<Arc<ProtocolLog>>,
@@ -585,10 +598,10 @@ fn run_system(
     mut control_rx: tokio::sync::mpsc::Receiver<Control>,
 ) {
     let system = System::new();
-    let queue_arbiter = Arbiter::new();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let session_arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
     let Parts {
+        failed,
         config,
         options,
         folders,
@@ -634,8 +647,16 @@ fn run_system(
             ..QueueSettings::default()
         };
         let qm = metrics.clone();
-        let queue = Queue::start_in_arbiter(&queue_arbiter.handle(), move |_| Queue::new(store, queue_settings, router, qm));
+        let store = Arc::new(store);
+        let current_router = Arc::new(std::sync::Mutex::new(router));
+        let r = current_router.clone();
+        let factory: QueueFactory = Box::new(move || {
+            let router = r.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Queue::new(store.clone(), queue_settings.clone(), router, qm.clone())
+        });
+        let queue = QueueSupervisor::new(factory, metrics.actor("queue")).start();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
+        let failed = failed.clone();
         let paused = Arc::new(AtomicBool::new(false));
         let listener = Listener::new(
             sockets,
@@ -654,20 +675,19 @@ fn run_system(
         )
         .paused_by(paused.clone())
         .start();
-        let pickup = Pickup::new(
-            PickupSettings {
-                pickup_dir: folders.pickup.clone(),
-                badmail_dir: folders.badmail.clone(),
-                poll: Duration::from_millis(250),
-                max_message_size: config.limits.max_message_size as usize,
-                max_hop_count: config.queue.max_hop_count,
-                max_concurrent: 64,
-            },
-            queue.clone().recipient(),
-            queue.clone().recipient(),
-            metrics.clone(),
-        )
-        .start();
+        let pickup_settings = PickupSettings {
+            pickup_dir: folders.pickup.clone(),
+            badmail_dir: folders.badmail.clone(),
+            poll: Duration::from_millis(250),
+            max_message_size: config.limits.max_message_size as usize,
+            max_hop_count: config.queue.max_hop_count,
+            max_concurrent: 64,
+        };
+        let (q, m) = (queue.clone(), metrics.clone());
+        let pickup_factory: Box<dyn Fn() -> Addr<Pickup>> = Box::new(move || {
+            Pickup::new(pickup_settings.clone(), q.clone().recipient(), q.clone().recipient(), m.clone()).start()
+        });
+        let pickup = pickup_factory();
         let admin = match admin {
             Some(socket) => {
                 let state = AdminState {
@@ -714,10 +734,13 @@ fn run_system(
                 metrics: metrics.clone(),
                 custom,
                 routes,
+                router: current_router,
                 reverse_dns,
                 listener,
                 queue,
                 pickup,
+                pickup_factory,
+                failed: failed.clone(),
                 admin,
                 stop_tx,
                 protolog,
@@ -752,8 +775,6 @@ fn run_system(
         a.stop();
         let _ = a.join();
     }
-    queue_arbiter.stop();
-    let _ = queue_arbiter.join();
     info!("mailroot stopped");
 }
 
@@ -765,10 +786,13 @@ fn control_rx_take(rx: &mut tokio::sync::mpsc::Receiver<Control>) -> tokio::sync
 /// A stop or reload request, from a signal or the control channel.
 enum Request {
     Stop(&'static str),
+    /// Time to check that the Listener and Pickup are alive.
+    Watch,
     Reload(Option<oneshot::Sender<Result<Vec<String>, String>>>),
 }
 
 struct Signals {
+    watch: tokio::time::Interval,
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
     hup: Option<tokio::signal::unix::Signal>,
@@ -777,10 +801,12 @@ struct Signals {
 impl Signals {
     fn new(enabled: bool) -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
+        let watch = tokio::time::interval(Duration::from_secs(1));
         if !enabled {
-            return Signals { term: None, int: None, hup: None };
+            return Signals { watch, term: None, int: None, hup: None };
         }
         let s = Signals {
+            watch,
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
             hup: signal(SignalKind::hangup()).ok(),
@@ -808,6 +834,7 @@ impl Signals {
             _ = recv(&mut self.term) => Request::Stop("SIGTERM received"),
             _ = recv(&mut self.int) => Request::Stop("SIGINT received"),
             _ = recv(&mut self.hup) => Request::Reload(None),
+            _ = self.watch.tick() => Request::Watch,
         }
     }
 }
@@ -815,7 +842,24 @@ impl Signals {
 async fn control_loop(mut sys: System_, mut rx: tokio::sync::mpsc::Receiver<Control>, signals: bool) {
     let mut signals = Signals::new(signals);
     loop {
-        match signals.next(&mut rx).await {
+        let request = match signals.next(&mut rx).await {
+            Request::Watch if !sys.listener.connected() => {
+                // Its sockets went with it: stop in order and let the service manager start a
+                // new process (the systemd unit restarts on failure).
+                error!("the SMTP listener died; stopping with a failure status");
+                sys.failed.store(true, Ordering::Relaxed);
+                Request::Stop("the listener died")
+            }
+            other => other,
+        };
+        match request {
+            Request::Watch => {
+                if !sys.pickup.connected() {
+                    error!("the Pickup actor died; starting a new one");
+                    sys.metrics.actor("pickup").restarted();
+                    sys.pickup = (sys.pickup_factory)();
+                }
+            }
             Request::Reload(reply) => {
                 sd_notify("RELOADING=1");
                 let result = reload(&mut sys).await;
@@ -835,11 +879,13 @@ async fn control_loop(mut sys: System_, mut rx: tokio::sync::mpsc::Receiver<Cont
                 let graceful = shutdown(&sys);
                 tokio::select! {
                     _ = graceful => {}
-                    second = signals.next(&mut rx) => {
-                        if matches!(second, Request::Stop(_)) {
-                            warn!("second stop request: stopping at once");
+                    _ = async {
+                        loop {
+                            if let Request::Stop(_) = signals.next(&mut rx).await {
+                                break;
+                            }
                         }
-                    }
+                    } => warn!("second stop request: stopping at once"),
                 }
                 match sys.queue.send(Flush).await {
                     Ok(Ok(())) => info!("queue flushed"),
@@ -933,6 +979,7 @@ async fn reload(sys: &mut System_) -> Result<Vec<String>, String> {
         })
         .await
         .map_err(|e| format!("listener unavailable: {e}"))?;
+    *sys.router.lock().unwrap_or_else(|e| e.into_inner()) = router.clone();
     sys.queue.send(SetRouter(router)).await.map_err(|e| format!("queue unavailable: {e}"))?;
     if !restarted.is_empty() {
         info!(routes = %restarted.join(", "), "route actors replaced with new settings");

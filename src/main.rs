@@ -239,8 +239,11 @@ fn main() -> ExitCode {
             let options = StartOptions { handle_signals: true, config_path: loaded.source.clone() };
             match daemon::start(loaded.config, options) {
                 Ok(running) => {
-                    running.wait();
-                    ExitCode::SUCCESS
+                    if running.wait() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
                 Err(e) => {
                     eprintln!("mailroot: {e}");

@@ -38,7 +38,7 @@ impl Daemon {
         let smtp = wait_for("the daemon to listen", Duration::from_secs(30), || {
             log.lock().unwrap().iter().find_map(|l| {
                 let rest = l.split("listening addr=").nth(1).or_else(|| l.split("\"addr\":\"").nth(1))?;
-                rest.trim().trim_end_matches(|c| c == '"' || c == '}').split('"').next()?.parse().ok()
+                rest.trim().trim_end_matches(['"', '}']).split('"').next()?.parse().ok()
             })
         });
         Daemon { child, smtp, log }
@@ -172,7 +172,7 @@ fn systemd_notify_and_json_logs() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut d = Daemon::spawn(&cfg, &["--log-format", "json"], &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
-    let mut recv = || {
+    let recv = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()

@@ -49,7 +49,7 @@ struct LmtpLog {
 /// else gets 250 after DATA — one reply per accepted recipient, as RFC 2033 has it.
 fn lmtp_session(stream: impl Read + Write, log: Arc<Mutex<LmtpLog>>) {
     let mut stream = BufReader::new(stream);
-    let mut say = |s: &mut BufReader<_>, text: &str| {
+    let say = |s: &mut BufReader<_>, text: &str| {
         let w: &mut dyn Write = s.get_mut();
         let _ = w.write_all(text.as_bytes());
     };

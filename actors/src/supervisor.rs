@@ -1,6 +1,7 @@
-//! Supervision of delivery actors: a [`DeliverySupervisor`] stands at a stable address in front
-//! of one route's actor (built in or user-written), forwards each [`Deliver`] to it, and when the
-//! actor dies (a panic in a handler ends its mailbox) starts a fresh one on a fresh arbiter.
+//! Supervision: a [`DeliverySupervisor`] stands at a stable address in front of one route's
+//! actor (built in or user-written), forwards each [`Deliver`] to it, and when the actor dies (a
+//! panic in a handler ends its mailbox) starts a fresh one on a fresh arbiter. A
+//! [`QueueSupervisor`] does the same for the Queue, for every message the Queue takes.
 //!
 //! Invariants:
 //! - A `Deliver` always gets a report: when the actor died with the request, every recipient in it
@@ -17,6 +18,9 @@ use tracing::{error, warn};
 
 use crate::delivery::{Deliver, DeliveryReport, Outcome};
 use crate::metrics::ActorMeter;
+use crate::queue::{self, Queue};
+use crate::retry::{RetryBatch, RetryDue};
+use crate::store::Envelope;
 
 /// Starts one instance of a delivery actor on the given arbiter.
 pub type ChildFactory = Arc<dyn Fn(&ArbiterHandle) -> Result<Recipient<Deliver>, String> + Send + Sync>;
@@ -130,6 +134,137 @@ impl Handler<Deliver> for DeliverySupervisor {
                     let text = format!("delivery actor {} failed during the attempt ({e}); it was restarted", act.name);
                     DeliveryReport::all(indices, Outcome::Temporary(text))
                 }
+            }
+        }))
+    }
+}
+
+/// A message the Queue takes, and the answer its sender gets when the Queue died with it.
+pub trait Fallback: Message {
+    fn fallback() -> Self::Result;
+}
+
+macro_rules! fallback {
+    ($($m:ty => $e:expr),* $(,)?) => {
+        $(impl Fallback for $m {
+            fn fallback() -> Self::Result {
+                $e
+            }
+        })*
+    };
+}
+
+fn unavailable() -> queue::AdminError {
+    queue::AdminError::Internal("the queue restarted after a failure; try again".into())
+}
+
+fallback! {
+    queue::Enqueue => Err(crate::protocol::EnqueueError::Temporary),
+    queue::PickupDone => (),
+    queue::Inspect => None::<Envelope>,
+    queue::Flush => Err("the queue restarted after a failure".into()),
+    queue::SetRouter => (),
+    queue::List => Err(unavailable()),
+    queue::Show => Err(unavailable()),
+    queue::RetryNow => Err(unavailable()),
+    queue::RetryAll => Err(unavailable()),
+    queue::Hold => Err(unavailable()),
+    queue::Release => Err(unavailable()),
+    queue::Bounce => Err(unavailable()),
+    queue::Delete => Err(unavailable()),
+    queue::Summary => queue::QueueSummary::default(),
+    queue::Drain => 0,
+    RetryDue => RetryBatch { more: true },
+}
+
+#[cfg(debug_assertions)]
+fallback! { queue::InjectPanic => () }
+
+/// Builds the Queue, at start and at each restart (it reopens nothing: the store is shared).
+pub type QueueFactory = Box<dyn Fn() -> Queue + Send>;
+
+/// The Queue's supervisor: everyone talks to this address; the Queue behind it is replaced by a
+/// fresh one, on a fresh arbiter, when it dies. A new Queue reads the store as at start, so
+/// messages whose delivery was in flight are delivered again (at least once, never lost).
+pub struct QueueSupervisor {
+    factory: QueueFactory,
+    child: Option<Addr<Queue>>,
+    arbiter: Option<Arbiter>,
+    generation: u64,
+    meter: ActorMeter,
+}
+
+impl QueueSupervisor {
+    /// `meter` counts the Queue's restarts (the Queue keeps its own `queue` meter).
+    pub fn new(factory: QueueFactory, meter: ActorMeter) -> Self {
+        QueueSupervisor { factory, child: None, arbiter: None, generation: 0, meter }
+    }
+
+    fn start_child(&mut self) -> Addr<Queue> {
+        if let Some(old) = self.arbiter.take() {
+            old.stop();
+        }
+        let arbiter = Arbiter::new();
+        let queue = (self.factory)();
+        let child = Queue::start_in_arbiter(&arbiter.handle(), move |_| queue);
+        self.child = Some(child.clone());
+        self.arbiter = Some(arbiter);
+        child
+    }
+
+    fn restart(&mut self) -> Addr<Queue> {
+        self.generation += 1;
+        self.meter.restarted();
+        error!("the queue died (a panic?); starting a new one from the store");
+        self.start_child()
+    }
+
+    /// The current Queue, restarted first if it died since the last message.
+    fn child(&mut self) -> Addr<Queue> {
+        match &self.child {
+            Some(c) if c.connected() => c.clone(),
+            Some(_) => self.restart(),
+            None => self.start_child(),
+        }
+    }
+}
+
+impl Actor for QueueSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Like the Queue's own: writers wait here rather than pile up. What is forwarded stays
+        // bounded too: every sender waits for its answer (a session one Enqueue at a time,
+        // Pickup at most its `max_concurrent`).
+        ctx.set_mailbox_capacity(1024);
+        self.start_child();
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some(a) = self.arbiter.take() {
+            a.stop();
+        }
+    }
+}
+
+impl<M> Handler<M> for QueueSupervisor
+where
+    M: Fallback + Send + 'static,
+    M::Result: Send + 'static,
+    Queue: Handler<M>,
+{
+    type Result = ResponseActFuture<Self, M::Result>;
+
+    fn handle(&mut self, msg: M, _ctx: &mut Self::Context) -> Self::Result {
+        let child = self.child();
+        let generation = self.generation;
+        Box::pin(async move { child.send(msg).await }.into_actor(self).map(move |res, act, _ctx| match res {
+            Ok(r) => r,
+            Err(_) => {
+                if act.generation == generation {
+                    act.restart();
+                }
+                M::fallback()
             }
         }))
     }

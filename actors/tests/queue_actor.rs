@@ -163,3 +163,51 @@ async fn a_recipient_left_out_of_a_report_is_retried_not_stuck() {
     assert!(b.last_reply.as_deref().unwrap_or("").contains("no result"), "{b:?}");
     assert!(b.next_attempt.is_some(), "it has a retry time");
 }
+
+/// The Queue panics; its supervisor starts a new one from the store: nothing accepted is lost,
+/// the sender of the message in hand gets a temporary failure, and the next one goes through.
+#[cfg(debug_assertions)]
+#[actix_rt::test]
+async fn a_panicking_queue_is_restarted_from_the_store() {
+    use mailroot_actors::queue::InjectPanic;
+    use mailroot_actors::supervisor::{QueueFactory, QueueSupervisor};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (drop_dir, temp) = (dir.path().join("Drop"), dir.path().join("SortTemp"));
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    std::fs::create_dir_all(&temp).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let scripted = Scripted { seen: seen.clone() }.start();
+    let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
+    let router = Router::simple(LocalDomains::new(["example.test"]), local.recipient(), Some(scripted.recipient()));
+    let store = Arc::new(Store::open(&dir.path().join("Queue"), 1).unwrap());
+    let m = metrics.clone();
+    let factory: QueueFactory =
+        Box::new(move || Queue::new(store.clone(), QueueSettings::default(), router.clone(), m.clone()));
+    let queue = QueueSupervisor::new(factory, metrics.actor("queue")).start();
+
+    // Deferred at the remote actor: stays queued with a retry time far away.
+    let first = queue.send(enqueue(&["later@remote.test"], None)).await.unwrap().unwrap();
+    until("the first attempt", || seen.lock().unwrap().len() == 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.send(Inspect { id: first }).await.unwrap().is_none_or(|e| e.recipients[0].attempts == 0) {
+        assert!(Instant::now() < deadline, "the attempt is never recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    queue.send(InjectPanic).await.unwrap();
+    let text = || {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &registry).unwrap();
+        s
+    };
+    // The new Queue has the old message, and takes new ones.
+    let env = queue.send(Inspect { id: first }).await.unwrap().expect("still queued");
+    assert!(text().contains("mailroot_actor_restarts_total{actor=\"queue\"} 1"), "{}", text());
+    assert!(text().contains("mailroot_actor_live{actor=\"queue\"} 1"), "{}", text());
+    assert_eq!(env.recipients[0].attempts, 1);
+    let second = queue.send(enqueue(&["ok@example.test"], None)).await.unwrap().unwrap();
+    assert!(second > first);
+    until("local delivery after the restart", || drop_dir.join(format!("{second}.eml")).exists()).await;
+}

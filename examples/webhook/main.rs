@@ -51,8 +51,11 @@ fn main() -> ExitCode {
         .start();
     match started {
         Ok(running) => {
-            running.wait();
-            ExitCode::SUCCESS
+            if running.wait() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("webhook: {e}");

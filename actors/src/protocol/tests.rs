@@ -639,7 +639,8 @@ fn bdat() {
 /// are not entries; credentials never appear; DATA and BDAT count the message bytes.
 #[test]
 fn protocol_log_entries() {
-    fn logged(p: SessionParams, input: &str) -> Vec<(String, String, u16, u64)> {
+    type Entry = (String, String, u16, u64);
+    fn logged(p: SessionParams, input: &str) -> Vec<Entry> {
         let mut s = Session::new(Arc::new(p), "192.0.2.9".parse().unwrap(), true);
         s.set_logging(true);
         let mut out = Vec::new();
@@ -664,7 +665,7 @@ fn protocol_log_entries() {
     let auth = SessionParams { auth_enabled: true, auth_plaintext_loopback: false, tls_available: true, ..params() };
     // "\0alice\0secret" in base64.
     let plain = "AGFsaWNlAHNlY3JldA==";
-    let cases: Vec<(SessionParams, String, Vec<(String, String, u16, u64)>)> = vec![
+    let cases: Vec<(SessionParams, String, Vec<Entry>)> = vec![
         (
             params(),
             "EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE=10\r\nRCPT TO:<x@example.test>\r\nDATA\r\nSubject: s\r\n\r\n.\r\nQUIT\r\n".into(),

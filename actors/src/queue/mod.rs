@@ -110,6 +110,22 @@ impl Router {
     }
 }
 
+/// Fault injection for the supervision tests: the Queue panics. Only in debug builds.
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InjectPanic;
+
+#[cfg(debug_assertions)]
+impl Handler<InjectPanic> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, _msg: InjectPanic, _ctx: &mut Self::Context) {
+        panic!("fault injection: the queue panics");
+    }
+}
+
 /// Replace the routes (a configuration reload). Deliveries in flight finish with the old ones.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -219,9 +235,9 @@ pub struct Queue {
 
 impl Queue {
     /// The queue and its [`RetryScheduler`] are started together on the current arbiter.
-    pub fn new(store: Store, settings: QueueSettings, router: Router, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: impl Into<Arc<Store>>, settings: QueueSettings, router: Router, metrics: Arc<Metrics>) -> Self {
         Queue {
-            store: Arc::new(store),
+            store: store.into(),
             committer: None,
             settings,
             router,
