@@ -25,6 +25,10 @@ pub fn config(dir: &Path, extra: &str) -> Config {
     if !extra.contains("[admin]") {
         c.admin.listen = "127.0.0.1:0".into();
     }
+    // Stops wait for open transactions and deliveries in flight; tests need not wait long.
+    if !extra.contains("shutdown_grace") {
+        c.server.shutdown_grace = mailroot::config::HumanDuration(Duration::from_secs(1));
+    }
     // No tarpit in tests unless a test asks for it: errors are part of many transcripts.
     if !extra.contains("error_delay") {
         c.limits.error_delay = mailroot::config::HumanDuration(Duration::ZERO);
