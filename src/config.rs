@@ -776,6 +776,13 @@ mod tests {
         assert_eq!(c.delivery.remote_port, d.delivery.remote_port);
         assert_eq!(c.delivery.max_messages_per_connection, d.delivery.max_messages_per_connection);
         assert_eq!(c.delivery.command_timeout, d.delivery.command_timeout);
+        assert_eq!(c.server.shutdown_grace, d.server.shutdown_grace);
+        assert_eq!(
+            (c.admin.listen.as_str(), c.admin.metrics_public),
+            (d.admin.listen.as_str(), d.admin.metrics_public)
+        );
+        assert_eq!((c.lmtp.max_connections, c.lmtp.timeout), (d.lmtp.max_connections, d.lmtp.timeout));
+        assert!(c.routes.is_empty() && c.log.protocol.is_empty() && c.maildir.path.is_empty());
         // What check-config prints loads back to the same thing.
         let again = Config::from_toml(&c.to_toml()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());

@@ -371,7 +371,10 @@ fn metrics_count_a_known_workload() {
     assert_eq!(value(&m, "mailroot_queue_messages"), 0.0);
     assert_eq!(value(&m, "mailroot_queue_messages_by_state{state=\"deferred\"}"), 0.0);
     // Every message got a Received header plus its bytes: more than 17 × the body.
-    assert!(value(&m, "mailroot_bytes_received_total") > 17.0 * body.len() as f64);
+    let received = value(&m, "mailroot_bytes_received_total");
+    assert!(received > 17.0 * body.len() as f64);
+    // Each message went to Drop once, as stored.
+    assert_eq!(value(&m, "mailroot_bytes_delivered_total{route=\"drop\"}"), received);
     // Per-actor metrics: what each kind handled, and who is alive.
     assert_eq!(value(&m, "mailroot_actor_messages_handled_total{actor=\"local-drop\"}"), 17.0);
     assert_eq!(value(&m, "mailroot_actor_handling_seconds_count{actor=\"local-drop\"}"), 17.0);

@@ -23,6 +23,11 @@ pub struct RouteLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOnlyLabel {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabel {
     pub cause: &'static str,
 }
@@ -121,6 +126,9 @@ pub struct Metrics {
     pub bytes_received: Counter,
     /// Per-recipient delivery results, by route (`drop`, …) and result.
     pub deliveries: Family<RouteLabel, Counter>,
+    /// Bytes of messages handed on by delivery actors (once per delivery that delivered at
+    /// least one recipient), by route.
+    pub bytes_delivered: Family<RouteOnlyLabel, Counter>,
     pub connections_total: Counter,
     pub connections_current: Gauge,
     /// Refused connections, commands and messages, by cause.
@@ -186,6 +194,7 @@ impl Metrics {
             messages_received: Family::default(),
             bytes_received: Counter::default(),
             deliveries: Family::default(),
+            bytes_delivered: Family::default(),
             connections_total: Counter::default(),
             connections_current: Gauge::default(),
             refusals: Family::default(),
@@ -209,6 +218,7 @@ impl Metrics {
         r.register("messages_received", "Messages accepted into the queue", m.messages_received.clone());
         r.register("bytes_received", "Bytes of accepted messages", m.bytes_received.clone());
         r.register("deliveries", "Per-recipient delivery results", m.deliveries.clone());
+        r.register("bytes_delivered", "Bytes of messages delivered, by route", m.bytes_delivered.clone());
         r.register("inbound_connections", "SMTP connections accepted", m.connections_total.clone());
         r.register("inbound_connections_current", "SMTP connections open now", m.connections_current.clone());
         r.register("refusals", "Refused connections, commands and messages by cause", m.refusals.clone());

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 use crate::commit::GroupCommit;
 use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
 use crate::fsio::write_badmail;
-use crate::metrics::{ActorMeter, CauseLabel, KindLabel, Metrics, RouteLabel, SourceLabel};
+use crate::metrics::{ActorMeter, CauseLabel, KindLabel, Metrics, RouteLabel, RouteOnlyLabel, SourceLabel};
 use crate::notify::{self, Report, ReportKind, ReportRecipient};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::received::{received_header, rfc5322_date, Origin};
@@ -363,6 +363,9 @@ impl Queue {
                     }
                     act.in_flight -= 1;
                     act.in_flight_bytes -= size;
+                    if report.results.iter().any(|r| matches!(r.outcome, Outcome::Delivered(_))) {
+                        act.metrics.bytes_delivered.get_or_create(&RouteOnlyLabel { route }).inc_by(size as u64);
+                    }
                     act.record(id, route, report, ctx);
                     if act.in_flight == 0 {
                         for tx in act.drained.drain(..) {
