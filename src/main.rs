@@ -183,7 +183,20 @@ fn passwd() -> Result<(), String> {
     Ok(())
 }
 
+/// Where `sendmail` (mailroot invoked under that name) finds its configuration.
+const SENDMAIL_CONFIG: &str = "/etc/mailroot/mailroot.toml";
+
 fn main() -> ExitCode {
+    // Installed as /usr/sbin/sendmail (a symlink): act as `mailroot sendmail`, with the
+    // configuration from $MAILROOT_CONFIG or /etc/mailroot/mailroot.toml.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "sendmail") {
+        let config = std::env::var_os("MAILROOT_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from(SENDMAIL_CONFIG)).filter(|p| p.exists()));
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return cli::sendmail(config.as_deref(), &args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::GenCert { hostname, out } => match gen_cert(&hostname, &out) {

@@ -270,9 +270,22 @@ fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
     // Refused with sendmail's exit codes: no recipient (64), bad address (65).
     assert_eq!(sendmail(&[], b"Subject: x\n\nx\n").0, Some(64));
     assert_eq!(sendmail(&["not an address@"], b"Subject: x\n\nx\n").0, Some(65));
+    // Installed as `sendmail` (a symlink), with the configuration from $MAILROOT_CONFIG.
+    let link = dir.path().join("sendmail");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_mailroot"), &link).unwrap();
+    let mut child = Command::new(&link)
+        .args(["-oi", "carol@example.test"])
+        .env("MAILROOT_CONFIG", &cfg)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Subject: via the symlink\n\nhi\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let files: Vec<String> =
         std::fs::read_dir(&pickup).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files.len(), 3, "{files:?}");
     assert!(files.iter().all(|f| f.ends_with(".eml") && !f.starts_with('.')), "{files:?}");
 
     // The daemon takes them when it starts.
@@ -280,7 +293,7 @@ fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
     let drop_dir = dir.path().join("spool");
     let texts = wait_for("both messages in Drop", Duration::from_secs(20), || {
         let t: Vec<String> = drop_files(&drop_dir).iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect();
-        (t.len() == 2).then_some(t)
+        (t.len() == 3).then_some(t)
     });
     let cron = texts.iter().filter(|t| t.contains("Subject: from cron")).collect::<Vec<_>>();
     assert_eq!(cron.len(), 1, "one Drop file holds both recipients: {texts:?}");
@@ -291,5 +304,6 @@ fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
     let bob = texts.iter().find(|t| t.contains("Subject: with -i")).expect("the -i message");
     assert!(bob.contains("x-sender: app@example.test") && bob.contains("x-receiver: bob@example.test"), "{bob}");
     assert!(bob.contains("\r\n.\r\nafter the dot"), "{bob}");
+    assert!(texts.iter().any(|t| t.contains("x-receiver: carol@example.test") && t.contains("via the symlink")));
     drop(d);
 }
