@@ -50,6 +50,7 @@ fn run_mailroot(base: &Path, sink: &Sink, a: &common::Args) -> Option<f64> {
     );
     let mut config = Config::from_toml(&text).expect("bench config");
     config.mailroot.path = base.to_path_buf();
+    config.admin.listen = "127.0.0.1:0".into();
     let running = daemon::start(config, StartOptions::default()).expect("start");
     let rate = measure("mailroot", running.smtp_addrs[0], sink, a);
     let m = running.metrics_text();

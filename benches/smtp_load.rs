@@ -31,7 +31,7 @@ fn main() {
     let base = a.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-mailroot"));
     let _ = std::fs::remove_dir_all(&base);
     let mut config = Config::from_toml(
-        "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n",
+        "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n",
     )
     .expect("bench config");
     config.mailroot.path = base.clone();

@@ -95,6 +95,9 @@ pub struct StartOptions {
 #[derive(Debug)]
 pub(crate) enum Control {
     Stop,
+    /// Fault injection for the supervision tests (debug builds only).
+    #[cfg(debug_assertions)]
+    InjectPanic(&'static str),
     Reload(Option<oneshot::Sender<Result<Vec<String>, String>>>),
 }
 
@@ -145,6 +148,14 @@ impl Running {
         let (tx, rx) = oneshot::channel();
         self.control.0.try_send(Control::Reload(Some(tx))).map_err(|e| format!("daemon not reachable: {e}"))?;
         rx.blocking_recv().map_err(|_| "the daemon stopped".to_string())?
+    }
+
+    /// Fault injection for the supervision tests: makes `actor` (`queue`, `pickup` or
+    /// `listener`) panic. Debug builds only.
+    #[cfg(debug_assertions)]
+    #[doc(hidden)]
+    pub fn inject_panic(&self, actor: &'static str) {
+        let _ = self.control.0.try_send(Control::InjectPanic(actor));
     }
 
     pub fn control(&self) -> ControlHandle {
@@ -786,6 +797,8 @@ fn control_rx_take(rx: &mut tokio::sync::mpsc::Receiver<Control>) -> tokio::sync
 /// A stop or reload request, from a signal or the control channel.
 enum Request {
     Stop(&'static str),
+    #[cfg(debug_assertions)]
+    InjectPanic(&'static str),
     /// Time to check that the Listener and Pickup are alive.
     Watch,
     Reload(Option<oneshot::Sender<Result<Vec<String>, String>>>),
@@ -830,6 +843,8 @@ impl Signals {
             c = rx.recv() => match c {
                 Some(Control::Stop) | None => Request::Stop("stop requested"),
                 Some(Control::Reload(reply)) => Request::Reload(reply),
+                #[cfg(debug_assertions)]
+                Some(Control::InjectPanic(actor)) => Request::InjectPanic(actor),
             },
             _ = recv(&mut self.term) => Request::Stop("SIGTERM received"),
             _ = recv(&mut self.int) => Request::Stop("SIGINT received"),
@@ -853,6 +868,13 @@ async fn control_loop(mut sys: System_, mut rx: tokio::sync::mpsc::Receiver<Cont
             other => other,
         };
         match request {
+            #[cfg(debug_assertions)]
+            Request::InjectPanic(actor) => match actor {
+                "queue" => sys.queue.do_send(mailroot_actors::queue::InjectPanic),
+                "pickup" => sys.pickup.do_send(mailroot_actors::pickup::InjectPanic),
+                "listener" => sys.listener.do_send(mailroot_actors::listener::InjectPanic),
+                other => warn!(actor = other, "no such actor to make panic"),
+            },
             Request::Watch => {
                 if !sys.pickup.connected() {
                     error!("the Pickup actor died; starting a new one");
@@ -931,7 +953,6 @@ async fn shutdown(sys: &System_) {
     if open > 0 {
         warn!(open, "sessions still open at the grace time");
     }
-    let _ = &sys.pickup;
 }
 
 /// Reads the configuration again and applies what may change at run time.

@@ -254,6 +254,12 @@ fn every_endpoint_with_and_without_the_token() {
         let v = call(&ok, "GET", &format!("/api/queue/{b}")).1;
         (v["attempts"] == 5 && v["state"] == "deferred").then_some(())
     });
+    // Address and token from a configuration file, as an operator runs it.
+    let cfg = dir.path().join("cli.toml");
+    std::fs::write(&cfg, format!("[admin]\nlisten = \"{admin}\"\ntoken = \"{TOKEN}\"\n")).unwrap();
+    let out = bin().args(["ctl", "status", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("running"));
     let (code, _, _) = cli(&["ctl", "pause", "--token", TOKEN]);
     assert_eq!(code, Some(0));
     assert_eq!(Client::connect(smtp).greeting().code, 421);

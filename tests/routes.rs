@@ -106,24 +106,27 @@ fn lmtp_session(stream: impl Read + Write, log: Arc<Mutex<LmtpLog>>) {
     }
 }
 
-fn lmtp_tcp_server() -> (String, Arc<Mutex<LmtpLog>>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+/// Serves LMTP sessions, one thread each, for whatever `accept` yields (TCP or Unix socket).
+fn serve_lmtp<S: Read + Write + Send + 'static>(
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+) -> Arc<Mutex<LmtpLog>> {
     let log = Arc::new(Mutex::new(LmtpLog::default()));
     let l = log.clone();
     std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
+        while let Ok(s) = accept() {
             let l = l.clone();
             std::thread::spawn(move || lmtp_session(s, l));
         }
     });
-    (addr, log)
+    log
 }
 
 #[test]
 fn lmtp_per_recipient_replies() {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, log) = lmtp_tcp_server();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
     let extra = format!(
         "[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\n[queue]\nretry_intervals = [\"1h\"]\n"
     );
@@ -147,14 +150,7 @@ fn lmtp_over_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lmtp.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let log = Arc::new(Mutex::new(LmtpLog::default()));
-    let l = log.clone();
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let l = l.clone();
-            std::thread::spawn(move || lmtp_session(s, l));
-        }
-    });
+    let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
     let extra = format!("[routes]\n\"*.mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"unix:{}\"\n", path.display());
     let running = start(config(dir.path(), &extra));
     send(running.smtp_addrs[0], &["u@a.mbox.test"], "over unix");
@@ -381,4 +377,32 @@ fn unknown_route_names_and_reserved_names_stop_the_start() {
         .err()
         .expect("refused");
     assert!(e.0.contains("built-in"), "{e}");
+}
+
+/// The built-in actors under their supervisors, through debug-build fault injection: the Queue
+/// and Pickup come back and mail keeps flowing; a dead Listener makes the daemon stop itself
+/// with a failure status (for systemd to restart it).
+#[cfg(debug_assertions)]
+#[test]
+fn the_queue_and_pickup_are_restarted_and_a_dead_listener_stops_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    let smtp = running.smtp_addrs[0];
+    running.inject_panic("queue");
+    wait_metric(&running, "mailroot_actor_restarts_total{actor=\"queue\"}", |v| v == 1.0);
+    drop_file(dir.path(), send(smtp, &["after-queue@example.test"], "queue restarted"));
+
+    running.inject_panic("pickup");
+    wait_metric(&running, "mailroot_actor_restarts_total{actor=\"pickup\"}", |v| v == 1.0);
+    std::fs::write(
+        dir.path().join("Pickup").join("after.eml"),
+        "x-sender: s@example.test\r\nx-receiver: p@example.test\r\nSubject: pickup restarted\r\n\r\nx\r\n",
+    )
+    .unwrap();
+    wait_metric(&running, "mailroot_pickup_files_total{result=\"queued\"}", |v| v == 1.0);
+    assert_eq!(metric(&running, "mailroot_actor_live{actor=\"pickup\"}"), 1.0);
+    assert_eq!(metric(&running, "mailroot_actor_live{actor=\"queue\"}"), 1.0);
+
+    running.inject_panic("listener");
+    assert!(!running.wait(), "a dead listener stops the daemon with a failure status");
 }
