@@ -126,6 +126,36 @@ fn sighup_reloads_and_a_broken_file_keeps_the_old_configuration() {
     assert_eq!(rcpt_codes(d.smtp), vec![250, 250, 250]);
     let mut denied = Client::connect_from("127.0.0.99", d.smtp);
     assert_eq!(denied.greeting().code, 554);
+    // The same through the admin API and `mailroot ctl reload`: the answer says what changed,
+    // or why the file was refused (exit status 1).
+    write_config(dir.path(), "", "[limits]\nmax_recipients = 5\n[access]\ndeny = [\"127.0.0.99/32\"]\n");
+    let text =
+        std::fs::read_to_string(&cfg).unwrap().replace("[admin]\nlisten = \"\"", "[admin]\nlisten = \"127.0.0.1:0\"");
+    std::fs::write(&cfg, text).unwrap();
+    drop(d);
+    let d = Daemon::spawn(&cfg, &[], &[]);
+    let admin = d.wait_log("admin API started");
+    let admin = admin.split("admin=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailroot")).args(args).args(["--admin", &admin]).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("max_recipients = 5", "max_recipients = 1"))
+        .unwrap();
+    let (code, out, err) = ctl(&["ctl", "reload"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "reloaded: limits");
+    assert_eq!(rcpt_codes(d.smtp), vec![250, 452, 452]);
+    std::fs::write(&cfg, "[limits]\nmax_recipients = 0\n").unwrap();
+    let (code, _, err) = ctl(&["ctl", "reload"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("limits.max_recipients") && err.contains("422"), "{err}");
+    assert_eq!(rcpt_codes(d.smtp), vec![250, 452, 452]);
+    write_config(dir.path(), "", "[limits]\nmax_recipients = 5\n[access]\ndeny = [\"127.0.0.99/32\"]\n");
     // Something that needs a restart is named as such.
     std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("path = \"spool\"", "path = \"elsewhere\""))
         .unwrap();
