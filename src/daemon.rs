@@ -1,8 +1,10 @@
 //! Wiring: creates the Mailroot folders, opens the queue, starts every actor on its arbiter,
-//! binds the listeners, and stops it all in order.
+//! binds the listeners and the admin API, and runs the control task: signals, reloads, the
+//! watchdog, and the stop in order.
 //!
-//! Arbiters: the Queue gets one of its own (its sled writes must not stall sessions); sessions are
-//! spread over one arbiter per core; Listener, LocalDrop and Pickup share the system arbiter.
+//! Arbiters: the Queue gets one of its own (its sled writes must not stall sessions), started by
+//! its supervisor, as does each route's delivery actor; sessions are spread over one arbiter per
+//! core; the Listener, Pickup, the supervisors and the control task share the system arbiter.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -143,7 +145,7 @@ impl Running {
 
     /// Reads the configuration file again and applies what can change at run time (as SIGHUP
     /// does). `Ok` lists what changed; `Err` says why the new file was refused (the old
-    /// configuration stays).
+    /// configuration stays). Blocks: call it from a plain thread, not from async code.
     pub fn reload(&self) -> Result<Vec<String>, String> {
         let (tx, rx) = oneshot::channel();
         self.control.0.try_send(Control::Reload(Some(tx))).map_err(|e| format!("daemon not reachable: {e}"))?;
@@ -582,7 +584,7 @@ fn listener_settings(config: &Config, security: &Security, reverse_dns: Option<A
 }
 
 /// The parts of the running system the control task works with.
-struct System_ {
+struct Wired {
     config: Config,
     config_path: Option<PathBuf>,
     folders: Folders,
@@ -606,7 +608,7 @@ struct System_ {
 fn run_system(
     parts: Parts,
     ready: std::sync::mpsc::Sender<Result<Vec<SocketAddr>, StartError>>,
-    mut control_rx: tokio::sync::mpsc::Receiver<Control>,
+    control_rx: tokio::sync::mpsc::Receiver<Control>,
 ) {
     let system = System::new();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -738,7 +740,7 @@ fn run_system(
         info!(mailroot = %folders.root.display(), hostname = %config.server.hostname, domains = ?config.domains.local, "mailroot started");
         Ok::<_, StartError>((
             addrs,
-            System_ {
+            Wired {
                 config: config.clone(),
                 config_path: options.config_path.clone(),
                 folders: folders.clone(),
@@ -772,7 +774,7 @@ fn run_system(
             }
         };
         // Spawned here so that it runs on the system arbiter once `run` starts.
-        actix_rt::spawn(control_loop(sys, control_rx_take(&mut control_rx), options.handle_signals));
+        actix_rt::spawn(control_loop(sys, control_rx, options.handle_signals));
         true
     });
     if ok {
@@ -787,11 +789,6 @@ fn run_system(
         let _ = a.join();
     }
     info!("mailroot stopped");
-}
-
-fn control_rx_take(rx: &mut tokio::sync::mpsc::Receiver<Control>) -> tokio::sync::mpsc::Receiver<Control> {
-    let (_, empty) = tokio::sync::mpsc::channel(1);
-    std::mem::replace(rx, empty)
 }
 
 /// A stop or reload request, from a signal or the control channel.
@@ -854,7 +851,7 @@ impl Signals {
     }
 }
 
-async fn control_loop(mut sys: System_, mut rx: tokio::sync::mpsc::Receiver<Control>, signals: bool) {
+async fn control_loop(mut sys: Wired, mut rx: tokio::sync::mpsc::Receiver<Control>, signals: bool) {
     let mut signals = Signals::new(signals);
     loop {
         let request = match signals.next(&mut rx).await {
@@ -929,7 +926,7 @@ async fn control_loop(mut sys: System_, mut rx: tokio::sync::mpsc::Receiver<Cont
 
 /// The orderly part of a stop: no new connections, sessions finish their transaction (until the
 /// grace time), deliveries in flight end (until the grace time) and nothing new starts.
-async fn shutdown(sys: &System_) {
+async fn shutdown(sys: &Wired) {
     let grace = sys.config.server.shutdown_grace.0;
     let deadline = tokio::time::Instant::now() + grace;
     let _ = sys.listener.send(StopListening).await;
@@ -956,7 +953,7 @@ async fn shutdown(sys: &System_) {
 }
 
 /// Reads the configuration again and applies what may change at run time.
-async fn reload(sys: &mut System_) -> Result<Vec<String>, String> {
+async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
     let Some(path) = sys.config_path.clone() else {
         return Err("mailroot was started without a configuration file; nothing to reload".into());
     };
