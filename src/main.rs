@@ -121,6 +121,7 @@ enum QueueAction {
     Hold {
         id: u64,
     },
+    /// Put a held message back on its retry schedule.
     Release {
         id: u64,
     },
@@ -136,9 +137,11 @@ enum QueueAction {
 
 #[derive(Subcommand)]
 enum CtlAction {
+    /// Version, state, listeners, connections and the queue by state.
     Status,
     /// New SMTP clients get 421 4.3.2; open sessions finish; delivery goes on.
     Pause,
+    /// Accept new connections again.
     Resume,
     /// Read the configuration file again (as SIGHUP).
     Reload,
