@@ -957,7 +957,11 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
     let Some(path) = sys.config_path.clone() else {
         return Err("mailroot was started without a configuration file; nothing to reload".into());
     };
-    let new = Config::load(Some(&path)).map_err(|e| e.to_string())?.config;
+    let mut new = Config::load(Some(&path)).map_err(|e| e.to_string())?.config;
+    // The host name is also in every Received: header and notification the queue writes, and
+    // the queue's settings only change at a restart: keep the running name everywhere until then.
+    let hostname_changed = new.server.hostname != sys.config.server.hostname;
+    new.server.hostname = sys.config.server.hostname.clone();
     check_route_names(&new, &sys.custom).map_err(|e| e.0)?;
     let security = Security::load(&new).map_err(|e| e.0)?;
     // Route actors: only those whose settings changed are replaced.
@@ -983,6 +987,9 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
     }
     let mut needs_restart: Vec<&str> =
         restart_only.iter().copied().filter(|s| section(&sys.config, s) != section(&new, s)).collect();
+    if hostname_changed {
+        needs_restart.push("server.hostname");
+    }
     if sys.config.server.listen != new.server.listen {
         needs_restart.push("server.listen");
     }

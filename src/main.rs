@@ -105,9 +105,7 @@ enum QueueAction {
         after: Option<u64>,
     },
     /// Show one message and its recipients.
-    Show {
-        id: u64,
-    },
+    Show { id: u64 },
     /// Try the message now (or every deferred message with --all).
     Retry {
         id: Option<u64>,
@@ -118,21 +116,13 @@ enum QueueAction {
         domain: Option<String>,
     },
     /// Keep the message from being delivered until released.
-    Hold {
-        id: u64,
-    },
+    Hold { id: u64 },
     /// Put a held message back on its retry schedule.
-    Release {
-        id: u64,
-    },
+    Release { id: u64 },
     /// Fail the pending recipients now and send the non-delivery report.
-    Bounce {
-        id: u64,
-    },
+    Bounce { id: u64 },
     /// Remove the message without notifying anyone.
-    Delete {
-        id: u64,
-    },
+    Delete { id: u64 },
 }
 
 #[derive(Subcommand)]

@@ -157,11 +157,14 @@ fn sighup_reloads_and_a_broken_file_keeps_the_old_configuration() {
     assert_eq!(rcpt_codes(d.smtp), vec![250, 452, 452]);
     write_config(dir.path(), "", "[limits]\nmax_recipients = 5\n[access]\ndeny = [\"127.0.0.99/32\"]\n");
     // Something that needs a restart is named as such.
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("path = \"spool\"", "path = \"elsewhere\""))
-        .unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace("path = \"spool\"", "path = \"elsewhere\"").replace(HOST, "renamed.example.test");
+    std::fs::write(&cfg, text).unwrap();
     d.signal("HUP");
     let line = d.wait_log("only applied at the next start");
-    assert!(line.contains("mailroot"), "{line}");
+    assert!(line.contains("mailroot") && line.contains("server.hostname"), "{line}");
+    let mut c = Client::connect(d.smtp);
+    assert!(c.greeting().text.starts_with(HOST), "the running name stays until a restart");
 }
 
 #[test]
