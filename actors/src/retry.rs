@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use crate::metrics::ActorMeter;
 use crate::queue::unix_now;
@@ -105,8 +105,11 @@ impl RetryScheduler {
                 let more = match res {
                     Ok(batch) => batch.more,
                     Err(e) => {
-                        error!(error = %e, "queue unavailable for retries");
-                        true
+                        // The Queue that started us is gone (its supervisor starts a new Queue,
+                        // with a new scheduler): waking up for it again would be work for nobody.
+                        warn!(error = %e, "queue gone; its retry scheduler stops");
+                        ctx.stop();
+                        return;
                     }
                 };
                 if more {

@@ -206,6 +206,8 @@ async fn a_panicking_queue_is_restarted_from_the_store() {
     let env = queue.send(Inspect { id: first }).await.unwrap().expect("still queued");
     assert!(text().contains("mailroot_actor_restarts_total{actor=\"queue\"} 1"), "{}", text());
     assert!(text().contains("mailroot_actor_live{actor=\"queue\"} 1"), "{}", text());
+    // The dead Queue's retry scheduler goes too (the new Queue started its own).
+    until("one scheduler", || text().contains("mailroot_actor_live{actor=\"scheduler\"} 1")).await;
     assert_eq!(env.recipients[0].attempts, 1);
     let second = queue.send(enqueue(&["ok@example.test"], None)).await.unwrap().unwrap();
     assert!(second > first);
