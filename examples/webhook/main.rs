@@ -14,7 +14,12 @@ use mailroot::config::Config;
 use mailroot::daemon::{Daemon, StartOptions};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter("info").init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let mut url = None;
     let mut config_path: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
