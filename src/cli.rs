@@ -91,13 +91,14 @@ fn next_attempt(m: &Value) -> String {
 
 fn print_message(m: &Value, out: &mut String) {
     let sender = m["sender"].as_str().filter(|s| !s.is_empty()).unwrap_or("<>");
+    // serde_json's Display ignores widths: numbers go through u64.
     out.push_str(&format!(
         "{:<8} {:<9} {:>7} {:>7} {:>5}  {:<10} {}\n",
-        m["id"],
+        m["id"].as_u64().unwrap_or(0),
         m["state"].as_str().unwrap_or("?"),
         age(m["age_seconds"].as_u64().unwrap_or(0)),
         size(m["size"].as_u64().unwrap_or(0)),
-        m["attempts"],
+        m["attempts"].as_u64().unwrap_or(0),
         next_attempt(m),
         sender
     ));
