@@ -436,11 +436,12 @@ fn pause_refuses_new_clients_while_an_open_session_completes() {
 fn stop_with_sessions_open_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start("127.42.0.1", 0, Behavior::default());
-    // Remote deliveries wait 3 s at the peer's greeting: one is in flight when the stop comes.
-    peer.set(|b| b.stall = Some(Duration::from_secs(3)));
+    // Remote deliveries wait 20 s at the peer's greeting: one is still in flight when the 3 s
+    // grace time ends.
+    peer.set(|b| b.stall = Some(Duration::from_secs(20)));
     let extra = format!("[delivery]\nsmart_host = \"[{}]:{}\"\n", peer.addr.ip(), peer.addr.port());
     let mut cfg = config(dir.path(), &extra);
-    cfg.server.shutdown_grace = mailroot::config::HumanDuration(Duration::from_secs(1));
+    cfg.server.shutdown_grace = mailroot::config::HumanDuration(Duration::from_secs(3));
     let running = start(cfg.clone());
     let smtp = running.smtp_addrs[0];
     let relayed = send(smtp, "s@example.test", &["far@far.test"]);
