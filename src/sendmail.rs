@@ -179,7 +179,9 @@ pub fn submit(config: &Config, args: &Args, message: &[u8], login: &str) -> Resu
             Err(_) => {}
         }
     }
-    recipients.dedup();
+    // The same address from the arguments and the header goes once.
+    let mut seen = std::collections::HashSet::new();
+    recipients.retain(|r| seen.insert(r.to_ascii_lowercase()));
     let file = envelope(&recipients);
     parse_pickup(&file, config.queue.max_hop_count).map_err(data)?;
     write_atomically(&config.mailroot.path.join("Pickup"), &file)

@@ -293,7 +293,7 @@ fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
     let pickup = dir.path().join("spool/Pickup");
     // -t: recipients from the header; Bcc is removed; a lone dot ends the input without -i.
     let (code, err) = sendmail(
-        &["-t"],
+        &["-t", "hidden@example.test"],
         b"To: a@example.test\nBcc: hidden@example.test\nSubject: from cron\n\nline\n.\nnot part of it\n",
     );
     assert_eq!(code, Some(0), "{err}");
@@ -332,6 +332,11 @@ fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
     assert_eq!(cron.len(), 1, "one Drop file holds both recipients: {texts:?}");
     assert!(cron[0].contains("x-sender: cronuser@example.test"), "{}", cron[0]);
     assert!(cron[0].contains("x-receiver: a@example.test") && cron[0].contains("x-receiver: hidden@example.test"));
+    assert_eq!(
+        cron[0].matches("x-receiver: hidden@example.test").count(),
+        1,
+        "given twice (argument and Bcc:), sent once"
+    );
     assert!(!cron[0].contains("Bcc:") && !cron[0].contains("not part of it"), "{}", cron[0]);
     assert!(cron[0].contains("Message-ID: <") && cron[0].contains("Date: "), "added headers: {}", cron[0]);
     let bob = texts.iter().find(|t| t.contains("Subject: with -i")).expect("the -i message");
