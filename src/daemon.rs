@@ -26,7 +26,7 @@ use mailroot_actors::maildir::{Maildir, MaildirSettings};
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::pickup::{Pickup, PickupSettings};
 use mailroot_actors::protocol::SessionParams;
-use mailroot_actors::queue::{unix_now, Drain, Flush, Queue, QueueSettings, Router, SetRouter};
+use mailroot_actors::queue::{unix_now, Drain, Flush, Queue, QueueSettings, Router, SetRouter, Summary};
 use mailroot_actors::remote::dns::Dns;
 use mailroot_actors::remote::RemoteDelivery;
 use mailroot_actors::routes::RouteTable;
@@ -853,6 +853,7 @@ impl Signals {
 
 async fn control_loop(mut sys: Wired, mut rx: tokio::sync::mpsc::Receiver<Control>, signals: bool) {
     let mut signals = Signals::new(signals);
+    let mut watchdog = Watchdog::from_env();
     loop {
         let request = match signals.next(&mut rx).await {
             Request::Watch if !sys.listener.connected() => {
@@ -878,6 +879,7 @@ async fn control_loop(mut sys: Wired, mut rx: tokio::sync::mpsc::Receiver<Contro
                     sys.metrics.actor("pickup").restarted();
                     sys.pickup = (sys.pickup_factory)();
                 }
+                watchdog.tick(&sys.queue).await;
             }
             Request::Reload(reply) => {
                 sd_notify("RELOADING=1");
@@ -1012,6 +1014,41 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
     sys.routes = routes;
     sys.config = new;
     Ok(changed)
+}
+
+/// systemd's watchdog (`WatchdogSec=` in the unit sets `WATCHDOG_USEC`): `WATCHDOG=1` at half
+/// the interval, but only while the Queue answers, so a wedged queue gets the process restarted
+/// rather than kept alive by a control task that still runs.
+struct Watchdog {
+    interval: Option<Duration>,
+    last: tokio::time::Instant,
+}
+
+impl Watchdog {
+    fn from_env() -> Watchdog {
+        let usec = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()).filter(|&u| u > 0);
+        // WATCHDOG_PID, when set, names the process the watchdog is for.
+        let ours = std::env::var("WATCHDOG_PID").ok().is_none_or(|p| p == std::process::id().to_string());
+        let interval = usec.filter(|_| ours).map(|u| Duration::from_micros(u) / 2);
+        if let Some(i) = interval {
+            info!(every_ms = i.as_millis() as u64, "systemd watchdog: notifying while the queue answers");
+        }
+        Watchdog { interval, last: tokio::time::Instant::now() }
+    }
+
+    async fn tick(&mut self, queue: &Addr<QueueSupervisor>) {
+        let Some(interval) = self.interval else { return };
+        if self.last.elapsed() < interval.saturating_sub(Duration::from_secs(1)) {
+            return;
+        }
+        match tokio::time::timeout(interval, queue.send(Summary)).await {
+            Ok(Ok(_)) => {
+                sd_notify("WATCHDOG=1");
+                self.last = tokio::time::Instant::now();
+            }
+            _ => warn!("the queue did not answer the watchdog check; not notifying systemd"),
+        }
+    }
 }
 
 /// Tells systemd (`Type=notify`) about our state; nothing when not started by systemd.

@@ -204,18 +204,34 @@ fn systemd_notify_and_json_logs() {
     let sock_path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut d = Daemon::spawn(&cfg, &["--log-format", "json"], &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    // A 2 s systemd watchdog: WATCHDOG=1 comes every second while the queue answers.
+    let mut d = Daemon::spawn(
+        &cfg,
+        &["--log-format", "json"],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "2000000")],
+    );
     let recv = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(recv(), "READY=1");
+    let next = || loop {
+        // Watchdog pings come in between; the state changes must come in order.
+        let m = recv();
+        if m != "WATCHDOG=1" {
+            return m;
+        }
+    };
+    let start = Instant::now();
+    let pings = std::iter::from_fn(|| Some(recv())).take_while(|m| m == "WATCHDOG=1").take(2).count();
+    assert_eq!(pings, 2, "two watchdog pings");
+    assert!(start.elapsed() < Duration::from_secs(5));
     d.signal("HUP");
-    assert_eq!(recv(), "RELOADING=1");
-    assert_eq!(recv(), "READY=1");
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
     d.signal("TERM");
-    assert_eq!(recv(), "STOPPING=1");
+    assert_eq!(next(), "STOPPING=1");
     assert_eq!(d.exit_code(Duration::from_secs(10)), Some(0));
     // Every log line is one JSON object with a level and a message.
     let lines = d.log.lock().unwrap().clone();
