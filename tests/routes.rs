@@ -43,6 +43,9 @@ struct LmtpLog {
     /// (recipient, message) per final 250.
     delivered: Vec<(String, Vec<u8>)>,
     lhlo: Vec<String>,
+    /// Hang up after each message's replies (as a server that drops idle clients).
+    hang_up: bool,
+    connections: usize,
 }
 
 /// An LMTP server: `bad…` refused at RCPT (550), `full…` refused after DATA (452), everyone
@@ -62,7 +65,10 @@ fn lmtp_session(stream: impl Read + Write, log: Arc<Mutex<LmtpLog>>) {
         }
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
-        if upper.starts_with("LHLO ") {
+        if upper == "RSET" {
+            rcpts.clear();
+            say(&mut stream, "250 2.0.0 OK\r\n");
+        } else if upper.starts_with("LHLO ") {
             log.lock().unwrap().lhlo.push(cmd[5..].to_string());
             say(&mut stream, "250-lmtp.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
         } else if upper.starts_with("MAIL FROM:") {
@@ -97,6 +103,9 @@ fn lmtp_session(stream: impl Read + Write, log: Arc<Mutex<LmtpLog>>) {
                     say(&mut stream, &format!("250 2.0.0 <{r}> Saved\r\n"));
                 }
             }
+            if log.lock().unwrap().hang_up {
+                return;
+            }
         } else if upper == "QUIT" {
             say(&mut stream, "221 2.0.0 bye\r\n");
             return;
@@ -114,6 +123,7 @@ fn serve_lmtp<S: Read + Write + Send + 'static>(
     let l = log.clone();
     std::thread::spawn(move || {
         while let Ok(s) = accept() {
+            l.lock().unwrap().connections += 1;
             let l = l.clone();
             std::thread::spawn(move || lmtp_session(s, l));
         }
@@ -127,6 +137,7 @@ fn lmtp_per_recipient_replies() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
+    let log_handle = log.clone();
     let extra = format!(
         "[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\n[queue]\nretry_intervals = [\"1h\"]\n"
     );
@@ -142,7 +153,34 @@ fn lmtp_per_recipient_replies() {
     assert_eq!(got, vec!["ok1@mbox.test", "ok2@mbox.test"]);
     assert!(String::from_utf8_lossy(&log.delivered[0].1).contains("Subject: lmtp"));
     assert_eq!(log.lhlo, vec![HOST.to_string()]);
+    drop(log);
+
+    // The connection is kept and carries the next messages: one connection, one LHLO.
+    for i in 0..3 {
+        send(smtp, &[&format!("again{i}@mbox.test")], "reuse");
+        wait_metric(&running, "mailroot_deliveries_total{route=\"lmtp\",result=\"delivered\"}", |v| {
+            v == 3.0 + i as f64
+        });
+    }
+    let l = log_of(&log_handle);
+    assert_eq!((l.connections, l.lhlo.len()), (1, 1));
+    drop(l);
+    // A server that hangs up on kept connections: the next message fails on the kept one before
+    // MAIL is accepted, goes again on a new connection, and arrives once.
+    log_of(&log_handle).hang_up = true;
+    send(smtp, &["x1@mbox.test"], "after a hang-up");
+    send(smtp, &["x2@mbox.test"], "after another");
+    wait_metric(&running, "mailroot_deliveries_total{route=\"lmtp\",result=\"delivered\"}", |v| v == 7.0);
+    let l = log_of(&log_handle);
+    assert_eq!(l.delivered.iter().filter(|(r, _)| r.starts_with('x')).count(), 2);
+    // x1 went over the kept connection (then hung up on), x2 found it closed and opened one.
+    assert_eq!(l.connections, 2, "one new connection after the hang-up");
+    assert_eq!(metric(&running, "mailroot_deliveries_total{route=\"lmtp\",result=\"temporary\"}"), 1.0);
     running.stop();
+}
+
+fn log_of(log: &Arc<Mutex<LmtpLog>>) -> std::sync::MutexGuard<'_, LmtpLog> {
+    log.lock().unwrap()
 }
 
 #[test]

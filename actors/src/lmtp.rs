@@ -7,11 +7,14 @@
 //!   makes every recipient without one a temporary failure.
 //! - Every read and write is bounded by a timeout and every reply by the bounded
 //!   [`ReplyParser`]; nothing the server sends can panic or grow a buffer without limit.
-//! - At most `max_connections` connections are open at once.
+//! - At most `max_connections` transactions run at once; a connection whose transaction ended
+//!   cleanly is kept (at most `max_connections` of them, for 10 s) and carries the next message.
+//!   A kept connection the server closed meanwhile fails before MAIL is accepted, and only then
+//!   is the message sent again on a new connection, so nothing is delivered twice by it.
 
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,13 +35,17 @@ pub struct LmtpSettings {
 
 pub struct Lmtp {
     settings: Arc<LmtpSettings>,
-    connections: Arc<Semaphore>,
+    transactions: Arc<Semaphore>,
+    idle: Arc<Mutex<Vec<(Conn, Instant)>>>,
 }
+
+/// How long an idle connection is kept for the next message.
+const IDLE: Duration = Duration::from_secs(10);
 
 impl Lmtp {
     pub fn new(settings: LmtpSettings) -> Self {
         let n = settings.max_connections.max(1);
-        Lmtp { settings: Arc::new(settings), connections: Arc::new(Semaphore::new(n)) }
+        Lmtp { settings: Arc::new(settings), transactions: Arc::new(Semaphore::new(n)), idle: Arc::default() }
     }
 }
 
@@ -46,14 +53,19 @@ impl Actor for Lmtp {
     type Context = Context<Self>;
 }
 
-struct Conn<S> {
-    stream: S,
+/// A TCP or Unix stream.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+struct Conn {
+    stream: Box<dyn Stream>,
     parser: ReplyParser,
     timeout: Duration,
     peer: String,
+    caps: Capabilities,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+impl Conn {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
         let fut = async {
             self.stream.write_all(bytes).await?;
@@ -90,59 +102,114 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.write(line.as_bytes()).await?;
         self.read().await
     }
+
+    /// Connects, reads the greeting and says LHLO.
+    async fn open(s: &LmtpSettings) -> Result<Conn, Outcome> {
+        let connect_failed = |e: io::Error| {
+            Outcome::Temporary(format!("451 4.4.1 cannot connect to the LMTP server {}: {e}", s.address))
+        };
+        let timed_out =
+            || Outcome::Temporary(format!("451 4.4.1 timed out connecting to the LMTP server {}", s.address));
+        let stream: Box<dyn Stream> = if let Some(path) = s.address.strip_prefix("unix:") {
+            let connect = tokio::net::UnixStream::connect(path);
+            Box::new(tokio::time::timeout(s.timeout, connect).await.map_err(|_| timed_out())?.map_err(connect_failed)?)
+        } else {
+            let connect = tokio::net::TcpStream::connect(s.address.as_str());
+            let tcp =
+                tokio::time::timeout(s.timeout, connect).await.map_err(|_| timed_out())?.map_err(connect_failed)?;
+            let _ = tcp.set_nodelay(true);
+            Box::new(tcp)
+        };
+        let mut c = Conn {
+            stream,
+            parser: ReplyParser::new(),
+            timeout: s.timeout,
+            peer: s.address.clone(),
+            caps: Capabilities::default(),
+        };
+        let greeting = c.read().await?;
+        if greeting.code != 220 {
+            return Err(outcome(&greeting));
+        }
+        let lhlo = c.command(&format!("LHLO {}\r\n", s.hostname)).await?;
+        if lhlo.code != 250 {
+            return Err(outcome(&lhlo));
+        }
+        c.caps = Capabilities::from_ehlo(&lhlo);
+        Ok(c)
+    }
+
+    async fn quit(mut self) {
+        let _ = self.command("QUIT\r\n").await;
+    }
 }
 
 fn outcome(r: &ServerReply) -> Outcome {
     Outcome::from_reply(r.code, r.text().get(4..).unwrap_or(""))
 }
 
-/// One LMTP transaction. `Ok` has an outcome per recipient of `req`, in order.
-async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
-    peer: &str,
-    s: &LmtpSettings,
-    req: &Deliver,
-) -> Result<Vec<Outcome>, Outcome> {
-    let mut c = Conn { stream, parser: ReplyParser::new(), timeout: s.timeout, peer: peer.to_string() };
-    let greeting = c.read().await?;
-    if greeting.code != 220 {
-        return Err(outcome(&greeting));
-    }
-    let lhlo = c.command(&format!("LHLO {}\r\n", s.hostname)).await?;
-    if lhlo.code != 250 {
-        return Err(outcome(&lhlo));
-    }
-    let caps = Capabilities::from_ehlo(&lhlo);
+/// How a transaction ended.
+enum Ended {
+    /// Every reply was read: the connection can carry another message.
+    Clean(Vec<Outcome>),
+    /// Per-recipient outcomes, but the connection is not usable any more.
+    Broken(Vec<Outcome>),
+    /// No recipient got an answer of its own. `before_mail`: nothing was accepted yet, so the
+    /// message can go again on another connection (a reused one the server had closed).
+    Failed { outcome: Outcome, before_mail: bool },
+}
+
+/// One LMTP transaction on an open connection, outcomes per recipient of `req`, in order.
+async fn transact(c: &mut Conn, req: &Deliver) -> Ended {
+    let failed = |outcome, before_mail| Ended::Failed { outcome, before_mail };
     let utf8 = !req.sender.is_ascii() || req.recipients.iter().any(|r| !r.address.is_ascii());
-    if utf8 && !caps.smtputf8 {
-        return Err(Outcome::Permanent(format!("550 5.6.7 {peer} does not support SMTPUTF8 addresses")));
+    if utf8 && !c.caps.smtputf8 {
+        let o = Outcome::Permanent(format!("550 5.6.7 {} does not support SMTPUTF8 addresses", c.peer));
+        return Ended::Clean(vec![o; req.recipients.len()]);
     }
     let mut params = String::new();
-    if is_eight_bit(&req.message) && caps.eight_bit_mime {
+    if is_eight_bit(&req.message) && c.caps.eight_bit_mime {
         params.push_str(" BODY=8BITMIME");
     }
     if utf8 {
         params.push_str(" SMTPUTF8");
     }
-    let mail = c.command(&format!("MAIL FROM:<{}>{params}\r\n", req.sender)).await?;
+    let mail = match c.command(&format!("MAIL FROM:<{}>{params}\r\n", req.sender)).await {
+        Ok(r) => r,
+        Err(e) => return failed(e, true),
+    };
     if mail.code != 250 {
-        return Err(outcome(&mail));
+        let o = outcome(&mail);
+        return match c.command("RSET\r\n").await {
+            Ok(r) if r.code == 250 => Ended::Clean(vec![o; req.recipients.len()]),
+            _ => failed(o, false),
+        };
     }
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(req.recipients.len());
     for r in &req.recipients {
-        let reply = c.command(&format!("RCPT TO:<{}>\r\n", r.address)).await?;
-        outcomes.push((!reply.is_positive()).then(|| outcome(&reply)));
+        match c.command(&format!("RCPT TO:<{}>\r\n", r.address)).await {
+            Ok(reply) => outcomes.push((!reply.is_positive()).then(|| outcome(&reply))),
+            Err(e) => return failed(e, false),
+        }
     }
     if outcomes.iter().all(Option::is_some) {
-        let _ = c.command("QUIT\r\n").await;
-        return Ok(outcomes.into_iter().flatten().collect());
+        let all: Vec<Outcome> = outcomes.into_iter().flatten().collect();
+        return match c.command("RSET\r\n").await {
+            Ok(r) if r.code == 250 => Ended::Clean(all),
+            _ => Ended::Broken(all),
+        };
     }
-    let data = c.command("DATA\r\n").await?;
+    let data = match c.command("DATA\r\n").await {
+        Ok(r) => r,
+        Err(e) => return failed(e, false),
+    };
     if data.code != 354 {
         let o = outcome(&data);
-        return Ok(outcomes.into_iter().map(|x| x.unwrap_or_else(|| o.clone())).collect());
+        return Ended::Broken(outcomes.into_iter().map(|x| x.unwrap_or_else(|| o.clone())).collect());
     }
-    c.write(&dot_stuff(&req.message)).await?;
+    if let Err(e) = c.write(&dot_stuff(&req.message)).await {
+        return failed(e, false);
+    }
     // One reply per accepted recipient, in RCPT order (RFC 2033 §4.2).
     let mut result = Vec::with_capacity(outcomes.len());
     let mut lost: Option<Outcome> = None;
@@ -163,29 +230,18 @@ async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    if lost.is_none() {
-        let _ = c.command("QUIT\r\n").await;
+    if lost.is_some() {
+        Ended::Broken(result)
+    } else {
+        Ended::Clean(result)
     }
-    Ok(result)
 }
 
-async fn deliver(s: &LmtpSettings, req: &Deliver) -> Result<Vec<Outcome>, Outcome> {
-    let connect_failed =
-        |e: io::Error| Outcome::Temporary(format!("451 4.4.1 cannot connect to the LMTP server {}: {e}", s.address));
-    let timed_out = || Outcome::Temporary(format!("451 4.4.1 timed out connecting to the LMTP server {}", s.address));
-    if let Some(path) = s.address.strip_prefix("unix:") {
-        let stream = tokio::time::timeout(s.timeout, tokio::net::UnixStream::connect(path))
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(connect_failed)?;
-        transact(stream, &s.address, s, req).await
-    } else {
-        let stream = tokio::time::timeout(s.timeout, tokio::net::TcpStream::connect(s.address.as_str()))
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(connect_failed)?;
-        let _ = stream.set_nodelay(true);
-        transact(stream, &s.address, s, req).await
+impl Lmtp {
+    fn take_idle(idle: &Mutex<Vec<(Conn, Instant)>>) -> Option<Conn> {
+        let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(_, since)| since.elapsed() < IDLE);
+        idle.pop().map(|(c, _)| c)
     }
 }
 
@@ -194,26 +250,54 @@ impl Handler<Deliver> for Lmtp {
 
     fn handle(&mut self, req: Deliver, _ctx: &mut Self::Context) -> Self::Result {
         let settings = self.settings.clone();
-        let connections = self.connections.clone();
+        let (transactions, idle) = (self.transactions.clone(), self.idle.clone());
         Box::pin(async move {
-            let _permit = match connections.acquire_owned().await {
+            let _permit = match transactions.acquire_owned().await {
                 Ok(p) => p,
                 Err(e) => return DeliveryReport::all(req.indices(), Outcome::Temporary(e.to_string())),
             };
-            match deliver(&settings, &req).await {
-                Ok(outcomes) => DeliveryReport {
-                    results: req
-                        .recipients
-                        .iter()
-                        .zip(outcomes)
-                        .map(|(r, o)| {
-                            let mut result = RecipientResult::new(r.index, o);
-                            result.remote_mta = Some(settings.address.clone());
-                            result
-                        })
-                        .collect(),
-                },
-                Err(o) => DeliveryReport::all(req.indices(), o),
+            // A reused connection the server has meanwhile closed fails before MAIL is accepted:
+            // then, and only then, the message goes again on a new connection.
+            let mut reused = Lmtp::take_idle(&idle);
+            let ended = loop {
+                let was_reused = reused.is_some();
+                let mut conn = match reused.take() {
+                    Some(c) => c,
+                    None => match Conn::open(&settings).await {
+                        Ok(c) => c,
+                        Err(o) => break (Ended::Failed { outcome: o, before_mail: false }, None),
+                    },
+                };
+                match transact(&mut conn, &req).await {
+                    Ended::Failed { before_mail: true, .. } if was_reused => continue,
+                    ended => break (ended, Some(conn)),
+                }
+            };
+            let outcomes = match ended {
+                (Ended::Clean(o), Some(conn)) => {
+                    let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+                    if idle.len() < settings.max_connections {
+                        idle.push((conn, Instant::now()));
+                    } else {
+                        drop(idle);
+                        conn.quit().await;
+                    }
+                    o
+                }
+                (Ended::Clean(o) | Ended::Broken(o), _) => o,
+                (Ended::Failed { outcome, .. }, _) => vec![outcome; req.recipients.len()],
+            };
+            DeliveryReport {
+                results: req
+                    .recipients
+                    .iter()
+                    .zip(outcomes)
+                    .map(|(r, o)| {
+                        let mut result = RecipientResult::new(r.index, o);
+                        result.remote_mta = Some(settings.address.clone());
+                        result
+                    })
+                    .collect(),
             }
         })
     }
