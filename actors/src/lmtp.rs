@@ -275,11 +275,16 @@ impl Handler<Deliver> for Lmtp {
             };
             let outcomes = match ended {
                 (Ended::Clean(o), Some(conn)) => {
-                    let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-                    if idle.len() < settings.max_connections {
-                        idle.push((conn, Instant::now()));
-                    } else {
-                        drop(idle);
+                    let surplus = {
+                        let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+                        if idle.len() < settings.max_connections {
+                            idle.push((conn, Instant::now()));
+                            None
+                        } else {
+                            Some(conn)
+                        }
+                    };
+                    if let Some(conn) = surplus {
                         conn.quit().await;
                     }
                     o
