@@ -868,9 +868,9 @@ async fn control_loop(mut sys: Wired, mut rx: tokio::sync::mpsc::Receiver<Contro
         match request {
             #[cfg(debug_assertions)]
             Request::InjectPanic(actor) => match actor {
-                "queue" => sys.queue.do_send(mailroot_actors::queue::InjectPanic),
-                "pickup" => sys.pickup.do_send(mailroot_actors::pickup::InjectPanic),
-                "listener" => sys.listener.do_send(mailroot_actors::listener::InjectPanic),
+                "queue" => sys.queue.do_send(mailroot_actors::fault::InjectPanic),
+                "pickup" => sys.pickup.do_send(mailroot_actors::fault::InjectPanic),
+                "listener" => sys.listener.do_send(mailroot_actors::fault::InjectPanic),
                 other => warn!(actor = other, "no such actor to make panic"),
             },
             Request::Watch => {

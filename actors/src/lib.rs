@@ -17,6 +17,9 @@
 pub mod auth;
 pub mod commit;
 pub mod delivery;
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+pub mod fault;
 pub mod fsio;
 #[doc(hidden)]
 pub mod fuzzing;

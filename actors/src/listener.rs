@@ -351,22 +351,6 @@ impl Handler<StopListening> for Listener {
     }
 }
 
-/// Fault injection for the supervision tests: the Listener panics. Only in debug builds.
-#[cfg(debug_assertions)]
-#[doc(hidden)]
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct InjectPanic;
-
-#[cfg(debug_assertions)]
-impl Handler<InjectPanic> for Listener {
-    type Result = ();
-
-    fn handle(&mut self, _msg: InjectPanic, _ctx: &mut Self::Context) {
-        panic!("fault injection: the listener panics");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

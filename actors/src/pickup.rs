@@ -468,22 +468,6 @@ impl Actor for Pickup {
     }
 }
 
-/// Fault injection for the supervision tests: the Pickup panics. Only in debug builds.
-#[cfg(debug_assertions)]
-#[doc(hidden)]
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct InjectPanic;
-
-#[cfg(debug_assertions)]
-impl Handler<InjectPanic> for Pickup {
-    type Result = ();
-
-    fn handle(&mut self, _msg: InjectPanic, _ctx: &mut Self::Context) {
-        panic!("fault injection: the pickup panics");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

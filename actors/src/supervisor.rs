@@ -178,7 +178,7 @@ fallback! {
 }
 
 #[cfg(debug_assertions)]
-fallback! { queue::InjectPanic => () }
+fallback! { crate::fault::InjectPanic => () }
 
 /// Builds the Queue, at start and at each restart (it reopens nothing: the store is shared).
 pub type QueueFactory = Box<dyn Fn() -> Queue + Send>;

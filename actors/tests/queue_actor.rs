@@ -169,7 +169,7 @@ async fn a_recipient_left_out_of_a_report_is_retried_not_stuck() {
 #[cfg(debug_assertions)]
 #[actix_rt::test]
 async fn a_panicking_queue_is_restarted_from_the_store() {
-    use mailroot_actors::queue::InjectPanic;
+    use mailroot_actors::fault::InjectPanic;
     use mailroot_actors::supervisor::{QueueFactory, QueueSupervisor};
 
     let dir = tempfile::tempdir().unwrap();

@@ -110,22 +110,6 @@ impl Router {
     }
 }
 
-/// Fault injection for the supervision tests: the Queue panics. Only in debug builds.
-#[cfg(debug_assertions)]
-#[doc(hidden)]
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct InjectPanic;
-
-#[cfg(debug_assertions)]
-impl Handler<InjectPanic> for Queue {
-    type Result = ();
-
-    fn handle(&mut self, _msg: InjectPanic, _ctx: &mut Self::Context) {
-        panic!("fault injection: the queue panics");
-    }
-}
-
 /// Replace the routes (a configuration reload). Deliveries in flight finish with the old ones.
 #[derive(Message)]
 #[rtype(result = "()")]
