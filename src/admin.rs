@@ -48,6 +48,9 @@ pub struct AdminState {
 
 type State = web::Data<AdminState>;
 
+/// How long `/metrics` and `/api/status` wait for the queue's summary.
+const SUMMARY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
     HttpResponse::build(status).json(json!({ "error": message.into() }))
 }
@@ -116,8 +119,9 @@ async fn metrics(req: HttpRequest, s: State) -> HttpResponse {
     if let Err(r) = authorize(&req, &s, true) {
         return r;
     }
-    // Queue length by state is computed when asked rather than kept up to date per message.
-    if let Ok(summary) = s.queue.send(Summary).await {
+    // Queue length by state is computed when asked rather than kept up to date per message. A
+    // queue that does not answer in time leaves the last values: a scrape must not hang.
+    if let Ok(Ok(summary)) = tokio::time::timeout(SUMMARY_TIMEOUT, s.queue.send(Summary)).await {
         for (state, n) in [
             ("active", summary.active),
             ("ready", summary.ready),
@@ -148,9 +152,10 @@ struct Status {
 
 async fn status(req: HttpRequest, s: State) -> HttpResponse {
     authorized!(req, s);
-    let queue = match s.queue.send(Summary).await {
-        Ok(q) => q,
-        Err(e) => return unavailable(e),
+    let queue = match tokio::time::timeout(SUMMARY_TIMEOUT, s.queue.send(Summary)).await {
+        Ok(Ok(q)) => q,
+        Ok(Err(e)) => return unavailable(e),
+        Err(_) => return unavailable("no answer within 5 s"),
     };
     HttpResponse::Ok().json(Status {
         version: env!("CARGO_PKG_VERSION"),
