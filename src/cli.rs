@@ -130,6 +130,7 @@ pub fn queue(action: QueueAction, api: &ApiArgs) -> ExitCode {
     };
     let result = match action {
         QueueAction::List { state, domain, limit, after } => {
+            let filtered = state.is_some() || domain.is_some() || after.is_some();
             let mut path = format!("/api/queue?limit={limit}");
             if let Some(s) = state {
                 path.push_str(&format!("&state={}", encode(&s)));
@@ -144,7 +145,8 @@ pub fn queue(action: QueueAction, api: &ApiArgs) -> ExitCode {
                 finish(api, &v, |v| {
                     let messages = v["messages"].as_array().cloned().unwrap_or_default();
                     if messages.is_empty() {
-                        return "The queue holds no such message.\n".into();
+                        let empty = if filtered { "No queued message matches.\n" } else { "The queue is empty.\n" };
+                        return empty.into();
                     }
                     let mut out = HEADER.to_string();
                     for m in &messages {

@@ -276,7 +276,9 @@ fn every_endpoint_with_and_without_the_token() {
     });
     let (code, out, _) = cli(&["queue", "list", "--token", TOKEN]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("no such message"), "{out}");
+    assert_eq!(out, "The queue is empty.\n");
+    let (code, out, _) = cli(&["queue", "list", "--domain", "far.test", "--token", TOKEN]);
+    assert_eq!((code, out.as_str()), (Some(0), "No queued message matches.\n"));
     let d = send(smtp, "alice@example.test", &["t4d@far.test"]);
     wait_for("the first attempt", Duration::from_secs(10), || {
         (call(&ok, "GET", &format!("/api/queue/{d}")).1["state"] == "deferred").then_some(())
