@@ -546,11 +546,8 @@ impl RouteActors {
 
     fn router(&self, config: &Config) -> Result<Router, StartError> {
         let table = RouteTable::new(&config.routes).map_err(|e| StartError(format!("routes: {e}")))?;
-        Ok(Router {
-            local_domains: config.local_domains(),
-            table: Arc::new(table),
-            actors: self.actors.iter().map(|(n, (_, a))| (n.clone(), a.clone().recipient())).collect(),
-        })
+        let actors = self.actors.iter().map(|(n, (_, a))| (n.clone(), a.clone().recipient()));
+        Ok(Router::new(config.local_domains(), table, actors))
     }
 }
 

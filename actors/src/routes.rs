@@ -5,7 +5,7 @@
 //! Invariant: lookups are pure and case-insensitive; an exact rule beats any suffix rule, and a
 //! longer suffix beats a shorter one, whatever the order in the config.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::protocol::address::validate_domain;
 use crate::protocol::LocalDomains;
@@ -17,7 +17,8 @@ pub const REMOTE_DEFAULT: &str = "smtp";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
-    exact: HashMap<String, String>,
+    /// `(domain, route)`; the rules are few, so a scan beats hashing a lower-cased copy.
+    exact: Vec<(String, String)>,
     /// `(".suffix", route)`, longest first.
     suffixes: Vec<(String, String)>,
 }
@@ -39,20 +40,25 @@ impl RouteTable {
             if wildcard {
                 table.suffixes.push((format!(".{domain}"), route.trim().to_string()));
             } else {
-                table.exact.insert(domain.to_string(), route.trim().to_string());
+                table.exact.retain(|(d, _)| d != domain);
+                table.exact.push((domain.to_string(), route.trim().to_string()));
             }
         }
         table.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         Ok(table)
     }
 
-    /// The route named by a rule for `domain`, if any.
+    /// The route named by a rule for `domain`, if any. Runs per recipient: no allocation.
     pub fn rule(&self, domain: &str) -> Option<&str> {
-        let d = domain.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(r) = self.exact.get(&d) {
+        let d = domain.trim_end_matches('.').as_bytes();
+        if let Some((_, r)) = self.exact.iter().find(|(e, _)| e.as_bytes().eq_ignore_ascii_case(d)) {
             return Some(r);
         }
-        self.suffixes.iter().find(|(s, _)| d.ends_with(s.as_str()) && d.len() > s.len()).map(|(_, r)| r.as_str())
+        // Compared as bytes: a UTF-8 domain cannot make a slice fall inside a character.
+        self.suffixes
+            .iter()
+            .find(|(s, _)| d.len() > s.len() && d[d.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes()))
+            .map(|(_, r)| r.as_str())
     }
 
     /// The route for `domain`: a rule's, else the default for local or remote domains.
@@ -66,7 +72,7 @@ impl RouteTable {
 
     /// Every route name the rules use.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.exact.values().chain(self.suffixes.iter().map(|(_, r)| r)).map(|s| s.as_str())
+        self.exact.iter().chain(&self.suffixes).map(|(_, r)| r.as_str())
     }
 }
 
@@ -107,6 +113,10 @@ mod tests {
             // A suffix never matches a name that merely ends with its text.
             ("notexample.com", "smtp"),
             ("localhost", "drop"),
+            // Bytes compared, never sliced inside a character.
+            ("пример.example.com", "lmtp"),
+            ("ü.org", "smtp"),
+            ("é", "smtp"),
             ("corp.test", "drop"),
             ("elsewhere.net", "smtp"),
         ];

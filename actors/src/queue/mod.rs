@@ -80,31 +80,39 @@ pub struct Inspect {
 #[rtype(result = "Result<(), String>")]
 pub struct Flush;
 
-/// Where recipients go: the route table names a delivery actor for each domain; `actors` holds
-/// them by name. A recipient whose route names no actor stays queued (and is logged) until a
-/// reload provides one.
+/// Where recipients go: the route table names a delivery actor for each domain; the router holds
+/// the actors by name. A recipient whose route names no actor stays queued (and is logged) until
+/// a reload provides one.
 #[derive(Clone)]
 pub struct Router {
-    pub local_domains: LocalDomains,
-    pub table: Arc<RouteTable>,
-    pub actors: HashMap<String, Recipient<Deliver>>,
+    local_domains: LocalDomains,
+    table: Arc<RouteTable>,
+    /// By route name; the name is interned once here for the metric labels.
+    actors: HashMap<String, (&'static str, Recipient<Deliver>)>,
 }
 
 impl Router {
+    pub fn new(
+        local_domains: LocalDomains,
+        table: RouteTable,
+        actors: impl IntoIterator<Item = (String, Recipient<Deliver>)>,
+    ) -> Self {
+        let actors = actors.into_iter().map(|(name, a)| (name.clone(), (crate::metrics::intern(&name), a))).collect();
+        Router { local_domains, table: Arc::new(table), actors }
+    }
+
     /// No rules: local domains to `drop`, the others to `smtp` when given.
     pub fn simple(local_domains: LocalDomains, drop: Recipient<Deliver>, smtp: Option<Recipient<Deliver>>) -> Self {
-        let mut actors = HashMap::from([(routes::LOCAL_DEFAULT.to_string(), drop)]);
-        if let Some(smtp) = smtp {
-            actors.insert(routes::REMOTE_DEFAULT.to_string(), smtp);
-        }
-        Router { local_domains, table: Arc::default(), actors }
+        let smtp = smtp.map(|a| (routes::REMOTE_DEFAULT.to_string(), a));
+        let actors = std::iter::once((routes::LOCAL_DEFAULT.to_string(), drop)).chain(smtp);
+        Router::new(local_domains, RouteTable::default(), actors)
     }
 
     /// The route name and its actor; `Err(name)` when no actor has that name.
     fn route(&self, address: &str) -> Result<(&'static str, Recipient<Deliver>), &str> {
         let name = self.table.route(routes::domain_of(address), &self.local_domains);
         match self.actors.get(name) {
-            Some(actor) => Ok((crate::metrics::intern(name), actor.clone())),
+            Some((label, actor)) => Ok((label, actor.clone())),
             None => Err(name),
         }
     }
