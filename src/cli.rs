@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use mailroot::actors::queue::humanize;
 use mailroot::client::{AdminClient, Response};
 use mailroot::config::Config;
 use mailroot::sendmail;
@@ -58,15 +59,6 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-fn age(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m", s / 60),
-        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
-
 fn size(n: u64) -> String {
     match n {
         n if n < 1024 => format!("{n}"),
@@ -85,7 +77,7 @@ fn next_attempt(m: &Value) -> String {
     if next <= now {
         "now".into()
     } else {
-        format!("in {}", age(next - now))
+        format!("in {}", humanize(next - now))
     }
 }
 
@@ -96,7 +88,7 @@ fn print_message(m: &Value, out: &mut String) {
         "{:<8} {:<9} {:>7} {:>7} {:>5}  {:<10} {}\n",
         m["id"].as_u64().unwrap_or(0),
         m["state"].as_str().unwrap_or("?"),
-        age(m["age_seconds"].as_u64().unwrap_or(0)),
+        humanize(m["age_seconds"].as_u64().unwrap_or(0)),
         size(m["size"].as_u64().unwrap_or(0)),
         m["attempts"].as_u64().unwrap_or(0),
         next_attempt(m),
@@ -234,7 +226,7 @@ pub fn ctl(action: CtlAction, api: &ApiArgs) -> ExitCode {
                 v["version"].as_str().unwrap_or("?"),
                 v["hostname"].as_str().unwrap_or("?"),
                 v["state"].as_str().unwrap_or("?"),
-                age(v["uptime_seconds"].as_u64().unwrap_or(0)),
+                humanize(v["uptime_seconds"].as_u64().unwrap_or(0)),
                 v["listeners"].as_array().map(|l| l.iter().filter_map(|a| a.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
                 v["connections"],
                 q["total"],

@@ -697,8 +697,8 @@ impl Queue {
     }
 }
 
-/// `3d 4h`, `2h 5m`, `42s`: a wait for people to read.
-fn humanize(secs: u64) -> String {
+/// `3d 4h`, `2h 5m`, `42s`: a wait for people to read (reports, logs, the CLI).
+pub fn humanize(secs: u64) -> String {
     let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{secs}s"),
