@@ -8,11 +8,11 @@
 //! - The file is checked with the same parser Pickup uses before it is written, so a message
 //!   Pickup would refuse is refused here, with the reason, instead of landing in Badmail.
 
-use std::io::{BufRead, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{BufRead, Read};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use mailroot_actors::fsio::{sync_dir, write_and_rename};
 use mailroot_actors::pickup::parse_pickup;
 use mailroot_actors::protocol::address::parse_mailbox;
 use mailroot_actors::protocol::received::rfc5322_date;
@@ -193,22 +193,9 @@ fn write_atomically(dir: &Path, contents: &[u8]) -> Result<std::path::PathBuf, (
     let name = format!("sendmail-{}", unique());
     let tmp = dir.join(format!(".{name}.tmp"));
     let dest = dir.join(format!("{name}.eml"));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .open(&tmp)
-            .map_err(|e| io("creating", &tmp, e))?;
-        f.write_all(contents).map_err(|e| io("writing", &tmp, e))?;
-        f.sync_all().map_err(|e| io("syncing", &tmp, e))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| io("renaming", &tmp, e))?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing", dir, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|()| dest)
+    write_and_rename(&tmp, &dest, contents, 0o640).map_err(|e| io("writing", &dest, e))?;
+    sync_dir(dir).map_err(|e| io("syncing", dir, e))?;
+    Ok(dest)
 }
 
 #[cfg(test)]

@@ -226,6 +226,9 @@ fn maildir_delivery() {
     assert_ne!(new[0], new[1]);
     assert!(new.iter().all(|n| n.contains(&format!(".{HOST},S="))), "{new:?}");
     assert!(files(&alice.join("tmp")).is_empty());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(alice.join("new").join(&new[0])).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mailbox files are private");
     assert!(alice.join("cur").is_dir());
     let texts: Vec<String> =
         new.iter().map(|n| String::from_utf8(std::fs::read(alice.join("new").join(n)).unwrap()).unwrap()).collect();

@@ -6,8 +6,7 @@
 //! partial file. A redelivery of the same message (after a crash) replaces the file rather than
 //! adding a second one. Directory syncs are group-committed across concurrent deliveries.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,7 +15,7 @@ use tokio::sync::Semaphore;
 
 use crate::commit::GroupCommit;
 use crate::delivery::{Deliver, DeliveryReport, Outcome};
-use crate::fsio::{blocking, sync_dir};
+use crate::fsio::{blocking, sync_dir, write_and_rename};
 use crate::metrics::Metrics;
 
 pub struct LocalDrop {
@@ -73,16 +72,7 @@ fn write_drop_file(req: &Deliver, drop_dir: &Path, sort_temp: &Path, seq: u64) -
     let rcpts: Vec<&str> = req.recipients.iter().map(|r| r.address.as_str()).collect();
     let contents = drop_file_contents(&req.sender, &rcpts, &req.message);
     let tmp = sort_temp.join(format!("{}.{}.tmp", req.id, seq));
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&contents)?;
-        f.sync_data()?;
-        fs::rename(&tmp, drop_dir.join(format!("{}.eml", req.id)))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    write_and_rename(&tmp, &drop_dir.join(format!("{}.eml", req.id)), &contents, 0o666)
 }
 
 impl Handler<Deliver> for LocalDrop {

@@ -11,7 +11,7 @@
 //!   nothing is written.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 
 use crate::delivery::{Deliver, DeliveryReport, Outcome, RecipientResult};
-use crate::fsio::{blocking, sync_dir};
+use crate::fsio::{blocking, sync_dir, write_and_rename};
 
 /// Recipients written at once, at most.
 const WRITERS: usize = 16;
@@ -93,19 +93,10 @@ fn create_maildir(dir: &Path) -> io::Result<()> {
 fn deliver_one(dir: &Path, hostname: &str, contents: &[u8]) -> io::Result<String> {
     create_maildir(dir)?;
     let name = unique_name(hostname, contents.len());
-    let tmp = dir.join("tmp").join(&name);
-    let result = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_data()?;
-        drop(f);
-        fs::rename(&tmp, dir.join("new").join(&name))?;
-        sync_dir(&dir.join("new"))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map(|()| name)
+    // Mailboxes are private to their owner, as delivery agents make them.
+    write_and_rename(&dir.join("tmp").join(&name), &dir.join("new").join(&name), contents, 0o600)?;
+    sync_dir(&dir.join("new"))?;
+    Ok(name)
 }
 
 /// `Return-Path:` and `Delivered-To:` on top of the stored message, as a delivery agent adds them.
