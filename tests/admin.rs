@@ -447,6 +447,17 @@ fn stop_with_sessions_open_loses_nothing() {
     let running = start(cfg.clone());
     let smtp = running.smtp_addrs[0];
     let relayed = send(smtp, "s@example.test", &["far@far.test"]);
+    // While its delivery is in flight, the message cannot be changed: 409 with the reason.
+    let c = api(&running, "");
+    wait_for("the delivery in flight", Duration::from_secs(10), || {
+        (call(&c, "GET", &format!("/api/queue/{relayed}")).1["state"] == "active").then_some(())
+    });
+    for (method, action) in [("POST", "hold"), ("POST", "bounce"), ("POST", "retry"), ("DELETE", "")] {
+        let path = format!("/api/queue/{relayed}/{action}");
+        let (status, v) = call(&c, method, path.trim_end_matches('/'));
+        assert_eq!(status, 409, "{method} {path}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("being delivered"), "{v}");
+    }
 
     let mut idle = Client::ready(smtp, "idle.test");
     let mut busy = Client::ready(smtp, "busy.test");
@@ -478,6 +489,48 @@ fn stop_with_sessions_open_loses_nothing() {
         peer.received().iter().any(|m| m.rcpts.contains(&"<far@far.test>".to_string())).then_some(())
     });
     assert_eq!(peer.received().iter().filter(|m| m.rcpts.contains(&"<far@far.test>".to_string())).count(), 1);
-    let _ = relayed;
+    running.stop();
+}
+
+/// `server.max_connections` changes at a reload for new connections, also while connections are
+/// open: the limit shrinks as they close, never by dropping them.
+#[test]
+fn reload_resizes_the_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mailroot.toml");
+    let write = |max: usize| {
+        let text = format!(
+            "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nmax_connections = {max}\nshutdown_grace = \"1s\"\n\
+             [mailroot]\npath = \"spool\"\n[domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"\"\n"
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write(5);
+    let loaded = mailroot::config::Config::load(Some(&path)).unwrap();
+    let options = mailroot::daemon::StartOptions { handle_signals: false, config_path: Some(path.clone()) };
+    let running = mailroot::daemon::start(loaded.config, options).unwrap();
+    let smtp = running.smtp_addrs[0];
+    let greet = || Client::connect(smtp).greeting().code;
+    let open: Vec<Client> = (0..3).map(|_| Client::ready(smtp, "c.test")).collect();
+
+    // Down to 1 with three open: none is dropped, and nobody new gets in…
+    write(1);
+    assert_eq!(running.reload().unwrap(), vec!["server".to_string()]);
+    assert_eq!(greet(), 421);
+    let mut open = open.into_iter();
+    let last = open.next().unwrap();
+    // … until only one is left open.
+    drop(open);
+    wait_metric(&running, "mailroot_inbound_connections_current", |v| v == 1.0);
+    assert_eq!(greet(), 421, "one open connection fills a limit of one");
+    drop(last);
+    wait_for("a free slot", Duration::from_secs(10), || (greet() == 220).then_some(()));
+
+    // Up to 2: two at once.
+    write(2);
+    running.reload().unwrap();
+    let (a, b) = (Client::ready(smtp, "a.test"), Client::ready(smtp, "b.test"));
+    assert_eq!(greet(), 421);
+    drop((a, b));
     running.stop();
 }

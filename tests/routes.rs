@@ -212,14 +212,23 @@ fn maildir_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let boxes = dir.path().join("boxes");
     let extra = format!(
-        "[routes]\n\"box.test\" = \"maildir\"\n[maildir]\npath = \"{}/{{domain}}/{{user}}/Maildir\"\n",
+        "[routes]\n\"box.test\" = \"maildir\"\n\"blocked.test\" = \"maildir\"\n\
+         [maildir]\npath = \"{}/{{domain}}/{{user}}/Maildir\"\n[queue]\nretry_intervals = [\"1h\"]\n",
         boxes.display()
     );
     let running = start(config(dir.path(), &extra));
     let smtp = running.smtp_addrs[0];
+    // A folder that cannot be created (a file is in the way) is the operator's to fix: the
+    // message waits, it does not bounce.
+    std::fs::create_dir_all(&boxes).unwrap();
+    std::fs::write(boxes.join("blocked.test"), b"not a folder").unwrap();
+    send(smtp, &["someone@blocked.test"], "blocked");
+    wait_metric(&running, "mailroot_deliveries_total{route=\"maildir\",result=\"temporary\"}", |v| v == 1.0);
+    assert_eq!(metric(&running, "mailroot_queue_messages"), 1.0);
     send(smtp, &["Alice@box.test", "bob@box.test"], "first");
     send(smtp, &["alice@box.test"], "second");
     wait_metric(&running, "mailroot_deliveries_total{route=\"maildir\",result=\"delivered\"}", |v| v == 3.0);
+    assert_eq!(metric(&running, "mailroot_deliveries_total{route=\"maildir\",result=\"permanent\"}"), 0.0);
     let alice = boxes.join("box.test/alice/Maildir");
     let new = files(&alice.join("new"));
     assert_eq!(new.len(), 2, "{new:?}");
