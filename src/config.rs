@@ -589,11 +589,10 @@ impl Config {
                 return err("routes", format!("route {name:?} needs {key}"));
             }
         }
-        if !self.lmtp.address.is_empty()
-            && !self.lmtp.address.starts_with("unix:/")
-            && self.lmtp.address.parse::<SocketAddr>().is_err()
-            && !self.lmtp.address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        {
+        // `host:port` (an IPv6 literal as `[::1]:24`), or a socket path.
+        let a = &self.lmtp.address;
+        let host_port = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !a.is_empty() && !a.starts_with("unix:/") && !host_port {
             return err("lmtp.address", format!("{:?} is neither host:port nor unix:/path", self.lmtp.address));
         }
         if self.lmtp.max_connections == 0 {
@@ -753,6 +752,8 @@ mod tests {
             ("[routes]\n\"a.test\" = \"lmtp\"\n", "lmtp.address"),
             ("[routes]\n\"a.test\" = \"smarthost\"\n", "delivery.smart_host"),
             ("[lmtp]\naddress = \"dovecot\"\n", "lmtp.address"),
+            ("[lmtp]\naddress = \"unix:relative/path\"\n", "lmtp.address"),
+            ("[lmtp]\naddress = \":24\"\n", "lmtp.address"),
             ("[maildir]\npath = \"/var/mail/shared\"\n", "maildir.path"),
             ("[server]\nshutdown_grace = \"soon\"\n", "shutdown_grace"),
         ];
@@ -786,6 +787,14 @@ mod tests {
         // What check-config prints loads back to the same thing.
         let again = Config::from_toml(&c.to_toml()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn lmtp_addresses() {
+        for ok in ["127.0.0.1:24", "[::1]:24", "lmtp.internal:24", "unix:/run/dovecot/lmtp"] {
+            let text = format!("[lmtp]\naddress = \"{ok}\"\n");
+            assert!(Config::from_toml(&text).is_ok(), "{ok}");
+        }
     }
 
     #[test]
