@@ -374,6 +374,8 @@ fn metrics_count_a_known_workload() {
     wait_for("sessions to end", Duration::from_secs(10), || {
         (metric(&running, "mailroot_inbound_connections_current") == 0.0).then_some(())
     });
+    // 17 Enqueue and 5 PickupDone (sent once each file's deletion is synced).
+    wait_metric(&running, "mailroot_actor_messages_handled_total{actor=\"queue\"}", |v| v == 22.0);
 
     let m = scrape(&c);
     assert_eq!(value(&m, "mailroot_messages_received_total{source=\"smtp\"}"), 12.0);
@@ -395,8 +397,9 @@ fn metrics_count_a_known_workload() {
     assert_eq!(value(&m, "mailroot_actor_handling_seconds_count{actor=\"local-drop\"}"), 17.0);
     assert_eq!(value(&m, "mailroot_actor_messages_handled_total{actor=\"pickup\"}"), 5.0);
     assert_eq!(value(&m, "mailroot_actor_messages_handled_total{actor=\"listener\"}"), 4.0);
-    // Enqueue (17) plus the admin scrape's summary and any retry wake-ups.
-    assert!(value(&m, "mailroot_actor_messages_handled_total{actor=\"queue\"}") >= 17.0);
+    // Every message to the Queue: 17 Enqueue, 5 PickupDone (the files' deletion), and the
+    // Summary this scrape asked for.
+    assert_eq!(value(&m, "mailroot_actor_messages_handled_total{actor=\"queue\"}"), 23.0);
     // 4 connections × (EHLO … QUIT): more session messages than commands were batched.
     assert!(value(&m, "mailroot_actor_messages_handled_total{actor=\"session\"}") >= 4.0);
     for actor in ["listener", "queue", "scheduler", "local-drop", "remote-delivery", "pickup"] {

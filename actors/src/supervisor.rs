@@ -256,15 +256,21 @@ where
     type Result = ResponseActFuture<Self, M::Result>;
 
     fn handle(&mut self, msg: M, _ctx: &mut Self::Context) -> Self::Result {
+        // Every message to the Queue passes here, so the `queue` actor metrics are kept here
+        // (only `RetryDue`, from the Queue's own scheduler, is measured by the Queue).
+        let handling = self.meter.handling();
         let child = self.child();
         let generation = self.generation;
-        Box::pin(async move { child.send(msg).await }.into_actor(self).map(move |res, act, _ctx| match res {
-            Ok(r) => r,
-            Err(_) => {
-                if act.generation == generation {
-                    act.restart();
+        Box::pin(async move { child.send(msg).await }.into_actor(self).map(move |res, act, _ctx| {
+            drop(handling);
+            match res {
+                Ok(r) => r,
+                Err(_) => {
+                    if act.generation == generation {
+                        act.restart();
+                    }
+                    M::fallback()
                 }
-                M::fallback()
             }
         }))
     }

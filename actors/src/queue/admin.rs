@@ -234,7 +234,6 @@ impl Handler<List> for Queue {
     type Result = Result<ListPage, AdminError>;
 
     fn handle(&mut self, msg: List, _ctx: &mut Self::Context) -> Self::Result {
-        let _handling = self.meter.handling();
         let f = msg.0;
         if let Some(s) = &f.state {
             if !STATES.contains(&s.as_str()) {
@@ -296,7 +295,6 @@ impl Handler<RetryAll> for Queue {
     type Result = Result<usize, AdminError>;
 
     fn handle(&mut self, msg: RetryAll, ctx: &mut Self::Context) -> Self::Result {
-        let _handling = self.meter.handling();
         let now = unix_now();
         let mut chosen = Vec::new();
         for env in self.store.envelopes_after(0) {

@@ -757,7 +757,6 @@ impl Handler<Enqueue> for Queue {
     type Result = ResponseActFuture<Self, Result<QueueId, EnqueueError>>;
 
     fn handle(&mut self, msg: Enqueue, _ctx: &mut Self::Context) -> Self::Result {
-        let handling = self.meter.handling();
         let fail = |e: StoreError| {
             error!(error = %e, "cannot store message");
             if e.is_no_space() {
@@ -805,23 +804,20 @@ impl Handler<Enqueue> for Queue {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
         };
         let (id, size) = (env.id, message.len() as u64);
-        Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| {
-            drop(handling);
-            match res {
-                Ok(()) => {
-                    act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
-                    act.metrics.bytes_received.inc_by(size);
-                    act.queued += 1;
-                    act.metrics.queue_messages.set(act.queued as i64);
-                    act.schedule(id, Some(message));
-                    act.pump(ctx);
-                    Ok(id)
-                }
-                Err(e) => {
-                    error!(id, error = %e, "queue sync failed; refusing the message");
-                    let _ = act.store.discard(&env, mark.as_ref());
-                    Err(EnqueueError::Temporary)
-                }
+        Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
+                act.metrics.bytes_received.inc_by(size);
+                act.queued += 1;
+                act.metrics.queue_messages.set(act.queued as i64);
+                act.schedule(id, Some(message));
+                act.pump(ctx);
+                Ok(id)
+            }
+            Err(e) => {
+                error!(id, error = %e, "queue sync failed; refusing the message");
+                let _ = act.store.discard(&env, mark.as_ref());
+                Err(EnqueueError::Temporary)
             }
         }))
     }
@@ -831,6 +827,8 @@ impl Handler<RetryDue> for Queue {
     type Result = RetryBatch;
 
     fn handle(&mut self, msg: RetryDue, ctx: &mut Self::Context) -> RetryBatch {
+        // The one message that reaches the Queue without passing its supervisor, which
+        // measures all the others.
         let _handling = self.meter.handling();
         // The scheduler now sleeps on its own reading of the index.
         self.told_scheduler = None;
