@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mailroot_actors::fsio::{sync_dir, write_and_rename};
-use mailroot_actors::pickup::parse_pickup;
 use mailroot_actors::protocol::address::parse_mailbox;
+use mailroot_actors::protocol::pickup::parse_pickup;
 use mailroot_actors::protocol::received::rfc5322_date;
 
 use crate::config::Config;

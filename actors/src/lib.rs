@@ -21,8 +21,6 @@ pub mod delivery;
 #[doc(hidden)]
 pub mod fault;
 pub mod fsio;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod listener;
 pub mod lmtp;
 pub mod local_drop;
@@ -30,7 +28,6 @@ pub mod maildir;
 pub mod metrics;
 pub mod notify;
 pub mod pickup;
-pub mod protocol;
 pub mod protolog;
 pub mod queue;
 pub mod remote;
@@ -40,3 +37,6 @@ pub mod session;
 pub mod store;
 pub mod supervisor;
 pub mod tls;
+
+/// The sans-IO SMTP protocol lives in its own crate, so the compiler keeps it free of I/O.
+pub use mailroot_protocol as protocol;

@@ -1,7 +1,7 @@
 //! Fuzz target: The whole sans-IO SMTP session with TLS and AUTH on. The checks are in
-//! `mailroot_actors::fuzzing::session`, which `cargo test` also runs over the kept corpus.
+//! `mailroot_protocol::fuzzing::session`, which `cargo test` also runs over the kept corpus.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|input: &[u8]| mailroot_actors::fuzzing::session(input));
+fuzz_target!(|input: &[u8]| mailroot_protocol::fuzzing::session(input));

@@ -1,14 +1,14 @@
 //! The checks behind the fuzz targets in `fuzz/`, as plain functions: cargo-fuzz calls them
-//! with generated inputs, and `actors/tests/fuzz_corpus.rs` replays the kept corpus through them
+//! with generated inputs, and `actors/protocol/tests/fuzz_corpus.rs` replays the kept corpus through them
 //! in every `cargo test`, so each input that once found new coverage stays a regression test.
 //! Each panics (an assertion) when the code under test misbehaves.
 
 use std::sync::Arc;
 
-use crate::protocol::client::{Capabilities, ReplyParser, MAX_REPLY_LINE};
-use crate::protocol::command::parse;
-use crate::protocol::data::{DataOutcome, DataReceiver};
-use crate::protocol::{Action, LocalDomains, Session, SessionParams};
+use crate::client::{Capabilities, ReplyParser, MAX_REPLY_LINE};
+use crate::command::parse;
+use crate::data::{DataOutcome, DataReceiver};
+use crate::{Action, LocalDomains, Session, SessionParams};
 
 /// One command line through the parser: a command or an error, never a panic.
 pub fn command(line: &[u8]) {

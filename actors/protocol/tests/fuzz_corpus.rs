@@ -5,7 +5,7 @@
 use std::path::Path;
 
 fn replay(target: &str, check: fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
@@ -19,20 +19,20 @@ fn replay(target: &str, check: fn(&[u8])) {
 
 #[test]
 fn command_corpus() {
-    replay("command", mailroot_actors::fuzzing::command);
+    replay("command", mailroot_protocol::fuzzing::command);
 }
 
 #[test]
 fn data_corpus() {
-    replay("data", mailroot_actors::fuzzing::data);
+    replay("data", mailroot_protocol::fuzzing::data);
 }
 
 #[test]
 fn session_corpus() {
-    replay("session", mailroot_actors::fuzzing::session);
+    replay("session", mailroot_protocol::fuzzing::session);
 }
 
 #[test]
 fn reply_parser_corpus() {
-    replay("reply_parser", mailroot_actors::fuzzing::reply_parser);
+    replay("reply_parser", mailroot_protocol::fuzzing::reply_parser);
 }

@@ -9,44 +9,17 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::address::{LocalDomains, Mailbox};
-use super::command::{self, Command, CommandError};
-use super::data::{DataOutcome, DataProblem, DataReceiver};
-use super::dsn::{MessageDsn, RcptDsn};
-use super::reply::{self, Reply};
+mod action;
+mod sasl;
 
-/// Standard base64 (RFC 4648) with padding, as AUTH uses; `None` for anything else.
-fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    if input.len() % 4 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(input.len() / 4 * 3);
-    let chunks = input.len() / 4;
-    for (i, quad) in input.chunks(4).enumerate() {
-        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && i + 1 != chunks) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &quad[..4 - pad] {
-            n = (n << 6) | value(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
-}
+pub use action::{Action, CommandLog, EnqueueError, Incoming, Refusal, RefusalCause, Secret};
+
+use crate::address::{LocalDomains, Mailbox};
+use crate::command::{self, Command, CommandError};
+use crate::data::{DataOutcome, DataProblem, DataReceiver};
+use crate::dsn::{MessageDsn, RcptDsn};
+use crate::reply::{self, Reply};
+use sasl::{AuthStep, SaslStep};
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -75,169 +48,6 @@ pub struct SessionParams {
     pub auth_plaintext_loopback: bool,
 }
 
-/// What the caller must do next.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Action {
-    Reply(Reply),
-    /// Store this message durably, then call [`Session::enqueued`].
-    Enqueue(Incoming),
-    /// Something was refused: for the log and the refusal counters. A reply follows.
-    Refused(Refusal),
-    /// Close the connection after writing the replies so far.
-    Close,
-    /// Write the replies so far, then do the TLS handshake and call [`Session::tls_started`]
-    /// (or close the connection if it fails). Input buffered before it has been discarded.
-    StartTls,
-    /// Check these credentials, then call [`Session::authenticated`].
-    Authenticate {
-        user: String,
-        password: Secret,
-    },
-    /// A command and its final reply, for the protocol log (only with [`Session::set_logging`]).
-    Log(CommandLog),
-}
-
-/// One line of the protocol log. Never holds AUTH credentials: only the mechanism.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandLog {
-    /// The command verb, upper-cased (`EHLO`, `MAIL`, …).
-    pub verb: String,
-    /// Its argument, with spaces as `+` and anything unprintable as `?`, at most 128 characters.
-    pub arg: String,
-    pub status: u16,
-    /// Bytes from the client: the command line, plus the message for DATA and BDAT.
-    pub in_bytes: u64,
-    /// Bytes of the reply.
-    pub out_bytes: u64,
-}
-
-impl CommandLog {
-    fn from_line(line: &[u8]) -> CommandLog {
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim_end_matches(['\r', '\n']);
-        let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
-        let verb: String = verb
-            .chars()
-            .take(12)
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '?' })
-            .collect();
-        // AUTH's argument may carry the credentials (AUTH PLAIN <base64>): keep the mechanism only.
-        let arg = if verb == "AUTH" { arg.split(' ').next().unwrap_or("") } else { arg };
-        let arg: String = arg
-            .trim()
-            .chars()
-            .take(128)
-            .map(|c| match c {
-                ' ' => '+',
-                c if c.is_control() => '?',
-                c => c,
-            })
-            .collect();
-        // The line comes without its CRLF.
-        CommandLog { verb, arg, status: 0, in_bytes: line.len() as u64 + 2, out_bytes: 0 }
-    }
-}
-
-/// A password: never shown by `Debug`, so it cannot reach a log by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// A complete message received over SMTP, ready for the queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Incoming {
-    pub sender: Option<Mailbox>,
-    pub recipients: Vec<Mailbox>,
-    pub dsn: MessageDsn,
-    /// DSN parameters of `recipients`, index for index.
-    pub rcpt_dsn: Vec<RcptDsn>,
-    pub body: Vec<u8>,
-    pub helo: String,
-    /// `SMTP`, `ESMTP` or `UTF8SMTP` for the `Received:` header (RFC 3848).
-    pub protocol: &'static str,
-    pub eight_bit: bool,
-    /// Reverse DNS of the client, when looked up (see [`Session::set_client_name`]).
-    pub client_name: Option<Option<String>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalCause {
-    RelayDenied,
-    MessageTooBig,
-    LineTooLong,
-    DataLineTooLong,
-    BareLf,
-    BareCr,
-    HopCountExceeded,
-    TooManyRecipients,
-    TooManyErrors,
-    TooManyMessages,
-    IdleTimeout,
-    QueueFailure,
-    TooManyConnections,
-    TooManyConnectionsFromIp,
-    ConnectionRate,
-    AccessDenied,
-    TlsRequired,
-    AuthFailed,
-    /// The service is paused: new connections get 421 4.3.2.
-    Paused,
-    /// The service is stopping: open sessions end with 421 4.3.2.
-    ShuttingDown,
-}
-
-impl RefusalCause {
-    /// Stable label for metrics and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefusalCause::RelayDenied => "relay_denied",
-            RefusalCause::MessageTooBig => "message_too_big",
-            RefusalCause::LineTooLong => "command_line_too_long",
-            RefusalCause::DataLineTooLong => "data_line_too_long",
-            RefusalCause::BareLf => "bare_lf",
-            RefusalCause::BareCr => "bare_cr",
-            RefusalCause::HopCountExceeded => "hop_count_exceeded",
-            RefusalCause::TooManyRecipients => "too_many_recipients",
-            RefusalCause::TooManyErrors => "too_many_errors",
-            RefusalCause::TooManyMessages => "too_many_messages",
-            RefusalCause::IdleTimeout => "idle_timeout",
-            RefusalCause::QueueFailure => "queue_failure",
-            RefusalCause::TooManyConnections => "too_many_connections",
-            RefusalCause::TooManyConnectionsFromIp => "too_many_connections_from_ip",
-            RefusalCause::ConnectionRate => "connection_rate",
-            RefusalCause::AccessDenied => "access_denied",
-            RefusalCause::TlsRequired => "tls_required",
-            RefusalCause::AuthFailed => "auth_failed",
-            RefusalCause::Paused => "paused",
-            RefusalCause::ShuttingDown => "shutting_down",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub cause: RefusalCause,
-    pub sender: Option<String>,
-    pub recipients: Vec<String>,
-    /// The recipient refused, for RCPT-time refusals.
-    pub recipient: Option<String>,
-    pub size: usize,
-}
-
-/// Why the queue could not take a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EnqueueError {
-    /// The store is out of space: 452 4.3.1.
-    Storage,
-    /// Anything else (store error, queue actor gone): 451 4.3.0.
-    Temporary,
-}
-
 #[derive(Debug)]
 enum Mode {
     Command,
@@ -263,16 +73,6 @@ enum Mode {
     AwaitingTls,
     Closed,
 }
-
-#[derive(Debug)]
-enum AuthStep {
-    Plain,
-    LoginUser,
-    LoginPassword { user: String },
-}
-
-const USERNAME_PROMPT: &str = "VXNlcm5hbWU6"; // "Username:"
-const PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6"; // "Password:"
 
 #[derive(Debug, Default)]
 struct Transaction {
@@ -467,7 +267,7 @@ impl Session {
                         line.pop();
                     }
                     if let Mode::Auth(step) = std::mem::replace(&mut self.mode, Mode::Command) {
-                        self.auth_response(step, &line);
+                        self.sasl(sasl::respond(step, &line));
                     }
                 }
                 Mode::DiscardLine => {
@@ -708,65 +508,27 @@ impl Session {
         if !self.auth_offered() {
             return self.reject(None, reply::auth_needs_encryption());
         }
-        match (mechanism, initial) {
-            ("PLAIN", None) => {
-                self.reply(reply::auth_challenge(""));
-                self.mode = Mode::Auth(AuthStep::Plain);
-            }
-            ("PLAIN", Some(response)) => self.auth_response(AuthStep::Plain, response.as_bytes()),
-            ("LOGIN", None) => {
-                self.reply(reply::auth_challenge(USERNAME_PROMPT));
-                self.mode = Mode::Auth(AuthStep::LoginUser);
-            }
-            ("LOGIN", Some(response)) => self.auth_response(AuthStep::LoginUser, response.as_bytes()),
-            _ => self.reject(None, reply::auth_mechanism_unsupported()),
-        }
+        let step = sasl::start(mechanism, initial);
+        self.sasl(step);
     }
 
-    /// One client response in an AUTH exchange (base64, or `*` to cancel).
-    fn auth_response(&mut self, step: AuthStep, line: &[u8]) {
-        if line == b"*" {
-            return self.reject(None, reply::auth_cancelled());
-        }
-        // "=" is an empty initial response (RFC 4954 §4).
-        let decoded = if line == b"=" { Some(Vec::new()) } else { base64_decode(line) };
-        let Some(decoded) = decoded else {
-            return self.reject(None, reply::auth_bad_encoding());
-        };
-        let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
+    /// Carries out one step of the SASL exchange.
+    fn sasl(&mut self, step: SaslStep) {
         match step {
-            AuthStep::Plain => {
-                // authzid NUL authcid NUL password; acting for another user is not supported.
-                let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
-                let creds = match parts.as_slice() {
-                    [authz, user, pass] if authz.is_empty() || authz == user => text(user).zip(text(pass)),
-                    _ => None,
-                };
-                match creds {
-                    Some((user, pass)) if !user.is_empty() => self.check_credentials(user, pass),
-                    _ => {
-                        let refusal = self.refusal(RefusalCause::AuthFailed, None, 0);
-                        self.reject(Some(refusal), reply::auth_failed())
-                    }
-                }
+            SaslStep::Challenge(prompt, next) => {
+                self.reply(reply::auth_challenge(prompt));
+                self.mode = Mode::Auth(next);
             }
-            AuthStep::LoginUser => match text(&decoded) {
-                Some(user) => {
-                    self.reply(reply::auth_challenge(PASSWORD_PROMPT));
-                    self.mode = Mode::Auth(AuthStep::LoginPassword { user });
-                }
-                None => self.reject(None, reply::auth_bad_encoding()),
-            },
-            AuthStep::LoginPassword { user } => match text(&decoded) {
-                Some(pass) => self.check_credentials(user, pass),
-                None => self.reject(None, reply::auth_bad_encoding()),
-            },
+            SaslStep::Credentials { user, password } => {
+                self.out.push_back(Action::Authenticate { user: user.clone(), password });
+                self.mode = Mode::AwaitingAuth { user };
+            }
+            SaslStep::Failed => {
+                let refusal = self.refusal(RefusalCause::AuthFailed, None, 0);
+                self.reject(Some(refusal), reply::auth_failed());
+            }
+            SaslStep::Refused(r) => self.reject(None, r),
         }
-    }
-
-    fn check_credentials(&mut self, user: String, password: String) {
-        self.out.push_back(Action::Authenticate { user: user.clone(), password: Secret(password) });
-        self.mode = Mode::AwaitingAuth { user };
     }
 
     fn bdat(&mut self, size: u64, last: bool) {
