@@ -367,7 +367,7 @@ impl Handler<Deliver> for Crashy {
             }
         }
         self.delivered.lock().unwrap().extend(req.recipients.iter().map(|r| r.address.clone()));
-        DeliveryReport::all(req.indices(), Outcome::Delivered("250 2.0.0 taken".into()))
+        DeliveryReport::all(req.indices(), Outcome::new(250, "2.0.0", "taken"))
     }
 }
 

@@ -20,7 +20,7 @@ use actix::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-use crate::delivery::{Deliver, DeliveryReport, Outcome, RecipientResult};
+use crate::delivery::{replies, Deliver, DeliveryReport, Outcome, RecipientResult};
 use crate::protocol::client::{dot_stuff, is_eight_bit, Capabilities, ReplyParser, ServerReply};
 
 #[derive(Debug, Clone)]
@@ -73,8 +73,8 @@ impl Conn {
         };
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Outcome::Temporary(format!("451 4.4.2 connection to {} lost: {e}", self.peer))),
-            Err(_) => Err(Outcome::Temporary(format!("451 4.4.2 timed out writing to {}", self.peer))),
+            Ok(Err(e)) => Err(replies::network_error("connection lost with", &self.peer, e)),
+            Err(_) => Err(replies::timed_out("writing to", &self.peer)),
         }
     }
 
@@ -85,15 +85,13 @@ impl Conn {
             match self.parser.next_reply() {
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => {}
-                Err(e) => return Err(Outcome::Temporary(format!("451 4.5.0 protocol error from {}: {e}", self.peer))),
+                Err(e) => return Err(replies::protocol_error(&self.peer, e)),
             }
             match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
-                Ok(Ok(0)) => return Err(Outcome::Temporary(format!("451 4.4.2 {} closed the connection", self.peer))),
+                Ok(Ok(0)) => return Err(replies::peer_closed(&self.peer, "")),
                 Ok(Ok(n)) => self.parser.feed(&buf[..n]),
-                Ok(Err(e)) => {
-                    return Err(Outcome::Temporary(format!("451 4.4.2 connection to {} lost: {e}", self.peer)))
-                }
-                Err(_) => return Err(Outcome::Temporary(format!("451 4.4.2 timed out waiting for {}", self.peer))),
+                Ok(Err(e)) => return Err(replies::network_error("connection lost with", &self.peer, e)),
+                Err(_) => return Err(replies::timed_out("waiting for", &self.peer)),
             }
         }
     }
@@ -105,11 +103,9 @@ impl Conn {
 
     /// Connects, reads the greeting and says LHLO.
     async fn open(s: &LmtpSettings) -> Result<Conn, Outcome> {
-        let connect_failed = |e: io::Error| {
-            Outcome::Temporary(format!("451 4.4.1 cannot connect to the LMTP server {}: {e}", s.address))
-        };
-        let timed_out =
-            || Outcome::Temporary(format!("451 4.4.1 timed out connecting to the LMTP server {}", s.address));
+        let server = format!("the LMTP server {}", s.address);
+        let connect_failed = |e: io::Error| replies::cannot_connect(&server, e);
+        let timed_out = || replies::connect_timed_out(&server);
         let stream: Box<dyn Stream> = if let Some(path) = s.address.strip_prefix("unix:") {
             let connect = tokio::net::UnixStream::connect(path);
             Box::new(tokio::time::timeout(s.timeout, connect).await.map_err(|_| timed_out())?.map_err(connect_failed)?)
@@ -164,7 +160,7 @@ async fn transact(c: &mut Conn, req: &Deliver) -> Ended {
     let failed = |outcome, before_mail| Ended::Failed { outcome, before_mail };
     let utf8 = !req.sender.is_ascii() || req.recipients.iter().any(|r| !r.address.is_ascii());
     if utf8 && !c.caps.smtputf8 {
-        let o = Outcome::Permanent(format!("550 5.6.7 {} does not support SMTPUTF8 addresses", c.peer));
+        let o = replies::no_smtputf8(&c.peer);
         return Ended::Clean(vec![o; req.recipients.len()]);
     }
     let mut params = String::new();
@@ -226,7 +222,7 @@ async fn transact(c: &mut Conn, req: &Deliver) -> Ended {
                         Err(e) => lost = Some(e),
                     }
                 }
-                result.push(lost.clone().unwrap_or_else(|| Outcome::Temporary("no reply".into())));
+                result.push(lost.clone().unwrap_or_else(replies::no_reply));
             }
         }
     }
@@ -254,7 +250,7 @@ impl Handler<Deliver> for Lmtp {
         Box::pin(async move {
             let _permit = match transactions.acquire_owned().await {
                 Ok(p) => p,
-                Err(e) => return DeliveryReport::all(req.indices(), Outcome::Temporary(e.to_string())),
+                Err(e) => return DeliveryReport::all(req.indices(), replies::internal_error(e)),
             };
             // A reused connection the server has meanwhile closed fails before MAIL is accepted:
             // then, and only then, the message goes again on a new connection.
@@ -297,11 +293,7 @@ impl Handler<Deliver> for Lmtp {
                     .recipients
                     .iter()
                     .zip(outcomes)
-                    .map(|(r, o)| {
-                        let mut result = RecipientResult::new(r.index, o);
-                        result.remote_mta = Some(settings.address.clone());
-                        result
-                    })
+                    .map(|(r, o)| RecipientResult::new(r.index, o.from_mta(Some(settings.address.clone()))))
                     .collect(),
             }
         })

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 
 use crate::commit::GroupCommit;
-use crate::delivery::{Deliver, DeliveryReport, Outcome};
+use crate::delivery::{replies, Deliver, DeliveryReport};
 use crate::fsio::{blocking, sync_dir, write_and_rename};
 use crate::metrics::Metrics;
 
@@ -99,15 +99,15 @@ impl Handler<Deliver> for LocalDrop {
                 Err(e) => Err(io::Error::other(e.to_string())),
             };
             if let Err(e) = written {
-                return DeliveryReport::all(req.indices(), Outcome::from_io_error("writing the Drop file", &e));
+                return DeliveryReport::all(req.indices(), replies::local_io("writing the Drop file", &e));
             }
             let synced = match dir_sync {
                 Some(s) => s.commit().await.map_err(|e| io::Error::other(e.to_string())),
                 None => Err(io::Error::other("drop directory syncer not running")),
             };
             let outcome = match synced {
-                Ok(()) => Outcome::Delivered(format!("250 2.0.0 dropped as {}.eml", req.id)),
-                Err(e) => Outcome::from_io_error("syncing the Drop folder", &e),
+                Ok(()) => replies::dropped(req.id),
+                Err(e) => replies::local_io("syncing the Drop folder", &e),
             };
             DeliveryReport::all(req.indices(), outcome)
         })

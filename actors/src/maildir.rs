@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use tokio::sync::Semaphore;
 
-use crate::delivery::{Deliver, DeliveryReport, Outcome, RecipientResult};
+use crate::delivery::{replies, Deliver, DeliveryReport, RecipientResult};
 use crate::fsio::{blocking, sync_dir, write_and_rename};
 
 /// Recipients written at once, at most.
@@ -117,8 +117,7 @@ impl Handler<Deliver> for Maildir {
             let mut results = Vec::with_capacity(req.recipients.len());
             for r in &req.recipients {
                 let Some(dir) = maildir_path(&settings.path, &r.address) else {
-                    let text = "550 5.1.3 the address cannot be mapped to a mailbox folder".to_string();
-                    results.push(RecipientResult::new(r.index, Outcome::Permanent(text)));
+                    results.push(RecipientResult::new(r.index, replies::unmappable_mailbox()));
                     continue;
                 };
                 let contents = with_delivery_headers(&req.sender, &r.address, &req.message);
@@ -136,8 +135,8 @@ impl Handler<Deliver> for Maildir {
                     Err(e) => Err(io::Error::other(e.to_string())),
                 };
                 let outcome = match written {
-                    Ok(name) => Outcome::Delivered(format!("250 2.0.0 delivered to {}/new/{name}", dir.display())),
-                    Err(e) => Outcome::from_io_error(&format!("writing to the Maildir {}", dir.display()), &e),
+                    Ok(name) => replies::maildir_delivered(format!("{}/new/{name}", dir.display())),
+                    Err(e) => replies::local_io(&format!("writing to the Maildir {}", dir.display()), &e),
                 };
                 results.push(RecipientResult::new(r.index, outcome));
             }

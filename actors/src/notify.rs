@@ -10,6 +10,7 @@ use mail_builder::mime::{BodyPart, MimePart};
 use mail_builder::MessageBuilder;
 
 use crate::protocol::dsn::{xtext_decode, Ret};
+use crate::protocol::outcome::Outcome;
 use crate::protocol::received::rfc5322_date;
 
 /// Which report, i.e. which `Action:` its recipients carry.
@@ -28,10 +29,8 @@ pub struct ReportRecipient {
     pub orcpt: Option<String>,
     /// `failed`, `delayed`, `delivered` or `relayed`.
     pub action: &'static str,
-    /// The last result text: a remote reply (`550 5.1.1 …`) or our own reason.
-    pub reply: String,
-    /// Set when `reply` came from a remote server.
-    pub remote_mta: Option<String>,
+    /// The last result: a remote reply (`550 5.1.1 …`, with its `remote_mta`) or our own reason.
+    pub result: Option<Outcome>,
     /// Delay notices: when we give up.
     pub will_retry_until: Option<u64>,
 }
@@ -54,29 +53,15 @@ pub struct Report<'a> {
     pub max_full: usize,
 }
 
-/// The enhanced status code (RFC 3463) for a result text: the one the reply carries when it has
-/// one, else derived from its class.
-pub fn status_code(reply: &str, action: &str) -> String {
-    let mut words = reply.split_whitespace();
-    let first = words.next().unwrap_or("");
-    let candidate =
-        if first.len() == 3 && first.bytes().all(|b| b.is_ascii_digit()) { words.next() } else { Some(first) };
-    if let Some(c) = candidate.filter(|c| is_enhanced(c)) {
-        return c.to_string();
+/// The `Status:` of a recipient (RFC 3463): its last result's enhanced code, or, when there was
+/// no attempt yet, `X.0.0` of the action's class.
+fn status_of(rc: &ReportRecipient) -> String {
+    match (&rc.result, rc.action) {
+        (Some(o), _) => o.status().to_string(),
+        (None, "delivered" | "relayed") => "2.0.0".into(),
+        (None, "failed") => "5.0.0".into(),
+        (None, _) => "4.0.0".into(),
     }
-    match (action, first.as_bytes().first()) {
-        ("delivered" | "relayed", _) => "2.0.0".into(),
-        (_, Some(b'5')) => "5.0.0".into(),
-        ("failed", _) => "5.0.0".into(),
-        _ => "4.0.0".into(),
-    }
-}
-
-fn is_enhanced(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('.').collect();
-    parts.len() == 3
-        && matches!(parts[0], "2" | "4" | "5")
-        && parts[1..].iter().all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Keeps header and report field values on one line and of sane length.
@@ -128,7 +113,8 @@ pub fn build(r: &Report) -> Vec<u8> {
         human.push_str(&format!("Subject of your message: {s}\r\n\r\n"));
     }
     for rc in &r.recipients {
-        human.push_str(&format!("<{}>: {}\r\n", field(&rc.address), field(&rc.reply)));
+        let result = rc.result.as_ref().map(|o| o.to_string()).unwrap_or_default();
+        human.push_str(&format!("<{}>: {}\r\n", field(&rc.address), field(&result)));
         if let Some(until) = rc.will_retry_until {
             human.push_str(&format!("    (will be retried until {})\r\n", rfc5322_date(until)));
         }
@@ -150,10 +136,10 @@ pub fn build(r: &Report) -> Vec<u8> {
         }
         status.push_str(&format!("Final-Recipient: rfc822; {}\r\n", field(&rc.address)));
         status.push_str(&format!("Action: {}\r\n", rc.action));
-        status.push_str(&format!("Status: {}\r\n", status_code(&rc.reply, rc.action)));
-        if let Some(mta) = &rc.remote_mta {
+        status.push_str(&format!("Status: {}\r\n", status_of(rc)));
+        if let Some((mta, o)) = rc.result.as_ref().and_then(|o| Some((o.remote_mta.as_ref()?, o))) {
             status.push_str(&format!("Remote-MTA: dns; {}\r\n", field(mta)));
-            status.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", field(&rc.reply)));
+            status.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", field(&o.to_string())));
         }
         status.push_str(&format!("Last-Attempt-Date: {}\r\n", rfc5322_date(r.now)));
         if let Some(until) = rc.will_retry_until {
@@ -205,20 +191,31 @@ mod tests {
 
     #[test]
     fn status_codes() {
+        let reply = |code, text: &str| Some(Outcome::from_reply(code, text));
+        let expired = Outcome::from_reply(451, "4.4.7 message expired").expired();
         let cases = [
-            ("550 5.1.1 no such user", "failed", "5.1.1"),
-            ("550 no such user", "failed", "5.0.0"),
-            ("451 4.3.0 try later", "delayed", "4.3.0"),
-            ("451 try later", "delayed", "4.0.0"),
-            ("4.4.7 message expired", "failed", "4.4.7"),
-            ("connection refused", "delayed", "4.0.0"),
-            ("connection refused", "failed", "5.0.0"),
-            ("250 2.0.0 ok", "delivered", "2.0.0"),
-            ("250 ok", "relayed", "2.0.0"),
-            ("550 9.9.9 odd", "failed", "5.0.0"),
+            (reply(550, "5.1.1 no such user"), "failed", "5.1.1"),
+            (reply(550, "no such user"), "failed", "5.0.0"),
+            (reply(451, "4.3.0 try later"), "delayed", "4.3.0"),
+            (reply(451, "try later"), "delayed", "4.0.0"),
+            (Some(expired.clone()), "failed", "4.4.7"),
+            (Some(Outcome::from_reply(451, "try later").expired()), "failed", "5.0.0"),
+            (None, "delayed", "4.0.0"),
+            (None, "failed", "5.0.0"),
+            (None, "delivered", "2.0.0"),
+            (reply(250, "2.0.0 ok"), "delivered", "2.0.0"),
+            (reply(250, "ok"), "relayed", "2.0.0"),
+            (reply(550, "9.9.9 odd"), "failed", "5.0.0"),
         ];
-        for (reply, action, want) in cases {
-            assert_eq!(status_code(reply, action), want, "{reply:?}");
+        for (result, action, want) in cases {
+            let rc = ReportRecipient {
+                address: "a@b".into(),
+                orcpt: None,
+                action,
+                result: result.clone(),
+                will_retry_until: None,
+            };
+            assert_eq!(status_of(&rc), want, "{result:?}");
         }
     }
 
@@ -238,8 +235,10 @@ mod tests {
                 address: "c@d.test".into(),
                 orcpt: Some("rfc822;C+2Bx@d.test".into()),
                 action: if kind == ReportKind::Delay { "delayed" } else { "failed" },
-                reply: "550 5.1.1 no such user\r\nInjected: header".into(),
-                remote_mta: Some("mx.d.test[192.0.2.1]".into()),
+                result: Some(
+                    Outcome::from_reply(550, "5.1.1 no such user\r\nInjected: header")
+                        .from_mta(Some("mx.d.test[192.0.2.1]".into())),
+                ),
                 will_retry_until: None,
             }],
             original,
@@ -305,8 +304,7 @@ mod tests {
                     address: "c@d.test".into(),
                     orcpt: Some(reply.clone()),
                     action: "failed",
-                    reply,
-                    remote_mta: Some("mx".into()),
+                    result: Some(Outcome::from_reply(550, &reply).from_mta(Some("mx".into()))),
                     will_retry_until: Some(u64::MAX),
                 }],
                 original: &original,

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
+use crate::protocol::outcome::{Class, Outcome};
 
 pub type QueueId = u64;
 
@@ -37,19 +38,54 @@ pub enum RcptStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredRecipient")]
 pub struct RecipientState {
     pub address: String,
     pub status: RcptStatus,
     pub attempts: u32,
-    /// The last delivery result text (remote reply, or the local error).
-    pub last_reply: Option<String>,
+    /// The result of the last delivery attempt (with the server that gave it, if one did).
+    pub last: Option<Outcome>,
     /// Unix seconds of the next attempt after a temporary failure.
     pub next_attempt: Option<u64>,
-    /// The server that gave `last_reply`, for delivery status reports.
-    #[serde(default)]
-    pub remote_mta: Option<String>,
-    #[serde(default)]
     pub dsn: RcptDsn,
+}
+
+/// A recipient as any version stored it. Before outcomes were typed, the last result was a
+/// text (`last_reply`, `"451 4.4.2 …"`) beside `remote_mta`; such envelopes are read into the
+/// typed form here, and written back typed the next time they change.
+#[derive(Deserialize)]
+struct StoredRecipient {
+    address: String,
+    status: RcptStatus,
+    attempts: u32,
+    #[serde(default)]
+    last: Option<Outcome>,
+    #[serde(default)]
+    last_reply: Option<String>,
+    #[serde(default)]
+    remote_mta: Option<String>,
+    next_attempt: Option<u64>,
+    #[serde(default)]
+    dsn: RcptDsn,
+}
+
+impl From<StoredRecipient> for RecipientState {
+    fn from(s: StoredRecipient) -> Self {
+        let class = match s.status {
+            RcptStatus::Pending => Class::Temporary,
+            RcptStatus::Delivered => Class::Delivered,
+            RcptStatus::Failed => Class::Permanent,
+        };
+        let last = s.last.or_else(|| s.last_reply.map(|t| Outcome::from_legacy_text(class, &t, s.remote_mta)));
+        RecipientState {
+            address: s.address,
+            status: s.status,
+            attempts: s.attempts,
+            last,
+            next_attempt: s.next_attempt,
+            dsn: s.dsn,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,9 +461,8 @@ mod tests {
                 address: "c@d.test".into(),
                 status: RcptStatus::Pending,
                 attempts: 0,
-                last_reply: None,
+                last: None,
                 next_attempt: next,
-                remote_mta: None,
                 dsn: Default::default(),
             }],
             size: 3,

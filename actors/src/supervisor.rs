@@ -16,7 +16,7 @@ use actix::prelude::*;
 use actix_rt::{Arbiter, ArbiterHandle};
 use tracing::{error, warn};
 
-use crate::delivery::{Deliver, DeliveryReport, Outcome};
+use crate::delivery::{replies, Deliver, DeliveryReport};
 use crate::metrics::ActorMeter;
 use crate::queue::{self, Queue};
 use crate::retry::{RetryBatch, RetryDue};
@@ -119,7 +119,7 @@ impl Handler<Deliver> for DeliverySupervisor {
         }
         let indices = req.indices();
         let Some(child) = self.child.clone() else {
-            let outcome = Outcome::Temporary(format!("delivery actor {} is not running", self.name));
+            let outcome = replies::actor_not_running(&self.name);
             return Box::pin(actix::fut::ready(DeliveryReport::all(indices, outcome)));
         };
         let generation = self.generation;
@@ -131,8 +131,7 @@ impl Handler<Deliver> for DeliverySupervisor {
                     if act.generation == generation {
                         act.restart("it failed while delivering (panic?)");
                     }
-                    let text = format!("delivery actor {} failed during the attempt ({e}); it was restarted", act.name);
-                    DeliveryReport::all(indices, Outcome::Temporary(text))
+                    DeliveryReport::all(indices, replies::actor_failed(&act.name, e))
                 }
             }
         }))

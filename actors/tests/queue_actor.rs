@@ -101,15 +101,18 @@ async fn custom_delivery_actor_results_are_recorded_per_recipient() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let states: Vec<(&str, RcptStatus, &str)> =
-        env.recipients.iter().map(|r| (r.address.as_str(), r.status, r.last_reply.as_deref().unwrap_or(""))).collect();
+    let states: Vec<(&str, RcptStatus, String)> = env
+        .recipients
+        .iter()
+        .map(|r| (r.address.as_str(), r.status, r.last.as_ref().map(|o| o.to_string()).unwrap_or_default()))
+        .collect();
     assert_eq!(
         states,
         vec![
-            ("local@example.test", RcptStatus::Delivered, &*format!("250 2.0.0 dropped as {id}.eml")),
-            ("ok@far.test", RcptStatus::Delivered, "250 2.0.0 taken"),
-            ("bad@far.test", RcptStatus::Failed, "550 5.1.1 no such user"),
-            ("later@far.test", RcptStatus::Pending, "451 4.3.0 later"),
+            ("local@example.test", RcptStatus::Delivered, format!("250 2.0.0 dropped as {id}.eml")),
+            ("ok@far.test", RcptStatus::Delivered, "250 2.0.0 taken".into()),
+            ("bad@far.test", RcptStatus::Failed, "550 5.1.1 no such user".into()),
+            ("later@far.test", RcptStatus::Pending, "451 4.3.0 later".into()),
         ]
     );
     // The deferred recipient waits for the first retry interval (15 minutes by default).
@@ -160,7 +163,8 @@ async fn a_recipient_left_out_of_a_report_is_retried_not_stuck() {
     assert_eq!(env.recipients[0].status, RcptStatus::Delivered);
     let b = &env.recipients[1];
     assert_eq!(b.status, RcptStatus::Pending);
-    assert!(b.last_reply.as_deref().unwrap_or("").contains("no result"), "{b:?}");
+    let last = b.last.as_ref().expect("a result");
+    assert!(last.is_temporary() && last.text.contains("no result"), "{b:?}");
     assert!(b.next_attempt.is_some(), "it has a retry time");
 }
 

@@ -62,9 +62,9 @@ impl Actor for Webhook {
 pub fn classify(status: u16) -> Outcome {
     let text = format!("webhook answered HTTP {status}");
     match status {
-        200..=299 => Outcome::Delivered(format!("250 2.0.0 {text}")),
-        408 | 429 | 500..=599 => Outcome::Temporary(format!("451 4.4.0 {text}")),
-        _ => Outcome::Permanent(format!("550 5.0.0 {text}")),
+        200..=299 => Outcome::new(250, "2.0.0", text),
+        408 | 429 | 500..=599 => Outcome::new(451, "4.4.0", text),
+        _ => Outcome::new(550, "5.0.0", text),
     }
 }
 
@@ -113,8 +113,8 @@ impl Handler<Deliver> for Webhook {
             let _permit = requests.acquire_owned().await;
             let outcome = match tokio::time::timeout(timeout, post(&endpoint, &req)).await {
                 Ok(Ok(status)) => classify(status),
-                Ok(Err(e)) => Outcome::Temporary(format!("451 4.4.1 webhook: {e}")),
-                Err(_) => Outcome::Temporary("451 4.4.1 webhook: no answer in time".into()),
+                Ok(Err(e)) => Outcome::new(451, "4.4.1", format!("webhook: {e}")),
+                Err(_) => Outcome::new(451, "4.4.1", "webhook: no answer in time"),
             };
             // One request carries every recipient, so they share its outcome.
             DeliveryReport::all(req.indices(), outcome)

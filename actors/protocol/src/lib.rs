@@ -7,7 +7,8 @@
 //! - [`session`]: the state machine of one server connection, with its SASL exchange
 //!   (`session/sasl.rs`) and the [`Action`]s it hands its caller (`session/action.rs`).
 //! - [`reply`]: the catalogue of every reply mailroot sends to a client.
-//! - [`client`]: the client side used for delivery (reply parser, EHLO capabilities, dot-stuffing).
+//! - [`client`]: the client side used for delivery (reply parser, EHLO capabilities, dot-stuffing);
+//!   [`outcome`]: a delivery result as a typed value (class, codes, text, remote MTA).
 //! - [`received`]: the `Received:` trace header and dates; [`pickup`]: the Pickup file format.
 //! - [`fuzzing`]: the checks the fuzz targets run (and `cargo test` replays over the corpus).
 //!
@@ -22,6 +23,7 @@ pub mod data;
 pub mod dsn;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod outcome;
 pub mod pickup;
 pub mod received;
 pub mod reply;

@@ -16,7 +16,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::{unix_now, Queue};
-use crate::delivery::{DeliveryReport, Outcome};
+use crate::delivery::{replies, DeliveryReport, Outcome};
 use crate::routes::domain_of;
 use crate::store::{Envelope, QueueId, RcptStatus};
 
@@ -43,7 +43,10 @@ pub struct RecipientInfo {
     /// `pending`, `delivered` or `failed`.
     pub status: RcptStatus,
     pub attempts: u32,
+    /// The last result as one line (`451 4.4.2 …`), for people and simple scripts.
     pub last_reply: Option<String>,
+    /// The same result with its fields: class, code, enhanced code, text, remote MTA.
+    pub last: Option<Outcome>,
     pub next_attempt: Option<u64>,
 }
 
@@ -174,7 +177,8 @@ impl Queue {
                     address: r.address.clone(),
                     status: r.status,
                     attempts: r.attempts,
-                    last_reply: r.last_reply.clone(),
+                    last_reply: r.last.as_ref().map(|o| o.to_string()),
+                    last: r.last.clone(),
                     next_attempt: r.next_attempt,
                 })
                 .collect(),
@@ -380,10 +384,7 @@ impl Handler<Bounce> for Queue {
         }
         warn!(id = msg.0, recipients = pending.len(), "message bounced (admin)");
         self.held.remove(&msg.0);
-        let report = DeliveryReport::all(
-            pending,
-            Outcome::Permanent("550 5.0.0 The message was returned by the mail system administrator".into()),
-        );
+        let report = DeliveryReport::all(pending, replies::returned_by_admin());
         self.record(msg.0, "admin", report, ctx);
         // The NDR and the new state must be on disk before the operator is told it is done.
         self.store.sync().map_err(|e| AdminError::Internal(e.to_string()))

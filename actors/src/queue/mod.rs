@@ -32,7 +32,7 @@ use actix::prelude::*;
 use tracing::{error, info, warn};
 
 use crate::commit::GroupCommit;
-use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
+use crate::delivery::{replies, Class, Deliver, DeliveryRecipient, DeliveryReport, Handoff, RecipientResult};
 use crate::fsio::write_badmail;
 use crate::metrics::{ActorMeter, CauseLabel, KindLabel, Metrics, RouteLabel, RouteOnlyLabel, SourceLabel};
 use crate::notify::{self, Report, ReportKind, ReportRecipient};
@@ -338,24 +338,18 @@ impl Queue {
                 .map(move |res, act, ctx| {
                     let mut report = match res {
                         Ok(r) => r,
-                        Err(e) => DeliveryReport::all(
-                            indices.clone(),
-                            Outcome::Temporary(format!("delivery actor unavailable: {e}")),
-                        ),
+                        Err(e) => DeliveryReport::all(indices.clone(), replies::actor_unavailable(e)),
                     };
                     // The interface promises a result per recipient; a buggy actor that leaves
                     // one out must not leave it pending with no retry time.
                     for index in indices {
                         if !report.results.iter().any(|r| r.index == index) {
-                            report.results.push(RecipientResult::new(
-                                index,
-                                Outcome::Temporary("delivery actor gave no result for this recipient".into()),
-                            ));
+                            report.results.push(RecipientResult::new(index, replies::no_result()));
                         }
                     }
                     act.in_flight -= 1;
                     act.in_flight_bytes -= size;
-                    if report.results.iter().any(|r| matches!(r.outcome, Outcome::Delivered(_))) {
+                    if report.results.iter().any(|r| r.outcome.is_delivered()) {
                         act.metrics.bytes_delivered.get_or_create(&RouteOnlyLabel { route }).inc_by(size as u64);
                     }
                     act.record(id, route, report, ctx);
@@ -402,11 +396,9 @@ impl Queue {
                 continue;
             }
             r.attempts += 1;
-            r.last_reply = Some(res.outcome.text().to_string());
-            r.remote_mta = res.remote_mta.clone();
-            let mut outcome = res.outcome.clone();
-            match &res.outcome {
-                Outcome::Delivered(_) => {
+            let mut outcome = res.outcome;
+            match outcome.class {
+                Class::Delivered => {
                     r.status = RcptStatus::Delivered;
                     r.next_attempt = None;
                     match res.handoff {
@@ -415,21 +407,19 @@ impl Queue {
                         Handoff::PassedOn => {}
                     }
                 }
-                Outcome::Permanent(_) => {
+                Class::Permanent => {
                     r.status = RcptStatus::Failed;
                     r.next_attempt = None;
                     failed.push(res.index);
                 }
-                Outcome::Temporary(text) if now >= expires_at => {
+                Class::Temporary if now >= expires_at => {
                     let waited = humanize(now.saturating_sub(env.received_at));
-                    let text = format!("4.4.7 Message expired after {waited} in the queue; last result: {text}");
-                    outcome = Outcome::Permanent(text.clone());
-                    r.last_reply = Some(text);
+                    outcome = replies::expired(&waited, &outcome);
                     r.status = RcptStatus::Failed;
                     r.next_attempt = None;
                     failed.push(res.index);
                 }
-                Outcome::Temporary(_) => {
+                Class::Temporary => {
                     let at = next_attempt_at(&self.settings, r.attempts, env.received_at, env.delay_notified, now);
                     r.next_attempt = Some(at);
                     delayed.push(res.index);
@@ -444,10 +434,13 @@ impl Queue {
                 result = outcome.label(),
                 attempts = r.attempts,
                 next_attempt = ?r.next_attempt,
-                remote = r.remote_mta.as_deref().unwrap_or(""),
-                reply = %outcome.text(),
+                remote = outcome.remote_mta.as_deref().unwrap_or(""),
+                code = outcome.code,
+                status = %outcome.status(),
+                reply = %outcome.text,
                 "delivery"
             );
+            r.last = Some(outcome);
         }
         env.next_attempt =
             env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).filter_map(|r| r.next_attempt).min();
@@ -538,8 +531,7 @@ impl Queue {
                 address: r.address.clone(),
                 orcpt: r.dsn.orcpt.clone(),
                 action,
-                reply: r.last_reply.clone().unwrap_or_default(),
-                remote_mta: r.remote_mta.clone(),
+                result: r.last.clone(),
                 will_retry_until: (kind == ReportKind::Delay).then_some(expires_at),
             })
             .collect();
@@ -607,7 +599,11 @@ impl Queue {
             rfc5322_date(env.received_at)
         );
         for r in failed.iter().filter_map(|&i| env.recipients.get(i)) {
-            reason.push_str(&format!("Recipient: {} -- {}\r\n", r.address, r.last_reply.as_deref().unwrap_or("")));
+            reason.push_str(&format!(
+                "Recipient: {} -- {}\r\n",
+                r.address,
+                r.last.as_ref().map(|o| o.to_string()).unwrap_or_default()
+            ));
         }
         let base = write_badmail(&self.settings.badmail_dir, &env.id.to_string(), message, &reason)?;
         self.metrics.badmail.get_or_create(&CauseLabel { cause: "undeliverable_notification" }).inc();
@@ -640,9 +636,8 @@ impl Queue {
                     address,
                     status: RcptStatus::Pending,
                     attempts: 0,
-                    last_reply: None,
+                    last: None,
                     next_attempt: None,
-                    remote_mta: None,
                     dsn,
                 })
                 .collect(),

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::delivery::Outcome;
+use crate::delivery::{replies, Outcome};
 use crate::protocol::client::{Capabilities, ReplyParser, ServerReply};
 
 #[derive(Debug, Clone)]
@@ -88,14 +88,6 @@ pub struct Connection {
     timeouts: Timeouts,
 }
 
-fn net_error(peer: &str, what: &str, e: &io::Error) -> Outcome {
-    Outcome::Temporary(format!("451 4.4.2 {what} {peer}: {e}"))
-}
-
-fn timeout_error(peer: &str, what: &str) -> Outcome {
-    Outcome::Temporary(format!("451 4.4.2 Timed out {what} {peer}"))
-}
-
 /// Only the code decides; the text is the remote server's, shown as it said it.
 fn reply_outcome(reply: &ServerReply) -> Outcome {
     Outcome::from_reply(reply.code, reply.text().get(4..).unwrap_or(""))
@@ -115,8 +107,8 @@ impl Connection {
         let peer = format!("{host}[{}]", addr.ip());
         let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Failure::host(net_error(&peer, "cannot connect to", &e))),
-            Err(_) => return Err(Failure::host(timeout_error(&peer, "connecting to"))),
+            Ok(Err(e)) => return Err(Failure::host(replies::network_error("cannot connect to", &peer, e))),
+            Err(_) => return Err(Failure::host(replies::timed_out("connecting to", &peer))),
         };
         let _ = tcp.set_nodelay(true);
         let mut c = Connection {
@@ -143,10 +135,7 @@ impl Connection {
         }
         if require_tls && !c.tls {
             let _ = c.quit().await;
-            return Err(Failure::host(Outcome::Temporary(format!(
-                "451 4.7.10 TLS is required for this domain but {} did not offer STARTTLS",
-                host
-            ))));
+            return Err(Failure::host(replies::tls_not_offered(host)));
         }
         Ok(c)
     }
@@ -183,7 +172,7 @@ impl Connection {
         let name =
             ServerName::try_from(host.to_string()).unwrap_or_else(|_| ServerName::IpAddress(self.addr.ip().into()));
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Closed) else {
-            return Err(Failure::host(Outcome::Temporary(format!("451 4.7.5 STARTTLS twice with {}", self.peer))));
+            return Err(Failure::host(replies::starttls_twice(&self.peer)));
         };
         let connector = TlsConnector::from(config.clone());
         match tokio::time::timeout(self.timeouts.command, connector.connect(name, tcp)).await {
@@ -193,13 +182,13 @@ impl Connection {
                 Ok(())
             }
             Ok(Err(e)) => Err(Failure {
-                outcome: Outcome::Temporary(format!("451 4.7.5 TLS handshake with {} failed: {e}", self.peer)),
+                outcome: replies::tls_handshake_failed(&self.peer, e),
                 try_next_host: true,
                 tls_failed: true,
                 peer_reply: false,
             }),
             Err(_) => Err(Failure {
-                outcome: timeout_error(&self.peer, "in the TLS handshake with"),
+                outcome: replies::timed_out("in the TLS handshake with", &self.peer),
                 try_next_host: true,
                 tls_failed: true,
                 peer_reply: false,
@@ -220,8 +209,8 @@ impl Connection {
         };
         match tokio::time::timeout(limit, fut).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::host(net_error(&self.peer, "connection lost while writing to", &e))),
-            Err(_) => Err(Failure::host(timeout_error(&self.peer, "writing to"))),
+            Ok(Err(e)) => Err(Failure::host(replies::network_error("connection lost while writing to", &self.peer, e))),
+            Err(_) => Err(Failure::host(replies::timed_out("writing to", &self.peer))),
         }
     }
 
@@ -232,12 +221,7 @@ impl Connection {
             match self.parser.next_reply() {
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => {}
-                Err(e) => {
-                    return Err(Failure::host(Outcome::Temporary(format!(
-                        "451 4.5.0 Protocol error from {}: {e}",
-                        self.peer
-                    ))))
-                }
+                Err(e) => return Err(Failure::host(replies::protocol_error(&self.peer, e))),
             }
             let read = async {
                 match &mut self.stream {
@@ -247,15 +231,10 @@ impl Connection {
                 }
             };
             match tokio::time::timeout_at(deadline, read).await {
-                Ok(Ok(0)) => {
-                    return Err(Failure::host(Outcome::Temporary(format!(
-                        "451 4.4.2 {} closed the connection {what}",
-                        self.peer
-                    ))))
-                }
+                Ok(Ok(0)) => return Err(Failure::host(replies::peer_closed(&self.peer, what))),
                 Ok(Ok(n)) => self.parser.feed(&buf[..n]),
-                Ok(Err(e)) => return Err(Failure::host(net_error(&self.peer, "connection lost with", &e))),
-                Err(_) => return Err(Failure::host(timeout_error(&self.peer, what))),
+                Ok(Err(e)) => return Err(Failure::host(replies::network_error("connection lost with", &self.peer, e))),
+                Err(_) => return Err(Failure::host(replies::timed_out(what, &self.peer))),
             }
         }
     }
@@ -319,11 +298,11 @@ impl Connection {
                 // an empty message ends it without delivering anything.
                 self.write(b".\r\n", cmd).await?;
                 let _ = self.read_reply(cmd, "waiting for the end-of-data reply of").await?;
-                return Ok(outcomes.into_iter().map(|x| x.unwrap_or(Outcome::Temporary("no reply".into()))).collect());
+                return Ok(outcomes.into_iter().map(|x| x.unwrap_or_else(replies::no_reply)).collect());
             }
             _ => {
                 self.reset().await;
-                return Ok(outcomes.into_iter().map(|x| x.unwrap_or(Outcome::Temporary("no reply".into()))).collect());
+                return Ok(outcomes.into_iter().map(|x| x.unwrap_or_else(replies::no_reply)).collect());
             }
         }
         let data_limit = self.timeouts.data;
@@ -335,7 +314,7 @@ impl Connection {
         }
         self.messages += 1;
         self.reusable = true;
-        Ok(outcomes.into_iter().map(|x| x.unwrap_or(Outcome::Temporary("no reply".into()))).collect())
+        Ok(outcomes.into_iter().map(|x| x.unwrap_or_else(replies::no_reply)).collect())
     }
 
     /// Abandons a transaction so the connection can carry another; on failure the connection

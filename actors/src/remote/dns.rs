@@ -13,7 +13,7 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
 
-use crate::delivery::Outcome;
+use crate::delivery::{replies, Outcome};
 use crate::metrics::{Metrics, ResultLabel};
 
 /// At most this many MX hosts are tried, and this many addresses per host: a hostile zone
@@ -134,9 +134,7 @@ impl Dns {
                     }
                 }
                 if null_mx && hosts.is_empty() {
-                    return Err(Outcome::Permanent(format!(
-                        "556 5.1.10 Domain {domain} accepts no mail (null MX, RFC 7505)"
-                    )));
+                    return Err(replies::null_mx(domain));
                 }
                 if hosts.is_empty() {
                     // Answers of other types only (e.g. a CNAME chain without MX): implicit MX.
@@ -148,7 +146,7 @@ impl Dns {
             }
             Err(e) if e.is_nx_domain() => {
                 self.count("nxdomain");
-                Err(Outcome::Permanent(format!("550 5.1.2 Domain {domain} does not exist (NXDOMAIN)")))
+                Err(replies::nxdomain(domain))
             }
             Err(e) if e.is_no_records_found() => {
                 self.count("nodata");
@@ -205,8 +203,7 @@ impl Dns {
 }
 
 fn temporary_dns(name: &str, kind: &str, e: &NetError) -> Outcome {
-    let msg: String = e.to_string().chars().filter(|c| !c.is_control()).take(200).collect();
-    Outcome::Temporary(format!("451 4.4.3 DNS lookup of {kind} for {name} failed: {msg}"))
+    replies::dns_failed(kind, name, e)
 }
 
 #[cfg(test)]

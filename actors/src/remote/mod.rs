@@ -24,7 +24,7 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::delivery::{Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
+use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
 use crate::metrics::Metrics;
 use crate::protocol::client::{dot_stuff, is_eight_bit};
 use crate::protocol::dsn::Ret;
@@ -34,12 +34,7 @@ use dns::{Dns, MxHost};
 use pool::{Acquired, Permits, Pool};
 
 fn limits_closed() -> Failure {
-    Failure {
-        outcome: Outcome::Temporary("451 4.3.0 Outbound connection limits are shut down".into()),
-        try_next_host: false,
-        tls_failed: false,
-        peer_reply: false,
-    }
+    Failure { outcome: replies::limits_closed(), try_next_host: false, tls_failed: false, peer_reply: false }
 }
 
 /// A relay host: `host`, `host:port`, `[host]` or `[192.0.2.1]:25`. Brackets skip the MX lookup
@@ -237,10 +232,7 @@ impl Inner {
                     // A panic in one domain's delivery: its recipients are retried later.
                     warn!(id = job.id, error = %e, "a domain delivery task failed");
                     for index in owners.remove(&e.id()).unwrap_or_default() {
-                        results.push(RecipientResult::new(
-                            index,
-                            Outcome::Temporary(format!("451 4.3.0 Internal error during delivery: {e}")),
-                        ));
+                        results.push(RecipientResult::new(index, replies::internal_error(&e)));
                     }
                 }
             }
@@ -264,36 +256,28 @@ impl Inner {
 
     async fn deliver_domain(&self, job: &Job, domain: &str, rcpts: Vec<DeliveryRecipient>) -> Vec<RecipientResult> {
         let fail_all = |o: Outcome, remote: Option<String>| -> Vec<RecipientResult> {
-            rcpts
-                .iter()
-                .map(|r| RecipientResult {
-                    index: r.index,
-                    outcome: o.clone(),
-                    remote_mta: remote.clone(),
-                    handoff: Handoff::Final,
-                })
-                .collect()
+            rcpts.iter().map(|r| RecipientResult::new(r.index, o.clone().from_mta(remote.clone()))).collect()
         };
         // What every transaction for this domain needs to know.
         let smtputf8 = !job.sender.is_ascii() || rcpts.iter().any(|r| !r.address.is_ascii());
         let require_tls = self.settings.domains.get(domain).is_some_and(|p| p.require_tls);
         let (first, fallback) = self.route_for(domain);
-        let mut last = Outcome::Temporary(format!("451 4.4.0 No route to {domain}"));
+        let mut last = replies::no_route(domain);
         let mut last_remote = None;
         for route in [first, fallback].into_iter().flatten() {
             let (key, targets) = match self.targets(&route).await {
                 Ok(t) => t,
                 // A smart host that cannot be resolved is the operator's problem, never a
                 // reason to bounce mail: it stays temporary whatever DNS says.
-                Err(Outcome::Permanent(text)) if matches!(route, Route::Smart(_)) => {
-                    last = Outcome::Temporary(format!("451 4.4.4 Smart host unusable: {text}"));
+                Err(o) if o.is_permanent() && matches!(route, Route::Smart(_)) => {
+                    last = replies::smart_host_unusable(&o);
                     last_remote = None;
                     continue;
                 }
                 Err(o) => {
                     last = o;
                     last_remote = None;
-                    if matches!(last, Outcome::Permanent(_)) && matches!(route, Route::Mx(_)) {
+                    if last.is_permanent() && matches!(route, Route::Mx(_)) {
                         break;
                     }
                     continue;
@@ -306,7 +290,7 @@ impl Inner {
                     last_remote = remote;
                     // A permanent answer from a real server is final; only temporary trouble
                     // sends the message on to the smart host.
-                    if matches!(last, Outcome::Permanent(_)) {
+                    if last.is_permanent() {
                         break;
                     }
                 }
@@ -342,7 +326,7 @@ impl Inner {
         if targets.is_empty() {
             return Err(dns_trouble.unwrap_or_else(|| {
                 let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
-                Outcome::Permanent(format!("550 5.4.4 No address found for {}", names.join(", ")))
+                replies::no_address(&names)
             }));
         }
         Ok((key, targets))
@@ -358,7 +342,7 @@ impl Inner {
         require_tls: bool,
         smtputf8: bool,
     ) -> Result<Vec<RecipientResult>, (Outcome, Option<String>)> {
-        let mut last = (Outcome::Temporary("451 4.4.1 No host answered".into()), None);
+        let mut last = (replies::no_host_answered(), None);
         for (host, addr) in targets {
             let mut clear_text = false;
             // At most: a pooled connection that turned out dead, then a fresh one, then a
@@ -461,30 +445,20 @@ impl Inner {
     ) -> Result<Vec<RecipientResult>, Failure> {
         let caps = conn.caps.clone();
         let peer = conn.peer.clone();
-        let refuse = |text: String| -> Result<Vec<RecipientResult>, Failure> {
-            Err(Failure {
-                outcome: Outcome::Permanent(text),
-                try_next_host: false,
-                tls_failed: false,
-                peer_reply: false,
-            })
+        let refuse = |outcome: Outcome| -> Result<Vec<RecipientResult>, Failure> {
+            Err(Failure { outcome, try_next_host: false, tls_failed: false, peer_reply: false })
         };
         if let Some(limit) = caps.size.filter(|&n| n > 0) {
             if job.message.len() as u64 > limit {
-                return refuse(format!(
-                    "552 5.3.4 Message of {} bytes exceeds the {limit}-byte limit of {peer}",
-                    job.message.len()
-                ));
+                return refuse(replies::too_big_for(&peer, job.message.len(), limit));
             }
         }
         // The more specific reason first: UTF-8 addresses make the message 8-bit as well.
         if smtputf8 && !caps.smtputf8 {
-            return refuse(format!("553 5.6.7 {peer} does not support internationalized addresses (no SMTPUTF8)"));
+            return refuse(replies::no_smtputf8(&peer));
         }
         if job.eight_bit && !caps.eight_bit_mime {
-            return refuse(format!(
-                "554 5.6.3 {peer} does not accept 8-bit data (no 8BITMIME); the message was not converted"
-            ));
+            return refuse(replies::no_8bitmime(&peer));
         }
         let mut mail_params = String::new();
         if caps.size.is_some() {
@@ -527,7 +501,11 @@ impl Inner {
         Ok(rcpts
             .iter()
             .zip(outcomes)
-            .map(|(r, outcome)| RecipientResult { index: r.index, outcome, remote_mta: Some(peer.clone()), handoff })
+            .map(|(r, outcome)| RecipientResult {
+                index: r.index,
+                outcome: outcome.from_mta(Some(peer.clone())),
+                handoff,
+            })
             .collect())
     }
 

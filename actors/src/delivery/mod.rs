@@ -1,14 +1,20 @@
 //! The one interface every delivery actor speaks: a [`Deliver`] request answered by a
-//! per-recipient [`DeliveryReport`], and the single place where results are classified as
-//! delivered, temporary or permanent.
+//! per-recipient [`DeliveryReport`] of typed [`Outcome`]s.
+//!
+//! Beside it, `replies.rs`: the catalogue of every result mailroot states itself. The typed
+//! result, [`Outcome`] (class, reply code, enhanced status code, text, remote MTA, and the one
+//! place where a server's reply is classified), is `mailroot_protocol::outcome`, below the store.
 
-use std::io;
 use std::sync::Arc;
 
 use actix::prelude::*;
 
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::store::QueueId;
+
+pub mod replies;
+
+pub use crate::protocol::outcome::{Class, EnhancedCode, Outcome};
 
 /// Deliver one message to some of its recipients. Every recipient sent must appear in the report.
 #[derive(Message, Clone)]
@@ -58,8 +64,6 @@ impl DeliveryReport {
 pub struct RecipientResult {
     pub index: usize,
     pub outcome: Outcome,
-    /// The server that answered (`mx.example.org[192.0.2.1]`), for delivery status reports.
-    pub remote_mta: Option<String>,
     /// Who owes the sender a success notice (`NOTIFY=SUCCESS`) when this is `Delivered`.
     pub handoff: Handoff,
 }
@@ -67,7 +71,7 @@ pub struct RecipientResult {
 impl RecipientResult {
     /// A result of final delivery (the default for delivery actors that store mail).
     pub fn new(index: usize, outcome: Outcome) -> Self {
-        RecipientResult { index, outcome, remote_mta: None, handoff: Handoff::Final }
+        RecipientResult { index, outcome, handoff: Handoff::Final }
     }
 }
 
@@ -80,71 +84,4 @@ pub enum Handoff {
     Relayed,
     /// Handed to a next hop that took the DSN request over: nothing from us.
     PassedOn,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered(String),
-    /// Try again later (4xx, network trouble, local disk trouble).
-    Temporary(String),
-    /// Give up on this recipient (5xx).
-    Permanent(String),
-}
-
-impl Outcome {
-    /// Classifies an SMTP/LMTP reply: 2xx delivered, 4xx temporary, 5xx permanent; anything else
-    /// (a garbled code from a hostile peer) is temporary.
-    pub fn from_reply(code: u16, text: &str) -> Self {
-        let text = format!("{code} {text}");
-        match code {
-            200..=299 => Outcome::Delivered(text),
-            500..=599 => Outcome::Permanent(text),
-            _ => Outcome::Temporary(text),
-        }
-    }
-
-    /// Local I/O errors are always temporary: a full disk or a wrong permission is the
-    /// operator's to fix, and the message must wait for it rather than bounce.
-    pub fn from_io_error(context: &str, e: &io::Error) -> Self {
-        Outcome::Temporary(format!("{context}: {e}"))
-    }
-
-    pub fn label(&self) -> &'static str {
-        match self {
-            Outcome::Delivered(_) => "delivered",
-            Outcome::Temporary(_) => "temporary",
-            Outcome::Permanent(_) => "permanent",
-        }
-    }
-
-    pub fn text(&self) -> &str {
-        match self {
-            Outcome::Delivered(t) | Outcome::Temporary(t) | Outcome::Permanent(t) => t,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classification() {
-        let cases = [
-            (250, "delivered"),
-            (251, "delivered"),
-            (421, "temporary"),
-            (450, "temporary"),
-            (452, "temporary"),
-            (500, "permanent"),
-            (550, "permanent"),
-            (554, "permanent"),
-            (999, "temporary"),
-            (0, "temporary"),
-        ];
-        for (code, label) in cases {
-            assert_eq!(Outcome::from_reply(code, "x").label(), label, "code {code}");
-        }
-        assert_eq!(Outcome::from_io_error("drop", &io::Error::other("disk full")).label(), "temporary");
-    }
 }
