@@ -418,7 +418,7 @@ fn unknown_route_names_and_reserved_names_stop_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), "[routes]\n\"x.test\" = \"nosuch\"\n");
     let e = mailroot::daemon::start(c, Default::default()).err().expect("refused");
-    assert!(e.0.contains("nosuch") && e.0.contains("built in"), "{e}");
+    assert!(e.to_string().contains("nosuch") && e.to_string().contains("built in"), "{e}");
     let c = config(dir.path(), "");
     let e = Daemon::builder()
         .config(c)
@@ -426,7 +426,7 @@ fn unknown_route_names_and_reserved_names_stop_the_start() {
         .start()
         .err()
         .expect("refused");
-    assert!(e.0.contains("built-in"), "{e}");
+    assert!(e.to_string().contains("built-in"), "{e}");
 }
 
 /// The built-in actors under their supervisors, through debug-build fault injection: the Queue

@@ -15,6 +15,7 @@
 //! - [`metrics`]: the prometheus-client registry the actors update.
 
 pub mod auth;
+pub mod clock;
 pub mod commit;
 pub mod delivery;
 #[cfg(debug_assertions)]
@@ -31,7 +32,7 @@ pub mod pickup;
 pub mod protolog;
 pub mod queue;
 pub mod remote;
-pub mod retry;
+pub mod resolve;
 pub mod routes;
 pub mod session;
 pub mod store;

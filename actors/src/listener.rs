@@ -40,7 +40,7 @@ pub struct ListenerSettings {
     /// Offered as STARTTLS when set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Look up each client's name (PTR, confirmed forward) for the `Received:` header.
-    pub reverse_dns: Option<Arc<crate::remote::dns::Dns>>,
+    pub reverse_dns: Option<Arc<crate::resolve::Dns>>,
 }
 
 /// How long the reverse lookup of a client may delay its greeting.

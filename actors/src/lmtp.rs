@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use crate::delivery::{replies, Deliver, DeliveryReport, Outcome, RecipientResult};
 use crate::protocol::client::{dot_stuff, is_eight_bit, Capabilities, ReplyParser, ServerReply};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LmtpSettings {
     /// `host:port`, or `unix:/path/to/socket`.
     pub address: String,

@@ -18,6 +18,20 @@ use crate::delivery::{replies, Deliver, DeliveryReport};
 use crate::fsio::{blocking, sync_dir, write_and_rename};
 use crate::metrics::Metrics;
 
+/// The highest queue ID that names a file in Drop (`<id>.eml`): the daemon opens the queue with
+/// IDs above it, so new IDs never reuse the name of an undelivered Drop file even if the Queue
+/// folder was wiped.
+pub fn highest_drop_id(drop_dir: &Path) -> io::Result<u64> {
+    let mut max = 0;
+    for entry in std::fs::read_dir(drop_dir)? {
+        let name = entry?.file_name();
+        if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".eml")).and_then(|n| n.parse::<u64>().ok()) {
+            max = max.max(id);
+        }
+    }
+    Ok(max)
+}
+
 pub struct LocalDrop {
     drop_dir: PathBuf,
     sort_temp: PathBuf,

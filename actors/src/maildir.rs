@@ -27,7 +27,7 @@ use crate::fsio::{blocking, sync_dir, write_and_rename};
 /// Recipients written at once, at most.
 const WRITERS: usize = 16;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaildirSettings {
     /// Folder of each recipient's Maildir, with `{user}` (local part, lower-cased), `{domain}`
     /// (lower-cased) and `{address}` replaced.

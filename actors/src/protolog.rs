@@ -36,7 +36,7 @@ impl ProtocolLog {
             return Ok(None);
         }
         let log = ProtocolLog { template: template.to_string(), file: Mutex::new(None) };
-        if let Some(dir) = log.path_for(crate::queue::unix_now()).parent() {
+        if let Some(dir) = log.path_for(crate::clock::unix_now()).parent() {
             fs::create_dir_all(dir)?;
         }
         Ok(Some(std::sync::Arc::new(log)))
@@ -71,7 +71,7 @@ impl ProtocolLog {
 
     /// Appends one line.
     pub fn write(&self, client: IpAddr, entry: &CommandLog, taken: Duration) {
-        let now = crate::queue::unix_now();
+        let now = crate::clock::unix_now();
         let path = self.path_for(now);
         let (date, time) = date_time(now);
         let arg = if entry.arg.is_empty() { "-" } else { entry.arg.as_str() };

@@ -2,10 +2,18 @@
 //! exact domain, or `*.suffix` for every subdomain of `suffix`; what no rule names goes to `drop`
 //! when the domain is local and to `smtp` otherwise.
 //!
+//! The [`Router`] puts the two together for the Queue: the table, and the delivery actors by
+//! name.
+//!
 //! Invariant: lookups are pure and case-insensitive; an exact rule beats any suffix rule, and a
 //! longer suffix beats a shorter one, whatever the order in the config.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use actix::Recipient;
+
+use crate::delivery::Deliver;
 
 use crate::protocol::address::validate_domain;
 use crate::protocol::LocalDomains;
@@ -79,6 +87,44 @@ impl RouteTable {
 /// The domain part of an address (after the last `@`); the whole text when there is none.
 pub fn domain_of(address: &str) -> &str {
     address.rsplit_once('@').map_or(address, |(_, d)| d)
+}
+
+/// Where recipients go: the route table names a delivery actor for each domain; the router holds
+/// the actors by name. A recipient whose route names no actor stays queued (and is logged) until
+/// a reload provides one.
+#[derive(Clone)]
+pub struct Router {
+    local_domains: LocalDomains,
+    table: Arc<RouteTable>,
+    /// By route name; the name is interned once here for the metric labels.
+    actors: HashMap<String, (&'static str, Recipient<Deliver>)>,
+}
+
+impl Router {
+    pub fn new(
+        local_domains: LocalDomains,
+        table: RouteTable,
+        actors: impl IntoIterator<Item = (String, Recipient<Deliver>)>,
+    ) -> Self {
+        let actors = actors.into_iter().map(|(name, a)| (name.clone(), (crate::metrics::intern(&name), a))).collect();
+        Router { local_domains, table: Arc::new(table), actors }
+    }
+
+    /// No rules: local domains to `drop`, the others to `smtp` when given.
+    pub fn simple(local_domains: LocalDomains, drop: Recipient<Deliver>, smtp: Option<Recipient<Deliver>>) -> Self {
+        let smtp = smtp.map(|a| (REMOTE_DEFAULT.to_string(), a));
+        let actors = std::iter::once((LOCAL_DEFAULT.to_string(), drop)).chain(smtp);
+        Router::new(local_domains, RouteTable::default(), actors)
+    }
+
+    /// The route name and its actor; `Err(name)` when no actor has that name.
+    pub(crate) fn route(&self, address: &str) -> Result<(&'static str, Recipient<Deliver>), &str> {
+        let name = self.table.route(domain_of(address), &self.local_domains);
+        match self.actors.get(name) {
+            Some((label, actor)) => Ok((label, actor.clone())),
+            None => Err(name),
+        }
+    }
 }
 
 #[cfg(test)]

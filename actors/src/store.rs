@@ -129,32 +129,21 @@ pub struct PickupMark {
     pub fingerprint: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    Sled(sled::Error),
-    Io(std::io::Error),
+    #[error("queue store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("queue store I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("queue store record unreadable: {0}")]
     Corrupt(String),
+    /// Another handle holds the folder's lock: another process, or one of ours that was just
+    /// dropped and whose background flusher has not let go yet.
+    #[error("the queue store in {} is locked by another process", .0.display())]
+    Locked(std::path::PathBuf),
 }
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Sled(e) => write!(f, "queue store: {e}"),
-            StoreError::Io(e) => write!(f, "queue store I/O: {e}"),
-            StoreError::Corrupt(e) => write!(f, "queue store record unreadable: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
 
 impl StoreError {
-    /// True when another handle holds sled's folder lock (another process, or one of ours that
-    /// was just dropped and whose background flusher has not let go yet).
-    pub fn is_locked(&self) -> bool {
-        self.to_string().contains("lock")
-    }
-
     /// True when the disk is full (so the client is told 452 4.3.1 rather than 451).
     pub fn is_no_space(&self) -> bool {
         let io = match self {
@@ -166,16 +155,10 @@ impl StoreError {
     }
 }
 
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        StoreError::Sled(e)
-    }
-}
-
-impl From<std::io::Error> for StoreError {
-    fn from(e: std::io::Error) -> Self {
-        StoreError::Io(e)
-    }
+/// sled reports a held lock only as text inside an I/O error; when opening fails, ask the
+/// kernel instead: sled locks its `db` file with `flock`, and so does `File::try_lock`.
+fn locked(dir: &Path) -> bool {
+    File::open(dir.join("db")).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -216,7 +199,12 @@ impl Store {
     /// New IDs will be at least `id_floor`.
     pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new().path(dir).cache_capacity(128 * 1024 * 1024).flush_every_ms(Some(500)).open()?;
+        let db = match sled::Config::new().path(dir).cache_capacity(128 * 1024 * 1024).flush_every_ms(Some(500)).open()
+        {
+            Ok(db) => db,
+            Err(_) if locked(dir) => return Err(StoreError::Locked(dir.to_path_buf())),
+            Err(e) => return Err(e.into()),
+        };
         let log = File::open(dir.join("db"))?;
         let store = Store {
             envelopes: db.open_tree("envelopes")?,
@@ -240,7 +228,7 @@ impl Store {
         let deadline = std::time::Instant::now() + wait;
         loop {
             match Store::open(dir, id_floor) {
-                Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 other => return other,
@@ -572,5 +560,19 @@ mod tests {
         s.discard(&env(6, None), Some(&mark)).unwrap();
         assert_eq!(s.pickup_taken(&mark).unwrap(), None);
         assert!(s.envelope(6).unwrap().is_none() && s.body(6).unwrap().is_empty());
+    }
+
+    /// A second open of a folder in use is the typed `Locked` error, not a text to search.
+    #[test]
+    fn a_store_in_use_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), 1).unwrap();
+        let second = Store::open(dir.path(), 1).err().expect("the folder is locked");
+        assert!(matches!(second, StoreError::Locked(ref p) if p == dir.path()), "{second:?}");
+        let waited = Store::open_waiting(dir.path(), 1, std::time::Duration::from_millis(100)).err();
+        assert!(matches!(waited, Some(StoreError::Locked(_))), "{waited:?}");
+        drop(first);
+        // sled's flusher lets go of the lock a moment after the handle is dropped.
+        Store::open_waiting(dir.path(), 1, std::time::Duration::from_secs(5)).unwrap();
     }
 }

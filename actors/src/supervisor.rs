@@ -19,7 +19,7 @@ use tracing::{error, warn};
 use crate::delivery::{replies, Deliver, DeliveryReport};
 use crate::metrics::ActorMeter;
 use crate::queue::{self, Queue};
-use crate::retry::{RetryBatch, RetryDue};
+use crate::queue::{RetryBatch, RetryDue};
 use crate::store::Envelope;
 
 /// Starts one instance of a delivery actor on the given arbiter.

@@ -11,7 +11,8 @@ use mailroot_actors::metrics::Metrics;
 use mailroot_actors::protocol::address::parse_mailbox;
 use mailroot_actors::protocol::received::Origin;
 use mailroot_actors::protocol::LocalDomains;
-use mailroot_actors::queue::{Enqueue, Inspect, Queue, QueueSettings, Router};
+use mailroot_actors::queue::{Enqueue, Inspect, Queue, QueueSettings};
+use mailroot_actors::routes::Router;
 use mailroot_actors::store::{PickupMark, RcptStatus, Store};
 
 /// A delivery actor as a user would write one: accepts `ok@`, refuses `bad@` permanently,
@@ -118,7 +119,7 @@ async fn custom_delivery_actor_results_are_recorded_per_recipient() {
     // The deferred recipient waits for the first retry interval (15 minutes by default).
     let next = env.recipients[3].next_attempt.expect("a retry time");
     assert_eq!(env.next_attempt, Some(next));
-    let now = mailroot_actors::queue::unix_now();
+    let now = mailroot_actors::clock::unix_now();
     assert!((now + 14 * 60..=now + 15 * 60).contains(&next), "next {next}, now {now}");
 }
 

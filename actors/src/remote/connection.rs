@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use crate::delivery::{replies, Outcome};
 use crate::protocol::client::{Capabilities, ReplyParser, ServerReply};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,
     pub command: Duration,

@@ -11,7 +11,6 @@
 //!   `max_messages_per_connection` transactions run on it.
 
 pub mod connection;
-pub mod dns;
 mod pool;
 mod tls;
 
@@ -29,8 +28,8 @@ use crate::metrics::Metrics;
 use crate::protocol::client::{dot_stuff, is_eight_bit};
 use crate::protocol::dsn::Ret;
 use crate::protocol::LocalDomains;
+use crate::resolve::{Dns, MxHost};
 use connection::{Connection, Failure, Timeouts, Transaction};
-use dns::{Dns, MxHost};
 use pool::{Acquired, Permits, Pool};
 
 fn limits_closed() -> Failure {
@@ -74,14 +73,14 @@ impl SmartHost {
 }
 
 /// Settings of one remote domain (`[domains.remote."example.org"]`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DomainPolicy {
     pub smart_host: Option<SmartHost>,
     /// Deliver only over TLS: no STARTTLS or a failed handshake is a temporary failure.
     pub require_tls: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteSettings {
     pub helo_name: String,
     pub remote_port: u16,

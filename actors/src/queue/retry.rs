@@ -1,5 +1,6 @@
-//! The RetryScheduler actor: sleeps until the earliest retry time in the sled retry index, then
-//! tells the Queue (`RetryDue`) to take the messages that are due.
+//! The RetryScheduler actor, started by the Queue on its arbiter: sleeps until the earliest retry
+//! time in the sled retry index, then tells the Queue (`RetryDue`) to take the messages that are
+//! due. It knows the Queue only as a `Recipient<RetryDue>`.
 //!
 //! Invariants:
 //! - The times live in sled, not here: after a restart the scheduler reads the earliest one and
@@ -16,22 +17,10 @@ use std::time::Duration;
 use actix::prelude::*;
 use tracing::{debug, error, warn};
 
+use super::messages::RetryDue;
+use crate::clock::unix_now;
 use crate::metrics::ActorMeter;
-use crate::queue::unix_now;
 use crate::store::Store;
-
-/// Sent to the Queue: take the messages due at `now`.
-#[derive(Message)]
-#[rtype(result = "RetryBatch")]
-pub struct RetryDue {
-    pub now: u64,
-}
-
-#[derive(Debug, MessageResponse)]
-pub struct RetryBatch {
-    /// The Queue had no room for all that is due: come back soon.
-    pub more: bool,
-}
 
 /// Sent by the Queue: a message now waits until `at` (Unix seconds).
 #[derive(Message)]

@@ -1,6 +1,7 @@
-//! Finding where a domain's mail goes: MX records in preference order (equal preferences
-//! shuffled), the implicit MX, RFC 7505 null MX, and address lookups — every DNS answer
-//! classified as a host list, a permanent failure or a temporary one.
+//! DNS, shared by every actor that resolves: where a domain's mail goes for remote delivery (MX
+//! records in preference order, equal preferences shuffled; the implicit MX; RFC 7505 null MX;
+//! address lookups — every answer classified as a host list, a permanent failure or a temporary
+//! one) and the forward-confirmed reverse name of a client for the Listener.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};

@@ -1,0 +1,131 @@
+//! The Queue's handlers for the messages in `messages.rs`.
+
+use actix::prelude::*;
+use tracing::{error, info, warn};
+
+use super::messages::{Enqueue, Flush, Inspect, PickupDone, RetryBatch, RetryDue, SetRouter};
+use super::{NewMessage, Queue};
+use crate::clock::unix_now;
+use crate::metrics::SourceLabel;
+use crate::protocol::received::Origin;
+use crate::protocol::EnqueueError;
+use crate::store::{Envelope, QueueId, StoreError};
+
+impl Handler<Enqueue> for Queue {
+    type Result = ResponseActFuture<Self, Result<QueueId, EnqueueError>>;
+
+    fn handle(&mut self, msg: Enqueue, _ctx: &mut Self::Context) -> Self::Result {
+        let fail = |e: StoreError| {
+            error!(error = %e, "cannot store message");
+            if e.is_no_space() {
+                EnqueueError::Storage
+            } else {
+                EnqueueError::Temporary
+            }
+        };
+        if let Some(mark) = &msg.pickup {
+            match self.store.pickup_taken(mark) {
+                Ok(Some(id)) => {
+                    info!(id, file = %mark.name, "pickup file was already queued before a restart");
+                    return Box::pin(actix::fut::ready(Ok(id)));
+                }
+                Ok(None) => {}
+                Err(e) => return Box::pin(actix::fut::ready(Err(fail(e)))),
+            }
+        }
+        let source = match msg.origin {
+            Origin::Smtp { .. } => "smtp",
+            Origin::Pickup => "pickup",
+            Origin::Local => "local",
+        };
+        let mark = msg.pickup.clone();
+        let rcpt_dsn = msg.rcpt_dsn;
+        let new = NewMessage {
+            sender: msg.sender.as_ref().map(|s| s.to_string()),
+            recipients: msg
+                .recipients
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.to_string(), rcpt_dsn.get(i).cloned().unwrap_or_default()))
+                .collect(),
+            dsn: msg.dsn,
+            body: msg.body,
+            origin: msg.origin,
+            origin_text: msg.origin_text,
+            pickup: msg.pickup,
+        };
+        let (env, message) = match self.store_message(new) {
+            Ok(stored) => stored,
+            Err(e) => return Box::pin(actix::fut::ready(Err(fail(e)))),
+        };
+        let Some(committer) = self.committer.clone() else {
+            return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
+        };
+        let (id, size) = (env.id, message.len() as u64);
+        Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
+                act.metrics.bytes_received.inc_by(size);
+                act.queued += 1;
+                act.metrics.queue_messages.set(act.queued as i64);
+                act.schedule(id, Some(message));
+                act.pump(ctx);
+                Ok(id)
+            }
+            Err(e) => {
+                error!(id, error = %e, "queue sync failed; refusing the message");
+                let _ = act.store.discard(&env, mark.as_ref());
+                Err(EnqueueError::Temporary)
+            }
+        }))
+    }
+}
+
+impl Handler<RetryDue> for Queue {
+    type Result = RetryBatch;
+
+    fn handle(&mut self, msg: RetryDue, ctx: &mut Self::Context) -> RetryBatch {
+        // The one message that reaches the Queue without passing its supervisor, which
+        // measures all the others.
+        let _handling = self.meter.handling();
+        // The scheduler now sleeps on its own reading of the index.
+        self.told_scheduler = None;
+        RetryBatch { more: self.take_due(msg.now, ctx) }
+    }
+}
+
+impl Handler<SetRouter> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetRouter, ctx: &mut Self::Context) {
+        self.router = msg.0;
+        // Recipients that waited for a route that now exists go at once.
+        self.take_due(unix_now(), ctx);
+    }
+}
+
+impl Handler<PickupDone> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: PickupDone, _ctx: &mut Self::Context) {
+        if let Err(e) = self.store.forget_pickup(&msg.name) {
+            warn!(file = %msg.name, error = %e, "cannot forget pickup mark");
+        }
+    }
+}
+
+impl Handler<Inspect> for Queue {
+    type Result = Option<Envelope>;
+
+    fn handle(&mut self, msg: Inspect, _ctx: &mut Self::Context) -> Self::Result {
+        self.store.envelope(msg.id).ok().flatten()
+    }
+}
+
+impl Handler<Flush> for Queue {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, _msg: Flush, _ctx: &mut Self::Context) -> Self::Result {
+        self.store.sync().map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,378 @@
+//! The sections of the configuration file and their defaults (what a fresh machine runs with).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use mailroot_actors::queue::QueueSettings;
+use mailroot_actors::remote::RemoteSettings;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// `address:port` of the admin HTTP API; empty = not started.
+    pub listen: String,
+    /// When set, every request needs `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Serve /metrics without the token.
+    pub metrics_public: bool,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: "127.0.0.1:8025".into(), token: String::new(), metrics_public: false }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// W3C extended protocol log, one line per SMTP command; `%Y`, `%m`, `%d` are replaced
+    /// (a new file each day). Relative to the config's folder; empty = off.
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaildirRoute {
+    /// Each recipient's Maildir: `{user}`, `{domain}` and `{address}` are replaced. Empty = the
+    /// `maildir` route is not available.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmtpRoute {
+    /// `host:port` or `unix:/path`; empty = the `lmtp` route is not available.
+    pub address: String,
+    pub max_connections: usize,
+    pub timeout: HumanDuration,
+}
+
+impl Default for LmtpRoute {
+    fn default() -> Self {
+        LmtpRoute { address: String::new(), max_connections: 8, timeout: HumanDuration(Duration::from_secs(300)) }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain; with `key`, STARTTLS is offered. Relative to the config's folder.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Mail commands before STARTTLS get 530 5.7.0.
+    pub required: bool,
+}
+
+impl Tls {
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// TOML file with a `[users]` table of `name = "argon2 hash"`; empty = AUTH off.
+    pub users_file: PathBuf,
+    /// Offer AUTH in clear text to loopback clients (local submission without TLS).
+    pub allow_plaintext_loopback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Access {
+    /// Only these networks may connect (empty = everyone).
+    pub allow: Vec<IpNet>,
+    /// These networks may not connect, whatever `allow` says.
+    pub deny: Vec<IpNet>,
+    /// Connections open at once per client address (IPv6: per /64); 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections per client address in any minute; 0 = no limit.
+    pub max_connections_per_ip_per_minute: usize,
+    /// Look up each client's name (reverse DNS, confirmed forward) for the Received: header.
+    pub reverse_dns: bool,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_connections_per_ip: 50,
+            max_connections_per_ip_per_minute: 0,
+            reverse_dns: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// The name used in the greeting, in EHLO and in `Received:` headers.
+    pub hostname: String,
+    pub listen: Vec<String>,
+    pub max_connections: usize,
+    pub idle_timeout: HumanDuration,
+    /// At stop, sessions may finish the transaction under way and deliveries in flight may end
+    /// for this long; then sessions get 421 and the rest stays queued.
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            hostname: system_hostname(),
+            listen: vec!["127.0.0.1:2525".into()],
+            max_connections: 1000,
+            idle_timeout: HumanDuration(Duration::from_secs(300)),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mailroot {
+    /// Holds Pickup, Queue, Drop, Badmail and SortTemp; relative to the config file's folder.
+    pub path: PathBuf,
+}
+
+impl Default for Mailroot {
+    fn default() -> Self {
+        Mailroot { path: PathBuf::from("mailroot") }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Domains {
+    /// The first is the default domain, the rest are aliases sharing the Drop folder.
+    pub local: Vec<String>,
+    /// Settings for particular remote domains, by domain name.
+    pub remote: BTreeMap<String, RemoteDomain>,
+}
+
+impl Default for Domains {
+    fn default() -> Self {
+        Domains { local: vec!["localhost".into()], remote: BTreeMap::new() }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteDomain {
+    /// Send this domain's mail to this host instead of its MX hosts.
+    pub smart_host: String,
+    /// Anyone may send mail for this domain through us (we are its backup MX).
+    pub relay_allowed: bool,
+    /// Deliver only over STARTTLS; otherwise the mail waits.
+    pub require_tls: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    /// Clients in these networks may send to non-local domains.
+    pub allow_networks: Vec<IpNet>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay { allow_networks: vec!["127.0.0.0/8".parse().expect("literal"), "::1/128".parse().expect("literal")] }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// 0 = no limit.
+    pub max_messages_per_connection: usize,
+    /// 0 = no limit.
+    pub max_errors: usize,
+    /// Each reply after a client error waits this × the errors so far (at most 10 s).
+    pub error_delay: HumanDuration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 26_214_400,
+            max_recipients: 100,
+            max_messages_per_connection: 0,
+            max_errors: 10,
+            error_delay: HumanDuration(Duration::from_millis(500)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Queue {
+    /// More `Received:` headers than this is a mail loop (RFC 5321 §6.3 asks for at least 100).
+    pub max_hop_count: usize,
+    /// Waits after the 1st, 2nd, … temporary delivery failure; the last one repeats.
+    pub retry_intervals: Vec<HumanDuration>,
+    /// Recipients still failing this long after arrival are given up and reported (NDR).
+    pub expire_after: HumanDuration,
+    /// The sender gets one delay notice once a message has waited this long.
+    pub delay_notice_after: HumanDuration,
+    /// Gets a copy of every non-delivery report; empty = nobody.
+    pub ndr_copy_to: String,
+}
+
+impl Default for Queue {
+    /// The engine's defaults, so the numbers live in one place.
+    fn default() -> Self {
+        let q = QueueSettings::default();
+        Queue {
+            max_hop_count: 100,
+            retry_intervals: q.retry_intervals.into_iter().map(HumanDuration).collect(),
+            expire_after: HumanDuration(q.expire_after),
+            delay_notice_after: HumanDuration(q.delay_notice_after),
+            ndr_copy_to: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    /// The port used on MX hosts.
+    pub remote_port: u16,
+    /// DNS servers as `ip` or `ip:port`; empty = the system resolver (/etc/resolv.conf).
+    pub nameservers: Vec<String>,
+    pub dns_timeout: HumanDuration,
+    /// `host`, `host:port`, `[host]` or `[192.0.2.1]:25`; brackets skip the MX lookup.
+    pub smart_host: String,
+    pub direct_before_smart_host: bool,
+    pub max_connections: usize,
+    pub max_connections_per_domain: usize,
+    pub max_messages_per_connection: usize,
+    pub connect_timeout: HumanDuration,
+    pub command_timeout: HumanDuration,
+    pub data_timeout: HumanDuration,
+    /// The name we give in EHLO; empty = server.hostname.
+    pub helo_name: String,
+    /// Rewrites a local domain in MAIL FROM to this domain when relaying; empty = off.
+    pub masquerade_domain: String,
+    /// Use STARTTLS when the peer offers it.
+    pub starttls: bool,
+}
+
+impl Default for Delivery {
+    /// The engine's defaults, so the numbers live in one place.
+    fn default() -> Self {
+        let r = RemoteSettings::default();
+        Delivery {
+            remote_port: r.remote_port,
+            nameservers: Vec::new(),
+            dns_timeout: HumanDuration(r.dns_timeout),
+            smart_host: String::new(),
+            direct_before_smart_host: r.direct_before_smart_host,
+            max_connections: r.max_connections,
+            max_connections_per_domain: r.max_connections_per_domain,
+            max_messages_per_connection: r.max_messages_per_connection,
+            connect_timeout: HumanDuration(r.timeouts.connect),
+            command_timeout: HumanDuration(r.timeouts.command),
+            data_timeout: HumanDuration(r.timeouts.data),
+            helo_name: String::new(),
+            masquerade_domain: String::new(),
+            starttls: r.starttls,
+        }
+    }
+}
+
+impl Delivery {
+    pub fn nameserver_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.nameservers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse::<SocketAddr>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| ConfigError(format!("delivery.nameservers[{i}]: {a:?} is not an ip or ip:port")))
+            })
+            .collect()
+    }
+}
+
+/// A duration in the configuration file, in humantime's syntax: `"30s"`, `"15m"`, `"1h 30m"`,
+/// `"5d"`, `"250ms"`. A value too large to represent is an error naming the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| format!("invalid duration {s:?} ({e}); write a number and a unit, e.g. \"15m\" or \"1h 30m\""))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && mailroot_actors::protocol::address::validate_domain(h).is_ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let cases = [
+            ("30s", 30),
+            ("15m", 900),
+            ("2h", 7200),
+            ("5d", 432_000),
+            (" 1m ", 60),
+            ("1h 30m", 5400),
+            ("1.5h", 5400),
+            ("5 minutes", 300),
+        ];
+        for (s, secs) in cases {
+            assert_eq!(HumanDuration::parse(s), Ok(HumanDuration(Duration::from_secs(secs))), "{s}");
+        }
+        assert_eq!(HumanDuration::parse("250ms"), Ok(HumanDuration(Duration::from_millis(250))));
+        for bad in ["", "m", "15", "15x", "-1m", "5 parsecs", "999999999999999999d", "18446744073709551616s"] {
+            assert!(HumanDuration::parse(bad).is_err(), "{bad}");
+        }
+        for (secs, shown) in [(90, "1m 30s"), (900, "15m"), (7200, "2h"), (172_800, "2days")] {
+            let d = HumanDuration(Duration::from_secs(secs));
+            assert_eq!(d.to_string(), shown);
+            assert_eq!(HumanDuration::parse(shown), Ok(d), "what is shown reads back");
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Where the configuration becomes each actor's settings: the listener and its sessions, the
+//! queue, Pickup, remote delivery and every route actor. The daemon's wiring and reload take
+//! settings only from here, so one function decides what each key means at run time.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailroot_actors::auth::Users;
+use mailroot_actors::listener::{AccessLists, ListenerSettings};
+use mailroot_actors::lmtp::LmtpSettings;
+use mailroot_actors::maildir::MaildirSettings;
+use mailroot_actors::pickup::PickupSettings;
+use mailroot_actors::protocol::{LocalDomains, SessionParams};
+use mailroot_actors::queue::QueueSettings;
+use mailroot_actors::remote::connection::Timeouts;
+use mailroot_actors::remote::{DomainPolicy, RemoteSettings, SmartHost};
+use mailroot_actors::resolve::Dns;
+use tracing::warn;
+
+use super::{Config, ConfigError};
+
+/// The TLS configuration and AUTH users, loaded from their files before anything starts (or
+/// changes, at a reload), so a bad file is a clear error and never half-applied.
+#[derive(Clone)]
+pub struct Security {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub users: Option<Arc<Users>>,
+}
+
+impl Security {
+    pub fn load(config: &Config) -> Result<Security, ConfigError> {
+        let tls = if config.tls.enabled() {
+            let c = mailroot_actors::tls::server_config(&config.tls.cert, &config.tls.key)
+                .map_err(|e| ConfigError(format!("tls: {e}")))?;
+            Some(c)
+        } else {
+            None
+        };
+        let users = match config.load_users()? {
+            Some(map) => {
+                let users = Users::new(map).map_err(|e| ConfigError(format!("auth.users_file: {e}")))?;
+                if users.is_empty() {
+                    warn!("auth.users_file has no users: every AUTH will fail");
+                }
+                Some(Arc::new(users))
+            }
+            None => None,
+        };
+        Ok(Security { tls, users })
+    }
+}
+
+/// What a built-in route's actor is made from. A reload compares these (`PartialEq`) and
+/// replaces only the actors whose settings changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteSettings {
+    Drop { drop: PathBuf, sort_temp: PathBuf },
+    Remote(RemoteSettings),
+    Maildir(MaildirSettings),
+    Lmtp(LmtpSettings),
+}
+
+impl Config {
+    /// The admin API address (`None` when `admin.listen` is empty).
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.admin.listen.is_empty() {
+            return Ok(None);
+        }
+        self.admin
+            .listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError(format!("admin.listen: {:?} is not an address:port", self.admin.listen)))
+    }
+
+    pub fn listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.server
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse().map_err(|_| ConfigError(format!("server.listen[{i}]: {a:?} is not an address:port")))
+            })
+            .collect()
+    }
+
+    /// Remote domains anyone may relay to (`relay_allowed = true`).
+    pub fn relay_domains(&self) -> LocalDomains {
+        LocalDomains::new(self.domains.remote.iter().filter(|(_, r)| r.relay_allowed).map(|(d, _)| d.clone()))
+    }
+
+    /// The remote delivery settings this config describes.
+    pub fn remote_settings(&self) -> Result<RemoteSettings, ConfigError> {
+        let d = &self.delivery;
+        let smart = |s: &str| -> Result<Option<SmartHost>, ConfigError> {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                SmartHost::parse(s).map(Some).map_err(ConfigError)
+            }
+        };
+        let mut domains = BTreeMap::new();
+        for (name, r) in &self.domains.remote {
+            domains.insert(
+                name.to_ascii_lowercase(),
+                DomainPolicy { smart_host: smart(&r.smart_host)?, require_tls: r.require_tls },
+            );
+        }
+        Ok(RemoteSettings {
+            helo_name: if d.helo_name.is_empty() { self.server.hostname.clone() } else { d.helo_name.clone() },
+            remote_port: d.remote_port,
+            nameservers: d.nameserver_addrs()?,
+            dns_timeout: d.dns_timeout.0,
+            smart_host: smart(&d.smart_host)?,
+            direct_before_smart_host: d.direct_before_smart_host,
+            max_connections: d.max_connections,
+            max_connections_per_domain: d.max_connections_per_domain,
+            max_messages_per_connection: d.max_messages_per_connection,
+            timeouts: Timeouts { connect: d.connect_timeout.0, command: d.command_timeout.0, data: d.data_timeout.0 },
+            starttls: d.starttls,
+            masquerade_domain: (!d.masquerade_domain.is_empty()).then(|| d.masquerade_domain.clone()),
+            local_domains: self.local_domains(),
+            domains,
+            idle_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// The local domains, default first.
+    pub fn local_domains(&self) -> LocalDomains {
+        LocalDomains::new(&self.domains.local)
+    }
+
+    /// What the SMTP side is built from; rebuilt at each reload.
+    pub fn listener_settings(&self, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
+        let params = Arc::new(SessionParams {
+            hostname: self.server.hostname.clone(),
+            local_domains: self.local_domains(),
+            relay_domains: self.relay_domains(),
+            max_message_size: self.limits.max_message_size as usize,
+            max_recipients: self.limits.max_recipients,
+            max_messages_per_connection: self.limits.max_messages_per_connection,
+            max_errors: self.limits.max_errors,
+            max_hop_count: self.queue.max_hop_count,
+            tls_available: security.tls.is_some(),
+            tls_required: self.tls.required,
+            auth_enabled: security.users.is_some(),
+            auth_plaintext_loopback: self.auth.allow_plaintext_loopback,
+        });
+        ListenerSettings {
+            params,
+            relay_networks: Arc::new(self.relay.allow_networks.clone()),
+            max_connections: self.server.max_connections,
+            idle_timeout: self.server.idle_timeout.0,
+            access: AccessLists { allow: self.access.allow.clone(), deny: self.access.deny.clone() },
+            max_connections_per_ip: self.access.max_connections_per_ip,
+            max_connections_per_ip_per_minute: self.access.max_connections_per_ip_per_minute,
+            tls: security.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            reverse_dns,
+        }
+    }
+
+    /// The Queue's settings; `badmail` is the Mailroot's Badmail folder.
+    pub fn queue_settings(&self, badmail: &Path) -> QueueSettings {
+        QueueSettings {
+            hostname: self.server.hostname.clone(),
+            retry_intervals: self.queue.retry_intervals.iter().map(|d| d.0).collect(),
+            expire_after: self.queue.expire_after.0,
+            delay_notice_after: self.queue.delay_notice_after.0,
+            ndr_copy_to: Some(self.queue.ndr_copy_to.clone()).filter(|s| !s.is_empty()),
+            badmail_dir: badmail.to_path_buf(),
+            ..QueueSettings::default()
+        }
+    }
+
+    /// The Pickup actor's settings: a scan every 250 ms, at most 64 files at once.
+    pub fn pickup_settings(&self, pickup: &Path, badmail: &Path) -> PickupSettings {
+        PickupSettings {
+            pickup_dir: pickup.to_path_buf(),
+            badmail_dir: badmail.to_path_buf(),
+            poll: Duration::from_millis(250),
+            max_message_size: self.limits.max_message_size as usize,
+            max_hop_count: self.queue.max_hop_count,
+            max_concurrent: 64,
+        }
+    }
+
+    /// The built-in routes this configuration makes available, by name, with their settings:
+    /// `drop` and `smtp` always, `smarthost` with a smart host, `maildir` and `lmtp` when
+    /// configured.
+    pub fn route_settings(
+        &self,
+        drop: &Path,
+        sort_temp: &Path,
+    ) -> Result<Vec<(&'static str, RouteSettings)>, ConfigError> {
+        let mut routes =
+            vec![("drop", RouteSettings::Drop { drop: drop.to_path_buf(), sort_temp: sort_temp.to_path_buf() })];
+        let remote = self.remote_settings()?;
+        if remote.smart_host.is_some() {
+            // Everything through the smart host: no MX first, no per-domain smart hosts.
+            let mut smart = remote.clone();
+            smart.direct_before_smart_host = false;
+            smart.domains.values_mut().for_each(|d| d.smart_host = None);
+            routes.push(("smtp", RouteSettings::Remote(remote)));
+            routes.push(("smarthost", RouteSettings::Remote(smart)));
+        } else {
+            routes.push(("smtp", RouteSettings::Remote(remote)));
+        }
+        if !self.maildir.path.is_empty() {
+            let settings = MaildirSettings { path: self.maildir.path.clone(), hostname: self.server.hostname.clone() };
+            routes.push(("maildir", RouteSettings::Maildir(settings)));
+        }
+        if !self.lmtp.address.is_empty() {
+            routes.push((
+                "lmtp",
+                RouteSettings::Lmtp(LmtpSettings {
+                    address: self.lmtp.address.clone(),
+                    hostname: self.server.hostname.clone(),
+                    timeout: self.lmtp.timeout.0,
+                    max_connections: self.lmtp.max_connections,
+                }),
+            ));
+        }
+        Ok(routes)
+    }
+}

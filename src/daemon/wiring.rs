@@ -1,0 +1,242 @@
+//! Wiring the actor system: binds the SMTP sockets, starts the route actors, the Queue behind
+//! its supervisor, the Listener with one session arbiter per core, Pickup, the admin API and the
+//! protocol log's flusher, then hands what the control task needs to it. Every actor's settings
+//! come from `crate::config` (`settings.rs`); nothing here decides what a key means.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_rt::{Arbiter, System};
+use mailroot_actors::clock::unix_now;
+use mailroot_actors::listener::Listener;
+use mailroot_actors::metrics::Metrics;
+use mailroot_actors::pickup::Pickup;
+use mailroot_actors::queue::Queue;
+use mailroot_actors::resolve::Dns;
+use mailroot_actors::routes::Router;
+use mailroot_actors::session::{ProtocolLog, SessionShared};
+use mailroot_actors::store::Store;
+use mailroot_actors::supervisor::{ChildFactory, QueueFactory, QueueSupervisor};
+use prometheus_client::registry::Registry;
+use tracing::{error, info};
+
+use super::control::{self, Control, ControlHandle};
+use super::routes::RouteActors;
+use super::{systemd, Folders, StartError, StartOptions};
+use crate::admin::AdminState;
+use crate::config::{Config, Security};
+
+/// Everything the actor system thread needs.
+pub(super) struct Parts {
+    pub(super) config: Config,
+    pub(super) options: StartOptions,
+    pub(super) folders: Folders,
+    pub(super) store: Store,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) listen: Vec<SocketAddr>,
+    pub(super) admin: Option<std::net::TcpListener>,
+    pub(super) security: Security,
+    pub(super) protolog: Option<Arc<ProtocolLog>>,
+    pub(super) custom: Vec<(String, ChildFactory)>,
+    pub(super) control: ControlHandle,
+    pub(super) failed: Arc<AtomicBool>,
+}
+
+/// The parts of the running system the control task works with.
+pub(super) struct Wired {
+    pub(super) config: Config,
+    pub(super) config_path: Option<PathBuf>,
+    pub(super) folders: Folders,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) custom: Vec<(String, ChildFactory)>,
+    pub(super) routes: RouteActors,
+    pub(super) reverse_dns: Option<Arc<Dns>>,
+    /// The routes a restarted Queue starts with.
+    pub(super) router: Arc<std::sync::Mutex<Router>>,
+    pub(super) listener: Addr<Listener>,
+    pub(super) queue: Addr<QueueSupervisor>,
+    pub(super) pickup: Addr<Pickup>,
+    pub(super) pickup_factory: Box<dyn Fn() -> Addr<Pickup>>,
+    /// Set when the daemon stops because a part of it failed (exit status 1).
+    pub(super) failed: Arc<AtomicBool>,
+    pub(super) admin: Option<actix_web::dev::ServerHandle>,
+    pub(super) stop_tx: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+    pub(super) protolog: Option<Arc<ProtocolLog>>,
+}
+
+pub(super) fn run_system(
+    parts: Parts,
+    ready: std::sync::mpsc::Sender<Result<Vec<SocketAddr>, StartError>>,
+    control_rx: tokio::sync::mpsc::Receiver<Control>,
+) {
+    let system = System::new();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let session_arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+    let Parts {
+        failed,
+        config,
+        options,
+        folders,
+        store,
+        metrics,
+        registry,
+        listen,
+        admin,
+        security,
+        protolog,
+        custom,
+        control,
+    } = parts;
+
+    let started = system.block_on(async {
+        let mut sockets = Vec::new();
+        let mut addrs = Vec::new();
+        for addr in &listen {
+            let socket = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError::Other(format!("server.listen: cannot listen on {addr}: {e}")))?;
+            addrs.push(socket.local_addr().map_err(|e| StartError::Other(e.to_string()))?);
+            sockets.push(socket);
+        }
+        let mut routes = RouteActors::default();
+        routes.update(&config, &folders, &metrics, &custom)?;
+        let router = routes.router(&config)?;
+        let remote_settings = config.remote_settings()?;
+        let reverse_dns = if config.access.reverse_dns {
+            let dns = Dns::new(&remote_settings.nameservers, remote_settings.dns_timeout, metrics.clone())
+                .map_err(StartError::Other)?;
+            Some(Arc::new(dns))
+        } else {
+            None
+        };
+        let queue_settings = config.queue_settings(&folders.badmail);
+        let qm = metrics.clone();
+        let store = Arc::new(store);
+        let current_router = Arc::new(std::sync::Mutex::new(router));
+        let r = current_router.clone();
+        let factory: QueueFactory = Box::new(move || {
+            let router = r.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Queue::new(store.clone(), queue_settings.clone(), router, qm.clone())
+        });
+        let queue = QueueSupervisor::new(factory, metrics.actor("queue")).start();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
+        let failed = failed.clone();
+        let paused = Arc::new(AtomicBool::new(false));
+        let listener = Listener::new(
+            sockets,
+            config.listener_settings(&security, reverse_dns.clone()),
+            SessionShared {
+                queue: queue.clone().recipient(),
+                metrics: metrics.clone(),
+                users: security.users.clone(),
+                auth_checks: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
+                error_delay: config.limits.error_delay.0,
+                stop: stop_rx,
+                meter: metrics.actor("session"),
+                protolog: protolog.clone(),
+            },
+            session_arbiters.iter().map(|a| a.handle()).collect(),
+        )
+        .paused_by(paused.clone())
+        .start();
+        let pickup_settings = config.pickup_settings(&folders.pickup, &folders.badmail);
+        let (q, m) = (queue.clone(), metrics.clone());
+        let pickup_factory: Box<dyn Fn() -> Addr<Pickup>> = Box::new(move || {
+            Pickup::new(pickup_settings.clone(), q.clone().recipient(), q.clone().recipient(), m.clone()).start()
+        });
+        let pickup = pickup_factory();
+        let admin = match admin {
+            Some(socket) => {
+                let state = AdminState {
+                    queue: queue.clone(),
+                    registry,
+                    metrics: metrics.clone(),
+                    token: config.admin.token.clone(),
+                    metrics_public: config.admin.metrics_public,
+                    started: std::time::Instant::now(),
+                    started_unix: unix_now(),
+                    paused,
+                    control: control.clone(),
+                    smtp_listeners: addrs.clone(),
+                    hostname: config.server.hostname.clone(),
+                };
+                let server =
+                    crate::admin::serve(socket, state).map_err(|e| StartError::Other(format!("admin.listen: {e}")))?;
+                let handle = server.handle();
+                actix_rt::spawn(async move {
+                    if let Err(e) = server.await {
+                        error!(error = %e, "admin API stopped");
+                    }
+                });
+                Some(handle)
+            }
+            None => None,
+        };
+        if let Some(log) = protolog.clone() {
+            // Lines are buffered; a second is as stale as the file gets.
+            actix_rt::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    log.flush();
+                }
+            });
+        }
+        info!(mailroot = %folders.root.display(), hostname = %config.server.hostname, domains = ?config.domains.local, "mailroot started");
+        Ok::<_, StartError>((
+            addrs,
+            Wired {
+                config: config.clone(),
+                config_path: options.config_path.clone(),
+                folders: folders.clone(),
+                metrics: metrics.clone(),
+                custom,
+                routes,
+                router: current_router,
+                reverse_dns,
+                listener,
+                queue,
+                pickup,
+                pickup_factory,
+                failed: failed.clone(),
+                admin,
+                stop_tx,
+                protolog,
+            },
+        ))
+    });
+
+    let ok = system.block_on(async move {
+        let sys = match started {
+            Ok((addrs, sys)) => {
+                let _ = ready.send(Ok(addrs));
+                systemd::notify("READY=1");
+                sys
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return false;
+            }
+        };
+        // Spawned here so that it runs on the system arbiter once `run` starts.
+        actix_rt::spawn(control::control_loop(sys, control_rx, options.handle_signals));
+        true
+    });
+    if ok {
+        if let Err(e) = system.run() {
+            error!(error = %e, "actor system error");
+        }
+    } else {
+        System::current().stop();
+    }
+    for a in session_arbiters {
+        a.stop();
+        let _ = a.join();
+    }
+    info!("mailroot stopped");
+}
