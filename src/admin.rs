@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::daemon::ControlHandle;
+use crate::control::ControlHandle;
 
 /// What the handlers work with.
 pub struct AdminState {

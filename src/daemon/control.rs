@@ -1,7 +1,7 @@
 //! The control task: the one place that stops, reloads and watches the running daemon. It
-//! takes requests from signals (TERM, INT: stop; HUP: reload) and from [`ControlHandle`]s (the
-//! admin API, [`super::Running`]); once a second it checks that the Listener and Pickup are
-//! alive and feeds the systemd watchdog. It imports nothing of the admin API.
+//! takes requests from signals (TERM, INT: stop; HUP: reload) and from the control channel
+//! (`crate::control`: the admin API and [`super::Running`] hold its sending end); once a second
+//! it checks that the Listener and Pickup are alive and feeds the systemd watchdog.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -10,48 +10,13 @@ use actix_rt::System;
 use mailroot_actors::listener::{Reconfigure, StopListening};
 use mailroot_actors::queue::{Drain, Flush, SetRouter};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::control::Control;
 use tracing::{error, info, warn};
 
 use super::wiring::Wired;
 use super::{reload, routes, systemd};
 use crate::config::{Config, Security};
-
-/// What the control task of a running daemon can be asked to do.
-#[derive(Debug)]
-pub(super) enum Control {
-    Stop,
-    /// Fault injection for the supervision tests (debug builds only).
-    #[cfg(debug_assertions)]
-    InjectPanic(&'static str),
-    Reload(Option<oneshot::Sender<Result<Vec<String>, String>>>),
-}
-
-/// Asks a running daemon to stop or reload (the admin API and [`super::Running`] hold one).
-#[derive(Clone)]
-pub struct ControlHandle(mpsc::Sender<Control>);
-
-impl ControlHandle {
-    pub(super) fn new(sender: mpsc::Sender<Control>) -> Self {
-        ControlHandle(sender)
-    }
-
-    pub(super) fn sender(&self) -> &mpsc::Sender<Control> {
-        &self.0
-    }
-
-    /// Starts an orderly stop (as SIGTERM does). False when the daemon is already gone.
-    pub fn stop(&self) -> bool {
-        // A full channel means requests are already waiting; one more stop changes nothing.
-        !matches!(self.0.try_send(Control::Stop), Err(mpsc::error::TrySendError::Closed(_)))
-    }
-
-    /// Reloads the configuration file (as SIGHUP); `Ok` lists what changed.
-    pub async fn reload(&self) -> Result<Vec<String>, String> {
-        let (tx, rx) = oneshot::channel();
-        self.0.send(Control::Reload(Some(tx))).await.map_err(|_| "the daemon is stopping".to_string())?;
-        rx.await.map_err(|_| "the daemon stopped".to_string())?
-    }
-}
 
 /// A stop or reload request, from a signal or the control channel.
 enum Request {

@@ -43,10 +43,10 @@ mod routes;
 mod systemd;
 mod wiring;
 
-pub use control::ControlHandle;
+pub use crate::control::ControlHandle;
 pub use routes::BUILT_IN_ROUTES;
 
-use control::Control;
+use crate::control::Control;
 use wiring::Parts;
 
 /// The folders of a Mailroot.

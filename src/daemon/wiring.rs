@@ -24,11 +24,12 @@ use mailroot_actors::supervisor::{ChildFactory, QueueFactory, QueueSupervisor};
 use prometheus_client::registry::Registry;
 use tracing::{error, info};
 
-use super::control::{self, Control, ControlHandle};
+use super::control;
 use super::routes::RouteActors;
 use super::{systemd, Folders, StartError, StartOptions};
 use crate::admin::AdminState;
 use crate::config::{Config, Security};
+use crate::control::{Control, ControlHandle};
 
 /// Everything the actor system thread needs.
 pub(super) struct Parts {

@@ -1,0 +1,215 @@
+//! One mail transaction of a session: MAIL, RCPT, DATA and BDAT, up to the complete message
+//! handed to the caller as [`Action::Enqueue`]. The transaction's state is [`Transaction`];
+//! RSET, EHLO and STARTTLS throw it away, and the queue's answer ends it.
+
+use super::{Action, Incoming, Mode, RefusalCause, Session};
+use crate::address::Mailbox;
+use crate::command;
+use crate::data::{DataOutcome, DataProblem, DataReceiver};
+use crate::dsn::{MessageDsn, RcptDsn};
+use crate::reply::{self, Reply};
+
+#[derive(Debug, Default)]
+pub(super) struct Transaction {
+    pub(super) sender: Option<Option<Mailbox>>,
+    pub(super) recipients: Vec<Mailbox>,
+    pub(super) smtputf8: bool,
+    pub(super) dsn: MessageDsn,
+    /// DSN parameters of `recipients`, index for index.
+    pub(super) rcpt_dsn: Vec<RcptDsn>,
+    /// The message so far when it comes in BDAT chunks.
+    pub(super) chunks: Option<DataReceiver>,
+}
+
+impl Session {
+    pub(super) fn bdat(&mut self, size: u64, last: bool) {
+        // The chunk's octets follow the command whatever the answer: they are always read.
+        let refuse = if self.txn.sender.is_none() {
+            Some(reply::bad_sequence("Need MAIL before BDAT"))
+        } else if self.txn.recipients.is_empty() {
+            Some(reply::no_valid_recipients())
+        } else {
+            if self.txn.chunks.is_none() {
+                self.txn.chunks = Some(DataReceiver::raw(self.params.max_message_size));
+            }
+            None
+        };
+        self.mode = Mode::Bdat { size, remaining: size, last, refuse };
+    }
+
+    pub(super) fn chunk_done(&mut self, size: u64, last: bool, refuse: Option<Reply>) {
+        if let Some(r) = refuse {
+            if r.code == 530 {
+                let refusal = self.refusal(RefusalCause::TlsRequired, None, 0);
+                return self.reject(Some(refusal), r);
+            }
+            return self.reject(None, r);
+        }
+        let Some(rx) = self.txn.chunks.as_mut() else {
+            return self.reject(None, reply::bad_sequence("Need MAIL before BDAT"));
+        };
+        if rx.problem() == Some(DataProblem::TooBig) {
+            // Refused at once: the client need not send the rest.
+            return self.end_of_data(DataOutcome::Refused(DataProblem::TooBig));
+        }
+        if last {
+            let outcome = rx.finish_chunks();
+            self.end_of_data(outcome);
+        } else {
+            self.reply(reply::chunk_received(size));
+        }
+    }
+
+    pub(super) fn mail(&mut self, from: Option<Mailbox>, params: command::MailParams) {
+        let Some((_, esmtp)) = &self.helo else {
+            return self.reject(None, reply::bad_sequence("Send EHLO or HELO first"));
+        };
+        if self.txn.sender.is_some() {
+            return self.reject(None, reply::bad_sequence("Sender already given (nested MAIL)"));
+        }
+        let has_params = params != command::MailParams::default();
+        if has_params && !esmtp {
+            // Service extensions are only available after EHLO (RFC 5321 §4.1.1.1).
+            return self.reject(None, reply::unsupported_parameter());
+        }
+        if self.params.max_messages_per_connection > 0 && self.messages >= self.params.max_messages_per_connection {
+            let refusal = self.refusal(RefusalCause::TooManyMessages, None, 0);
+            self.out.push_back(Action::Refused(refusal));
+            let r = reply::too_many_messages(&self.params.hostname);
+            return self.close_with(r);
+        }
+        if let Some(m) = &from {
+            if !m.is_ascii() && !params.smtputf8 {
+                return self.reject(None, reply::utf8_needs_smtputf8());
+            }
+            if m.domain.is_empty() {
+                return self.reject(None, reply::bad_sender_address("address lacks a domain"));
+            }
+        }
+        if let Some(size) = params.size {
+            if size > self.params.max_message_size as u64 {
+                let mut refusal = self.refusal(RefusalCause::MessageTooBig, None, 0);
+                refusal.sender = Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default());
+                self.out.push_back(Action::Refused(refusal));
+                return self.reply(reply::size_exceeded());
+            }
+        }
+        self.txn = Transaction {
+            sender: Some(from),
+            recipients: Vec::new(),
+            smtputf8: params.smtputf8,
+            dsn: params.dsn,
+            rcpt_dsn: Vec::new(),
+            chunks: None,
+        };
+        self.reply(reply::sender_ok());
+    }
+
+    pub(super) fn rcpt(&mut self, mut to: Mailbox, dsn: RcptDsn) {
+        if self.txn.sender.is_none() {
+            return self.reject(None, reply::bad_sequence("Need MAIL before RCPT"));
+        }
+        if dsn != RcptDsn::default() && !self.helo.as_ref().is_some_and(|h| h.1) {
+            return self.reject(None, reply::unsupported_parameter());
+        }
+        if to.domain.is_empty() {
+            // `<postmaster>` alone (RFC 5321 §4.5.1) means the postmaster of the default domain.
+            match self.params.local_domains.default_domain() {
+                Some(d) => to.domain = d.to_string(),
+                None => return self.reject(None, reply::bad_recipient_address("address lacks a domain")),
+            }
+        }
+        if !to.is_ascii() && !self.txn.smtputf8 {
+            return self.reject(None, reply::utf8_needs_smtputf8());
+        }
+        if self.txn.recipients.len() >= self.params.max_recipients {
+            let refusal = self.refusal(RefusalCause::TooManyRecipients, Some(to.to_string()), 0);
+            self.out.push_back(Action::Refused(refusal));
+            return self.reply(reply::too_many_recipients());
+        }
+        if !self.params.local_domains.contains(&to.domain)
+            && !self.params.relay_domains.contains(&to.domain)
+            && !self.relay_allowed
+            && self.user.is_none()
+        {
+            let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
+            return self.reject(Some(refusal), reply::relay_denied());
+        }
+        self.txn.recipients.push(to);
+        self.txn.rcpt_dsn.push(dsn);
+        self.reply(reply::recipient_ok());
+    }
+
+    pub(super) fn data(&mut self) {
+        if self.txn.sender.is_none() {
+            return self.reject(None, reply::bad_sequence("Need MAIL before DATA"));
+        }
+        if self.txn.chunks.is_some() {
+            return self.reject(None, reply::bad_sequence("DATA after BDAT: end the message with BDAT ... LAST"));
+        }
+        if self.txn.recipients.is_empty() {
+            return self.reject(None, reply::no_valid_recipients());
+        }
+        self.mode = Mode::Data(DataReceiver::new(self.params.max_message_size));
+        self.reply(reply::start_data());
+    }
+
+    pub(super) fn end_of_data(&mut self, outcome: DataOutcome) {
+        let (body, received, eight_bit) = match outcome {
+            DataOutcome::Message { body, received_headers, eight_bit } => (body, received_headers, eight_bit),
+            DataOutcome::Refused(problem) => {
+                let (cause, r) = match problem {
+                    DataProblem::TooBig => (RefusalCause::MessageTooBig, reply::size_exceeded()),
+                    DataProblem::LineTooLong => (RefusalCause::DataLineTooLong, reply::data_line_too_long()),
+                    DataProblem::BareLf => (RefusalCause::BareLf, reply::bare_lf()),
+                    DataProblem::BareCr => (RefusalCause::BareCr, reply::bare_cr()),
+                };
+                let refusal = self.refusal(cause, None, 0);
+                self.txn = Transaction::default();
+                if problem == DataProblem::TooBig {
+                    // Not a protocol error by the client: no error count.
+                    self.out.push_back(Action::Refused(refusal));
+                    self.reply(r);
+                } else {
+                    self.reject(Some(refusal), r);
+                }
+                return;
+            }
+        };
+        if received > self.params.max_hop_count {
+            let refusal = self.refusal(RefusalCause::HopCountExceeded, None, body.len());
+            self.txn = Transaction::default();
+            return self.reject(Some(refusal), reply::hop_count_exceeded());
+        }
+        let txn = std::mem::take(&mut self.txn);
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        // RFC 3848 (and RFC 6531 for UTF8SMTP): S for TLS, A for an authenticated client.
+        let protocol = match (esmtp, txn.smtputf8, self.tls, self.user.is_some()) {
+            (true, true, false, false) => "UTF8SMTP",
+            (true, true, true, false) => "UTF8SMTPS",
+            (true, true, false, true) => "UTF8SMTPA",
+            (true, true, true, true) => "UTF8SMTPSA",
+            (true, false, false, false) => "ESMTP",
+            (true, false, true, false) => "ESMTPS",
+            (true, false, false, true) => "ESMTPA",
+            (true, false, true, true) => "ESMTPSA",
+            (false, _, _, _) => "SMTP",
+        };
+        self.mode = Mode::AwaitingQueue;
+        // BDAT counted its chunks as they came.
+        if let Some(l) = self.log_cmd.as_mut().filter(|l| l.verb == "DATA") {
+            l.in_bytes += body.len() as u64;
+        }
+        self.out.push_back(Action::Enqueue(Incoming {
+            sender: txn.sender.flatten(),
+            recipients: txn.recipients,
+            dsn: txn.dsn,
+            rcpt_dsn: txn.rcpt_dsn,
+            body,
+            helo,
+            protocol,
+            eight_bit,
+            client_name: self.client_name.clone(),
+        }));
+    }
+}
