@@ -25,10 +25,9 @@ use mailroot_actors::queue::{
 };
 use mailroot_actors::supervisor::QueueSupervisor;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
-use serde_json::json;
 use tracing::{info, warn};
 
+use crate::api::{ApiError, Done, Reloaded, Retried, ServerState, Status};
 use crate::control::ControlHandle;
 
 /// What the handlers work with.
@@ -52,7 +51,7 @@ type State = web::Data<AdminState>;
 const SUMMARY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
-    HttpResponse::build(status).json(json!({ "error": message.into() }))
+    HttpResponse::build(status).json(ApiError { error: message.into() })
 }
 
 fn admin_error(e: AdminError) -> HttpResponse {
@@ -138,18 +137,6 @@ async fn metrics(req: HttpRequest, s: State) -> HttpResponse {
     HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text)
 }
 
-#[derive(Serialize)]
-struct Status {
-    version: &'static str,
-    hostname: String,
-    state: &'static str,
-    started_at: u64,
-    uptime_seconds: u64,
-    listeners: Vec<String>,
-    connections: i64,
-    queue: mailroot_actors::queue::QueueSummary,
-}
-
 async fn status(req: HttpRequest, s: State) -> HttpResponse {
     authorized!(req, s);
     let queue = match tokio::time::timeout(SUMMARY_TIMEOUT, s.queue.send(Summary)).await {
@@ -158,9 +145,9 @@ async fn status(req: HttpRequest, s: State) -> HttpResponse {
         Err(_) => return unavailable("no answer within 5 s"),
     };
     HttpResponse::Ok().json(Status {
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").into(),
         hostname: s.hostname.clone(),
-        state: if s.paused.load(Ordering::Relaxed) { "paused" } else { "running" },
+        state: if s.paused.load(Ordering::Relaxed) { "paused" } else { "running" }.into(),
         started_at: s.started_unix,
         uptime_seconds: s.started.elapsed().as_secs(),
         listeners: s.smtp_listeners.iter().map(|a| a.to_string()).collect(),
@@ -230,7 +217,7 @@ async fn act(req: HttpRequest, s: State) -> HttpResponse {
     let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(client = %who, id, action, "admin API queue action");
     let done = |r: Result<(), AdminError>| match r {
-        Ok(()) => HttpResponse::Ok().json(json!({ "id": id, "result": action })),
+        Ok(()) => HttpResponse::Ok().json(Done { id, result: action.to_string().into() }),
         Err(e) => admin_error(e),
     };
     let shown = |r: Result<mailroot_actors::queue::MessageInfo, AdminError>| match r {
@@ -257,7 +244,7 @@ async fn retry_all(req: HttpRequest, s: State) -> HttpResponse {
     };
     let domain = q.get("domain").filter(|d| !d.is_empty()).cloned();
     match s.queue.send(RetryAll { domain: domain.clone() }).await {
-        Ok(Ok(n)) => HttpResponse::Ok().json(json!({ "retried": n, "domain": domain })),
+        Ok(Ok(n)) => HttpResponse::Ok().json(Retried { retried: n, domain }),
         Ok(Err(e)) => admin_error(e),
         Err(e) => unavailable(e),
     }
@@ -270,24 +257,24 @@ async fn server_action(req: HttpRequest, s: State) -> HttpResponse {
         "pause" => {
             s.paused.store(true, Ordering::Relaxed);
             info!(client = %who, "paused: new SMTP connections get 421 4.3.2");
-            HttpResponse::Ok().json(json!({ "state": "paused" }))
+            HttpResponse::Ok().json(ServerState { state: "paused".into() })
         }
         "resume" => {
             s.paused.store(false, Ordering::Relaxed);
             info!(client = %who, "resumed");
-            HttpResponse::Ok().json(json!({ "state": "running" }))
+            HttpResponse::Ok().json(ServerState { state: "running".into() })
         }
         "reload" => {
             info!(client = %who, "reload requested through the admin API");
             match s.control.reload().await {
-                Ok(changed) => HttpResponse::Ok().json(json!({ "changed": changed })),
+                Ok(changed) => HttpResponse::Ok().json(Reloaded { changed }),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
             }
         }
         "stop" => {
             info!(client = %who, "stop requested through the admin API");
             if s.control.stop() {
-                HttpResponse::Accepted().json(json!({ "state": "stopping" }))
+                HttpResponse::Accepted().json(ServerState { state: "stopping".into() })
             } else {
                 error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is already stopping")
             }

@@ -10,10 +10,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use mailroot::actors::queue::humanize;
+use mailroot::actors::store::RcptStatus;
+use mailroot::api::{Done, ListPage, MessageInfo, Reloaded, Retried, ServerState, Status};
 use mailroot::client::{AdminClient, Response};
 use mailroot::config::Config;
 use mailroot::sendmail;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::{ApiArgs, CtlAction, QueueAction};
 
@@ -34,8 +37,9 @@ fn client(api: &ApiArgs) -> Result<AdminClient, ExitCode> {
     })
 }
 
-/// Sends the request; prints errors; `Ok` only for a 2xx answer.
-fn call(c: &AdminClient, method: &str, path: &str) -> Result<Value, ExitCode> {
+/// Sends the request; prints errors; `Ok` only for a 2xx answer, read into the same type the
+/// API wrote (`crate::api`).
+fn call<T: DeserializeOwned>(c: &AdminClient, method: &str, path: &str) -> Result<T, ExitCode> {
     let r: Response = c.request(method, path).map_err(|e| {
         eprintln!("mailroot: {e}");
         ExitCode::from(3)
@@ -45,7 +49,7 @@ fn call(c: &AdminClient, method: &str, path: &str) -> Result<Value, ExitCode> {
         return Err(ExitCode::FAILURE);
     }
     serde_json::from_str(&r.body).map_err(|e| {
-        eprintln!("mailroot: the admin API sent something that is not JSON: {e}");
+        eprintln!("mailroot: the admin API's answer is not what this version expects: {e}");
         ExitCode::FAILURE
     })
 }
@@ -67,13 +71,9 @@ fn size(n: u64) -> String {
     }
 }
 
-fn next_attempt(m: &Value) -> String {
-    let (Some(next), Some(received), Some(age_s)) =
-        (m["next_attempt"].as_u64(), m["received_at"].as_u64(), m["age_seconds"].as_u64())
-    else {
-        return "-".into();
-    };
-    let now = received + age_s;
+fn next_attempt(m: &MessageInfo) -> String {
+    let Some(next) = m.next_attempt else { return "-".into() };
+    let now = m.received_at + m.age_seconds;
     if next <= now {
         "now".into()
     } else {
@@ -81,32 +81,33 @@ fn next_attempt(m: &Value) -> String {
     }
 }
 
-fn print_message(m: &Value, out: &mut String) {
-    let sender = m["sender"].as_str().filter(|s| !s.is_empty()).unwrap_or("<>");
-    // serde_json's Display ignores widths: numbers go through u64.
+fn print_message(m: &MessageInfo, out: &mut String) {
+    let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
     out.push_str(&format!(
         "{:<8} {:<9} {:>7} {:>7} {:>5}  {:<10} {}\n",
-        m["id"].as_u64().unwrap_or(0),
-        m["state"].as_str().unwrap_or("?"),
-        humanize(m["age_seconds"].as_u64().unwrap_or(0)),
-        size(m["size"].as_u64().unwrap_or(0)),
-        m["attempts"].as_u64().unwrap_or(0),
+        m.id,
+        m.state,
+        humanize(m.age_seconds),
+        size(m.size),
+        m.attempts,
         next_attempt(m),
         sender
     ));
-    for r in m["recipients"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "         {:<9} {}  {}\n",
-            r["status"].as_str().unwrap_or("?"),
-            r["address"].as_str().unwrap_or("?"),
-            r["last_reply"].as_str().unwrap_or("")
-        ));
+    for r in &m.recipients {
+        let status = match r.status {
+            RcptStatus::Pending => "pending",
+            RcptStatus::Delivered => "delivered",
+            RcptStatus::Failed => "failed",
+        };
+        let last = r.last.as_ref().map(|o| o.to_string()).unwrap_or_default();
+        out.push_str(&format!("         {status:<9} {}  {last}\n", r.address));
     }
 }
 
 const HEADER: &str = "ID       STATE         AGE    SIZE TRIES  NEXT       SENDER / recipients\n";
 
-fn finish(api: &ApiArgs, v: &Value, table: impl FnOnce(&Value) -> String) -> ExitCode {
+/// Prints the answer: as JSON with `--json` (the API's own fields), else as `table` says.
+fn finish<T: Serialize>(api: &ApiArgs, v: &T, table: impl FnOnce(&T) -> String) -> ExitCode {
     if api.json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
@@ -133,19 +134,18 @@ pub fn queue(action: QueueAction, api: &ApiArgs) -> ExitCode {
             if let Some(a) = after {
                 path.push_str(&format!("&after={a}"));
             }
-            call(&c, "GET", &path).map(|v| {
-                finish(api, &v, |v| {
-                    let messages = v["messages"].as_array().cloned().unwrap_or_default();
-                    if messages.is_empty() {
+            call::<ListPage>(&c, "GET", &path).map(|page| {
+                finish(api, &page, |page| {
+                    if page.messages.is_empty() {
                         let empty = if filtered { "No queued message matches.\n" } else { "The queue is empty.\n" };
                         return empty.into();
                     }
                     let mut out = HEADER.to_string();
-                    for m in &messages {
+                    for m in &page.messages {
                         print_message(m, &mut out);
                     }
-                    out.push_str(&format!("{} message(s)", messages.len()));
-                    if let Some(next) = v["next_after"].as_u64() {
+                    out.push_str(&format!("{} message(s)", page.messages.len()));
+                    if let Some(next) = page.next_after {
                         out.push_str(&format!("; more with --after {next}"));
                     }
                     out.push('\n');
@@ -153,15 +153,11 @@ pub fn queue(action: QueueAction, api: &ApiArgs) -> ExitCode {
                 })
             })
         }
-        QueueAction::Show { id } => call(&c, "GET", &format!("/api/queue/{id}")).map(|v| {
-            finish(api, &v, |m| {
+        QueueAction::Show { id } => call::<MessageInfo>(&c, "GET", &format!("/api/queue/{id}")).map(|m| {
+            finish(api, &m, |m| {
                 let mut out = HEADER.to_string();
                 print_message(m, &mut out);
-                out.push_str(&format!(
-                    "source: {} ({})\n",
-                    m["source"].as_str().unwrap_or(""),
-                    m["origin"].as_str().unwrap_or("")
-                ));
+                out.push_str(&format!("source: {} ({})\n", m.source, m.origin));
                 out
             })
         }),
@@ -170,30 +166,28 @@ pub fn queue(action: QueueAction, api: &ApiArgs) -> ExitCode {
                 Some(d) => format!("/api/queue/retry-all?domain={}", encode(d)),
                 None => "/api/queue/retry-all".into(),
             };
-            call(&c, "POST", &path)
-                .map(|v| finish(api, &v, |v| format!("{} message(s) will be tried now\n", v["retried"])))
+            call::<Retried>(&c, "POST", &path)
+                .map(|r| finish(api, &r, |r| format!("{} message(s) will be tried now\n", r.retried)))
         }
-        QueueAction::Retry { id: Some(id), all: false, .. } => action_on(&c, api, "retry", id),
+        QueueAction::Retry { id: Some(id), all: false, .. } => changed(&c, api, "retry", id),
         QueueAction::Retry { id: None, all: false, .. } => {
             eprintln!("mailroot: give a message ID or --all");
             return ExitCode::from(2);
         }
-        QueueAction::Hold { id } => action_on(&c, api, "hold", id),
-        QueueAction::Release { id } => action_on(&c, api, "release", id),
-        QueueAction::Bounce { id } => action_on(&c, api, "bounce", id),
-        QueueAction::Delete { id } => call(&c, "DELETE", &format!("/api/queue/{id}"))
-            .map(|v| finish(api, &v, |_| format!("message {id} deleted\n"))),
+        QueueAction::Hold { id } => changed(&c, api, "hold", id),
+        QueueAction::Release { id } => changed(&c, api, "release", id),
+        QueueAction::Bounce { id } => call::<Done>(&c, "POST", &format!("/api/queue/{id}/bounce"))
+            .map(|d| finish(api, &d, |_| format!("message {id}: bounce done\n"))),
+        QueueAction::Delete { id } => call::<Done>(&c, "DELETE", &format!("/api/queue/{id}"))
+            .map(|d| finish(api, &d, |_| format!("message {id} deleted\n"))),
     };
     result.unwrap_or_else(|code| code)
 }
 
-fn action_on(c: &AdminClient, api: &ApiArgs, action: &str, id: u64) -> Result<ExitCode, ExitCode> {
-    call(c, "POST", &format!("/api/queue/{id}/{action}")).map(|v| {
-        finish(api, &v, |v| match v["state"].as_str() {
-            Some(state) => format!("message {id}: {action} done; now {state}\n"),
-            None => format!("message {id}: {action} done\n"),
-        })
-    })
+/// Retry, hold and release answer with the message as it is now.
+fn changed(c: &AdminClient, api: &ApiArgs, action: &str, id: u64) -> Result<ExitCode, ExitCode> {
+    call::<MessageInfo>(c, "POST", &format!("/api/queue/{id}/{action}"))
+        .map(|m| finish(api, &m, |m| format!("message {id}: {action} done; now {}\n", m.state)))
 }
 
 pub fn ctl(action: CtlAction, api: &ApiArgs) -> ExitCode {
@@ -201,42 +195,41 @@ pub fn ctl(action: CtlAction, api: &ApiArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (method, path) = match action {
-        CtlAction::Status => ("GET", "/api/status"),
-        CtlAction::Pause => ("POST", "/api/server/pause"),
-        CtlAction::Resume => ("POST", "/api/server/resume"),
-        CtlAction::Reload => ("POST", "/api/server/reload"),
-        CtlAction::Stop => ("POST", "/api/server/stop"),
+    let result = match action {
+        CtlAction::Status => call::<Status>(&c, "GET", "/api/status").map(|v| {
+            finish(api, &v, |v| {
+                let q = &v.queue;
+                format!(
+                    "mailroot {} on {}: {}, up {}\nlisteners: {}\nconnections: {}\nqueue: {} messages ({} active, {} ready, {} deferred, {} held)\n",
+                    v.version,
+                    v.hostname,
+                    v.state,
+                    humanize(v.uptime_seconds),
+                    v.listeners.join(", "),
+                    v.connections,
+                    q.total,
+                    q.active,
+                    q.ready,
+                    q.deferred,
+                    q.held
+                )
+            })
+        }),
+        CtlAction::Reload => call::<Reloaded>(&c, "POST", "/api/server/reload").map(|r| {
+            finish(api, &r, |r| match r.changed.as_slice() {
+                [] => "reloaded: nothing changed\n".into(),
+                changed => format!("reloaded: {}\n", changed.join(", ")),
+            })
+        }),
+        CtlAction::Pause | CtlAction::Resume | CtlAction::Stop => {
+            let path = match action {
+                CtlAction::Pause => "/api/server/pause",
+                CtlAction::Resume => "/api/server/resume",
+                _ => "/api/server/stop",
+            };
+            call::<ServerState>(&c, "POST", path).map(|s| finish(api, &s, |s| format!("{}\n", s.state)))
+        }
     };
-    let result = call(&c, method, path).map(|v| {
-        finish(api, &v, |v| {
-            if path != "/api/status" {
-                return match v["changed"].as_array() {
-                    Some(ch) if ch.is_empty() => "reloaded: nothing changed\n".into(),
-                    Some(ch) => format!(
-                        "reloaded: {}\n",
-                        ch.iter().filter_map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
-                    ),
-                    None => format!("{}\n", v["state"].as_str().unwrap_or("done")),
-                };
-            }
-            let q = &v["queue"];
-            format!(
-                "mailroot {} on {}: {}, up {}\nlisteners: {}\nconnections: {}\nqueue: {} messages ({} active, {} ready, {} deferred, {} held)\n",
-                v["version"].as_str().unwrap_or("?"),
-                v["hostname"].as_str().unwrap_or("?"),
-                v["state"].as_str().unwrap_or("?"),
-                humanize(v["uptime_seconds"].as_u64().unwrap_or(0)),
-                v["listeners"].as_array().map(|l| l.iter().filter_map(|a| a.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
-                v["connections"],
-                q["total"],
-                q["active"],
-                q["ready"],
-                q["deferred"],
-                q["held"]
-            )
-        })
-    });
     result.unwrap_or_else(|code| code)
 }
 

@@ -24,10 +24,9 @@ pub struct Response {
 impl Response {
     /// The `error` text of a JSON error body, else the body.
     pub fn error_text(&self) -> String {
-        serde_json::from_str::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_else(|| self.body.trim().to_string())
+        serde_json::from_str::<crate::api::ApiError>(&self.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| self.body.trim().to_string())
     }
 }
 

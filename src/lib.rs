@@ -9,6 +9,7 @@
 //! `running.stop()`.
 
 pub mod admin;
+pub mod api;
 pub mod client;
 pub mod config;
 pub mod control;

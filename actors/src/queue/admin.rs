@@ -9,13 +9,15 @@
 //! - Bounce goes through the same recording path as a delivery actor's permanent failure, so the
 //!   sender gets the same NDR (or Badmail for the null sender).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use actix::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{unix_now, Queue};
+use super::Queue;
+use crate::clock::unix_now;
 use crate::delivery::{replies, DeliveryReport, Outcome};
 use crate::routes::domain_of;
 use crate::store::{Envelope, QueueId, RcptStatus};
@@ -37,7 +39,7 @@ impl std::fmt::Display for AdminError {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RecipientInfo {
     pub address: String,
     /// `pending`, `delivered` or `failed`.
@@ -51,14 +53,14 @@ pub struct RecipientInfo {
 }
 
 /// One message as the admin API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MessageInfo {
     pub id: QueueId,
     /// Empty for the null sender `<>`.
     pub sender: String,
     /// `active` (being delivered), `ready` (waiting for a delivery slot or its route),
     /// `deferred` (waiting for its retry time) or `held`.
-    pub state: &'static str,
+    pub state: Cow<'static, str>,
     pub recipients: Vec<RecipientInfo>,
     /// The most attempts of any recipient.
     pub attempts: u32,
@@ -72,7 +74,7 @@ pub struct MessageInfo {
 }
 
 /// Messages by state, for `/api/status` and the queue-length metrics.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, MessageResponse)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, MessageResponse)]
 pub struct QueueSummary {
     pub total: usize,
     pub active: usize,
@@ -92,7 +94,7 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListPage {
     pub messages: Vec<MessageInfo>,
     /// Pass as `after` for the next page; `None` on the last page.
@@ -169,7 +171,7 @@ impl Queue {
         MessageInfo {
             id: env.id,
             sender: env.sender.clone(),
-            state: self.state_of(env, now),
+            state: Cow::Borrowed(self.state_of(env, now)),
             recipients: env
                 .recipients
                 .iter()

@@ -1,0 +1,62 @@
+//! The admin API's JSON bodies, as types: `admin.rs` serialises them and the CLI (`cli.rs`)
+//! deserialises the very same types, so the two cannot drift apart. The queue's own views
+//! (`MessageInfo`, `ListPage`, `QueueSummary`) come from the engine and are re-exported here.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+pub use mailroot_actors::queue::{ListPage, MessageInfo, QueueSummary, RecipientInfo};
+
+/// `GET /api/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub version: Cow<'static, str>,
+    pub hostname: String,
+    /// `running` or `paused`.
+    pub state: Cow<'static, str>,
+    /// Unix seconds.
+    pub started_at: u64,
+    pub uptime_seconds: u64,
+    /// The SMTP listeners' addresses.
+    pub listeners: Vec<String>,
+    /// SMTP connections open now.
+    pub connections: i64,
+    pub queue: QueueSummary,
+}
+
+/// `POST /api/queue/{id}/bounce`, `DELETE /api/queue/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Done {
+    pub id: u64,
+    /// The action done: `bounce` or `delete`.
+    pub result: Cow<'static, str>,
+}
+
+/// `POST /api/queue/retry-all[?domain=]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Retried {
+    /// Messages that will be tried now.
+    pub retried: usize,
+    pub domain: Option<String>,
+}
+
+/// `POST /api/server/pause|resume|stop`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerState {
+    /// `paused`, `running` or `stopping`.
+    pub state: Cow<'static, str>,
+}
+
+/// `POST /api/server/reload`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The sections applied now (empty: nothing changed).
+    pub changed: Vec<String>,
+}
+
+/// Every error: 400, 401, 404, 409, 422, 500, 503.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    pub error: String,
+}
