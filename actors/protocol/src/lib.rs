@@ -12,7 +12,8 @@
 //! - [`received`]: the `Received:` trace header and dates; [`pickup`]: the Pickup file format.
 //! - [`fuzzing`]: the checks the fuzz targets run (and `cargo test` replays over the corpus).
 //!
-//! Invariant, held by this crate's dependencies (serde and base64 only): nothing here touches a
+//! Invariant, held by this crate's dependencies (serde, base64, mail-builder's date formatter):
+//! nothing here touches a
 //! socket, a file, a clock, a thread or an actor. Bytes go in, replies and actions come out; that
 //! is what makes it table-testable and fuzzable.
 

@@ -3,26 +3,14 @@
 
 use std::net::IpAddr;
 
-/// Formats `secs` since the epoch as an RFC 5322 date in UTC, e.g. `Sat, 28 Nov 2026 21:47:37 +0000`.
+/// Formats `secs` since the epoch as an RFC 5322 date in UTC, e.g. `Sat, 28 Nov 2026 21:47:37 +0000`
+/// (mail-builder's formatter; the day of the month has no leading zero, as RFC 5322 allows).
 pub fn rfc5322_date(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
-        WEEKDAYS[(days.rem_euclid(7)) as usize],
-        d,
-        MONTHS[(m - 1) as usize],
-        y,
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    mail_builder::headers::date::Date::new(i64::try_from(secs).unwrap_or(i64::MAX)).to_rfc822()
 }
 
-/// Year, month and day (UTC) of a Unix time.
+/// Year, month and day (UTC) of a Unix time, for the protocol log's daily file names. Kept here
+/// (mail-builder formats whole dates only): Howard Hinnant's algorithm, table-tested below.
 pub fn civil_date(secs: u64) -> (i64, u32, u32) {
     civil_from_days((secs / 86_400) as i64)
 }
@@ -94,13 +82,17 @@ mod tests {
     #[test]
     fn dates() {
         let cases = [
-            (0, "Thu, 01 Jan 1970 00:00:00 +0000"),
+            (0, "Thu, 1 Jan 1970 00:00:00 +0000"),
             (951_782_400, "Tue, 29 Feb 2000 00:00:00 +0000"),
             (1_795_902_457, "Sat, 28 Nov 2026 21:47:37 +0000"),
             (4_102_444_799, "Thu, 31 Dec 2099 23:59:59 +0000"),
+            (u64::MAX, "Sun, 4 Dec 292277026596 15:30:07 +0000"),
         ];
         for (secs, want) in cases {
             assert_eq!(rfc5322_date(secs), want, "secs {secs}");
+        }
+        for (secs, ymd) in [(0, (1970, 1, 1)), (951_782_400, (2000, 2, 29)), (1_795_902_457, (2026, 11, 28))] {
+            assert_eq!(civil_date(secs), ymd, "secs {secs}");
         }
     }
 
@@ -130,11 +122,11 @@ mod tests {
         let o = smtp("bad (name)\r\n", None);
         assert_eq!(
             received_header(&o, "mx.test", 7, Some("a@b.test"), 0),
-            "Received: from bad??name??? ([127.0.0.1])\r\n\tby mx.test (mailroot) with ESMTP id 7\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+            "Received: from bad??name??? ([127.0.0.1])\r\n\tby mx.test (mailroot) with ESMTP id 7\r\n\tfor <a@b.test>;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
         );
         assert_eq!(
             received_header(&Origin::Pickup, "mx.test", 8, None, 0),
-            "Received: from pickup\r\n\tby mx.test (mailroot) with local id 8;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+            "Received: from pickup\r\n\tby mx.test (mailroot) with local id 8;\r\n\tThu, 1 Jan 1970 00:00:00 +0000\r\n"
         );
     }
 }
