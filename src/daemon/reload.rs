@@ -17,39 +17,35 @@ pub(super) struct ReloadPlan {
 /// `tls_loaded`: the new configuration has a certificate, which is read again at every reload
 /// (a file replaced under the same name is a change too).
 pub(super) fn plan(old: &Config, new: &Config, tls_loaded: bool) -> ReloadPlan {
-    let mut p = ReloadPlan::default();
-    let mut applied = |name: &str, differs: bool| {
-        if differs {
-            p.changed.push(name.to_string());
-        }
-    };
-    applied("tls", old.tls != new.tls);
-    applied("auth", old.auth != new.auth);
-    applied("relay", old.relay != new.relay);
-    applied("access", old.access != new.access);
-    applied("limits", old.limits != new.limits);
-    applied("routes", old.routes != new.routes);
-    applied("domains", old.domains != new.domains);
-    applied("maildir", old.maildir != new.maildir);
-    applied("lmtp", old.lmtp != new.lmtp);
-    applied("delivery", old.delivery != new.delivery);
     // The rest of [server] applies to new connections; listen and hostname need a restart.
     let rest = |s: &Server| Server { listen: Vec::new(), hostname: String::new(), ..s.clone() };
-    applied("server", rest(&old.server) != rest(&new.server));
+    // (name, changed, applied now)
+    let sections = [
+        ("tls", old.tls != new.tls, true),
+        ("auth", old.auth != new.auth, true),
+        ("relay", old.relay != new.relay, true),
+        ("access", old.access != new.access, true),
+        ("limits", old.limits != new.limits, true),
+        ("routes", old.routes != new.routes, true),
+        ("domains", old.domains != new.domains, true),
+        ("maildir", old.maildir != new.maildir, true),
+        ("lmtp", old.lmtp != new.lmtp, true),
+        ("delivery", old.delivery != new.delivery, true),
+        ("server", rest(&old.server) != rest(&new.server), true),
+        ("mailroot", old.mailroot != new.mailroot, false),
+        ("queue", old.queue != new.queue, false),
+        ("admin", old.admin != new.admin, false),
+        ("log", old.log != new.log, false),
+        ("server.hostname", old.server.hostname != new.server.hostname, false),
+        ("server.listen", old.server.listen != new.server.listen, false),
+    ];
+    let mut p = ReloadPlan::default();
+    for (name, _, now) in sections.into_iter().filter(|s| s.1) {
+        if now { &mut p.changed } else { &mut p.needs_restart }.push(name.to_string());
+    }
     if tls_loaded && old.tls == new.tls {
         p.changed.push("tls (certificate reloaded)".into());
     }
-    let mut restart = |name: &str, differs: bool| {
-        if differs {
-            p.needs_restart.push(name.to_string());
-        }
-    };
-    restart("mailroot", old.mailroot != new.mailroot);
-    restart("queue", old.queue != new.queue);
-    restart("admin", old.admin != new.admin);
-    restart("log", old.log != new.log);
-    restart("server.hostname", old.server.hostname != new.server.hostname);
-    restart("server.listen", old.server.listen != new.server.listen);
     p
 }
 
