@@ -370,3 +370,33 @@ fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
     assert!(texts.iter().any(|t| t.contains("x-receiver: carol@example.test") && t.contains("via the symlink")));
     drop(d);
 }
+
+/// Splits a text log line into `key=value` fields as the simplest reader does: on spaces, then at
+/// the first `=`. (A reader that understands quotes is fooled by no less.)
+fn logfmt_fields(line: &str) -> Vec<(String, String)> {
+    line.split(' ').filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Values a client chooses (here a quoted local part full of `"` and `=`) are escaped in the text
+/// log, so a key=value reader sees the fields mailroot wrote and no others.
+#[test]
+fn client_values_cannot_add_fields_to_the_text_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "", "");
+    let d = Daemon::spawn(&cfg, &[], &[]);
+    let mut c = Client::ready(d.smtp, "client.test");
+    let sender = r#""x\" result=\"accepted\" id=999"@example.test"#;
+    let r = c.transaction(sender, &["r@example.test"], b"Subject: s\r\n\r\nx\r\n");
+    assert_eq!(r.code, 250, "{r:?}");
+    assert_eq!(c.cmd("QUIT").code, 221);
+    for what in ["mailroot_actors::session: message", "mailroot_actors::queue::record: delivery"] {
+        let line = d.wait_log(what);
+        let fields = logfmt_fields(&line);
+        let count = |k: &str| fields.iter().filter(|(key, _)| key == k).count();
+        assert_eq!((count("id"), count("result"), count("sender")), (1, 1, 1), "{line}");
+        let id = &fields.iter().find(|(k, _)| k == "id").unwrap().1;
+        assert_ne!(id, "999", "{line}");
+        let result = &fields.iter().find(|(k, _)| k == "result").unwrap().1;
+        assert!(result.trim_matches('"') == "accepted" || result.trim_matches('"') == "delivered", "{line}");
+    }
+}

@@ -326,11 +326,12 @@ fn bdat_pipelined_oversize_and_mixed_with_data() {
         drop_files(dir.path()).first().map(|p| parse_drop(&std::fs::read(p).unwrap()))
     });
     assert_eq!(f.message, format!("{p1}{p2}{p3}").as_bytes(), "BDAT content is taken as is, dots included");
-    // Larger than max_message_size: 552, and the session goes on.
+    // Chunks that together grow larger than max_message_size: 552, and the session goes on.
     assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
     assert_eq!(c.cmd("RCPT TO:<x@example.test>").code, 250);
-    let big = "0123456789abcdef\r\n".repeat(300);
-    c.send(format!("BDAT {} LAST\r\n{big}", big.len()).as_bytes());
+    let half = "0123456789abcdef\r\n".repeat(150);
+    c.send(format!("BDAT {n}\r\n{half}BDAT {n} LAST\r\n{half}", n = half.len()).as_bytes());
+    assert_eq!(c.read_reply().unwrap().code, 250);
     assert_eq!(c.read_reply().unwrap().code, 552);
     assert_eq!(c.cmd("NOOP").code, 250);
     // BDAT then DATA in one message: refused.
@@ -339,6 +340,16 @@ fn bdat_pipelined_oversize_and_mixed_with_data() {
     c.send(b"BDAT 3\r\nabc");
     assert_eq!(c.read_reply().unwrap().code, 250);
     assert_eq!(c.cmd("DATA").code, 503);
+    // One chunk larger than a whole message may be, up to 2^64 and beyond: its octets are not
+    // read (that could take forever), the client gets 552 and the connection ends.
+    for size in ["5000", "18446744073709551615", "18446744073709551616"] {
+        let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+        assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
+        assert_eq!(c.cmd("RCPT TO:<x@example.test>").code, 250);
+        c.send(format!("BDAT {size} LAST\r\n0123456789").as_bytes());
+        assert_eq!(c.read_reply().unwrap().code, 552, "{size}");
+        assert!(c.read_reply().is_none(), "{size}: the connection is closed");
+    }
     running.stop();
 }
 

@@ -211,3 +211,28 @@ fn hop_count_and_long_lines() {
     assert_eq!(c.cmd("NOOP").code, 250, "resynchronised after the long line");
     running.stop();
 }
+
+/// The documented dual-stack form, `listen = ["0.0.0.0:P", "[::]:P"]`, starts (IPv6 sockets are
+/// IPv6-only) and answers on both families.
+#[test]
+fn dual_stack_listen_on_one_port() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port free on both families: bound once on each and let go.
+    let port = (0..20)
+        .find_map(|_| {
+            let port = std::net::TcpListener::bind("0.0.0.0:0").ok()?.local_addr().ok()?.port();
+            // std's IPv6 socket is dual-stack: this checks the port on both families.
+            std::net::TcpListener::bind(("::", port)).ok().map(|_| port)
+        })
+        .expect("a port free on IPv4 and IPv6 (is IPv6 loopback configured?)");
+    let listen = format!("listen = [\"0.0.0.0:{port}\", \"[::]:{port}\"]");
+    let mut c = config(dir.path(), "");
+    c.server.listen = mailroot::config::Config::from_toml(&format!("[server]\n{listen}\n")).unwrap().server.listen;
+    let running = start(c);
+    assert_eq!(running.smtp_addrs.len(), 2, "{:?}", running.smtp_addrs);
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let mut client = Client::ready(addr.parse().unwrap(), "client.test");
+        assert_eq!(client.cmd("QUIT").code, 221, "{addr}");
+    }
+    running.stop();
+}

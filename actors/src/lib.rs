@@ -25,6 +25,7 @@ pub mod fsio;
 pub mod listener;
 pub mod lmtp;
 pub mod local_drop;
+pub mod logsafe;
 pub mod maildir;
 pub mod metrics;
 pub mod notify;

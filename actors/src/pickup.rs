@@ -21,6 +21,7 @@ use actix::prelude::*;
 use tracing::{error, info, warn};
 
 use crate::fsio::{blocking, sync_dir, unique_badmail_base};
+use crate::logsafe::LogSafe;
 use crate::metrics::{ActorMeter, Metrics, ResultLabel};
 use crate::protocol::pickup::parse_pickup;
 use crate::protocol::received::Origin;
@@ -163,7 +164,7 @@ async fn process(
     {
         Ok(Some(raw)) => raw,
         Ok(None) => return badmail(&s, &name, "the file is larger than the maximum message size", &metrics).await,
-        Err(e) => return warn!(file = %name, error = %e, "cannot read pickup file; will retry"),
+        Err(e) => return warn!(file = %LogSafe(&name), error = %e, "cannot read pickup file; will retry"),
     };
     let parsed = match parse_pickup(&raw, s.max_hop_count) {
         Ok(p) if p.body.len() > s.max_message_size => Err("the message is larger than the maximum message size".into()),
@@ -188,10 +189,10 @@ async fn process(
     };
     let id = match queue.send(req).await {
         Ok(Ok(id)) => id,
-        Ok(Err(e)) => return warn!(file = %name, error = ?e, "queue refused pickup file; will retry"),
-        Err(e) => return warn!(file = %name, error = %e, "queue unavailable; will retry"),
+        Ok(Err(e)) => return warn!(file = %LogSafe(&name), error = ?e, "queue refused pickup file; will retry"),
+        Err(e) => return warn!(file = %LogSafe(&name), error = %e, "queue unavailable; will retry"),
     };
-    info!(id, file = %name, sender = %sender, recipients = %recipients.join(","), size, result = "accepted", "pickup");
+    info!(id, file = %LogSafe(&name), sender = %LogSafe(&sender), recipients = %LogSafe(&recipients.join(",")), size, result = "accepted", "pickup");
     metrics.pickup_files.get_or_create(&ResultLabel { result: "queued" }).inc();
     let dir = s.pickup_dir.clone();
     match blocking(move || {
@@ -205,13 +206,13 @@ async fn process(
             let _ = done.send(PickupDone { name }).await;
         }
         Err(e) => {
-            error!(id, file = %name, error = %e, "cannot delete queued pickup file; it will not be queued again")
+            error!(id, file = %LogSafe(&name), error = %e, "cannot delete queued pickup file; it will not be queued again")
         }
     }
 }
 
 async fn badmail(s: &PickupSettings, name: &str, reason: &str, metrics: &Metrics) {
-    warn!(file = %name, reason, "pickup file moved to Badmail");
+    warn!(file = %LogSafe(name), reason = %LogSafe(reason), "pickup file moved to Badmail");
     metrics.pickup_files.get_or_create(&ResultLabel { result: "badmail" }).inc();
     let (from, bad_dir) = (s.pickup_dir.join(name), s.badmail_dir.clone());
     let (name, reason) = (name.to_string(), reason.to_string());

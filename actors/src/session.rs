@@ -25,6 +25,7 @@ use tracing::{debug, info};
 
 use crate::auth::Users;
 use crate::fsio::blocking;
+use crate::logsafe::LogSafe;
 use crate::metrics::{ActorMeter, Metrics, ResultLabel};
 use crate::protocol::received::Origin;
 use crate::protocol::{self, Action, EnqueueError};
@@ -126,9 +127,9 @@ fn log_refusal(peer: SocketAddr, metrics: &Metrics, r: &protocol::Refusal) {
     info!(
         client = %peer,
         cause = r.cause.as_str(),
-        sender = r.sender.as_deref().unwrap_or("-"),
-        recipients = %r.recipients.join(","),
-        recipient = r.recipient.as_deref().unwrap_or("-"),
+        sender = %LogSafe(r.sender.as_deref().unwrap_or("-")),
+        recipients = %LogSafe(&r.recipients.join(",")),
+        recipient = %LogSafe(r.recipient.as_deref().unwrap_or("-")),
         "refused"
     );
 }
@@ -167,7 +168,7 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
                 };
                 let result = if ok { "success" } else { "failure" };
                 metrics.auth.get_or_create(&ResultLabel { result }).inc();
-                info!(client = %peer, user = %user, result, "auth");
+                info!(client = %peer, user = %LogSafe(&user), result, "auth");
                 proto.authenticated(ok);
             }
             Action::Enqueue(m) => {
@@ -194,11 +195,11 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
                 let user = proto.user().unwrap_or("-").to_string();
                 match result {
                     Ok(id) => {
-                        info!(id, client = %peer, user = %user, sender = %sender, recipients = %recipients.join(","), size, result = "accepted", "message")
+                        info!(id, client = %peer, user = %LogSafe(&user), sender = %LogSafe(&sender), recipients = %LogSafe(&recipients.join(",")), size, result = "accepted", "message")
                     }
                     Err(_) => {
                         metrics.refused(protocol::RefusalCause::QueueFailure.as_str());
-                        info!(client = %peer, sender = %sender, recipients = %recipients.join(","), size, result = %reply.summary(), "message")
+                        info!(client = %peer, sender = %LogSafe(&sender), recipients = %LogSafe(&recipients.join(",")), size, result = %reply.summary(), "message")
                     }
                 }
                 reply.write_to(&mut out.bytes);

@@ -183,6 +183,22 @@ pub enum StartError {
     Other(String),
 }
 
+/// A listening socket. An IPv6 one is IPv6-only, so `0.0.0.0:25` and `[::]:25` can both be
+/// listened on (Linux's default would make `[::]` take IPv4 too, and the second bind fail).
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // As std's bind does on Unix: a restart can listen again while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// sled locks its folder; a daemon that just stopped may take a moment to let go.
 fn open_store(dir: &Path, id_floor: u64) -> Result<Store, StartError> {
     Store::open_waiting(dir, id_floor, Duration::from_secs(3)).map_err(|e| match e {
@@ -275,10 +291,9 @@ fn start_with(
     folders.create().map_err(|e| StartError::Other(format!("creating the Mailroot folders: {e}")))?;
     let listen = config.listen_addrs()?;
     let admin_listener = match config.admin_addr()? {
-        Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
-                .map_err(|e| StartError::Other(format!("admin.listen: cannot listen on {addr}: {e}")))?,
-        ),
+        Some(addr) => {
+            Some(bind(addr).map_err(|e| StartError::Other(format!("admin.listen: cannot listen on {addr}: {e}")))?)
+        }
         None => None,
     };
     let admin_addr = match &admin_listener {

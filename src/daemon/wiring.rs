@@ -98,8 +98,8 @@ pub(super) fn run_system(
         let mut sockets = Vec::new();
         let mut addrs = Vec::new();
         for addr in &listen {
-            let socket = tokio::net::TcpListener::bind(addr)
-                .await
+            let socket = super::bind(*addr)
+                .and_then(tokio::net::TcpListener::from_std)
                 .map_err(|e| StartError::Other(format!("server.listen: cannot listen on {addr}: {e}")))?;
             addrs.push(socket.local_addr().map_err(|e| StartError::Other(e.to_string()))?);
             sockets.push(socket);

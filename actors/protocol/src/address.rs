@@ -171,7 +171,37 @@ fn split_at_domain(s: &str) -> Option<usize> {
 }
 
 fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || is_utf8_text(c)
+}
+
+/// A non-ASCII character an internationalized address may hold (RFC 6531): anything but control
+/// characters (C1, U+0080–U+009F) and the invisible format and separator characters that can
+/// break a line or hide text where the address is shown or written (U+2028 LINE SEPARATOR,
+/// U+2029, bidirectional overrides, zero-width characters, U+FEFF, tags, noncharacters).
+fn is_utf8_text(c: char) -> bool {
+    !c.is_ascii()
+        && !c.is_control()
+        && !matches!(c,
+            '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{FFFE}'..='\u{FFFF}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+        )
 }
 
 fn validate_local(local: &str) -> Result<(), AddressError> {
@@ -192,6 +222,7 @@ fn validate_local(local: &str) -> Result<(), AddressError> {
                 },
                 '"' => return Err(AddressError::BadLocalPart),
                 c if c.is_ascii() && !(' '..='~').contains(&c) => return Err(AddressError::BadLocalPart),
+                c if !c.is_ascii() && !is_utf8_text(c) => return Err(AddressError::BadLocalPart),
                 _ => {}
             }
         }
@@ -228,7 +259,7 @@ pub fn validate_domain(domain: &str) -> Result<(), AddressError> {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii());
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || is_utf8_text(c));
         if !valid {
             return Err(AddressError::BadDomain);
         }
@@ -278,6 +309,17 @@ mod tests {
             ("<a@[192.0.2.1]>", Ok((mb("a", "[192.0.2.1]"), ""))),
             ("<a@[IPv6:::1]>", Ok((mb("a", "[ipv6:::1]"), ""))),
             ("<ü@bücher.test>", Ok((mb("ü", "bücher.test"), ""))),
+            ("<\"ü x\"@b.test>", Ok((mb("\"ü x\"", "b.test"), ""))),
+            // Control and invisible format/separator characters, in atoms, quotes and domains.
+            ("<a\u{2028}b@b.test>", Err(AddressError::BadLocalPart)),
+            ("<\"a\u{2029}b\"@b.test>", Err(AddressError::BadLocalPart)),
+            ("<a\u{202E}b@b.test>", Err(AddressError::BadLocalPart)),
+            ("<a\u{200B}@b.test>", Err(AddressError::BadLocalPart)),
+            ("<a\u{0085}@b.test>", Err(AddressError::BadLocalPart)),
+            ("<\u{FEFF}a@b.test>", Err(AddressError::BadLocalPart)),
+            ("<a\u{E0041}@b.test>", Err(AddressError::BadLocalPart)),
+            ("<a@b\u{2028}.test>", Err(AddressError::BadDomain)),
+            ("<a@b\u{0085}.test>", Err(AddressError::BadDomain)),
             ("<a@b.test", Err(AddressError::Unterminated)),
             ("<ab.test>", Err(AddressError::MissingAt)),
             ("<a..b@b.test>", Err(AddressError::BadLocalPart)),

@@ -6,6 +6,9 @@
 //! `<LF>.<LF>`, `<LF>.<CR><LF>` and `<CR><LF>.<LF>` cannot end DATA. After a refusal the receiver
 //! keeps draining until the real end so the session stays in step with the client.
 //!
+//! NUL characters refuse the message too (RFC 5322 §2.2 and RFC 6152 allow none, even in 8-bit
+//! data; we do not offer BINARYMIME), so a `\0` never reaches the queue or a next hop.
+//!
 //! The same receiver takes BDAT chunks (RFC 3030) in raw mode: no dot-stuffing and no end
 //! marker (the client says the sizes), but the same size, line-length and bare CR/LF rules, so a
 //! message is judged the same whichever way it came.
@@ -17,6 +20,8 @@ pub enum DataProblem {
     LineTooLong,
     BareLf,
     BareCr,
+    /// A NUL character in the data.
+    Nul,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +220,10 @@ impl DataReceiver {
         }
         if self.body.len() + bytes.len() > self.limit {
             self.flag(DataProblem::TooBig);
+            return;
+        }
+        if bytes.contains(&0) {
+            self.flag(DataProblem::Nul);
             return;
         }
         if !self.saw_8bit && bytes.iter().any(|b| *b >= 0x80) {

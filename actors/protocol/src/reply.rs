@@ -296,6 +296,20 @@ pub fn bare_lf() -> Reply {
     Reply::new(554, "5.6.0", "Message refused: bare <LF> in message data (lines must end in <CR><LF>)")
 }
 
+pub fn nul_character() -> Reply {
+    Reply::new(554, "5.6.0", "Message refused: NUL characters are not allowed in a message (RFC 5322)")
+}
+
+pub fn empty_message() -> Reply {
+    Reply::new(554, "5.6.0", "Message refused: it is empty (RFC 5322 requires at least Date: and From:)")
+}
+
+/// A BDAT chunk larger than a whole message may be: reading it only to stay in step would be
+/// unbounded work, so the connection ends.
+pub fn chunk_too_big() -> Reply {
+    Reply::new(552, "5.3.4", "Chunk exceeds the maximum message size; closing the connection")
+}
+
 pub fn bare_cr() -> Reply {
     Reply::new(554, "5.6.0", "Message refused: bare <CR> in message data (lines must end in <CR><LF>)")
 }

@@ -619,11 +619,32 @@ fn bdat() {
     check("EHLO c\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n", "220 250 503/5.5.1 250/2.0.0");
     check("EHLO c\r\nMAIL FROM:<a@b.test>\r\nBDAT 4\r\nNOOPNOOP\r\n", "220 250 250/2.1.0 554/5.5.1 250/2.0.0");
     // Too big: refused at the chunk that crosses the limit (2000 here), memory stays bounded.
-    let big = "xxxxxxxxx\r\n".repeat(250);
+    let big = "xxxxxxxxx\r\n".repeat(150);
     let r = check(
-        &format!("{mail}BDAT 2750\r\n{big}BDAT 3 LAST\r\nabcNOOP\r\n"),
-        "220 250 250/2.1.0 250/2.1.5 552/5.3.4 503/5.5.1 250/2.0.0",
+        &format!("{mail}BDAT 1650\r\n{big}BDAT 1650\r\n{big}BDAT 3 LAST\r\nabcNOOP\r\n"),
+        "220 250 250/2.1.0 250/2.1.5 250/2.0.0 552/5.3.4 503/5.5.1 250/2.0.0",
     );
+    assert!(r.messages.is_empty());
+    // A chunk larger than a whole message may be is not read (that could take forever): 552 and
+    // the connection ends, whether or not a transaction is open, and however many digits.
+    for size in ["2001", "99999999999", "18446744073709551615", "18446744073709551616"] {
+        let r = check(&format!("{mail}BDAT {size}\r\nNOOP\r\n"), "220 250 250/2.1.0 250/2.1.5 552/5.3.4");
+        assert!(r.closed && r.messages.is_empty(), "{size}");
+        let r = check(&format!("EHLO c\r\nBDAT {size} LAST\r\nNOOP\r\n"), "220 250 552/5.3.4");
+        assert!(r.closed, "{size}");
+    }
+    // Nothing at all is not a message (RFC 5322 §3.6 wants Date: and From:): BDAT and DATA.
+    let r = check(&format!("{mail}BDAT 0 LAST\r\nNOOP\r\n"), "220 250 250/2.1.0 250/2.1.5 554/5.6.0 250/2.0.0");
+    assert!(r.messages.is_empty() && r.refusals.contains(&RefusalCause::EmptyMessage));
+    let r = check(&format!("{mail}DATA\r\n.\r\nNOOP\r\n"), "220 250 250/2.1.0 250/2.1.5 354 554/5.6.0 250/2.0.0");
+    assert!(r.messages.is_empty());
+    // NUL characters refuse the message, in DATA and in BDAT; the session stays in step.
+    let r = check(
+        &format!("{mail}DATA\r\nSubject: a\0b\r\n\0.\r\n.\r\nNOOP\r\n"),
+        "220 250 250/2.1.0 250/2.1.5 354 554/5.6.0 250/2.0.0",
+    );
+    assert!(r.messages.is_empty() && r.refusals.contains(&RefusalCause::NulCharacter));
+    let r = check(&format!("{mail}BDAT 4 LAST\r\na\0\r\nNOOP\r\n"), "220 250 250/2.1.0 250/2.1.5 554/5.6.0 250/2.0.0");
     assert!(r.messages.is_empty());
     // No mixing BDAT and DATA in one message.
     check(&format!("{mail}BDAT 3\r\nabcDATA\r\n"), "220 250 250/2.1.0 250/2.1.5 250/2.0.0 503/5.5.1");

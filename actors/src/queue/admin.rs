@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::Queue;
 use crate::clock::unix_now;
 use crate::delivery::{replies, DeliveryReport, Outcome};
+use crate::logsafe::LogSafe;
 use crate::routes::domain_of;
 use crate::store::{Envelope, QueueId, RcptStatus};
 
@@ -404,7 +405,7 @@ impl Handler<Delete> for Queue {
         self.queued = self.queued.saturating_sub(1);
         self.metrics.queue_messages.set(self.queued as i64);
         let pending = env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).count();
-        warn!(id = env.id, sender = %env.sender, pending, "message deleted (admin)");
+        warn!(id = env.id, sender = %LogSafe(&env.sender), pending, "message deleted (admin)");
         Ok(())
     }
 }

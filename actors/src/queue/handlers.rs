@@ -6,6 +6,7 @@ use tracing::{error, info, warn};
 use super::messages::{Enqueue, Flush, Inspect, PickupDone, RetryBatch, RetryDue, SetRouter};
 use super::{NewMessage, Queue};
 use crate::clock::unix_now;
+use crate::logsafe::LogSafe;
 use crate::metrics::SourceLabel;
 use crate::protocol::received::Origin;
 use crate::protocol::EnqueueError;
@@ -26,7 +27,7 @@ impl Handler<Enqueue> for Queue {
         if let Some(mark) = &msg.pickup {
             match self.store.pickup_taken(mark) {
                 Ok(Some(id)) => {
-                    info!(id, file = %mark.name, "pickup file was already queued before a restart");
+                    info!(id, file = %LogSafe(&mark.name), "pickup file was already queued before a restart");
                     return Box::pin(actix::fut::ready(Ok(id)));
                 }
                 Ok(None) => {}
@@ -109,7 +110,7 @@ impl Handler<PickupDone> for Queue {
 
     fn handle(&mut self, msg: PickupDone, _ctx: &mut Self::Context) {
         if let Err(e) = self.store.forget_pickup(&msg.name) {
-            warn!(file = %msg.name, error = %e, "cannot forget pickup mark");
+            warn!(file = %LogSafe(&msg.name), error = %e, "cannot forget pickup mark");
         }
     }
 }

@@ -48,6 +48,7 @@ use tracing::{error, info, warn};
 use crate::clock::unix_now;
 use crate::commit::GroupCommit;
 use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, RecipientResult};
+use crate::logsafe::LogSafe;
 use crate::metrics::{ActorMeter, Metrics, RouteOnlyLabel};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::received::{received_header, Origin};
@@ -217,7 +218,7 @@ impl Queue {
             }
         }
         if !held.is_empty() {
-            warn!(id, recipients = %held.join(","), "no delivery actor for these recipients' route; they stay queued");
+            warn!(id, recipients = %LogSafe(&held.join(",")), "no delivery actor for these recipients' route; they stay queued");
         }
         if groups.is_empty() {
             return false;

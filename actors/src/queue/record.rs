@@ -13,6 +13,7 @@ use super::{NewMessage, Queue, MAX_RETURNED_MESSAGE};
 use crate::clock::unix_now;
 use crate::delivery::{replies, Class, DeliveryReport, Handoff};
 use crate::fsio::write_badmail;
+use crate::logsafe::LogSafe;
 use crate::metrics::{CauseLabel, KindLabel, RouteLabel};
 use crate::notify::{self, Report, ReportKind, ReportRecipient};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
@@ -83,8 +84,8 @@ impl Queue {
             self.metrics.deliveries.get_or_create(&RouteLabel { route, result: outcome.label() }).inc();
             info!(
                 id,
-                sender = %env.sender,
-                recipient = %r.address,
+                sender = %LogSafe(&env.sender),
+                recipient = %LogSafe(&r.address),
                 route,
                 result = outcome.label(),
                 attempts = r.attempts,
@@ -92,7 +93,7 @@ impl Queue {
                 remote = outcome.remote_mta.as_deref().unwrap_or(""),
                 code = outcome.code,
                 status = %outcome.status(),
-                reply = %outcome.text,
+                reply = %LogSafe(&outcome.text),
                 "delivery"
             );
             r.last = Some(outcome);
@@ -222,7 +223,7 @@ impl Queue {
             pickup: None,
         })?;
         self.metrics.notifications.get_or_create(&KindLabel { kind: kind_name }).inc();
-        info!(id = new.id, about = env.id, to = %env.sender, kind = kind_name, "notification queued");
+        info!(id = new.id, about = env.id, to = %LogSafe(&env.sender), kind = kind_name, "notification queued");
         Ok((new.id, message))
     }
 
@@ -262,7 +263,7 @@ impl Queue {
         }
         let base = write_badmail(&self.settings.badmail_dir, &env.id.to_string(), message, &reason)?;
         self.metrics.badmail.get_or_create(&CauseLabel { cause: "undeliverable_notification" }).inc();
-        warn!(id = env.id, file = %base, "undeliverable notification written to Badmail");
+        warn!(id = env.id, file = %LogSafe(&base), "undeliverable notification written to Badmail");
         Ok(())
     }
 }

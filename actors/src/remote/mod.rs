@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
+use crate::logsafe::LogSafe;
 use crate::metrics::Metrics;
 use crate::protocol::client::{dot_stuff, is_eight_bit};
 use crate::protocol::dsn::Ret;
@@ -352,7 +353,7 @@ impl Inner {
                     Err(f) => {
                         let remote = f.peer_reply.then(|| format!("{host}[{}]", addr.ip()));
                         if f.tls_failed && !require_tls && !clear_text {
-                            info!(id = job.id, host = %host, addr = %addr, "TLS handshake failed; retrying in clear text");
+                            info!(id = job.id, host = %LogSafe(host), addr = %addr, "TLS handshake failed; retrying in clear text");
                             clear_text = true;
                             last = (f.outcome, remote);
                             continue;
@@ -379,7 +380,7 @@ impl Inner {
                             break;
                         }
                         // A pooled connection the peer had closed: try again on a new one.
-                        debug!(id = job.id, host = %host, "pooled connection failed; opening a new one");
+                        debug!(id = job.id, host = %LogSafe(host), "pooled connection failed; opening a new one");
                     }
                 }
             }

@@ -105,6 +105,10 @@ pub enum RefusalCause {
     DataLineTooLong,
     BareLf,
     BareCr,
+    /// A NUL character in the message data.
+    NulCharacter,
+    /// DATA or BDAT with nothing in it.
+    EmptyMessage,
     HopCountExceeded,
     TooManyRecipients,
     TooManyErrors,
@@ -133,6 +137,8 @@ impl RefusalCause {
             RefusalCause::DataLineTooLong => "data_line_too_long",
             RefusalCause::BareLf => "bare_lf",
             RefusalCause::BareCr => "bare_cr",
+            RefusalCause::NulCharacter => "nul_character",
+            RefusalCause::EmptyMessage => "empty_message",
             RefusalCause::HopCountExceeded => "hop_count_exceeded",
             RefusalCause::TooManyRecipients => "too_many_recipients",
             RefusalCause::TooManyErrors => "too_many_errors",

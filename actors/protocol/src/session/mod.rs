@@ -408,6 +408,15 @@ impl Session {
                 return;
             }
         };
+        if let Command::Bdat { size, .. } = cmd {
+            if size > self.params.max_message_size as u64 {
+                // Its octets follow unasked; reading them to stay in step could take forever
+                // (`BDAT 18446744073709551615`). Whatever the state, the connection ends.
+                let refusal = self.refusal(RefusalCause::MessageTooBig, None, 0);
+                self.out.push_back(Action::Refused(refusal));
+                return self.close_with(reply::chunk_too_big());
+            }
+        }
         if let (Some(l), Command::Bdat { size, .. }) = (self.log_cmd.as_mut(), &cmd) {
             l.in_bytes += size;
         }

@@ -163,6 +163,7 @@ impl Session {
                     DataProblem::LineTooLong => (RefusalCause::DataLineTooLong, reply::data_line_too_long()),
                     DataProblem::BareLf => (RefusalCause::BareLf, reply::bare_lf()),
                     DataProblem::BareCr => (RefusalCause::BareCr, reply::bare_cr()),
+                    DataProblem::Nul => (RefusalCause::NulCharacter, reply::nul_character()),
                 };
                 let refusal = self.refusal(cause, None, 0);
                 self.txn = Transaction::default();
@@ -176,6 +177,11 @@ impl Session {
                 return;
             }
         };
+        if body.is_empty() {
+            let refusal = self.refusal(RefusalCause::EmptyMessage, None, 0);
+            self.txn = Transaction::default();
+            return self.reject(Some(refusal), reply::empty_message());
+        }
         if received > self.params.max_hop_count {
             let refusal = self.refusal(RefusalCause::HopCountExceeded, None, body.len());
             self.txn = Transaction::default();
