@@ -175,3 +175,40 @@ fn oversized_pickup_file_goes_to_badmail_and_sort_temp_is_emptied_at_start() {
     assert!(drop_files(dir.path()).is_empty());
     running.stop();
 }
+
+/// A symlink and a FIFO in Pickup go to Badmail with their reason: the link's target is never
+/// mailed, the FIFO never wedges Pickup, and the daemon still stops at once.
+#[test]
+fn pickup_takes_regular_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    fs::write(&secret, "x-sender: a@remote.test\r\nx-receiver: one@example.test\r\n\r\nTOP SECRET\r\n").unwrap();
+    let running = start(config(dir.path(), ""));
+    let pickup = dir.path().join("Pickup");
+    std::os::unix::fs::symlink(&secret, pickup.join("link.eml")).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(pickup.join("pipe.eml")).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    put_pickup(dir.path(), "real.eml", b"x-sender: a@remote.test\r\nx-receiver: one@example.test\r\n\r\nhello\r\n");
+
+    let reasons = wait_for("two .bdr files in Badmail", Duration::from_secs(10), || {
+        let bdr: Vec<String> = fs::read_dir(dir.path().join("Badmail"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".bdr"))
+            .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        (bdr.len() == 2).then_some(bdr.join("\n"))
+    });
+    assert!(reasons.contains("a symbolic link") && reasons.contains("a FIFO"), "{reasons}");
+    let files = wait_for("the real message in Drop", Duration::from_secs(10), || {
+        let f = drop_files(dir.path());
+        (!f.is_empty()).then_some(f)
+    });
+    assert_eq!(files.len(), 1);
+    assert!(!String::from_utf8_lossy(&fs::read(&files[0]).unwrap()).contains("TOP SECRET"));
+    assert!(fs::read_dir(&pickup).unwrap().next().is_none(), "Pickup is empty");
+    let start = std::time::Instant::now();
+    running.stop();
+    assert!(start.elapsed() < Duration::from_secs(5), "stop took {:?}", start.elapsed());
+}

@@ -8,6 +8,12 @@
 //! - The file is deleted only after its message is durably queued. A restart in between does not
 //!   queue it twice: the queue remembers the file's name and fingerprint with the message.
 //! - A malformed file goes to `Badmail/<name>.bad` with `<name>.bdr` stating the reason.
+//! - Only regular files are read. A file is opened without following symbolic links and without
+//!   blocking (`O_NOFOLLOW | O_NONBLOCK`), then checked on the opened descriptor (`fstat`: a
+//!   regular file, and the same inode, size and mtime the scans saw). A symlink, FIFO, socket or
+//!   device goes to Badmail with the reason; a file swapped or changed since the scan is left
+//!   for the next scans. So a writer who swaps a file for a link between scan and open cannot
+//!   make mailroot mail the link's target, and a FIFO cannot wedge Pickup or the stop.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -134,13 +140,66 @@ fn list_candidates(dir: &Path) -> io::Result<Vec<(String, String)>> {
         if name.starts_with('.') || name.ends_with(".tmp") {
             continue;
         }
+        // lstat: what the name is, not what a link points to. Folders are the operator's; any
+        // other kind is a candidate, and `read_pickup_file` sends what is not a file to Badmail.
         let Ok(meta) = entry.metadata() else { continue };
-        if !meta.is_file() {
+        if meta.is_dir() {
             continue;
         }
-        out.push((name, format!("{}:{}:{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec())));
+        out.push((name, fingerprint(&meta)));
     }
     Ok(out)
+}
+
+/// Inode, size and modification time: what must not change between the scans and the read.
+fn fingerprint(meta: &fs::Metadata) -> String {
+    format!("{}:{}:{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec())
+}
+
+/// What reading a Pickup entry found.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    /// The file's bytes, at most the limit.
+    File(Vec<u8>),
+    /// Larger than the limit.
+    TooBig,
+    /// Not a regular file: the reason for Badmail.
+    NotRegular(&'static str),
+    /// A different or changed file since the scan: left for the next scans.
+    Changed,
+}
+
+/// Opens `path` without following links or blocking, checks the descriptor is the regular file
+/// the scans fingerprinted, and reads at most `limit + 1` bytes (even if the file grows).
+fn read_pickup_file(path: &Path, scanned: &str, limit: u64) -> io::Result<Entry> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(Entry::NotRegular("a symbolic link")),
+        // A socket cannot be opened at all.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(Entry::NotRegular("not a regular file")),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        return Ok(Entry::NotRegular(match () {
+            _ if kind.is_fifo() => "a FIFO (named pipe)",
+            _ if kind.is_socket() => "a socket",
+            _ if kind.is_block_device() || kind.is_char_device() => "a device",
+            _ => "not a regular file",
+        }));
+    }
+    if fingerprint(&meta) != scanned {
+        return Ok(Entry::Changed);
+    }
+    let mut raw = Vec::new();
+    file.take(limit + 1).read_to_end(&mut raw)?;
+    Ok(if raw.len() as u64 <= limit { Entry::File(raw) } else { Entry::TooBig })
 }
 
 async fn process(
@@ -153,17 +212,17 @@ async fn process(
 ) {
     let path = s.pickup_dir.join(&name);
     let limit = s.max_message_size as u64 + 64 * 1024;
-    let p = path.clone();
-    let raw = match blocking(move || {
-        // Read at most one byte past the limit, even if the file grows while we read it.
-        let mut raw = Vec::new();
-        fs::File::open(&p)?.take(limit + 1).read_to_end(&mut raw)?;
-        Ok((raw.len() as u64 <= limit).then_some(raw))
-    })
-    .await
-    {
-        Ok(Some(raw)) => raw,
-        Ok(None) => return badmail(&s, &name, "the file is larger than the maximum message size", &metrics).await,
+    let (p, scanned) = (path.clone(), fingerprint.clone());
+    let raw = match blocking(move || read_pickup_file(&p, &scanned, limit)).await {
+        Ok(Entry::File(raw)) => raw,
+        Ok(Entry::TooBig) => {
+            return badmail(&s, &name, "the file is larger than the maximum message size", &metrics).await
+        }
+        Ok(Entry::NotRegular(what)) => {
+            let reason = format!("{what}: only regular files are taken from Pickup");
+            return badmail(&s, &name, &reason, &metrics).await;
+        }
+        Ok(Entry::Changed) => return info!(file = %LogSafe(&name), "pickup file changed since the scan; taken later"),
         Err(e) => return warn!(file = %LogSafe(&name), error = %e, "cannot read pickup file; will retry"),
     };
     let parsed = match parse_pickup(&raw, s.max_hop_count) {
@@ -241,5 +300,46 @@ impl Actor for Pickup {
         self.meter.started();
         ctx.run_interval(self.settings.poll, |act, ctx| act.scan(ctx));
         self.scan(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn scanned(path: &Path) -> String {
+        fingerprint(&fs::symlink_metadata(path).unwrap())
+    }
+
+    /// What the scan saw, then what is there when the file is opened.
+    #[test]
+    fn only_the_scanned_regular_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "root only\r\n").unwrap();
+        let file = dir.path().join("mail.eml");
+        fs::write(&file, "x-sender: a@b.test\r\n").unwrap();
+        let fp = scanned(&file);
+        assert_eq!(read_pickup_file(&file, &fp, 100).unwrap(), Entry::File(b"x-sender: a@b.test\r\n".to_vec()));
+        assert_eq!(read_pickup_file(&file, &fp, 5).unwrap(), Entry::TooBig);
+
+        // Swapped for a symlink to a file the writer could not read: not followed.
+        fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&secret, &file).unwrap();
+        assert_eq!(read_pickup_file(&file, &fp, 100).unwrap(), Entry::NotRegular("a symbolic link"));
+
+        // Swapped for another regular file (another inode): left for the next scans.
+        fs::remove_file(&file).unwrap();
+        fs::write(&file, "other\r\n").unwrap();
+        assert_eq!(read_pickup_file(&file, &fp, 100).unwrap(), Entry::Changed);
+
+        // A FIFO with no writer: refused at once, never a blocking open or read.
+        let fifo = dir.path().join("pipe.eml");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo");
+        let start = Instant::now();
+        assert_eq!(read_pickup_file(&fifo, &scanned(&fifo), 100).unwrap(), Entry::NotRegular("a FIFO (named pipe)"));
+        assert!(start.elapsed() < Duration::from_secs(2));
     }
 }
