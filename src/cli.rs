@@ -32,7 +32,7 @@ fn client(api: &ApiArgs) -> Result<AdminClient, ExitCode> {
     }
     Ok(AdminClient {
         address,
-        token: api.token.clone().unwrap_or(config.admin.token),
+        token: mailroot::admin::guard::client_token(&config, api.token.as_deref()),
         timeout: Duration::from_secs(60),
     })
 }

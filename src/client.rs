@@ -43,11 +43,18 @@ impl AdminClient {
         })?;
         stream.set_read_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
         stream.set_write_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
+        // State-changing requests are JSON (the API refuses others: see admin/guard.rs).
+        let body = if method == "GET" { "" } else { "{}" };
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if !body.is_empty() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
         if !self.token.is_empty() {
             req.push_str(&format!("Authorization: Bearer {}\r\n", self.token));
         }
         req.push_str("\r\n");
+        req.push_str(body);
         stream.write_all(req.as_bytes()).map_err(|e| format!("writing to the admin API: {e}"))?;
         let mut raw = Vec::new();
         stream.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(|e| format!("reading from the admin API: {e}"))?;

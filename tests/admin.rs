@@ -24,6 +24,12 @@ fn api(running: &Running, token: &str) -> AdminClient {
     }
 }
 
+/// The client an operator on this machine gets with no setup: the token the daemon generated.
+fn operator(running: &Running) -> AdminClient {
+    let token = std::fs::read_to_string(running.folders.root.join("admin.token")).unwrap_or_default();
+    api(running, &token)
+}
+
 fn json(r: &Response) -> Value {
     serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.body))
 }
@@ -306,11 +312,19 @@ fn metrics_public_and_no_token() {
     assert_eq!(anon.request("GET", "/api/status").unwrap().status, 401);
     running.stop();
 
-    // No token configured: everything is open (the API listens on loopback by default).
+    // No token configured: one is generated into the Mailroot (0600) and required; the CLI
+    // reads it by itself.
     let running = start(config(dir.path(), "[admin]\nlisten = \"127.0.0.1:0\"\n"));
     let anon = api(&running, "");
-    assert_eq!(anon.request("GET", "/api/status").unwrap().status, 200);
-    assert_eq!(anon.request("GET", "/metrics").unwrap().status, 200);
+    assert_eq!(anon.request("GET", "/api/status").unwrap().status, 401);
+    assert_eq!(anon.request("GET", "/metrics").unwrap().status, 401);
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    assert_eq!(api(&running, &token).request("GET", "/api/status").unwrap().status, 200);
+    let cfg = dir.path().join("cli.toml");
+    let admin = running.admin_addr.unwrap();
+    std::fs::write(&cfg, format!("[mailroot]\npath = {:?}\n[admin]\nlisten = \"{admin}\"\n", dir.path())).unwrap();
+    let out = bin().args(["ctl", "status", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     running.stop();
 
     // An empty listen address: no admin API at all.
@@ -341,7 +355,7 @@ fn value(samples: &[(String, f64)], name: &str) -> f64 {
 fn metrics_count_a_known_workload() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), "[relay]\nallow_networks = [\"127.0.0.1/32\"]\n"));
-    let c = api(&running, "");
+    let c = operator(&running);
     let smtp = running.smtp_addrs[0];
     let body = b"Subject: m\r\n\r\n0123456789\r\n";
     let mut ids = Vec::new();
@@ -415,7 +429,7 @@ fn metrics_count_a_known_workload() {
 fn pause_refuses_new_clients_while_an_open_session_completes() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));
-    let c = api(&running, "");
+    let c = operator(&running);
     let smtp = running.smtp_addrs[0];
     let mut open = Client::ready(smtp, "client.test");
     assert_eq!(open.cmd("MAIL FROM:<s@example.test>").code, 250);
@@ -451,7 +465,7 @@ fn stop_with_sessions_open_loses_nothing() {
     let smtp = running.smtp_addrs[0];
     let relayed = send(smtp, "s@example.test", &["far@far.test"]);
     // While its delivery is in flight, the message cannot be changed: 409 with the reason.
-    let c = api(&running, "");
+    let c = operator(&running);
     wait_for("the delivery in flight", Duration::from_secs(10), || {
         (call(&c, "GET", &format!("/api/queue/{relayed}")).1["state"] == "active").then_some(())
     });
@@ -535,5 +549,56 @@ fn reload_resizes_the_connection_limit() {
     let (a, b) = (Client::ready(smtp, "a.test"), Client::ready(smtp, "b.test"));
     assert_eq!(greet(), 421);
     drop((a, b));
+    running.stop();
+}
+
+/// One raw HTTP request with the headers a browser page (or an attacker's script) would send.
+fn raw(addr: std::net::SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// Secure by default: no configured token still means a token; a cross-site form POST, a
+/// DNS-rebinding Host and a foreign Origin are refused, even with the right token.
+#[test]
+fn the_admin_api_does_not_obey_web_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), "[admin]\nlisten = \"127.0.0.1:0\"\nhosts = [\"mail.example.test\"]\n"));
+    let addr = running.admin_addr.unwrap();
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let host = format!("Host: {addr}\r\n");
+    // The attack as seen: a form POST from a foreign page, with no token.
+    let form = format!("{host}Origin: http://evil.example\r\nContent-Type: application/x-www-form-urlencoded\r\n");
+    assert_eq!(raw(addr, "POST", "/api/server/stop", &form, "a=b"), 403);
+    // Even with the token: forms are not JSON, foreign origins are refused.
+    assert_eq!(raw(addr, "POST", "/api/server/pause", &format!("{host}{auth}Content-Type: text/plain\r\n"), "x"), 415);
+    let foreign = format!("{host}{auth}Origin: http://evil.example\r\nContent-Type: application/json\r\n");
+    assert_eq!(raw(addr, "POST", "/api/server/pause", &foreign, "{}"), 403);
+    // DNS rebinding: a page on evil.example that resolves to 127.0.0.1.
+    let rebound = format!("Host: evil.example:{}\r\n{auth}", addr.port());
+    assert_eq!(raw(addr, "GET", "/api/status", &rebound, ""), 403);
+    // No token at all: 401.
+    assert_eq!(raw(addr, "GET", "/api/status", &host, ""), 401);
+    // What is allowed: the address, localhost, a configured name; JSON from the same origin.
+    assert_eq!(raw(addr, "GET", "/api/status", &format!("{host}{auth}"), ""), 200);
+    assert_eq!(raw(addr, "GET", "/api/status", &format!("Host: localhost:{}\r\n{auth}", addr.port()), ""), 200);
+    assert_eq!(raw(addr, "GET", "/api/status", &format!("Host: mail.example.test\r\n{auth}"), ""), 200);
+    let same = format!("{host}{auth}Origin: http://{addr}\r\nContent-Type: application/json\r\n");
+    assert_eq!(raw(addr, "POST", "/api/server/pause", &same, "{}"), 200);
+    assert_eq!(
+        raw(addr, "POST", "/api/server/resume", &format!("{host}{auth}Content-Type: application/json\r\n"), "{}"),
+        200
+    );
+    // Still running after all of it.
+    assert_eq!(api(&running, &token).request("GET", "/api/status").unwrap().status, 200);
     running.stop();
 }

@@ -136,8 +136,15 @@ fn sighup_reloads_and_a_broken_file_keeps_the_old_configuration() {
     let d = Daemon::spawn(&cfg, &[], &[]);
     let admin = d.wait_log("admin API started");
     let admin = admin.split("admin=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    // The token the daemon generated in its Mailroot (the file is broken on purpose below, so
+    // the CLI is told the address and token rather than reading them from it).
+    let token = std::fs::read_to_string(dir.path().join("spool/admin.token")).unwrap();
     let ctl = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_mailroot")).args(args).args(["--admin", &admin]).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mailroot"))
+            .args(args)
+            .args(["--admin", &admin, "--token", &token])
+            .output()
+            .unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

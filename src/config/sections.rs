@@ -18,15 +18,18 @@ use super::ConfigError;
 pub struct Admin {
     /// `address:port` of the admin HTTP API; empty = not started.
     pub listen: String,
-    /// When set, every request needs `Authorization: Bearer <token>`.
+    /// Every request needs `Authorization: Bearer <token>`. Empty: a token is generated at the
+    /// first start into `<Mailroot>/admin.token` (0600), which the CLI reads by itself.
     pub token: String,
     /// Serve /metrics without the token.
     pub metrics_public: bool,
+    /// Host names the API answers to besides addresses and `localhost` (DNS-rebinding defence).
+    pub hosts: Vec<String>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: "127.0.0.1:8025".into(), token: String::new(), metrics_public: false }
+        Admin { listen: "127.0.0.1:8025".into(), token: String::new(), metrics_public: false, hosts: Vec::new() }
     }
 }
 

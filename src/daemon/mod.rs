@@ -296,6 +296,12 @@ fn start_with(
         }
         None => None,
     };
+    // Before anything starts, so a Mailroot where it cannot be written is a clear start error.
+    let admin_token = match &admin_listener {
+        Some(_) => crate::admin::guard::load_or_create_token(&config)
+            .map_err(|e| StartError::Other(format!("admin token: {e}")))?,
+        None => String::new(),
+    };
     let admin_addr = match &admin_listener {
         Some(l) => Some(l.local_addr().map_err(|e| StartError::Other(e.to_string()))?),
         None => None,
@@ -326,6 +332,7 @@ fn start_with(
         registry: registry.clone(),
         listen,
         admin: admin_listener,
+        admin_token,
         security,
         protolog,
         custom,

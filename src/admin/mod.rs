@@ -2,8 +2,10 @@
 //! pause/resume/stop. JSON in and out; every error is `{"error": "..."}` with a fitting status.
 //!
 //! Invariants:
-//! - With `admin.token` set, every request needs `Authorization: Bearer <token>` (compared in
-//!   constant time); `/metrics` is exempt only with `admin.metrics_public`.
+//! - Every request passes `guard.rs` first: a Host that DNS rebinding cannot forge, JSON and no
+//!   foreign Origin for state-changing requests, and `Authorization: Bearer <token>` (compared in
+//!   constant time; a token is generated when none is configured). `/metrics` is exempt from the
+//!   token only with `admin.metrics_public`.
 //! - Handlers only send messages to the actors; the queue's own invariants (durability before a
 //!   reply, no change to a message being delivered) hold for every change made here.
 
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::Addr;
-use actix_web::http::{header, StatusCode};
+use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use mailroot_actors::metrics::{Metrics, StateLabel};
 use mailroot_actors::queue::{
@@ -25,9 +27,11 @@ use mailroot_actors::queue::{
 };
 use mailroot_actors::supervisor::QueueSupervisor;
 use prometheus_client::registry::Registry;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::api::{ApiError, Done, Reloaded, Retried, ServerState, Status};
+
+pub mod guard;
 use crate::control::ControlHandle;
 
 /// What the handlers work with.
@@ -35,7 +39,10 @@ pub struct AdminState {
     pub queue: Addr<QueueSupervisor>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// Always set: configured, or generated into the Mailroot (see `guard.rs`).
     pub token: String,
+    /// Names the Host header may carry besides addresses and `localhost` (`admin.hosts`).
+    pub hosts: Vec<String>,
     pub metrics_public: bool,
     pub started: Instant,
     pub started_unix: u64,
@@ -66,36 +73,9 @@ fn unavailable(e: impl std::fmt::Display) -> HttpResponse {
     error(StatusCode::SERVICE_UNAVAILABLE, format!("the queue is not answering: {e}"))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `Err` is the 401 to send.
-fn authorize(req: &HttpRequest, s: &AdminState, is_metrics: bool) -> Result<(), HttpResponse> {
-    if s.token.is_empty() || (is_metrics && s.metrics_public) {
-        return Ok(());
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => Ok(()),
-        _ => {
-            let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            warn!(client = %who, path = req.path(), "admin API request without a valid token");
-            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-            Err(r)
-        }
-    }
-}
-
 macro_rules! authorized {
     ($req:expr, $state:expr) => {
-        if let Err(r) = authorize(&$req, &$state, false) {
+        if let Err(r) = guard::check(&$req, &$state, false) {
             return r;
         }
     };
@@ -115,7 +95,7 @@ fn query(req: &HttpRequest) -> Result<HashMap<String, String>, HttpResponse> {
 }
 
 async fn metrics(req: HttpRequest, s: State) -> HttpResponse {
-    if let Err(r) = authorize(&req, &s, true) {
+    if let Err(r) = guard::check(&req, &s, true) {
         return r;
     }
     // Queue length by state is computed when asked rather than kept up to date per message. A
