@@ -218,6 +218,36 @@ fn auth_in_clear_text_from_loopback_when_allowed() {
     running.stop();
 }
 
+/// Failed AUTH attempts are counted per client address across connections (like Postfix's
+/// anvil): after `max_failures`, even the right password gets 454 4.7.0, unchecked, from that
+/// address, while other addresses are unaffected; it ends with the window.
+#[test]
+fn failed_auth_locks_an_address_out_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{}max_failures = 3\nfailure_window = \"2s\"\n", users(dir.path(), true));
+    let running = start(config(dir.path(), &extra));
+    let addr = running.smtp_addrs[0];
+    let auth = |from: &str, b64: &str| {
+        let mut c = Client::connect_from(from, addr);
+        assert_eq!(c.greeting().code, 220);
+        assert_eq!(c.cmd("EHLO client.test").code, 250);
+        c.cmd(&format!("AUTH PLAIN {b64}"))
+    };
+    const GOOD: &str = "AGFsaWNlAHNlY3JldA==";
+    const BAD: &str = "AGFsaWNlAHdyb25n";
+    // One password per connection, as a guesser spreading attempts would.
+    for _ in 0..3 {
+        assert_eq!(auth("127.0.0.7", BAD).code, 535);
+    }
+    let r = auth("127.0.0.7", GOOD);
+    assert_eq!((r.code, r.text.starts_with("4.7.0")), (454, true), "{r:?}");
+    assert_eq!(auth("127.0.0.8", GOOD).code, 235, "another address is not locked out");
+    assert_eq!(metric(&running, "mailroot_auth_total{result=\"locked_out\"}"), 1.0);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(auth("127.0.0.7", GOOD).code, 235, "the window has passed");
+    running.stop();
+}
+
 #[test]
 fn relay_policy_never_an_open_relay() {
     let dir = tempfile::tempdir().unwrap();

@@ -120,6 +120,8 @@ pub struct Reconfigure {
     pub settings: ListenerSettings,
     pub users: Option<Arc<crate::auth::Users>>,
     pub error_delay: Duration,
+    /// `[auth] max_failures` and `failure_window` (counts so far are kept).
+    pub auth_limits: (u32, Duration),
 }
 
 impl Listener {
@@ -339,6 +341,7 @@ impl Handler<Reconfigure> for Listener {
         self.settings = msg.settings;
         self.shared.users = msg.users;
         self.shared.error_delay = msg.error_delay;
+        self.shared.auth_failures.set_limits(msg.auth_limits.0, msg.auth_limits.1);
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use crate::auth::Users;
+use crate::auth::{AuthFailures, Users};
 use crate::fsio::blocking;
 use crate::logsafe::LogSafe;
 use crate::metrics::{ActorMeter, Metrics, ResultLabel};
@@ -88,6 +88,8 @@ pub struct SessionShared {
     /// Password checks running at once, at most. Each argon2 check takes ~19 MiB and a core for
     /// tens of milliseconds: unbounded, a flood of AUTH attempts would exhaust memory.
     pub auth_checks: Arc<tokio::sync::Semaphore>,
+    /// Failed AUTH attempts per client address, across connections (the lockout).
+    pub auth_failures: Arc<AuthFailures>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
     pub stop: StopSignal,
@@ -157,6 +159,13 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
                 break;
             }
             Action::Authenticate { user, password } => {
+                if shared.auth_failures.locked(peer.ip(), Instant::now()) {
+                    // Not even checked: a guesser learns nothing and costs no argon2 run.
+                    metrics.auth.get_or_create(&ResultLabel { result: "locked_out" }).inc();
+                    info!(client = %peer, user = %LogSafe(&user), result = "locked_out", "auth");
+                    proto.auth_locked_out();
+                    continue;
+                }
                 let ok = match (shared.users.clone(), shared.auth_checks.clone().acquire_owned().await) {
                     (Some(users), Ok(permit)) => {
                         let u = user.clone();
@@ -166,6 +175,11 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
                     }
                     _ => false,
                 };
+                if ok {
+                    shared.auth_failures.succeeded(peer.ip());
+                } else {
+                    shared.auth_failures.failed(peer.ip(), Instant::now());
+                }
                 let result = if ok { "success" } else { "failure" };
                 metrics.auth.get_or_create(&ResultLabel { result }).inc();
                 info!(client = %peer, user = %LogSafe(&user), result, "auth");

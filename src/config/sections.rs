@@ -80,13 +80,29 @@ impl Tls {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// TOML file with a `[users]` table of `name = "argon2 hash"`; empty = AUTH off.
     pub users_file: PathBuf,
     /// Offer AUTH in clear text to loopback clients (local submission without TLS).
     pub allow_plaintext_loopback: bool,
+    /// Failed AUTH attempts allowed per client address (IPv6: per /64) within `failure_window`,
+    /// across connections; after that, AUTH gets 454 4.7.0 unchecked. 0 = no limit.
+    pub max_failures: u32,
+    /// The window of `max_failures`, and so how long a lockout lasts at most.
+    pub failure_window: HumanDuration,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            users_file: PathBuf::new(),
+            allow_plaintext_loopback: false,
+            max_failures: 5,
+            failure_window: HumanDuration(Duration::from_secs(15 * 60)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

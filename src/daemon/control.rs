@@ -207,6 +207,7 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
             settings: new.listener_settings(&security, sys.reverse_dns.clone()),
             users: security.users.clone(),
             error_delay: new.limits.error_delay.0,
+            auth_limits: (new.auth.max_failures, new.auth.failure_window.0),
         })
         .await
         .map_err(|e| format!("listener unavailable: {e}"))?;

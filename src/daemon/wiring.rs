@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_rt::{Arbiter, System};
+use mailroot_actors::auth::AuthFailures;
 use mailroot_actors::clock::unix_now;
 use mailroot_actors::listener::Listener;
 use mailroot_actors::metrics::Metrics;
@@ -139,6 +140,7 @@ pub(super) fn run_system(
                 metrics: metrics.clone(),
                 users: security.users.clone(),
                 auth_checks: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
+                auth_failures: Arc::new(AuthFailures::new(config.auth.max_failures, config.auth.failure_window.0)),
                 error_delay: config.limits.error_delay.0,
                 stop: stop_rx,
                 meter: metrics.actor("session"),

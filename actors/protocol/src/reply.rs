@@ -168,6 +168,11 @@ pub fn auth_failed() -> Reply {
     Reply::new(535, "5.7.8", "Authentication credentials invalid")
 }
 
+/// Too many failed AUTH attempts from the client's address (checked across connections).
+pub fn auth_locked_out() -> Reply {
+    Reply::new(454, "4.7.0", "Too many failed authentication attempts from your address; try again later")
+}
+
 pub fn auth_cancelled() -> Reply {
     Reply::new(501, "5.0.0", "Authentication cancelled")
 }

@@ -121,6 +121,8 @@ pub enum RefusalCause {
     AccessDenied,
     TlsRequired,
     AuthFailed,
+    /// AUTH refused unchecked: too many failures from the client's address.
+    AuthLockedOut,
     /// The service is paused: new connections get 421 4.3.2.
     Paused,
     /// The service is stopping: open sessions end with 421 4.3.2.
@@ -151,6 +153,7 @@ impl RefusalCause {
             RefusalCause::AccessDenied => "access_denied",
             RefusalCause::TlsRequired => "tls_required",
             RefusalCause::AuthFailed => "auth_failed",
+            RefusalCause::AuthLockedOut => "auth_locked_out",
             RefusalCause::Paused => "paused",
             RefusalCause::ShuttingDown => "shutting_down",
         }

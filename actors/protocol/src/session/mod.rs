@@ -166,6 +166,16 @@ impl Session {
         }
     }
 
+    /// The answer to [`Action::Authenticate`] when the caller did not check the credentials
+    /// because the client's address is locked out: `454 4.7.0`, a failed attempt.
+    pub fn auth_locked_out(&mut self) {
+        let Mode::AwaitingAuth { user } = std::mem::replace(&mut self.mode, Mode::Command) else {
+            return;
+        };
+        let refusal = self.refusal(RefusalCause::AuthLockedOut, Some(user), 0);
+        self.reject(Some(refusal), reply::auth_locked_out());
+    }
+
     fn auth_offered(&self) -> bool {
         self.params.auth_enabled
             && (self.tls || (self.params.auth_plaintext_loopback && self.client_ip.to_canonical().is_loopback()))
