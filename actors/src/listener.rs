@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::metrics::{ActorMeter, Metrics};
 use crate::protocol::{self, reply, RefusalCause, SessionParams};
-use crate::session::{serve, Session, SessionShared};
+use crate::session::{serve, Session, SessionShared, Timing};
 
 #[derive(Clone)]
 pub struct ListenerSettings {
@@ -32,6 +32,12 @@ pub struct ListenerSettings {
     pub relay_networks: Arc<Vec<IpNet>>,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// The idle timeout under stress (open connections at 3/4 of `max_connections` or more).
+    pub stress_idle_timeout: Duration,
+    /// Bytes per second a client mid-command or mid-message must keep up (0 = no minimum), on
+    /// average over each `min_transfer_window`.
+    pub min_transfer_rate: u64,
+    pub min_transfer_window: Duration,
     pub access: AccessLists,
     /// Connections open at once from one address (IPv6: one /64); 0 = no limit.
     pub max_connections_per_ip: usize,
@@ -281,7 +287,15 @@ impl Handler<Accepted> for Listener {
         let relay = relay_allowed(&self.settings.relay_networks, peer.ip());
         let mut proto = protocol::Session::new(self.settings.params.clone(), peer.ip(), relay);
         proto.set_logging(self.shared.protolog.is_some());
-        let (shared, idle, tls) = (self.shared.clone(), self.settings.idle_timeout, self.settings.tls.clone());
+        let timing = Timing {
+            idle: self.settings.idle_timeout,
+            stress_idle: self.settings.stress_idle_timeout,
+            stress_at: i64::try_from(self.settings.max_connections.saturating_mul(3) / 4).unwrap_or(i64::MAX),
+            connections: self.shared.metrics.connections_current.clone(),
+            min_rate: self.settings.min_transfer_rate,
+            rate_window: self.settings.min_transfer_window,
+        };
+        let (shared, tls) = (self.shared.clone(), self.settings.tls.clone());
         let dns = self.settings.reverse_dns.clone();
         let run = move |stream: TcpStream| async move {
             if let Some(dns) = dns {
@@ -292,7 +306,7 @@ impl Handler<Accepted> for Listener {
             metrics.connections_current.inc();
             let stop = shared.stop.clone();
             let session = Session::new(proto, shared, peer).start();
-            serve(stream, session, idle, tls, stop).await;
+            serve(stream, session, timing, tls, stop).await;
             metrics.connections_current.dec();
             drop(permit);
             drop(slot);

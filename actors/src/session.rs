@@ -47,6 +47,11 @@ pub struct Input(pub Vec<u8>);
 #[rtype(result = "Output")]
 pub struct IdleTimeout;
 
+/// The client sent below the minimum transfer rate while mid-command or mid-message.
+#[derive(Message)]
+#[rtype(result = "Output")]
+pub struct TooSlow;
+
 /// The server is stopping: answer `421 4.3.2` and close.
 #[derive(Message)]
 #[rtype(result = "Output")]
@@ -68,6 +73,8 @@ pub struct Output {
     pub delay: Duration,
     /// A mail transaction is under way: a stopping server waits for it (up to its grace time).
     pub in_transaction: bool,
+    /// The client is mid-command or mid-message: held to the minimum transfer rate.
+    pub receiving: bool,
 }
 
 /// Set when the server starts stopping: the time by which every session must be closed. Sessions
@@ -224,6 +231,8 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
         out.delay = shared.error_delay.saturating_mul(proto.errors() as u32).min(MAX_ERROR_DELAY);
     }
     out.in_transaction = proto.in_transaction();
+    out.receiving = proto.receiving();
+    proto.release_idle_memory();
     (proto, out)
 }
 
@@ -290,18 +299,55 @@ impl Handler<IdleTimeout> for Session {
     }
 }
 
+impl Handler<TooSlow> for Session {
+    type Result = ResponseActFuture<Self, Output>;
+
+    fn handle(&mut self, _msg: TooSlow, _ctx: &mut Self::Context) -> Self::Result {
+        self.run(protocol::Session::too_slow)
+    }
+}
+
+/// How long a client may take, besides the idle timeout.
+#[derive(Clone)]
+pub struct Timing {
+    /// A client that sends nothing for this long is disconnected (421 4.4.2).
+    pub idle: Duration,
+    /// Under stress — open connections at or above `stress_at` — reads wait at most this long,
+    /// as Postfix does, so that idle clients make room for new ones.
+    pub stress_idle: Duration,
+    pub stress_at: i64,
+    /// Open connections now (the Listener's gauge).
+    pub connections: prometheus_client::metrics::gauge::Gauge,
+    /// While a command line or message is partly received, at least `min_rate` bytes per second
+    /// on average over each `rate_window`; 0 = no minimum.
+    pub min_rate: u64,
+    pub rate_window: Duration,
+}
+
+impl Timing {
+    /// The idle timeout now: shorter under stress.
+    fn idle_now(&self) -> Duration {
+        if self.connections.get() >= self.stress_at {
+            self.idle.min(self.stress_idle)
+        } else {
+            self.idle
+        }
+    }
+}
+
 /// Size of one read; also bounds how much input one `Input` carries.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Owns the socket of one connection until it closes. Every write is bounded by `idle` too, so a
-/// client that stops reading cannot pin the connection.
+/// Owns the socket of one connection until it closes. Every write is bounded by the idle
+/// timeout too, so a client that stops reading cannot pin the connection.
 pub async fn serve(
     stream: TcpStream,
     session: Addr<Session>,
-    idle: Duration,
+    timing: Timing,
     tls: Option<TlsAcceptor>,
     mut stop: StopSignal,
 ) {
+    let idle = timing.idle;
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let Ok(greeting) = session.send(Greet).await else {
@@ -311,7 +357,7 @@ pub async fn serve(
     if !write(&mut stream, &greeting.bytes, idle).await {
         return;
     }
-    let Some(tcp) = pump(stream, &session, idle, &mut stop).await else {
+    let Some(tcp) = pump(stream, &session, &timing, &mut stop).await else {
         return;
     };
     // STARTTLS: the protocol only asks for it when an acceptor is configured.
@@ -325,38 +371,107 @@ pub async fn serve(
             }
             debug!(client = ?peer, "TLS started");
             // A second STARTTLS is refused by the protocol, so this never returns a stream.
-            let _ = pump(tls_stream, &session, idle, &mut stop).await;
+            let _ = pump(tls_stream, &session, &timing, &mut stop).await;
         }
         Ok(Err(e)) => info!(client = ?peer, error = %e, "TLS handshake failed"),
         Err(_) => info!(client = ?peer, "TLS handshake timed out"),
     }
 }
 
+/// Waits until a stream has something to read, without a buffer. A plain TCP stream asks the
+/// kernel, so an idle session holds no read buffer; a TLS stream may hold decrypted bytes the
+/// socket no longer shows, so it reads at once.
+trait WaitReadable {
+    async fn wait_readable(&self) -> std::io::Result<()>;
+}
+
+impl WaitReadable for TcpStream {
+    async fn wait_readable(&self) -> std::io::Result<()> {
+        self.readable().await
+    }
+}
+
+impl WaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
+    async fn wait_readable(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What one read brought.
+enum Read {
+    Bytes(Vec<u8>),
+    /// The peer closed the connection, or it failed.
+    Closed,
+    /// Nothing within the idle timeout.
+    Idle,
+    /// Below the minimum rate over the last window.
+    TooSlow,
+}
+
+/// The minimum-rate window of a client that is mid-command or mid-message.
+struct RateWindow {
+    start: tokio::time::Instant,
+    bytes: u64,
+}
+
 /// Reads, asks the session, writes, until the connection ends (`None`) or the session asks for
 /// TLS (the stream is handed back, with nothing read past the STARTTLS command's batch). When the
 /// server stops, ends the session with 421 once no transaction is under way or the deadline passes.
-async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+async fn pump<S: AsyncRead + AsyncWrite + WaitReadable + Unpin>(
     mut stream: S,
     session: &Addr<Session>,
-    idle: Duration,
+    timing: &Timing,
     stop: &mut StopSignal,
 ) -> Option<S> {
-    let mut buf = vec![0u8; READ_CHUNK];
     let mut in_transaction = false;
     let mut watching = true;
+    let mut window: Option<RateWindow> = None;
     loop {
         let deadline = *stop.borrow_and_update();
         if let Some(d) = deadline {
             if !in_transaction || tokio::time::Instant::now() >= d {
                 if let Ok(out) = session.send(Shutdown).await {
-                    let _ = write(&mut stream, &out.bytes, idle).await;
+                    let _ = write(&mut stream, &out.bytes, timing.idle).await;
                 }
                 break;
             }
         }
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let silent_since = tokio::time::Instant::now();
+        let read = async {
+            // Waited in slices of at most `stress_idle`, so a wait that began before the server
+            // came under stress is cut short once it does.
+            loop {
+                let now = tokio::time::Instant::now();
+                let idle_end = silent_since + timing.idle_now();
+                let window_end = window.as_ref().map(|w| w.start + timing.rate_window);
+                if now >= idle_end {
+                    return Read::Idle;
+                }
+                if window_end.is_some_and(|end| now >= end) {
+                    // Mid-command or mid-message and nothing for the rest of the window.
+                    return Read::TooSlow;
+                }
+                let slice_end = idle_end.min(now + timing.stress_idle).min(window_end.unwrap_or(far));
+                let got = tokio::time::timeout_at(slice_end, async {
+                    stream.wait_readable().await?;
+                    // The buffer exists only while bytes are there to read.
+                    let mut buf = vec![0u8; READ_CHUNK];
+                    let n = stream.read(&mut buf).await?;
+                    buf.truncate(n);
+                    Ok::<_, std::io::Error>(buf)
+                })
+                .await;
+                match got {
+                    Ok(Ok(buf)) if buf.is_empty() => return Read::Closed,
+                    Ok(Ok(buf)) => return Read::Bytes(buf),
+                    Ok(Err(_)) => return Read::Closed,
+                    Err(_) => continue,
+                }
+            }
+        };
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, stream.read(&mut buf)) => Some(r),
+            r = read => Some(r),
             changed = stop.changed(), if watching && deadline.is_none() => {
                 // The sender is gone only when the daemon is gone; stop watching then.
                 watching = changed.is_ok();
@@ -364,25 +479,41 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => None,
         };
-        let Some(read) = read else { continue };
+        let Some(mut read) = read else { continue };
+        if let (Read::Bytes(b), Some(w)) = (&read, window.as_mut()) {
+            w.bytes += b.len() as u64;
+        }
+        // At the end of a window, the average must have reached the minimum rate.
+        if let Some(w) = &mut window {
+            let now = tokio::time::Instant::now();
+            if now >= w.start + timing.rate_window {
+                let wanted = timing.min_rate.saturating_mul(timing.rate_window.as_millis() as u64) / 1000;
+                if w.bytes < wanted {
+                    read = Read::TooSlow;
+                } else {
+                    *w = RateWindow { start: now, bytes: 0 };
+                }
+            }
+        }
         let out = match read {
-            Err(_) => match session.send(IdleTimeout).await {
-                Ok(out) => out,
-                Err(_) => break,
-            },
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => match session.send(Input(buf[..n].to_vec())).await {
-                Ok(out) => out,
-                Err(_) => break,
-            },
+            Read::Idle => session.send(IdleTimeout).await,
+            Read::TooSlow => session.send(TooSlow).await,
+            Read::Closed => break,
+            Read::Bytes(buf) => session.send(Input(buf)).await,
         };
+        let Ok(out) = out else { break };
         if !out.delay.is_zero() {
             tokio::time::sleep(out.delay).await;
         }
-        if !write(&mut stream, &out.bytes, idle).await || out.close {
+        if !write(&mut stream, &out.bytes, timing.idle).await || out.close {
             break;
         }
         in_transaction = out.in_transaction;
+        window = match (out.receiving && timing.min_rate > 0, window) {
+            (true, Some(w)) => Some(w),
+            (true, None) => Some(RateWindow { start: tokio::time::Instant::now(), bytes: 0 }),
+            (false, _) => None,
+        };
         if out.start_tls {
             return Some(stream);
         }

@@ -140,6 +140,14 @@ pub struct Server {
     pub listen: Vec<String>,
     pub max_connections: usize,
     pub idle_timeout: HumanDuration,
+    /// The idle timeout once open connections reach 3/4 of `max_connections` (Postfix's stress
+    /// mode): idle clients make room for new ones.
+    pub stress_idle_timeout: HumanDuration,
+    /// Bytes per second a client must keep up, on average over `min_transfer_window`, while it is
+    /// in the middle of a command line or a message (a slow-drip client is cut); 0 = no minimum.
+    pub min_transfer_rate: u64,
+    /// The window over which `min_transfer_rate` is averaged.
+    pub min_transfer_window: HumanDuration,
     /// At stop, sessions may finish the transaction under way and deliveries in flight may end
     /// for this long; then sessions get 421 and the rest stays queued.
     pub shutdown_grace: HumanDuration,
@@ -150,8 +158,12 @@ impl Default for Server {
         Server {
             hostname: system_hostname(),
             listen: vec!["127.0.0.1:2525".into()],
-            max_connections: 1000,
+            // An idle session costs a few KB: 10,000 take well under 100 MB (docs/performance.md).
+            max_connections: 5000,
             idle_timeout: HumanDuration(Duration::from_secs(300)),
+            stress_idle_timeout: HumanDuration(Duration::from_secs(10)),
+            min_transfer_rate: 100,
+            min_transfer_window: HumanDuration(Duration::from_secs(30)),
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
         }
     }

@@ -199,6 +199,22 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Each connection is a file descriptor: the soft limit (often 1024) is raised to the hard one,
+/// and a hard limit below what `max_connections` needs is said at start (the systemd unit sets
+/// `LimitNOFILE=65536`).
+fn raise_open_file_limit(max_connections: usize) {
+    let needed = max_connections as u64 + 256;
+    match rlimit::increase_nofile_limit(needed.max(65_536)) {
+        Ok(n) if n < needed => tracing::warn!(
+            open_files = n,
+            max_connections,
+            "the open-file limit is below what server.max_connections needs; raise LimitNOFILE or ulimit -n"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
 /// sled locks its folder; a daemon that just stopped may take a moment to let go.
 fn open_store(dir: &Path, id_floor: u64) -> Result<Store, StartError> {
     Store::open_waiting(dir, id_floor, Duration::from_secs(3)).map_err(|e| match e {
@@ -290,6 +306,7 @@ fn start_with(
     let folders = Folders::new(&config.mailroot.path);
     folders.create().map_err(|e| StartError::Other(format!("creating the Mailroot folders: {e}")))?;
     let listen = config.listen_addrs()?;
+    raise_open_file_limit(config.server.max_connections);
     let admin_listener = match config.admin_addr()? {
         Some(addr) => {
             Some(bind(addr).map_err(|e| StartError::Other(format!("admin.listen: cannot listen on {addr}: {e}")))?)

@@ -89,7 +89,7 @@ pub fn break_drop(dir: &Path) {
 /// A raw SMTP client over a real socket.
 pub struct Client {
     reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    pub writer: TcpStream,
 }
 
 /// One reply: code and all its lines joined with `\n`.

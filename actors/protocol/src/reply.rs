@@ -83,6 +83,10 @@ pub fn idle_timeout(hostname: &str) -> Reply {
     Reply::new(421, "4.4.2", format!("{hostname} idle timeout, closing connection"))
 }
 
+pub fn too_slow(hostname: &str) -> Reply {
+    Reply::new(421, "4.4.2", format!("{hostname} Connection too slow, closing"))
+}
+
 pub fn too_many_errors(hostname: &str) -> Reply {
     Reply::new(421, "4.7.0", format!("{hostname} too many errors, closing connection"))
 }

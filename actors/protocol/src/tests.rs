@@ -726,3 +726,30 @@ fn protocol_log_entries() {
         assert_eq!(logged(p, &input), want, "{input:?}");
     }
 }
+
+/// `receiving`: mid-command or mid-message (held to the minimum rate) versus idle between
+/// commands (held to the idle timeout only); an idle session holds no input buffer.
+#[test]
+fn receiving_and_idle() {
+    let mut s = Session::new(Arc::new(params()), "192.0.2.1".parse().unwrap(), false);
+    let mut step = |bytes: &str, want: bool| {
+        s.feed(bytes.as_bytes());
+        while let Some(a) = s.next_action() {
+            if let Action::Enqueue(_) = a {
+                let _ = s.enqueued(Ok(1));
+            }
+        }
+        assert_eq!(s.receiving(), want, "after {bytes:?}");
+        s.release_idle_memory();
+    };
+    step("EHL", true);
+    step("O c\r\n", false);
+    step("MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n", false);
+    step("DATA\r\n", true);
+    step("Subject: x\r\n\r\nbody\r\n", true);
+    step(".\r\n", false);
+    step("BDAT 10\r\n", true);
+    step("12345", true);
+    step("67890", false);
+    step("QUIT", true);
+}

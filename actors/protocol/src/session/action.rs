@@ -114,6 +114,8 @@ pub enum RefusalCause {
     TooManyErrors,
     TooManyMessages,
     IdleTimeout,
+    /// Slower than the minimum transfer rate while sending a command or a message.
+    TooSlow,
     QueueFailure,
     TooManyConnections,
     TooManyConnectionsFromIp,
@@ -146,6 +148,7 @@ impl RefusalCause {
             RefusalCause::TooManyErrors => "too_many_errors",
             RefusalCause::TooManyMessages => "too_many_messages",
             RefusalCause::IdleTimeout => "idle_timeout",
+            RefusalCause::TooSlow => "too_slow",
             RefusalCause::QueueFailure => "queue_failure",
             RefusalCause::TooManyConnections => "too_many_connections",
             RefusalCause::TooManyConnectionsFromIp => "too_many_connections_from_ip",

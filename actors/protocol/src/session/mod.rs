@@ -216,6 +216,31 @@ impl Session {
         }
     }
 
+    /// The client is in the middle of something — a command line partly received, or message
+    /// data (DATA or a BDAT chunk) — rather than idle between commands. The caller holds such a
+    /// client to a minimum transfer rate; an idle one only to the idle timeout.
+    pub fn receiving(&self) -> bool {
+        !self.input.is_empty()
+            || matches!(self.mode, Mode::Data(_) | Mode::DiscardLine | Mode::Auth(_))
+            || matches!(self.mode, Mode::Bdat { remaining, .. } if remaining > 0)
+    }
+
+    /// Frees the input buffer's memory when nothing is buffered: an idle session holds none.
+    pub fn release_idle_memory(&mut self) {
+        if self.input.is_empty() && self.input.capacity() > 0 {
+            self.input = Vec::new();
+        }
+    }
+
+    /// The client sends too slowly (below the caller's minimum rate while [`Session::receiving`]):
+    /// the next actions are the refusal, `421 4.4.2` and `Close`.
+    pub fn too_slow(&mut self) {
+        let refusal = self.refusal(RefusalCause::TooSlow, None, 0);
+        self.out.push_back(Action::Refused(refusal));
+        let r = reply::too_slow(&self.params.hostname);
+        self.close_with(r);
+    }
+
     /// The client was silent for too long: the next actions are the refusal, `421 4.4.2` and
     /// `Close`, and nothing after.
     pub fn timeout(&mut self) {
