@@ -602,3 +602,26 @@ fn the_admin_api_does_not_obey_web_pages() {
     assert_eq!(api(&running, &token).request("GET", "/api/status").unwrap().status, 200);
     running.stop();
 }
+
+/// Retry-all works through the queue in slices (256 envelopes each), so it reaches every
+/// deferred message however many there are, and the Queue keeps answering meanwhile.
+#[test]
+fn retry_all_goes_through_every_slice() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::start("127.43.0.1", 0, Behavior::default());
+    let running = deferring_daemon(dir.path(), &peer, "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let smtp = running.smtp_addrs[0];
+    // 300 deferred messages: more than one slice.
+    let mut c = Client::ready(smtp, "client.test");
+    for i in 0..300 {
+        let r = c.transaction("alice@example.test", &[&format!("t4{i}@far.test")], b"Subject: s\r\n\r\nx\r\n");
+        assert_eq!(r.code, 250, "{r:?}");
+    }
+    let temporary = "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}";
+    wait_for("300 deferred", Duration::from_secs(60), || (metric(&running, temporary) >= 300.0).then_some(()));
+    let (status, v) = call(&operator(&running), "POST", "/api/queue/retry-all");
+    assert_eq!((status, v["retried"].as_u64()), (200, Some(300)), "{v}");
+    // Each was tried again (and deferred again by the peer).
+    wait_for("300 more attempts", Duration::from_secs(60), || (metric(&running, temporary) >= 600.0).then_some(()));
+    running.stop();
+}

@@ -118,24 +118,28 @@ pub fn load(
     (accepted, start.elapsed())
 }
 
-/// An SMTP server that accepts everything (PIPELINING, 8BITMIME) and counts the messages.
+/// An SMTP server that accepts everything (PIPELINING, 8BITMIME) and counts the messages; while
+/// `defer` is set it answers every RCPT `451 4.2.1` instead (and DATA without recipients `554`).
 pub struct Sink {
     pub addr: SocketAddr,
     pub messages: Arc<AtomicUsize>,
+    pub defer: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sink {
     pub fn start() -> Sink {
         let messages = Arc::new(AtomicUsize::new(0));
+        let defer = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let count = messages.clone();
+        let deferring = defer.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("sink bind");
                 tx.send(l.local_addr().expect("addr")).expect("send");
                 while let Ok((s, _)) = l.accept().await {
-                    let count = count.clone();
+                    let (count, deferring) = (count.clone(), deferring.clone());
                     tokio::spawn(async move {
                         let _ = s.set_nodelay(true);
                         let (r, mut w) = s.into_split();
@@ -145,6 +149,7 @@ impl Sink {
                         }
                         let mut line = Vec::new();
                         let mut in_data = false;
+                        let mut recipients = 0;
                         let mut out = Vec::new();
                         loop {
                             line.clear();
@@ -162,8 +167,16 @@ impl Sink {
                                 let upper = line.to_ascii_uppercase();
                                 if upper.starts_with(b"EHLO") {
                                     out.extend_from_slice(b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+                                } else if upper.starts_with(b"RCPT") && deferring.load(Ordering::Relaxed) {
+                                    out.extend_from_slice(b"451 4.2.1 try later\r\n");
+                                } else if upper.starts_with(b"RCPT") {
+                                    recipients += 1;
+                                    out.extend_from_slice(b"250 Ok\r\n");
+                                } else if upper.starts_with(b"DATA") && recipients == 0 {
+                                    out.extend_from_slice(b"554 5.5.1 no valid recipients\r\n");
                                 } else if upper.starts_with(b"DATA") {
                                     in_data = true;
+                                    recipients = 0;
                                     out.extend_from_slice(b"354 go\r\n");
                                 } else if upper.starts_with(b"QUIT") {
                                     let _ = w.write_all(b"221 bye\r\n").await;
@@ -185,7 +198,7 @@ impl Sink {
             });
         });
         let addr = rx.recv().expect("sink address");
-        Sink { addr, messages }
+        Sink { addr, messages, defer }
     }
 
     /// Waits until the sink has `n` messages in total; false after `limit`.

@@ -299,27 +299,106 @@ impl Handler<RetryNow> for Queue {
 }
 
 impl Handler<RetryAll> for Queue {
-    type Result = Result<usize, AdminError>;
+    type Result = ResponseActFuture<Self, Result<usize, AdminError>>;
 
     fn handle(&mut self, msg: RetryAll, ctx: &mut Self::Context) -> Self::Result {
-        let now = unix_now();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = RetryAllJob { domain: msg.domain, now: unix_now(), after: 0, count: 0, reply };
+        self.retry_all_slice(job, ctx);
+        Box::pin(
+            async move { answer.await.unwrap_or_else(|_| Err(AdminError::Internal("the queue restarted".into()))) }
+                .into_actor(self),
+        )
+    }
+}
+
+/// Envelopes looked at per slice of a retry-all: the Queue handles other messages (new mail
+/// first of all) between slices, so a queue-wide retry never stalls intake.
+const RETRY_ALL_SLICE: usize = 256;
+
+/// A retry-all under way: where it is in the store, and whom to tell at the end.
+struct RetryAllJob {
+    domain: Option<String>,
+    now: u64,
+    /// The last envelope ID looked at.
+    after: QueueId,
+    count: usize,
+    reply: tokio::sync::oneshot::Sender<Result<usize, AdminError>>,
+}
+
+impl Queue {
+    /// One slice: makes up to [`RETRY_ALL_SLICE`] deferred messages due now (written, not yet
+    /// synced), commits them with the group commit off the Queue's thread, then queues them for
+    /// delivery and goes on with the next slice as a new task.
+    fn retry_all_slice(&mut self, mut job: RetryAllJob, ctx: &mut Context<Self>) {
         let mut chosen = Vec::new();
-        for env in self.store.envelopes_after(0) {
-            let env = env.map_err(|e| AdminError::Internal(e.to_string()))?;
-            if env.held || env.next_attempt.is_none_or(|t| t <= now) || self.outstanding.contains_key(&env.id) {
-                continue;
+        let mut seen = 0;
+        for env in self.store.envelopes_after(job.after) {
+            let mut env = match env {
+                Ok(env) => env,
+                Err(e) => {
+                    let _ = job.reply.send(Err(AdminError::Internal(e.to_string())));
+                    return;
+                }
+            };
+            seen += 1;
+            job.after = env.id;
+            let in_domain = |a: &str| job.domain.as_deref().is_none_or(|d| domain_of(a).eq_ignore_ascii_case(d));
+            let eligible = !env.held
+                && env.next_attempt.is_some_and(|t| t > job.now)
+                && !self.outstanding.contains_key(&env.id)
+                && env.recipients.iter().any(|r| r.status == RcptStatus::Pending && in_domain(&r.address));
+            if eligible {
+                let old_next = env.next_attempt;
+                for r in env.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
+                    r.next_attempt = None;
+                }
+                env.next_attempt = None;
+                if let Err(e) = self.store.update(&env, old_next) {
+                    let _ = job.reply.send(Err(AdminError::Internal(e.to_string())));
+                    return;
+                }
+                chosen.push(env.id);
             }
-            let in_domain = |a: &str| msg.domain.as_deref().is_none_or(|d| domain_of(a).eq_ignore_ascii_case(d));
-            if env.recipients.iter().any(|r| r.status == RcptStatus::Pending && in_domain(&r.address)) {
-                chosen.push(env);
+            if seen >= RETRY_ALL_SLICE {
+                break;
             }
         }
-        let n = chosen.len();
-        for env in chosen {
-            self.retry_now(env, ctx)?;
+        let finished = seen < RETRY_ALL_SLICE;
+        job.count += chosen.len();
+        let Some(committer) = self.committer.clone() else {
+            let _ = job.reply.send(Err(AdminError::Internal("the queue is not running".into())));
+            return;
+        };
+        async move { committer.commit().await }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                if let Err(e) = res {
+                    let _ = job.reply.send(Err(AdminError::Internal(e.to_string())));
+                    return;
+                }
+                for id in chosen {
+                    act.schedule(id, None);
+                }
+                act.pump(ctx);
+                if finished {
+                    info!(messages = job.count, domain = job.domain.as_deref().unwrap_or("*"), "retry all (admin)");
+                    let _ = job.reply.send(Ok(job.count));
+                } else {
+                    act.next_retry_all_slice(job, ctx);
+                }
+            })
+            .spawn(ctx);
+    }
+
+    /// The next slice once the messages already made due are mostly on their way: the retry
+    /// goes at the pace of delivery, and its writes never crowd out those of new mail.
+    fn next_retry_all_slice(&mut self, job: RetryAllJob, ctx: &mut Context<Self>) {
+        if self.ready.len() >= self.settings.max_in_flight.saturating_mul(2) {
+            ctx.run_later(Duration::from_millis(10), move |act, ctx| act.next_retry_all_slice(job, ctx));
+        } else {
+            self.retry_all_slice(job, ctx);
         }
-        info!(messages = n, domain = msg.domain.as_deref().unwrap_or("*"), "retry all (admin)");
-        Ok(n)
     }
 }
 
