@@ -533,3 +533,45 @@ fn idle_clients_make_room_under_stress() {
     assert_eq!(fresh.cmd("QUIT").code, 221);
     running.stop();
 }
+
+/// Message bodies being received share one memory budget (`max_body_memory`): a message that
+/// does not fit is dropped at once, drained, and refused with 452 4.3.1, and the session goes
+/// on; once the budget has room again, the same message is accepted.
+#[test]
+fn bodies_in_memory_share_one_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[limits]\nmax_message_size = 95000\nmax_body_memory = 190000\n";
+    let running = start(config(dir.path(), extra));
+    let addr = running.smtp_addrs[0];
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        "0123456789012345678901234567890123456789012345678901234567890123456789\r\n".repeat(1300)
+    );
+    let open = |c: &mut Client| {
+        assert_eq!(c.cmd("MAIL FROM:<a@remote.test>").code, 250);
+        assert_eq!(c.cmd("RCPT TO:<x@example.test>").code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+    };
+    // A holds about 94 KB (in a larger buffer) while it has not finished.
+    let mut a = Client::ready(addr, "a.test");
+    open(&mut a);
+    a.send(body.as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    // B does not fit beside it: refused as a whole, temporarily.
+    let mut b = Client::ready(addr, "b.test");
+    open(&mut b);
+    b.send(body.as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    b.send(b".\r\n");
+    let r = b.read_reply().unwrap();
+    assert_eq!((r.code, r.text.starts_with("4.3.1")), (452, true), "{r:?}");
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"no_room\"}"), 1.0);
+    // A finishes; then B, trying again, fits.
+    a.send(b".\r\n");
+    assert_eq!(a.read_reply().unwrap().code, 250);
+    open(&mut b);
+    b.send(body.as_bytes());
+    b.send(b".\r\n");
+    assert_eq!(b.read_reply().unwrap().code, 250);
+    running.stop();
+}

@@ -85,6 +85,40 @@ pub type StopSignal = tokio::sync::watch::Receiver<Option<tokio::time::Instant>>
 /// The longest the tarpit makes one reply wait.
 pub const MAX_ERROR_DELAY: Duration = Duration::from_secs(10);
 
+/// The memory all sessions together may hold in message bodies while they arrive
+/// (`[limits] max_body_memory`). A session charges what its message holds after each read; when
+/// the budget is spent, that message is dropped at once, drained, and refused with `452 4.3.1`
+/// (the client tries again later), so a thousand clients sending large messages at once cannot
+/// make the daemon hold a thousand of them.
+pub struct BodyBudget {
+    limit: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Self {
+        BodyBudget { limit, used: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    /// Takes `n` bytes if they fit.
+    pub fn try_take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(n).filter(|&t| t <= self.limit))
+            .is_ok()
+    }
+
+    pub fn give_back(&self, n: usize) {
+        use std::sync::atomic::Ordering;
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n)));
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// What every session of a listener shares besides the protocol parameters.
 #[derive(Clone)]
 pub struct SessionShared {
@@ -97,6 +131,8 @@ pub struct SessionShared {
     pub auth_checks: Arc<tokio::sync::Semaphore>,
     /// Failed AUTH attempts per client address, across connections (the lockout).
     pub auth_failures: Arc<AuthFailures>,
+    /// Memory all sessions together may hold in message bodies being received.
+    pub body_budget: Arc<BodyBudget>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
     pub stop: StopSignal,
@@ -110,11 +146,13 @@ pub struct Session {
     proto: Option<protocol::Session>,
     shared: SessionShared,
     peer: SocketAddr,
+    /// What this session's message being received holds of the shared [`BodyBudget`].
+    charged: usize,
 }
 
 impl Session {
     pub fn new(proto: protocol::Session, shared: SessionShared, peer: SocketAddr) -> Self {
-        Session { proto: Some(proto), shared, peer }
+        Session { proto: Some(proto), shared, peer, charged: 0 }
     }
 }
 
@@ -127,6 +165,7 @@ impl Actor for Session {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.shared.meter.stopped();
+        self.shared.body_budget.give_back(std::mem::take(&mut self.charged));
         debug!(client = %self.peer, "session ended");
     }
 }
@@ -256,11 +295,32 @@ impl Session {
         step(&mut proto);
         let handling = self.shared.meter.handling();
         let fut = drive(proto, self.shared.clone(), self.peer);
-        Box::pin(fut.into_actor(self).map(|(proto, out), act, _ctx| {
+        Box::pin(fut.into_actor(self).map(|(mut proto, out), act, _ctx| {
             drop(handling);
+            act.charge(&mut proto);
             act.proto = Some(proto);
             out
         }))
+    }
+}
+
+impl Session {
+    /// Brings this session's share of the body budget in line with what its message holds; when
+    /// the budget has no room for the growth, the message is dropped (and ends with 452 4.3.1).
+    fn charge(&mut self, proto: &mut protocol::Session) {
+        let held = proto.body_held();
+        let budget = &self.shared.body_budget;
+        if held > self.charged && !budget.try_take(held - self.charged) {
+            proto.no_room();
+            let after = proto.body_held();
+            budget.give_back(self.charged.saturating_sub(after));
+            self.charged = after.min(self.charged);
+            return;
+        }
+        if held < self.charged {
+            budget.give_back(self.charged - held);
+        }
+        self.charged = held;
     }
 }
 

@@ -199,8 +199,7 @@ impl Store {
     /// New IDs will be at least `id_floor`.
     pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
         std::fs::create_dir_all(dir)?;
-        let db = match sled::Config::new().path(dir).cache_capacity(128 * 1024 * 1024).flush_every_ms(Some(500)).open()
-        {
+        let db = match sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024).flush_every_ms(Some(500)).open() {
             Ok(db) => db,
             Err(_) if locked(dir) => return Err(StoreError::Locked(dir.to_path_buf())),
             Err(e) => return Err(e.into()),

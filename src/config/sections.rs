@@ -232,6 +232,9 @@ pub struct Limits {
     pub max_errors: usize,
     /// Each reply after a client error waits this × the errors so far (at most 10 s).
     pub error_delay: HumanDuration,
+    /// Bytes all sessions together may hold in message bodies while they arrive; a message that
+    /// does not fit is refused with 452 4.3.1 (try again later).
+    pub max_body_memory: u64,
 }
 
 impl Default for Limits {
@@ -242,6 +245,7 @@ impl Default for Limits {
             max_messages_per_connection: 0,
             max_errors: 10,
             error_delay: HumanDuration(Duration::from_millis(500)),
+            max_body_memory: 64 * 1024 * 1024,
         }
     }
 }

@@ -19,7 +19,7 @@ use mailroot_actors::pickup::Pickup;
 use mailroot_actors::queue::Queue;
 use mailroot_actors::resolve::Dns;
 use mailroot_actors::routes::Router;
-use mailroot_actors::session::{ProtocolLog, SessionShared};
+use mailroot_actors::session::{BodyBudget, ProtocolLog, SessionShared};
 use mailroot_actors::store::Store;
 use mailroot_actors::supervisor::{ChildFactory, QueueFactory, QueueSupervisor};
 use prometheus_client::registry::Registry;
@@ -141,6 +141,7 @@ pub(super) fn run_system(
                 users: security.users.clone(),
                 auth_checks: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
                 auth_failures: Arc::new(AuthFailures::new(config.auth.max_failures, config.auth.failure_window.0)),
+                body_budget: Arc::new(BodyBudget::new(config.limits.max_body_memory as usize)),
                 error_delay: config.limits.error_delay.0,
                 stop: stop_rx,
                 meter: metrics.actor("session"),

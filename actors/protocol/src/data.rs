@@ -22,6 +22,9 @@ pub enum DataProblem {
     BareCr,
     /// A NUL character in the data.
     Nul,
+    /// The server has no room for it now (its budget for message bodies in memory is spent):
+    /// a temporary refusal, `452 4.3.1`.
+    NoRoom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +92,17 @@ impl DataReceiver {
     /// True once the message is known to be refused (e.g. too big): later chunks are drained.
     pub fn problem(&self) -> Option<DataProblem> {
         self.problem
+    }
+
+    /// Memory the body holds now (its buffer's capacity).
+    pub fn held(&self) -> usize {
+        self.body.capacity()
+    }
+
+    /// Refuses the message for want of room (see [`DataProblem::NoRoom`]): the body is dropped
+    /// and the rest is drained, so the session stays in step.
+    pub fn no_room(&mut self) {
+        self.flag(DataProblem::NoRoom);
     }
 
     /// The end of a chunked message (`BDAT … LAST`). A final line without CRLF gets one; a

@@ -86,9 +86,9 @@ impl Default for QueueSettings {
 }
 
 /// Message bodies kept in memory while waiting for a delivery slot, at most.
-const READY_BODY_BYTES: usize = 64 * 1024 * 1024;
+const READY_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Bodies handed to delivery actors at once, at most (one message is always allowed).
-const IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
+const IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 /// Failure reports return the whole message (`RET=FULL`) only up to this size.
 const MAX_RETURNED_MESSAGE: usize = 1024 * 1024;
 
@@ -280,10 +280,9 @@ impl Queue {
         let now = unix_now();
         let single = (msg.recipients.len() == 1).then(|| msg.recipients[0].0.clone());
         let header = received_header(&msg.origin, &self.settings.hostname, id, single.as_deref(), now);
-        let mut message = Vec::with_capacity(header.len() + msg.body.len());
-        message.extend_from_slice(header.as_bytes());
-        message.extend_from_slice(&msg.body);
-        drop(msg.body);
+        // The header goes in front of the body in place: no second copy of a large body.
+        let mut message = msg.body;
+        message.splice(0..0, header.bytes());
         let source = match msg.origin {
             Origin::Smtp { .. } => "smtp",
             Origin::Pickup => "pickup",

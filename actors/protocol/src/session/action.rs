@@ -109,6 +109,8 @@ pub enum RefusalCause {
     NulCharacter,
     /// DATA or BDAT with nothing in it.
     EmptyMessage,
+    /// No room for the message body now: the budget for bodies in memory was spent.
+    NoRoom,
     HopCountExceeded,
     TooManyRecipients,
     TooManyErrors,
@@ -143,6 +145,7 @@ impl RefusalCause {
             RefusalCause::BareCr => "bare_cr",
             RefusalCause::NulCharacter => "nul_character",
             RefusalCause::EmptyMessage => "empty_message",
+            RefusalCause::NoRoom => "no_room",
             RefusalCause::HopCountExceeded => "hop_count_exceeded",
             RefusalCause::TooManyRecipients => "too_many_recipients",
             RefusalCause::TooManyErrors => "too_many_errors",

@@ -225,6 +225,26 @@ impl Session {
             || matches!(self.mode, Mode::Bdat { remaining, .. } if remaining > 0)
     }
 
+    /// Memory the message being received holds now (DATA or BDAT chunks so far).
+    pub fn body_held(&self) -> usize {
+        let data = match &self.mode {
+            Mode::Data(rx) => rx.held(),
+            _ => 0,
+        };
+        data + self.txn.chunks.as_ref().map_or(0, DataReceiver::held)
+    }
+
+    /// The caller has no room for more of this message (a global budget is spent): it is dropped,
+    /// its rest drained, and it ends with `452 4.3.1` (a temporary refusal, not a client error).
+    pub fn no_room(&mut self) {
+        if let Mode::Data(rx) = &mut self.mode {
+            rx.no_room();
+        }
+        if let Some(rx) = self.txn.chunks.as_mut() {
+            rx.no_room();
+        }
+    }
+
     /// Frees the input buffer's memory when nothing is buffered: an idle session holds none.
     pub fn release_idle_memory(&mut self) {
         if self.input.is_empty() && self.input.capacity() > 0 {

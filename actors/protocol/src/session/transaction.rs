@@ -48,9 +48,9 @@ impl Session {
         let Some(rx) = self.txn.chunks.as_mut() else {
             return self.reject(None, reply::bad_sequence("Need MAIL before BDAT"));
         };
-        if rx.problem() == Some(DataProblem::TooBig) {
+        if let Some(p @ (DataProblem::TooBig | DataProblem::NoRoom)) = rx.problem() {
             // Refused at once: the client need not send the rest.
-            return self.end_of_data(DataOutcome::Refused(DataProblem::TooBig));
+            return self.end_of_data(DataOutcome::Refused(p));
         }
         if last {
             let outcome = rx.finish_chunks();
@@ -164,10 +164,11 @@ impl Session {
                     DataProblem::BareLf => (RefusalCause::BareLf, reply::bare_lf()),
                     DataProblem::BareCr => (RefusalCause::BareCr, reply::bare_cr()),
                     DataProblem::Nul => (RefusalCause::NulCharacter, reply::nul_character()),
+                    DataProblem::NoRoom => (RefusalCause::NoRoom, reply::insufficient_storage()),
                 };
                 let refusal = self.refusal(cause, None, 0);
                 self.txn = Transaction::default();
-                if problem == DataProblem::TooBig {
+                if matches!(problem, DataProblem::TooBig | DataProblem::NoRoom) {
                     // Not a protocol error by the client: no error count.
                     self.out.push_back(Action::Refused(refusal));
                     self.reply(r);
