@@ -124,6 +124,11 @@ pub struct Sink {
     pub addr: SocketAddr,
     pub messages: Arc<AtomicUsize>,
     pub defer: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, the connection is dropped after a message's data, before its 250 (the message
+    /// is counted: the client will send it again, a duplicate).
+    pub drop_after_data: Arc<std::sync::atomic::AtomicBool>,
+    /// The `Subject:` of every message received, with how often.
+    pub subjects: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl Sink {
@@ -133,6 +138,9 @@ impl Sink {
         let (tx, rx) = std::sync::mpsc::channel();
         let count = messages.clone();
         let deferring = defer.clone();
+        let drop_after_data = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let subjects: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+        let (dropping, seen) = (drop_after_data.clone(), subjects.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
@@ -140,6 +148,7 @@ impl Sink {
                 tx.send(l.local_addr().expect("addr")).expect("send");
                 while let Ok((s, _)) = l.accept().await {
                     let (count, deferring) = (count.clone(), deferring.clone());
+                    let (dropping, seen) = (dropping.clone(), seen.clone());
                     tokio::spawn(async move {
                         let _ = s.set_nodelay(true);
                         let (r, mut w) = s.into_split();
@@ -158,9 +167,16 @@ impl Sink {
                                 Ok(_) => {}
                             }
                             if in_data {
+                                if let Some(subject) = line.strip_prefix(b"Subject: ") {
+                                    let subject = String::from_utf8_lossy(subject).trim().to_string();
+                                    *seen.lock().unwrap().entry(subject).or_insert(0) += 1;
+                                }
                                 if line == b".\r\n" {
                                     in_data = false;
                                     count.fetch_add(1, Ordering::Relaxed);
+                                    if dropping.load(Ordering::Relaxed) {
+                                        return;
+                                    }
                                     out.extend_from_slice(b"250 2.0.0 Ok\r\n");
                                 }
                             } else {
@@ -198,7 +214,7 @@ impl Sink {
             });
         });
         let addr = rx.recv().expect("sink address");
-        Sink { addr, messages, defer }
+        Sink { addr, messages, defer, drop_after_data, subjects }
     }
 
     /// Waits until the sink has `n` messages in total; false after `limit`.
