@@ -199,10 +199,17 @@ impl Store {
     /// New IDs will be at least `id_floor`.
     pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
         std::fs::create_dir_all(dir)?;
-        let db = match sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024).flush_every_ms(Some(500)).open() {
+        let open = || sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024).flush_every_ms(Some(500)).open();
+        // When opening fails, the kernel says whether the folder is locked. A lock let go between
+        // sled's attempt and our look (a just-dropped store's flusher) is worth one more try.
+        let db = match open() {
             Ok(db) => db,
             Err(_) if locked(dir) => return Err(StoreError::Locked(dir.to_path_buf())),
-            Err(e) => return Err(e.into()),
+            Err(_) => match open() {
+                Ok(db) => db,
+                Err(_) if locked(dir) => return Err(StoreError::Locked(dir.to_path_buf())),
+                Err(e) => return Err(e.into()),
+            },
         };
         let log = File::open(dir.join("db"))?;
         let store = Store {
