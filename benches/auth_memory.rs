@@ -4,44 +4,23 @@
 //! right password still works. Run with `cargo bench --bench auth_memory -- [--attempts N]
 //! [--parallel P]`; see docs/performance.md.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailroot::config::Config;
 use mailroot::daemon::{self, StartOptions};
 
-/// Resident memory of this process (daemon and client), in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string()))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn auth(addr: SocketAddr, b64: &str) -> u16 {
     let s = TcpStream::connect(addr).expect("connect");
     let mut r = BufReader::new(s.try_clone().expect("clone"));
     let mut w = s;
-    let mut reply = || {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return 0;
-            }
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            }
-        }
-    };
+    let mut reply = || common::read_reply(&mut r);
     reply();
     let _ = w.write_all(b"EHLO bench.test\r\n");
     reply();
@@ -77,18 +56,9 @@ fn main() {
     let running = daemon::start(config, StartOptions::default()).expect("start");
     let addr = running.smtp_addrs[0];
     std::thread::sleep(Duration::from_millis(500));
-    let before = rss_kib();
+    let before = common::rss_kib(None);
 
-    let (done, peak) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-    let sampler = {
-        let (done, peak) = (done.clone(), peak.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib() as usize, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
+    let sampler = common::RssSampler::start(None);
     println!("auth_memory: {attempts} failed AUTH PLAIN attempts, {parallel} connections at a time");
     let start = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
@@ -111,9 +81,7 @@ fn main() {
     }
     let took = start.elapsed();
     std::thread::sleep(Duration::from_secs(2));
-    done.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let (peak, after) = (peak.load(Ordering::Relaxed) as u64, rss_kib());
+    let (peak, after) = (sampler.stop(), common::rss_kib(None));
     let right = auth(addr, "AGFsaWNlAHNlY3JldA==");
     println!("refused with 535:  {} of {attempts} in {:.2}s", refused.load(Ordering::Relaxed), took.as_secs_f64());
     println!("RSS before:        {:.1} MB", before as f64 / 1024.0);

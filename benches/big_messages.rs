@@ -6,56 +6,32 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailroot::config::Config;
 use mailroot::daemon::{self, StartOptions};
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string()))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn reply(r: &mut BufReader<TcpStream>) -> u16 {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return 0;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        }
-    }
-}
-
 /// One message on a new connection; the final reply code.
 fn send(addr: SocketAddr, body: &[u8]) -> u16 {
     let Ok(s) = TcpStream::connect(addr) else { return 0 };
     let mut r = BufReader::new(s.try_clone().expect("clone"));
     let mut w = s;
-    reply(&mut r);
+    common::read_reply(&mut r);
     let _ = w.write_all(b"EHLO big.test\r\n");
-    reply(&mut r);
+    common::read_reply(&mut r);
     let _ = w.write_all(b"MAIL FROM:<big@remote.test>\r\nRCPT TO:<big@example.test>\r\nDATA\r\n");
-    if [reply(&mut r), reply(&mut r), reply(&mut r)] != [250, 250, 354] {
+    if [common::read_reply(&mut r), common::read_reply(&mut r), common::read_reply(&mut r)] != [250, 250, 354] {
         return 0;
     }
     if w.write_all(body).is_err() {
         return 0;
     }
-    let code = reply(&mut r);
+    let code = common::read_reply(&mut r);
     let _ = w.write_all(b"QUIT\r\n");
     code
 }
@@ -76,17 +52,8 @@ fn main() {
     let addr = running.smtp_addrs[0];
     let body = common::body(size, "big@example.test");
     std::thread::sleep(Duration::from_millis(300));
-    let before = rss_kib();
-    let (done, peak) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-    let sampler = {
-        let (done, peak) = (done.clone(), peak.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib() as usize, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
+    let before = common::rss_kib(None);
+    let sampler = common::RssSampler::start(None);
     println!(
         "big_messages: {clients} clients at once, one message of {size} bytes each; mailroot in {}",
         base.display()
@@ -128,11 +95,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let delivered = start.elapsed();
-    let peak_during = peak.load(Ordering::Relaxed) as u64;
     std::thread::sleep(Duration::from_secs(3));
-    done.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let after = rss_kib();
+    let peak_during = sampler.stop();
+    let after = common::rss_kib(None);
     println!(
         "accepted:   {clients} of {clients} in {:.1}s (all in Drop after {:.1}s); 452 answers (retried): {}; other failures: {}",
         took.as_secs_f64(),

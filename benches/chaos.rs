@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,17 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Sink;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string()))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// A small xorshift generator: runs are repeatable from the seed printed at the start.
 struct Rng(u64);
@@ -46,19 +35,6 @@ impl Rng {
     }
 }
 
-fn reply(r: &mut BufReader<TcpStream>) -> u16 {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return 0;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        }
-    }
-}
-
 /// Sends messages until `stop`, each on the current connection (a new one after any failure);
 /// records the token of every message answered 250.
 fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<(String, bool)>>>) {
@@ -72,7 +48,10 @@ fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, acked: Arc<Mutex<V
         s.set_read_timeout(Some(Duration::from_secs(20))).ok();
         let mut r = BufReader::new(s.try_clone().expect("clone"));
         let mut w = s;
-        if reply(&mut r) != 220 || w.write_all(b"EHLO chaos.test\r\n").is_err() || reply(&mut r) != 250 {
+        if common::read_reply(&mut r) != 220
+            || w.write_all(b"EHLO chaos.test\r\n").is_err()
+            || common::read_reply(&mut r) != 250
+        {
             continue;
         }
         while !stop.load(Ordering::Relaxed) {
@@ -90,13 +69,13 @@ fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, acked: Arc<Mutex<V
             if w.write_all(env.as_bytes()).is_err() {
                 break;
             }
-            if [reply(&mut r), reply(&mut r), reply(&mut r)] != [250, 250, 354] {
+            if [common::read_reply(&mut r), common::read_reply(&mut r), common::read_reply(&mut r)] != [250, 250, 354] {
                 break;
             }
             if w.write_all(body.as_bytes()).is_err() {
                 break;
             }
-            match reply(&mut r) {
+            match common::read_reply(&mut r) {
                 250 => acked.lock().unwrap().push((token, local)),
                 0 => break,
                 _ => {}
@@ -187,7 +166,7 @@ fn main() {
         let run_for = Duration::from_millis(300 + rng.below(2700));
         let t = Instant::now();
         while t.elapsed() < run_for {
-            peak.fetch_max(rss_kib(pid) as usize, Ordering::Relaxed);
+            peak.fetch_max(common::rss_kib(Some(pid)) as usize, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = child.kill(); // SIGKILL
@@ -210,7 +189,7 @@ fn main() {
     let drop_dir = base.join("spool").join("Drop");
     let deadline = Instant::now() + Duration::from_secs(300);
     let (lost, dup, delivered) = loop {
-        peak.fetch_max(rss_kib(child.id()) as usize, Ordering::Relaxed);
+        peak.fetch_max(common::rss_kib(Some(child.id())) as usize, Ordering::Relaxed);
         let (local, remote) = (in_drop(&drop_dir), sink.subjects.lock().unwrap().clone());
         let count =
             |tok: &str, is_local: bool| if is_local { local.get(tok) } else { remote.get(tok) }.copied().unwrap_or(0);

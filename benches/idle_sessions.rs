@@ -9,22 +9,13 @@
 //! Run with `cargo bench --bench idle_sessions -- [--sessions N] [--skip-drip] [--bin PATH]`; see
 //! docs/performance.md. Needs about 2 × N + 100 open files (`ulimit -n`).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string()))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 fn connect_from(local: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -33,29 +24,16 @@ fn connect_from(local: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<
     Ok(s.into())
 }
 
-fn reply(r: &mut BufReader<TcpStream>) -> u16 {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return 0;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        }
-    }
-}
-
 /// Connected, greeted and past EHLO; kept open.
 fn idle_client(local: std::net::Ipv4Addr, addr: SocketAddr) -> Option<TcpStream> {
     let s = connect_from(local, addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     let mut r = BufReader::new(s.try_clone().ok()?);
-    if reply(&mut r) != 220 {
+    if common::read_reply(&mut r) != 220 {
         return None;
     }
     (&s).write_all(b"EHLO idle.test\r\n").ok()?;
-    (reply(&mut r) == 250).then_some(s)
+    (common::read_reply(&mut r) == 250).then_some(s)
 }
 
 struct Daemon(Child);
@@ -118,7 +96,7 @@ fn main() {
     let pid = daemon.0.id();
 
     // 1. N idle sessions from 250 addresses (at most 50 each: the shipped per-address limit).
-    let before = rss_kib(pid);
+    let before = common::rss_kib(Some(pid));
     let mut held = Vec::with_capacity(sessions);
     let started = Instant::now();
     for i in 0..sessions {
@@ -132,7 +110,7 @@ fn main() {
         }
     }
     std::thread::sleep(Duration::from_secs(1));
-    let after = rss_kib(pid);
+    let after = common::rss_kib(Some(pid));
     println!(
         "idle sessions: {} open in {:.1}s; daemon RSS {:.1} MB before, {:.1} MB after: +{:.1} MB, {:.1} KB per session",
         held.len(),
@@ -156,7 +134,7 @@ fn main() {
     }
     let newcomer = connect_from(std::net::Ipv4Addr::new(127, 3, 0, 1), addr).ok().map(|s| {
         s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        reply(&mut BufReader::new(s))
+        common::read_reply(&mut BufReader::new(s))
     });
     println!("1,000 idle from 20 addresses ({} open): a new client gets {:?}", crowd.len(), newcomer);
     drop(crowd);
@@ -166,7 +144,7 @@ fn main() {
         let s = connect_from(std::net::Ipv4Addr::new(127, 4, 0, 1), addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_millis(100))).ok();
         let mut r = BufReader::new(s.try_clone().unwrap());
-        reply(&mut r);
+        common::read_reply(&mut r);
         let t0 = Instant::now();
         let mut cut = None;
         for b in b"EHLO a.very.slow.client.example\r\n".iter().cycle() {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,35 +26,22 @@ fn metric(text: &str, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
-fn read_reply(r: &mut BufReader<TcpStream>) -> u16 {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return 0;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        }
-    }
-}
-
 /// Sends one local message every 20 ms on one session until `stop`; the time from the end of
 /// the data to its `250`, for each.
 fn probe(addr: SocketAddr, stop: Arc<AtomicBool>, waits: Arc<Mutex<Vec<Duration>>>) {
     let s = TcpStream::connect(addr).expect("probe connects");
     let mut r = BufReader::new(s.try_clone().expect("clone"));
     let mut w = s;
-    read_reply(&mut r);
+    common::read_reply(&mut r);
     w.write_all(b"EHLO probe.test\r\n").unwrap();
-    read_reply(&mut r);
+    common::read_reply(&mut r);
     while !stop.load(Ordering::Relaxed) {
         w.write_all(b"MAIL FROM:<probe@remote.test>\r\nRCPT TO:<probe@example.test>\r\nDATA\r\n").unwrap();
-        let codes = [read_reply(&mut r), read_reply(&mut r), read_reply(&mut r)];
+        let codes = [common::read_reply(&mut r), common::read_reply(&mut r), common::read_reply(&mut r)];
         assert_eq!(codes, [250, 250, 354]);
         let start = Instant::now();
         w.write_all(b"Subject: probe\r\n\r\nprobe\r\n.\r\n").unwrap();
-        assert_eq!(read_reply(&mut r), 250);
+        assert_eq!(common::read_reply(&mut r), 250);
         waits.lock().unwrap().push(start.elapsed());
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -40,7 +40,8 @@ impl Args {
     }
 }
 
-fn read_reply(r: &mut BufReader<TcpStream>) -> u16 {
+/// The code of the next (possibly multi-line) reply; 0 when the connection ended.
+pub fn read_reply(r: &mut BufReader<TcpStream>) -> u16 {
     let mut line = String::new();
     loop {
         line.clear();
@@ -227,5 +228,48 @@ impl Sink {
             std::thread::sleep(Duration::from_millis(2));
         }
         true
+    }
+}
+
+/// Resident memory of a process (`None`: this one), in KiB, from `/proc`.
+pub fn rss_kib(pid: Option<u32>) -> u64 {
+    let path = pid.map_or("/proc/self/status".to_string(), |p| format!("/proc/{p}/status"));
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string()))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Samples a process's RSS every 5 ms on a thread of its own and keeps the peak.
+pub struct RssSampler {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    peak: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: Option<u32>) -> RssSampler {
+        let (done, peak) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let (d, p) = (done.clone(), peak.clone());
+        let thread = std::thread::spawn(move || {
+            while !d.load(Ordering::Relaxed) {
+                p.fetch_max(rss_kib(pid) as usize, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        RssSampler { done, peak, thread: Some(thread) }
+    }
+
+    /// Stops sampling; the peak seen, in KiB.
+    pub fn stop(mut self) -> u64 {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed) as u64
     }
 }
