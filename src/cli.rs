@@ -212,7 +212,7 @@ pub fn ctl(action: CtlAction, api: &ApiArgs) -> ExitCode {
                     q.ready,
                     q.deferred,
                     q.held
-                )
+                ) + &q.store_error.as_ref().map(|e| format!("QUEUE STORE FAILING: {e}\n")).unwrap_or_default()
             })
         }),
         CtlAction::Reload => call::<Reloaded>(&c, "POST", "/api/server/reload").map(|r| {

@@ -65,8 +65,12 @@ impl Actor for LocalDrop {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         let dir = self.drop_dir.clone();
-        self.dir_sync =
-            Some(GroupCommit::spawn("drop directory", move || sync_dir(&dir), self.metrics.drop_commit_batch.clone()));
+        self.dir_sync = Some(GroupCommit::spawn(
+            "drop directory",
+            move || sync_dir(&dir),
+            self.metrics.drop_commit_batch.clone(),
+            crate::commit::SYNC_DEADLINE,
+        ));
     }
 }
 

@@ -36,6 +36,13 @@ impl Watchdog {
             return;
         }
         match tokio::time::timeout(interval, queue.send(Summary)).await {
+            Ok(Ok(summary)) if summary.store_error.is_some() => {
+                // Alive but unable to keep mail: say why, and let systemd restart us (a fresh
+                // process reopens the store).
+                let why = summary.store_error.unwrap_or_default();
+                notify(&format!("STATUS={why}"));
+                warn!(reason = %why, "the queue store is failing; not notifying the systemd watchdog");
+            }
             Ok(Ok(_)) => {
                 notify("WATCHDOG=1");
                 self.last = tokio::time::Instant::now();

@@ -82,6 +82,10 @@ pub struct QueueSummary {
     pub ready: usize,
     pub deferred: usize,
     pub held: usize,
+    /// Set while the store cannot make anything durable (its sync is stuck past its deadline):
+    /// new mail is refused with 451 until it recovers.
+    #[serde(default)]
+    pub store_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -502,6 +506,11 @@ impl Handler<Summary> for Queue {
             deferred,
             held,
             ready: self.queued.saturating_sub(active + deferred + held),
+            store_error: self
+                .committer
+                .as_ref()
+                .filter(|c| c.stuck())
+                .map(|_| "the queue store's sync is stuck (a full or failing disk?); new mail gets 451".to_string()),
         }
     }
 }

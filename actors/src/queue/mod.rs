@@ -366,6 +366,7 @@ impl Actor for Queue {
             "queue",
             move || store.sync().map_err(|e| std::io::Error::other(e.to_string())),
             self.metrics.queue_commit_batch.clone(),
+            crate::commit::SYNC_DEADLINE,
         ));
         self.scheduler = Some(
             RetryScheduler::new(self.store.clone(), ctx.address().recipient(), self.metrics.actor("scheduler")).start(),
