@@ -490,6 +490,14 @@ fn slow_drip_clients_are_cut() {
     assert_eq!((r.code, r.text.contains("too slow")), (421, true), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(6), "cut after {:?}", started.elapsed());
     assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"too_slow\"}"), 1.0);
+    // A command started and then nothing: cut at the end of the window, not at the (5-minute)
+    // idle timeout.
+    let started = std::time::Instant::now();
+    let mut stalled = Client::ready(addr, "client.test");
+    stalled.send(b"MAIL FROM:<some");
+    let r = stalled.read_reply().expect("a reply");
+    assert_eq!((r.code, r.text.contains("too slow")), (421, true), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(6), "cut after {:?}", started.elapsed());
     // Pauses between whole commands are idle time, not slowness.
     let mut patient = Client::ready(addr, "client.test");
     std::thread::sleep(Duration::from_millis(2500));
@@ -573,5 +581,18 @@ fn bodies_in_memory_share_one_budget() {
     b.send(body.as_bytes());
     b.send(b".\r\n");
     assert_eq!(b.read_reply().unwrap().code, 250);
+    // A client that goes away in the middle of its message gives its share back too.
+    let mut gone = Client::ready(addr, "gone.test");
+    open(&mut gone);
+    gone.send(body.as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(300));
+    // (A message this size needs more than the budget minus what the departed one held.)
+    open(&mut a);
+    a.send(body.as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    a.send(b".\r\n");
+    assert_eq!(a.read_reply().unwrap().code, 250, "the departed client's share was given back");
     running.stop();
 }

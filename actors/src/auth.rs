@@ -12,13 +12,15 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
+
+use crate::peer::client_key;
 
 /// Buffers of verification memory kept for reuse, at most (more checks than this never run at
 /// once on the machines we target; a surplus buffer is freed).
@@ -111,7 +113,8 @@ impl Users {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equal bytes, compared in time that does not depend on where they differ (tokens, hashes).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -147,16 +150,6 @@ impl AuthFailures {
         (self.max.load(Ordering::Relaxed), Duration::from_millis(self.window_ms.load(Ordering::Relaxed)))
     }
 
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-            v4 => v4,
-        }
-    }
-
     /// True when `ip` has used up its failed attempts: its next AUTH is refused unchecked.
     pub fn locked(&self, ip: IpAddr, now: Instant) -> bool {
         let (max, window) = self.limits();
@@ -164,7 +157,7 @@ impl AuthFailures {
             return false;
         }
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.get(&Self::key(ip)).is_some_and(|&(n, first)| n >= max && now.duration_since(first) < window)
+        seen.get(&client_key(ip)).is_some_and(|&(n, first)| n >= max && now.duration_since(first) < window)
     }
 
     pub fn failed(&self, ip: IpAddr, now: Instant) {
@@ -181,7 +174,7 @@ impl AuthFailures {
                 }
             }
         }
-        let entry = seen.entry(Self::key(ip)).or_insert((0, now));
+        let entry = seen.entry(client_key(ip)).or_insert((0, now));
         if now.duration_since(entry.1) >= window {
             *entry = (0, now);
         }
@@ -189,7 +182,7 @@ impl AuthFailures {
     }
 
     pub fn succeeded(&self, ip: IpAddr) {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&Self::key(ip));
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&client_key(ip));
     }
 }
 

@@ -29,6 +29,7 @@ pub mod logsafe;
 pub mod maildir;
 pub mod metrics;
 pub mod notify;
+pub mod peer;
 pub mod pickup;
 pub mod protolog;
 pub mod queue;

@@ -11,7 +11,7 @@
 //!   connection and no recent connection are dropped every minute.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::metrics::{ActorMeter, Metrics};
+use crate::peer::client_key;
 use crate::protocol::{self, reply, RefusalCause, SessionParams};
 use crate::session::{serve, Session, SessionShared, Timing};
 
@@ -65,17 +66,6 @@ impl AccessLists {
         let ip = ip.to_canonical();
         (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
             && !self.deny.iter().any(|n| n.contains(&ip))
-    }
-}
-
-/// The address a per-client limit counts: the IPv4 address, or the IPv6 /64.
-fn client_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
     }
 }
 
@@ -371,20 +361,6 @@ impl Handler<StopListening> for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn per_client_keys() {
-        let cases = [
-            ("192.0.2.7", "192.0.2.7"),
-            ("::ffff:192.0.2.7", "192.0.2.7"),
-            ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::"),
-            ("2001:db8:1:2:ffff::1", "2001:db8:1:2::"),
-            ("2001:db8:1:3::1", "2001:db8:1:3::"),
-        ];
-        for (ip, want) in cases {
-            assert_eq!(client_key(ip.parse().unwrap()), want.parse::<IpAddr>().unwrap(), "{ip}");
-        }
-    }
 
     #[test]
     fn access_lists() {

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::protocol::address::is_invisible;
+
 /// Displays a string with the characters above escaped as `\u{hex}`.
 pub struct LogSafe<'a>(pub &'a str);
 
@@ -29,14 +31,6 @@ impl fmt::Display for LogSafe<'_> {
         }
         Ok(())
     }
-}
-
-/// Format and separator characters that change how a line reads without showing themselves.
-fn is_invisible(c: char) -> bool {
-    matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
-        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E0FFF}'
-    )
 }
 
 #[cfg(test)]

@@ -112,11 +112,6 @@ impl BodyBudget {
         use std::sync::atomic::Ordering;
         let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n)));
     }
-
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(std::sync::atomic::Ordering::Acquire)
-    }
 }
 
 /// What every session of a listener shares besides the protocol parameters.

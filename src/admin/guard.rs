@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse};
+use mailroot_actors::auth::constant_time_eq;
 use tracing::{info, warn};
 
 use super::{error, AdminState};
@@ -76,10 +77,6 @@ pub fn client_token(config: &Config, given: Option<&str>) -> String {
         return config.admin.token.clone();
     }
     std::fs::read_to_string(token_file(config)).map(|t| t.trim().to_string()).unwrap_or_default()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The host part of a `Host` header value (`[::1]:8025` → `::1`, `a.test:80` → `a.test`).

@@ -175,33 +175,36 @@ fn is_atext(c: char) -> bool {
 }
 
 /// A non-ASCII character an internationalized address may hold (RFC 6531): anything but control
-/// characters (C1, U+0080–U+009F) and the invisible format and separator characters that can
-/// break a line or hide text where the address is shown or written (U+2028 LINE SEPARATOR,
-/// U+2029, bidirectional overrides, zero-width characters, U+FEFF, tags, noncharacters).
+/// characters (C1, U+0080–U+009F) and [`is_invisible`] ones.
 fn is_utf8_text(c: char) -> bool {
-    !c.is_ascii()
-        && !c.is_control()
-        && !matches!(c,
-            '\u{00AD}'
-            | '\u{0600}'..='\u{0605}'
-            | '\u{061C}'
-            | '\u{06DD}'
-            | '\u{070F}'
-            | '\u{08E2}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{2028}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{FFFE}'..='\u{FFFF}'
-            | '\u{110BD}'
-            | '\u{110CD}'
-            | '\u{13430}'..='\u{1343F}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}'
-        )
+    !c.is_ascii() && !c.is_control() && !is_invisible(c)
+}
+
+/// Format and separator characters that change how a line reads without showing themselves:
+/// U+2028 LINE SEPARATOR, U+2029, bidirectional overrides, zero-width characters, U+FEFF, tags,
+/// noncharacters. Refused in addresses, escaped in the text log.
+pub fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'
+        | '\u{0600}'..='\u{0605}'
+        | '\u{061C}'
+        | '\u{06DD}'
+        | '\u{070F}'
+        | '\u{08E2}'
+        | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}'
+        | '\u{FEFF}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{FFFE}'..='\u{FFFF}'
+        | '\u{110BD}'
+        | '\u{110CD}'
+        | '\u{13430}'..='\u{1343F}'
+        | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 fn validate_local(local: &str) -> Result<(), AddressError> {

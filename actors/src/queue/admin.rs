@@ -229,11 +229,7 @@ impl Queue {
         if env.held {
             return Err(AdminError::Conflict(format!("message {} is on hold; release it instead", env.id)));
         }
-        let old_next = env.next_attempt;
-        for r in env.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
-            r.next_attempt = None;
-        }
-        env.next_attempt = None;
+        let old_next = make_due(&mut env);
         self.save(&env, old_next)?;
         self.schedule(env.id, None);
         self.pump(ctx);
@@ -316,6 +312,15 @@ impl Handler<RetryAll> for Queue {
     }
 }
 
+/// Makes a message's pending recipients due now (retry now, retry all); returns the retry time it
+/// had, which the store needs to move its retry-index entry.
+fn make_due(env: &mut Envelope) -> Option<u64> {
+    for r in env.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
+        r.next_attempt = None;
+    }
+    env.next_attempt.take()
+}
+
 /// Envelopes looked at per slice of a retry-all: the Queue handles other messages (new mail
 /// first of all) between slices, so a queue-wide retry never stalls intake.
 const RETRY_ALL_SLICE: usize = 256;
@@ -353,11 +358,7 @@ impl Queue {
                 && !self.outstanding.contains_key(&env.id)
                 && env.recipients.iter().any(|r| r.status == RcptStatus::Pending && in_domain(&r.address));
             if eligible {
-                let old_next = env.next_attempt;
-                for r in env.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
-                    r.next_attempt = None;
-                }
-                env.next_attempt = None;
+                let old_next = make_due(&mut env);
                 if let Err(e) = self.store.update(&env, old_next) {
                     let _ = job.reply.send(Err(AdminError::Internal(e.to_string())));
                     return;
