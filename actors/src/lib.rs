@@ -22,6 +22,7 @@ pub mod delivery;
 #[doc(hidden)]
 pub mod fault;
 pub mod fsio;
+pub mod health;
 pub mod listener;
 pub mod lmtp;
 pub mod local_drop;

@@ -149,6 +149,10 @@ pub struct Metrics {
     pub badmail: Family<CauseLabel, Counter>,
     /// Delivery attempts that were retries (attempt number 2 or later), per recipient.
     pub retries: Counter,
+    /// Times the queue store could not write (a full or failing disk) and mail was refused.
+    pub store_failures: Counter,
+    /// Times the failed queue store was reopened and took mail again, without a restart.
+    pub store_reopens: Counter,
     /// Outbound SMTP connections opened, and open now.
     pub outbound_connections: Counter,
     pub outbound_connections_current: Gauge,
@@ -206,6 +210,8 @@ impl Metrics {
             notifications: Family::default(),
             badmail: Family::default(),
             retries: Counter::default(),
+            store_failures: Counter::default(),
+            store_reopens: Counter::default(),
             outbound_connections: Counter::default(),
             outbound_connections_current: Gauge::default(),
             outbound_connect_failures: Counter::default(),
@@ -230,6 +236,8 @@ impl Metrics {
         r.register("notifications", "Delivery status notifications generated", m.notifications.clone());
         r.register("badmail", "Messages the queue wrote to Badmail", m.badmail.clone());
         r.register("delivery_retries", "Per-recipient delivery attempts after the first", m.retries.clone());
+        r.register("queue_store_failures", "Times the queue store could not write and mail was refused", m.store_failures.clone());
+        r.register("queue_store_reopens", "Times the failed queue store was reopened without a restart", m.store_reopens.clone());
         r.register("outbound_connections", "Outbound SMTP connections opened", m.outbound_connections.clone());
         r.register(
             "outbound_connections_current",

@@ -128,6 +128,9 @@ pub struct SessionShared {
     pub auth_failures: Arc<AuthFailures>,
     /// Memory all sessions together may hold in message bodies being received.
     pub body_budget: Arc<BodyBudget>,
+    /// Room in the queue (free space above its reserve, none while its store fails): MAIL is
+    /// refused with 452 4.3.1 without it.
+    pub store_health: Arc<crate::health::StoreHealth>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
     pub stop: StopSignal,
@@ -323,7 +326,11 @@ impl Handler<Input> for Session {
     type Result = ResponseActFuture<Self, Output>;
 
     fn handle(&mut self, msg: Input, _ctx: &mut Self::Context) -> Self::Result {
-        self.run(|proto| proto.feed(&msg.0))
+        let room = self.shared.store_health.room();
+        self.run(|proto| {
+            proto.set_storage_room(room);
+            proto.feed(&msg.0)
+        })
     }
 }
 

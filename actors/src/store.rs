@@ -14,8 +14,9 @@
 //!   message reuse the name of an undelivered Drop file.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -141,9 +142,18 @@ pub enum StoreError {
     /// dropped and whose background flusher has not let go yet.
     #[error("the queue store in {} is locked by another process", .0.display())]
     Locked(std::path::PathBuf),
+    /// Being reopened after a write error ([`Store::reopen`]).
+    #[error("the queue store is being reopened")]
+    Closed,
 }
 
 impl StoreError {
+    /// A write or sync failed (sled keeps such an error until the store is reopened), as
+    /// opposed to a record that cannot be read or a store that is being reopened.
+    pub fn is_write_failure(&self) -> bool {
+        matches!(self, StoreError::Io(_) | StoreError::Sled(sled::Error::Io(_)))
+    }
+
     /// True when the disk is full (so the client is told 452 4.3.1 rather than 451).
     pub fn is_no_space(&self) -> bool {
         let io = match self {
@@ -163,15 +173,25 @@ fn locked(dir: &Path) -> bool {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The queue store. Its sled handles can be closed and opened again in place
+/// ([`Store::reopen`]): sled keeps a write error (a full disk) for as long as a handle lives, so
+/// reopening is how writing resumes once the cause has gone, without a restart.
 pub struct Store {
+    dir: PathBuf,
+    /// The next message ID to hand out; kept across reopens.
+    next: AtomicU64,
+    /// The open handles; `None` while being reopened (every call then gets [`StoreError::Closed`]).
+    open: RwLock<Option<Arc<Trees>>>,
+}
+
+/// One opening of the store: sled's database, its trees and a handle on its log file.
+struct Trees {
     db: sled::Db,
     envelopes: sled::Tree,
     bodies: sled::Tree,
     retry: sled::Tree,
     pickup: sled::Tree,
     meta: sled::Tree,
-    /// The next message ID to hand out.
-    next: AtomicU64,
     /// A second handle on sled's log file: `fdatasync` acts on the inode.
     log: File,
 }
@@ -194,10 +214,22 @@ fn id_from(bytes: &[u8]) -> Option<QueueId> {
     bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
 }
 
-impl Store {
-    /// Opens (or creates) the store in `dir`. sled locks the folder: a second process gets an error.
-    /// New IDs will be at least `id_floor`.
-    pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
+impl Trees {
+    fn put_envelope(&self, env: &Envelope, old_next: Option<u64>) -> Result<()> {
+        if old_next != env.next_attempt {
+            if let Some(at) = old_next {
+                self.retry.remove(retry_key(at, env.id))?;
+            }
+        }
+        if let Some(at) = env.next_attempt {
+            self.retry.insert(retry_key(at, env.id), &[])?;
+        }
+        let v = serde_json::to_vec(env).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.envelopes.insert(env.id.to_be_bytes(), v)?;
+        Ok(())
+    }
+
+    fn open(dir: &Path) -> Result<Trees> {
         std::fs::create_dir_all(dir)?;
         let open = || sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024).flush_every_ms(Some(500)).open();
         // When opening fails, the kernel says whether the folder is locked. A lock let go between
@@ -212,21 +244,104 @@ impl Store {
             },
         };
         let log = File::open(dir.join("db"))?;
-        let store = Store {
+        let trees = Trees {
             envelopes: db.open_tree("envelopes")?,
             bodies: db.open_tree("bodies")?,
             retry: db.open_tree("retry")?,
             pickup: db.open_tree("pickup")?,
             meta: db.open_tree("meta")?,
-            next: AtomicU64::new(1),
             db,
             log,
         };
-        store.remove_orphans()?;
-        let stored = store.meta.get(NEXT_ID)?.as_deref().and_then(id_from).unwrap_or(1);
-        let after_last = store.envelopes.last()?.and_then(|(k, _)| id_from(&k)).map_or(1, |id| id + 1);
-        store.next.store(stored.max(after_last).max(id_floor).max(1), Ordering::SeqCst);
+        trees.remove_orphans()?;
+        Ok(trees)
+    }
+
+    fn remove_body(&self, id: QueueId) -> Result<()> {
+        let keys: Vec<_> = self.bodies.scan_prefix(id.to_be_bytes()).keys().collect::<std::result::Result<_, _>>()?;
+        for k in keys {
+            self.bodies.remove(k)?;
+        }
+        Ok(())
+    }
+
+    /// Bodies whose envelope was never written (a crash mid-insert). Jumps from message to
+    /// message instead of reading every chunk key.
+    fn remove_orphans(&self) -> Result<()> {
+        let mut orphans = Vec::new();
+        let mut next = self.bodies.first()?;
+        while let Some((k, _)) = next {
+            let Some(id) = id_from(&k) else { break };
+            if !self.envelopes.contains_key(id.to_be_bytes())? {
+                orphans.push(id);
+            }
+            next = match id.checked_add(1) {
+                Some(n) => self.bodies.range(body_key(n, 0)..).next().transpose()?,
+                None => None,
+            };
+        }
+        for id in orphans {
+            tracing::warn!(id, "removing the body of a message whose envelope was never written");
+            self.remove_body(id)?;
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. sled locks the folder: a second process gets an error.
+    /// New IDs will be at least `id_floor`.
+    pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
+        let trees = Trees::open(dir)?;
+        let store = Store { dir: dir.to_path_buf(), next: AtomicU64::new(1), open: RwLock::new(None) };
+        store.raise_next(&trees, id_floor)?;
+        store.set_open(Some(Arc::new(trees)));
         Ok(store)
+    }
+
+    /// Closes the sled handles and opens them again (waiting up to `wait` for the old handles to
+    /// let go of the folder's lock), then removes what a failed write left half-done. What was
+    /// written but not synced before may be gone: it was never acknowledged. Callers must have
+    /// stopped using the store; anything still holding the old handles (a sync that hangs) keeps
+    /// the lock, and this fails with [`StoreError::Locked`].
+    pub fn reopen(&self, wait: std::time::Duration) -> Result<()> {
+        // Dropped outside the lock's guard would not matter; dropped before opening does.
+        self.set_open(None);
+        let deadline = std::time::Instant::now() + wait;
+        let trees = loop {
+            match Trees::open(&self.dir) {
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        self.raise_next(&trees, 0)?;
+        self.set_open(Some(Arc::new(trees)));
+        Ok(())
+    }
+
+    /// Raises the ID counter above the stored counter, every envelope and `floor`.
+    fn raise_next(&self, t: &Trees, floor: QueueId) -> Result<()> {
+        let stored = t.meta.get(NEXT_ID)?.as_deref().and_then(id_from).unwrap_or(1);
+        let after_last = t.envelopes.last()?.and_then(|(k, _)| id_from(&k)).map_or(1, |id| id + 1);
+        self.next.fetch_max(stored.max(after_last).max(floor).max(1), Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn set_open(&self, trees: Option<Arc<Trees>>) {
+        let old = std::mem::replace(&mut *self.open.write().unwrap_or_else(|e| e.into_inner()), trees);
+        drop(old);
+    }
+
+    /// The current handles (cheap: one read lock and a reference count).
+    fn trees(&self) -> Result<Arc<Trees>> {
+        self.open.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or(StoreError::Closed)
+    }
+
+    /// The folder the store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// [`Store::open`], waiting up to `wait` while the folder is locked.
@@ -255,18 +370,19 @@ impl Store {
 
     /// Writes body and envelope (and the Pickup mark). Not durable until [`Store::sync`].
     pub fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
+        let t = self.trees()?;
         // The counter goes into the log before the envelope: a recovered envelope implies a
         // recovered counter above it.
-        self.meta.insert(NEXT_ID, &self.next.load(Ordering::SeqCst).to_be_bytes())?;
+        t.meta.insert(NEXT_ID, &self.next.load(Ordering::SeqCst).to_be_bytes())?;
         for (i, chunk) in message.chunks(CHUNK).enumerate() {
-            self.bodies.insert(body_key(env.id, i as u32), chunk)?;
+            t.bodies.insert(body_key(env.id, i as u32), chunk)?;
         }
-        self.put_envelope(env, None)?;
+        t.put_envelope(env, None)?;
         // The mark goes last: a recovered mark implies a recovered envelope, so a mark whose
         // envelope is gone means the message was delivered, never that it was half-written.
         if let Some(m) = mark {
             let v = serde_json::to_vec(&(env.id, m)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.pickup.insert(m.name.as_bytes(), v)?;
+            t.pickup.insert(m.name.as_bytes(), v)?;
         }
         Ok(())
     }
@@ -280,15 +396,24 @@ impl Store {
         self.remove(env.id, env.next_attempt)
     }
 
+    /// Writes and syncs a small record: whether the store can make anything durable now.
+    pub fn probe(&self) -> Result<()> {
+        let t = self.trees()?;
+        t.meta.insert(b"probe", &crate::clock::unix_now().to_be_bytes())?;
+        self.sync()
+    }
+
     /// Makes everything written so far durable: sled's flush, then a real `fdatasync`.
     pub fn sync(&self) -> Result<()> {
-        self.db.flush()?;
-        self.log.sync_data()?;
+        let t = self.trees()?;
+        t.db.flush()?;
+        t.log.sync_data()?;
         Ok(())
     }
 
     pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>> {
-        match self.envelopes.get(id.to_be_bytes())? {
+        let t = self.trees()?;
+        match t.envelopes.get(id.to_be_bytes())? {
             None => Ok(None),
             Some(v) => {
                 serde_json::from_slice(&v).map(Some).map_err(|e| StoreError::Corrupt(format!("envelope {id}: {e}")))
@@ -299,26 +424,13 @@ impl Store {
     /// Rewrites an envelope whose stored `next_attempt` was `old_next`, keeping the retry index in
     /// step (the caller has just read the envelope; reading it again here would parse it twice).
     pub fn update(&self, env: &Envelope, old_next: Option<u64>) -> Result<()> {
-        self.put_envelope(env, old_next)
-    }
-
-    fn put_envelope(&self, env: &Envelope, old_next: Option<u64>) -> Result<()> {
-        if old_next != env.next_attempt {
-            if let Some(at) = old_next {
-                self.retry.remove(retry_key(at, env.id))?;
-            }
-        }
-        if let Some(at) = env.next_attempt {
-            self.retry.insert(retry_key(at, env.id), &[])?;
-        }
-        let v = serde_json::to_vec(env).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.envelopes.insert(env.id.to_be_bytes(), v)?;
-        Ok(())
+        self.trees()?.put_envelope(env, old_next)
     }
 
     pub fn body(&self, id: QueueId) -> Result<Vec<u8>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for kv in self.bodies.scan_prefix(id.to_be_bytes()) {
+        for kv in t.bodies.scan_prefix(id.to_be_bytes()) {
             let (_, v) = kv?;
             out.extend_from_slice(&v);
         }
@@ -328,25 +440,19 @@ impl Store {
     /// Removes a message whose stored `next_attempt` is `stored_next`: envelope first, so a crash
     /// leaves at worst an orphan body, cleaned at the next open; then retry entry and body.
     pub fn remove(&self, id: QueueId, stored_next: Option<u64>) -> Result<()> {
-        self.envelopes.remove(id.to_be_bytes())?;
+        let t = self.trees()?;
+        t.envelopes.remove(id.to_be_bytes())?;
         if let Some(at) = stored_next {
-            self.retry.remove(retry_key(at, id))?;
+            t.retry.remove(retry_key(at, id))?;
         }
-        self.remove_body(id)
-    }
-
-    fn remove_body(&self, id: QueueId) -> Result<()> {
-        let keys: Vec<_> = self.bodies.scan_prefix(id.to_be_bytes()).keys().collect::<std::result::Result<_, _>>()?;
-        for k in keys {
-            self.bodies.remove(k)?;
-        }
-        Ok(())
+        t.remove_body(id)
     }
 
     /// Every readable envelope, oldest first.
     pub fn envelopes(&self) -> Result<Vec<Envelope>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for kv in self.envelopes.iter() {
+        for kv in t.envelopes.iter() {
             let (k, v) = kv?;
             match serde_json::from_slice::<Envelope>(&v) {
                 Ok(env) => out.push(env),
@@ -356,18 +462,24 @@ impl Store {
         Ok(out)
     }
 
-    /// Envelopes with IDs above `after`, in ID order: paging through the queue.
-    pub fn envelopes_after(&self, after: QueueId) -> impl Iterator<Item = Result<Envelope>> + '_ {
-        self.envelopes.range(after.saturating_add(1).to_be_bytes()..).map(|kv| {
+    /// Envelopes with IDs above `after`, in ID order: paging through the queue. A closed store
+    /// yields one error.
+    pub fn envelopes_after(&self, after: QueueId) -> Box<dyn Iterator<Item = Result<Envelope>>> {
+        let t = match self.trees() {
+            Ok(t) => t,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        Box::new(t.envelopes.range(after.saturating_add(1).to_be_bytes()..).map(|kv| {
             let (k, v) = kv?;
             serde_json::from_slice::<Envelope>(&v).map_err(|e| StoreError::Corrupt(format!("envelope {k:?}: {e}")))
-        })
+        }))
     }
 
     /// Retry-index entries due at or before `now`, and those after it. Reads keys only.
     pub fn retry_counts(&self, now: u64) -> Result<(usize, usize)> {
+        let t = self.trees()?;
         let (mut due, mut later) = (0, 0);
-        for k in self.retry.iter().keys() {
+        for k in t.retry.iter().keys() {
             let k = k?;
             if id_from(&k).is_some_and(|at| at <= now) {
                 due += 1;
@@ -380,8 +492,9 @@ impl Store {
 
     /// Messages whose retry time is at or before `now`, earliest first.
     pub fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueId>> {
+        let t = self.trees()?;
         let mut out = Vec::new();
-        for k in self.retry.range(..retry_key(now, u64::MAX)).keys().take(limit) {
+        for k in t.retry.range(..retry_key(now, u64::MAX)).keys().take(limit) {
             let k = k?;
             if let Some(id) = k.get(8..).and_then(id_from) {
                 out.push(id);
@@ -392,7 +505,8 @@ impl Store {
 
     /// The earliest retry time at or after `from` (Unix seconds), if any.
     pub fn earliest_retry(&self, from: u64) -> Result<Option<u64>> {
-        match self.retry.range(retry_key(from, 0)..).keys().next() {
+        let t = self.trees()?;
+        match t.retry.range(retry_key(from, 0)..).keys().next() {
             Some(k) => Ok(k?.get(..8).and_then(id_from)),
             None => Ok(None),
         }
@@ -400,7 +514,8 @@ impl Store {
 
     /// The queue ID of a Pickup file already queued under this name and fingerprint.
     pub fn pickup_taken(&self, mark: &PickupMark) -> Result<Option<QueueId>> {
-        match self.pickup.get(mark.name.as_bytes())? {
+        let t = self.trees()?;
+        match t.pickup.get(mark.name.as_bytes())? {
             Some(v) => {
                 let (id, stored): (QueueId, PickupMark) =
                     serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -411,29 +526,8 @@ impl Store {
     }
 
     pub fn forget_pickup(&self, name: &str) -> Result<()> {
-        self.pickup.remove(name.as_bytes())?;
-        Ok(())
-    }
-
-    /// Bodies whose envelope was never written (a crash mid-insert). Jumps from message to
-    /// message instead of reading every chunk key.
-    fn remove_orphans(&self) -> Result<()> {
-        let mut orphans = Vec::new();
-        let mut next = self.bodies.first()?;
-        while let Some((k, _)) = next {
-            let Some(id) = id_from(&k) else { break };
-            if !self.envelopes.contains_key(id.to_be_bytes())? {
-                orphans.push(id);
-            }
-            next = match id.checked_add(1) {
-                Some(n) => self.bodies.range(body_key(n, 0)..).next().transpose()?,
-                None => None,
-            };
-        }
-        for id in orphans {
-            tracing::warn!(id, "removing the body of a message whose envelope was never written");
-            self.remove_body(id)?;
-        }
+        let t = self.trees()?;
+        t.pickup.remove(name.as_bytes())?;
         Ok(())
     }
 }
@@ -537,10 +631,10 @@ mod tests {
         {
             let s = reopen(dir.path(), 0);
             s.insert(&env(3, None), &vec![b'k'; 3 * CHUNK], None).unwrap();
-            s.bodies.insert(body_key(7, 0), b"orphan".as_slice()).unwrap();
-            s.bodies.insert(body_key(7, 1), b"orphan".as_slice()).unwrap();
+            s.trees().unwrap().bodies.insert(body_key(7, 0), b"orphan".as_slice()).unwrap();
+            s.trees().unwrap().bodies.insert(body_key(7, 1), b"orphan".as_slice()).unwrap();
             s.insert(&env(9, None), b"kept", None).unwrap();
-            s.bodies.insert(body_key(u64::MAX, 0), b"orphan".as_slice()).unwrap();
+            s.trees().unwrap().bodies.insert(body_key(u64::MAX, 0), b"orphan".as_slice()).unwrap();
             s.sync().unwrap();
         }
         let s = reopen(dir.path(), 0);

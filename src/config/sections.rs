@@ -263,6 +263,9 @@ pub struct Queue {
     pub delay_notice_after: HumanDuration,
     /// Gets a copy of every non-delivery report; empty = nobody.
     pub ndr_copy_to: String,
+    /// Bytes that must stay free on the Queue folder's filesystem: below it, MAIL gets
+    /// 452 4.3.1 (as does a declared SIZE= larger than the space above it). 0 = no check.
+    pub min_free_space: u64,
 }
 
 impl Default for Queue {
@@ -275,6 +278,7 @@ impl Default for Queue {
             expire_after: HumanDuration(q.expire_after),
             delay_notice_after: HumanDuration(q.delay_notice_after),
             ndr_copy_to: String::new(),
+            min_free_space: 100 * 1024 * 1024,
         }
     }
 }

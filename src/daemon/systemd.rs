@@ -10,11 +10,13 @@ use mailroot_actors::supervisor::QueueSupervisor;
 use tracing::{info, warn};
 
 /// systemd's watchdog (`WatchdogSec=` in the unit sets `WATCHDOG_USEC`): `WATCHDOG=1` at half
-/// the interval, but only while the Queue answers, so a wedged queue gets the process restarted
-/// rather than kept alive by a control task that still runs.
+/// the interval, but only while the Queue answers and its store is not wedged, so a wedged
+/// queue gets the process restarted rather than kept alive by a control task that still runs.
 pub(super) struct Watchdog {
     interval: Option<Duration>,
     last: tokio::time::Instant,
+    /// The last look found the store failing (STATUS= says so until it recovers).
+    failing: bool,
 }
 
 impl Watchdog {
@@ -27,7 +29,7 @@ impl Watchdog {
         if let Some(i) = interval {
             info!(every_ms = i.as_millis() as u64, "systemd watchdog: notifying while the queue answers");
         }
-        Watchdog { interval, last: tokio::time::Instant::now() }
+        Watchdog { interval, last: tokio::time::Instant::now(), failing: false }
     }
 
     pub(super) async fn tick(&mut self, queue: &Addr<QueueSupervisor>) {
@@ -36,14 +38,21 @@ impl Watchdog {
             return;
         }
         match tokio::time::timeout(interval, queue.send(Summary)).await {
-            Ok(Ok(summary)) if summary.store_error.is_some() => {
-                // Alive but unable to keep mail: say why, and let systemd restart us (a fresh
-                // process reopens the store).
+            Ok(Ok(summary)) if summary.store_wedged => {
+                // A sync hangs and holds the store: only a fresh process can open it again.
                 let why = summary.store_error.unwrap_or_default();
-                notify(&format!("STATUS={why}"));
-                warn!(reason = %why, "the queue store is failing; not notifying the systemd watchdog");
+                notify(&format!("STATUS=queue store failing: {why}"));
+                warn!(reason = %why, "the queue store is wedged; not notifying the systemd watchdog");
             }
-            Ok(Ok(_)) => {
+            Ok(Ok(summary)) => {
+                // A store that cannot write but is being reopened is said in STATUS (systemctl
+                // status shows it); restarting would not bring the space back sooner.
+                match &summary.store_error {
+                    Some(why) => notify(&format!("STATUS=queue store failing: {why}")),
+                    None if self.failing => notify("STATUS=running"),
+                    None => {}
+                }
+                self.failing = summary.store_error.is_some();
                 notify("WATCHDOG=1");
                 self.last = tokio::time::Instant::now();
             }

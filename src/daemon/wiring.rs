@@ -19,6 +19,7 @@ use mailroot_actors::pickup::Pickup;
 use mailroot_actors::queue::Queue;
 use mailroot_actors::resolve::Dns;
 use mailroot_actors::routes::Router;
+use mailroot_actors::health::StoreHealth;
 use mailroot_actors::session::{BodyBudget, ProtocolLog, SessionShared};
 use mailroot_actors::store::Store;
 use mailroot_actors::supervisor::{ChildFactory, QueueFactory, QueueSupervisor};
@@ -121,12 +122,14 @@ pub(super) fn run_system(
         };
         let queue_settings = config.queue_settings(&folders.badmail);
         let qm = metrics.clone();
+        let store_health = Arc::new(StoreHealth::new(store.dir(), config.queue.min_free_space));
         let store = Arc::new(store);
+        let health = store_health.clone();
         let current_router = Arc::new(std::sync::Mutex::new(router));
         let r = current_router.clone();
         let factory: QueueFactory = Box::new(move || {
             let router = r.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            Queue::new(store.clone(), queue_settings.clone(), router, qm.clone())
+            Queue::new(store.clone(), queue_settings.clone(), router, qm.clone()).with_health(health.clone())
         });
         let queue = QueueSupervisor::new(factory, metrics.actor("queue")).start();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
@@ -142,6 +145,7 @@ pub(super) fn run_system(
                 auth_checks: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
                 auth_failures: Arc::new(AuthFailures::new(config.auth.max_failures, config.auth.failure_window.0)),
                 body_budget: Arc::new(BodyBudget::new(config.limits.max_body_memory as usize)),
+                store_health,
                 error_delay: config.limits.error_delay.0,
                 stop: stop_rx,
                 meter: metrics.actor("session"),

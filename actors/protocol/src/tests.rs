@@ -753,3 +753,32 @@ fn receiving_and_idle() {
     step("67890", false);
     step("QUIT", true);
 }
+
+/// MAIL is refused with 452 4.3.1 when the queue has no room (its free-space reserve reached or
+/// its store failing: room 0) or less room than the declared SIZE; otherwise it goes on.
+#[test]
+fn mail_is_refused_when_the_queue_has_no_room() {
+    let cases: &[(u64, &str, &str)] = &[
+        (u64::MAX, "MAIL FROM:<a@b.test> SIZE=1000\r\n", "220 250 250/2.1.0"),
+        (0, "MAIL FROM:<a@b.test>\r\n", "220 250 452/4.3.1"),
+        (999, "MAIL FROM:<a@b.test> SIZE=1000\r\n", "220 250 452/4.3.1"),
+        (1000, "MAIL FROM:<a@b.test> SIZE=1000\r\n", "220 250 250/2.1.0"),
+        (1, "MAIL FROM:<a@b.test>\r\n", "220 250 250/2.1.0"),
+    ];
+    for (room, mail, want) in cases {
+        let mut s = Session::new(Arc::new(params()), "192.0.2.9".parse().unwrap(), true);
+        s.set_storage_room(*room);
+        s.feed(format!("EHLO c.test\r\n{mail}").as_bytes());
+        let mut codes = vec![s.greeting().code.to_string()];
+        let mut refused = Vec::new();
+        while let Some(a) = s.next_action() {
+            match a {
+                Action::Reply(r) => codes.push(r.status.map_or(r.code.to_string(), |st| format!("{}/{st}", r.code))),
+                Action::Refused(r) => refused.push(r.cause),
+                _ => {}
+            }
+        }
+        assert_eq!(codes.join(" "), *want, "room {room}, {mail:?}");
+        assert_eq!(refused.contains(&RefusalCause::InsufficientStorage), want.ends_with("452/4.3.1"), "room {room}");
+    }
+}

@@ -82,10 +82,14 @@ pub struct QueueSummary {
     pub ready: usize,
     pub deferred: usize,
     pub held: usize,
-    /// Set while the store cannot make anything durable (its sync is stuck past its deadline):
-    /// new mail is refused with 451 until it recovers.
+    /// Set while the store cannot make anything durable (a write or sync failed, or a sync is
+    /// stuck past its deadline): new mail is refused (452 4.3.1 or 451) until it is reopened.
     #[serde(default)]
     pub store_error: Option<String>,
+    /// A sync hangs past its deadline: the store cannot be reopened in this process (the hung
+    /// sync holds it), so the systemd watchdog is no longer notified and systemd restarts us.
+    #[serde(default)]
+    pub store_wedged: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -501,17 +505,19 @@ impl Handler<Summary> for Queue {
         let (_, deferred) = self.store.retry_counts(unix_now()).unwrap_or_default();
         let active = self.outstanding.len();
         let held = self.held.len();
+        let wedged = self.committer.as_ref().is_some_and(|c| c.stuck());
         QueueSummary {
             total: self.queued,
             active,
             deferred,
             held,
             ready: self.queued.saturating_sub(active + deferred + held),
-            store_error: self
-                .committer
-                .as_ref()
-                .filter(|c| c.stuck())
-                .map(|_| "the queue store's sync is stuck (a full or failing disk?); new mail gets 451".to_string()),
+            store_error: if wedged {
+                Some("the queue store's sync is stuck (a failing disk?); new mail gets 451".to_string())
+            } else {
+                self.health.failing().map(|why| format!("{why}; new mail is refused, reopening the store every 5 s"))
+            },
+            store_wedged: wedged,
         }
     }
 }

@@ -15,9 +15,19 @@ use crate::store::{Envelope, QueueId, StoreError};
 impl Handler<Enqueue> for Queue {
     type Result = ResponseActFuture<Self, Result<QueueId, EnqueueError>>;
 
-    fn handle(&mut self, msg: Enqueue, _ctx: &mut Self::Context) -> Self::Result {
-        let fail = |e: StoreError| {
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) -> Self::Result {
+        let refused = |e: EnqueueError| -> Self::Result { Box::pin(actix::fut::ready(Err(e))) };
+        // Nothing is written while the store cannot write or the disk is at its reserve: the
+        // sessions saw the same at MAIL, but the room may have gone since.
+        if self.health.room() < msg.body.len() as u64 {
+            return refused(match self.health.failing() {
+                Some(_) if !self.health.failing_for_space() => EnqueueError::Temporary,
+                _ => EnqueueError::Storage,
+            });
+        }
+        let fail = |act: &mut Queue, e: StoreError, ctx: &mut Context<Queue>| {
             error!(error = %e, "cannot store message");
+            act.store_error(&e, ctx);
             if e.is_no_space() {
                 EnqueueError::Storage
             } else {
@@ -31,7 +41,7 @@ impl Handler<Enqueue> for Queue {
                     return Box::pin(actix::fut::ready(Ok(id)));
                 }
                 Ok(None) => {}
-                Err(e) => return Box::pin(actix::fut::ready(Err(fail(e)))),
+                Err(e) => return refused(fail(self, e, ctx)),
             }
         }
         let source = match msg.origin {
@@ -57,7 +67,7 @@ impl Handler<Enqueue> for Queue {
         };
         let (env, message) = match self.store_message(new) {
             Ok(stored) => stored,
-            Err(e) => return Box::pin(actix::fut::ready(Err(fail(e)))),
+            Err(e) => return refused(fail(self, e, ctx)),
         };
         let Some(committer) = self.committer.clone() else {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
@@ -76,7 +86,9 @@ impl Handler<Enqueue> for Queue {
             Err(e) => {
                 error!(id, error = %e, "queue sync failed; refusing the message");
                 let _ = act.store.discard(&env, mark.as_ref());
-                Err(EnqueueError::Temporary)
+                let no_space = e.raw_os_error() == Some(28) || e.to_string().contains("No space left");
+                act.store_failed(format!("queue sync failed: {e}"), no_space, ctx);
+                Err(if no_space { EnqueueError::Storage } else { EnqueueError::Temporary })
             }
         }))
     }

@@ -48,6 +48,8 @@ use tracing::{error, info, warn};
 use crate::clock::unix_now;
 use crate::commit::GroupCommit;
 use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, RecipientResult};
+use crate::fsio::blocking;
+use crate::health::{free_space, StoreHealth};
 use crate::logsafe::LogSafe;
 use crate::metrics::{ActorMeter, Metrics, RouteOnlyLabel};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
@@ -89,6 +91,10 @@ impl Default for QueueSettings {
 const READY_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Bodies handed to delivery actors at once, at most (one message is always allowed).
 const IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+/// While the store cannot write, reopening it is tried this often.
+const RECOVER_EVERY: Duration = Duration::from_secs(5);
+/// After a full disk, reopening waits for at least this much free space (or the reserve).
+const RECOVER_MIN_FREE: u64 = 4 * 1024 * 1024;
 /// Failure reports return the whole message (`RET=FULL`) only up to this size.
 const MAX_RETURNED_MESSAGE: usize = 1024 * 1024;
 
@@ -132,13 +138,20 @@ pub struct Queue {
     /// Told when the last delivery in flight ends while draining.
     drained: Vec<tokio::sync::oneshot::Sender<()>>,
     meter: ActorMeter,
+    /// Whether the store can write, and the room for new mail; shared with the sessions.
+    health: Arc<StoreHealth>,
+    /// A reopening of the failed store is scheduled or running.
+    recovering: bool,
 }
 
 impl Queue {
     /// The queue and its [`RetryScheduler`] are started together on the current arbiter.
     pub fn new(store: impl Into<Arc<Store>>, settings: QueueSettings, router: Router, metrics: Arc<Metrics>) -> Self {
+        let store = store.into();
         Queue {
-            store: store.into(),
+            health: Arc::new(StoreHealth::new(store.dir(), 0)),
+            recovering: false,
+            store,
             committer: None,
             settings,
             router,
@@ -157,6 +170,104 @@ impl Queue {
             meter: metrics.actor("queue"),
             metrics,
         }
+    }
+
+    /// Shares `health` with the sessions (the daemon gives both the same one, with its reserve).
+    pub fn with_health(mut self, health: Arc<StoreHealth>) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// A store error: a failed write or sync marks the store failing (new mail is refused) and
+    /// starts reopening it; other errors (an unreadable record, a store being reopened) do not.
+    fn store_error(&mut self, e: &StoreError, ctx: &mut Context<Self>) {
+        if e.is_write_failure() {
+            self.store_failed(e.to_string(), e.is_no_space(), ctx);
+        }
+    }
+
+    /// The store cannot make anything durable: refuse new mail and try to reopen it every
+    /// [`RECOVER_EVERY`]. sled keeps a write error for as long as its handles live, so even once
+    /// space is back, only a reopened store writes again.
+    fn store_failed(&mut self, why: String, no_space: bool, ctx: &mut Context<Self>) {
+        if self.health.failing().is_none() {
+            error!(error = %why, "the queue store cannot write; new mail is refused until it has been reopened");
+            self.metrics.store_failures.inc();
+            self.health.set_failing(why, no_space);
+        }
+        if !self.recovering {
+            self.recovering = true;
+            ctx.run_later(RECOVER_EVERY, |act, ctx| act.recover(ctx));
+        }
+    }
+
+    /// One attempt at reopening the failed store. Waits (and tries again later) while a sync
+    /// still hangs (it holds the old handles) or, after a full disk, while space is short.
+    /// Reopening runs on the blocking pool; the Queue meanwhile answers with the store closed.
+    fn recover(&mut self, ctx: &mut Context<Self>) {
+        let again = |ctx: &mut Context<Self>| {
+            ctx.run_later(RECOVER_EVERY, |act, ctx| act.recover(ctx));
+        };
+        if self.committer.as_ref().is_some_and(|c| c.stuck()) {
+            warn!("the queue store's last sync still hangs; it cannot be reopened yet");
+            return again(ctx);
+        }
+        if self.health.failing_for_space() {
+            let want = self.health.reserve().max(RECOVER_MIN_FREE);
+            match free_space(self.store.dir()) {
+                Ok(free) if free < want => return again(ctx),
+                _ => {}
+            }
+        }
+        let store = self.store.clone();
+        let reopen = move || {
+            store.reopen(Duration::from_secs(2)).and_then(|()| store.probe()).map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        blocking(reopen)
+            .into_actor(self)
+            .map(move |res, act, ctx| match res {
+                Ok(()) => {
+                    act.recovering = false;
+                    act.health.set_healthy();
+                    act.metrics.store_reopens.inc();
+                    info!("queue store reopened; taking mail again");
+                    act.load_queue(ctx);
+                    // The scheduler reads the reopened retry index from its start.
+                    act.told_scheduler = None;
+                    if let Some(s) = &act.scheduler {
+                        s.do_send(Reschedule { at: 0 });
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, every_s = RECOVER_EVERY.as_secs(), "reopening the queue store failed; trying again");
+                    again(ctx);
+                }
+            })
+            .spawn(ctx);
+    }
+
+    /// Reads the queue from the store: counts, held messages, and the messages due now
+    /// (those waiting for a retry time are the scheduler's). At start, and after a reopen (when
+    /// what was written but not synced before may be gone: the store is the truth).
+    fn load_queue(&mut self, ctx: &mut Context<Self>) {
+        match self.store.envelopes() {
+            Ok(envs) => {
+                let now = unix_now();
+                self.queued = envs.len();
+                let mut resumed = 0;
+                self.held = envs.iter().filter(|e| e.held).map(|e| e.id).collect();
+                for env in envs.iter().filter(|e| !e.is_finished() && !e.held) {
+                    if env.next_attempt.is_none_or(|t| t <= now) {
+                        resumed += 1;
+                        self.schedule(env.id, None);
+                    }
+                }
+                info!(resumed, queued = self.queued, held = self.held.len(), "queue opened");
+            }
+            Err(e) => error!(error = %e, "cannot list the queued messages"),
+        }
+        self.metrics.queue_messages.set(self.queued as i64);
+        self.pump(ctx);
     }
 
     fn schedule(&mut self, id: QueueId, body: Option<Arc<Vec<u8>>>) {
@@ -371,25 +482,7 @@ impl Actor for Queue {
         self.scheduler = Some(
             RetryScheduler::new(self.store.clone(), ctx.address().recipient(), self.metrics.actor("scheduler")).start(),
         );
-        match self.store.envelopes() {
-            Ok(envs) => {
-                let now = unix_now();
-                self.queued = envs.len();
-                let mut resumed = 0;
-                self.held = envs.iter().filter(|e| e.held).map(|e| e.id).collect();
-                for env in envs.iter().filter(|e| !e.is_finished() && !e.held) {
-                    // Messages waiting for a retry time are the scheduler's; the rest go now.
-                    if env.next_attempt.is_none_or(|t| t <= now) {
-                        resumed += 1;
-                        self.schedule(env.id, None);
-                    }
-                }
-                info!(resumed, queued = self.queued, held = self.held.len(), "queue opened");
-            }
-            Err(e) => error!(error = %e, "cannot list the queued messages"),
-        }
-        self.metrics.queue_messages.set(self.queued as i64);
-        self.pump(ctx);
+        self.load_queue(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {

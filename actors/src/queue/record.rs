@@ -142,7 +142,8 @@ impl Queue {
                 match self.store_notification(&env, kind, &rcpts, &message, expires_at, now) {
                     Ok(n) => notices.push(n),
                     Err(e) => {
-                        return error!(id, error = %e, "cannot store a delivery notification; results will be retried")
+                        error!(id, error = %e, "cannot store a delivery notification; results will be retried");
+                        return self.store_error(&e, ctx);
                     }
                 }
             }
@@ -163,7 +164,10 @@ impl Queue {
                     self.tell_scheduler(at, now);
                 }
             }
-            Err(e) => error!(id, error = %e, "cannot record delivery results; the message will be retried"),
+            Err(e) => {
+                error!(id, error = %e, "cannot record delivery results; the message will be retried");
+                self.store_error(&e, ctx);
+            }
         }
         if !notices.is_empty() {
             self.commit_notices(notices, ctx);
@@ -236,8 +240,9 @@ impl Queue {
             .into_actor(self)
             .map(move |res, act, ctx| {
                 if let Err(e) = res {
-                    // They stay in the store and are picked up again at the next start.
-                    return error!(error = %e, "queue sync failed for notifications");
+                    // They stay in the store and are picked up again when it is next opened.
+                    error!(error = %e, "queue sync failed for notifications");
+                    return act.store_failed(format!("queue sync failed: {e}"), e.raw_os_error() == Some(28), ctx);
                 }
                 for (id, message) in notices {
                     act.schedule(id, Some(message));

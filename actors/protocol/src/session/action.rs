@@ -111,6 +111,8 @@ pub enum RefusalCause {
     EmptyMessage,
     /// No room for the message body now: the budget for bodies in memory was spent.
     NoRoom,
+    /// Too little free space for the queue (its reserve reached, or the store failing): 452 4.3.1.
+    InsufficientStorage,
     HopCountExceeded,
     TooManyRecipients,
     TooManyErrors,
@@ -146,6 +148,7 @@ impl RefusalCause {
             RefusalCause::NulCharacter => "nul_character",
             RefusalCause::EmptyMessage => "empty_message",
             RefusalCause::NoRoom => "no_room",
+            RefusalCause::InsufficientStorage => "insufficient_storage",
             RefusalCause::HopCountExceeded => "hop_count_exceeded",
             RefusalCause::TooManyRecipients => "too_many_recipients",
             RefusalCause::TooManyErrors => "too_many_errors",

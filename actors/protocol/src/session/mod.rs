@@ -96,6 +96,8 @@ pub struct Session {
     logging: bool,
     /// The command waiting for its final reply (when logging).
     log_cmd: Option<CommandLog>,
+    /// See [`Session::set_storage_room`].
+    storage_room: u64,
 }
 
 impl Session {
@@ -116,7 +118,15 @@ impl Session {
             client_name: None,
             logging: false,
             log_cmd: None,
+            storage_room: u64::MAX,
         }
+    }
+
+    /// Bytes the queue can still take (free space above its reserve; 0 while the store cannot
+    /// write). `MAIL` is refused with `452 4.3.1` when it is 0 or below the declared `SIZE=`
+    /// (RFC 1870 §6.1), as Postfix does with `queue_minfree`. Unlimited unless set.
+    pub fn set_storage_room(&mut self, bytes: u64) {
+        self.storage_room = bytes;
     }
 
     /// Emit an [`Action::Log`] after the final reply to each command (the protocol log).

@@ -94,6 +94,12 @@ impl Session {
                 return self.reply(reply::size_exceeded());
             }
         }
+        if self.storage_room == 0 || params.size.is_some_and(|size| size > self.storage_room) {
+            let mut refusal = self.refusal(RefusalCause::InsufficientStorage, None, 0);
+            refusal.sender = Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default());
+            self.out.push_back(Action::Refused(refusal));
+            return self.reply(reply::insufficient_storage());
+        }
         self.txn = Transaction {
             sender: Some(from),
             recipients: Vec::new(),
