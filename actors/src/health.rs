@@ -127,7 +127,7 @@ pub fn free_space(dir: &Path) -> io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled the structure.
     let st = unsafe { st.assume_init() };
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 #[cfg(test)]
@@ -144,7 +144,7 @@ mod tests {
         assert_eq!(tight.room(), 0, "a reserve larger than the disk leaves no room");
         let h = StoreHealth::new(dir.path(), 1);
         let room = h.room();
-        assert!(room > 0 && room < free + 1 << 30, "{room} vs {free}");
+        assert!(room > 0 && room < free + (1 << 30), "{room} vs {free}");
         h.set_failing("disk full".into(), true);
         assert_eq!(h.room(), 0);
         assert_eq!(h.failing().as_deref(), Some("disk full"));

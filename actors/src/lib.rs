@@ -3,7 +3,8 @@
 //! Layout:
 //! - [`protocol`]: the sans-IO SMTP protocol (commands, DATA receiver, session state machine,
 //!   reply catalogue, trace header). No sockets, no actors.
-//! - [`store`]: the sled queue store (envelopes, chunked bodies, retry index).
+//! - [`store`]: the sled queue store (envelopes, chunked bodies, retry index); [`health`]: the
+//!   room for new mail (free space above the reserve, a failing store).
 //! - [`commit`]: group commit, shared by the queue and the Drop writer; [`fsio`]: blocking-pool
 //!   and directory-sync helpers.
 //! - [`delivery`]: the `Deliver`/`DeliveryReport` interface and outcome classification.

@@ -236,8 +236,16 @@ impl Metrics {
         r.register("notifications", "Delivery status notifications generated", m.notifications.clone());
         r.register("badmail", "Messages the queue wrote to Badmail", m.badmail.clone());
         r.register("delivery_retries", "Per-recipient delivery attempts after the first", m.retries.clone());
-        r.register("queue_store_failures", "Times the queue store could not write and mail was refused", m.store_failures.clone());
-        r.register("queue_store_reopens", "Times the failed queue store was reopened without a restart", m.store_reopens.clone());
+        r.register(
+            "queue_store_failures",
+            "Times the queue store could not write and mail was refused",
+            m.store_failures.clone(),
+        );
+        r.register(
+            "queue_store_reopens",
+            "Times the failed queue store was reopened without a restart",
+            m.store_reopens.clone(),
+        );
         r.register("outbound_connections", "Outbound SMTP connections opened", m.outbound_connections.clone());
         r.register(
             "outbound_connections_current",

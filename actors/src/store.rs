@@ -662,6 +662,24 @@ mod tests {
         assert!(s.envelope(6).unwrap().is_none() && s.body(6).unwrap().is_empty());
     }
 
+    /// Reopening in place keeps what was synced and the ID counter, and the handle works after.
+    #[test]
+    fn reopen_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(dir.path(), 0);
+        let id = s.next_id().unwrap();
+        s.insert(&env(id, Some(50)), b"kept", None).unwrap();
+        s.sync().unwrap();
+        s.reopen(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(s.body(id).unwrap(), b"kept");
+        assert_eq!(s.due(50, 10).unwrap(), vec![id]);
+        assert!(s.next_id().unwrap() > id);
+        s.probe().unwrap();
+        // The reopened handles hold the folder's lock as the first ones did.
+        let other = Store::open(dir.path(), 0).err();
+        assert!(matches!(other, Some(StoreError::Locked(_))), "{other:?}");
+    }
+
     /// A second open of a folder in use is the typed `Locked` error, not a text to search.
     #[test]
     fn a_store_in_use_is_locked() {

@@ -514,8 +514,16 @@ impl Handler<Summary> for Queue {
             ready: self.queued.saturating_sub(active + deferred + held),
             store_error: if wedged {
                 Some("the queue store's sync is stuck (a failing disk?); new mail gets 451".to_string())
+            } else if let Some(why) = self.health.failing() {
+                Some(format!("{why}; new mail is refused, reopening the store every 5 s"))
+            } else if self.health.room() == 0 {
+                Some(format!(
+                    "free space in {} is below [queue] min_free_space ({} bytes); new mail gets 452 4.3.1",
+                    self.health.dir().display(),
+                    self.health.reserve()
+                ))
             } else {
-                self.health.failing().map(|why| format!("{why}; new mail is refused, reopening the store every 5 s"))
+                None
             },
             store_wedged: wedged,
         }

@@ -221,7 +221,10 @@ impl Queue {
         }
         let store = self.store.clone();
         let reopen = move || {
-            store.reopen(Duration::from_secs(2)).and_then(|()| store.probe()).map_err(|e| std::io::Error::other(e.to_string()))
+            store
+                .reopen(Duration::from_secs(2))
+                .and_then(|()| store.probe())
+                .map_err(|e| std::io::Error::other(e.to_string()))
         };
         blocking(reopen)
             .into_actor(self)
