@@ -59,12 +59,16 @@ pub struct DataReceiver {
     saw_8bit: bool,
     /// BDAT: no dot-stuffing, no end marker.
     raw: bool,
+    /// Bytes of the body already handed out by [`DataReceiver::take_ready`].
+    handed: usize,
 }
 
 /// What the receiver has at the end of DATA.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DataOutcome {
-    Message { body: Vec<u8>, received_headers: usize, eight_bit: bool },
+    /// `body` is what was not handed out by [`DataReceiver::take_ready`] (all of it when nothing
+    /// was); `streamed` bytes came before it.
+    Message { body: Vec<u8>, streamed: usize, received_headers: usize, eight_bit: bool },
     Refused(DataProblem),
 }
 
@@ -81,6 +85,7 @@ impl DataReceiver {
             received_headers: 0,
             saw_8bit: false,
             raw: false,
+            handed: 0,
         }
     }
 
@@ -97,6 +102,28 @@ impl DataReceiver {
     /// Memory the body holds now (its buffer's capacity).
     pub fn held(&self) -> usize {
         self.body.capacity()
+    }
+
+    /// Hands out the body received so far once it is at least `min` bytes, so the caller can
+    /// store it and the receiver holds no more than about `min` plus one read. Within the header
+    /// section it cuts at the start of the current line (header lines are read whole for the hop
+    /// count). Nothing is handed out of a refused message.
+    pub fn take_ready(&mut self, min: usize) -> Option<Vec<u8>> {
+        if self.problem.is_some() {
+            return None;
+        }
+        let cut = if self.in_header { self.line_start } else { self.body.len() };
+        if cut < min.max(1) {
+            return None;
+        }
+        let rest = self.body.get(cut..).unwrap_or_default();
+        let mut next = Vec::with_capacity(min.max(rest.len()));
+        next.extend_from_slice(rest);
+        let mut ready = std::mem::replace(&mut self.body, next);
+        ready.truncate(cut);
+        self.line_start = self.line_start.saturating_sub(cut);
+        self.handed += cut;
+        Some(ready)
     }
 
     /// Refuses the message for want of room (see [`DataProblem::NoRoom`]): the body is dropped
@@ -232,7 +259,7 @@ impl DataReceiver {
         if self.problem.is_some() {
             return;
         }
-        if self.body.len() + bytes.len() > self.limit {
+        if self.handed + self.body.len() + bytes.len() > self.limit {
             self.flag(DataProblem::TooBig);
             return;
         }
@@ -264,6 +291,7 @@ impl DataReceiver {
             Some(p) => DataOutcome::Refused(p),
             None => DataOutcome::Message {
                 body: std::mem::take(&mut self.body),
+                streamed: self.handed,
                 received_headers: self.received_headers,
                 eight_bit: self.saw_8bit,
             },
@@ -280,7 +308,7 @@ mod tests {
     }
 
     fn msg(body: &[u8]) -> Option<DataOutcome> {
-        Some(DataOutcome::Message { body: body.to_vec(), received_headers: 0, eight_bit: false })
+        Some(DataOutcome::Message { body: body.to_vec(), streamed: 0, received_headers: 0, eight_bit: false })
     }
 
     #[test]
@@ -329,6 +357,7 @@ mod tests {
             got,
             Some(DataOutcome::Message {
                 body: b"Received: x\r\nreceived: y\r\nSubject: s\r\n\r\n.b\r\nReceived: not a header\r\n".to_vec(),
+                streamed: 0,
                 received_headers: 2,
                 eight_bit: false,
             })
@@ -372,6 +401,7 @@ mod tests {
         };
         let m = |b: &[u8], received: usize| DataOutcome::Message {
             body: b.to_vec(),
+            streamed: 0,
             received_headers: received,
             eight_bit: false,
         };
@@ -391,5 +421,55 @@ mod tests {
         }
         let long = vec![b'x'; MAX_LINE + 1];
         assert_eq!(run_chunks(4000, &[&long]), DataOutcome::Refused(DataProblem::LineTooLong));
+    }
+
+    /// Handing the body out as it arrives changes nothing about the message: the pieces and the
+    /// tail make the same body, header lines are counted the same (a piece never ends inside the
+    /// header section's current line), the limit counts what was handed out, and whatever the
+    /// reads' sizes, the receiver holds at most about `min` plus one read.
+    #[test]
+    fn handing_the_body_out_as_it_arrives() {
+        let mut input = Vec::new();
+        for i in 0..40 {
+            input.extend_from_slice(format!("Received: hop {i} {}\r\n", "x".repeat(i * 7)).as_bytes());
+        }
+        input.extend_from_slice(b"Subject: s\r\n\r\n");
+        for i in 0..3000 {
+            input.extend_from_slice(format!("..line {i} {}\r\n", "y".repeat(i % 90)).as_bytes());
+        }
+        input.extend_from_slice(b".\r\n");
+        let whole = run(1 << 20, &input).1;
+        let Some(DataOutcome::Message { body: want, received_headers: 40, .. }) = &whole else {
+            panic!("{whole:?}")
+        };
+        for (read, min) in [(1, 64), (7, 100), (333, 1000), (4096, 4096), (65536, 1000)] {
+            let mut rx = DataReceiver::new(1 << 20);
+            let mut got = Vec::new();
+            let mut end = None;
+            for piece in input.chunks(read) {
+                let (_, out) = rx.feed(piece);
+                if let Some(ready) = rx.take_ready(min) {
+                    assert!(ready.len() >= min, "pieces are at least min");
+                    got.extend_from_slice(&ready);
+                }
+                assert!(rx.body.len() < min + read + 1100, "holds about min + a read + a line");
+                if out.is_some() {
+                    end = out;
+                    break;
+                }
+            }
+            let Some(DataOutcome::Message { body, streamed, received_headers, .. }) = end else { panic!("{end:?}") };
+            assert_eq!(streamed, got.len());
+            got.extend_from_slice(&body);
+            assert_eq!(&got, want, "read {read}, min {min}");
+            assert_eq!(received_headers, 40, "read {read}, min {min}");
+        }
+        // The limit counts what was handed out; a refused message hands out nothing more.
+        let mut rx = DataReceiver::new(300);
+        rx.feed(&[b"Subject: s\r\n\r\n".as_slice(), &[b'z'; 200], b"\r\n"].concat());
+        assert!(rx.take_ready(100).is_some());
+        rx.feed(&[b'z'; 200]);
+        assert_eq!(rx.take_ready(1), None);
+        assert_eq!(rx.feed(b"\r\n.\r\n").1, Some(DataOutcome::Refused(DataProblem::TooBig)));
     }
 }

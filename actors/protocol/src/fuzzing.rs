@@ -78,6 +78,11 @@ pub fn session(input: &[u8]) {
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);
     s.set_logging(control & 2 != 0);
+    if control & 4 != 0 {
+        s.set_body_streaming(100);
+    }
+    // Pieces of the message being received when streaming: (its seq, bytes so far).
+    let mut pieces: Option<(u64, usize)> = None;
     let mut id = 0;
     let step = usize::from(control % 7) * 37 + 1;
     for read in stream.chunks(step) {
@@ -94,9 +99,22 @@ pub fn session(input: &[u8]) {
                         assert!(line.len() <= 512 && line.ends_with(b"\r"), "bad reply line {line:?}");
                     }
                 }
+                Action::BodyChunk { seq, bytes } => {
+                    assert!(bytes.len() >= 100, "pieces are at least the minimum");
+                    let so_far = match pieces {
+                        Some((p, n)) if p == seq => n,
+                        _ => 0,
+                    };
+                    pieces = Some((seq, so_far + bytes.len()));
+                }
                 Action::Enqueue(m) => {
                     assert!(!m.recipients.is_empty() && m.recipients.len() <= 5);
-                    assert!(m.body.len() <= 2048);
+                    let streamed = match pieces.take() {
+                        Some((seq, n)) if seq == m.body_seq => n,
+                        _ => 0,
+                    };
+                    assert_eq!(m.streamed, streamed, "the rest says how much came before it");
+                    assert!(streamed + m.body.len() <= 2048);
                     id += 1;
                     let _ = s.enqueued(Ok(id));
                 }

@@ -37,8 +37,19 @@ fn drive(p: SessionParams, relay: bool, chunks: &[&[u8]], queue: Result<u64, Enq
     drive_from("192.0.2.9", p, relay, chunks, queue)
 }
 
+thread_local! {
+    /// When set, [`drive_from`] has bodies streamed in pieces of at least this many bytes and
+    /// puts each message back together: every transcript must come out the same.
+    static STREAM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 fn drive_from(ip: &str, p: SessionParams, relay: bool, chunks: &[&[u8]], queue: Result<u64, EnqueueError>) -> Run {
     let mut s = Session::new(Arc::new(p), ip.parse().unwrap(), relay);
+    if let Some(min) = STREAM.get() {
+        s.set_body_streaming(min);
+    }
+    // The pieces of the message being received: (its seq, bytes).
+    let mut pieces: Option<(u64, Vec<u8>)> = None;
     let mut run = Run::default();
     let record = |run: &mut Run, r: super::Reply| {
         run.codes.push(match r.status {
@@ -54,7 +65,18 @@ fn drive_from(ip: &str, p: SessionParams, relay: bool, chunks: &[&[u8]], queue: 
         while let Some(action) = s.next_action() {
             match action {
                 Action::Reply(r) => record(&mut run, r),
-                Action::Enqueue(m) => {
+                Action::BodyChunk { seq, bytes } => match pieces.as_mut() {
+                    Some((p, so_far)) if *p == seq => so_far.extend_from_slice(&bytes),
+                    _ => pieces = Some((seq, bytes)),
+                },
+                Action::Enqueue(mut m) => {
+                    if let Some((seq, before)) = pieces.take().filter(|(seq, _)| *seq == m.body_seq) {
+                        assert_eq!(m.streamed, before.len(), "message {seq}");
+                        m.body = [before, m.body].concat();
+                        m.streamed = 0;
+                    } else {
+                        assert_eq!(m.streamed, 0);
+                    }
                     run.messages.push(m);
                     next_id += 1;
                     let r = s.enqueued(queue.map(|_| next_id));
@@ -432,6 +454,9 @@ fn random_streams_never_break_the_session() {
             }
         }
         let mut s = Session::new(Arc::new(p.clone()), "192.0.2.1".parse().unwrap(), rng.below(2) == 0);
+        if rng.below(2) == 0 {
+            s.set_body_streaming(1 + rng.below(3000));
+        }
         let mut pos = 0;
         let mut id = 0;
         while pos < stream.len() && !s.is_closed() {
@@ -455,7 +480,7 @@ fn random_streams_never_break_the_session() {
                         id += 1;
                         s.enqueued(Ok(id));
                     }
-                    Action::Refused(_) | Action::Close | Action::Log(_) => {}
+                    Action::Refused(_) | Action::Close | Action::Log(_) | Action::BodyChunk { .. } => {}
                     Action::StartTls => s.tls_started(),
                     Action::Authenticate { .. } => s.authenticated(rng.below(2) == 0),
                 }
@@ -780,5 +805,28 @@ fn mail_is_refused_when_the_queue_has_no_room() {
         }
         assert_eq!(codes.join(" "), *want, "room {room}, {mail:?}");
         assert_eq!(refused.contains(&RefusalCause::InsufficientStorage), want.ends_with("452/4.3.1"), "room {room}");
+    }
+}
+
+/// Streaming bodies in pieces changes no transcript: the transaction tests again, with pieces of
+/// 1 and 7 bytes (so a piece ends everywhere: inside header lines' successors, at dots, in BDAT
+/// chunks), each message put back together from its pieces and its rest.
+#[test]
+fn streamed_bodies_give_the_same_transcripts() {
+    for min in [1, 7] {
+        STREAM.set(Some(min));
+        basic_transaction();
+        size_limits();
+        long_lines();
+        smuggling_variants_yield_exactly_one_message();
+        bare_line_ends_are_named();
+        pipelined_batches_reply_in_order();
+        dot_stuffing_and_8bit();
+        hop_count();
+        queue_failures_are_temporary();
+        dsn_parameters_reach_the_queue();
+        bdat();
+        protocol_log_entries();
+        STREAM.set(None);
     }
 }

@@ -11,6 +11,14 @@ use crate::reply::Reply;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
     Reply(Reply),
+    /// The next piece of the body of message `seq`, as it arrives (only with
+    /// [`Session::set_body_streaming`]): the caller stores it. Its [`Action::Enqueue`] carries the
+    /// rest, with the same `seq`; a message that ends any other way (refused, reset, closed)
+    /// never gets one, and the caller throws its pieces away (see [`Session::body_seq`]).
+    BodyChunk {
+        seq: u64,
+        bytes: Vec<u8>,
+    },
     /// Store this message durably, then call [`Session::enqueued`].
     Enqueue(Incoming),
     /// Something was refused: for the log and the refusal counters. A reply follows.
@@ -88,7 +96,12 @@ pub struct Incoming {
     pub dsn: MessageDsn,
     /// DSN parameters of `recipients`, index for index.
     pub rcpt_dsn: Vec<RcptDsn>,
+    /// The message, or with streaming its rest after the [`Action::BodyChunk`]s.
     pub body: Vec<u8>,
+    /// Bytes handed out before `body` in [`Action::BodyChunk`]s of this message.
+    pub streamed: usize,
+    /// Which message this is, to match its [`Action::BodyChunk`]s.
+    pub body_seq: u64,
     pub helo: String,
     /// `SMTP`, `ESMTP` or `UTF8SMTP` for the `Received:` header (RFC 3848).
     pub protocol: &'static str,

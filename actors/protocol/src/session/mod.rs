@@ -98,6 +98,10 @@ pub struct Session {
     log_cmd: Option<CommandLog>,
     /// See [`Session::set_storage_room`].
     storage_room: u64,
+    /// See [`Session::set_body_streaming`].
+    stream_min: Option<usize>,
+    /// Counts the messages whose body began (DATA, or a transaction's first BDAT).
+    body_seq: u64,
 }
 
 impl Session {
@@ -119,7 +123,23 @@ impl Session {
             logging: false,
             log_cmd: None,
             storage_room: u64::MAX,
+            stream_min: None,
+            body_seq: 0,
         }
+    }
+
+    /// Hands message bodies out as they arrive, in [`Action::BodyChunk`]s of at least `min`
+    /// bytes, instead of whole in [`Action::Enqueue`]: the caller stores them, and memory per
+    /// session stays about `min` plus one read whatever the message size.
+    pub fn set_body_streaming(&mut self, min: usize) {
+        self.stream_min = Some(min.max(1));
+    }
+
+    /// The sequence number of the message whose body is being received (DATA, or BDAT chunks
+    /// so far), if one is. A caller holding [`Action::BodyChunk`]s of another message, or when
+    /// this is `None` and no [`Action::Enqueue`] took them, throws them away.
+    pub fn body_seq(&self) -> Option<u64> {
+        (matches!(self.mode, Mode::Data(_)) || self.txn.chunks.is_some()).then_some(self.body_seq)
     }
 
     /// Bytes the queue can still take (free space above its reserve; 0 while the store cannot
@@ -297,9 +317,16 @@ impl Session {
                         *remaining -= n as u64;
                         if let Some(rx) = &mut self.txn.chunks {
                             rx.feed(&self.input[..n]);
+                            if let Some(bytes) = self.stream_min.and_then(|min| rx.take_ready(min)) {
+                                self.out.push_back(Action::BodyChunk { seq: self.body_seq, bytes });
+                            }
                         }
                         self.input.drain(..n);
                         if *remaining > 0 {
+                            // The piece handed out (if any) first; then more input is needed.
+                            if !self.out.is_empty() {
+                                continue;
+                            }
                             return None;
                         }
                     }
@@ -347,6 +374,8 @@ impl Session {
                     if let Some(outcome) = outcome {
                         self.mode = Mode::Command;
                         self.end_of_data(outcome);
+                    } else if let Some(bytes) = self.stream_min.and_then(|min| rx.take_ready(min)) {
+                        self.out.push_back(Action::BodyChunk { seq: self.body_seq, bytes });
                     } else {
                         return None;
                     }

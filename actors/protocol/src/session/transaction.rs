@@ -31,6 +31,7 @@ impl Session {
         } else {
             if self.txn.chunks.is_none() {
                 self.txn.chunks = Some(DataReceiver::raw(self.params.max_message_size));
+                self.body_seq += 1;
             }
             None
         };
@@ -157,12 +158,15 @@ impl Session {
             return self.reject(None, reply::no_valid_recipients());
         }
         self.mode = Mode::Data(DataReceiver::new(self.params.max_message_size));
+        self.body_seq += 1;
         self.reply(reply::start_data());
     }
 
     pub(super) fn end_of_data(&mut self, outcome: DataOutcome) {
-        let (body, received, eight_bit) = match outcome {
-            DataOutcome::Message { body, received_headers, eight_bit } => (body, received_headers, eight_bit),
+        let (body, streamed, received, eight_bit) = match outcome {
+            DataOutcome::Message { body, streamed, received_headers, eight_bit } => {
+                (body, streamed, received_headers, eight_bit)
+            }
             DataOutcome::Refused(problem) => {
                 let (cause, r) = match problem {
                     DataProblem::TooBig => (RefusalCause::MessageTooBig, reply::size_exceeded()),
@@ -184,13 +188,13 @@ impl Session {
                 return;
             }
         };
-        if body.is_empty() {
+        if body.is_empty() && streamed == 0 {
             let refusal = self.refusal(RefusalCause::EmptyMessage, None, 0);
             self.txn = Transaction::default();
             return self.reject(Some(refusal), reply::empty_message());
         }
         if received > self.params.max_hop_count {
-            let refusal = self.refusal(RefusalCause::HopCountExceeded, None, body.len());
+            let refusal = self.refusal(RefusalCause::HopCountExceeded, None, streamed + body.len());
             self.txn = Transaction::default();
             return self.reject(Some(refusal), reply::hop_count_exceeded());
         }
@@ -211,7 +215,7 @@ impl Session {
         self.mode = Mode::AwaitingQueue;
         // BDAT counted its chunks as they came.
         if let Some(l) = self.log_cmd.as_mut().filter(|l| l.verb == "DATA") {
-            l.in_bytes += body.len() as u64;
+            l.in_bytes += (streamed + body.len()) as u64;
         }
         self.out.push_back(Action::Enqueue(Incoming {
             sender: txn.sender.flatten(),
@@ -219,6 +223,8 @@ impl Session {
             dsn: txn.dsn,
             rcpt_dsn: txn.rcpt_dsn,
             body,
+            streamed,
+            body_seq: self.body_seq,
             helo,
             protocol,
             eight_bit,
