@@ -236,3 +236,70 @@ fn dual_stack_listen_on_one_port() {
     }
     running.stop();
 }
+
+/// Large messages go to the queue store in pieces as they arrive (DATA and BDAT alike) and come
+/// out byte for byte; the pieces of a message refused at its end, or whose client left in the
+/// middle, are removed at once, so the store holds nothing for them (the next open finds no
+/// orphan body to clean up).
+#[test]
+fn large_messages_stream_through_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), ""));
+    let addr = running.smtp_addrs[0];
+    let mut text = String::from("Subject: large\r\n\r\n");
+    let mut i = 0;
+    while text.len() < 5_000_000 {
+        // Every 7th line starts with a dot (stuffed on the wire, unstuffed in the store).
+        let dot = if i % 7 == 0 { "." } else { "" };
+        text.push_str(&format!("{dot}line {i:08} abcdefghijklmnopqrstuvwxyz0123456789\r\n"));
+        i += 1;
+    }
+    let wire = text.replace("\r\n.", "\r\n..");
+
+    let mut a = Client::ready(addr, "a.test");
+    let r = a.transaction("a@remote.test", &["x@example.test"], wire.as_bytes());
+    assert_eq!(r.code, 250, "{r:?}");
+    let data_id = r.queue_id().unwrap();
+
+    let mut c = Client::ready(addr, "c.test");
+    assert_eq!(c.cmd("MAIL FROM:<c@remote.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<x@example.test>").code, 250);
+    let (first, second) = text.as_bytes().split_at(1_500_001);
+    c.send(format!("BDAT {}\r\n", first.len()).as_bytes());
+    c.send(first);
+    assert_eq!(c.read_reply().unwrap().code, 250);
+    c.send(format!("BDAT {} LAST\r\n", second.len()).as_bytes());
+    c.send(second);
+    let r = c.read_reply().unwrap();
+    assert_eq!(r.code, 250, "{r:?}");
+    let bdat_id = r.queue_id().unwrap();
+
+    // Refused at its end: a NUL after 3 MB.
+    let mut b = Client::ready(addr, "b.test");
+    assert_eq!(b.cmd("MAIL FROM:<b@remote.test>").code, 250);
+    assert_eq!(b.cmd("RCPT TO:<x@example.test>").code, 250);
+    assert_eq!(b.cmd("DATA").code, 354);
+    b.send(&wire.as_bytes()[..3_000_000]);
+    b.send(b"\r\nnul \0 here\r\n.\r\n");
+    assert_eq!(b.read_reply().unwrap().code, 554);
+    // Gone in the middle.
+    let mut d = Client::ready(addr, "d.test");
+    assert_eq!(d.cmd("MAIL FROM:<d@remote.test>").code, 250);
+    assert_eq!(d.cmd("RCPT TO:<x@example.test>").code, 250);
+    assert_eq!(d.cmd("DATA").code, 354);
+    d.send(&wire.as_bytes()[..3_000_000]);
+    drop(d);
+
+    for id in [data_id, bdat_id] {
+        let f = parse_drop(&drop_file(dir.path(), id));
+        assert!(f.message == text.as_bytes(), "message {id} arrived byte for byte");
+    }
+    wait_metric(&running, "mailroot_inbound_connections_current", |v| v == 3.0);
+    wait_metric(&running, "mailroot_body_memory_bytes", |v| v == 0.0);
+    let queue = running.folders.queue.clone();
+    drop((a, b, c));
+    running.stop();
+    let store = mailroot_actors::store::Store::open_waiting(&queue, 1, Duration::from_secs(10)).unwrap();
+    assert_eq!(store.orphans_removed(), 0, "no pieces were left behind");
+    assert!(store.envelopes().unwrap().is_empty());
+}

@@ -137,6 +137,8 @@ pub struct Metrics {
     pub pickup_files: Family<ResultLabel, Counter>,
     /// Messages in the queue store.
     pub queue_messages: Gauge,
+    /// Bytes of message bodies being received that sessions hold in memory (the body budget).
+    pub body_memory: Gauge,
     /// Messages in the queue by state (`active`, `ready`, `deferred`, `held`); set when scraped.
     pub queue_by_state: Family<StateLabel, Gauge>,
     /// How many waiters each queue sync served (group commit).
@@ -204,6 +206,7 @@ impl Metrics {
             refusals: Family::default(),
             pickup_files: Family::default(),
             queue_messages: Gauge::default(),
+            body_memory: Gauge::default(),
             queue_by_state: Family::default(),
             queue_commit_batch: batch_histogram(),
             drop_commit_batch: batch_histogram(),
@@ -230,6 +233,11 @@ impl Metrics {
         r.register("refusals", "Refused connections, commands and messages by cause", m.refusals.clone());
         r.register("pickup_files", "Pickup files taken or moved to Badmail", m.pickup_files.clone());
         r.register("queue_messages", "Messages in the queue", m.queue_messages.clone());
+        r.register(
+            "body_memory_bytes",
+            "Bytes of message bodies being received held in memory ([limits] max_body_memory)",
+            m.body_memory.clone(),
+        );
         r.register("queue_messages_by_state", "Messages in the queue by state", m.queue_by_state.clone());
         r.register("queue_commit_batch_size", "Messages made durable per queue sync", m.queue_commit_batch.clone());
         r.register("drop_commit_batch_size", "Drop files made durable per directory sync", m.drop_commit_batch.clone());

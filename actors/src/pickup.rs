@@ -245,6 +245,7 @@ async fn process(
         origin: Origin::Pickup,
         origin_text: name.clone(),
         pickup: Some(PickupMark { name: name.clone(), fingerprint }),
+        staged: None,
     };
     let id = match queue.send(req).await {
         Ok(Ok(id)) => id,

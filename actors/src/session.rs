@@ -31,6 +31,10 @@ use crate::protocol::received::Origin;
 use crate::protocol::{self, Action, EnqueueError};
 pub use crate::protolog::ProtocolLog;
 use crate::queue::Enqueue;
+use crate::store::{StagedBody, Store};
+
+/// Bodies are written to the store in pieces of at least this size (plus at most one read).
+pub const STREAM_PIECE: usize = 64 * 1024;
 
 /// The first bytes of a connection: the greeting.
 #[derive(Message)]
@@ -93,24 +97,32 @@ pub const MAX_ERROR_DELAY: Duration = Duration::from_secs(10);
 pub struct BodyBudget {
     limit: usize,
     used: std::sync::atomic::AtomicUsize,
+    /// Shows `used` (`mailroot_body_memory_bytes`).
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl BodyBudget {
-    pub fn new(limit: usize) -> Self {
-        BodyBudget { limit, used: std::sync::atomic::AtomicUsize::new(0) }
+    pub fn new(limit: usize, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        BodyBudget { limit, used: std::sync::atomic::AtomicUsize::new(0), gauge }
     }
 
     /// Takes `n` bytes if they fit.
     pub fn try_take(&self, n: usize) -> bool {
         use std::sync::atomic::Ordering;
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(n).filter(|&t| t <= self.limit))
-            .is_ok()
+        let taken = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(n).filter(|&t| t <= self.limit));
+        if taken.is_ok() {
+            self.gauge.inc_by(n as i64);
+        }
+        taken.is_ok()
     }
 
     pub fn give_back(&self, n: usize) {
         use std::sync::atomic::Ordering;
-        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n)));
+        if let Ok(before) = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n))) {
+            self.gauge.dec_by(before.min(n) as i64);
+        }
     }
 }
 
@@ -131,6 +143,9 @@ pub struct SessionShared {
     /// Room in the queue (free space above its reserve, none while its store fails): MAIL is
     /// refused with 452 4.3.1 without it.
     pub store_health: Arc<crate::health::StoreHealth>,
+    /// Where message bodies go piece by piece as they arrive, so a session holds only about
+    /// [`STREAM_PIECE`] of a message whatever its size. `None`: bodies go whole to the Queue.
+    pub body_store: Option<Arc<Store>>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
     pub stop: StopSignal,
@@ -146,11 +161,75 @@ pub struct Session {
     peer: SocketAddr,
     /// What this session's message being received holds of the shared [`BodyBudget`].
     charged: usize,
+    /// The pieces of the message being received that are in the store already (with
+    /// `body_store`); like `proto`, owned by a handler's future while it runs.
+    staging: Option<Staging>,
 }
 
 impl Session {
-    pub fn new(proto: protocol::Session, shared: SessionShared, peer: SocketAddr) -> Self {
-        Session { proto: Some(proto), shared, peer, charged: 0 }
+    pub fn new(mut proto: protocol::Session, shared: SessionShared, peer: SocketAddr) -> Self {
+        if shared.body_store.is_some() {
+            proto.set_body_streaming(STREAM_PIECE);
+        }
+        Session { proto: Some(proto), shared, peer, charged: 0, staging: None }
+    }
+}
+
+/// The pieces of one message's body written to the store so far. Dropped without being kept
+/// (the message was refused, the client left, the session ended), it removes them, so only an
+/// acknowledged message's pieces stay; a crash leaves them as orphans, removed at the next open.
+struct Staging {
+    store: Arc<Store>,
+    /// The protocol's number for the message (see `protocol::Session::body_seq`).
+    seq: u64,
+    body: StagedBody,
+    /// Writing a piece failed: the message is refused at its end (452 4.3.1).
+    failed: bool,
+    kept: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.kept && self.body.next_index > 1 {
+            if let Err(e) = self.store.discard_staged(self.body.id) {
+                debug!(id = self.body.id, error = %e, "cannot remove the pieces of a message not taken");
+            }
+        }
+    }
+}
+
+/// Writes one piece of message `seq` to the store, starting its staging if it is the first.
+/// A failure refuses the message at its end (with 452 4.3.1), never a broken message.
+async fn stage_piece(
+    staging: &mut Option<Staging>,
+    store: &Arc<Store>,
+    proto: &mut protocol::Session,
+    seq: u64,
+    bytes: Vec<u8>,
+    peer: SocketAddr,
+) {
+    if staging.as_ref().is_some_and(|s| s.seq != seq) {
+        *staging = None;
+    }
+    if staging.is_none() {
+        let Ok(id) = store.next_id() else {
+            return proto.no_room();
+        };
+        let body = StagedBody { id, next_index: 1, bytes: 0, generation: store.generation() };
+        *staging = Some(Staging { store: store.clone(), seq, body, failed: false, kept: false });
+    }
+    let Some(st) = staging.as_mut() else { return };
+    if st.failed {
+        return;
+    }
+    let (store, mut body) = (store.clone(), st.body.clone());
+    match blocking(move || store.stage(&mut body, &bytes).map(|()| body).map_err(std::io::Error::other)).await {
+        Ok(body) => st.body = body,
+        Err(e) => {
+            info!(client = %peer, error = %e, "cannot store a piece of the message being received; it will be refused");
+            st.failed = true;
+            proto.no_room();
+        }
     }
 }
 
@@ -182,7 +261,12 @@ fn log_refusal(peer: SocketAddr, metrics: &Metrics, r: &protocol::Refusal) {
 
 /// Runs the protocol over what is buffered, awaiting the queue for each complete message and
 /// the password check for each AUTH.
-async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: SocketAddr) -> (protocol::Session, Output) {
+async fn drive(
+    mut proto: protocol::Session,
+    mut staging: Option<Staging>,
+    shared: SessionShared,
+    peer: SocketAddr,
+) -> (protocol::Session, Option<Staging>, Output) {
     let mut out = Output::default();
     let started = std::time::Instant::now();
     let errors_before = proto.errors();
@@ -190,6 +274,11 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
     while let Some(action) = proto.next_action() {
         match action {
             Action::Reply(r) => r.write_to(&mut out.bytes),
+            Action::BodyChunk { seq, bytes } => match &shared.body_store {
+                Some(store) => stage_piece(&mut staging, store, &mut proto, seq, bytes, peer).await,
+                // Streaming is only turned on with a store; without one this cannot happen.
+                None => proto.no_room(),
+            },
             Action::Refused(r) => log_refusal(peer, metrics, &r),
             Action::Close => out.close = true,
             Action::Log(entry) => {
@@ -232,7 +321,9 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
             Action::Enqueue(m) => {
                 let sender = m.sender.as_ref().map(|s| s.to_string()).unwrap_or_default();
                 let recipients: Vec<String> = m.recipients.iter().map(|r| r.to_string()).collect();
-                let size = m.body.len();
+                let size = m.streamed + m.body.len();
+                // The pieces of this message already in the store; another message's are dropped.
+                let staged = staging.take().filter(|s| s.seq == m.body_seq);
                 let req = Enqueue {
                     sender: m.sender,
                     recipients: m.recipients,
@@ -247,8 +338,16 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
                     },
                     origin_text: peer.to_string(),
                     pickup: None,
+                    staged: staged.as_ref().map(|s| s.body.clone()),
                 };
-                let result = shared.queue.send(req).await.unwrap_or(Err(EnqueueError::Temporary));
+                let result = match &staged {
+                    Some(s) if s.failed => Err(EnqueueError::Storage),
+                    _ => shared.queue.send(req).await.unwrap_or(Err(EnqueueError::Temporary)),
+                };
+                if let Some(mut s) = staged {
+                    // Acknowledged: the pieces are the message's now. Otherwise they go.
+                    s.kept = result.is_ok();
+                }
                 let reply = proto.enqueued(result);
                 let user = proto.user().unwrap_or("-").to_string();
                 match result {
@@ -270,7 +369,11 @@ async fn drive(mut proto: protocol::Session, shared: SessionShared, peer: Socket
     out.in_transaction = proto.in_transaction();
     out.receiving = proto.receiving();
     proto.release_idle_memory();
-    (proto, out)
+    // A message that ended without being queued (refused, reset) leaves no pieces behind.
+    if staging.as_ref().is_some_and(|s| proto.body_seq() != Some(s.seq)) {
+        staging = None;
+    }
+    (proto, staging, out)
 }
 
 impl Handler<Greet> for Session {
@@ -292,11 +395,12 @@ impl Session {
         };
         step(&mut proto);
         let handling = self.shared.meter.handling();
-        let fut = drive(proto, self.shared.clone(), self.peer);
-        Box::pin(fut.into_actor(self).map(|(mut proto, out), act, _ctx| {
+        let fut = drive(proto, self.staging.take(), self.shared.clone(), self.peer);
+        Box::pin(fut.into_actor(self).map(|(mut proto, staging, out), act, _ctx| {
             drop(handling);
             act.charge(&mut proto);
             act.proto = Some(proto);
+            act.staging = staging;
             out
         }))
     }

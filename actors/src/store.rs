@@ -182,6 +182,23 @@ pub struct Store {
     next: AtomicU64,
     /// The open handles; `None` while being reopened (every call then gets [`StoreError::Closed`]).
     open: RwLock<Option<Arc<Trees>>>,
+    /// Counts the reopens: pieces of a body staged before one are gone (see [`StagedBody`]).
+    generation: AtomicU64,
+    /// Bodies without an envelope removed by the last open.
+    orphans: AtomicU64,
+}
+
+/// A message body whose pieces a session wrote to the store as they arrived
+/// ([`Store::stage`]), at chunk indexes 1 to `next_index - 1` of message `id`; chunk 0 is kept
+/// for the trace header. Becomes a message with [`Store::insert_staged`], which refuses it if the
+/// store was reopened since (its pieces may be gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedBody {
+    pub id: QueueId,
+    pub next_index: u32,
+    /// Bytes staged.
+    pub bytes: u64,
+    pub generation: u64,
 }
 
 /// One opening of the store: sled's database, its trees and a handle on its log file.
@@ -229,7 +246,8 @@ impl Trees {
         Ok(())
     }
 
-    fn open(dir: &Path) -> Result<Trees> {
+    /// Opens the trees and removes orphan bodies (returns how many).
+    fn open(dir: &Path) -> Result<(Trees, usize)> {
         std::fs::create_dir_all(dir)?;
         let open = || sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024).flush_every_ms(Some(500)).open();
         // When opening fails, the kernel says whether the folder is locked. A lock let go between
@@ -253,8 +271,8 @@ impl Trees {
             db,
             log,
         };
-        trees.remove_orphans()?;
-        Ok(trees)
+        let orphans = trees.remove_orphans()?;
+        Ok((trees, orphans))
     }
 
     fn remove_body(&self, id: QueueId) -> Result<()> {
@@ -267,7 +285,7 @@ impl Trees {
 
     /// Bodies whose envelope was never written (a crash mid-insert). Jumps from message to
     /// message instead of reading every chunk key.
-    fn remove_orphans(&self) -> Result<()> {
+    fn remove_orphans(&self) -> Result<usize> {
         let mut orphans = Vec::new();
         let mut next = self.bodies.first()?;
         while let Some((k, _)) = next {
@@ -280,11 +298,11 @@ impl Trees {
                 None => None,
             };
         }
-        for id in orphans {
+        for id in &orphans {
             tracing::warn!(id, "removing the body of a message whose envelope was never written");
-            self.remove_body(id)?;
+            self.remove_body(*id)?;
         }
-        Ok(())
+        Ok(orphans.len())
     }
 }
 
@@ -292,8 +310,14 @@ impl Store {
     /// Opens (or creates) the store in `dir`. sled locks the folder: a second process gets an error.
     /// New IDs will be at least `id_floor`.
     pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
-        let trees = Trees::open(dir)?;
-        let store = Store { dir: dir.to_path_buf(), next: AtomicU64::new(1), open: RwLock::new(None) };
+        let (trees, orphans) = Trees::open(dir)?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            next: AtomicU64::new(1),
+            open: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            orphans: AtomicU64::new(orphans as u64),
+        };
         store.raise_next(&trees, id_floor)?;
         store.set_open(Some(Arc::new(trees)));
         Ok(store)
@@ -307,6 +331,7 @@ impl Store {
     pub fn reopen(&self, wait: std::time::Duration) -> Result<()> {
         // Dropped outside the lock's guard would not matter; dropped before opening does.
         self.set_open(None);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let deadline = std::time::Instant::now() + wait;
         let trees = loop {
             match Trees::open(&self.dir) {
@@ -316,6 +341,8 @@ impl Store {
                 other => break other?,
             }
         };
+        let (trees, orphans) = trees;
+        self.orphans.store(orphans as u64, Ordering::SeqCst);
         self.raise_next(&trees, 0)?;
         self.set_open(Some(Arc::new(trees)));
         Ok(())
@@ -337,6 +364,12 @@ impl Store {
     /// The current handles (cheap: one read lock and a reference count).
     fn trees(&self) -> Result<Arc<Trees>> {
         self.open.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or(StoreError::Closed)
+    }
+
+    /// Bodies without an envelope (a crash mid-write, or pieces of a message never queued)
+    /// that the last open removed.
+    pub fn orphans_removed(&self) -> u64 {
+        self.orphans.load(Ordering::SeqCst)
     }
 
     /// The folder the store lives in.
@@ -385,6 +418,51 @@ impl Store {
             t.pickup.insert(m.name.as_bytes(), v)?;
         }
         Ok(())
+    }
+
+    /// The current opening of the store (see [`StagedBody`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Writes the next piece of a body being received (not durable until a [`Store::sync`]),
+    /// split into chunks of at most [`CHUNK`] bytes. Refused if the store was reopened since the
+    /// first piece.
+    pub fn stage(&self, staged: &mut StagedBody, bytes: &[u8]) -> Result<()> {
+        let t = self.trees()?;
+        if staged.generation != self.generation() {
+            return Err(StoreError::Closed);
+        }
+        for chunk in bytes.chunks(CHUNK) {
+            t.bodies.insert(body_key(staged.id, staged.next_index), chunk)?;
+            staged.next_index =
+                staged.next_index.checked_add(1).ok_or(StoreError::Corrupt("too many chunks".into()))?;
+            staged.bytes += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Removes the pieces of a body that will not become a message (refused, or the client left).
+    pub fn discard_staged(&self, id: QueueId) -> Result<()> {
+        self.trees()?.remove_body(id)
+    }
+
+    /// [`Store::insert`] for a staged body: the trace header as chunk 0, the rest of the body
+    /// after the staged pieces, then the envelope and the Pickup mark. Not durable until
+    /// [`Store::sync`]; refused if the store was reopened since the first piece.
+    pub fn insert_staged(&self, env: &Envelope, header: &[u8], staged: &StagedBody, rest: &[u8]) -> Result<()> {
+        let t = self.trees()?;
+        if staged.generation != self.generation() || staged.id != env.id {
+            return Err(StoreError::Closed);
+        }
+        t.meta.insert(NEXT_ID, &self.next.load(Ordering::SeqCst).to_be_bytes())?;
+        t.bodies.insert(body_key(env.id, 0), header)?;
+        let mut index = staged.next_index;
+        for chunk in rest.chunks(CHUNK) {
+            t.bodies.insert(body_key(env.id, index), chunk)?;
+            index = index.checked_add(1).ok_or(StoreError::Corrupt("too many chunks".into()))?;
+        }
+        t.put_envelope(env, None)
     }
 
     /// Undoes an [`Store::insert`] whose sync failed: the message and its Pickup mark go, so a
@@ -638,6 +716,7 @@ mod tests {
             s.sync().unwrap();
         }
         let s = reopen(dir.path(), 0);
+        assert_eq!(s.orphans_removed(), 2);
         assert!(s.body(7).unwrap().is_empty());
         assert!(s.body(u64::MAX).unwrap().is_empty());
         assert_eq!(s.body(3).unwrap().len(), 3 * CHUNK);
@@ -678,6 +757,37 @@ mod tests {
         // The reopened handles hold the folder's lock as the first ones did.
         let other = Store::open(dir.path(), 0).err();
         assert!(matches!(other, Some(StoreError::Locked(_))), "{other:?}");
+    }
+
+    /// A body staged piece by piece reads back as header, pieces and rest; pieces of a body
+    /// that is discarded go; pieces staged before a reopen cannot become a message.
+    #[test]
+    fn staged_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(dir.path(), 0);
+        let id = s.next_id().unwrap();
+        let mut st = StagedBody { id, next_index: 1, bytes: 0, generation: s.generation() };
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        s.stage(&mut st, &big[..150_000]).unwrap();
+        s.stage(&mut st, &big[150_000..190_000]).unwrap();
+        assert_eq!((st.bytes, st.next_index), (190_000, 5), "pieces are split into chunks");
+        s.insert_staged(&env(id, None), b"Received: x\r\n", &st, &big[190_000..]).unwrap();
+        s.sync().unwrap();
+        assert_eq!(s.body(id).unwrap(), [b"Received: x\r\n".as_slice(), &big].concat());
+
+        let gone = s.next_id().unwrap();
+        let mut st = StagedBody { id: gone, next_index: 1, bytes: 0, generation: s.generation() };
+        s.stage(&mut st, b"abc").unwrap();
+        s.discard_staged(gone).unwrap();
+        assert!(s.body(gone).unwrap().is_empty());
+
+        let stale = s.next_id().unwrap();
+        let mut st = StagedBody { id: stale, next_index: 1, bytes: 0, generation: s.generation() };
+        s.stage(&mut st, b"abc").unwrap();
+        s.reopen(std::time::Duration::from_secs(5)).unwrap();
+        assert!(matches!(s.stage(&mut st, b"def"), Err(StoreError::Closed)));
+        assert!(matches!(s.insert_staged(&env(stale, None), b"R\r\n", &st, b""), Err(StoreError::Closed)));
+        assert_eq!(s.body(id).unwrap().len(), 200_000 + 13, "the message survives the reopen");
     }
 
     /// A second open of a folder in use is the typed `Locked` error, not a text to search.

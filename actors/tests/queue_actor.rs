@@ -55,6 +55,7 @@ fn enqueue(rcpts: &[&str], mark: Option<PickupMark>) -> Enqueue {
         origin: Origin::Pickup,
         origin_text: "test".into(),
         pickup: mark,
+        staged: None,
     }
 }
 

@@ -42,10 +42,10 @@ impl Config {
         if self.limits.max_message_size < 1024 {
             return err("limits.max_message_size", "must be at least 1024 bytes (RFC 5321 asks for 64 KB)".into());
         }
-        if self.limits.max_body_memory < self.limits.max_message_size.saturating_mul(2) {
+        if self.limits.max_body_memory < 1024 * 1024 {
             return err(
                 "limits.max_body_memory",
-                "must be at least twice limits.max_message_size (a body's buffer may be twice its size)".into(),
+                "must be at least 1 MiB (a session receiving a message holds up to about 128 KiB of it)".into(),
             );
         }
         if self.limits.max_message_size > (1 << 31) {

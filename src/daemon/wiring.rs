@@ -124,6 +124,7 @@ pub(super) fn run_system(
         let qm = metrics.clone();
         let store_health = Arc::new(StoreHealth::new(store.dir(), config.queue.min_free_space));
         let store = Arc::new(store);
+        let body_store = store.clone();
         let health = store_health.clone();
         let current_router = Arc::new(std::sync::Mutex::new(router));
         let r = current_router.clone();
@@ -144,8 +145,12 @@ pub(super) fn run_system(
                 users: security.users.clone(),
                 auth_checks: Arc::new(tokio::sync::Semaphore::new(cores.max(2))),
                 auth_failures: Arc::new(AuthFailures::new(config.auth.max_failures, config.auth.failure_window.0)),
-                body_budget: Arc::new(BodyBudget::new(config.limits.max_body_memory as usize)),
+                body_budget: Arc::new(BodyBudget::new(
+                    config.limits.max_body_memory as usize,
+                    metrics.body_memory.clone(),
+                )),
                 store_health,
+                body_store: Some(body_store),
                 error_delay: config.limits.error_delay.0,
                 stop: stop_rx,
                 meter: metrics.actor("session"),

@@ -68,7 +68,12 @@ pub struct DataReceiver {
 pub enum DataOutcome {
     /// `body` is what was not handed out by [`DataReceiver::take_ready`] (all of it when nothing
     /// was); `streamed` bytes came before it.
-    Message { body: Vec<u8>, streamed: usize, received_headers: usize, eight_bit: bool },
+    Message {
+        body: Vec<u8>,
+        streamed: usize,
+        received_headers: usize,
+        eight_bit: bool,
+    },
     Refused(DataProblem),
 }
 
@@ -439,9 +444,7 @@ mod tests {
         }
         input.extend_from_slice(b".\r\n");
         let whole = run(1 << 20, &input).1;
-        let Some(DataOutcome::Message { body: want, received_headers: 40, .. }) = &whole else {
-            panic!("{whole:?}")
-        };
+        let Some(DataOutcome::Message { body: want, received_headers: 40, .. }) = &whole else { panic!("{whole:?}") };
         for (read, min) in [(1, 64), (7, 100), (333, 1000), (4096, 4096), (65536, 1000)] {
             let mut rx = DataReceiver::new(1 << 20);
             let mut got = Vec::new();

@@ -64,6 +64,7 @@ impl Handler<Enqueue> for Queue {
             origin: msg.origin,
             origin_text: msg.origin_text,
             pickup: msg.pickup,
+            staged: msg.staged,
         };
         let (env, message) = match self.store_message(new) {
             Ok(stored) => stored,
@@ -72,14 +73,14 @@ impl Handler<Enqueue> for Queue {
         let Some(committer) = self.committer.clone() else {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
         };
-        let (id, size) = (env.id, message.len() as u64);
+        let (id, size) = (env.id, env.size);
         Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
                 act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
                 act.metrics.bytes_received.inc_by(size);
                 act.queued += 1;
                 act.metrics.queue_messages.set(act.queued as i64);
-                act.schedule(id, Some(message));
+                act.schedule(id, message);
                 act.pump(ctx);
                 Ok(id)
             }

@@ -9,7 +9,7 @@ use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::received::Origin;
 use crate::protocol::{EnqueueError, Mailbox};
 use crate::routes::Router;
-use crate::store::{Envelope, PickupMark, QueueId};
+use crate::store::{Envelope, PickupMark, QueueId, StagedBody};
 
 /// Store one new message. Answered once it is on stable storage.
 #[derive(Message)]
@@ -27,6 +27,9 @@ pub struct Enqueue {
     pub origin_text: String,
     /// Set for Pickup files: makes the enqueue idempotent across a restart.
     pub pickup: Option<PickupMark>,
+    /// The body's first pieces, already in the store (SMTP sessions stream them there as they
+    /// arrive); `body` is the rest.
+    pub staged: Option<StagedBody>,
 }
 
 /// A Pickup file whose message is queued has been deleted; forget its mark.

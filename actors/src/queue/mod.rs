@@ -55,7 +55,7 @@ use crate::metrics::{ActorMeter, Metrics, RouteOnlyLabel};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::received::{received_header, Origin};
 use crate::routes::Router;
-use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, Store, StoreError};
+use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, StagedBody, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -98,6 +98,10 @@ const RECOVER_MIN_FREE: u64 = 4 * 1024 * 1024;
 /// Failure reports return the whole message (`RET=FULL`) only up to this size.
 const MAX_RETURNED_MESSAGE: usize = 1024 * 1024;
 
+/// A message's body when it is in memory; `None` when it is only in the store (read back when
+/// its turn to be delivered comes).
+type Body = Option<Arc<Vec<u8>>>;
+
 /// A message to store: what an `Enqueue` carries, or a notification the queue makes itself.
 struct NewMessage {
     sender: Option<String>,
@@ -107,6 +111,8 @@ struct NewMessage {
     origin: Origin,
     origin_text: String,
     pickup: Option<PickupMark>,
+    /// The body's first pieces, already in the store; `body` is the rest.
+    staged: Option<StagedBody>,
 }
 
 pub struct Queue {
@@ -388,15 +394,18 @@ impl Queue {
         true
     }
 
-    /// Writes a new message (body, envelope) to the store; durable only after a commit.
-    fn store_message(&mut self, msg: NewMessage) -> Result<(Envelope, Arc<Vec<u8>>), StoreError> {
-        let id = self.store.next_id()?;
+    /// Writes a new message (body, envelope) to the store; durable only after a commit. Returns
+    /// the body when it is in memory (not for a staged body, which is read back when delivered).
+    fn store_message(&mut self, msg: NewMessage) -> Result<(Envelope, Body), StoreError> {
+        let id = match &msg.staged {
+            Some(staged) => staged.id,
+            None => self.store.next_id()?,
+        };
         let now = unix_now();
         let single = (msg.recipients.len() == 1).then(|| msg.recipients[0].0.clone());
         let header = received_header(&msg.origin, &self.settings.hostname, id, single.as_deref(), now);
-        // The header goes in front of the body in place: no second copy of a large body.
-        let mut message = msg.body;
-        message.splice(0..0, header.bytes());
+        let staged_bytes = msg.staged.as_ref().map_or(0, |s| s.bytes);
+        let size = (header.len() + msg.body.len()) as u64 + staged_bytes;
         let source = match msg.origin {
             Origin::Smtp { .. } => "smtp",
             Origin::Pickup => "pickup",
@@ -417,7 +426,7 @@ impl Queue {
                     dsn,
                 })
                 .collect(),
-            size: message.len() as u64,
+            size,
             received_at: now,
             source: source.into(),
             origin: msg.origin_text,
@@ -426,11 +435,21 @@ impl Queue {
             delay_notified: false,
             held: false,
         };
+        if let Some(staged) = &msg.staged {
+            if let Err(e) = self.store.insert_staged(&env, header.as_bytes(), staged, &msg.body) {
+                let _ = self.store.discard(&env, None);
+                return Err(e);
+            }
+            return Ok((env, None));
+        }
+        // The header goes in front of the body in place: no second copy of a large body.
+        let mut message = msg.body;
+        message.splice(0..0, header.bytes());
         if let Err(e) = self.store.insert(&env, &message, msg.pickup.as_ref()) {
             let _ = self.store.discard(&env, msg.pickup.as_ref());
             return Err(e);
         }
-        Ok((env, Arc::new(message)))
+        Ok((env, Some(Arc::new(message))))
     }
 
     fn tell_scheduler(&mut self, at: u64, now: u64) {

@@ -3,13 +3,11 @@
 //! the sender, or Badmail for a notification that cannot be delivered. Notifications are stored
 //! before the state that makes them due (see the invariants in `mod.rs`).
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 use tracing::{error, info, warn};
 
 use super::schedule::{humanize, next_attempt_at};
-use super::{NewMessage, Queue, MAX_RETURNED_MESSAGE};
+use super::{Body, NewMessage, Queue, MAX_RETURNED_MESSAGE};
 use crate::clock::unix_now;
 use crate::delivery::{replies, Class, DeliveryReport, Handoff};
 use crate::fsio::write_badmail;
@@ -109,7 +107,7 @@ impl Queue {
             }
             original.clone()
         };
-        let mut notices: Vec<(QueueId, Arc<Vec<u8>>)> = Vec::new();
+        let mut notices: Vec<(QueueId, Body)> = Vec::new();
         if env.sender.is_empty() {
             if !failed.is_empty() {
                 let Some(message) = body(&self.store) else { return };
@@ -183,7 +181,7 @@ impl Queue {
         message: &[u8],
         expires_at: u64,
         now: u64,
-    ) -> Result<(QueueId, Arc<Vec<u8>>), StoreError> {
+    ) -> Result<(QueueId, Body), StoreError> {
         let recipients = rcpts
             .iter()
             .filter_map(|&(i, action)| env.recipients.get(i).map(|r| (r, action)))
@@ -225,6 +223,7 @@ impl Queue {
             origin: Origin::Local,
             origin_text: format!("{kind_name} notice for {}", env.id),
             pickup: None,
+            staged: None,
         })?;
         self.metrics.notifications.get_or_create(&KindLabel { kind: kind_name }).inc();
         info!(id = new.id, about = env.id, to = %LogSafe(&env.sender), kind = kind_name, "notification queued");
@@ -232,7 +231,7 @@ impl Queue {
     }
 
     /// Makes stored notifications durable, then queues them for delivery.
-    fn commit_notices(&mut self, notices: Vec<(QueueId, Arc<Vec<u8>>)>, ctx: &mut Context<Self>) {
+    fn commit_notices(&mut self, notices: Vec<(QueueId, Body)>, ctx: &mut Context<Self>) {
         let Some(committer) = self.committer.clone() else { return };
         self.queued += notices.len();
         self.metrics.queue_messages.set(self.queued as i64);
@@ -245,7 +244,7 @@ impl Queue {
                     return act.store_failed(format!("queue sync failed: {e}"), e.raw_os_error() == Some(28), ctx);
                 }
                 for (id, message) in notices {
-                    act.schedule(id, Some(message));
+                    act.schedule(id, message);
                 }
                 act.pump(ctx);
             })
