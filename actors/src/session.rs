@@ -31,9 +31,10 @@ use crate::protocol::received::Origin;
 use crate::protocol::{self, Action, EnqueueError};
 pub use crate::protolog::ProtocolLog;
 use crate::queue::Enqueue;
-use crate::store::{StagedBody, Store};
+use crate::store::{SpoolWriter, StagedBody, Store};
 
-/// Bodies are written to the store in pieces of at least this size (plus at most one read).
+/// Bodies are written to their spool file in pieces of at least this size (plus at most one
+/// read); a message smaller than this never gets a spool file and goes whole to the Queue.
 pub const STREAM_PIECE: usize = 64 * 1024;
 
 /// The first bytes of a connection: the greeting.
@@ -143,8 +144,9 @@ pub struct SessionShared {
     /// Room in the queue (free space above its reserve, none while its store fails): MAIL is
     /// refused with 452 4.3.1 without it.
     pub store_health: Arc<crate::health::StoreHealth>,
-    /// Where message bodies go piece by piece as they arrive, so a session holds only about
-    /// [`STREAM_PIECE`] of a message whatever its size. `None`: bodies go whole to the Queue.
+    /// Where large message bodies go piece by piece as they arrive (a spool file each), so a
+    /// session holds only about [`STREAM_PIECE`] of a message whatever its size. `None`: bodies
+    /// go whole to the Queue.
     pub body_store: Option<Arc<Store>>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
@@ -175,30 +177,30 @@ impl Session {
     }
 }
 
-/// The pieces of one message's body written to the store so far. Dropped without being kept
-/// (the message was refused, the client left, the session ended), it removes them, so only an
-/// acknowledged message's pieces stay; a crash leaves them as orphans, removed at the next open.
+/// The spool file of the message being received. Dropped without being kept (the message was
+/// refused, the client left, the session ended), it removes the file, so only an acknowledged
+/// message's file stays; a crash leaves it as an orphan, removed at the next open.
 struct Staging {
-    store: Arc<Store>,
     /// The protocol's number for the message (see `protocol::Session::body_seq`).
     seq: u64,
-    body: StagedBody,
-    /// Writing a piece failed: the message is refused at its end (452 4.3.1).
-    failed: bool,
+    path: std::path::PathBuf,
+    /// `None` while a write runs, or once writing failed (the message is then refused at its
+    /// end with 452 4.3.1).
+    writer: Option<SpoolWriter>,
     kept: bool,
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.kept && self.body.next_index > 1 {
-            if let Err(e) = self.store.discard_staged(self.body.id) {
-                debug!(id = self.body.id, error = %e, "cannot remove the pieces of a message not taken");
+        if !self.kept {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                debug!(file = %self.path.display(), error = %e, "cannot remove the spool file of a message not taken");
             }
         }
     }
 }
 
-/// Writes one piece of message `seq` to the store, starting its staging if it is the first.
+/// Writes one piece of message `seq` to its spool file, starting the file if it is the first.
 /// A failure refuses the message at its end (with 452 4.3.1), never a broken message.
 async fn stage_piece(
     staging: &mut Option<Staging>,
@@ -211,26 +213,36 @@ async fn stage_piece(
     if staging.as_ref().is_some_and(|s| s.seq != seq) {
         *staging = None;
     }
-    if staging.is_none() {
-        let Ok(id) = store.next_id() else {
-            return proto.no_room();
-        };
-        let body = StagedBody { id, next_index: 1, bytes: 0, generation: store.generation() };
-        *staging = Some(Staging { store: store.clone(), seq, body, failed: false, kept: false });
-    }
-    let Some(st) = staging.as_mut() else { return };
-    if st.failed {
-        return;
-    }
-    let (store, mut body) = (store.clone(), st.body.clone());
-    match blocking(move || store.stage(&mut body, &bytes).map(|()| body).map_err(std::io::Error::other)).await {
-        Ok(body) => st.body = body,
+    let writer = match staging.as_mut() {
+        Some(st) => st.writer.take(),
+        None => {
+            let s = store.clone();
+            match blocking(move || s.spool().map_err(std::io::Error::other)).await {
+                Ok(w) => {
+                    *staging = Some(Staging { seq, path: w.path().to_path_buf(), writer: None, kept: false });
+                    Some(w)
+                }
+                Err(e) => {
+                    info!(client = %peer, error = %e, "cannot start a spool file; the message will be refused");
+                    return proto.no_room();
+                }
+            }
+        }
+    };
+    let (Some(mut w), Some(st)) = (writer, staging.as_mut()) else { return };
+    match blocking(move || w.write(&bytes).map(|()| w)).await {
+        Ok(w) => st.writer = Some(w),
         Err(e) => {
-            info!(client = %peer, error = %e, "cannot store a piece of the message being received; it will be refused");
-            st.failed = true;
+            info!(client = %peer, error = %e, "cannot write the message being received; it will be refused");
             proto.no_room();
         }
     }
+}
+
+/// Finishes the spool file of a message with its rest (synced), for its `Enqueue`.
+async fn finish_spool(st: &mut Staging, rest: Vec<u8>) -> Result<StagedBody, std::io::Error> {
+    let w = st.writer.take().ok_or_else(|| std::io::Error::other("writing the message failed"))?;
+    blocking(move || w.finish(&rest)).await
 }
 
 impl Actor for Session {
@@ -322,14 +334,19 @@ async fn drive(
                 let sender = m.sender.as_ref().map(|s| s.to_string()).unwrap_or_default();
                 let recipients: Vec<String> = m.recipients.iter().map(|r| r.to_string()).collect();
                 let size = m.streamed + m.body.len();
-                // The pieces of this message already in the store; another message's are dropped.
-                let staged = staging.take().filter(|s| s.seq == m.body_seq);
+                // The spool file of this message (another message's is dropped, and removed).
+                let mut staged = staging.take().filter(|s| s.seq == m.body_seq);
+                let mut body = m.body;
+                let spooled = match staged.as_mut() {
+                    Some(st) => Some(finish_spool(st, std::mem::take(&mut body)).await),
+                    None => None,
+                };
                 let req = Enqueue {
                     sender: m.sender,
                     recipients: m.recipients,
                     dsn: m.dsn,
                     rcpt_dsn: m.rcpt_dsn,
-                    body: m.body,
+                    body,
                     origin: Origin::Smtp {
                         helo: m.helo,
                         ip: peer.ip(),
@@ -338,11 +355,19 @@ async fn drive(
                     },
                     origin_text: peer.to_string(),
                     pickup: None,
-                    staged: staged.as_ref().map(|s| s.body.clone()),
+                    staged: None,
                 };
-                let result = match &staged {
-                    Some(s) if s.failed => Err(EnqueueError::Storage),
-                    _ => shared.queue.send(req).await.unwrap_or(Err(EnqueueError::Temporary)),
+                let result = match spooled {
+                    Some(Err(e)) => {
+                        info!(client = %peer, error = %e, "cannot finish the spool file of a message");
+                        Err(EnqueueError::Storage)
+                    }
+                    Some(Ok(body)) => shared
+                        .queue
+                        .send(Enqueue { staged: Some(body), ..req })
+                        .await
+                        .unwrap_or(Err(EnqueueError::Temporary)),
+                    None => shared.queue.send(req).await.unwrap_or(Err(EnqueueError::Temporary)),
                 };
                 if let Some(mut s) = staged {
                     // Acknowledged: the pieces are the message's now. Otherwise they go.

@@ -30,6 +30,18 @@ const NEXT_ID: &[u8] = b"next_id";
 /// Body chunk size: well under sled's blob threshold (segment size / 4 = 128 KiB by default).
 pub const CHUNK: usize = 64 * 1024;
 
+/// The folder (inside the store's) of large bodies written as they arrived, one file per message.
+const SPOOL: &str = "spool";
+/// The chunk number that marks a body whose rest is in its spool file (the value: its length).
+const SPOOLED: u32 = u32::MAX;
+
+fn remove_spool_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RcptStatus {
@@ -188,17 +200,54 @@ pub struct Store {
     orphans: AtomicU64,
 }
 
-/// A message body whose pieces a session wrote to the store as they arrived
-/// ([`Store::stage`]), at chunk indexes 1 to `next_index - 1` of message `id`; chunk 0 is kept
-/// for the trace header. Becomes a message with [`Store::insert_staged`], which refuses it if the
-/// store was reopened since (its pieces may be gone).
+/// A large message body a session wrote to its spool file as it arrived ([`Store::spool`]),
+/// complete and synced. Becomes a message with [`Store::insert_staged`], which refuses it if
+/// the store was reopened since (the reopen's orphan sweep may have removed the file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StagedBody {
     pub id: QueueId,
-    pub next_index: u32,
-    /// Bytes staged.
+    /// Bytes in the spool file.
     pub bytes: u64,
     pub generation: u64,
+}
+
+/// A body being written to its spool file (`<Queue>/spool/<id>`) as it arrives. The file
+/// lives in the kernel's page cache, not in our memory; [`SpoolWriter::finish`] syncs it.
+pub struct SpoolWriter {
+    id: QueueId,
+    file: File,
+    path: PathBuf,
+    bytes: u64,
+    generation: u64,
+}
+
+impl SpoolWriter {
+    pub fn id(&self) -> QueueId {
+        self.id
+    }
+
+    /// The spool file; whoever gives up on the message removes it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.file.write_all(bytes)?;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the rest of the body and makes the file durable (its data, and its name in the
+    /// spool folder), so the envelope written after it never names a body that a crash lost.
+    pub fn finish(mut self, rest: &[u8]) -> std::io::Result<StagedBody> {
+        self.write(rest)?;
+        self.file.sync_data()?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(StagedBody { id: self.id, bytes: self.bytes, generation: self.generation })
+    }
 }
 
 /// One opening of the store: sled's database, its trees and a handle on its log file.
@@ -271,21 +320,25 @@ impl Trees {
             db,
             log,
         };
-        let orphans = trees.remove_orphans()?;
+        let spool = dir.join(SPOOL);
+        std::fs::create_dir_all(&spool)?;
+        let orphans = trees.remove_orphans(&spool)?;
         Ok((trees, orphans))
     }
 
-    fn remove_body(&self, id: QueueId) -> Result<()> {
+    /// Removes a message's body chunks; true if its body was spooled (the caller removes the file).
+    fn remove_body(&self, id: QueueId) -> Result<bool> {
         let keys: Vec<_> = self.bodies.scan_prefix(id.to_be_bytes()).keys().collect::<std::result::Result<_, _>>()?;
+        let spooled = keys.iter().any(|k| k.get(8..) == Some(&SPOOLED.to_be_bytes()[..]));
         for k in keys {
             self.bodies.remove(k)?;
         }
-        Ok(())
+        Ok(spooled)
     }
 
     /// Bodies whose envelope was never written (a crash mid-insert). Jumps from message to
     /// message instead of reading every chunk key.
-    fn remove_orphans(&self) -> Result<usize> {
+    fn remove_orphans(&self, spool: &Path) -> Result<usize> {
         let mut orphans = Vec::new();
         let mut next = self.bodies.first()?;
         while let Some((k, _)) = next {
@@ -302,7 +355,21 @@ impl Trees {
             tracing::warn!(id, "removing the body of a message whose envelope was never written");
             self.remove_body(*id)?;
         }
-        Ok(orphans.len())
+        // Spool files without an envelope: a message being received when the process ended,
+        // or one whose envelope never became durable.
+        let mut spooled = 0;
+        for entry in std::fs::read_dir(spool)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let id = name.to_str().and_then(|n| n.parse::<QueueId>().ok());
+            if id.is_some_and(|id| self.envelopes.contains_key(id.to_be_bytes()).unwrap_or(true)) {
+                continue;
+            }
+            tracing::warn!(file = %entry.path().display(), "removing a spool file whose message was never queued");
+            remove_spool_file(&entry.path())?;
+            spooled += 1;
+        }
+        Ok(orphans.len() + spooled)
     }
 }
 
@@ -425,43 +492,32 @@ impl Store {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Writes the next piece of a body being received (not durable until a [`Store::sync`]),
-    /// split into chunks of at most [`CHUNK`] bytes. Refused if the store was reopened since the
-    /// first piece.
-    pub fn stage(&self, staged: &mut StagedBody, bytes: &[u8]) -> Result<()> {
-        let t = self.trees()?;
-        if staged.generation != self.generation() {
-            return Err(StoreError::Closed);
-        }
-        for chunk in bytes.chunks(CHUNK) {
-            t.bodies.insert(body_key(staged.id, staged.next_index), chunk)?;
-            staged.next_index =
-                staged.next_index.checked_add(1).ok_or(StoreError::Corrupt("too many chunks".into()))?;
-            staged.bytes += chunk.len() as u64;
-        }
-        Ok(())
+    /// Starts the spool file of a large body being received, under a new message ID.
+    pub fn spool(&self) -> Result<SpoolWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let generation = self.generation();
+        let id = self.next_id()?;
+        let path = self.spool_path(id);
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        Ok(SpoolWriter { id, file, path, bytes: 0, generation })
     }
 
-    /// Removes the pieces of a body that will not become a message (refused, or the client left).
-    pub fn discard_staged(&self, id: QueueId) -> Result<()> {
-        self.trees()?.remove_body(id)
+    fn spool_path(&self, id: QueueId) -> PathBuf {
+        self.dir.join(SPOOL).join(id.to_string())
     }
 
-    /// [`Store::insert`] for a staged body: the trace header as chunk 0, the rest of the body
-    /// after the staged pieces, then the envelope and the Pickup mark. Not durable until
-    /// [`Store::sync`]; refused if the store was reopened since the first piece.
-    pub fn insert_staged(&self, env: &Envelope, header: &[u8], staged: &StagedBody, rest: &[u8]) -> Result<()> {
+    /// [`Store::insert`] for a body in a spool file: the trace header as chunk 0, a mark that
+    /// the rest is in the file (with its length), then the envelope. Not durable until
+    /// [`Store::sync`] (the file already is); refused if the store was reopened since the
+    /// file was started.
+    pub fn insert_staged(&self, env: &Envelope, header: &[u8], staged: &StagedBody) -> Result<()> {
         let t = self.trees()?;
         if staged.generation != self.generation() || staged.id != env.id {
             return Err(StoreError::Closed);
         }
         t.meta.insert(NEXT_ID, &self.next.load(Ordering::SeqCst).to_be_bytes())?;
         t.bodies.insert(body_key(env.id, 0), header)?;
-        let mut index = staged.next_index;
-        for chunk in rest.chunks(CHUNK) {
-            t.bodies.insert(body_key(env.id, index), chunk)?;
-            index = index.checked_add(1).ok_or(StoreError::Corrupt("too many chunks".into()))?;
-        }
+        t.bodies.insert(body_key(env.id, SPOOLED), &staged.bytes.to_be_bytes())?;
         t.put_envelope(env, None)
     }
 
@@ -509,7 +565,19 @@ impl Store {
         let t = self.trees()?;
         let mut out = Vec::new();
         for kv in t.bodies.scan_prefix(id.to_be_bytes()) {
-            let (_, v) = kv?;
+            let (k, v) = kv?;
+            if k.get(8..).and_then(|c| c.try_into().ok()).map(u32::from_be_bytes) == Some(SPOOLED) {
+                // The rest is in the spool file, which must hold exactly what was acknowledged.
+                let want = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
+                let mut f = File::open(self.spool_path(id))?;
+                let len = f.metadata()?.len();
+                if len != want {
+                    return Err(StoreError::Corrupt(format!("spool file of {id} has {len} bytes, not {want}")));
+                }
+                out.reserve(len as usize);
+                std::io::Read::read_to_end(&mut f, &mut out)?;
+                continue;
+            }
             out.extend_from_slice(&v);
         }
         Ok(out)
@@ -523,7 +591,10 @@ impl Store {
         if let Some(at) = stored_next {
             t.retry.remove(retry_key(at, id))?;
         }
-        t.remove_body(id)
+        if t.remove_body(id)? {
+            remove_spool_file(&self.spool_path(id))?;
+        }
+        Ok(())
     }
 
     /// Every readable envelope, oldest first.
@@ -759,35 +830,48 @@ mod tests {
         assert!(matches!(other, Some(StoreError::Locked(_))), "{other:?}");
     }
 
-    /// A body staged piece by piece reads back as header, pieces and rest; pieces of a body
-    /// that is discarded go; pieces staged before a reopen cannot become a message.
+    /// A body spooled piece by piece reads back as header and file; removing the message
+    /// removes the file; a spool file whose message was never queued is removed at the next
+    /// open; a file started before a reopen cannot become a message; a file that does not hold
+    /// what was acknowledged is an error, never a truncated message.
     #[test]
-    fn staged_bodies() {
+    fn spooled_bodies() {
         let dir = tempfile::tempdir().unwrap();
         let s = reopen(dir.path(), 0);
-        let id = s.next_id().unwrap();
-        let mut st = StagedBody { id, next_index: 1, bytes: 0, generation: s.generation() };
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
-        s.stage(&mut st, &big[..150_000]).unwrap();
-        s.stage(&mut st, &big[150_000..190_000]).unwrap();
-        assert_eq!((st.bytes, st.next_index), (190_000, 5), "pieces are split into chunks");
-        s.insert_staged(&env(id, None), b"Received: x\r\n", &st, &big[190_000..]).unwrap();
+        let mut w = s.spool().unwrap();
+        let id = w.id();
+        w.write(&big[..150_000]).unwrap();
+        w.write(&big[150_000..190_000]).unwrap();
+        let staged = w.finish(&big[190_000..]).unwrap();
+        assert_eq!(staged.bytes, 200_000);
+        s.insert_staged(&env(id, None), b"Received: x\r\n", &staged).unwrap();
         s.sync().unwrap();
         assert_eq!(s.body(id).unwrap(), [b"Received: x\r\n".as_slice(), &big].concat());
 
-        let gone = s.next_id().unwrap();
-        let mut st = StagedBody { id: gone, next_index: 1, bytes: 0, generation: s.generation() };
-        s.stage(&mut st, b"abc").unwrap();
-        s.discard_staged(gone).unwrap();
-        assert!(s.body(gone).unwrap().is_empty());
-
-        let stale = s.next_id().unwrap();
-        let mut st = StagedBody { id: stale, next_index: 1, bytes: 0, generation: s.generation() };
-        s.stage(&mut st, b"abc").unwrap();
+        let mut left = s.spool().unwrap();
+        left.write(b"never queued").unwrap();
+        let left_path = left.path().to_path_buf();
+        let stale = s.spool().unwrap();
+        let stale = stale.finish(b"abc").unwrap();
+        drop(s);
+        let s = reopen(dir.path(), 0);
+        assert!(!left_path.exists(), "removed at open");
+        assert_eq!(s.orphans_removed(), 2);
+        assert_eq!(s.body(id).unwrap().len(), 200_013, "the queued message survives");
         s.reopen(std::time::Duration::from_secs(5)).unwrap();
-        assert!(matches!(s.stage(&mut st, b"def"), Err(StoreError::Closed)));
-        assert!(matches!(s.insert_staged(&env(stale, None), b"R\r\n", &st, b""), Err(StoreError::Closed)));
-        assert_eq!(s.body(id).unwrap().len(), 200_000 + 13, "the message survives the reopen");
+        assert!(matches!(s.insert_staged(&env(stale.id, None), b"R\r\n", &stale), Err(StoreError::Closed)));
+
+        // A spool file cut short (a disk fault, a hand) is an error, not a shorter message.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("spool").join(id.to_string()))
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        assert!(matches!(s.body(id), Err(StoreError::Corrupt(_))));
+        s.remove(id, None).unwrap();
+        assert!(!dir.path().join("spool").join(id.to_string()).exists());
     }
 
     /// A second open of a folder in use is the typed `Locked` error, not a text to search.

@@ -436,7 +436,11 @@ impl Queue {
             held: false,
         };
         if let Some(staged) = &msg.staged {
-            if let Err(e) = self.store.insert_staged(&env, header.as_bytes(), staged, &msg.body) {
+            // The whole body is in the spool file: the sender wrote its rest there too.
+            if !msg.body.is_empty() {
+                return Err(StoreError::Corrupt("a spooled message with a rest outside its file".into()));
+            }
+            if let Err(e) = self.store.insert_staged(&env, header.as_bytes(), staged) {
                 let _ = self.store.discard(&env, None);
                 return Err(e);
             }
