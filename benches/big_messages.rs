@@ -98,6 +98,8 @@ fn main() {
     std::thread::sleep(Duration::from_secs(3));
     let peak_during = sampler.stop();
     let after = common::rss_kib(None);
+    std::thread::sleep(Duration::from_secs(7));
+    let later = common::rss_kib(None);
     println!(
         "accepted:   {clients} of {clients} in {:.1}s (all in Drop after {:.1}s); 452 answers (retried): {}; other failures: {}",
         took.as_secs_f64(),
@@ -106,10 +108,11 @@ fn main() {
         other.load(Ordering::Relaxed)
     );
     println!(
-        "RSS before: {:.1} MB; peak {:.1} MB; 3 s after {:.1} MB",
+        "RSS before: {:.1} MB; peak {:.1} MB; 3 s after {:.1} MB; 10 s after {:.1} MB",
         before as f64 / 1024.0,
         peak_during as f64 / 1024.0,
-        after as f64 / 1024.0
+        after as f64 / 1024.0,
+        later as f64 / 1024.0
     );
     running.stop();
 }

@@ -15,6 +15,7 @@
 //!   [`notify`]: delivery status notifications.
 //! - [`metrics`]: the prometheus-client registry the actors update.
 
+pub mod alloc;
 pub mod auth;
 pub mod clock;
 pub mod commit;

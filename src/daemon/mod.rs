@@ -297,6 +297,7 @@ fn start_with(
     options: StartOptions,
     custom: Vec<(String, ChildFactory)>,
 ) -> Result<Running, StartError> {
+    mailroot_actors::alloc::return_large_blocks();
     for (name, _) in &custom {
         if BUILT_IN_ROUTES.contains(&name.as_str()) {
             return Err(StartError::Other(format!("route actor {name:?}: that name is a built-in route")));
