@@ -4,8 +4,12 @@
 //! At the end it runs undisturbed until the queue is empty and prints how many messages were
 //! acknowledged (250), delivered, duplicated (allowed: delivery is at least once) and lost (must
 //! be 0), and the daemon's peak RSS.
-//! Run with `cargo bench --bench chaos -- [--cycles N] [--sessions S] [--dir PATH]` (default 10
-//! cycles; a long run: `--cycles 100`); see docs/performance.md.
+//! Halfway through there is one disk-full episode: the Mailroot is on a tmpfs of its own (when
+//! mount is allowed, as root), which is filled for 5 s and then freed; it prints how soon after
+//! mail was acknowledged again, without a restart.
+//! Run with `cargo bench --bench chaos -- [--cycles N] [--sessions S] [--dir PATH] [--tmpfs SIZE]`
+//! (default 10 cycles and a 2g tmpfs; a long run: `--cycles 100 --tmpfs 6g`); see
+//! docs/performance.md.
 
 mod common;
 
@@ -37,7 +41,13 @@ impl Rng {
 
 /// Sends messages until `stop`, each on the current connection (a new one after any failure);
 /// records the token of every message answered 250.
-fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<(String, bool)>>>) {
+fn client(
+    addr: SocketAddr,
+    id: usize,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(String, bool)>>>,
+    no_space: Arc<AtomicUsize>,
+) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1));
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -69,7 +79,12 @@ fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, acked: Arc<Mutex<V
             if w.write_all(env.as_bytes()).is_err() {
                 break;
             }
-            if [common::read_reply(&mut r), common::read_reply(&mut r), common::read_reply(&mut r)] != [250, 250, 354] {
+            let replies = [common::read_reply(&mut r), common::read_reply(&mut r), common::read_reply(&mut r)];
+            if replies != [250, 250, 354] {
+                if replies.contains(&452) {
+                    no_space.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 break;
             }
             if w.write_all(body.as_bytes()).is_err() {
@@ -78,6 +93,9 @@ fn client(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, acked: Arc<Mutex<V
             match common::read_reply(&mut r) {
                 250 => acked.lock().unwrap().push((token, local)),
                 0 => break,
+                452 => {
+                    no_space.fetch_add(1, Ordering::Relaxed);
+                }
                 _ => {}
             }
         }
@@ -114,13 +132,71 @@ fn in_drop(dir: &Path) -> HashMap<String, usize> {
     seen
 }
 
+/// Mounts a tmpfs of `size` on `dir`; why not, if it cannot.
+fn mount_tmpfs(dir: &Path, size: &str) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Writes a file until the filesystem of `dir` is full.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0x55u8; 1 << 20];
+    let mut small = false;
+    loop {
+        let piece = if small { &chunk[..4096] } else { &chunk[..] };
+        match f.write_all(piece) {
+            Ok(()) => {}
+            Err(_) if !small => small = true,
+            Err(_) => break,
+        }
+    }
+    path
+}
+
+/// The disk-full episode: fill the Mailroot's filesystem for 5 s, free it, and measure how long
+/// until a message is acknowledged again (the daemon is not restarted meanwhile).
+fn disk_full_episode(mailroot: &Path, acked: &Mutex<Vec<(String, bool)>>, no_space: &AtomicUsize) -> String {
+    let refusals_before = no_space.load(Ordering::Relaxed);
+    let filler = fill(mailroot);
+    let filled_at = acked.lock().unwrap().len();
+    std::thread::sleep(Duration::from_secs(5));
+    let while_full = acked.lock().unwrap().len() - filled_at;
+    let refused = no_space.load(Ordering::Relaxed) - refusals_before;
+    let _ = std::fs::remove_file(&filler);
+    let freed = Instant::now();
+    let before = acked.lock().unwrap().len();
+    while acked.lock().unwrap().len() == before && freed.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let flowing = if acked.lock().unwrap().len() > before {
+        format!("acknowledging again {:.1} s after space came back, without a restart", freed.elapsed().as_secs_f64())
+    } else {
+        "NOT acknowledging 120 s after space came back".to_string()
+    };
+    format!("disk full for 5 s: {refused} answers 452, {while_full} acknowledged meanwhile; {flowing}")
+}
+
 fn main() {
     let a = common::Args::parse();
     let mut cycles = 10;
+    let mut tmpfs = "2g".to_string();
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         if k == "--cycles" {
             cycles = it.next().and_then(|v| v.parse().ok()).unwrap_or(cycles);
+        } else if k == "--tmpfs" {
+            tmpfs = it.next().unwrap_or(tmpfs);
         }
     }
     let sessions = if std::env::args().any(|x| x == "--sessions") { a.sessions } else { 8 };
@@ -141,6 +217,11 @@ fn main() {
         ),
     )
     .unwrap();
+    let mailroot = base.join("spool");
+    let mounted = mount_tmpfs(&mailroot, &tmpfs);
+    if let Err(why) = &mounted {
+        println!("no disk-full episode: mounting a tmpfs for the Mailroot was refused ({why})");
+    }
     let seed =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
             | 1;
@@ -148,17 +229,24 @@ fn main() {
     println!("chaos: {cycles} SIGKILL cycles, {sessions} clients, seed {seed}, Mailroot in {}", base.display());
 
     let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+    let no_space = Arc::new(AtomicUsize::new(0));
+    let mut episode = None;
     let peak = Arc::new(AtomicUsize::new(0));
     let mut child = start(&cfg);
     wait_listening(addr);
     let clients: Vec<_> = (0..sessions)
         .map(|i| {
-            let (stop, acked) = (stop.clone(), acked.clone());
-            std::thread::spawn(move || client(addr, i, stop, acked))
+            let (stop, acked, no_space) = (stop.clone(), acked.clone(), no_space.clone());
+            std::thread::spawn(move || client(addr, i, stop, acked, no_space))
         })
         .collect();
     let started = Instant::now();
     for cycle in 0..cycles {
+        if cycle == cycles / 2 && mounted.is_ok() {
+            let e = disk_full_episode(&mailroot, &acked, &no_space);
+            println!("  {e}");
+            episode = Some(e);
+        }
         // The smart host misbehaves now and then.
         sink.defer.store(rng.below(4) == 0, Ordering::Relaxed);
         sink.drop_after_data.store(rng.below(6) == 0, Ordering::Relaxed);
@@ -196,12 +284,17 @@ fn main() {
         let lost = acked.iter().filter(|(t, l)| count(t, *l) == 0).count();
         let dup: usize = acked.iter().map(|(t, l)| count(t, *l).saturating_sub(1)).sum();
         if lost == 0 || Instant::now() > deadline {
+            let dup_local: usize = acked.iter().filter(|(_, l)| *l).map(|(t, l)| count(t, *l).saturating_sub(1)).sum();
+            println!("  duplicates: {dup_local} in Drop, {} at the smart host", dup - dup_local);
             break (lost, dup, acked.len() - lost);
         }
         std::thread::sleep(Duration::from_millis(500));
     };
     let _ = child.kill();
     let _ = child.wait();
+    if mounted.is_ok() {
+        let _ = Command::new("umount").arg("-l").arg(&mailroot).status();
+    }
     println!(
         "acknowledged: {} ({} local, {} relayed) in {:.0}s of load with {cycles} kills",
         acked.len(),
@@ -213,4 +306,5 @@ fn main() {
     println!("duplicated:   {dup} (allowed: delivery is at least once)");
     println!("lost:         {lost}{}", if lost == 0 { "" } else { "   <-- MUST BE 0" });
     println!("peak RSS:     {:.1} MB (the daemon, any incarnation)", peak.load(Ordering::Relaxed) as f64 / 1024.0);
+    println!("disk full:    {}", episode.unwrap_or_else(|| "no episode (see above)".into()));
 }

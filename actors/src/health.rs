@@ -91,6 +91,10 @@ impl StoreHealth {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
     /// Why the store is failing, if it is.
     pub fn failing(&self) -> Option<String> {
         if !self.failing.load(Ordering::Relaxed) {

@@ -6,6 +6,7 @@
 //! Invariants:
 //! - An `Enqueue` is answered `Ok` only after a sync that covers its write has returned.
 //! - At most `max_in_flight` `Deliver` requests are outstanding; everything else waits in `ready`.
+//!   None is sent while the store cannot write (its result could not be recorded).
 //!   `ready` keeps message bodies in memory only up to `READY_BODY_BYTES` in total (the rest are
 //!   read back from sled when their turn comes), so memory stays bounded whatever the queue holds.
 //! - A message is removed from the store only when no recipient is pending.
@@ -288,6 +289,11 @@ impl Queue {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        // A delivery whose result cannot be recorded would be made again and again (the store
+        // still says pending): nothing goes out until the store writes again (`load_queue`).
+        if self.health.is_failing() {
+            return;
+        }
         while self.in_flight < self.settings.max_in_flight
             && (self.in_flight == 0 || self.in_flight_bytes < IN_FLIGHT_BYTES)
         {
