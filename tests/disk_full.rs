@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::peer::{Behavior, Peer};
 use common::*;
 use mailroot::client::AdminClient;
 use mailroot::daemon::Running;
@@ -103,15 +104,33 @@ fn try_send(addr: std::net::SocketAddr, subject: &str) -> Reply {
 fn the_store_is_reopened_once_space_is_back() {
     let fs = Tmpfs::mount("32m");
     let root = fs.path().join("mailroot");
-    let running = start(config(&root, "[queue]\nmin_free_space = 0\n"));
+    // A smart host that defers `t4…` recipients: one message is retried every second.
+    let peer = Peer::start("127.43.0.1", 0, Behavior::default());
+    let extra = format!(
+        "[queue]\nmin_free_space = 0\nretry_intervals = [\"1s\"]\n[delivery]\nsmart_host = \"[{}]:{}\"\n",
+        peer.addr.ip(),
+        peer.addr.port()
+    );
+    let running = start(config(&root, &extra));
     let addr = running.smtp_addrs[0];
+    let deferred = "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}";
 
     let before = try_send(addr, "before");
     assert_eq!(before.code, 250, "{before:?}");
     drop_file(&root, before.queue_id().expect("id"));
+    let mut c = Client::ready(addr, "client.test");
+    let r = c.transaction("s@client.test", &["t4@remote.test"], b"Subject: retried\r\n\r\nx\r\n");
+    assert_eq!(r.code, 250, "{r:?}");
+    drop(c);
+    wait_metric(&running, deferred, |v| v >= 2.0);
 
     let filler = fill(fs.path(), 0);
-    let refused = try_send(addr, "while full");
+    // sled may still have room inside the files it already has: what it takes is durable and
+    // acknowledged honestly; once it needs more, the refusals come.
+    let refused = wait_for("a refusal", Duration::from_secs(20), || {
+        let r = try_send(addr, "while full");
+        (r.code != 250).then_some(r)
+    });
     assert_eq!(refused.code, 452, "a full disk is 452 4.3.1, never 250: {refused:?}");
     assert!(refused.text.starts_with("4.3.1"), "{refused:?}");
     let why = store_error(&running).expect("status says the store is failing");
@@ -122,6 +141,12 @@ fn the_store_is_reopened_once_space_is_back() {
     let r = c.cmd("MAIL FROM:<s@client.test>");
     assert_eq!((r.code, r.text.get(..5)), (452, Some("4.3.1")), "{r:?}");
     drop(c);
+    // Nothing is delivered while results cannot be recorded: the retried message is not sent
+    // again and again (at most one attempt already under way ends).
+    std::thread::sleep(Duration::from_secs(1));
+    let attempts = metric(&running, deferred);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(metric(&running, deferred) <= attempts + 1.0, "no deliveries while the store is failing");
 
     std::fs::remove_file(&filler).expect("free the space");
     let freed = Instant::now();
@@ -135,6 +160,9 @@ fn the_store_is_reopened_once_space_is_back() {
     assert!(String::from_utf8_lossy(&delivered.message).contains("Subject: after"));
     assert_eq!(store_error(&running), None, "status is healthy again");
     assert!(metric(&running, "mailroot_queue_store_reopens_total") >= 1.0);
+    // Retrying goes on once the store writes again.
+    let now = metric(&running, deferred);
+    wait_metric(&running, deferred, |v| v >= now + 2.0);
     running.stop();
 }
 
