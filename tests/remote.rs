@@ -161,7 +161,7 @@ fn mixed_results_then_success_on_retry() {
     let ndr = wait_drop_with(dir.path(), "Undelivered Mail");
     assert!(ndr.contains("Final-Recipient: rfc822; p5gone@mixed.test"), "{ndr}");
     assert!(ndr.contains("Diagnostic-Code: smtp; 550 5.1.1 No such user here"), "{ndr}");
-    assert!(ndr.contains(&format!("Remote-MTA: dns; mx.mixed.test[127.{n}.0.1]")), "{ndr}");
+    assert!(ndr.contains("Remote-MTA: dns; mx.mixed.test\r\n"), "{ndr}");
     assert!(!ndr.contains("t4busy"), "the busy recipient is not reported as failed: {ndr}");
     // The busy mailbox clears; the retry (1 s) delivers just that recipient.
     p[0].set(|b| b.rcpt_replies.retain(|(k, _)| k != "t4"));

@@ -120,6 +120,12 @@ pub fn build(r: &Report) -> Vec<u8> {
         }
     }
 
+    // RFC 6533: a report about internationalized mail (a UTF-8 address, or raw UTF-8 in the
+    // original's header, which only SMTPUTF8 allows) is a global delivery status report.
+    let global = !r.to.is_ascii()
+        || r.recipients.iter().any(|rc| !rc.address.is_ascii() || rc.orcpt.as_ref().is_some_and(|o| !o.is_ascii()))
+        || !header_block(r.original).is_ascii();
+    let addr_type = |kind: &str, addr: &str| if global && !addr.is_ascii() { "utf-8".to_string() } else { field(kind) };
     let mut status = format!("Reporting-MTA: dns; {}\r\n", field(r.hostname));
     if let Some(envid) = r.envid {
         status.push_str(&format!("Original-Envelope-Id: {}\r\n", field(envid)));
@@ -132,13 +138,13 @@ pub fn build(r: &Report) -> Vec<u8> {
             // ORCPT stays in xtext on the wire (RFC 3464 §2.3.1); show the decoded form when valid.
             let (kind, addr) = orcpt.split_once(';').unwrap_or(("rfc822", orcpt));
             let addr = xtext_decode(addr).unwrap_or_else(|| addr.to_string());
-            status.push_str(&format!("Original-Recipient: {}; {}\r\n", field(kind), field(&addr)));
+            status.push_str(&format!("Original-Recipient: {}; {}\r\n", addr_type(kind, &addr), field(&addr)));
         }
-        status.push_str(&format!("Final-Recipient: rfc822; {}\r\n", field(&rc.address)));
+        status.push_str(&format!("Final-Recipient: {}; {}\r\n", addr_type("rfc822", &rc.address), field(&rc.address)));
         status.push_str(&format!("Action: {}\r\n", rc.action));
         status.push_str(&format!("Status: {}\r\n", status_of(rc)));
         if let Some((mta, o)) = rc.result.as_ref().and_then(|o| Some((o.remote_mta.as_ref()?, o))) {
-            status.push_str(&format!("Remote-MTA: dns; {}\r\n", field(mta)));
+            status.push_str(&format!("Remote-MTA: {}\r\n", field(&remote_mta_field(mta))));
             status.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", field(&o.to_string())));
         }
         status.push_str(&format!("Last-Attempt-Date: {}\r\n", rfc5322_date(r.now)));
@@ -148,12 +154,18 @@ pub fn build(r: &Report) -> Vec<u8> {
     }
 
     let full = r.kind == ReportKind::Failure && r.ret == Some(Ret::Full) && r.original.len() <= r.max_full;
+    let (message_type, headers_type, status_type) = match global {
+        true => ("message/global", "text/global-headers", "global-delivery-status"),
+        false => ("message/rfc822", "text/rfc822-headers", "delivery-status"),
+    };
     let returned: Vec<u8> = if full {
-        let mut v = b"Content-Type: message/rfc822\r\nContent-Description: Undelivered message\r\n\r\n".to_vec();
+        let mut v =
+            format!("Content-Type: {message_type}\r\nContent-Description: Undelivered message\r\n\r\n").into_bytes();
         v.extend_from_slice(r.original);
         v
     } else {
-        let mut v = b"Content-Type: text/rfc822-headers\r\nContent-Description: Message headers\r\n\r\n".to_vec();
+        let mut v =
+            format!("Content-Type: {headers_type}\r\nContent-Description: Message headers\r\n\r\n").into_bytes();
         v.extend_from_slice(header_block(r.original));
         v
     };
@@ -163,19 +175,20 @@ pub fn build(r: &Report) -> Vec<u8> {
         MimePart::new(ContentType::new("text/plain").attribute("charset", "utf-8"), BodyPart::from(human))
             .transfer_encoding("8bit"),
         MimePart::raw(BodyPart::from(format!(
-            "Content-Type: message/delivery-status\r\nContent-Description: Delivery report\r\n\r\n{status}"
+            "Content-Type: message/{status_type}\r\nContent-Description: Delivery report\r\n\r\n{status}"
         ))),
         MimePart::raw(BodyPart::Text(Cow::Owned(returned))),
     ];
     let report = MimePart::new(
-        ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
+        ContentType::new("multipart/report").attribute("report-type", status_type),
         BodyPart::Multipart(parts),
     );
     let from = format!("MAILER-DAEMON@{}", field(r.hostname));
     let to = if r.to.is_empty() { "undisclosed-recipients:;".to_string() } else { field(r.to) };
-    MessageBuilder::new()
-        .from(("Mail Delivery System".to_string(), from))
-        .to(to)
+    let builder = MessageBuilder::new().from(("Mail Delivery System".to_string(), from));
+    // A UTF-8 address goes into the header as it is (RFC 6532): it is sent with SMTPUTF8.
+    let builder = if to.is_ascii() { builder.to(to) } else { builder.header("To", Raw::new(format!("<{to}>"))) };
+    builder
         .subject(subject)
         .date(r.now as i64)
         .message_id(format!("{}.{}.{}@{}", r.queue_id, r.now, subject.len(), field(r.hostname)))
@@ -185,8 +198,55 @@ pub fn build(r: &Report) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// The `Remote-MTA` field's value (RFC 3464 §2.3.5, `dns; name`) for how a delivery actor named
+/// its peer: `host[ip]` (SMTP) gives the host name, or the address in brackets when the host was
+/// an address (a smart host given as `[192.0.2.1]`); `ip:port` or `host:port` (LMTP over TCP)
+/// likewise without the port; a Unix socket path is not a DNS name and says so (`x-unix`).
+fn remote_mta_field(mta: &str) -> String {
+    use std::net::IpAddr;
+    let literal = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => format!("[{v4}]"),
+        IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+    };
+    let name = |host: &str| match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        Ok(ip) => literal(ip),
+        Err(_) => host.to_string(),
+    };
+    if mta.starts_with('/') {
+        return format!("x-unix; {mta}");
+    }
+    if let Some((host, rest)) = mta.split_once('[') {
+        if rest.ends_with(']') && !host.is_empty() {
+            return format!("dns; {}", name(host));
+        }
+    }
+    if let Ok(addr) = mta.parse::<std::net::SocketAddr>() {
+        return format!("dns; {}", literal(addr.ip()));
+    }
+    match mta.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => format!("dns; {}", name(host)),
+        _ => format!("dns; {}", name(mta)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn remote_mta_names() {
+        for (mta, want) in [
+            ("mx1.example.com[192.0.2.1]", "dns; mx1.example.com"),
+            ("127.0.0.1[127.0.0.1]", "dns; [127.0.0.1]"),
+            ("::1[::1]", "dns; [IPv6:::1]"),
+            ("127.0.0.1:2603", "dns; [127.0.0.1]"),
+            ("[::1]:24", "dns; [IPv6:::1]"),
+            ("lmtp.example.com:24", "dns; lmtp.example.com"),
+            ("/var/run/dovecot/lmtp", "x-unix; /var/run/dovecot/lmtp"),
+            ("mx", "dns; mx"),
+        ] {
+            assert_eq!(super::remote_mta_field(mta), want, "{mta}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -220,19 +280,22 @@ mod tests {
     }
 
     fn report(kind: ReportKind, ret: Option<Ret>) -> String {
-        // The first line has a multi-byte character across byte 8 (a panic once).
-        let original = "\tfor <jürgen@d.test>;\r\nReceived: x\r\nSubject: Hello\r\n there\r\nFrom: a@b.test\r\n\r\nsecret body\r\n";
+        let original = "Received: x\r\nSubject: Hello\r\n there\r\nFrom: a@b.test\r\n\r\nsecret body\r\n";
+        report_about(kind, ret, "a@b.test", "c@d.test", original)
+    }
+
+    fn report_about(kind: ReportKind, ret: Option<Ret>, sender: &str, rcpt: &str, original: &str) -> String {
         let original = original.as_bytes();
         let r = Report {
             kind,
             hostname: "mx.example.test",
             queue_id: 42,
-            to: "a@b.test",
+            to: sender,
             envid: Some("E1"),
             arrival: 1_700_000_000,
             now: 1_700_000_100,
             recipients: vec![ReportRecipient {
-                address: "c@d.test".into(),
+                address: rcpt.into(),
                 orcpt: Some("rfc822;C+2Bx@d.test".into()),
                 action: if kind == ReportKind::Delay { "delayed" } else { "failed" },
                 result: Some(
@@ -248,6 +311,46 @@ mod tests {
         String::from_utf8(build(&r)).unwrap()
     }
 
+    /// A header whose first line has a multi-byte character across byte 8 (a panic once).
+    #[test]
+    fn subject_after_utf8_across_byte_8() {
+        let original = "\tfor <jürgen@d.test>;\r\nSubject: Hello\r\n\r\nbody\r\n";
+        assert_eq!(subject_of(original.as_bytes()).as_deref(), Some("Hello"));
+    }
+
+    /// RFC 6533: reports about internationalized mail (a UTF-8 address on either side, or UTF-8
+    /// in the original's header) are global reports, with `utf-8` address types for UTF-8
+    /// addresses and the original returned as `message/global` or `text/global-headers`; other
+    /// reports stay RFC 3464, byte for byte as before.
+    #[test]
+    fn reports_about_utf8_mail_are_global() {
+        let ascii = "Subject: Hello\r\nFrom: a@b.test\r\n\r\nbody\r\n";
+        let utf8_header = "Subject: Grüße\r\nFrom: a@b.test\r\n\r\nbody\r\n";
+        let cases = [
+            ("a@b.test", "c@d.test", ascii, Some(Ret::Full), false, "rfc822; c@d.test", "message/rfc822"),
+            ("a@b.test", "ghöst@d.test", ascii, Some(Ret::Full), true, "utf-8; ghöst@d.test", "message/global"),
+            ("a@b.test", "ghöst@d.test", ascii, None, true, "utf-8; ghöst@d.test", "text/global-headers"),
+            ("jürgen@b.test", "c@d.test", ascii, None, true, "rfc822; c@d.test", "text/global-headers"),
+            ("a@b.test", "c@d.test", utf8_header, Some(Ret::Full), true, "rfc822; c@d.test", "message/global"),
+            ("a@b.test", "c@d.test", ascii, None, false, "rfc822; c@d.test", "text/rfc822-headers"),
+        ];
+        for (sender, rcpt, original, ret, global, final_rcpt, returned) in cases {
+            let m = report_about(ReportKind::Failure, ret, sender, rcpt, original);
+            let (status_type, report_type) = match global {
+                true => ("message/global-delivery-status", "report-type=\"global-delivery-status\""),
+                false => ("message/delivery-status", "report-type=\"delivery-status\""),
+            };
+            let case = format!("{sender} -> {rcpt}, {ret:?}");
+            assert!(m.contains(&format!("Content-Type: {status_type}\r\n")), "{case}: {m}");
+            assert!(m.contains(report_type), "{case}: {m}");
+            assert!(m.contains(&format!("Final-Recipient: {final_rcpt}\r\n")), "{case}: {m}");
+            assert!(m.contains(&format!("Content-Type: {returned}\r\n")), "{case}: {m}");
+            if !sender.is_ascii() {
+                assert!(m.contains(&format!("To: <{sender}>\r\n")), "{case}: the address as it is: {m}");
+            }
+        }
+    }
+
     #[test]
     fn failure_report_shape() {
         let m = report(ReportKind::Failure, None);
@@ -258,7 +361,7 @@ mod tests {
         assert!(m.contains("Original-Envelope-Id: E1\r\n"), "{m}");
         assert!(m.contains("Original-Recipient: rfc822; C+x@d.test\r\n"), "{m}");
         assert!(m.contains("Final-Recipient: rfc822; c@d.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"), "{m}");
-        assert!(m.contains("Remote-MTA: dns; mx.d.test[192.0.2.1]\r\n"), "{m}");
+        assert!(m.contains("Remote-MTA: dns; mx.d.test\r\n"), "{m}");
         // A hostile reply cannot add a header line to the report.
         assert!(!m.contains("\r\nInjected:"), "{m}");
         assert!(m.contains("Content-Type: text/rfc822-headers\r\n"), "{m}");
@@ -312,9 +415,11 @@ mod tests {
                 max_full: 100,
             };
             let out = String::from_utf8_lossy(&build(&r)).into_owned();
+            // Random bytes may make it a global report (RFC 6533): the same fields either way.
             let status = out
-                .split("Content-Type: message/delivery-status\r\n")
+                .split("-delivery-status\r\n")
                 .nth(1)
+                .or_else(|| out.split("Content-Type: message/delivery-status\r\n").nth(1))
                 .and_then(|rest| rest.split("\r\n--").next())
                 .expect("a delivery-status part");
             // Exactly the fields we write: a reply with CR/LF in it cannot start a new one.

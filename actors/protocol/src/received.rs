@@ -15,6 +15,13 @@ pub fn civil_date(secs: u64) -> (i64, u32, u32) {
     civil_from_days((secs / 86_400) as i64)
 }
 
+/// A Unix time as an RFC 3339 UTC timestamp (`2026-12-02T16:40:05Z`), for logs a person reads.
+pub fn rfc3339_utc(secs: u64) -> String {
+    let (y, m, d) = civil_date(secs);
+    let t = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", t / 3600, t / 60 % 60, t % 60)
+}
+
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -78,6 +85,18 @@ pub fn received_header(origin: &Origin, hostname: &str, id: u64, single_rcpt: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_times() {
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (1_796_209_132, "2026-12-02T10:58:52Z"),
+            (951_782_399, "2000-02-28T23:59:59Z"),
+            (951_868_800, "2000-03-01T00:00:00Z"),
+        ] {
+            assert_eq!(rfc3339_utc(secs), want, "secs {secs}");
+        }
+    }
 
     #[test]
     fn dates() {

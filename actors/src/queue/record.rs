@@ -15,6 +15,7 @@ use crate::logsafe::LogSafe;
 use crate::metrics::{CauseLabel, KindLabel, RouteLabel};
 use crate::notify::{self, Report, ReportKind, ReportRecipient};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
+use crate::protocol::received::rfc3339_utc;
 use crate::protocol::received::{rfc5322_date, Origin};
 use crate::store::{Envelope, QueueId, RcptStatus, Store, StoreError};
 
@@ -87,7 +88,7 @@ impl Queue {
                 route,
                 result = outcome.label(),
                 attempts = r.attempts,
-                next_attempt = ?r.next_attempt,
+                next_attempt = %r.next_attempt.map_or_else(|| "-".to_string(), rfc3339_utc),
                 remote = outcome.remote_mta.as_deref().unwrap_or(""),
                 code = outcome.code,
                 status = %outcome.status(),
