@@ -46,6 +46,10 @@ struct LmtpLog {
     /// Hang up after each message's replies (as a server that drops idle clients).
     hang_up: bool,
     connections: usize,
+    /// QUITs received.
+    quits: usize,
+    /// Connections that ended (QUIT or the client closing).
+    closed: usize,
 }
 
 /// An LMTP server: `bad…` refused at RCPT (550), `full…` refused after DATA (452), everyone
@@ -61,6 +65,7 @@ fn lmtp_session(stream: impl Read + Write, log: Arc<Mutex<LmtpLog>>) {
     loop {
         let mut line = String::new();
         if stream.read_line(&mut line).unwrap_or(0) == 0 {
+            log.lock().unwrap().closed += 1;
             return;
         }
         let cmd = line.trim_end().to_string();
@@ -108,6 +113,9 @@ fn lmtp_session(stream: impl Read + Write, log: Arc<Mutex<LmtpLog>>) {
             }
         } else if upper == "QUIT" {
             say(&mut stream, "221 2.0.0 bye\r\n");
+            let mut log = log.lock().unwrap();
+            log.quits += 1;
+            log.closed += 1;
             return;
         } else {
             say(&mut stream, "500 5.5.1 what?\r\n");
@@ -455,4 +463,30 @@ fn the_queue_and_pickup_are_restarted_and_a_dead_listener_stops_the_daemon() {
 
     running.inject_panic("listener");
     assert!(!running.wait(), "a dead listener stops the daemon with a failure status");
+}
+
+/// A kept LMTP connection is closed with QUIT once idle for `idle_timeout`, and at stop: each
+/// one holds a process on the server (Dovecot's `lmtp`).
+#[test]
+fn idle_lmtp_connections_are_closed_with_quit() {
+    for (idle, stop_first) in [("1s", false), ("1h", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
+        let extra =
+            format!("[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\nidle_timeout = \"{idle}\"\n");
+        let running = start(config(dir.path(), &extra));
+        send(running.smtp_addrs[0], &["ok@mbox.test"], "idle");
+        wait_for("delivery", Duration::from_secs(10), || (log.lock().unwrap().delivered.len() == 1).then_some(()));
+        if stop_first {
+            assert_eq!(log.lock().unwrap().closed, 0, "kept for the next message");
+            running.stop();
+        }
+        wait_for(&format!("QUIT (idle {idle})"), Duration::from_secs(10), || {
+            (log.lock().unwrap().quits == 1).then_some(())
+        });
+        let l = log.lock().unwrap();
+        assert_eq!((l.connections, l.closed), (1, 1), "idle {idle}");
+    }
 }

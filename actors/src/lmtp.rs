@@ -8,7 +8,10 @@
 //! - Every read and write is bounded by a timeout and every reply by the bounded
 //!   [`ReplyParser`]; nothing the server sends can panic or grow a buffer without limit.
 //! - At most `max_connections` transactions run at once; a connection whose transaction ended
-//!   cleanly is kept (at most `max_connections` of them, for 10 s) and carries the next message.
+//!   cleanly is kept (at most `max_connections` of them, for `idle`, 10 s by default) and carries
+//!   the next message. Kept connections are closed with QUIT once idle that long (checked every
+//!   second) and when the actor stops (a reload or the daemon's stop): each holds a process on
+//!   the server (a Dovecot `lmtp`).
 //!   A kept connection the server closed meanwhile fails before MAIL is accepted, and only then
 //!   is the message sent again on a new connection, so nothing is delivered twice by it.
 
@@ -31,26 +34,89 @@ pub struct LmtpSettings {
     pub hostname: String,
     pub timeout: Duration,
     pub max_connections: usize,
+    /// How long a connection is kept for the next message after a clean transaction.
+    pub idle: Duration,
 }
+
+/// Connections kept for the next message, with when each became idle.
+type IdlePool = Mutex<Vec<(Conn, Instant)>>;
 
 pub struct Lmtp {
     settings: Arc<LmtpSettings>,
     transactions: Arc<Semaphore>,
-    idle: Arc<Mutex<Vec<(Conn, Instant)>>>,
+    idle: Arc<IdlePool>,
 }
 
-/// How long an idle connection is kept for the next message.
-const IDLE: Duration = Duration::from_secs(10);
+/// The pools of a daemon's LMTP actors, so its stop can say QUIT on every kept connection
+/// before the actors' threads end ([`KeptConnections::quit_all`]). Shared by the actors a
+/// daemon starts, and by those that replace them at a reload.
+#[derive(Clone, Default)]
+pub struct KeptConnections(Arc<Mutex<Vec<std::sync::Weak<IdlePool>>>>);
+
+impl KeptConnections {
+    fn register(&self, pool: &Arc<IdlePool>) {
+        let mut pools = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|w| w.strong_count() > 0);
+        pools.push(Arc::downgrade(pool));
+    }
+
+    /// Says QUIT on every kept connection and closes it; returns when done (each bounded by a
+    /// few seconds).
+    pub async fn quit_all(&self) {
+        let pools: Vec<Arc<IdlePool>> =
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(std::sync::Weak::upgrade).collect();
+        let conns: Vec<Conn> = pools
+            .iter()
+            .flat_map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner())))
+            .map(|(c, _)| c)
+            .collect();
+        quit(conns).await;
+    }
+}
+
+/// QUIT on each connection, at most a few seconds each, then closed.
+async fn quit(conns: Vec<Conn>) {
+    for mut c in conns {
+        // QUIT need not wait as long as a delivery may.
+        c.timeout = c.timeout.min(Duration::from_secs(5));
+        c.quit().await;
+    }
+}
+
+/// The default of [`LmtpSettings::idle`].
+pub const IDLE: Duration = Duration::from_secs(10);
 
 impl Lmtp {
     pub fn new(settings: LmtpSettings) -> Self {
         let n = settings.max_connections.max(1);
         Lmtp { settings: Arc::new(settings), transactions: Arc::new(Semaphore::new(n)), idle: Arc::default() }
     }
+
+    /// Lets `kept` close this actor's kept connections (at the daemon's stop).
+    pub fn kept_in(self, kept: &KeptConnections) -> Self {
+        kept.register(&self.idle);
+        self
+    }
 }
 
 impl Actor for Lmtp {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_secs(1), |act, _ctx| {
+            let expired = Lmtp::take_expired(&act.idle, act.settings.idle);
+            Lmtp::quit_all(expired);
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Replaced at a reload: this actor's thread ends now, so the QUITs go on the system's.
+        let all = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let conns: Vec<Conn> = all.into_iter().map(|(c, _)| c).collect();
+        if !conns.is_empty() {
+            System::current().arbiter().spawn(quit(conns));
+        }
+    }
 }
 
 /// A TCP or Unix stream.
@@ -234,10 +300,32 @@ async fn transact(c: &mut Conn, req: &Deliver) -> Ended {
 }
 
 impl Lmtp {
-    fn take_idle(idle: &Mutex<Vec<(Conn, Instant)>>) -> Option<Conn> {
+    /// The most recently used kept connection that has not been idle too long.
+    fn take_idle(idle: &IdlePool, max_idle: Duration) -> Option<Conn> {
         let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(_, since)| since.elapsed() < IDLE);
-        idle.pop().map(|(c, _)| c)
+        while let Some((c, since)) = idle.pop() {
+            if since.elapsed() < max_idle {
+                return Some(c);
+            }
+            // Too old to reuse: closed properly, off this request's path.
+            Lmtp::quit_all(vec![c]);
+        }
+        None
+    }
+
+    /// Takes out the kept connections idle for `max_idle` or longer.
+    fn take_expired(idle: &IdlePool, max_idle: Duration) -> Vec<Conn> {
+        let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+        let (old, kept): (Vec<_>, Vec<_>) = idle.drain(..).partition(|(_, since)| since.elapsed() >= max_idle);
+        *idle = kept;
+        old.into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// Says QUIT on each connection (bounded) and closes it, in the background.
+    fn quit_all(conns: Vec<Conn>) {
+        if !conns.is_empty() {
+            actix_rt::spawn(quit(conns));
+        }
     }
 }
 
@@ -254,7 +342,7 @@ impl Handler<Deliver> for Lmtp {
             };
             // A reused connection the server has meanwhile closed fails before MAIL is accepted:
             // then, and only then, the message goes again on a new connection.
-            let mut reused = Lmtp::take_idle(&idle);
+            let mut reused = Lmtp::take_idle(&idle, settings.idle);
             let ended = loop {
                 let was_reused = reused.is_some();
                 let mut conn = match reused.take() {

@@ -212,8 +212,8 @@ fn remote_mta_field(mta: &str) -> String {
         Ok(ip) => literal(ip),
         Err(_) => host.to_string(),
     };
-    if mta.starts_with('/') {
-        return format!("x-unix; {mta}");
+    if let Some(path) = mta.strip_prefix("unix:").or(mta.starts_with('/').then_some(mta)) {
+        return format!("x-unix; {path}");
     }
     if let Some((host, rest)) = mta.split_once('[') {
         if rest.ends_with(']') && !host.is_empty() {
@@ -241,6 +241,7 @@ mod tests {
             ("[::1]:24", "dns; [IPv6:::1]"),
             ("lmtp.example.com:24", "dns; lmtp.example.com"),
             ("/var/run/dovecot/lmtp", "x-unix; /var/run/dovecot/lmtp"),
+            ("unix:/run/dovecot/lmtp", "x-unix; /run/dovecot/lmtp"),
             ("mx", "dns; mx"),
         ] {
             assert_eq!(super::remote_mta_field(mta), want, "{mta}");

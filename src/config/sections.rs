@@ -56,11 +56,18 @@ pub struct LmtpRoute {
     pub address: String,
     pub max_connections: usize,
     pub timeout: HumanDuration,
+    /// A connection is kept this long after a clean transaction, then closed with QUIT.
+    pub idle_timeout: HumanDuration,
 }
 
 impl Default for LmtpRoute {
     fn default() -> Self {
-        LmtpRoute { address: String::new(), max_connections: 8, timeout: HumanDuration(Duration::from_secs(300)) }
+        LmtpRoute {
+            address: String::new(),
+            max_connections: 8,
+            timeout: HumanDuration(Duration::from_secs(300)),
+            idle_timeout: HumanDuration(mailroot_actors::lmtp::IDLE),
+        }
     }
 }
 

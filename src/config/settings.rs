@@ -223,6 +223,7 @@ impl Config {
                     hostname: self.server.hostname.clone(),
                     timeout: self.lmtp.timeout.0,
                     max_connections: self.lmtp.max_connections,
+                    idle: self.lmtp.idle_timeout.0,
                 }),
             ));
         }

@@ -143,6 +143,8 @@ pub(super) async fn control_loop(mut sys: Wired, mut rx: mpsc::Receiver<Control>
                 if let Some(admin) = &sys.admin {
                     admin.stop(false).await;
                 }
+                // Kept LMTP connections hold a process each on the mailbox server: say goodbye.
+                sys.routes.quit_kept_connections().await;
                 if let Some(log) = &sys.protolog {
                     log.flush();
                 }

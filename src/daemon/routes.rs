@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use mailroot_actors::lmtp::Lmtp;
+use mailroot_actors::lmtp::{KeptConnections, Lmtp};
 use mailroot_actors::local_drop::LocalDrop;
 use mailroot_actors::maildir::Maildir;
 use mailroot_actors::metrics::Metrics;
@@ -49,7 +49,11 @@ pub(super) fn check_names(config: &Config, custom: &[(String, ChildFactory)]) ->
 
 /// The actor that delivers with `settings`, as a factory the supervisor calls at start and
 /// after each panic.
-fn factory(settings: &RouteSettings, metrics: &Arc<Metrics>) -> Result<ChildFactory, StartError> {
+fn factory(
+    settings: &RouteSettings,
+    metrics: &Arc<Metrics>,
+    kept: &KeptConnections,
+) -> Result<ChildFactory, StartError> {
     let m = metrics.clone();
     Ok(match settings.clone() {
         RouteSettings::Drop { drop, sort_temp } => {
@@ -61,7 +65,10 @@ fn factory(settings: &RouteSettings, metrics: &Arc<Metrics>) -> Result<ChildFact
             supervisor::factory(move || RemoteDelivery::new(remote.clone(), m.clone()))
         }
         RouteSettings::Maildir(s) => supervisor::factory(move || Ok(Maildir::new(s.clone()))),
-        RouteSettings::Lmtp(s) => supervisor::factory(move || Ok(Lmtp::new(s.clone()))),
+        RouteSettings::Lmtp(s) => {
+            let kept = kept.clone();
+            supervisor::factory(move || Ok(Lmtp::new(s.clone()).kept_in(&kept)))
+        }
     })
 }
 
@@ -70,6 +77,8 @@ fn factory(settings: &RouteSettings, metrics: &Arc<Metrics>) -> Result<ChildFact
 #[derive(Default, Clone)]
 pub(super) struct RouteActors {
     actors: HashMap<String, (Option<RouteSettings>, Addr<DeliverySupervisor>)>,
+    /// The LMTP actors' kept connections, closed with QUIT at the daemon's stop.
+    lmtp_kept: KeptConnections,
 }
 
 impl RouteActors {
@@ -98,7 +107,7 @@ impl RouteActors {
                 }
                 old => {
                     let factory = match (&settings, custom_factory) {
-                        (Some(s), _) => factory(s, metrics)?,
+                        (Some(s), _) => factory(s, metrics, &self.lmtp_kept)?,
                         (None, Some(f)) => f,
                         (None, None) => continue,
                     };
@@ -115,6 +124,11 @@ impl RouteActors {
         changed.extend(self.actors.keys().cloned());
         self.actors = next;
         Ok(changed)
+    }
+
+    /// Says QUIT on the kept LMTP connections (each holds a process on the mailbox server).
+    pub(super) async fn quit_kept_connections(&self) {
+        self.lmtp_kept.quit_all().await;
     }
 
     pub(super) fn router(&self, config: &Config) -> Result<Router, StartError> {
