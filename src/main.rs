@@ -144,10 +144,25 @@ fn gen_cert(hostname: &str, out: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     mailroot_actors::protocol::address::validate_domain(hostname)
         .map_err(|_| format!("{hostname:?} is not a valid host name"))?;
-    let cert = rcgen::generate_simple_self_signed(vec![hostname.to_string()]).map_err(|e| e.to_string())?;
+    // The host name as the subject's CN and its only SAN; valid from yesterday (clocks differ)
+    // for 825 days, the longest validity clients accept for a server certificate.
+    let mut params = rcgen::CertificateParams::new(vec![hostname.to_string()]).map_err(|e| e.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, hostname);
+    let now = mailroot_actors::clock::unix_now();
+    let day = |secs: u64| {
+        let (y, m, d) = mailroot_actors::protocol::received::civil_date(secs);
+        rcgen::date_time_ymd(y as i32, m as u8, d as u8)
+    };
+    params.not_before = day(now.saturating_sub(86_400));
+    params.not_after = day(now + 825 * 86_400);
+    let key_pair = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key_pair).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // Absolute paths: config paths are relative to the config file, wherever this is pasted.
+    let out = std::fs::canonicalize(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let (cert_path, key_path) = (out.join("cert.pem"), out.join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    std::fs::write(&cert_path, cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     // The key is readable by its owner only.
     let mut key = std::fs::OpenOptions::new()
         .write(true)
@@ -156,7 +171,7 @@ fn gen_cert(hostname: &str, out: &std::path::Path) -> Result<(), String> {
         .mode(0o600)
         .open(&key_path)
         .map_err(|e| format!("{}: {e}", key_path.display()))?;
-    key.write_all(cert.signing_key.serialize_pem().as_bytes()).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    key.write_all(key_pair.serialize_pem().as_bytes()).map_err(|e| format!("{}: {e}", key_path.display()))?;
     println!("wrote {} and {}", cert_path.display(), key_path.display());
     println!("[tls]\ncert = \"{}\"\nkey = \"{}\"", cert_path.display(), key_path.display());
     Ok(())
@@ -206,7 +221,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+        // Every file the configuration names is opened and parsed too (certificate, key, users),
+        // so what passes here also starts.
+        Command::CheckConfig { config } => match Config::load(config.as_deref()).and_then(|loaded| {
+            mailroot::config::Security::load(&loaded.config)?;
+            loaded.config.listen_addrs()?;
+            loaded.config.admin_addr()?;
+            loaded.config.remote_settings()?;
+            Ok(loaded)
+        }) {
             Ok(loaded) => {
                 match &loaded.source {
                     Some(p) => println!("# effective configuration, from {}", p.display()),

@@ -62,6 +62,27 @@ fn errors_name_the_key_and_fail() {
     assert!(err.contains("/nonexistent/m.toml"), "{err}");
 }
 
+/// check-config opens every file the configuration names: a certificate, key or users file
+/// that cannot be read or parsed fails it (as it would fail the start), naming the file.
+#[test]
+fn check_config_opens_the_files_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.toml");
+    for (extra, named) in [
+        ("[tls]\ncert = \"missing/cert.pem\"\nkey = \"missing/key.pem\"\n", "cert.pem"),
+        ("[auth]\nusers_file = \"nobody.toml\"\nallow_plaintext_loopback = true\n", "nobody.toml"),
+    ] {
+        std::fs::write(&cfg, format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{extra}")).unwrap();
+        let (code, _, err) = mailroot(&["check-config", "--config", cfg.to_str().unwrap()], dir.path());
+        assert_eq!(code, 2, "{extra}: {err}");
+        assert!(err.contains(named), "{err}");
+    }
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate").unwrap();
+    std::fs::write(&cfg, "[tls]\ncert = \"garbage.pem\"\nkey = \"garbage.pem\"\n").unwrap();
+    let (code, _, err) = mailroot(&["check-config", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(code, 2, "{err}");
+}
+
 #[test]
 fn gen_cert_and_passwd_make_files_the_daemon_accepts() {
     use std::io::Write;
@@ -75,6 +96,32 @@ fn gen_cert_and_passwd_make_files_the_daemon_accepts() {
     let (code, _, err) = mailroot(&["gen-cert", "--hostname", "bad name", "--out", "x"], dir.path());
     assert_ne!(code, 0);
     assert!(err.contains("bad name"), "{err}");
+    // What it prints works where it is pasted: a config in another folder starts from it.
+    let printed = out.split_once("[tls]").map(|(_, t)| format!("[tls]{t}")).expect("a [tls] block");
+    let elsewhere = dir.path().join("config");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let pasted = elsewhere.join("mailroot.toml");
+    std::fs::write(&pasted, format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{printed}")).unwrap();
+    let (code, _, err) = mailroot(&["check-config", "--config", pasted.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "the printed paths work: {err}");
+    // The certificate names the host as CN too, and is valid from about now for about two years.
+    match std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-startdate", "-enddate", "-in"])
+        .arg(dir.path().join("tls/cert.pem"))
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(text.contains("CN = mx.example.test") || text.contains("CN=mx.example.test"), "{text}");
+            let year = |field: &str| -> i32 {
+                let line = text.lines().find(|l| l.starts_with(field)).unwrap_or_default();
+                line.split_whitespace().rev().nth(1).and_then(|y| y.parse().ok()).unwrap_or(0)
+            };
+            let (from, until) = (year("notBefore="), year("notAfter="));
+            assert!((2026..2100).contains(&from) && (2..=3).contains(&(until - from)), "{text}");
+        }
+        other => eprintln!("openssl x509 unavailable ({other:?}); the certificate's fields are not checked"),
+    }
 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroot"))
         .arg("passwd")
