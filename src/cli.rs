@@ -14,7 +14,7 @@ use mailroot::actors::store::RcptStatus;
 use mailroot::api::{Done, ListPage, MessageInfo, Reloaded, Retried, ServerState, Status};
 use mailroot::client::{AdminClient, Response};
 use mailroot::config::Config;
-use mailroot::sendmail;
+use mailroot::sendmail::{self, Mode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -235,7 +235,10 @@ pub fn ctl(action: CtlAction, api: &ApiArgs) -> ExitCode {
 
 pub fn sendmail(config: Option<&Path>, args: &[String]) -> ExitCode {
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: mailroot sendmail [-t] [-i] [-f sender] [--config FILE] [recipient ...] < message");
+        println!(
+            "usage: mailroot sendmail [-t] [-i] [-f sender] [-F name] [--config FILE] [recipient ...] < message\n\
+             \x20      mailroot sendmail -bs | -bp | -q | -bi | -bv recipient ...   (see docs/operations.md)"
+        );
         return ExitCode::SUCCESS;
     }
     let parsed = match sendmail::parse_args(args) {
@@ -245,6 +248,17 @@ pub fn sendmail(config: Option<&Path>, args: &[String]) -> ExitCode {
             return ExitCode::from(sendmail::EX_USAGE);
         }
     };
+    // Listing and flushing go through the admin API, as `mailroot queue` does.
+    let api = ApiArgs { config: config.map(Path::to_path_buf), admin: None, token: None, json: false };
+    match parsed.mode {
+        Mode::ListQueue => {
+            return queue(QueueAction::List { state: None, domain: None, limit: 1000, after: None }, &api)
+        }
+        Mode::Flush => return queue(QueueAction::Retry { id: None, all: true, domain: None }, &api),
+        // mailroot has no aliases database (recipient maps come with the configuration).
+        Mode::NoAliases => return ExitCode::SUCCESS,
+        Mode::Deliver | Mode::Smtp | Mode::Verify => {}
+    }
     let config = match Config::load(config) {
         Ok(l) => l.config,
         Err(e) => {
@@ -252,6 +266,20 @@ pub fn sendmail(config: Option<&Path>, args: &[String]) -> ExitCode {
             return ExitCode::from(sendmail::EX_USAGE);
         }
     };
+    if parsed.mode == Mode::Smtp {
+        return match sendmail::smtp_session(&config, std::io::stdin().lock(), std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailroot sendmail -bs: {e}");
+                ExitCode::from(sendmail::EX_IOERR)
+            }
+        };
+    }
+    if parsed.mode == Mode::Verify {
+        let (lines, ok) = sendmail::verify(&config, &parsed.recipients);
+        print!("{lines}");
+        return if ok { ExitCode::SUCCESS } else { ExitCode::from(sendmail::EX_DATAERR) };
+    }
     if std::io::stdin().is_terminal() {
         eprintln!("Enter the message; end with a line holding a single dot, or Ctrl-D.");
     }

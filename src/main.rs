@@ -197,12 +197,19 @@ const SENDMAIL_CONFIG: &str = "/etc/mailroot/mailroot.toml";
 fn main() -> ExitCode {
     // Installed as /usr/sbin/sendmail (a symlink): act as `mailroot sendmail`, with the
     // configuration from $MAILROOT_CONFIG or /etc/mailroot/mailroot.toml.
+    // Also as `mailq` (= sendmail -bp) and `newaliases` (= sendmail -bi), as Postfix installs them.
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "sendmail") {
+    let called = std::path::Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    if let Some(mode) = match called.as_str() {
+        "sendmail" => Some(None),
+        "mailq" => Some(Some("-bp")),
+        "newaliases" => Some(Some("-bi")),
+        _ => None,
+    } {
         let config = std::env::var_os("MAILROOT_CONFIG")
             .map(PathBuf::from)
             .or_else(|| Some(PathBuf::from(SENDMAIL_CONFIG)).filter(|p| p.exists()));
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        let args: Vec<String> = mode.map(String::from).into_iter().chain(std::env::args().skip(1)).collect();
         return cli::sendmail(config.as_deref(), &args);
     }
     let cli = Cli::parse();

@@ -25,10 +25,31 @@ pub const EX_DATAERR: u8 = 65;
 pub const EX_CANTCREAT: u8 = 73;
 pub const EX_IOERR: u8 = 74;
 
+/// What the command is asked to do (`-b…`, `-q`, or the name it was called by).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Read a message on standard input and queue it (`-bm`, the default).
+    #[default]
+    Deliver,
+    /// SMTP on standard input and output (`-bs`), each message into Pickup.
+    Smtp,
+    /// List the queue (`-bp`, or called as `mailq`).
+    ListQueue,
+    /// Retry the deferred messages now (`-q`).
+    Flush,
+    /// Rebuild the aliases database (`-bi`, or called as `newaliases`): mailroot has none.
+    NoAliases,
+    /// Check the recipients' addresses and say where they would go (`-bv`); nothing is sent.
+    Verify,
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Args {
+    pub mode: Mode,
     /// `-t`: recipients from To:, Cc: and Bcc: too (Bcc: is removed).
     pub from_headers: bool,
+    /// `-F`: the sender's full name, for the From: header mailroot adds when there is none.
+    pub full_name: Option<String>,
     /// `-f`: the envelope sender; `<>` or empty for the null sender.
     pub sender: Option<String>,
     /// `-i` / `-oi`: a line with a single dot does not end the message.
@@ -36,8 +57,9 @@ pub struct Args {
     pub recipients: Vec<String>,
 }
 
-/// Parses sendmail's arguments. Options that do not apply here (`-o…`, `-B…`, `-F…`, `-v`, `-bm`,
-/// `-N…`, `-R…`, `-V…`) are accepted and ignored, as other MTAs' sendmail commands do.
+/// Parses sendmail's arguments, as Postfix's sendmail reads them. Options that do not apply
+/// here (`-o…` except `-oi`, `-B…`, `-v`, `-e…`, `-N`, `-R`, `-V`: see docs/operations.md)
+/// are accepted and ignored, as other MTAs' sendmail commands do.
 pub fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut a = Args::default();
     let mut i = 0;
@@ -58,16 +80,25 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
                 a.sender = Some(v.clone());
                 i += 1;
             }
-            "-F" | "-B" | "-N" | "-R" | "-V" | "-O" | "-o" => i += 1,
-            s if s.starts_with("-f") || s.starts_with("-r") => a.sender = Some(s[2..].to_string()),
-            s if ["-o", "-B", "-F", "-N", "-R", "-V", "-O", "-b", "-v", "-e"].iter().any(|p| s.starts_with(p)) => {
-                if s.starts_with("-b") && !matches!(s, "-bm" | "-bs") {
-                    return Err(format!("{s}: only delivery mode (-bm) is supported"));
-                }
-                if s == "-bs" {
-                    return Err("-bs (SMTP on standard input) is not supported; connect to the SMTP port".into());
-                }
+            "-F" => {
+                let v = args.get(i).ok_or("-F needs a full name")?;
+                a.full_name = Some(v.clone());
+                i += 1;
             }
+            "-B" | "-N" | "-R" | "-V" | "-O" | "-o" => i += 1,
+            "-bm" => a.mode = Mode::Deliver,
+            "-bs" => a.mode = Mode::Smtp,
+            "-bp" => a.mode = Mode::ListQueue,
+            "-bi" => a.mode = Mode::NoAliases,
+            "-bv" => a.mode = Mode::Verify,
+            "-q" => a.mode = Mode::Flush,
+            s if s.starts_with("-b") => return Err(format!("{s}: mode not supported (-bm, -bs, -bp, -bi, -bv are)")),
+            s if s.starts_with("-q") => {
+                return Err(format!("{s}: only -q (retry every deferred message now) is supported"))
+            }
+            s if s.starts_with("-f") || s.starts_with("-r") => a.sender = Some(s[2..].to_string()),
+            s if s.starts_with("-F") => a.full_name = Some(s[2..].to_string()),
+            s if ["-o", "-B", "-N", "-R", "-V", "-O", "-v", "-e"].iter().any(|p| s.starts_with(p)) => {}
             s => return Err(format!("unknown option {s}")),
         }
     }
@@ -114,6 +145,84 @@ fn has_header(message: &[u8], name: &str) -> bool {
     false
 }
 
+/// A full name as an RFC 5322 display name: as it is when it is plain words, else quoted
+/// (RFC 2047 encoded when it is not ASCII). Control characters are dropped.
+fn display_name(name: &str) -> String {
+    let name: String = name.chars().filter(|c| !c.is_control()).take(200).collect();
+    let name = name.trim();
+    if !name.is_ascii() {
+        use base64::Engine;
+        return format!("=?utf-8?b?{}?=", base64::engine::general_purpose::STANDARD.encode(name));
+    }
+    if name.chars().all(|c| c.is_ascii_alphanumeric() || " !#$%&'*+-/=?^_`{|}~".contains(c)) {
+        return name.to_string();
+    }
+    format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// SMTP on standard input and output (`sendmail -bs`, as Symfony Mailer and others use it):
+/// the same protocol engine as the daemon, for a local user (no TLS, no AUTH, relaying allowed as
+/// for any local program). Each message goes into Pickup, complete and synced, before its `250`;
+/// the daemon queues it from there (it need not be running). Returns at QUIT or end of input.
+pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, mut output: W) -> Result<(), String> {
+    use mailroot_actors::protocol::{Action, EnqueueError, Session};
+    let security = crate::config::Security { tls: None, users: None };
+    let mut params = (*config.listener_settings(&security, None).params).clone();
+    params.tls_available = false;
+    params.tls_required = false;
+    params.auth_enabled = false;
+    let mut session = Session::new(std::sync::Arc::new(params), std::net::Ipv4Addr::LOCALHOST.into(), true);
+    let io = |e: std::io::Error| format!("writing to standard output: {e}");
+    output.write_all(&session.greeting().to_bytes()).map_err(io)?;
+    output.flush().map_err(io)?;
+    let pickup = config.mailroot.path.join("Pickup");
+    let mut queued = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = input.read(&mut buf).map_err(|e| format!("reading standard input: {e}"))?;
+        if n == 0 {
+            return Ok(());
+        }
+        session.feed(&buf[..n]);
+        while let Some(action) = session.next_action() {
+            match action {
+                Action::Reply(r) => output.write_all(&r.to_bytes()).map_err(io)?,
+                Action::Enqueue(m) => {
+                    let mut file = format!("x-sender: <{}>\r\n", m.sender.map(|s| s.to_string()).unwrap_or_default());
+                    for r in &m.recipients {
+                        file.push_str(&format!("x-receiver: <{r}>\r\n"));
+                    }
+                    let mut file = file.into_bytes();
+                    file.extend_from_slice(&m.body);
+                    let written = parse_pickup(&file, config.queue.max_hop_count)
+                        .map_err(|e| (EX_DATAERR, e))
+                        .and_then(|_| write_atomically(&pickup, &file));
+                    let result = match written {
+                        Ok(_) => {
+                            queued += 1;
+                            Ok(queued)
+                        }
+                        Err((_, e)) => {
+                            eprintln!("mailroot sendmail -bs: {e}");
+                            Err(EnqueueError::Temporary)
+                        }
+                    };
+                    output.write_all(&session.enqueued(result).to_bytes()).map_err(io)?;
+                }
+                Action::Close => {
+                    output.flush().map_err(io)?;
+                    return Ok(());
+                }
+                // Neither is offered here; refuse if asked anyway.
+                Action::Authenticate { .. } => session.authenticated(false),
+                Action::StartTls => return Err("STARTTLS is not offered on standard input".into()),
+                Action::BodyChunk { .. } | Action::Refused(_) | Action::Log(_) => {}
+            }
+        }
+        output.flush().map_err(io)?;
+    }
+}
+
 fn unique() -> String {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     format!("{}.{:09}.{}", t.as_secs(), t.subsec_nanos(), std::process::id())
@@ -150,7 +259,10 @@ pub fn submit(config: &Config, args: &Args, message: &[u8], login: &str) -> Resu
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     if !has_header(message, "From") {
         let from = if sender.is_empty() { format!("MAILER-DAEMON@{domain}") } else { sender.clone() };
-        head.push_str(&format!("From: {from}\r\n"));
+        match args.full_name.as_deref().map(display_name).filter(|n| !n.is_empty()) {
+            Some(name) => head.push_str(&format!("From: {name} <{from}>\r\n")),
+            None => head.push_str(&format!("From: {from}\r\n")),
+        }
     }
     if !has_header(message, "Date") {
         head.push_str(&format!("Date: {}\r\n", rfc5322_date(t)));
@@ -187,6 +299,44 @@ pub fn submit(config: &Config, args: &Args, message: &[u8], login: &str) -> Resu
     write_atomically(&config.mailroot.path.join("Pickup"), &file)
 }
 
+/// `-bv`: checks each recipient's address and says where mail for it would go, one line each;
+/// nothing is sent. False when an address is unusable.
+pub fn verify(config: &Config, recipients: &[String]) -> (String, bool) {
+    let domain = config.domains.local.first().map(String::as_str).unwrap_or("localhost");
+    let local = config.local_domains();
+    let relay = config.relay_domains();
+    let (mut out, mut ok) = (String::new(), true);
+    for one in recipients.iter().flat_map(|r| r.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+        let full = if one.contains('@') { one.to_string() } else { format!("{one}@{domain}") };
+        match parse_mailbox(full.trim_matches(['<', '>'])) {
+            Ok(m) => {
+                let route = config.routes.iter().find(|(pattern, _)| pattern_matches(pattern, &m.domain));
+                let how = match (route, local.contains(&m.domain), relay.contains(&m.domain)) {
+                    (Some((_, r)), _, _) => format!("deliverable: route {r:?}"),
+                    (None, true, _) => "deliverable: local domain (Drop)".to_string(),
+                    (None, false, true) => "deliverable: relay domain (its MX or the smart host)".to_string(),
+                    (None, false, false) => "deliverable: remote (its MX or the smart host)".to_string(),
+                };
+                out.push_str(&format!("{m}: {how}\n"));
+            }
+            Err(e) => {
+                ok = false;
+                out.push_str(&format!("{one}: undeliverable: {}\n", e.text()));
+            }
+        }
+    }
+    (out, ok)
+}
+
+/// A `[routes]` key: a domain, or `*.` and a parent domain (every subdomain of it).
+fn pattern_matches(pattern: &str, domain: &str) -> bool {
+    let (p, d) = (pattern.to_ascii_lowercase(), domain.to_ascii_lowercase());
+    match p.strip_prefix("*.") {
+        Some(parent) => d.ends_with(&format!(".{parent}")),
+        None => p == d,
+    }
+}
+
 fn write_atomically(dir: &Path, contents: &[u8]) -> Result<std::path::PathBuf, (u8, String)> {
     let io = |what: &str, p: &Path, e: std::io::Error| (EX_IOERR, format!("{what} {}: {e}", p.display()));
     std::fs::create_dir_all(dir).map_err(|e| (EX_CANTCREAT, format!("creating {}: {e}", dir.display())))?;
@@ -207,6 +357,35 @@ mod tests {
     }
 
     #[test]
+    fn modes_and_names() {
+        let cases: [(&str, Mode); 6] = [
+            ("-bs", Mode::Smtp),
+            ("-bp", Mode::ListQueue),
+            ("-q", Mode::Flush),
+            ("-bi", Mode::NoAliases),
+            ("-bv a@x.org", Mode::Verify),
+            ("-bm a@x.org", Mode::Deliver),
+        ];
+        for (line, mode) in cases {
+            assert_eq!(args(line).unwrap().mode, mode, "{line}");
+        }
+        assert_eq!(args("-F Jane a").unwrap().full_name.as_deref(), Some("Jane"));
+        assert_eq!(args("-FCronDaemon a").unwrap().full_name.as_deref(), Some("CronDaemon"));
+        for bad in ["-bd", "-q30m", "-F"] {
+            assert!(args(bad).is_err(), "{bad}");
+        }
+        for (name, want) in [
+            ("Jane Doe", "Jane Doe"),
+            ("Jane Q. Doe", "\"Jane Q. Doe\""),
+            ("a \"quoted\" \\ name", "\"a \\\"quoted\\\" \\\\ name\""),
+            ("Jürgen", "=?utf-8?b?SsO8cmdlbg==?="),
+            ("evil\r\nBcc: x", "\"evilBcc: x\""),
+        ] {
+            assert_eq!(display_name(name), want, "{name:?}");
+        }
+    }
+
+    #[test]
     fn arguments() {
         let cases: [(&str, Args); 6] = [
             ("a@x.org", Args { recipients: vec!["a@x.org".into()], ..Args::default() }),
@@ -224,14 +403,19 @@ mod tests {
             // cron: sendmail -FCronDaemon -i -B8BITMIME -oem user
             (
                 "-FCronDaemon -i -B8BITMIME -oem user",
-                Args { ignore_dots: true, recipients: vec!["user".into()], ..Args::default() },
+                Args {
+                    ignore_dots: true,
+                    full_name: Some("CronDaemon".into()),
+                    recipients: vec!["user".into()],
+                    ..Args::default()
+                },
             ),
             ("-- -odd@x.org", Args { recipients: vec!["-odd@x.org".into()], ..Args::default() }),
         ];
         for (line, want) in cases {
             assert_eq!(args(line).unwrap(), want, "{line}");
         }
-        for bad in ["-f", "-bs", "-bp", "-q"] {
+        for bad in ["-f", "-bz", "-qR"] {
             assert!(args(bad).is_err(), "{bad}");
         }
     }

@@ -378,6 +378,83 @@ fn sendmail_writes_into_pickup_even_while_the_daemon_is_down() {
     drop(d);
 }
 
+/// The sendmail modes tools use: `-bs` (SMTP on standard input, Symfony Mailer's default), `-F`
+/// (the full name in the From: added), `-bi` (newaliases: nothing to do), `-bv` (where
+/// addresses would go), and with the daemon running `-bp` / `mailq` (the queue) and `-q` (retry
+/// the deferred ones now).
+#[test]
+fn sendmail_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let cfg = dir.path().join("mailroot.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n[mailroot]\npath = \"spool\"\n\
+             [domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"{admin}\"\n\
+             [delivery]\nsmart_host = \"[127.0.0.1]:1\"\n[queue]\nretry_intervals = [\"1h\"]\n"
+        ),
+    )
+    .unwrap();
+    let run = |program: &Path, args: &[&str], input: &[u8]| {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("MAILROOT_CONFIG", &cfg)
+            .env("USER", "cronuser")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let sendmail = dir.path().join("sendmail");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_mailroot"), &sendmail).unwrap();
+    let mailq = dir.path().join("mailq");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_mailroot"), &mailq).unwrap();
+
+    let smtp = b"EHLO app.test\r\nMAIL FROM:<app@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n\
+                 Subject: over -bs\r\n\r\nhello\r\n.\r\nQUIT\r\n";
+    let (code, out, err) = run(&sendmail, &["-bs"], smtp);
+    assert_eq!(code, Some(0), "{err}");
+    for reply in ["220 ", "250-", "250 2.1.0", "354 ", "250 2.0.0", "221 "] {
+        assert!(out.contains(reply), "{reply} in {out}");
+    }
+    let (code, _, err) = run(&sendmail, &["-F", "Jane Q. Doe", "carol@example.test"], b"Subject: named\n\nhi\n");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(run(&sendmail, &["-bi"], b"").0, Some(0));
+    let (code, out, _) = run(&sendmail, &["-bv", "bob", "x@remote.test", "bad@@x"], b"");
+    assert_eq!(code, Some(65), "{out}");
+    assert!(out.contains("bob@example.test: deliverable: local domain"), "{out}");
+    assert!(out.contains("x@remote.test: deliverable: remote"), "{out}");
+    assert!(out.contains("bad@@x: undeliverable"), "{out}");
+    let (code, _, err) = run(&sendmail, &["far@remote.test"], b"Subject: deferred\n\nx\n");
+    assert_eq!(code, Some(0), "{err}");
+
+    let d = Daemon::spawn(&cfg, &[], &[]);
+    let drop_dir = dir.path().join("spool");
+    let texts = wait_for("both local messages in Drop", Duration::from_secs(20), || {
+        let t: Vec<String> = drop_files(&drop_dir).iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect();
+        (t.len() == 2).then_some(t)
+    });
+    let bs = texts.iter().find(|t| t.contains("Subject: over -bs")).expect("the -bs message");
+    assert!(bs.contains("x-sender: app@example.test") && bs.contains("x-receiver: bob@example.test"), "{bs}");
+    let named = texts.iter().find(|t| t.contains("Subject: named")).expect("the -F message");
+    assert!(named.contains("From: \"Jane Q. Doe\" <cronuser@example.test>\r\n"), "{named}");
+    // The remote one waits (the smart host does not answer): mailq lists it, -q retries it.
+    let listed = wait_for("mailq to list the deferred message", Duration::from_secs(20), || {
+        let (code, out, _) = run(&mailq, &[], b"");
+        (code == Some(0) && out.contains("far@remote.test")).then_some(out)
+    });
+    assert!(listed.contains("ID "), "{listed}");
+    let (code, out, err) = run(&sendmail, &["-q"], b"");
+    assert_eq!(code, Some(0), "{out}{err}");
+    drop(d);
+}
+
 /// Splits a text log line into `key=value` fields as the simplest reader does: on spaces, then at
 /// the first `=`. (A reader that understands quotes is fooled by no less.)
 fn logfmt_fields(line: &str) -> Vec<(String, String)> {
