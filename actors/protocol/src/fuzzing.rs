@@ -74,6 +74,12 @@ pub fn session(input: &[u8]) {
         tls_required: control & 0x20 != 0,
         auth_enabled: true,
         auth_plaintext_loopback: control & 0x40 != 0,
+        // Recipients in example.test are checked when bit 2 is set.
+        check_recipients: if control & 4 != 0 {
+            crate::RecipientCheck::new(|m| m.domain == "example.test")
+        } else {
+            crate::RecipientCheck::default()
+        },
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);
@@ -120,6 +126,11 @@ pub fn session(input: &[u8]) {
                 }
                 Action::StartTls => s.tls_started(),
                 Action::Authenticate { user, password } => s.authenticated(user == "alice" && password.0 == "secret"),
+                Action::CheckRecipient(m) => s.recipient_checked(match m.local.len() % 3 {
+                    0 => crate::RecipientVerdict::Exists,
+                    1 => crate::RecipientVerdict::Unknown("no such user".into()),
+                    _ => crate::RecipientVerdict::TryLater("try later".into()),
+                }),
                 Action::Log(l) => {
                     // One W3C field each: no spaces, no control characters, bounded.
                     for field in [&l.verb, &l.arg] {

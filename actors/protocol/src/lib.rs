@@ -35,4 +35,7 @@ mod tests;
 
 pub use address::{LocalDomains, Mailbox};
 pub use reply::Reply;
-pub use session::{Action, CommandLog, EnqueueError, Incoming, Refusal, RefusalCause, Session, SessionParams};
+pub use session::{
+    Action, CommandLog, EnqueueError, Incoming, RecipientCheck, RecipientVerdict, Refusal, RefusalCause, Session,
+    SessionParams,
+};

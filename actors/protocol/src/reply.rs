@@ -277,6 +277,20 @@ pub fn bad_sequence(detail: &'static str) -> Reply {
     Reply::new(503, "5.5.1", detail)
 }
 
+/// The mailbox server says this recipient does not exist (checked at RCPT); `detail` is its
+/// reply text, cleaned of anything that is not printable ASCII and cut short.
+pub fn unknown_recipient(detail: &str) -> Reply {
+    let detail: String = detail.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(200).collect();
+    Reply::new(550, "5.1.1", format!("Recipient address rejected: {}", detail.trim()))
+}
+
+/// The recipient could not be checked with the mailbox server now (it refused for now, did not
+/// answer in time, or cannot be reached): a temporary answer, never a 250 for a maybe-unknown user.
+pub fn recipient_unverified(detail: &str) -> Reply {
+    let detail: String = detail.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(200).collect();
+    Reply::new(451, "4.4.3", format!("Cannot check the recipient now, try again later: {}", detail.trim()))
+}
+
 pub fn relay_denied() -> Reply {
     Reply::new(550, "5.7.1", "Relaying denied")
 }

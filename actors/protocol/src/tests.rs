@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use super::address::LocalDomains;
-use super::session::{Action, EnqueueError, Incoming, RefusalCause, Session, SessionParams};
+use super::session::{
+    Action, EnqueueError, Incoming, RecipientCheck, RecipientVerdict, RefusalCause, Session, SessionParams,
+};
 
 fn params() -> SessionParams {
     SessionParams {
@@ -19,6 +21,7 @@ fn params() -> SessionParams {
         tls_required: false,
         auth_enabled: false,
         auth_plaintext_loopback: false,
+        check_recipients: RecipientCheck::default(),
     }
 }
 
@@ -92,6 +95,17 @@ fn drive_from(ip: &str, p: SessionParams, relay: bool, chunks: &[&[u8]], queue: 
                 }
                 Action::Authenticate { user, password } => {
                     s.authenticated(user == "alice" && password.0 == "secret");
+                }
+                // The "mailbox server": unknown… does not exist, busy… cannot be checked now.
+                Action::CheckRecipient(m) => {
+                    run.codes.push(format!("CHECK {m}"));
+                    s.recipient_checked(if m.local.starts_with("unknown") {
+                        RecipientVerdict::Unknown("User doesn't exist".into())
+                    } else if m.local.starts_with("busy") {
+                        RecipientVerdict::TryLater("Cannot check the recipient now".into())
+                    } else {
+                        RecipientVerdict::Exists
+                    });
                 }
             }
         }
@@ -483,6 +497,7 @@ fn random_streams_never_break_the_session() {
                     Action::Refused(_) | Action::Close | Action::Log(_) | Action::BodyChunk { .. } => {}
                     Action::StartTls => s.tls_started(),
                     Action::Authenticate { .. } => s.authenticated(rng.below(2) == 0),
+                    Action::CheckRecipient(_) => s.recipient_checked(RecipientVerdict::Exists),
                 }
             }
         }
@@ -829,4 +844,25 @@ fn streamed_bodies_give_the_same_transcripts() {
         protocol_log_entries();
         STREAM.set(None);
     }
+}
+
+/// Recipients the caller checks (LMTP domains) are answered only after the check: 250 when the
+/// mailbox exists, the server's own 550 when it does not (counted as a client error), 451 4.4.3
+/// when it cannot be checked (not an error); other recipients are not checked. Pipelined
+/// commands after a checked RCPT wait for its answer, so replies stay in order.
+#[test]
+fn recipients_are_checked_at_rcpt() {
+    let p = SessionParams { check_recipients: RecipientCheck::new(|m| m.domain == "example.test"), ..params() };
+    let input = "EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.test>\r\n\
+                 RCPT TO:<unknown@example.test>\r\nRCPT TO:<busy@example.test>\r\nRCPT TO:<x@alias.test>\r\n\
+                 DATA\r\nSubject: s\r\n\r\nx\r\n.\r\n";
+    let r = drive(p, false, &[input.as_bytes()], Ok(1));
+    assert_eq!(
+        r.codes.join(" "),
+        "220 250 250/2.1.0 CHECK bob@example.test 250/2.1.5 CHECK unknown@example.test 550/5.1.1 \
+         CHECK busy@example.test 451/4.4.3 250/2.1.5 354 250/2.0.0"
+    );
+    assert_eq!(r.refusals, vec![RefusalCause::UnknownRecipient, RefusalCause::RecipientUnverified]);
+    let rcpts: Vec<String> = r.messages[0].recipients.iter().map(|m| m.to_string()).collect();
+    assert_eq!(rcpts, ["bob@example.test", "x@alias.test"]);
 }

@@ -19,6 +19,10 @@ pub enum Action {
         seq: u64,
         bytes: Vec<u8>,
     },
+    /// Check that this recipient exists (asking the mailbox server), then call
+    /// [`Session::recipient_checked`]; RCPT is answered then. Only for recipients
+    /// [`SessionParams::check_recipients`] selects.
+    CheckRecipient(Mailbox),
     /// Store this message durably, then call [`Session::enqueued`].
     Enqueue(Incoming),
     /// Something was refused: for the log and the refusal counters. A reply follows.
@@ -142,6 +146,10 @@ pub enum RefusalCause {
     AuthFailed,
     /// AUTH refused unchecked: too many failures from the client's address.
     AuthLockedOut,
+    /// The mailbox server says the recipient does not exist (checked at RCPT).
+    UnknownRecipient,
+    /// The recipient could not be checked now (the mailbox server did not answer): 451 4.4.3.
+    RecipientUnverified,
     /// The service is paused: new connections get 421 4.3.2.
     Paused,
     /// The service is stopping: open sessions end with 421 4.3.2.
@@ -176,6 +184,8 @@ impl RefusalCause {
             RefusalCause::TlsRequired => "tls_required",
             RefusalCause::AuthFailed => "auth_failed",
             RefusalCause::AuthLockedOut => "auth_locked_out",
+            RefusalCause::UnknownRecipient => "unknown_recipient",
+            RefusalCause::RecipientUnverified => "recipient_unverified",
             RefusalCause::Paused => "paused",
             RefusalCause::ShuttingDown => "shutting_down",
         }
@@ -199,4 +209,15 @@ pub enum EnqueueError {
     Storage,
     /// Anything else (store error, queue actor gone): 451 4.3.0.
     Temporary,
+}
+
+/// What the caller found out about a recipient ([`Action::CheckRecipient`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecipientVerdict {
+    /// It exists: RCPT gets 250.
+    Exists,
+    /// The server refused it permanently (550 5.1.1, with the server's text).
+    Unknown(String),
+    /// The server refused it for now, or did not answer (451 4.4.3, with why).
+    TryLater(String),
 }

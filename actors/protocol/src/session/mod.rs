@@ -5,6 +5,7 @@
 //! [`Action::Enqueue`] with [`Session::enqueued`] before pulling again — which keeps replies in
 //! order under PIPELINING.
 
+use crate::address::Mailbox;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ mod action;
 mod sasl;
 mod transaction;
 
-pub use action::{Action, CommandLog, EnqueueError, Incoming, Refusal, RefusalCause, Secret};
+pub use action::{Action, CommandLog, EnqueueError, Incoming, RecipientVerdict, Refusal, RefusalCause, Secret};
 
 use crate::address::LocalDomains;
 use crate::command::{self, Command, CommandError};
@@ -47,6 +48,30 @@ pub struct SessionParams {
     /// `auth_plaintext_loopback`.
     pub auth_enabled: bool,
     pub auth_plaintext_loopback: bool,
+    /// Recipients to check with the mailbox server before RCPT is answered.
+    pub check_recipients: RecipientCheck,
+}
+
+/// Selects the recipients whose existence the caller checks at RCPT ([`Action::CheckRecipient`]):
+/// those of domains delivered over LMTP, so an unknown user is refused at once instead of
+/// bounced later to a sender who may be forged (backscatter). None by default.
+#[derive(Clone, Default)]
+pub struct RecipientCheck(Option<Arc<dyn Fn(&Mailbox) -> bool + Send + Sync>>);
+
+impl RecipientCheck {
+    pub fn new(wanted: impl Fn(&Mailbox) -> bool + Send + Sync + 'static) -> Self {
+        RecipientCheck(Some(Arc::new(wanted)))
+    }
+
+    fn wanted(&self, m: &Mailbox) -> bool {
+        self.0.as_ref().is_some_and(|f| f(m))
+    }
+}
+
+impl std::fmt::Debug for RecipientCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "RecipientCheck(some)" } else { "RecipientCheck(none)" })
+    }
 }
 
 #[derive(Debug)]
@@ -57,6 +82,11 @@ enum Mode {
     Data(DataReceiver),
     /// An `Enqueue` is outstanding.
     AwaitingQueue,
+    /// A `CheckRecipient` is outstanding for this RCPT.
+    AwaitingCheck {
+        to: Mailbox,
+        dsn: crate::dsn::RcptDsn,
+    },
     /// Reading the octets of a BDAT chunk; `refuse` is the reply when the chunk is not wanted.
     Bdat {
         size: u64,
@@ -307,7 +337,11 @@ impl Session {
                 return Some(a);
             }
             match &mut self.mode {
-                Mode::Closed | Mode::AwaitingQueue | Mode::AwaitingAuth { .. } | Mode::AwaitingTls => return None,
+                Mode::Closed
+                | Mode::AwaitingQueue
+                | Mode::AwaitingCheck { .. }
+                | Mode::AwaitingAuth { .. }
+                | Mode::AwaitingTls => return None,
                 Mode::Bdat { remaining, .. } => {
                     if *remaining > 0 {
                         if self.input.is_empty() {
@@ -403,6 +437,13 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// The answer to the last [`Action::CheckRecipient`]: RCPT is answered now.
+    pub fn recipient_checked(&mut self, verdict: RecipientVerdict) {
+        if let Mode::AwaitingCheck { to, dsn } = std::mem::replace(&mut self.mode, Mode::Command) {
+            self.checked(to, dsn, verdict);
         }
     }
 

@@ -2,7 +2,7 @@
 //! handed to the caller as [`Action::Enqueue`]. The transaction's state is [`Transaction`];
 //! RSET, EHLO and STARTTLS throw it away, and the queue's answer ends it.
 
-use super::{Action, Incoming, Mode, RefusalCause, Session};
+use super::{Action, Incoming, Mode, RecipientVerdict, RefusalCause, Session};
 use crate::address::Mailbox;
 use crate::command;
 use crate::data::{DataOutcome, DataProblem, DataReceiver};
@@ -142,9 +142,35 @@ impl Session {
             let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
             return self.reject(Some(refusal), reply::relay_denied());
         }
+        if self.params.check_recipients.wanted(&to) {
+            self.out.push_back(Action::CheckRecipient(to.clone()));
+            self.mode = Mode::AwaitingCheck { to, dsn };
+            return;
+        }
         self.txn.recipients.push(to);
         self.txn.rcpt_dsn.push(dsn);
         self.reply(reply::recipient_ok());
+    }
+
+    /// RCPT answered after the recipient was checked.
+    pub(super) fn checked(&mut self, to: Mailbox, dsn: RcptDsn, verdict: RecipientVerdict) {
+        match verdict {
+            RecipientVerdict::Exists => {
+                self.txn.recipients.push(to);
+                self.txn.rcpt_dsn.push(dsn);
+                self.reply(reply::recipient_ok());
+            }
+            RecipientVerdict::Unknown(why) => {
+                let refusal = self.refusal(RefusalCause::UnknownRecipient, Some(to.to_string()), 0);
+                self.reject(Some(refusal), reply::unknown_recipient(&why));
+            }
+            RecipientVerdict::TryLater(why) => {
+                // Not the client's error: no error count, no tarpit.
+                let refusal = self.refusal(RefusalCause::RecipientUnverified, Some(to.to_string()), 0);
+                self.out.push_back(Action::Refused(refusal));
+                self.reply(reply::recipient_unverified(&why));
+            }
+        }
     }
 
     pub(super) fn data(&mut self) {
