@@ -171,6 +171,9 @@ pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, m
     params.tls_available = false;
     params.tls_required = false;
     params.auth_enabled = false;
+    // A local program's recipients are not checked with the LMTP server here (the daemon's
+    // delivery reports unknown ones to the program's own sender).
+    params.check_recipients = Default::default();
     let mut session = Session::new(std::sync::Arc::new(params), std::net::Ipv4Addr::LOCALHOST.into(), true);
     let io = |e: std::io::Error| format!("writing to standard output: {e}");
     output.write_all(&session.greeting().to_bytes()).map_err(io)?;
@@ -216,6 +219,9 @@ pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, m
                 // Neither is offered here; refuse if asked anyway.
                 Action::Authenticate { .. } => session.authenticated(false),
                 Action::StartTls => return Err("STARTTLS is not offered on standard input".into()),
+                Action::CheckRecipient(_) => {
+                    session.recipient_checked(mailroot_actors::protocol::RecipientVerdict::Exists)
+                }
                 Action::BodyChunk { .. } | Action::Refused(_) | Action::Log(_) => {}
             }
         }

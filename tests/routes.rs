@@ -48,6 +48,8 @@ struct LmtpLog {
     connections: usize,
     /// QUITs received.
     quits: usize,
+    /// RCPT commands received (deliveries and checks).
+    rcpts_seen: usize,
     /// Connections that ended (QUIT or the client closing).
     closed: usize,
 }
@@ -80,6 +82,7 @@ fn lmtp_session(stream: impl Read + Write, log: Arc<Mutex<LmtpLog>>) {
             rcpts.clear();
             say(&mut stream, "250 2.1.0 OK\r\n");
         } else if upper.starts_with("RCPT TO:") {
+            log.lock().unwrap().rcpts_seen += 1;
             let addr = cmd[8..].trim_matches(['<', '>']).to_string();
             if addr.starts_with("bad") {
                 say(&mut stream, "550 5.1.1 No such mailbox\r\n");
@@ -146,8 +149,10 @@ fn lmtp_per_recipient_replies() {
     let addr = listener.local_addr().unwrap().to_string();
     let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
     let log_handle = log.clone();
+    // Recipients are not checked at RCPT here: this is about the replies at delivery.
     let extra = format!(
-        "[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\n[queue]\nretry_intervals = [\"1h\"]\n"
+        "[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\nverify_recipients = false\n\
+         [queue]\nretry_intervals = [\"1h\"]\n"
     );
     let running = start(config(dir.path(), &extra));
     let smtp = running.smtp_addrs[0];
@@ -475,7 +480,7 @@ fn idle_lmtp_connections_are_closed_with_quit() {
         let addr = listener.local_addr().unwrap();
         let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
         let extra =
-            format!("[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\nidle_timeout = \"{idle}\"\n");
+            format!("[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\nidle_timeout = \"{idle}\"\nverify_recipients = false\n");
         let running = start(config(dir.path(), &extra));
         send(running.smtp_addrs[0], &["ok@mbox.test"], "idle");
         wait_for("delivery", Duration::from_secs(10), || (log.lock().unwrap().delivered.len() == 1).then_some(()));
@@ -489,4 +494,65 @@ fn idle_lmtp_connections_are_closed_with_quit() {
         let l = log.lock().unwrap();
         assert_eq!((l.connections, l.closed), (1, 1), "idle {idle}");
     }
+}
+
+/// Recipients of an LMTP-routed domain are checked with the LMTP server at RCPT (on by
+/// default): an unknown user gets the server's 550 at once, so nothing is accepted and bounced
+/// later to a sender who may be forged; answers are cached; a server that does not answer in
+/// time gives 451 4.4.3, never 250.
+#[test]
+fn lmtp_recipients_are_checked_at_rcpt() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
+    let extra = format!("[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\n");
+    let running = start(config(dir.path(), &extra));
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<forged@remote.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<ok@mbox.test>").code, 250);
+    let r = c.cmd("RCPT TO:<bad@mbox.test>");
+    assert_eq!((r.code, r.text.get(..5)), (550, Some("5.1.1")), "{r:?}");
+    assert!(r.text.contains("No such mailbox"), "the server's own words: {r:?}");
+    let seen = log_of(&log).rcpts_seen;
+    // Asked again: the cached answer, the server is not asked.
+    assert_eq!(c.cmd("RCPT TO:<bad@mbox.test>").code, 550);
+    assert_eq!(log_of(&log).rcpts_seen, seen);
+    // Domains not routed to LMTP are not checked.
+    assert_eq!(c.cmd("RCPT TO:<anyone@example.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: checked\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.read_reply().unwrap().code, 250);
+    wait_for("delivery", Duration::from_secs(10), || (!log_of(&log).delivered.is_empty()).then_some(()));
+    // The cached answer counts too: two RCPTs refused after a check.
+    assert_eq!(metric(&running, "mailroot_recipient_checks_total{result=\"unknown\"}"), 2.0);
+    assert_eq!(metric(&running, "mailroot_recipient_checks_total{result=\"exists\"}"), 1.0);
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"unknown_recipient\"}"), 2.0);
+    // No NDR was made: the sender (maybe forged) hears nothing from us later.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(drop_files(dir.path())
+        .iter()
+        .all(|p| !std::fs::read_to_string(p).unwrap_or_default().contains("Undelivered")));
+    running.stop();
+
+    // A server that accepts connections and says nothing: 451 4.4.3 within verify_timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept() {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let extra =
+        format!("[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{silent_addr}\"\nverify_timeout = \"1s\"\n");
+    let running = start(config(dir.path(), &extra));
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<s@remote.test>").code, 250);
+    let started = std::time::Instant::now();
+    let r = c.cmd("RCPT TO:<who@mbox.test>");
+    assert_eq!((r.code, r.text.get(..5)), (451, Some("4.4.3")), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by verify_timeout");
+    running.stop();
 }

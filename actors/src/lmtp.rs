@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::delivery::{replies, Deliver, DeliveryReport, Outcome, RecipientResult};
 use crate::protocol::client::{dot_stuff, is_eight_bit, Capabilities, ReplyParser, ServerReply};
+use crate::protocol::{Mailbox, RecipientVerdict};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LmtpSettings {
@@ -386,4 +387,139 @@ impl Handler<Deliver> for Lmtp {
             }
         })
     }
+}
+
+/// Checks at RCPT time that a recipient of an LMTP-delivered domain exists, by asking the LMTP
+/// server itself (`MAIL FROM:<>`, `RCPT TO:`, `RSET` on a kept connection), so an unknown user is
+/// refused with `550 5.1.1` during the SMTP session instead of bounced later to a sender who may
+/// be forged (backscatter).
+///
+/// Bounded: at most `PROBES` checks at once (others wait their turn within the timeout), each
+/// command within `timeout`; answers are cached for `CACHE_FOR` (at most `CACHE_MAX` addresses),
+/// so a flood of RCPTs for the same users costs the server nothing more. No answer in time, a
+/// connection failure or a 4xx is `451 4.4.3`, never a 250.
+pub struct RecipientVerifier {
+    settings: Arc<LmtpSettings>,
+    timeout: Duration,
+    probes: Semaphore,
+    idle: Arc<IdlePool>,
+    cache: Mutex<std::collections::HashMap<String, (RecipientVerdict, Instant)>>,
+}
+
+/// Checks running at once, at most (each holds a connection, and a process on the server).
+const PROBES: usize = 4;
+/// How long an answer is reused.
+const CACHE_FOR: Duration = Duration::from_secs(60);
+/// Addresses whose answer is kept, at most.
+const CACHE_MAX: usize = 10_000;
+
+impl RecipientVerifier {
+    /// `timeout` bounds the whole check (waiting for a turn, connecting, each reply).
+    pub fn new(settings: LmtpSettings, timeout: Duration, kept: &KeptConnections) -> Arc<Self> {
+        let v = Arc::new(RecipientVerifier {
+            settings: Arc::new(LmtpSettings { timeout, ..settings }),
+            timeout,
+            probes: Semaphore::new(PROBES),
+            idle: Arc::default(),
+            cache: Mutex::default(),
+        });
+        kept.register(&v.idle);
+        // Kept probe connections are closed with QUIT once idle, as the delivery ones are.
+        let weak = Arc::downgrade(&v);
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(v) = weak.upgrade() else { return };
+                let expired = Lmtp::take_expired(&v.idle, v.settings.idle);
+                drop(v);
+                quit(expired).await;
+            }
+        });
+        v
+    }
+
+    pub async fn check(&self, rcpt: &Mailbox) -> RecipientVerdict {
+        let key = rcpt.to_string().to_lowercase();
+        if let Some(v) = self.cached(&key) {
+            return v;
+        }
+        let verdict = match tokio::time::timeout(self.timeout, self.ask(rcpt)).await {
+            Ok(v) => v,
+            Err(_) => {
+                RecipientVerdict::TryLater(format!("the LMTP server {} did not answer in time", self.settings.address))
+            }
+        };
+        // Only answers the server gave are kept; a failure to ask is not an answer.
+        if !matches!(verdict, RecipientVerdict::TryLater(_)) {
+            let v = verdict.clone();
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= CACHE_MAX {
+                cache.retain(|_, (_, at)| at.elapsed() < CACHE_FOR);
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (v, Instant::now()));
+        }
+        verdict
+    }
+
+    fn cached(&self, key: &str) -> Option<RecipientVerdict> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).filter(|(_, at)| at.elapsed() < CACHE_FOR).map(|(v, _)| v.clone())
+    }
+
+    async fn ask(&self, rcpt: &Mailbox) -> RecipientVerdict {
+        let Ok(_turn) = self.probes.acquire().await else {
+            return RecipientVerdict::TryLater("recipient checks are shut down".into());
+        };
+        let mut reused = Lmtp::take_idle(&self.idle, self.settings.idle);
+        loop {
+            let was_reused = reused.is_some();
+            let mut conn = match reused.take() {
+                Some(c) => c,
+                None => match Conn::open(&self.settings).await {
+                    Ok(c) => c,
+                    Err(o) => return RecipientVerdict::TryLater(o.to_string()),
+                },
+            };
+            match probe(&mut conn, rcpt).await {
+                // A kept connection the server closed meanwhile: once more on a new one.
+                Err(_) if was_reused => continue,
+                Err(o) => return RecipientVerdict::TryLater(o.to_string()),
+                Ok(verdict) => {
+                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    if idle.len() < PROBES {
+                        idle.push((conn, Instant::now()));
+                    }
+                    return verdict;
+                }
+            }
+        }
+    }
+}
+
+/// One check on an open connection; `Err` when the connection failed (the caller may retry on a
+/// new one). The connection is left ready for the next check (after RSET).
+async fn probe(c: &mut Conn, rcpt: &Mailbox) -> Result<RecipientVerdict, Outcome> {
+    let utf8 = !rcpt.is_ascii();
+    if utf8 && !c.caps.smtputf8 {
+        return Ok(RecipientVerdict::TryLater(format!("{} does not support internationalized addresses", c.peer)));
+    }
+    let mail = c.command(if utf8 { "MAIL FROM:<> SMTPUTF8\r\n" } else { "MAIL FROM:<>\r\n" }).await?;
+    if mail.code != 250 {
+        let _ = c.command("RSET\r\n").await?;
+        return Ok(RecipientVerdict::TryLater(format!("the LMTP server refused MAIL: {}", outcome(&mail))));
+    }
+    let reply = c.command(&format!("RCPT TO:<{rcpt}>\r\n")).await?;
+    let rset = c.command("RSET\r\n").await?;
+    if rset.code != 250 {
+        return Err(replies::protocol_error(&c.peer, "RSET refused"));
+    }
+    let said = outcome(&reply).to_string();
+    Ok(match reply.code {
+        200..=299 => RecipientVerdict::Exists,
+        500..=599 => RecipientVerdict::Unknown(said),
+        _ => RecipientVerdict::TryLater(said),
+    })
 }

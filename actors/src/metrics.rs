@@ -151,6 +151,9 @@ pub struct Metrics {
     pub badmail: Family<CauseLabel, Counter>,
     /// Delivery attempts that were retries (attempt number 2 or later), per recipient.
     pub retries: Counter,
+    /// Recipients checked at RCPT with the LMTP server, by result (`exists`, `unknown`,
+    /// `unverified`).
+    pub recipient_checks: Family<ResultLabel, Counter>,
     /// Times the queue store could not write (a full or failing disk) and mail was refused.
     pub store_failures: Counter,
     /// Times the failed queue store was reopened and took mail again, without a restart.
@@ -214,6 +217,7 @@ impl Metrics {
             badmail: Family::default(),
             retries: Counter::default(),
             store_failures: Counter::default(),
+            recipient_checks: Family::default(),
             store_reopens: Counter::default(),
             outbound_connections: Counter::default(),
             outbound_connections_current: Gauge::default(),
@@ -244,6 +248,11 @@ impl Metrics {
         r.register("notifications", "Delivery status notifications generated", m.notifications.clone());
         r.register("badmail", "Messages the queue wrote to Badmail", m.badmail.clone());
         r.register("delivery_retries", "Per-recipient delivery attempts after the first", m.retries.clone());
+        r.register(
+            "recipient_checks",
+            "Recipients checked at RCPT with the LMTP server, by result",
+            m.recipient_checks.clone(),
+        );
         r.register(
             "queue_store_failures",
             "Times the queue store could not write and mail was refused",

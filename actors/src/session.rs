@@ -144,6 +144,9 @@ pub struct SessionShared {
     /// Room in the queue (free space above its reserve, none while its store fails): MAIL is
     /// refused with 452 4.3.1 without it.
     pub store_health: Arc<crate::health::StoreHealth>,
+    /// Asks the LMTP server whether a recipient exists, for the recipients the protocol's
+    /// `check_recipients` selects (LMTP-delivered domains).
+    pub recipient_verifier: Option<Arc<crate::lmtp::RecipientVerifier>>,
     /// Where large message bodies go piece by piece as they arrive (a spool file each), so a
     /// session holds only about [`STREAM_PIECE`] of a message whatever its size. `None`: bodies
     /// go whole to the Queue.
@@ -292,6 +295,20 @@ async fn drive(
                 None => proto.no_room(),
             },
             Action::Refused(r) => log_refusal(peer, metrics, &r),
+            Action::CheckRecipient(rcpt) => {
+                let verdict = match &shared.recipient_verifier {
+                    Some(v) => v.check(&rcpt).await,
+                    // Checking is only asked for with a verifier; without one, say so.
+                    None => protocol::RecipientVerdict::TryLater("no recipient check is configured".into()),
+                };
+                let result = match &verdict {
+                    protocol::RecipientVerdict::Exists => "exists",
+                    protocol::RecipientVerdict::Unknown(_) => "unknown",
+                    protocol::RecipientVerdict::TryLater(_) => "unverified",
+                };
+                metrics.recipient_checks.get_or_create(&ResultLabel { result }).inc();
+                proto.recipient_checked(verdict);
+            }
             Action::Close => out.close = true,
             Action::Log(entry) => {
                 if let Some(log) = &shared.protolog {

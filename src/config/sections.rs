@@ -58,6 +58,10 @@ pub struct LmtpRoute {
     pub timeout: HumanDuration,
     /// A connection is kept this long after a clean transaction, then closed with QUIT.
     pub idle_timeout: HumanDuration,
+    /// Recipients of domains routed here are checked with the server at RCPT (no backscatter).
+    pub verify_recipients: bool,
+    /// How long such a check may take before RCPT gets 451 4.4.3.
+    pub verify_timeout: HumanDuration,
 }
 
 impl Default for LmtpRoute {
@@ -67,6 +71,8 @@ impl Default for LmtpRoute {
             max_connections: 8,
             timeout: HumanDuration(Duration::from_secs(300)),
             idle_timeout: HumanDuration(mailroot_actors::lmtp::IDLE),
+            verify_recipients: true,
+            verify_timeout: HumanDuration(Duration::from_secs(10)),
         }
     }
 }

@@ -13,11 +13,12 @@ use mailroot_actors::listener::{AccessLists, ListenerSettings};
 use mailroot_actors::lmtp::LmtpSettings;
 use mailroot_actors::maildir::MaildirSettings;
 use mailroot_actors::pickup::PickupSettings;
-use mailroot_actors::protocol::{LocalDomains, SessionParams};
+use mailroot_actors::protocol::{LocalDomains, RecipientCheck, SessionParams};
 use mailroot_actors::queue::QueueSettings;
 use mailroot_actors::remote::connection::Timeouts;
 use mailroot_actors::remote::{DomainPolicy, RemoteSettings, SmartHost};
 use mailroot_actors::resolve::Dns;
+use mailroot_actors::routes::RouteTable;
 use tracing::warn;
 
 use super::{Config, ConfigError};
@@ -133,6 +134,35 @@ impl Config {
         LocalDomains::new(&self.domains.local)
     }
 
+    /// Recipients of domains routed to `lmtp` are checked with the LMTP server at RCPT
+    /// (`[lmtp] verify_recipients`, on by default).
+    fn recipient_check(&self) -> RecipientCheck {
+        if !self.lmtp.verify_recipients || self.lmtp.address.is_empty() {
+            return RecipientCheck::default();
+        }
+        let Ok(table) = RouteTable::new(&self.routes) else { return RecipientCheck::default() };
+        if !table.names().any(|r| r == "lmtp") {
+            return RecipientCheck::default();
+        }
+        let local = self.local_domains();
+        RecipientCheck::new(move |m| table.route(&m.domain, &local) == "lmtp")
+    }
+
+    /// The recipient check's own settings: the LMTP server, and how long a check may take.
+    pub fn recipient_verifier_settings(&self) -> Option<(LmtpSettings, Duration)> {
+        if !self.lmtp.verify_recipients || self.lmtp.address.is_empty() {
+            return None;
+        }
+        let settings = LmtpSettings {
+            address: self.lmtp.address.clone(),
+            hostname: self.server.hostname.clone(),
+            timeout: self.lmtp.timeout.0,
+            max_connections: self.lmtp.max_connections,
+            idle: self.lmtp.idle_timeout.0,
+        };
+        Some((settings, self.lmtp.verify_timeout.0))
+    }
+
     /// What the SMTP side is built from; rebuilt at each reload.
     pub fn listener_settings(&self, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
         let params = Arc::new(SessionParams {
@@ -148,6 +178,7 @@ impl Config {
             tls_required: self.tls.required,
             auth_enabled: security.users.is_some(),
             auth_plaintext_loopback: self.auth.allow_plaintext_loopback,
+            check_recipients: self.recipient_check(),
         });
         ListenerSettings {
             params,

@@ -126,6 +126,11 @@ impl RouteActors {
         Ok(changed)
     }
 
+    /// The LMTP connections kept by route actors and recipient checks, closed at stop.
+    pub(super) fn kept_connections(&self) -> &KeptConnections {
+        &self.lmtp_kept
+    }
+
     /// Says QUIT on the kept LMTP connections (each holds a process on the mailbox server).
     pub(super) async fn quit_kept_connections(&self) {
         self.lmtp_kept.quit_all().await;

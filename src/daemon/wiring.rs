@@ -151,6 +151,9 @@ pub(super) fn run_system(
                 )),
                 store_health,
                 body_store: Some(body_store),
+                recipient_verifier: config.recipient_verifier_settings().map(|(settings, timeout)| {
+                    mailroot_actors::lmtp::RecipientVerifier::new(settings, timeout, routes.kept_connections())
+                }),
                 error_delay: config.limits.error_delay.0,
                 stop: stop_rx,
                 meter: metrics.actor("session"),

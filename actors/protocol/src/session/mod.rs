@@ -56,7 +56,10 @@ pub struct SessionParams {
 /// those of domains delivered over LMTP, so an unknown user is refused at once instead of
 /// bounced later to a sender who may be forged (backscatter). None by default.
 #[derive(Clone, Default)]
-pub struct RecipientCheck(Option<Arc<dyn Fn(&Mailbox) -> bool + Send + Sync>>);
+pub struct RecipientCheck(Option<Arc<Wanted>>);
+
+/// Whether a recipient is to be checked.
+type Wanted = dyn Fn(&Mailbox) -> bool + Send + Sync;
 
 impl RecipientCheck {
     pub fn new(wanted: impl Fn(&Mailbox) -> bool + Send + Sync + 'static) -> Self {
