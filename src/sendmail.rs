@@ -50,6 +50,12 @@ pub struct Args {
     pub from_headers: bool,
     /// `-F`: the sender's full name, for the From: header mailroot adds when there is none.
     pub full_name: Option<String>,
+    /// `-N`: DSN NOTIFY for every recipient (`never`, or `success`, `delay`, `failure`).
+    pub notify: Option<mailroot_actors::protocol::dsn::Notify>,
+    /// `-R`: DSN RET (`full` or `hdrs`).
+    pub ret: Option<mailroot_actors::protocol::dsn::Ret>,
+    /// `-V`: DSN ENVID, as given (xtext-encoded in the file).
+    pub envid: Option<String>,
     /// `-f`: the envelope sender; `<>` or empty for the null sender.
     pub sender: Option<String>,
     /// `-i` / `-oi`: a line with a single dot does not end the message.
@@ -85,7 +91,12 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
                 a.full_name = Some(v.clone());
                 i += 1;
             }
-            "-B" | "-N" | "-R" | "-V" | "-O" | "-o" => i += 1,
+            "-N" | "-R" | "-V" => {
+                let v = args.get(i).ok_or(format!("{arg} needs a value"))?;
+                dsn_option(&mut a, &arg[1..2], v)?;
+                i += 1;
+            }
+            "-B" | "-O" | "-o" => i += 1,
             "-bm" => a.mode = Mode::Deliver,
             "-bs" => a.mode = Mode::Smtp,
             "-bp" => a.mode = Mode::ListQueue,
@@ -98,11 +109,36 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
             }
             s if s.starts_with("-f") || s.starts_with("-r") => a.sender = Some(s[2..].to_string()),
             s if s.starts_with("-F") => a.full_name = Some(s[2..].to_string()),
-            s if ["-o", "-B", "-N", "-R", "-V", "-O", "-v", "-e"].iter().any(|p| s.starts_with(p)) => {}
+            s if s.starts_with("-N") || s.starts_with("-R") || s.starts_with("-V") => {
+                dsn_option(&mut a, &s[1..2], &s[2..])?
+            }
+            s if ["-o", "-B", "-O", "-v", "-e"].iter().any(|p| s.starts_with(p)) => {}
             s => return Err(format!("unknown option {s}")),
         }
     }
     Ok(a)
+}
+
+/// `-N`, `-R`, `-V` (as Postfix's sendmail reads them).
+fn dsn_option(a: &mut Args, which: &str, v: &str) -> Result<(), String> {
+    use mailroot_actors::protocol::dsn::{Notify, Ret};
+    match which {
+        "N" => a.notify = Some(Notify::parse(v).ok_or(format!("-N {v}: never, or success, delay, failure"))?),
+        "R" => {
+            a.ret = Some(match v.to_ascii_lowercase().as_str() {
+                "full" => Ret::Full,
+                "hdrs" => Ret::Hdrs,
+                _ => return Err(format!("-R {v}: full or hdrs")),
+            })
+        }
+        _ => {
+            if v.is_empty() || v.len() > 100 || !v.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(format!("-V {v:?}: up to 100 printable characters"));
+            }
+            a.envid = Some(v.to_string());
+        }
+    }
+    Ok(())
 }
 
 /// Reads the message: to the end of input, or (without `-i`) to a line holding a single dot.
@@ -191,9 +227,11 @@ pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, m
             match action {
                 Action::Reply(r) => output.write_all(&r.to_bytes()).map_err(io)?,
                 Action::Enqueue(m) => {
-                    let mut file = format!("x-sender: <{}>\r\n", m.sender.map(|s| s.to_string()).unwrap_or_default());
-                    for r in &m.recipients {
-                        file.push_str(&format!("x-receiver: <{r}>\r\n"));
+                    let sender = m.sender.map(|s| s.to_string()).unwrap_or_default();
+                    let mut file = format!("x-sender: <{sender}>{}\r\n", m.dsn.params());
+                    for (i, r) in m.recipients.iter().enumerate() {
+                        let params = m.rcpt_dsn.get(i).map(|d| d.params()).unwrap_or_default();
+                        file.push_str(&format!("x-receiver: <{r}>{params}\r\n"));
                     }
                     let mut file = file.into_bytes();
                     file.extend_from_slice(&m.body);
@@ -279,10 +317,16 @@ pub fn submit(config: &Config, args: &Args, message: &[u8], login: &str) -> Resu
     let mut body = head.into_bytes();
     body.extend_from_slice(message);
 
+    // DSN parameters ride on the envelope lines, as on MAIL and RCPT.
+    let message_dsn = mailroot_actors::protocol::dsn::MessageDsn {
+        ret: args.ret,
+        envid: args.envid.as_deref().map(mailroot_actors::protocol::dsn::xtext_encode),
+    };
+    let rcpt_dsn = mailroot_actors::protocol::dsn::RcptDsn { notify: args.notify, orcpt: None };
     let envelope = |rcpts: &[String]| {
-        let mut f = format!("x-sender: <{sender}>\r\n").into_bytes();
+        let mut f = format!("x-sender: <{sender}>{}\r\n", message_dsn.params()).into_bytes();
         for r in rcpts {
-            f.extend_from_slice(format!("x-receiver: <{r}>\r\n").as_bytes());
+            f.extend_from_slice(format!("x-receiver: <{r}>{}\r\n", rcpt_dsn.params()).as_bytes());
         }
         f.extend_from_slice(&body);
         f
@@ -377,7 +421,17 @@ mod tests {
         }
         assert_eq!(args("-F Jane a").unwrap().full_name.as_deref(), Some("Jane"));
         assert_eq!(args("-FCronDaemon a").unwrap().full_name.as_deref(), Some("CronDaemon"));
-        for bad in ["-bd", "-q30m", "-F"] {
+        let dsn = args("-N success,delay -R hdrs -V id=1 a").unwrap();
+        assert_eq!(
+            (dsn.notify, dsn.ret, dsn.envid.as_deref()),
+            (
+                Some(mailroot_actors::protocol::dsn::Notify { success: true, failure: false, delay: true }),
+                Some(mailroot_actors::protocol::dsn::Ret::Hdrs),
+                Some("id=1")
+            )
+        );
+        assert_eq!(args("-Nnever a").unwrap().notify.map(|n| n.keyword()).as_deref(), Some("NEVER"));
+        for bad in ["-bd", "-q30m", "-F", "-N sometimes", "-R most", "-V", "-N"] {
             assert!(args(bad).is_err(), "{bad}");
         }
         for (name, want) in [

@@ -406,7 +406,8 @@ fn sendmail_modes() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
+        // A refused command line exits without reading its input.
+        let _ = child.stdin.take().unwrap().write_all(input);
         let out = child.wait_with_output().unwrap();
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         (out.status.code(), text(&out.stdout), text(&out.stderr))
@@ -433,13 +434,25 @@ fn sendmail_modes() {
     assert!(out.contains("bad@@x: undeliverable"), "{out}");
     let (code, _, err) = run(&sendmail, &["far@remote.test"], b"Subject: deferred\n\nx\n");
     assert_eq!(code, Some(0), "{err}");
+    // DSN options: a success report to the sender, with the envelope ID.
+    let (code, _, err) = run(
+        &sendmail,
+        &["-N", "success", "-V", "env-1", "-R", "hdrs", "-f", "app@example.test", "dave@example.test"],
+        b"Subject: with DSN\n\nx\n",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(run(&sendmail, &["-N", "sometimes", "dave@example.test"], b"x\n").0, Some(64));
 
     let d = Daemon::spawn(&cfg, &[], &[]);
     let drop_dir = dir.path().join("spool");
-    let texts = wait_for("both local messages in Drop", Duration::from_secs(20), || {
+    let texts = wait_for("the local messages and the success report in Drop", Duration::from_secs(20), || {
         let t: Vec<String> = drop_files(&drop_dir).iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect();
-        (t.len() == 2).then_some(t)
+        (t.len() == 4).then_some(t)
     });
+    let report = texts.iter().find(|t| t.contains("Successful Mail Delivery Report")).expect("a success report");
+    assert!(report.contains("x-receiver: app@example.test"), "{report}");
+    assert!(report.contains("Original-Envelope-Id: env-1"), "{report}");
+    assert!(report.contains("Final-Recipient: rfc822; dave@example.test"), "{report}");
     let bs = texts.iter().find(|t| t.contains("Subject: over -bs")).expect("the -bs message");
     assert!(bs.contains("x-sender: app@example.test") && bs.contains("x-receiver: bob@example.test"), "{bs}");
     let named = texts.iter().find(|t| t.contains("Subject: named")).expect("the -F message");

@@ -239,8 +239,8 @@ async fn process(
     let req = Enqueue {
         sender: msg.sender,
         recipients: msg.recipients,
-        dsn: Default::default(),
-        rcpt_dsn: Vec::new(),
+        dsn: msg.dsn,
+        rcpt_dsn: msg.rcpt_dsn,
         body: msg.body,
         origin: Origin::Pickup,
         origin_text: name.clone(),

@@ -83,6 +83,18 @@ impl RcptDsn {
     pub fn notify(&self) -> Notify {
         self.notify.unwrap_or(Notify::DEFAULT)
     }
+
+    /// The RCPT parameters they travel in (` NOTIFY=… ORCPT=…`; empty when none was given).
+    pub fn params(&self) -> String {
+        let mut p = String::new();
+        if let Some(n) = self.notify {
+            p.push_str(&format!(" NOTIFY={}", n.keyword()));
+        }
+        if let Some(o) = &self.orcpt {
+            p.push_str(&format!(" ORCPT={o}"));
+        }
+        p
+    }
 }
 
 /// The DSN parameters of a whole message.
@@ -91,6 +103,20 @@ pub struct MessageDsn {
     pub ret: Option<Ret>,
     /// `ENVID=` in xtext, as received.
     pub envid: Option<String>,
+}
+
+impl MessageDsn {
+    /// The MAIL parameters they travel in (` RET=… ENVID=…`; empty when none was given).
+    pub fn params(&self) -> String {
+        let mut p = String::new();
+        if let Some(r) = self.ret {
+            p.push_str(&format!(" RET={}", r.keyword()));
+        }
+        if let Some(e) = &self.envid {
+            p.push_str(&format!(" ENVID={e}"));
+        }
+        p
+    }
 }
 
 /// RFC 3461 §4: xtext is printable ASCII except `+` and `=`, with `+XX` hex escapes.

@@ -6,7 +6,9 @@
 //! without recipients are refused with a reason for the Badmail `.bdr` file.
 
 use crate::address::parse_mailbox;
+use crate::command::{self, Command};
 use crate::data::MAX_LINE;
+use crate::dsn::{MessageDsn, RcptDsn};
 use crate::Mailbox;
 
 /// A parsed Pickup file.
@@ -14,6 +16,10 @@ use crate::Mailbox;
 pub struct PickupMessage {
     pub sender: Option<Mailbox>,
     pub recipients: Vec<Mailbox>,
+    /// DSN parameters (RFC 3461) given on the `x-sender:` line (`RET=`, `ENVID=`).
+    pub dsn: MessageDsn,
+    /// DSN parameters of `recipients`, index for index (`NOTIFY=`, `ORCPT=` on `x-receiver:`).
+    pub rcpt_dsn: Vec<RcptDsn>,
     /// The message with CRLF line ends, without the `x-` envelope lines and without `Bcc:`.
     pub body: Vec<u8>,
 }
@@ -25,6 +31,8 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
     let mut lines = split_lines(&text);
     let mut x_sender: Option<Option<Mailbox>> = None;
     let mut x_receivers = Vec::new();
+    let mut dsn = MessageDsn::default();
+    let mut rcpt_dsn = Vec::new();
     let mut consumed = 0;
     while let Some(line) = lines.first() {
         let lower = line.to_ascii_lowercase();
@@ -32,12 +40,27 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
             if x_sender.is_some() {
                 return Err("more than one x-sender line".into());
             }
-            x_sender = Some(envelope_address(&line[9..], true)?);
+            let (addr, params) = split_params(&line[9..])?;
+            x_sender = Some(envelope_address(addr.as_bytes(), true)?);
+            if !params.is_empty() {
+                dsn = match command::parse(format!("MAIL FROM:<> {params}").as_bytes()) {
+                    Ok(Command::Mail { params, .. }) => params.dsn,
+                    _ => return Err(format!("x-sender parameters {params:?}: only RET= and ENVID= (RFC 3461)")),
+                };
+            }
         } else if lower.starts_with(b"x-receiver:") {
-            match envelope_address(&line[11..], false)? {
+            let (addr, params) = split_params(&line[11..])?;
+            match envelope_address(addr.as_bytes(), false)? {
                 Some(m) => x_receivers.push(m),
                 None => return Err("empty x-receiver address".into()),
             }
+            rcpt_dsn.push(match params.is_empty() {
+                true => RcptDsn::default(),
+                false => match command::parse(format!("RCPT TO:<postmaster> {params}").as_bytes()) {
+                    Ok(Command::Rcpt { dsn, .. }) => dsn,
+                    _ => return Err(format!("x-receiver parameters {params:?}: only NOTIFY= and ORCPT= (RFC 3461)")),
+                },
+            });
         } else {
             break;
         }
@@ -121,7 +144,9 @@ pub fn parse_pickup(raw: &[u8], max_hop_count: usize) -> Result<PickupMessage, S
     if recipients.is_empty() {
         return Err("no recipients: no x-receiver lines and no To:, Cc: or Bcc: addresses".into());
     }
-    Ok(PickupMessage { sender, recipients, body: out })
+    // Header recipients have no parameters.
+    rcpt_dsn.resize(recipients.len(), RcptDsn::default());
+    Ok(PickupMessage { sender, recipients, dsn, rcpt_dsn, body: out })
 }
 
 /// CRLF stays, a lone LF becomes CRLF (Unix tools write LF), a lone CR is refused.
@@ -161,6 +186,17 @@ fn split_lines(text: &[u8]) -> Vec<&[u8]> {
         }
     }
     v
+}
+
+/// An envelope line's value: the address, then any DSN parameters after a space (`<a@b> RET=HDRS`).
+fn split_params(value: &[u8]) -> Result<(String, String), String> {
+    let v = std::str::from_utf8(value).map_err(|_| "envelope line is not UTF-8")?.trim();
+    // The address ends at its closing bracket, or at the first space when it has none.
+    let end = match v.starts_with('<') {
+        true => v.find('>').map_or(v.len(), |i| i + 1),
+        false => v.find(' ').unwrap_or(v.len()),
+    };
+    Ok((v[..end].to_string(), v[end..].trim().to_string()))
 }
 
 fn envelope_address(value: &[u8], allow_null: bool) -> Result<Option<Mailbox>, String> {
@@ -234,6 +270,36 @@ pub fn address_list(value: &str) -> Result<Vec<Mailbox>, String> {
 
 #[cfg(test)]
 mod tests {
+    /// DSN parameters after the addresses of the envelope lines (as sendmail -N/-R/-V and
+    /// sendmail -bs write them) become the message's and each recipient's; anything else there
+    /// is refused with the reason.
+    #[test]
+    fn dsn_parameters_on_envelope_lines() {
+        use crate::dsn::{Notify, Ret};
+        let raw = b"x-sender: <a@b.test> RET=HDRS ENVID=id+2B1\r\nx-receiver: <c@example.test> NOTIFY=SUCCESS,FAILURE \
+                    ORCPT=rfc822;c@example.test\r\nx-receiver: d@example.test\r\n\r\nbody\r\n";
+        let m = parse_pickup(raw, 100).unwrap();
+        assert_eq!(m.dsn, MessageDsn { ret: Some(Ret::Hdrs), envid: Some("id+2B1".into()) });
+        let success_failure = Notify { success: true, failure: true, delay: false };
+        assert_eq!(
+            m.rcpt_dsn,
+            [
+                RcptDsn { notify: Some(success_failure), orcpt: Some("rfc822;c@example.test".into()) },
+                RcptDsn::default()
+            ]
+        );
+        assert_eq!(m.dsn.params(), " RET=HDRS ENVID=id+2B1");
+        assert_eq!(m.rcpt_dsn[0].params(), " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c@example.test");
+        for bad in [
+            &b"x-sender: <a@b.test> SIZE=x\r\nx-receiver: c@d.test\r\n\r\nb\r\n"[..],
+            b"x-receiver: <c@d.test> NOTIFY=SOMETIMES\r\n\r\nb\r\n",
+        ] {
+            assert!(parse_pickup(bad, 100).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let plain = parse_pickup(b"x-sender: a@b.test\r\nx-receiver: c@d.test\r\n\r\nb\r\n", 100).unwrap();
+        assert_eq!((plain.dsn, plain.rcpt_dsn), (MessageDsn::default(), vec![RcptDsn::default()]));
+    }
+
     use super::*;
 
     fn addrs(v: &[Mailbox]) -> Vec<String> {
