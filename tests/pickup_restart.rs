@@ -53,7 +53,10 @@ fn pickup_both_envelope_forms_and_a_malformed_file() {
         fs::read_to_string(dir.path().join("Badmail/broken.eml.bdr")).ok()
     });
     assert!(bdr.contains("Reason:"), "{bdr}");
-    assert_eq!(fs::read(dir.path().join("Badmail/broken.eml.bad")).unwrap(), b"this is not a message\n");
+    // The reason is written (and synced) before the file is moved beside it: wait for both.
+    let bad =
+        wait_for("Badmail file", Duration::from_secs(10), || fs::read(dir.path().join("Badmail/broken.eml.bad")).ok());
+    assert_eq!(bad, b"this is not a message\n");
     wait_for("Pickup emptied", Duration::from_secs(10), || {
         (fs::read_dir(dir.path().join("Pickup")).unwrap().count() == 0).then_some(())
     });
@@ -165,7 +168,10 @@ fn oversized_pickup_file_goes_to_badmail_and_sort_temp_is_emptied_at_start() {
         fs::read_to_string(dir.path().join("Badmail/big.eml.bdr")).ok()
     });
     assert!(bdr.contains("larger than the maximum message size"), "{bdr}");
-    assert_eq!(fs::read(dir.path().join("Badmail/big.eml.bad")).unwrap(), big.as_bytes());
+    // The reason is written (and synced) before the file is moved beside it: wait for both.
+    let bad =
+        wait_for("Badmail file", Duration::from_secs(10), || fs::read(dir.path().join("Badmail/big.eml.bad")).ok());
+    assert_eq!(bad, big.as_bytes());
     // Far over the limit too (the read stops one byte past it).
     let huge = vec![b'z'; 200_000];
     put_pickup(dir.path(), "huge.eml", &huge);

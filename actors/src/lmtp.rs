@@ -399,8 +399,9 @@ impl Handler<Deliver> for Lmtp {
 /// so a flood of RCPTs for the same users costs the server nothing more. No answer in time, a
 /// connection failure or a 4xx is `451 4.4.3`, never a 250.
 pub struct RecipientVerifier {
-    settings: Arc<LmtpSettings>,
-    timeout: Duration,
+    /// The LMTP server and the time a check may take; `None` until configured (or when checks
+    /// are off). Replaced at a reload ([`RecipientVerifier::configure`]).
+    config: std::sync::RwLock<Option<(Arc<LmtpSettings>, Duration)>>,
     probes: Semaphore,
     idle: Arc<IdlePool>,
     cache: Mutex<std::collections::HashMap<String, (RecipientVerdict, Instant)>>,
@@ -414,11 +415,10 @@ const CACHE_FOR: Duration = Duration::from_secs(60);
 const CACHE_MAX: usize = 10_000;
 
 impl RecipientVerifier {
-    /// `timeout` bounds the whole check (waiting for a turn, connecting, each reply).
-    pub fn new(settings: LmtpSettings, timeout: Duration, kept: &KeptConnections) -> Arc<Self> {
+    /// An unconfigured verifier whose kept connections `kept` closes at the daemon's stop.
+    pub fn new(kept: &KeptConnections) -> Arc<Self> {
         let v = Arc::new(RecipientVerifier {
-            settings: Arc::new(LmtpSettings { timeout, ..settings }),
-            timeout,
+            config: std::sync::RwLock::new(None),
             probes: Semaphore::new(PROBES),
             idle: Arc::default(),
             cache: Mutex::default(),
@@ -430,7 +430,8 @@ impl RecipientVerifier {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(v) = weak.upgrade() else { return };
-                let expired = Lmtp::take_expired(&v.idle, v.settings.idle);
+                let idle = v.settings().map_or(IDLE, |(s, _)| s.idle);
+                let expired = Lmtp::take_expired(&v.idle, idle);
                 drop(v);
                 quit(expired).await;
             }
@@ -438,15 +439,42 @@ impl RecipientVerifier {
         v
     }
 
+    /// The LMTP server to ask and how long a check may take (`timeout` bounds waiting for a
+    /// turn, connecting and each reply), or `None`: checks off. At start and at each reload; a
+    /// change forgets the cached answers and closes the kept connections.
+    pub fn configure(&self, config: Option<(LmtpSettings, Duration)>) {
+        let new = config.map(|(s, timeout)| (Arc::new(LmtpSettings { timeout, ..s }), timeout));
+        {
+            let mut cur = self.config.write().unwrap_or_else(|e| e.into_inner());
+            if *cur == new {
+                return;
+            }
+            *cur = new;
+        }
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let old: Vec<Conn> = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        Lmtp::quit_all(old);
+    }
+
+    fn settings(&self) -> Option<(Arc<LmtpSettings>, Duration)> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub async fn check(&self, rcpt: &Mailbox) -> RecipientVerdict {
+        let Some((settings, timeout)) = self.settings() else {
+            return RecipientVerdict::TryLater("recipient checks are not configured".into());
+        };
         let key = rcpt.to_string().to_lowercase();
         if let Some(v) = self.cached(&key) {
             return v;
         }
-        let verdict = match tokio::time::timeout(self.timeout, self.ask(rcpt)).await {
+        let verdict = match tokio::time::timeout(timeout, self.ask(&settings, rcpt)).await {
             Ok(v) => v,
             Err(_) => {
-                RecipientVerdict::TryLater(format!("the LMTP server {} did not answer in time", self.settings.address))
+                RecipientVerdict::TryLater(format!("the LMTP server {} did not answer in time", settings.address))
             }
         };
         // Only answers the server gave are kept; a failure to ask is not an answer.
@@ -469,16 +497,16 @@ impl RecipientVerifier {
         cache.get(key).filter(|(_, at)| at.elapsed() < CACHE_FOR).map(|(v, _)| v.clone())
     }
 
-    async fn ask(&self, rcpt: &Mailbox) -> RecipientVerdict {
+    async fn ask(&self, settings: &LmtpSettings, rcpt: &Mailbox) -> RecipientVerdict {
         let Ok(_turn) = self.probes.acquire().await else {
             return RecipientVerdict::TryLater("recipient checks are shut down".into());
         };
-        let mut reused = Lmtp::take_idle(&self.idle, self.settings.idle);
+        let mut reused = Lmtp::take_idle(&self.idle, settings.idle);
         loop {
             let was_reused = reused.is_some();
             let mut conn = match reused.take() {
                 Some(c) => c,
-                None => match Conn::open(&self.settings).await {
+                None => match Conn::open(settings).await {
                     Ok(c) => c,
                     Err(o) => return RecipientVerdict::TryLater(o.to_string()),
                 },

@@ -204,6 +204,8 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
     if !plan.needs_restart.is_empty() {
         warn!(sections = %plan.needs_restart.join(", "), "changed but only applied at the next start");
     }
+    // Before the listener sees the new settings: its sessions may start asking at once.
+    sys.recipient_verifier.configure(new.recipient_verifier_settings());
     sys.listener
         .send(Reconfigure {
             settings: new.listener_settings(&security, sys.reverse_dns.clone()),

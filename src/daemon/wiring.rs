@@ -15,6 +15,7 @@ use mailroot_actors::auth::AuthFailures;
 use mailroot_actors::clock::unix_now;
 use mailroot_actors::health::StoreHealth;
 use mailroot_actors::listener::Listener;
+use mailroot_actors::lmtp::RecipientVerifier;
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::pickup::Pickup;
 use mailroot_actors::queue::Queue;
@@ -72,6 +73,7 @@ pub(super) struct Wired {
     pub(super) admin: Option<actix_web::dev::ServerHandle>,
     pub(super) stop_tx: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
     pub(super) protolog: Option<Arc<ProtocolLog>>,
+    pub(super) recipient_verifier: Arc<RecipientVerifier>,
 }
 
 pub(super) fn run_system(
@@ -123,6 +125,9 @@ pub(super) fn run_system(
         let queue_settings = config.queue_settings(&folders.badmail);
         let qm = metrics.clone();
         let store_health = Arc::new(StoreHealth::new(store.dir(), config.queue.min_free_space));
+        // Always there, so a reload can turn recipient checks on (or point them elsewhere).
+        let recipient_verifier = RecipientVerifier::new(routes.kept_connections());
+        recipient_verifier.configure(config.recipient_verifier_settings());
         let store = Arc::new(store);
         let body_store = store.clone();
         let health = store_health.clone();
@@ -151,9 +156,7 @@ pub(super) fn run_system(
                 )),
                 store_health,
                 body_store: Some(body_store),
-                recipient_verifier: config.recipient_verifier_settings().map(|(settings, timeout)| {
-                    mailroot_actors::lmtp::RecipientVerifier::new(settings, timeout, routes.kept_connections())
-                }),
+                recipient_verifier: Some(recipient_verifier.clone()),
                 error_delay: config.limits.error_delay.0,
                 stop: stop_rx,
                 meter: metrics.actor("session"),
@@ -227,6 +230,7 @@ pub(super) fn run_system(
                 admin,
                 stop_tx,
                 protolog,
+                recipient_verifier,
             },
         ))
     });
