@@ -61,7 +61,8 @@ impl Dovecot {
              first_valid_uid = 1\nmail_location = maildir:{d}/mail/%n/Maildir\n\
              passdb {{\n  driver = passwd-file\n  args = {d}/users\n}}\n\
              userdb {{\n  driver = passwd-file\n  args = {d}/users\n  default_fields = home={d}/mail/%n\n}}\n\
-             service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n"
+             service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n\
+               unix_listener {d}/lmtp.sock {{\n    mode = 0666\n  }}\n}}\n"
         );
         std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
         let child = Command::new(DOVECOT)
@@ -139,4 +140,30 @@ fn dovecot_lmtp_checks_recipients_delivers_and_is_left_with_quit() {
     });
     assert!(!log.contains("Connection closed"), "no connection dropped without QUIT: {log}");
     running.stop();
+
+    // The same over Dovecot's Unix socket, and the kept connection closed with QUIT at stop.
+    let before = dovecot.log().len();
+    let extra = format!(
+        "[routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"unix:{}\"\nidle_timeout = \"1h\"\n",
+        dovecot.dir.join("lmtp.sock").display()
+    );
+    let root = dir.path().join("mailroot-unix");
+    let running = start(config(&root, &extra));
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<sender@remote.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<nobody-here@mbox.test>").code, 550);
+    assert_eq!(c.cmd("RCPT TO:<bob@mbox.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: over the socket\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.read_reply().unwrap().code, 250);
+    wait_for("the message in bob's Maildir", Duration::from_secs(15), || {
+        (!dovecot.maildir_new("bob").is_empty()).then_some(())
+    });
+    running.stop();
+    let log = wait_for("every connection logged out after the stop", Duration::from_secs(15), || {
+        let log = dovecot.log().get(before..).unwrap_or_default().to_string();
+        let connects = log.matches("Info: Connect from").count();
+        (connects > 0 && log.matches("Logged out").count() == connects).then_some(log)
+    });
+    assert!(!log.contains("Connection closed"), "no connection dropped without QUIT: {log}");
 }
