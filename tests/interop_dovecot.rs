@@ -17,25 +17,6 @@ use common::*;
 
 const DOVECOT: &str = "/usr/sbin/dovecot";
 
-/// Whether the test can run here; fails instead of skipping when CI asks for it.
-fn available() -> bool {
-    let why = if !Path::new(DOVECOT).exists() {
-        Some("Dovecot is not installed (apt-get install dovecot-lmtpd)")
-    } else if !Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")) {
-        Some("Dovecot's master needs root")
-    } else {
-        None
-    };
-    match why {
-        None => true,
-        Some(why) if std::env::var_os("MAILROOT_INTEROP").is_some() => panic!("MAILROOT_INTEROP is set but {why}"),
-        Some(why) => {
-            eprintln!("SKIPPED: {why}; .ci/run installs it and runs this test");
-            false
-        }
-    }
-}
-
 /// A private Dovecot serving LMTP on 127.0.0.1:`port`, users alice and bob, Maildirs under `dir`.
 struct Dovecot {
     child: Child,
@@ -99,7 +80,7 @@ impl Drop for Dovecot {
 
 #[test]
 fn dovecot_lmtp_checks_recipients_delivers_and_is_left_with_quit() {
-    if !available() {
+    if !interop_peer(DOVECOT, "dovecot-lmtpd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

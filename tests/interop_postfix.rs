@@ -18,24 +18,6 @@ use common::*;
 
 const POSTFIX: &str = "/usr/sbin/postfix";
 
-fn available() -> bool {
-    let why = if !Path::new(POSTFIX).exists() {
-        Some("Postfix is not installed (apt-get install postfix)")
-    } else if !Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")) {
-        Some("Postfix's master needs root")
-    } else {
-        None
-    };
-    match why {
-        None => true,
-        Some(why) if std::env::var_os("MAILROOT_INTEROP").is_some() => panic!("MAILROOT_INTEROP is set but {why}"),
-        Some(why) => {
-            eprintln!("SKIPPED: {why}; .ci/run installs it and runs this test");
-            false
-        }
-    }
-}
-
 /// A private Postfix listening on 127.0.0.1:`port`, delivering `alice@pf.test` into a Maildir.
 struct Postfix {
     dir: PathBuf,
@@ -110,7 +92,7 @@ impl Drop for Postfix {
 
 #[test]
 fn postfix_as_smart_host_utf8_mail_and_a_global_report() {
-    if !available() {
+    if !interop_peer(POSTFIX, "postfix") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -230,3 +230,24 @@ pub fn parse_drop(bytes: &[u8]) -> DropFile {
         message: text[pos..].to_vec(),
     }
 }
+
+/// Whether an interop test's real peer (a Debian package's daemon at `program`) can run here: it
+/// is installed and we are root. With `MAILROOT_INTEROP` set (`.ci/run` sets it after installing
+/// the packages) a missing peer is a failure; otherwise the test says it is skipped and why.
+pub fn interop_peer(program: &str, package: &str) -> bool {
+    let why = if !Path::new(program).exists() {
+        Some(format!("{program} is not installed (apt-get install {package})"))
+    } else if !std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")) {
+        Some(format!("{program} needs root"))
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var_os("MAILROOT_INTEROP").is_some() => panic!("MAILROOT_INTEROP is set but {why}"),
+        Some(why) => {
+            eprintln!("SKIPPED: {why}; .ci/run installs it and runs this test");
+            false
+        }
+    }
+}
