@@ -551,3 +551,84 @@ async fn probe(c: &mut Conn, rcpt: &Mailbox) -> Result<RecipientVerdict, Outcome
         _ => RecipientVerdict::TryLater(said),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    /// A small LMTP server: `RCPT` for a local part in `known` gets 250, others 550; counts RCPTs.
+    async fn server(known: &'static [&'static str]) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let rcpts = Arc::new(AtomicUsize::new(0));
+        let count = rcpts.clone();
+        actix_rt::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let count = count.clone();
+                actix_rt::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let _ = w.write_all(b"220 lmtp ready\r\n").await;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let upper = line.to_ascii_uppercase();
+                        let reply = if upper.starts_with("LHLO") {
+                            "250-lmtp\r\n250 PIPELINING\r\n".to_string()
+                        } else if upper.starts_with("RCPT TO:<") {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let local = line[9..].split('@').next().unwrap_or_default().to_string();
+                            match known.contains(&local.as_str()) {
+                                true => "250 2.1.5 OK\r\n".to_string(),
+                                false => format!("550 5.1.1 <{local}> User doesn't exist\r\n"),
+                            }
+                        } else if upper == "QUIT" {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            return;
+                        } else {
+                            "250 2.0.0 OK\r\n".to_string()
+                        };
+                        let _ = w.write_all(reply.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        (addr, rcpts)
+    }
+
+    fn settings(address: &str) -> (LmtpSettings, Duration) {
+        let s = LmtpSettings {
+            address: address.into(),
+            hostname: "mx.test".into(),
+            timeout: Duration::from_secs(5),
+            max_connections: 2,
+            idle: IDLE,
+        };
+        (s, Duration::from_secs(5))
+    }
+
+    /// Unconfigured, nothing is checked (451, never 250); configured, the server's answers
+    /// count and are cached; pointed at another server (a reload), the cache is forgotten.
+    #[actix_rt::test]
+    async fn checks_follow_the_configuration() {
+        let rcpt = |s: &str| crate::protocol::address::parse_mailbox(s).unwrap();
+        let v = RecipientVerifier::new(&KeptConnections::default());
+        assert!(matches!(v.check(&rcpt("alice@mbox.test")).await, RecipientVerdict::TryLater(_)));
+        let (first, asked) = server(&["alice"]).await;
+        v.configure(Some(settings(&first)));
+        assert_eq!(v.check(&rcpt("alice@mbox.test")).await, RecipientVerdict::Exists);
+        let unknown = v.check(&rcpt("ghost@mbox.test")).await;
+        assert!(matches!(&unknown, RecipientVerdict::Unknown(t) if t.contains("User doesn't exist")), "{unknown:?}");
+        assert_eq!(v.check(&rcpt("Alice@mbox.test")).await, RecipientVerdict::Exists);
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "the third answer came from the cache");
+        // The same settings again change nothing; another server forgets what the first said.
+        v.configure(Some(settings(&first)));
+        assert_eq!(v.check(&rcpt("alice@mbox.test")).await, RecipientVerdict::Exists);
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        let (second, _) = server(&[]).await;
+        v.configure(Some(settings(&second)));
+        assert!(matches!(v.check(&rcpt("alice@mbox.test")).await, RecipientVerdict::Unknown(_)));
+        v.configure(None);
+        assert!(matches!(v.check(&rcpt("alice@mbox.test")).await, RecipientVerdict::TryLater(_)));
+    }
+}
