@@ -149,12 +149,15 @@ fn gen_cert_and_passwd_make_files_the_daemon_accepts() {
     assert!(out.contains("users_file"), "{out}");
     let mut config = mailroot::config::Config::load(Some(&cfg)).unwrap().config;
     config.mailroot.path = dir.path().join("spool");
+    // Not the default admin port: something else on this machine may hold it.
+    config.admin.listen = "127.0.0.1:0".into();
     let running = mailroot::daemon::start(config, Default::default()).expect("starts with TLS and AUTH");
     running.stop();
     // A users file with a broken hash is a start error naming the user.
     std::fs::write(dir.path().join("users.toml"), "[users]\n\"bob\" = \"plain\"\n").unwrap();
     let mut config = mailroot::config::Config::load(Some(&cfg)).unwrap().config;
     config.mailroot.path = dir.path().join("spool2");
+    config.admin.listen = "127.0.0.1:0".into();
     let e = mailroot::daemon::start(config, Default::default()).err().expect("refused");
     assert!(e.to_string().contains("bob"), "{e}");
 }
