@@ -255,7 +255,13 @@ fn main() -> ExitCode {
         Command::Sendmail { config, args } => cli::sendmail(config.as_deref(), &args),
         Command::Run { config, log_format } => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            // A log line that cannot be written (stderr is a pipe that closed: `| head`, a
+            // journald restart) is dropped; by default tracing-subscriber reports it with
+            // `eprintln!`, which panics on that same closed pipe and takes the daemon down.
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .log_internal_errors(false);
             if log_format == "json" {
                 builder.json().with_current_span(false).init();
             } else {

@@ -468,6 +468,45 @@ fn sendmail_modes() {
     drop(d);
 }
 
+/// A daemon whose stderr goes away (a pipe whose reader closed: `| head`, a journald restart)
+/// keeps working and stops cleanly: log lines it cannot write are dropped.
+#[test]
+fn a_closed_stderr_is_survived() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "", "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailroot"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Read until the listening line names the port, then close the pipe.
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let addr: SocketAddr = loop {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "stderr closed before listening: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if let Some(a) = seen.lines().find_map(|l| l.split("listening addr=").nth(1)) {
+            break a.trim().parse().unwrap();
+        }
+    };
+    drop(stderr);
+    // Every session and message logs: all of it to the closed pipe.
+    for i in 0..3 {
+        let mut c = Client::ready(addr, "client.test");
+        let r = c.transaction("a@example.test", &["b@example.test"], format!("Subject: {i}\r\n\r\nx\r\n").as_bytes());
+        assert_eq!(r.code, 250, "{r:?}");
+    }
+    assert!(Command::new("kill").args(["-s", "TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = wait_for("the daemon to stop", Duration::from_secs(20), || child.try_wait().unwrap());
+    assert!(status.success(), "{status:?}");
+}
+
 /// Splits a text log line into `key=value` fields as the simplest reader does: on spaces, then at
 /// the first `=`. (A reader that understands quotes is fooled by no less.)
 fn logfmt_fields(line: &str) -> Vec<(String, String)> {
