@@ -166,9 +166,9 @@ pub struct Session {
     peer: SocketAddr,
     /// What this session's message being received holds of the shared [`BodyBudget`].
     charged: usize,
-    /// The pieces of the message being received that are in the store already (with
-    /// `body_store`); like `proto`, owned by a handler's future while it runs.
-    staging: Option<Staging>,
+    /// The spool file of the message being received (with `body_store`; boxed: most sessions
+    /// never have one); like `proto`, owned by a handler's future while it runs.
+    staging: Option<Box<Staging>>,
 }
 
 impl Session {
@@ -206,7 +206,7 @@ impl Drop for Staging {
 /// Writes one piece of message `seq` to its spool file, starting the file if it is the first.
 /// A failure refuses the message at its end (with 452 4.3.1), never a broken message.
 async fn stage_piece(
-    staging: &mut Option<Staging>,
+    staging: &mut Option<Box<Staging>>,
     store: &Arc<Store>,
     proto: &mut protocol::Session,
     seq: u64,
@@ -222,7 +222,7 @@ async fn stage_piece(
             let s = store.clone();
             match blocking(move || s.spool().map_err(std::io::Error::other)).await {
                 Ok(w) => {
-                    *staging = Some(Staging { seq, path: w.path().to_path_buf(), writer: None, kept: false });
+                    *staging = Some(Box::new(Staging { seq, path: w.path().to_path_buf(), writer: None, kept: false }));
                     Some(w)
                 }
                 Err(e) => {
@@ -278,10 +278,10 @@ fn log_refusal(peer: SocketAddr, metrics: &Metrics, r: &protocol::Refusal) {
 /// the password check for each AUTH.
 async fn drive(
     mut proto: protocol::Session,
-    mut staging: Option<Staging>,
+    mut staging: Option<Box<Staging>>,
     shared: SessionShared,
     peer: SocketAddr,
-) -> (protocol::Session, Option<Staging>, Output) {
+) -> (protocol::Session, Option<Box<Staging>>, Output) {
     let mut out = Output::default();
     let started = std::time::Instant::now();
     let errors_before = proto.errors();
