@@ -355,14 +355,16 @@ pub fn verify(config: &Config, recipients: &[String]) -> (String, bool) {
     let domain = config.domains.local.first().map(String::as_str).unwrap_or("localhost");
     let local = config.local_domains();
     let relay = config.relay_domains();
+    // The daemon's own routing table, so the answer is the daemon's.
+    let table = mailroot_actors::routes::RouteTable::new(&config.routes).ok();
     let (mut out, mut ok) = (String::new(), true);
     for one in recipients.iter().flat_map(|r| r.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
         let full = if one.contains('@') { one.to_string() } else { format!("{one}@{domain}") };
         match parse_mailbox(full.trim_matches(['<', '>'])) {
             Ok(m) => {
-                let route = config.routes.iter().find(|(pattern, _)| pattern_matches(pattern, &m.domain));
+                let route = table.as_ref().and_then(|t| t.rule(&m.domain));
                 let how = match (route, local.contains(&m.domain), relay.contains(&m.domain)) {
-                    (Some((_, r)), _, _) => format!("deliverable: route {r:?}"),
+                    (Some(r), _, _) => format!("deliverable: route {r:?}"),
                     (None, true, _) => "deliverable: local domain (Drop)".to_string(),
                     (None, false, true) => "deliverable: relay domain (its MX or the smart host)".to_string(),
                     (None, false, false) => "deliverable: remote (its MX or the smart host)".to_string(),
@@ -376,15 +378,6 @@ pub fn verify(config: &Config, recipients: &[String]) -> (String, bool) {
         }
     }
     (out, ok)
-}
-
-/// A `[routes]` key: a domain, or `*.` and a parent domain (every subdomain of it).
-fn pattern_matches(pattern: &str, domain: &str) -> bool {
-    let (p, d) = (pattern.to_ascii_lowercase(), domain.to_ascii_lowercase());
-    match p.strip_prefix("*.") {
-        Some(parent) => d.ends_with(&format!(".{parent}")),
-        None => p == d,
-    }
 }
 
 fn write_atomically(dir: &Path, contents: &[u8]) -> Result<std::path::PathBuf, (u8, String)> {

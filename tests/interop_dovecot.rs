@@ -64,9 +64,7 @@ impl Dovecot {
     }
 
     fn maildir_new(&self, user: &str) -> Vec<PathBuf> {
-        std::fs::read_dir(self.dir.join("mail").join(user).join("Maildir/new"))
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default()
+        maildir_new(&self.dir.join("mail"), user)
     }
 }
 

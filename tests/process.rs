@@ -392,7 +392,8 @@ fn sendmail_modes() {
         format!(
             "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n[mailroot]\npath = \"spool\"\n\
              [domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"{admin}\"\n\
-             [delivery]\nsmart_host = \"[127.0.0.1]:1\"\n[queue]\nretry_intervals = [\"1h\"]\n"
+             [delivery]\nsmart_host = \"[127.0.0.1]:1\"\n[queue]\nretry_intervals = [\"1h\"]\n\
+             [routes]\n\"*.lists.test\" = \"smarthost\"\n"
         ),
     )
     .unwrap();
@@ -427,10 +428,11 @@ fn sendmail_modes() {
     let (code, _, err) = run(&sendmail, &["-F", "Jane Q. Doe", "carol@example.test"], b"Subject: named\n\nhi\n");
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(run(&sendmail, &["-bi"], b"").0, Some(0));
-    let (code, out, _) = run(&sendmail, &["-bv", "bob", "x@remote.test", "bad@@x"], b"");
+    let (code, out, _) = run(&sendmail, &["-bv", "bob", "x@remote.test", "y@a.lists.test", "bad@@x"], b"");
     assert_eq!(code, Some(65), "{out}");
     assert!(out.contains("bob@example.test: deliverable: local domain"), "{out}");
     assert!(out.contains("x@remote.test: deliverable: remote"), "{out}");
+    assert!(out.contains("y@a.lists.test: deliverable: route \"smarthost\""), "the daemon's routing table: {out}");
     assert!(out.contains("bad@@x: undeliverable"), "{out}");
     let (code, _, err) = run(&sendmail, &["far@remote.test"], b"Subject: deferred\n\nx\n");
     assert_eq!(code, Some(0), "{err}");

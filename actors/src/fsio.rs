@@ -10,6 +10,11 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Sen
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(io::Error::other(format!("blocking task failed: {e}"))))
 }
 
+/// The disk (or quota) is full: ENOSPC, whichever way the error was built.
+pub fn is_no_space(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull
+}
+
 /// Writes `contents` to `tmp`, `fdatasync`s it and renames it to `dest`, so readers of `dest`'s
 /// folder see the whole file or none of it; on failure `tmp` is removed. `mode` applies when the
 /// file is created (then the umask). The folder is not synced: callers do that, often for many

@@ -160,6 +160,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// As an I/O error for the group commit, keeping whether the disk is full.
+    pub fn into_io(self) -> std::io::Error {
+        let kind = if self.is_no_space() { std::io::ErrorKind::StorageFull } else { std::io::ErrorKind::Other };
+        std::io::Error::new(kind, self.to_string())
+    }
+
     /// A write or sync failed (sled keeps such an error until the store is reopened), as
     /// opposed to a record that cannot be read or a store that is being reopened.
     pub fn is_write_failure(&self) -> bool {
@@ -173,7 +179,7 @@ impl StoreError {
             StoreError::Sled(sled::Error::Io(e)) => Some(e),
             _ => None,
         };
-        io.is_some_and(|e| e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull)
+        io.is_some_and(crate::fsio::is_no_space)
     }
 }
 

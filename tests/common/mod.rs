@@ -251,3 +251,10 @@ pub fn interop_peer(program: &str, package: &str) -> bool {
         }
     }
 }
+
+/// The files in `<base>/<user>/Maildir/new` (the interop tests' mailbox servers deliver there).
+pub fn maildir_new(base: &Path, user: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(base.join(user).join("Maildir/new"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}

@@ -17,7 +17,7 @@ use super::Outcome;
 /// A local I/O error (a full disk, a wrong permission): always temporary, because it is the
 /// operator's to fix and the message must wait for it rather than bounce. A full disk says so.
 pub fn local_io(context: &str, e: &io::Error) -> Outcome {
-    if e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull {
+    if crate::fsio::is_no_space(e) {
         return Outcome::new(452, "4.3.1", format!("{context}: {e}"));
     }
     Outcome::new(451, "4.3.0", format!("{context}: {e}"))

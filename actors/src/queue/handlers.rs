@@ -87,7 +87,7 @@ impl Handler<Enqueue> for Queue {
             Err(e) => {
                 error!(id, error = %e, "queue sync failed; refusing the message");
                 let _ = act.store.discard(&env, mark.as_ref());
-                let no_space = e.raw_os_error() == Some(28) || e.to_string().contains("No space left");
+                let no_space = crate::fsio::is_no_space(&e);
                 act.store_failed(format!("queue sync failed: {e}"), no_space, ctx);
                 Err(if no_space { EnqueueError::Storage } else { EnqueueError::Temporary })
             }

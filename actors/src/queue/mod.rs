@@ -507,7 +507,7 @@ impl Actor for Queue {
         let store = self.store.clone();
         self.committer = Some(GroupCommit::spawn(
             "queue",
-            move || store.sync().map_err(|e| std::io::Error::other(e.to_string())),
+            move || store.sync().map_err(StoreError::into_io),
             self.metrics.queue_commit_batch.clone(),
             crate::commit::SYNC_DEADLINE,
         ));

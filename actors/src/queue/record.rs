@@ -242,7 +242,7 @@ impl Queue {
                 if let Err(e) = res {
                     // They stay in the store and are picked up again when it is next opened.
                     error!(error = %e, "queue sync failed for notifications");
-                    return act.store_failed(format!("queue sync failed: {e}"), e.raw_os_error() == Some(28), ctx);
+                    return act.store_failed(format!("queue sync failed: {e}"), crate::fsio::is_no_space(&e), ctx);
                 }
                 for (id, message) in notices {
                     act.schedule(id, message);

@@ -27,7 +27,7 @@ use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, Hando
 use crate::logsafe::LogSafe;
 use crate::metrics::Metrics;
 use crate::protocol::client::{dot_stuff, is_eight_bit};
-use crate::protocol::dsn::Ret;
+use crate::protocol::dsn::MessageDsn;
 use crate::protocol::LocalDomains;
 use crate::resolve::{Dns, MxHost};
 use connection::{Connection, Failure, Timeouts, Transaction};
@@ -195,8 +195,7 @@ struct Job {
     message: Arc<Vec<u8>>,
     /// Dot-stuffed once per message, on first use.
     data: Arc<tokio::sync::OnceCell<Vec<u8>>>,
-    dsn_ret: Option<Ret>,
-    dsn_envid: Option<String>,
+    dsn: MessageDsn,
     eight_bit: bool,
 }
 
@@ -213,8 +212,7 @@ impl Inner {
             eight_bit: is_eight_bit(&req.message),
             message: req.message,
             data: Arc::new(tokio::sync::OnceCell::new()),
-            dsn_ret: req.dsn.ret,
-            dsn_envid: req.dsn.envid,
+            dsn: req.dsn,
         });
         let mut tasks = tokio::task::JoinSet::new();
         let mut owners = std::collections::HashMap::new();
@@ -471,28 +469,10 @@ impl Inner {
             mail_params.push_str(" SMTPUTF8");
         }
         if caps.dsn {
-            if let Some(ret) = job.dsn_ret {
-                mail_params.push_str(&format!(" RET={}", ret.keyword()));
-            }
-            if let Some(envid) = &job.dsn_envid {
-                mail_params.push_str(&format!(" ENVID={envid}"));
-            }
+            mail_params.push_str(&job.dsn.params());
         }
-        let recipients: Vec<(&str, String)> = rcpts
-            .iter()
-            .map(|r| {
-                let mut p = String::new();
-                if caps.dsn {
-                    if let Some(n) = r.dsn.notify {
-                        p.push_str(&format!(" NOTIFY={}", n.keyword()));
-                    }
-                    if let Some(o) = &r.dsn.orcpt {
-                        p.push_str(&format!(" ORCPT={o}"));
-                    }
-                }
-                (r.address.as_str(), p)
-            })
-            .collect();
+        let recipients: Vec<(&str, String)> =
+            rcpts.iter().map(|r| (r.address.as_str(), if caps.dsn { r.dsn.params() } else { String::new() })).collect();
         let sender = self.masquerade(&job.sender);
         let data = job.data.get_or_init(|| async { dot_stuff(&job.message) }).await;
         let t = Transaction { sender: &sender, mail_params, recipients, data };
