@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod publish;
 pub mod sendmail;
 
 pub use daemon::Daemon;

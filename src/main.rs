@@ -70,6 +70,36 @@ enum Command {
     },
     /// Read a password from standard input and print its argon2 hash for auth.users_file.
     Passwd,
+    /// DKIM keys: `mailroot dkim keygen --domain D --selector S [--algorithm ed25519|rsa] --out DIR`.
+    Dkim {
+        #[command(subcommand)]
+        action: DkimAction,
+    },
+    /// Print the DNS records to publish (MX, SPF, DKIM, DMARC, MTA-STS, TLS-RPT), zone-file syntax.
+    DnsRecords {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only this domain (default: every local and signing domain).
+        #[arg(long)]
+        domain: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimAction {
+    /// Write a new private key (0600) and print the TXT record to publish and the config lines.
+    Keygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        /// ed25519 (RFC 8463, small) or rsa (2048 bits, which every receiver checks).
+        #[arg(long, default_value = "rsa", value_parser = ["ed25519", "rsa"])]
+        algorithm: String,
+        /// Folder for the key file `<domain>.<selector>.key` (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -221,6 +251,36 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Dkim { action: DkimAction::Keygen { domain, selector, algorithm, out } } => {
+            match mailroot::publish::keygen(&domain, &selector, &algorithm, &out) {
+                Ok((path, record)) => {
+                    println!("wrote {}", path.display());
+                    println!("\n; publish in DNS:");
+                    println!("{selector}._domainkey.{domain}.\t3600\tIN\tTXT\t{}", mailroot::publish::txt(&record));
+                    println!("\n# and in the configuration:");
+                    println!("[dkim.\"{domain}\"]\nselector = \"{selector}\"\nkey = \"{}\"", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mailroot dkim keygen: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DnsRecords { config, domain } => {
+            match Config::load(config.as_deref()).map_err(|e| e.to_string()).and_then(|l| {
+                mailroot::publish::dns_records(&l.config, domain.as_deref())
+            }) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mailroot dns-records: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Passwd => match passwd() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -202,7 +202,7 @@ fn display_name(name: &str) -> String {
 /// the daemon queues it from there (it need not be running). Returns at QUIT or end of input.
 pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, mut output: W) -> Result<(), String> {
     use mailroot_actors::protocol::{Action, EnqueueError, Session};
-    let security = crate::config::Security { tls: None, users: None };
+    let security = crate::config::Security { tls: None, users: None, dkim: Default::default() };
     let mut params = (*config.listener_settings(&security, None).params).clone();
     params.tls_available = false;
     params.tls_required = false;

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod clock;
 pub mod commit;
 pub mod delivery;
+pub mod dkim;
 #[cfg(debug_assertions)]
 #[doc(hidden)]
 pub mod fault;

@@ -154,6 +154,9 @@ pub struct Metrics {
     /// Recipients checked at RCPT with the LMTP server, by result (`exists`, `unknown`,
     /// `unverified`).
     pub recipient_checks: Family<ResultLabel, Counter>,
+    /// Messages the DKIM signer looked at, by result (`signed`, `no_key`, `already_signed`,
+    /// `header_too_large`, `failed`).
+    pub dkim: Family<ResultLabel, Counter>,
     /// Times the queue store could not write (a full or failing disk) and mail was refused.
     pub store_failures: Counter,
     /// Times the failed queue store was reopened and took mail again, without a restart.
@@ -218,6 +221,7 @@ impl Metrics {
             retries: Counter::default(),
             store_failures: Counter::default(),
             recipient_checks: Family::default(),
+            dkim: Family::default(),
             store_reopens: Counter::default(),
             outbound_connections: Counter::default(),
             outbound_connections_current: Gauge::default(),
@@ -248,6 +252,7 @@ impl Metrics {
         r.register("notifications", "Delivery status notifications generated", m.notifications.clone());
         r.register("badmail", "Messages the queue wrote to Badmail", m.badmail.clone());
         r.register("delivery_retries", "Per-recipient delivery attempts after the first", m.retries.clone());
+        r.register("dkim_signing", "Messages the DKIM signer looked at, by result", m.dkim.clone());
         r.register(
             "recipient_checks",
             "Recipients checked at RCPT with the LMTP server, by result",

@@ -246,6 +246,8 @@ async fn process(
         origin_text: name.clone(),
         pickup: Some(PickupMark { name: name.clone(), fingerprint }),
         staged: None,
+        // Whoever can write to the Pickup folder is a local user of this machine.
+        sign: true,
     };
     let id = match queue.send(req).await {
         Ok(Ok(id)) => id,

@@ -117,6 +117,11 @@ impl Router {
         Router::new(local_domains, RouteTable::default(), actors)
     }
 
+    /// The name of the route `address` takes (`drop` for the Drop folder).
+    pub(crate) fn route_name(&self, address: &str) -> &str {
+        self.table.route(domain_of(address), &self.local_domains)
+    }
+
     /// The route name and its actor; `Err(name)` when no actor has that name.
     pub(crate) fn route(&self, address: &str) -> Result<(&'static str, Recipient<Deliver>), &str> {
         let name = self.table.route(domain_of(address), &self.local_domains);

@@ -373,6 +373,7 @@ async fn drive(
                     origin_text: peer.to_string(),
                     pickup: None,
                     staged: None,
+                    sign: proto.trusted(),
                 };
                 let result = match spooled {
                     Some(Err(e)) => {

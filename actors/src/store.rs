@@ -508,6 +508,11 @@ impl Store {
         Ok(SpoolWriter { id, file, path, bytes: 0, generation })
     }
 
+    /// Opens the spool file of a body not yet queued (to read it, e.g. to sign it).
+    pub fn open_spooled(&self, staged: &StagedBody) -> Result<File> {
+        Ok(File::open(self.spool_path(staged.id))?)
+    }
+
     fn spool_path(&self, id: QueueId) -> PathBuf {
         self.dir.join(SPOOL).join(id.to_string())
     }

@@ -163,6 +163,7 @@ fallback! {
     queue::Inspect => None::<Envelope>,
     queue::Flush => Err("the queue restarted after a failure".into()),
     queue::SetRouter => (),
+    queue::SetSigner => (),
     queue::List => Err(unavailable()),
     queue::Show => Err(unavailable()),
     queue::RetryNow => Err(unavailable()),

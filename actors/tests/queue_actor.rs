@@ -56,6 +56,7 @@ fn enqueue(rcpts: &[&str], mark: Option<PickupMark>) -> Enqueue {
         origin_text: "test".into(),
         pickup: mark,
         staged: None,
+        sign: true,
     }
 }
 

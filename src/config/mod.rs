@@ -39,6 +39,8 @@ pub struct Config {
     pub routes: BTreeMap<String, String>,
     pub maildir: MaildirRoute,
     pub lmtp: LmtpRoute,
+    /// DKIM keys by signing domain.
+    pub dkim: BTreeMap<String, DkimDomain>,
 }
 
 /// A configuration problem, naming the key (or file) at fault.
@@ -85,6 +87,13 @@ impl Config {
         for p in [&mut self.mailroot.path, &mut self.tls.cert, &mut self.tls.key, &mut self.auth.users_file] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
+            }
+        }
+        for d in self.dkim.values_mut() {
+            for p in std::iter::once(&mut d.key).chain(d.keys.iter_mut().map(|k| &mut k.key)) {
+                if p.is_relative() && !p.as_os_str().is_empty() {
+                    *p = base.join(&*p);
+                }
             }
         }
         for p in [&mut self.log.protocol, &mut self.maildir.path] {

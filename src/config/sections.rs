@@ -358,6 +358,49 @@ impl Delivery {
     }
 }
 
+/// One signing domain's DKIM settings (`[dkim."example.com"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimDomain {
+    /// The selector of the key in `key` (its DNS record is `<selector>._domainkey.<domain>`).
+    pub selector: String,
+    /// The private key, PEM (what `mailroot dkim keygen` writes); not readable by all users.
+    pub key: PathBuf,
+    /// `rsa` or `ed25519`; empty = whatever the key file holds.
+    pub algorithm: String,
+    /// More keys, each signing too (dual signing: an ed25519 and an RSA key, or a key being
+    /// rolled over).
+    pub keys: Vec<DkimKey>,
+    /// Headers to sign; empty = mailroot's list (From, To, Subject, Date, Message-ID, MIME…).
+    pub headers: Vec<String>,
+    /// Headers signed once more than they occur, so none can be added after signing.
+    pub oversign: Vec<String>,
+    /// Signatures expire (`x=`) this long after signing; empty = never.
+    pub expire: String,
+}
+
+impl Default for DkimDomain {
+    fn default() -> Self {
+        DkimDomain {
+            selector: String::new(),
+            key: PathBuf::new(),
+            algorithm: String::new(),
+            keys: Vec::new(),
+            headers: Vec::new(),
+            oversign: mailroot_actors::dkim::DEFAULT_OVERSIGN.iter().map(|h| h.to_string()).collect(),
+            expire: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimKey {
+    pub selector: String,
+    pub key: PathBuf,
+    pub algorithm: String,
+}
+
 /// A duration in the configuration file, in humantime's syntax: `"30s"`, `"15m"`, `"1h 30m"`,
 /// `"5d"`, `"250ms"`. A value too large to represent is an error naming the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

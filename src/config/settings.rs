@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailroot_actors::auth::Users;
+use mailroot_actors::dkim::{self, Signer};
 use mailroot_actors::listener::{AccessLists, ListenerSettings};
 use mailroot_actors::lmtp::LmtpSettings;
 use mailroot_actors::maildir::MaildirSettings;
@@ -29,6 +30,8 @@ use super::{Config, ConfigError};
 pub struct Security {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub users: Option<Arc<Users>>,
+    /// DKIM keys (empty when no `[dkim."domain"]` is configured).
+    pub dkim: Arc<Signer>,
 }
 
 impl Security {
@@ -50,7 +53,8 @@ impl Security {
             }
             None => None,
         };
-        Ok(Security { tls, users })
+        let dkim = Arc::new(Signer::load(&config.dkim_settings()?).map_err(|e| ConfigError(e.to_string()))?);
+        Ok(Security { tls, users, dkim })
     }
 }
 
@@ -65,6 +69,39 @@ pub enum RouteSettings {
 }
 
 impl Config {
+    /// The `[dkim."domain"]` sections as the signer takes them.
+    pub fn dkim_settings(&self) -> Result<Vec<dkim::DomainSettings>, ConfigError> {
+        let mut out = Vec::new();
+        for (domain, d) in &self.dkim {
+            let key = |selector: &str, file: &Path, algorithm: &str| dkim::KeySettings {
+                selector: selector.to_string(),
+                key_file: file.to_path_buf(),
+                algorithm: (!algorithm.is_empty()).then(|| algorithm.to_string()),
+            };
+            let mut keys = Vec::new();
+            if !d.selector.is_empty() || !d.key.as_os_str().is_empty() {
+                keys.push(key(&d.selector, &d.key, &d.algorithm));
+            }
+            keys.extend(d.keys.iter().map(|k| key(&k.selector, &k.key, &k.algorithm)));
+            let expire = match d.expire.trim() {
+                "" => None,
+                x => Some(
+                    super::HumanDuration::parse(x)
+                        .map_err(|e| ConfigError(format!("dkim.\"{domain}\".expire: {e}")))?
+                        .0,
+                ),
+            };
+            out.push(dkim::DomainSettings {
+                domain: domain.clone(),
+                keys,
+                headers: d.headers.clone(),
+                oversign: d.oversign.clone(),
+                expire,
+            });
+        }
+        Ok(out)
+    }
+
     /// The admin API address (`None` when `admin.listen` is empty).
     pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         if self.admin.listen.is_empty() {

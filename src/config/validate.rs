@@ -39,6 +39,28 @@ impl Config {
                 return err(&format!("domains.local[{i}]"), format!("{d:?} is not a valid domain"));
             }
         }
+        for (domain, d) in &self.dkim {
+            let key = format!("dkim.\"{domain}\"");
+            if validate_domain(domain).is_err() || !domain.contains('.') {
+                return err(&key, format!("{domain:?} is not a domain name"));
+            }
+            let keys = std::iter::once((d.selector.as_str(), &d.key))
+                .filter(|(s, k)| !s.is_empty() || !k.as_os_str().is_empty())
+                .chain(d.keys.iter().map(|k| (k.selector.as_str(), &k.key)));
+            let mut n = 0;
+            for (selector, file) in keys {
+                n += 1;
+                if selector.is_empty() || !selector.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+                    return err(&key, format!("selector {selector:?} is not a DNS label (letters, digits, '-')"));
+                }
+                if file.as_os_str().is_empty() {
+                    return err(&key, format!("selector {selector:?} has no key file"));
+                }
+            }
+            if n == 0 {
+                return err(&key, "no key: set selector and key (and keys = [...] for more)".into());
+            }
+        }
         if self.limits.max_message_size < 1024 {
             return err("limits.max_message_size", "must be at least 1024 bytes (RFC 5321 asks for 64 KB)".into());
         }

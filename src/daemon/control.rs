@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix_rt::System;
 use mailroot_actors::listener::{Reconfigure, StopListening};
-use mailroot_actors::queue::{Drain, Flush, SetRouter};
+use mailroot_actors::queue::{Drain, Flush, SetRouter, SetSigner};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::Control;
@@ -217,6 +217,8 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
         .map_err(|e| format!("listener unavailable: {e}"))?;
     *sys.router.lock().unwrap_or_else(|e| e.into_inner()) = router.clone();
     sys.queue.send(SetRouter(router)).await.map_err(|e| format!("queue unavailable: {e}"))?;
+    *sys.signer.lock().unwrap_or_else(|e| e.into_inner()) = security.dkim.clone();
+    sys.queue.send(SetSigner(security.dkim.clone())).await.map_err(|e| format!("queue unavailable: {e}"))?;
     if !restarted.is_empty() {
         info!(routes = %restarted.join(", "), "route actors replaced with new settings");
     }

@@ -64,6 +64,8 @@ pub(super) struct Wired {
     pub(super) reverse_dns: Option<Arc<Dns>>,
     /// The routes a restarted Queue starts with.
     pub(super) router: Arc<std::sync::Mutex<Router>>,
+    /// The DKIM keys a restarted Queue starts with.
+    pub(super) signer: Arc<std::sync::Mutex<Arc<mailroot_actors::dkim::Signer>>>,
     pub(super) listener: Addr<Listener>,
     pub(super) queue: Addr<QueueSupervisor>,
     pub(super) pickup: Addr<Pickup>,
@@ -133,9 +135,14 @@ pub(super) fn run_system(
         let health = store_health.clone();
         let current_router = Arc::new(std::sync::Mutex::new(router));
         let r = current_router.clone();
+        let current_signer = Arc::new(std::sync::Mutex::new(security.dkim.clone()));
+        let k = current_signer.clone();
         let factory: QueueFactory = Box::new(move || {
             let router = r.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            Queue::new(store.clone(), queue_settings.clone(), router, qm.clone()).with_health(health.clone())
+            let signer = k.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Queue::new(store.clone(), queue_settings.clone(), router, qm.clone())
+                .with_health(health.clone())
+                .with_signer(signer)
         });
         let queue = QueueSupervisor::new(factory, metrics.actor("queue")).start();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
@@ -221,6 +228,7 @@ pub(super) fn run_system(
                 custom,
                 routes,
                 router: current_router,
+                signer: current_signer,
                 reverse_dns,
                 listener,
                 queue,

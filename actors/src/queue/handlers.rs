@@ -1,10 +1,12 @@
 //! The Queue's handlers for the messages in `messages.rs`.
 
+use std::io::Read;
+
 use actix::prelude::*;
 use tracing::{error, info, warn};
 
 use super::messages::{Enqueue, Flush, Inspect, PickupDone, RetryBatch, RetryDue, SetRouter};
-use super::{NewMessage, Queue};
+use super::{signing, NewMessage, Queue};
 use crate::clock::unix_now;
 use crate::logsafe::LogSafe;
 use crate::metrics::SourceLabel;
@@ -44,6 +46,57 @@ impl Handler<Enqueue> for Queue {
                 Err(e) => return refused(fail(self, e, ctx)),
             }
         }
+        if msg.sign && self.wants_signature(&msg.recipients) {
+            let (signer, metrics) = (self.signer(), self.metrics.clone());
+            let spooled = msg.staged.as_ref().map(|s| self.store.open_spooled(s));
+            let mut msg = msg;
+            let body = std::mem::take(&mut msg.body);
+            let work = move || {
+                let result = match spooled {
+                    Some(Err(e)) => Err(format!("cannot read the spool file: {e}")),
+                    Some(Ok(file)) => signing::sign(&signer, &metrics, &mut (&body[..]).chain(file)),
+                    None => signing::sign(&signer, &metrics, &mut &body[..]),
+                };
+                (body, result)
+            };
+            return Box::pin(async move { tokio::task::spawn_blocking(work).await }.into_actor(self).then(
+                move |done, act, ctx| match done {
+                    Ok((body, Ok(signature))) => act.store_and_commit(Enqueue { body, ..msg }, signature, ctx),
+                    Ok((_, Err(e))) => {
+                        warn!(error = %e, "cannot sign a message; refusing it for now");
+                        Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)))
+                    }
+                    Err(e) => {
+                        error!(error = %e, "the signing task failed; refusing the message for now");
+                        Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)))
+                    }
+                },
+            ));
+        }
+        self.store_and_commit(msg, Vec::new(), ctx)
+    }
+}
+
+impl Queue {
+    /// The rest of an `Enqueue`: store the message with its signature, commit, then answer.
+    fn store_and_commit(
+        &mut self,
+        msg: Enqueue,
+        signature: Vec<u8>,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<QueueId, EnqueueError>> {
+        let refused = |e: EnqueueError| -> ResponseActFuture<Self, Result<QueueId, EnqueueError>> {
+            Box::pin(actix::fut::ready(Err(e)))
+        };
+        let fail = |act: &mut Queue, e: StoreError, ctx: &mut Context<Queue>| {
+            error!(error = %e, "cannot store message");
+            act.store_error(&e, ctx);
+            if e.is_no_space() {
+                EnqueueError::Storage
+            } else {
+                EnqueueError::Temporary
+            }
+        };
         let source = match msg.origin {
             Origin::Smtp { .. } => "smtp",
             Origin::Pickup => "pickup",
@@ -65,6 +118,7 @@ impl Handler<Enqueue> for Queue {
             origin_text: msg.origin_text,
             pickup: msg.pickup,
             staged: msg.staged,
+            signature,
         };
         let (env, message) = match self.store_message(new) {
             Ok(stored) => stored,

@@ -30,6 +30,9 @@ pub struct Enqueue {
     /// The body's first pieces, already in the store (SMTP sessions stream them there as they
     /// arrive); `body` is the rest.
     pub staged: Option<StagedBody>,
+    /// The submitter may speak for the message's `From:` domain (an authenticated user, a
+    /// relay client, Pickup): sign it with that domain's DKIM key if it leaves us.
+    pub sign: bool,
 }
 
 /// A Pickup file whose message is queued has been deleted; forget its mark.
@@ -50,6 +53,11 @@ pub struct Inspect {
 #[derive(Message)]
 #[rtype(result = "Result<(), String>")]
 pub struct Flush;
+
+/// Replace the DKIM keys (at start and at a configuration reload).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetSigner(pub std::sync::Arc<crate::dkim::Signer>);
 
 /// Replace the routes (a configuration reload). Deliveries in flight finish with the old ones.
 #[derive(Message)]

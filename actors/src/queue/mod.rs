@@ -29,12 +29,13 @@ mod messages;
 mod record;
 mod retry;
 mod schedule;
+mod signing;
 
 pub use admin::{
     AdminError, Bounce, Delete, Drain, Hold, List, ListFilter, ListPage, MessageInfo, QueueSummary, RecipientInfo,
     Release, RetryAll, RetryNow, Show, Summary, STATES,
 };
-pub use messages::{Enqueue, Flush, Inspect, PickupDone, RetryBatch, RetryDue, SetRouter};
+pub use messages::{Enqueue, Flush, Inspect, PickupDone, RetryBatch, RetryDue, SetRouter, SetSigner};
 pub use retry::{Reschedule, RetryScheduler};
 pub use schedule::{humanize, next_attempt_at, retry_delay};
 
@@ -114,6 +115,8 @@ struct NewMessage {
     pickup: Option<PickupMark>,
     /// The body's first pieces, already in the store; `body` is the rest.
     staged: Option<StagedBody>,
+    /// `DKIM-Signature:` lines, put in front of the message below our trace header.
+    signature: Vec<u8>,
 }
 
 pub struct Queue {
@@ -149,6 +152,8 @@ pub struct Queue {
     health: Arc<StoreHealth>,
     /// A reopening of the failed store is scheduled or running.
     recovering: bool,
+    /// DKIM keys; empty = nothing is signed.
+    signer: Arc<crate::dkim::Signer>,
 }
 
 impl Queue {
@@ -158,6 +163,7 @@ impl Queue {
         Queue {
             health: Arc::new(StoreHealth::new(store.dir(), 0)),
             recovering: false,
+            signer: Arc::new(crate::dkim::Signer::default()),
             store,
             committer: None,
             settings,
@@ -177,6 +183,12 @@ impl Queue {
             meter: metrics.actor("queue"),
             metrics,
         }
+    }
+
+    /// Signs with these DKIM keys (see [`SetSigner`](messages::SetSigner) for a reload).
+    pub fn with_signer(mut self, signer: Arc<crate::dkim::Signer>) -> Self {
+        self.signer = signer;
+        self
     }
 
     /// Shares `health` with the sessions (the daemon gives both the same one, with its reserve).
@@ -409,7 +421,8 @@ impl Queue {
         };
         let now = unix_now();
         let single = (msg.recipients.len() == 1).then(|| msg.recipients[0].0.clone());
-        let header = received_header(&msg.origin, &self.settings.hostname, id, single.as_deref(), now);
+        let mut header = received_header(&msg.origin, &self.settings.hostname, id, single.as_deref(), now);
+        header.push_str(&String::from_utf8_lossy(&msg.signature));
         let staged_bytes = msg.staged.as_ref().map_or(0, |s| s.bytes);
         let size = (header.len() + msg.body.len()) as u64 + staged_bytes;
         let source = match msg.origin {

@@ -202,6 +202,12 @@ impl Session {
         self.user.as_deref()
     }
 
+    /// The client may relay: its address is in a relay network, or it authenticated. Such a
+    /// client speaks for its `From:` domain (its mail is DKIM-signed); others do not.
+    pub fn trusted(&self) -> bool {
+        self.relay_allowed || self.user.is_some()
+    }
+
     /// The TLS handshake after [`Action::StartTls`] succeeded. Everything learnt before it is
     /// forgotten (RFC 3207 §4.2): the client starts again with EHLO.
     pub fn tls_started(&mut self) {
