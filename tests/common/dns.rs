@@ -1,5 +1,5 @@
 //! A real DNS server for tests: UDP and TCP on 127.0.0.1, answering from a table the test can
-//! change while it runs — MX, A and AAAA records, NXDOMAIN, SERVFAIL, silence (a timeout) and
+//! change while it runs — MX, A, AAAA and TXT records, NXDOMAIN, SERVFAIL, silence (a timeout) and
 //! garbage bytes.
 #![allow(dead_code)]
 
@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX};
+use hickory_proto::rr::rdata::{A, AAAA, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -17,6 +17,8 @@ pub enum Answer {
     /// MX records: (preference, exchange); an exchange of "." is a null MX.
     Mx(Vec<(u16, String)>),
     Addrs(Vec<IpAddr>),
+    /// TXT records, each a value split into strings of at most 255 bytes.
+    Txt(Vec<String>),
     NxDomain,
     ServFail,
     /// No answer at all: the resolver times out.
@@ -109,6 +111,11 @@ impl DnsServer {
         self.set(name, RecordType::A, Answer::Addrs(ips.iter().map(|i| i.parse().expect("ip")).collect()));
     }
 
+    /// `name` has one TXT record with this value.
+    pub fn txt(&self, name: &str, value: &str) {
+        self.set(name, RecordType::TXT, Answer::Txt(vec![value.to_string()]));
+    }
+
     pub fn query_count(&self, name: &str) -> usize {
         self.queries.lock().unwrap().iter().filter(|(n, _)| *n == key(name)).count()
     }
@@ -151,6 +158,13 @@ fn respond(zone: &Mutex<Zone>, queries: &Mutex<Vec<(String, RecordType)>>, bytes
                     _ => continue,
                 };
                 resp.add_answer(Record::from_rdata(owner.clone(), 1, rdata));
+            }
+        }
+        Some(Answer::Txt(values)) => {
+            for v in values {
+                let parts: Vec<String> =
+                    v.as_bytes().chunks(255).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+                resp.add_answer(Record::from_rdata(owner.clone(), 1, RData::TXT(TXT::new(parts))));
             }
         }
         Some(Answer::NxDomain) => resp.metadata.response_code = ResponseCode::NXDomain,
