@@ -212,7 +212,7 @@ fn main() {
         format!(
             "[server]\nhostname = \"chaos.example.test\"\nlisten = [\"{addr}\"]\n[mailroot]\npath = \"spool\"\n\
              [domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n[admin]\nlisten = \"\"\n\
-             [delivery]\nsmart_host = \"[127.0.0.1]:{}\"\n[queue]\nretry_intervals = [\"1s\"]\n",
+             [delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n[queue]\nretry_intervals = [\"1s\"]\n",
             sink.addr.port()
         ),
     )

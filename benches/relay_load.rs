@@ -45,7 +45,7 @@ fn run_mailroot(base: &Path, sink: &Sink, a: &common::Args) -> Option<f64> {
     let _ = std::fs::remove_dir_all(base);
     let text = format!(
         "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n\
-         [delivery]\nsmart_host = \"[127.0.0.1]:{}\"\n",
+         [delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n",
         sink.addr.port()
     );
     let mut config = Config::from_toml(&text).expect("bench config");

@@ -56,7 +56,7 @@ fn main() {
     sink.defer.store(true, Ordering::Relaxed);
     let text = format!(
         "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n\
-         [access]\nmax_connections_per_ip = 0\n[delivery]\nsmart_host = \"[127.0.0.1]:{}\"\n\
+         [access]\nmax_connections_per_ip = 0\n[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n\
          [queue]\nretry_intervals = [\"1h\"]\n",
         sink.addr.port()
     );

@@ -268,9 +268,10 @@ fn main() -> ExitCode {
             }
         }
         Command::DnsRecords { config, domain } => {
-            match Config::load(config.as_deref()).map_err(|e| e.to_string()).and_then(|l| {
-                mailroot::publish::dns_records(&l.config, domain.as_deref())
-            }) {
+            match Config::load(config.as_deref())
+                .map_err(|e| e.to_string())
+                .and_then(|l| mailroot::publish::dns_records(&l.config, domain.as_deref()))
+            {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

@@ -33,7 +33,8 @@ pub fn keygen(domain: &str, selector: &str, algorithm: &str, out: &Path) -> Resu
 
 /// A TXT record value split into strings of at most 255 bytes (RFC 1035 §3.3.14), quoted.
 pub fn txt(value: &str) -> String {
-    let parts: Vec<String> = value.as_bytes().chunks(255).map(|c| format!("\"{}\"", String::from_utf8_lossy(c))).collect();
+    let parts: Vec<String> =
+        value.as_bytes().chunks(255).map(|c| format!("\"{}\"", String::from_utf8_lossy(c))).collect();
     if parts.len() == 1 {
         parts.concat()
     } else {
@@ -60,7 +61,9 @@ pub fn dns_records(config: &Config, only: Option<&str>) -> Result<String, String
         }
     }
     if domains.is_empty() {
-        return Err("no domain to publish records for: domains.local holds only localhost, and no [dkim.\"domain\"]".into());
+        return Err(
+            "no domain to publish records for: domains.local holds only localhost, and no [dkim.\"domain\"]".into()
+        );
     }
     let signer_keys = config.dkim_settings().map_err(|e| e.0)?;
     let mut out = String::new();

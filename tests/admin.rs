@@ -43,7 +43,7 @@ fn call(c: &AdminClient, method: &str, path: &str) -> (u16, Value) {
 /// A daemon whose remote mail goes to `peer` as smart host; `t4…` recipients are deferred there.
 fn deferring_daemon(dir: &Path, peer: &Peer, admin: &str) -> Running {
     let extra = format!(
-        "[delivery]\nsmart_host = \"[{}]:{}\"\n[queue]\nretry_intervals = [\"1h\"]\n{admin}",
+        "[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]:{}\"\n[queue]\nretry_intervals = [\"1h\"]\n{admin}",
         peer.addr.ip(),
         peer.addr.port()
     );
@@ -458,7 +458,11 @@ fn stop_with_sessions_open_loses_nothing() {
     // Remote deliveries wait 20 s at the peer's greeting: one is still in flight when the 3 s
     // grace time ends.
     peer.set(|b| b.stall = Some(Duration::from_secs(20)));
-    let extra = format!("[delivery]\nsmart_host = \"[{}]:{}\"\n", peer.addr.ip(), peer.addr.port());
+    let extra = format!(
+        "[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]:{}\"\n",
+        peer.addr.ip(),
+        peer.addr.port()
+    );
     let mut cfg = config(dir.path(), &extra);
     cfg.server.shutdown_grace = mailroot::config::HumanDuration(Duration::from_secs(3));
     let running = start(cfg.clone());

@@ -162,7 +162,10 @@ fn every_acknowledged_message_survives_sigkill() {
 fn every_acknowledged_relayed_message_survives_sigkill() {
     let peer = common::peer::Peer::start("127.0.0.1", 0, common::peer::Behavior::default());
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &format!("[delivery]\nsmart_host = \"[127.0.0.1]:{}\"\n", peer.addr.port()));
+    let config = write_config(
+        dir.path(),
+        &format!("[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n", peer.addr.port()),
+    );
     let (mut child, addr) = spawn_daemon(&config);
     let (acked, delay) = load_until_killed(&mut child, addr, "sink@relay.test");
     let (mut child, _addr) = spawn_daemon(&config);

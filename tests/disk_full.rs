@@ -107,7 +107,7 @@ fn the_store_is_reopened_once_space_is_back() {
     // A smart host that defers `t4…` recipients: one message is retried every second.
     let peer = Peer::start("127.43.0.1", 0, Behavior::default());
     let extra = format!(
-        "[queue]\nmin_free_space = 0\nretry_intervals = [\"1s\"]\n[delivery]\nsmart_host = \"[{}]:{}\"\n",
+        "[queue]\nmin_free_space = 0\nretry_intervals = [\"1s\"]\n[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]:{}\"\n",
         peer.addr.ip(),
         peer.addr.port()
     );

@@ -88,8 +88,7 @@ fn send(addr: std::net::SocketAddr, from: &str, to: &[&str], body: &[u8]) {
 }
 
 fn pass(results: &[(String, DkimResult)], selectors: &[&str]) {
-    let mut got: Vec<&str> =
-        results.iter().filter(|(_, r)| *r == DkimResult::Pass).map(|(s, _)| s.as_str()).collect();
+    let mut got: Vec<&str> = results.iter().filter(|(_, r)| *r == DkimResult::Pass).map(|(s, _)| s.as_str()).collect();
     got.sort();
     assert_eq!(got, selectors, "{results:?}");
 }
@@ -145,7 +144,10 @@ fn a_large_spooled_message_is_signed_from_its_file() {
 #[test]
 fn what_is_not_ours_to_sign_goes_unsigned() {
     // backup.test: we are its backup MX, so anyone may send to it through us.
-    let s = setup(63, "[relay]\nallow_networks = [\"127.0.0.1/32\"]\n[domains.remote.\"backup.test\"]\nrelay_allowed = true\n");
+    let s = setup(
+        63,
+        "[relay]\nallow_networks = [\"127.0.0.1/32\"]\n[domains.remote.\"backup.test\"]\nrelay_allowed = true\n",
+    );
     s.dns.mx("backup.test", &[(10, "mx.remote.test")]);
     // A client outside the relay networks claiming to be example.test is not signed for.
     let mut c = Client::connect_from("127.63.0.9", s.running.smtp_addrs[0]);

@@ -95,7 +95,8 @@ fn postfix_as_smart_host_utf8_mail_and_a_global_report() {
     }
     let dir = tempfile::tempdir().unwrap();
     let postfix = Postfix::start(&dir.path().join("postfix"));
-    let extra = format!("[delivery]\nsmart_host = \"[127.0.0.1]:{}\"\n", postfix.port);
+    let extra =
+        format!("[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n", postfix.port);
     let root = dir.path().join("mailroot");
     let running = start(config(&root, &extra));
     let mut c = Client::ready(running.smtp_addrs[0], "client.test");

@@ -392,7 +392,7 @@ fn sendmail_modes() {
         format!(
             "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n[mailroot]\npath = \"spool\"\n\
              [domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"{admin}\"\n\
-             [delivery]\nsmart_host = \"[127.0.0.1]:1\"\n[queue]\nretry_intervals = [\"1h\"]\n\
+             [delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:1\"\n[queue]\nretry_intervals = [\"1h\"]\n\
              [routes]\n\"*.lists.test\" = \"smarthost\"\n"
         ),
     )

@@ -269,7 +269,8 @@ fn smart_host_with_and_without_brackets() {
     let port = port_of(&p);
     // Brackets: no MX lookup at all, straight to the address.
     let dir = tempfile::tempdir().unwrap();
-    let d = format!("smart_host = \"[{}]:{port}\"", p[0].addr.ip());
+    // These peers have no certificates: the smart host's default (verify) is lowered.
+    let d = format!("smart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]:{port}\"", p[0].addr.ip());
     let running = start(config(dir.path(), &remote_config(&dns, 1, "", &d)));
     send(&running, "sender@example.test", &["x@anywhere.test"], "Subject: s\r\n\r\nx\r\n");
     wait_received(&p[0], 1);
@@ -279,7 +280,7 @@ fn smart_host_with_and_without_brackets() {
     dns.mx("relay.test", &[(10, "mx.relay.test")]);
     dns.a("mx.relay.test", &[&p[1].addr.ip().to_string()]);
     let dir = tempfile::tempdir().unwrap();
-    let d = "smart_host = \"relay.test\"".to_string();
+    let d = "smart_host_tls = \"opportunistic\"\nsmart_host = \"relay.test\"".to_string();
     let running = start(config(dir.path(), &remote_config(&dns, port, "", &d)));
     send(&running, "sender@example.test", &["y@anywhere.test"], "Subject: s\r\n\r\ny\r\n");
     wait_received(&p[1], 1);
@@ -298,7 +299,10 @@ fn per_domain_override_and_direct_before_smart_host() {
     dns.mx("direct.test", &[(10, "mx.direct.test")]);
     dns.a("mx.direct.test", &[&p[1].addr.ip().to_string()]);
     let dir = tempfile::tempdir().unwrap();
-    let d = format!("smart_host = \"[{}]\"\ndirect_before_smart_host = true", p[0].addr.ip());
+    let d = format!(
+        "smart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]\"\ndirect_before_smart_host = true",
+        p[0].addr.ip()
+    );
     let extra = format!(
         "{}\n[domains.remote.\"routed.test\"]\nsmart_host = \"[{}]\"\n",
         remote_config(&dns, port, "", &d),

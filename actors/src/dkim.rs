@@ -140,7 +140,9 @@ impl Signer {
                     .map_err(|e| err(format!("key {}: {e}", k.key_file.display())))?;
                 let signer = |key| -> Key {
                     match key {
-                        Loaded::Rsa(r) => Key::Rsa(Box::new(template(DkimSigner::from_key(r), d, &k.selector, &headers))),
+                        Loaded::Rsa(r) => {
+                            Key::Rsa(Box::new(template(DkimSigner::from_key(r), d, &k.selector, &headers)))
+                        }
                         Loaded::Ed25519(e) => {
                             Key::Ed25519(Box::new(template(DkimSigner::from_key(e), d, &k.selector, &headers)))
                         }
@@ -462,7 +464,8 @@ mod tests {
 
     #[test]
     fn header_sections() {
-        let cases: &[(&[u8], Option<(&[u8], &[u8])>)] = &[
+        type Split<'a> = Option<(&'a [u8], &'a [u8])>;
+        let cases: &[(&[u8], Split)] = &[
             (b"A: b\r\n\r\nbody", Some((b"A: b\r\n\r\n", b"body"))),
             (b"A: b\r\n", Some((b"A: b\r\n", b""))),
             (b"\r\nonly body", Some((b"", b"\r\nonly body"))),

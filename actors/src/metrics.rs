@@ -43,6 +43,12 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -157,6 +163,9 @@ pub struct Metrics {
     /// Messages the DKIM signer looked at, by result (`signed`, `no_key`, `already_signed`,
     /// `header_too_large`, `failed`).
     pub dkim: Family<ResultLabel, Counter>,
+    /// Outbound connections under a TLS policy that demands TLS, by policy and result
+    /// (`success`, `failure`): the counts a TLS-RPT report needs.
+    pub tls_policy: Family<PolicyLabel, Counter>,
     /// Times the queue store could not write (a full or failing disk) and mail was refused.
     pub store_failures: Counter,
     /// Times the failed queue store was reopened and took mail again, without a restart.
@@ -222,6 +231,7 @@ impl Metrics {
             store_failures: Counter::default(),
             recipient_checks: Family::default(),
             dkim: Family::default(),
+            tls_policy: Family::default(),
             store_reopens: Counter::default(),
             outbound_connections: Counter::default(),
             outbound_connections_current: Gauge::default(),
@@ -252,6 +262,11 @@ impl Metrics {
         r.register("notifications", "Delivery status notifications generated", m.notifications.clone());
         r.register("badmail", "Messages the queue wrote to Badmail", m.badmail.clone());
         r.register("delivery_retries", "Per-recipient delivery attempts after the first", m.retries.clone());
+        r.register(
+            "outbound_tls_policy",
+            "Outbound connections under a TLS policy that demands TLS, by policy and result",
+            m.tls_policy.clone(),
+        );
         r.register("dkim_signing", "Messages the DKIM signer looked at, by result", m.dkim.clone());
         r.register(
             "recipient_checks",

@@ -89,6 +89,14 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        for p in std::iter::once(&mut self.delivery.ca_file)
+            .chain(std::iter::once(&mut self.delivery.smart_host_password_file))
+            .chain(self.domains.remote.values_mut().map(|r| &mut r.password_file))
+        {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        }
         for d in self.dkim.values_mut() {
             for p in std::iter::once(&mut d.key).chain(d.keys.iter_mut().map(|k| &mut k.key)) {
                 if p.is_relative() && !p.as_os_str().is_empty() {

@@ -217,8 +217,15 @@ pub struct RemoteDomain {
     pub smart_host: String,
     /// Anyone may send mail for this domain through us (we are its backup MX).
     pub relay_allowed: bool,
-    /// Deliver only over STARTTLS; otherwise the mail waits.
+    /// Deliver only over STARTTLS; otherwise the mail waits (= `tls_policy = "require"`).
     pub require_tls: bool,
+    /// `opportunistic`, `require` or `verify`; empty = the default of its route.
+    pub tls_policy: String,
+    /// Login at this domain's smart host: user name, and the password from a file (0600) or an
+    /// environment variable.
+    pub username: String,
+    pub password_file: PathBuf,
+    pub password_env: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +326,21 @@ pub struct Delivery {
     pub masquerade_domain: String,
     /// Use STARTTLS when the peer offers it.
     pub starttls: bool,
+    /// TLS policy of MX delivery: `opportunistic`, `require` or `verify`.
+    pub tls_policy: String,
+    /// TLS policy of the smart host (`verify`: chain and name checked).
+    pub smart_host_tls: String,
+    /// PEM file of the roots `verify` trusts instead of the system's; empty = the system's.
+    pub ca_file: PathBuf,
+    /// Login at the smart host: user name, and the password from a file (0600) or an
+    /// environment variable.
+    pub smart_host_username: String,
+    pub smart_host_password_file: PathBuf,
+    pub smart_host_password_env: String,
+    /// Credentials may go over a connection without TLS and a verified certificate.
+    pub allow_unverified_auth: bool,
+    /// Smart hosts speak TLS from the first byte (RFC 8314); always so on port 465.
+    pub smart_host_implicit_tls: bool,
 }
 
 impl Default for Delivery {
@@ -340,6 +362,14 @@ impl Default for Delivery {
             helo_name: String::new(),
             masquerade_domain: String::new(),
             starttls: r.starttls,
+            tls_policy: r.tls_policy.name().into(),
+            smart_host_tls: r.smart_host_tls.name().into(),
+            ca_file: PathBuf::new(),
+            smart_host_username: String::new(),
+            smart_host_password_file: PathBuf::new(),
+            smart_host_password_env: String::new(),
+            allow_unverified_auth: false,
+            smart_host_implicit_tls: false,
         }
     }
 }

@@ -17,7 +17,7 @@ use mailroot_actors::pickup::PickupSettings;
 use mailroot_actors::protocol::{LocalDomains, RecipientCheck, SessionParams};
 use mailroot_actors::queue::QueueSettings;
 use mailroot_actors::remote::connection::Timeouts;
-use mailroot_actors::remote::{DomainPolicy, RemoteSettings, SmartHost};
+use mailroot_actors::remote::{Credentials, DomainPolicy, RemoteSettings, SmartHost, TlsPolicy};
 use mailroot_actors::resolve::Dns;
 use mailroot_actors::routes::RouteTable;
 use tracing::warn;
@@ -63,7 +63,7 @@ impl Security {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteSettings {
     Drop { drop: PathBuf, sort_temp: PathBuf },
-    Remote(RemoteSettings),
+    Remote(Box<RemoteSettings>),
     Maildir(MaildirSettings),
     Lmtp(LmtpSettings),
 }
@@ -140,13 +140,27 @@ impl Config {
                 SmartHost::parse(s).map(Some).map_err(ConfigError)
             }
         };
+        let policy = |key: &str, s: &str| -> Result<Option<TlsPolicy>, ConfigError> {
+            if s.is_empty() {
+                return Ok(None);
+            }
+            TlsPolicy::parse(s).map(Some).map_err(|e| ConfigError(format!("{key}: {e}")))
+        };
         let mut domains = BTreeMap::new();
         for (name, r) in &self.domains.remote {
-            domains.insert(
-                name.to_ascii_lowercase(),
-                DomainPolicy { smart_host: smart(&r.smart_host)?, require_tls: r.require_tls },
-            );
+            let key = format!("domains.remote.\"{name}\"");
+            let mut tls = policy(&format!("{key}.tls_policy"), &r.tls_policy)?;
+            if r.require_tls && tls.is_none() {
+                tls = Some(TlsPolicy::Require);
+            }
+            let auth = credentials(&key, &r.username, &r.password_file, &r.password_env)?;
+            if auth.is_some() && r.smart_host.is_empty() {
+                return Err(ConfigError(format!("{key}.username: a login needs this domain's smart_host")));
+            }
+            domains.insert(name.to_ascii_lowercase(), DomainPolicy { smart_host: smart(&r.smart_host)?, tls, auth });
         }
+        let smart_host_auth =
+            credentials("delivery", &d.smart_host_username, &d.smart_host_password_file, &d.smart_host_password_env)?;
         Ok(RemoteSettings {
             helo_name: if d.helo_name.is_empty() { self.server.hostname.clone() } else { d.helo_name.clone() },
             remote_port: d.remote_port,
@@ -163,6 +177,12 @@ impl Config {
             local_domains: self.local_domains(),
             domains,
             idle_timeout: Duration::from_secs(10),
+            tls_policy: policy("delivery.tls_policy", &d.tls_policy)?.unwrap_or_default(),
+            smart_host_tls: policy("delivery.smart_host_tls", &d.smart_host_tls)?.unwrap_or(TlsPolicy::Verify),
+            ca_file: (!d.ca_file.as_os_str().is_empty()).then(|| d.ca_file.clone()),
+            smart_host_auth,
+            allow_unverified_auth: d.allow_unverified_auth,
+            smart_host_implicit_tls: d.smart_host_implicit_tls,
         })
     }
 
@@ -274,10 +294,10 @@ impl Config {
             let mut smart = remote.clone();
             smart.direct_before_smart_host = false;
             smart.domains.values_mut().for_each(|d| d.smart_host = None);
-            routes.push(("smtp", RouteSettings::Remote(remote)));
-            routes.push(("smarthost", RouteSettings::Remote(smart)));
+            routes.push(("smtp", RouteSettings::Remote(Box::new(remote))));
+            routes.push(("smarthost", RouteSettings::Remote(Box::new(smart))));
         } else {
-            routes.push(("smtp", RouteSettings::Remote(remote)));
+            routes.push(("smtp", RouteSettings::Remote(Box::new(remote))));
         }
         if !self.maildir.path.is_empty() {
             let settings = MaildirSettings { path: self.maildir.path.clone(), hostname: self.server.hostname.clone() };
@@ -297,4 +317,39 @@ impl Config {
         }
         Ok(routes)
     }
+}
+
+/// A login from `<key>.username` and a password file (0600: only its owner may read it) or
+/// environment variable. `None` when no username is set.
+fn credentials(key: &str, username: &str, file: &Path, env: &str) -> Result<Option<Credentials>, ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |k: &str, m: String| ConfigError(format!("{key}.{k}: {m}"));
+    let (user_key, file_key, env_key) = if key == "delivery" {
+        ("smart_host_username", "smart_host_password_file", "smart_host_password_env")
+    } else {
+        ("username", "password_file", "password_env")
+    };
+    if username.is_empty() {
+        if !file.as_os_str().is_empty() || !env.is_empty() {
+            return Err(err(user_key, "a password is set but no username".into()));
+        }
+        return Ok(None);
+    }
+    let password = match (file.as_os_str().is_empty(), env.is_empty()) {
+        (false, true) => {
+            let meta = std::fs::metadata(file).map_err(|e| err(file_key, format!("{}: {e}", file.display())))?;
+            if meta.mode() & 0o077 != 0 {
+                return Err(err(file_key, format!("{} is readable by others: chmod 600 it", file.display())));
+            }
+            let text = std::fs::read_to_string(file).map_err(|e| err(file_key, format!("{}: {e}", file.display())))?;
+            text.lines().next().unwrap_or("").to_string()
+        }
+        (true, false) => std::env::var(env).map_err(|_| err(env_key, format!("the environment has no {env}")))?,
+        (true, true) => return Err(err(file_key, format!("{user_key} is set: give {file_key} or {env_key}"))),
+        (false, false) => return Err(err(file_key, format!("give {file_key} or {env_key}, not both"))),
+    };
+    if password.is_empty() {
+        return Err(err(file_key, "the password is empty".into()));
+    }
+    Ok(Some(Credentials { username: username.to_string(), password }))
 }

@@ -50,7 +50,11 @@ impl Config {
             let mut n = 0;
             for (selector, file) in keys {
                 n += 1;
-                if selector.is_empty() || !selector.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+                if selector.is_empty()
+                    || !selector
+                        .split('.')
+                        .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                {
                     return err(&key, format!("selector {selector:?} is not a DNS label (letters, digits, '-')"));
                 }
                 if file.as_os_str().is_empty() {

@@ -61,8 +61,8 @@ fn factory(
         }
         RouteSettings::Remote(remote) => {
             // Checked here so that a restart cannot meet a resolver error the start did not.
-            RemoteDelivery::new(remote.clone(), metrics.clone()).map_err(StartError::Other)?;
-            supervisor::factory(move || RemoteDelivery::new(remote.clone(), m.clone()))
+            RemoteDelivery::new((*remote).clone(), metrics.clone()).map_err(StartError::Other)?;
+            supervisor::factory(move || RemoteDelivery::new((*remote).clone(), m.clone()))
         }
         RouteSettings::Maildir(s) => supervisor::factory(move || Ok(Maildir::new(s.clone()))),
         RouteSettings::Lmtp(s) => {

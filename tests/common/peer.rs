@@ -41,6 +41,12 @@ pub struct Behavior {
     /// Say 220 to STARTTLS and then send garbage instead of a handshake.
     pub broken_tls: bool,
     pub hostile: Option<Hostile>,
+    /// The server's TLS identity; `None` = a self-signed certificate for peer.test.
+    pub tls_config: Option<Arc<rustls::ServerConfig>>,
+    /// TLS from the first byte (port 465 style) instead of STARTTLS.
+    pub implicit_tls: bool,
+    /// AUTH PLAIN and LOGIN are offered and required before MAIL, with this user and password.
+    pub auth: Option<(String, String)>,
 }
 
 impl Default for Behavior {
@@ -59,6 +65,9 @@ impl Default for Behavior {
             tls: false,
             broken_tls: false,
             hostile: None,
+            tls_config: None,
+            implicit_tls: false,
+            auth: None,
         }
     }
 }
@@ -71,6 +80,8 @@ pub struct Received {
     pub data: Vec<u8>,
     pub tls: bool,
     pub connection: usize,
+    /// The user that logged in, if any.
+    pub user: Option<String>,
 }
 
 struct State {
@@ -78,6 +89,8 @@ struct State {
     received: Mutex<Vec<Received>>,
     connections: AtomicUsize,
     open: AtomicUsize,
+    /// Every AUTH attempt: (user, password, accepted).
+    logins: Mutex<Vec<(String, String, bool)>>,
     max_open: AtomicUsize,
 }
 
@@ -108,6 +121,7 @@ impl Peer {
             received: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
+            logins: Mutex::new(Vec::new()),
             max_open: AtomicUsize::new(0),
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -160,6 +174,10 @@ impl Peer {
         self.state.received.lock().unwrap().iter().map(|r| r.rcpts.len()).sum()
     }
 
+    pub fn logins(&self) -> Vec<(String, String, bool)> {
+        self.state.logins.lock().unwrap().clone()
+    }
+
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
     }
@@ -177,6 +195,18 @@ async fn serve(
     quit: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let b = st.behavior.lock().unwrap().clone();
+    let acceptor = match &b.tls_config {
+        Some(c) => tokio_rustls::TlsAcceptor::from(c.clone()),
+        None => acceptor,
+    };
+    if b.implicit_tls {
+        let Ok(mut tls) = acceptor.accept(s).await else { return };
+        if tls.write_all(format!("{}\r\n", b.greeting).as_bytes()).await.is_err() {
+            return;
+        }
+        let _ = session(tls, &st, conn, true, &quit).await;
+        return;
+    }
     if let Some(d) = b.stall {
         tokio::time::sleep(d).await;
     }
@@ -230,6 +260,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut helo = String::new();
     let mut mail_from: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
+    let mut user: Option<String> = None;
     loop {
         let mut line = String::new();
         match r.read_line(&mut line).await {
@@ -252,6 +283,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 helo = cmd[4..].trim().to_string();
                 let mut lines = vec!["peer.test greets you".to_string()];
                 lines.extend(b.ehlo.iter().cloned());
+                if b.auth.is_some() {
+                    lines.push("AUTH PLAIN LOGIN".into());
+                }
                 if b.tls && !tls {
                     lines.push("STARTTLS".into());
                 }
@@ -271,6 +305,45 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             // Whatever the client sent after STARTTLS in clear text is dropped with the buffer.
             return Some(r.into_inner());
+        } else if upper.starts_with("AUTH ") && b.auth.is_some() {
+            let (want_user, want_pass) = b.auth.clone().unwrap_or_default();
+            let b64 = |t: &str| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(t.trim())
+                    .ok()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+            };
+            let (u, p) = if upper.starts_with("AUTH PLAIN ") {
+                let decoded = b64(&cmd[11..]).unwrap_or_default();
+                let mut parts = decoded.split('\0').skip(1);
+                (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string())
+            } else {
+                let mut answers = Vec::new();
+                for prompt in [&b"334 VXNlcm5hbWU6\r\n"[..], &b"334 UGFzc3dvcmQ6\r\n"[..]] {
+                    if r.get_mut().write_all(prompt).await.is_err() {
+                        return None;
+                    }
+                    let mut l = String::new();
+                    if r.read_line(&mut l).await.is_err() {
+                        return None;
+                    }
+                    answers.push(b64(&l).unwrap_or_default());
+                }
+                let p = answers.pop().unwrap_or_default();
+                let u = answers.pop().unwrap_or_default();
+                (u, p)
+            };
+            let ok = u == want_user && p == want_pass;
+            st.logins.lock().unwrap().push((u.clone(), p, ok));
+            if ok {
+                user = Some(u);
+                "235 2.7.0 Authentication successful".into()
+            } else {
+                "535 5.7.8 Authentication credentials invalid".into()
+            }
+        } else if upper.starts_with("MAIL FROM:") && b.auth.is_some() && user.is_none() {
+            "530 5.7.0 Authentication required".into()
         } else if upper.starts_with("MAIL FROM:") {
             mail_from = Some(cmd[10..].to_string());
             rcpts.clear();
@@ -317,6 +390,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         data,
                         tls,
                         connection: conn,
+                        user: user.clone(),
                     });
                 }
                 mail_from = None;

@@ -134,6 +134,10 @@ pub struct Capabilities {
     pub smtputf8: bool,
     pub dsn: bool,
     pub starttls: bool,
+    /// `AUTH PLAIN` offered.
+    pub auth_plain: bool,
+    /// `AUTH LOGIN` offered.
+    pub auth_login: bool,
 }
 
 impl Capabilities {
@@ -150,6 +154,17 @@ impl Capabilities {
                 "SMTPUTF8" => c.smtputf8 = true,
                 "DSN" => c.dsn = true,
                 "STARTTLS" => c.starttls = true,
+                // `AUTH=LOGIN` is the form some old servers still send.
+                "AUTH" | "AUTH=LOGIN" | "AUTH=PLAIN" => {
+                    let inline = keyword.strip_prefix("AUTH=").map(str::to_string);
+                    for m in words.map(str::to_ascii_uppercase).chain(inline) {
+                        match m.as_str() {
+                            "PLAIN" => c.auth_plain = true,
+                            "LOGIN" => c.auth_login = true,
+                            _ => {}
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -275,9 +290,21 @@ mod tests {
                 eight_bit_mime: true,
                 smtputf8: true,
                 dsn: true,
-                starttls: true
+                starttls: true,
+                auth_plain: true,
+                auth_login: false,
             }
         );
+        for (line, plain, login) in [
+            ("AUTH LOGIN PLAIN CRAM-MD5", true, true),
+            ("auth xoauth2 login", false, true),
+            ("AUTH=LOGIN", false, true),
+            ("AUTH", false, false),
+            ("AUTHX PLAIN", false, false),
+        ] {
+            let c = Capabilities::from_ehlo(&r(250, &["mx", line]));
+            assert_eq!((c.auth_plain, c.auth_login), (plain, login), "{line}");
+        }
         let c = Capabilities::from_ehlo(&r(250, &["mx", "SIZE"]));
         assert_eq!(c.size, Some(0));
         assert!(!c.pipelining);

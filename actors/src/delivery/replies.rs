@@ -174,8 +174,33 @@ pub fn starttls_twice(peer: &str) -> Outcome {
     Outcome::new(451, "4.7.5", format!("STARTTLS twice with {peer}"))
 }
 
+/// A failed handshake; a certificate that did not verify says so first (RFC 3463 4.7.5).
 pub fn tls_handshake_failed(peer: &str, e: impl Display) -> Outcome {
+    let e = e.to_string();
+    if e.contains("invalid peer certificate") {
+        return Outcome::new(451, "4.7.5", format!("certificate of {peer} not trusted: {e}"));
+    }
     Outcome::new(451, "4.7.5", format!("TLS handshake with {peer} failed: {e}"))
+}
+
+pub fn auth_failed(peer: &str, reply: impl Display) -> Outcome {
+    Outcome::new(451, "4.7.8", format!("login to {peer} refused ({reply}); check the credentials"))
+}
+
+pub fn no_trusted_roots(e: impl Display) -> Outcome {
+    Outcome::new(451, "4.7.5", format!("cannot verify certificates: {e}"))
+}
+
+pub fn auth_not_offered(peer: &str) -> Outcome {
+    Outcome::new(451, "4.7.12", format!("{peer} offers neither AUTH PLAIN nor AUTH LOGIN; cannot log in"))
+}
+
+pub fn auth_unprotected(peer: &str) -> Outcome {
+    Outcome::new(
+        451,
+        "4.7.12",
+        format!("not sending credentials to {peer}: the connection is not encrypted with a verified certificate"),
+    )
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! One outbound SMTP connection: connect, greeting, EHLO (HELO fallback), opportunistic
-//! STARTTLS, and transactions with per-recipient results, every wait bounded by a timeout.
+//! One outbound SMTP connection: connect (implicit TLS or not), greeting, EHLO (HELO fallback),
+//! STARTTLS, AUTH, and transactions with per-recipient results, every wait bounded by a timeout.
 //!
 //! Invariant: every failure comes back as a [`Failure`] carrying an [`Outcome`] already
 //! classified (2xx/4xx/5xx or a network error = temporary); nothing here panics on what the
@@ -51,7 +51,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn host(outcome: Outcome) -> Self {
+    pub(crate) fn host(outcome: Outcome) -> Self {
         Failure { outcome, try_next_host: true, tls_failed: false, peer_reply: false }
     }
 
@@ -93,15 +93,43 @@ fn reply_outcome(reply: &ServerReply) -> Outcome {
     Outcome::from_reply(reply.code, reply.text().get(4..).unwrap_or(""))
 }
 
+/// How a connection uses TLS and logs in.
+pub struct Security<'a> {
+    /// The client configuration to use; `None` = clear text only.
+    pub tls: Option<&'a Arc<rustls::ClientConfig>>,
+    /// No TLS means no connection.
+    pub required: bool,
+    /// `tls` checks the chain and name: only then are credentials sent (unless allowed).
+    pub verified: bool,
+    /// TLS from the first byte (RFC 8314, port 465), not STARTTLS.
+    pub implicit: bool,
+    pub auth: Option<&'a Credentials>,
+    /// Credentials may go over a connection that is not encrypted and verified.
+    pub allow_unverified_auth: bool,
+}
+
+/// A login at a smart host or route. Never printed: `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials {{ username: {:?}, password: <hidden> }}", self.username)
+    }
+}
+
 impl Connection {
-    /// Connects, reads the greeting, says EHLO (or HELO), and upgrades with STARTTLS when the
-    /// server offers it and `tls` is given. `require_tls`: no STARTTLS offered is a failure.
+    /// Connects (with TLS at once when implicit), reads the greeting, says EHLO (or HELO),
+    /// upgrades with STARTTLS when offered and `sec.tls` is given, then logs in when
+    /// `sec.auth` is given. A required TLS that did not happen is a failure.
     pub async fn open(
         addr: SocketAddr,
         host: &str,
         helo: &str,
-        tls: Option<&Arc<rustls::ClientConfig>>,
-        require_tls: bool,
+        sec: &Security<'_>,
         timeouts: &Timeouts,
     ) -> Result<Connection, Failure> {
         let peer = format!("{host}[{}]", addr.ip());
@@ -122,22 +150,67 @@ impl Connection {
             reusable: false,
             timeouts: timeouts.clone(),
         };
+        if sec.implicit {
+            let Some(config) = sec.tls else {
+                return Err(Failure::host(replies::tls_not_offered(host)));
+            };
+            c.handshake(config, host).await?;
+        }
         let greeting = c.read_reply(timeouts.command, "waiting for the greeting of").await?;
         if greeting.code != 220 {
             return Err(Failure::reply(&greeting, true));
         }
         c.hello(helo).await?;
-        if c.caps.starttls {
-            if let Some(config) = tls {
+        if c.caps.starttls && !c.tls {
+            if let Some(config) = sec.tls {
                 c.start_tls(config, host).await?;
                 c.hello(helo).await?;
             }
         }
-        if require_tls && !c.tls {
+        if sec.required && !c.tls {
             let _ = c.quit().await;
             return Err(Failure::host(replies::tls_not_offered(host)));
         }
+        if let Some(creds) = sec.auth {
+            let protected = c.tls && sec.verified;
+            if !protected && !sec.allow_unverified_auth {
+                let _ = c.quit().await;
+                return Err(Failure::host(replies::auth_unprotected(&c.peer)));
+            }
+            c.login(creds).await?;
+        }
         Ok(c)
+    }
+
+    /// AUTH PLAIN, or LOGIN when only that is offered (RFC 4954). A refusal is temporary:
+    /// the operator's credentials are wrong, not the user's mail.
+    async fn login(&mut self, creds: &Credentials) -> Result<(), Failure> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let cmd = self.timeouts.command;
+        let refused = |peer: &str, r: &ServerReply| Failure::host(replies::auth_failed(peer, r.text()));
+        let reply = if self.caps.auth_plain {
+            let token = b64.encode(format!("\0{}\0{}", creds.username, creds.password));
+            self.write(format!("AUTH PLAIN {token}\r\n").as_bytes(), cmd).await?;
+            self.read_reply(cmd, "waiting for the AUTH reply of").await?
+        } else if self.caps.auth_login {
+            self.write(b"AUTH LOGIN\r\n", cmd).await?;
+            let mut reply = self.read_reply(cmd, "waiting for the AUTH reply of").await?;
+            for secret in [&creds.username, &creds.password] {
+                if reply.code != 334 {
+                    break;
+                }
+                self.write(format!("{}\r\n", b64.encode(secret)).as_bytes(), cmd).await?;
+                reply = self.read_reply(cmd, "waiting for the AUTH reply of").await?;
+            }
+            reply
+        } else {
+            return Err(Failure::host(replies::auth_not_offered(&self.peer)));
+        };
+        if reply.code == 235 {
+            return Ok(());
+        }
+        Err(refused(&self.peer, &reply))
     }
 
     async fn hello(&mut self, helo: &str) -> Result<(), Failure> {
@@ -169,6 +242,10 @@ impl Connection {
         }
         // Anything the server sent before the handshake must not be read as a reply after it.
         self.parser.clear();
+        self.handshake(config, host).await
+    }
+
+    async fn handshake(&mut self, config: &Arc<rustls::ClientConfig>, host: &str) -> Result<(), Failure> {
         let name =
             ServerName::try_from(host.to_string()).unwrap_or_else(|_| ServerName::IpAddress(self.addr.ip().into()));
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Closed) else {
@@ -339,5 +416,17 @@ impl Connection {
             Stream::Closed => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_print_the_password() {
+        let c = Credentials { username: "relayuser".into(), password: "hunter2".into() };
+        let shown = format!("{c:?} {:?}", Some(&c));
+        assert!(shown.contains("relayuser") && !shown.contains("hunter2"), "{shown}");
     }
 }

@@ -12,10 +12,11 @@
 
 pub mod connection;
 mod pool;
-mod tls;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,13 +26,15 @@ use tracing::{debug, info, warn};
 
 use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
 use crate::logsafe::LogSafe;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PolicyLabel};
 use crate::protocol::client::{dot_stuff, is_eight_bit};
 use crate::protocol::dsn::MessageDsn;
 use crate::protocol::LocalDomains;
 use crate::resolve::{Dns, MxHost};
-use connection::{Connection, Failure, Timeouts, Transaction};
+pub use connection::Credentials;
+use connection::{Connection, Failure, Security, Timeouts, Transaction};
 use pool::{Acquired, Permits, Pool};
+pub use tls::TlsPolicy;
 
 fn limits_closed() -> Failure {
     Failure { outcome: replies::limits_closed(), try_next_host: false, tls_failed: false, peer_reply: false }
@@ -77,8 +80,10 @@ impl SmartHost {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DomainPolicy {
     pub smart_host: Option<SmartHost>,
-    /// Deliver only over TLS: no STARTTLS or a failed handshake is a temporary failure.
-    pub require_tls: bool,
+    /// This domain's TLS policy; `None` = the default for its route (MX or smart host).
+    pub tls: Option<TlsPolicy>,
+    /// Login at this domain's smart host.
+    pub auth: Option<Credentials>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +108,18 @@ pub struct RemoteSettings {
     pub domains: BTreeMap<String, DomainPolicy>,
     /// How long an idle connection stays in the pool.
     pub idle_timeout: Duration,
+    /// TLS policy of MX delivery (`opportunistic` unless set).
+    pub tls_policy: TlsPolicy,
+    /// TLS policy of the smart host (`verify` unless set).
+    pub smart_host_tls: TlsPolicy,
+    /// Trusted roots for `verify` instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Login at the smart host.
+    pub smart_host_auth: Option<Credentials>,
+    /// Credentials may be sent over a connection that is not TLS with a verified certificate.
+    pub allow_unverified_auth: bool,
+    /// Smart hosts speak TLS from the first byte (RFC 8314), as those on port 465 always do.
+    pub smart_host_implicit_tls: bool,
 }
 
 impl Default for RemoteSettings {
@@ -127,8 +144,22 @@ impl Default for RemoteSettings {
             local_domains: LocalDomains::new(Vec::<String>::new()),
             domains: BTreeMap::new(),
             idle_timeout: Duration::from_secs(10),
+            tls_policy: TlsPolicy::Opportunistic,
+            smart_host_tls: TlsPolicy::Verify,
+            ca_file: None,
+            smart_host_auth: None,
+            allow_unverified_auth: false,
+            smart_host_implicit_tls: false,
         }
     }
+}
+
+/// How one route's connections use TLS and log in.
+struct RouteSecurity {
+    tls: TlsPolicy,
+    auth: Option<Credentials>,
+    /// TLS from the first byte (the smart host's port is 465, RFC 8314).
+    implicit: bool,
 }
 
 /// Where one domain's mail goes.
@@ -141,7 +172,7 @@ enum Route {
 struct Inner {
     settings: RemoteSettings,
     dns: Dns,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: tls::TlsConfigs,
     pool: Pool,
     metrics: Arc<Metrics>,
 }
@@ -154,7 +185,7 @@ impl RemoteDelivery {
     /// Must be called inside the arbiter that will run the actor (the resolver spawns there).
     pub fn new(settings: RemoteSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
         let dns = Dns::new(&settings.nameservers, settings.dns_timeout, metrics.clone())?;
-        let tls = settings.starttls.then(tls::client_config).transpose()?;
+        let tls = tls::TlsConfigs::new(settings.ca_file.as_deref())?;
         let pool = Pool::new(
             Arc::new(Semaphore::new(settings.max_connections)),
             settings.max_connections_per_domain,
@@ -258,7 +289,6 @@ impl Inner {
         };
         // What every transaction for this domain needs to know.
         let smtputf8 = !job.sender.is_ascii() || rcpts.iter().any(|r| !r.address.is_ascii());
-        let require_tls = self.settings.domains.get(domain).is_some_and(|p| p.require_tls);
         let (first, fallback) = self.route_for(domain);
         let mut last = replies::no_route(domain);
         let mut last_remote = None;
@@ -281,7 +311,8 @@ impl Inner {
                     continue;
                 }
             };
-            match self.try_targets(job, &key, &targets, &rcpts, require_tls, smtputf8).await {
+            let sec = self.route_security(domain, &route);
+            match self.try_targets(job, &key, &targets, &rcpts, &sec, smtputf8).await {
                 Ok(results) => return results,
                 Err((o, remote)) => {
                     last = o;
@@ -295,6 +326,27 @@ impl Inner {
             }
         }
         fail_all(last, last_remote)
+    }
+
+    /// How connections of `route` (for `domain`) use TLS and log in.
+    fn route_security(&self, domain: &str, route: &Route) -> RouteSecurity {
+        let policy = self.settings.domains.get(domain);
+        match route {
+            Route::Smart(sh) => RouteSecurity {
+                tls: policy.and_then(|p| p.tls).unwrap_or(self.settings.smart_host_tls),
+                // A domain's own smart host logs in with the domain's credentials only.
+                auth: match policy.filter(|p| p.smart_host.is_some()) {
+                    Some(p) => p.auth.clone(),
+                    None => self.settings.smart_host_auth.clone(),
+                },
+                implicit: sh.port == Some(465) || self.settings.smart_host_implicit_tls,
+            },
+            Route::Mx(_) => RouteSecurity {
+                tls: policy.and_then(|p| p.tls).unwrap_or(self.settings.tls_policy),
+                auth: None,
+                implicit: false,
+            },
+        }
     }
 
     /// The addresses to try for a route, best first, and the key its connections are pooled
@@ -337,16 +389,17 @@ impl Inner {
         key: &str,
         targets: &[(String, SocketAddr)],
         rcpts: &[DeliveryRecipient],
-        require_tls: bool,
+        sec: &RouteSecurity,
         smtputf8: bool,
     ) -> Result<Vec<RecipientResult>, (Outcome, Option<String>)> {
+        let require_tls = sec.tls.required();
         let mut last = (replies::no_host_answered(), None);
         for (host, addr) in targets {
             let mut clear_text = false;
             // At most: a pooled connection that turned out dead, then a fresh one, then a
             // fresh one in clear text after a failed TLS handshake.
             for _ in 0..3 {
-                let (mut conn, permits) = match self.connection(key, host, *addr, require_tls, clear_text).await {
+                let (mut conn, permits) = match self.connection(key, host, *addr, sec, clear_text).await {
                     Ok(c) => c,
                     Err(f) => {
                         let remote = f.peer_reply.then(|| format!("{host}[{}]", addr.ip()));
@@ -392,7 +445,7 @@ impl Inner {
         key: &str,
         host: &str,
         addr: SocketAddr,
-        require_tls: bool,
+        sec: &RouteSecurity,
         clear_text: bool,
     ) -> Result<(Connection, Permits), Failure> {
         let permits = match self.pool.acquire(key, addr).await {
@@ -409,17 +462,43 @@ impl Inner {
             Some(Acquired::New(p)) => p,
             None => return Err(limits_closed()),
         };
-        let tls = if clear_text { None } else { self.tls.as_ref() };
-        match Connection::open(addr, host, &self.settings.helo_name, tls, require_tls, &self.settings.timeouts).await {
+        let verified = sec.tls == TlsPolicy::Verify;
+        let config = match sec.tls {
+            _ if clear_text => None,
+            TlsPolicy::Opportunistic if !self.settings.starttls => None,
+            TlsPolicy::Verify => match &self.tls.verified {
+                Ok(c) => Some(c),
+                Err(e) => return Err(Failure::host(replies::no_trusted_roots(e))),
+            },
+            _ => Some(&self.tls.any),
+        };
+        let security = Security {
+            tls: config,
+            required: sec.tls.required(),
+            verified,
+            implicit: sec.implicit,
+            auth: sec.auth.as_ref(),
+            allow_unverified_auth: self.settings.allow_unverified_auth,
+        };
+        let policy = sec.tls.name();
+        match Connection::open(addr, host, &self.settings.helo_name, &security, &self.settings.timeouts).await {
             Ok(c) => {
                 self.metrics.outbound_connections.inc();
                 if c.tls {
                     self.metrics.outbound_tls.inc();
                 }
+                if sec.tls.required() {
+                    self.metrics.tls_policy.get_or_create(&PolicyLabel { policy, result: "success" }).inc();
+                }
                 Ok((c, permits))
             }
             Err(f) => {
                 self.metrics.outbound_connect_failures.inc();
+                let status = f.outcome.status();
+                let tls_missing = status.subject == 7 && status.detail == 10;
+                if sec.tls.required() && (f.tls_failed || tls_missing) {
+                    self.metrics.tls_policy.get_or_create(&PolicyLabel { policy, result: "failure" }).inc();
+                }
                 Err(f)
             }
         }
