@@ -566,3 +566,106 @@ fn dsn_passed_on_or_answered_and_peer_capabilities_honoured() {
     wait_metric(&running, "mailroot_queue_messages", |v| v == 0.0);
     running.stop();
 }
+
+#[test]
+fn recipients_beyond_a_limit_go_in_further_transactions_at_once() {
+    let n = net();
+    let dns = DnsServer::start();
+    // The peer takes 3 recipients per transaction and says 452 4.5.3 to the rest; we send 4
+    // per transaction to many.test, and 2 to few.test (our own limit for that domain).
+    let p = peers(n, vec![Behavior { max_rcpts: Some(3), ..Behavior::default() }]);
+    for d in ["many.test", "few.test"] {
+        dns.mx(d, &[(10, &format!("mx.{d}"))]);
+        dns.a(&format!("mx.{d}"), &[&p[0].addr.ip().to_string()]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Retries an hour away: everything must arrive in the first attempt.
+    let extra = format!(
+        "{}\n[domains.remote.\"few.test\"]\nmax_recipients = 2\n",
+        remote_config(&dns, port_of(&p), "", "max_recipients_per_transaction = 4")
+    );
+    let running = start(config(dir.path(), &extra.replace("[\"1s\"]", "[\"1h\"]")));
+    let many: Vec<String> = (0..10).map(|i| format!("r{i}@many.test")).collect();
+    let refs: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+    send(&running, "sender@example.test", &refs, "Subject: many\r\n\r\nm\r\n");
+    let got = wait_received(&p[0], 4);
+    // 4 offered, 3 taken, 1 put off and sent right after with the next: 3 + 3 + 3 + 1.
+    let sizes: Vec<usize> = got.iter().map(|r| r.rcpts.len()).collect();
+    assert_eq!(sizes, vec![3, 3, 3, 1], "{sizes:?}");
+    let mut all: Vec<String> = got.iter().flat_map(|r| r.rcpts.clone()).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 10, "every recipient exactly once: {all:?}");
+    send(&running, "sender@example.test", &["a@few.test", "b@few.test", "c@few.test"], "Subject: few\r\n\r\nf\r\n");
+    let got = wait_received(&p[0], 6);
+    assert_eq!(got[4].rcpts.len(), 2);
+    assert_eq!(got[5].rcpts.len(), 1);
+    wait_metric(&running, "mailroot_queue_messages", |v| v == 0.0);
+    running.stop();
+}
+
+#[test]
+fn a_destination_that_says_slow_down_is_paused_without_burning_retries() {
+    let n = net();
+    let dns = DnsServer::start();
+    let p = peers(
+        n,
+        vec![
+            Behavior {
+                data_reply: "451 4.7.28 Our system has detected an unusual rate of mail".into(),
+                ..Behavior::default()
+            },
+            Behavior::default(),
+        ],
+    );
+    dns.mx("busy.test", &[(10, "mx.busy.test")]);
+    dns.a("mx.busy.test", &[&p[0].addr.ip().to_string()]);
+    dns.mx("metered.test", &[(10, "mx.metered.test")]);
+    dns.a("mx.metered.test", &[&p[1].addr.ip().to_string()]);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{}\n[domains.remote.\"metered.test\"]\nmessages_per_minute = 2\n",
+        remote_config(&dns, port_of(&p), "", "")
+    );
+    let running = start(config(dir.path(), &extra));
+    let admin = |id: u64| -> serde_json::Value {
+        let token = std::fs::read_to_string(running.folders.root.join("admin.token")).unwrap_or_default();
+        let c = mailroot::client::AdminClient {
+            address: running.admin_addr.expect("admin").to_string(),
+            token,
+            timeout: Duration::from_secs(10),
+        };
+        serde_json::from_str(&c.request("GET", &format!("/api/queue/{id}")).expect("api").body).expect("json")
+    };
+    let first = send(&running, "sender@example.test", &["a@busy.test"], "Subject: 1\r\n\r\n1\r\n");
+    wait_metric(&running, "mailroot_outbound_rate_limited_total", |v| v == 1.0);
+    let connections = p[0].connections();
+    // While paused, nothing else goes to busy.test, and the retry interval (1s) is not used.
+    let second = send(&running, "sender@example.test", &["b@busy.test"], "Subject: 2\r\n\r\n2\r\n");
+    let reason = wait_for("the second message held back", LONG, || {
+        let v = admin(second);
+        let last = v["recipients"][0]["last"]["text"].as_str().unwrap_or("").to_string();
+        last.contains("held back").then_some(last)
+    });
+    assert!(reason.contains("busy.test"), "{reason}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(p[0].connections(), connections, "a paused destination got a connection");
+    for id in [first, second] {
+        let v = admin(id);
+        assert_eq!(v["recipients"][0]["attempts"], 0, "{v}");
+        assert!(v["next_attempt"].as_u64().unwrap() >= v["received_at"].as_u64().unwrap() + 30, "{v}");
+    }
+    // Our own limit: 2 a minute to metered.test; the third waits, not counted as an attempt.
+    let ids: Vec<u64> = (0..3)
+        .map(|i| send(&running, "sender@example.test", &[&format!("m{i}@metered.test")], "Subject: m\r\n\r\nm\r\n"))
+        .collect();
+    wait_received(&p[1], 2);
+    let held = wait_for("one message held back", LONG, || {
+        ids.iter()
+            .copied()
+            .find(|id| admin(*id)["recipients"][0]["last"]["text"].as_str().unwrap_or("").contains("held back"))
+    });
+    assert_eq!(admin(held)["recipients"][0]["attempts"], 0);
+    assert_eq!(p[1].received().len(), 2);
+    running.stop();
+}

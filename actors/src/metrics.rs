@@ -166,6 +166,8 @@ pub struct Metrics {
     /// Outbound connections under a TLS policy that demands TLS, by policy and result
     /// (`success`, `failure`): the counts a TLS-RPT report needs.
     pub tls_policy: Family<PolicyLabel, Counter>,
+    /// Times a destination answered that it limits our rate, and was paused.
+    pub rate_limited: Counter,
     /// Times the queue store could not write (a full or failing disk) and mail was refused.
     pub store_failures: Counter,
     /// Times the failed queue store was reopened and took mail again, without a restart.
@@ -232,6 +234,7 @@ impl Metrics {
             recipient_checks: Family::default(),
             dkim: Family::default(),
             tls_policy: Family::default(),
+            rate_limited: Counter::default(),
             store_reopens: Counter::default(),
             outbound_connections: Counter::default(),
             outbound_connections_current: Gauge::default(),
@@ -266,6 +269,11 @@ impl Metrics {
             "outbound_tls_policy",
             "Outbound connections under a TLS policy that demands TLS, by policy and result",
             m.tls_policy.clone(),
+        );
+        r.register(
+            "outbound_rate_limited",
+            "Times a destination said it limits our rate and was paused",
+            m.rate_limited.clone(),
         );
         r.register("dkim_signing", "Messages the DKIM signer looked at, by result", m.dkim.clone());
         r.register(

@@ -226,6 +226,12 @@ pub struct RemoteDomain {
     pub username: String,
     pub password_file: PathBuf,
     pub password_env: String,
+    /// Recipients per transaction for this domain; 0 = delivery.max_recipients_per_transaction.
+    pub max_recipients: usize,
+    /// Connections to this domain at once; 0 = delivery.max_connections_per_domain.
+    pub max_connections: usize,
+    /// Messages a minute to this domain; 0 = delivery.messages_per_minute_per_domain.
+    pub messages_per_minute: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -341,6 +347,10 @@ pub struct Delivery {
     pub allow_unverified_auth: bool,
     /// Smart hosts speak TLS from the first byte (RFC 8314); always so on port 465.
     pub smart_host_implicit_tls: bool,
+    /// Recipients per transaction at most; the rest go in further transactions at once.
+    pub max_recipients_per_transaction: usize,
+    /// Messages a minute to one destination (domain or smart host); 0 = no limit.
+    pub messages_per_minute_per_domain: u32,
 }
 
 impl Default for Delivery {
@@ -370,6 +380,8 @@ impl Default for Delivery {
             smart_host_password_env: String::new(),
             allow_unverified_auth: false,
             smart_host_implicit_tls: false,
+            max_recipients_per_transaction: r.max_recipients_per_transaction,
+            messages_per_minute_per_domain: r.messages_per_minute_per_domain,
         }
     }
 }

@@ -157,7 +157,18 @@ impl Config {
             if auth.is_some() && r.smart_host.is_empty() {
                 return Err(ConfigError(format!("{key}.username: a login needs this domain's smart_host")));
             }
-            domains.insert(name.to_ascii_lowercase(), DomainPolicy { smart_host: smart(&r.smart_host)?, tls, auth });
+            let some = |n: usize| (n > 0).then_some(n);
+            domains.insert(
+                name.to_ascii_lowercase(),
+                DomainPolicy {
+                    smart_host: smart(&r.smart_host)?,
+                    tls,
+                    auth,
+                    max_recipients: some(r.max_recipients),
+                    max_connections: some(r.max_connections),
+                    messages_per_minute: (r.messages_per_minute > 0).then_some(r.messages_per_minute),
+                },
+            );
         }
         let smart_host_auth =
             credentials("delivery", &d.smart_host_username, &d.smart_host_password_file, &d.smart_host_password_env)?;
@@ -183,6 +194,8 @@ impl Config {
             smart_host_auth,
             allow_unverified_auth: d.allow_unverified_auth,
             smart_host_implicit_tls: d.smart_host_implicit_tls,
+            max_recipients_per_transaction: d.max_recipients_per_transaction.max(1),
+            messages_per_minute_per_domain: d.messages_per_minute_per_domain,
         })
     }
 

@@ -47,6 +47,8 @@ pub struct Behavior {
     pub implicit_tls: bool,
     /// AUTH PLAIN and LOGIN are offered and required before MAIL, with this user and password.
     pub auth: Option<(String, String)>,
+    /// Recipients per transaction; the next get `452 4.5.3 Too many recipients`.
+    pub max_rcpts: Option<usize>,
 }
 
 impl Default for Behavior {
@@ -68,6 +70,7 @@ impl Default for Behavior {
             tls_config: None,
             implicit_tls: false,
             auth: None,
+            max_rcpts: None,
         }
     }
 }
@@ -353,6 +356,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             let addr = arg.trim_start_matches('<').split('>').next().unwrap_or("").to_string();
             let local = addr.split('@').next().unwrap_or("");
             match b.rcpt_replies.iter().find(|(k, _)| local.starts_with(k.as_str())) {
+                _ if b.max_rcpts.is_some_and(|m| rcpts.len() >= m) => "452 4.5.3 Too many recipients".into(),
                 Some((_, reply)) => reply.clone(),
                 None => {
                     rcpts.push(arg);

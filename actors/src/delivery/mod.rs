@@ -66,12 +66,20 @@ pub struct RecipientResult {
     pub outcome: Outcome,
     /// Who owes the sender a success notice (`NOTIFY=SUCCESS`) when this is `Delivered`.
     pub handoff: Handoff,
+    /// For a temporary outcome: the destination asked us to slow down (or our own rate limit
+    /// for it held the message back), so try again after this and do not count an attempt.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl RecipientResult {
     /// A result of final delivery (the default for delivery actors that store mail).
     pub fn new(index: usize, outcome: Outcome) -> Self {
-        RecipientResult { index, outcome, handoff: Handoff::Final }
+        RecipientResult { index, outcome, handoff: Handoff::Final, retry_after: None }
+    }
+
+    /// A temporary result to be tried again after `wait` without counting an attempt.
+    pub fn deferred(index: usize, outcome: Outcome, wait: std::time::Duration) -> Self {
+        RecipientResult { index, outcome, handoff: Handoff::Final, retry_after: Some(wait) }
     }
 }
 

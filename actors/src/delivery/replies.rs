@@ -187,6 +187,15 @@ pub fn auth_failed(peer: &str, reply: impl Display) -> Outcome {
     Outcome::new(451, "4.7.8", format!("login to {peer} refused ({reply}); check the credentials"))
 }
 
+/// Our own rate limit for a destination held the message back (not an attempt).
+pub fn held_back(destination: &str, wait: std::time::Duration) -> Outcome {
+    Outcome::new(
+        451,
+        "4.4.5",
+        format!("held back by the rate limit for {destination}; next in {}s", wait.as_secs().max(1)),
+    )
+}
+
 pub fn no_trusted_roots(e: impl Display) -> Outcome {
     Outcome::new(451, "4.7.5", format!("cannot verify certificates: {e}"))
 }

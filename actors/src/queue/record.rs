@@ -50,7 +50,11 @@ impl Queue {
                 warn!(id, index = res.index, "delivery report for a recipient already done; ignored");
                 continue;
             }
-            r.attempts += 1;
+            // Held back by a rate limit, it was not really tried.
+            let deferred = res.retry_after.filter(|_| res.outcome.is_temporary());
+            if deferred.is_none() {
+                r.attempts += 1;
+            }
             let mut outcome = res.outcome;
             match outcome.class {
                 Class::Delivered => {
@@ -75,7 +79,10 @@ impl Queue {
                     failed.push(res.index);
                 }
                 Class::Temporary => {
-                    let at = next_attempt_at(&self.settings, r.attempts, env.received_at, env.delay_notified, now);
+                    let at = match deferred {
+                        Some(wait) => now.saturating_add(wait.as_secs().max(1)).min(expires_at).max(now + 1),
+                        None => next_attempt_at(&self.settings, r.attempts, env.received_at, env.delay_notified, now),
+                    };
                     r.next_attempt = Some(at);
                     delayed.push(res.index);
                 }

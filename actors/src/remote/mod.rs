@@ -10,29 +10,30 @@
 //! - A connection goes back to the pool only after a clean transaction, and at most
 //!   `max_messages_per_connection` transactions run on it.
 
+mod attempt;
 pub mod connection;
 mod pool;
+mod throttle;
 pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
-use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, Handoff, Outcome, RecipientResult};
-use crate::logsafe::LogSafe;
+use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, Outcome, RecipientResult};
 use crate::metrics::{Metrics, PolicyLabel};
-use crate::protocol::client::{dot_stuff, is_eight_bit};
+use crate::protocol::client::is_eight_bit;
 use crate::protocol::dsn::MessageDsn;
 use crate::protocol::LocalDomains;
 use crate::resolve::{Dns, MxHost};
 pub use connection::Credentials;
-use connection::{Connection, Failure, Security, Timeouts, Transaction};
+use connection::{Connection, Failure, Security, Timeouts};
 use pool::{Acquired, Permits, Pool};
 pub use tls::TlsPolicy;
 
@@ -84,6 +85,10 @@ pub struct DomainPolicy {
     pub tls: Option<TlsPolicy>,
     /// Login at this domain's smart host.
     pub auth: Option<Credentials>,
+    /// Overrides of the delivery limits for this destination.
+    pub max_recipients: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub messages_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +125,10 @@ pub struct RemoteSettings {
     pub allow_unverified_auth: bool,
     /// Smart hosts speak TLS from the first byte (RFC 8314), as those on port 465 always do.
     pub smart_host_implicit_tls: bool,
+    /// Recipients per transaction at most (the rest go in further transactions at once).
+    pub max_recipients_per_transaction: usize,
+    /// Messages per minute to one destination (domain or smart host); 0 = no limit.
+    pub messages_per_minute_per_domain: u32,
 }
 
 impl Default for RemoteSettings {
@@ -150,7 +159,17 @@ impl Default for RemoteSettings {
             smart_host_auth: None,
             allow_unverified_auth: false,
             smart_host_implicit_tls: false,
+            max_recipients_per_transaction: 50,
+            messages_per_minute_per_domain: 0,
         }
+    }
+}
+
+/// The key of a destination: its domain, or the smart host it goes through.
+fn route_key(domain: &str, smart_host: Option<&SmartHost>, remote_port: u16) -> String {
+    match smart_host {
+        Some(sh) => format!("smarthost:{}:{}", sh.host, sh.port.unwrap_or(remote_port)),
+        None => domain.to_string(),
     }
 }
 
@@ -175,6 +194,7 @@ struct Inner {
     tls: tls::TlsConfigs,
     pool: Pool,
     metrics: Arc<Metrics>,
+    throttle: throttle::Throttle,
 }
 
 pub struct RemoteDelivery {
@@ -186,12 +206,19 @@ impl RemoteDelivery {
     pub fn new(settings: RemoteSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
         let dns = Dns::new(&settings.nameservers, settings.dns_timeout, metrics.clone())?;
         let tls = tls::TlsConfigs::new(settings.ca_file.as_deref())?;
+        let overrides = settings
+            .domains
+            .iter()
+            .filter_map(|(d, p)| Some((route_key(d, p.smart_host.as_ref(), settings.remote_port), p.max_connections?)))
+            .collect();
         let pool = Pool::new(
             Arc::new(Semaphore::new(settings.max_connections)),
             settings.max_connections_per_domain,
+            overrides,
             metrics.clone(),
         );
-        Ok(RemoteDelivery { inner: Arc::new(Inner { settings, dns, tls, pool, metrics }) })
+        let throttle = throttle::Throttle::default();
+        Ok(RemoteDelivery { inner: Arc::new(Inner { settings, dns, tls, pool, metrics, throttle }) })
     }
 }
 
@@ -293,6 +320,17 @@ impl Inner {
         let mut last = replies::no_route(domain);
         let mut last_remote = None;
         for route in [first, fallback].into_iter().flatten() {
+            let key = self.key_of(&route);
+            let rate = self
+                .settings
+                .domains
+                .get(domain)
+                .and_then(|p| p.messages_per_minute)
+                .unwrap_or(self.settings.messages_per_minute_per_domain);
+            if let Err(wait) = self.throttle.admit(&key, rate, Instant::now()) {
+                let o = replies::held_back(&key, wait);
+                return rcpts.iter().map(|r| RecipientResult::deferred(r.index, o.clone(), wait)).collect();
+            }
             let (key, targets) = match self.targets(&route).await {
                 Ok(t) => t,
                 // A smart host that cannot be resolved is the operator's problem, never a
@@ -312,8 +350,19 @@ impl Inner {
                 }
             };
             let sec = self.route_security(domain, &route);
-            match self.try_targets(job, &key, &targets, &rcpts, &sec, smtputf8).await {
-                Ok(results) => return results,
+            let max_rcpts = self
+                .settings
+                .domains
+                .get(domain)
+                .and_then(|p| p.max_recipients)
+                .unwrap_or(self.settings.max_recipients_per_transaction);
+            match self.try_targets(job, &key, &targets, &rcpts, &sec, max_rcpts, smtputf8).await {
+                Ok(results) => return self.heed_rate_limits(&key, results),
+                Err((o, remote)) if remote.is_some() && throttle::is_rate_limit(&o) => {
+                    let results =
+                        rcpts.iter().map(|r| RecipientResult::new(r.index, o.clone().from_mta(remote.clone())));
+                    return self.heed_rate_limits(&key, results.collect());
+                }
                 Err((o, remote)) => {
                     last = o;
                     last_remote = remote;
@@ -326,6 +375,35 @@ impl Inner {
             }
         }
         fail_all(last, last_remote)
+    }
+
+    /// A destination that answered "slow down" is paused, and the recipients it said so for
+    /// wait for the pause without counting an attempt.
+    fn heed_rate_limits(&self, key: &str, mut results: Vec<RecipientResult>) -> Vec<RecipientResult> {
+        let limited = results.iter().any(|r| r.outcome.remote_mta.is_some() && throttle::is_rate_limit(&r.outcome));
+        if !limited {
+            if results.iter().any(|r| r.outcome.is_delivered()) {
+                self.throttle.went_through(key);
+            }
+            return results;
+        }
+        let pause = self.throttle.slow_down(key, Instant::now());
+        self.metrics.rate_limited.inc();
+        warn!(destination = %key, pause = ?pause, "the destination limits our rate; pausing it");
+        for r in results.iter_mut() {
+            if r.outcome.remote_mta.is_some() && throttle::is_rate_limit(&r.outcome) {
+                r.retry_after = Some(pause);
+            }
+        }
+        results
+    }
+
+    /// The key a route's connections are pooled, limited and throttled under.
+    fn key_of(&self, route: &Route) -> String {
+        match route {
+            Route::Mx(domain) => route_key(domain, None, self.settings.remote_port),
+            Route::Smart(sh) => route_key("", Some(sh), self.settings.remote_port),
+        }
     }
 
     /// How connections of `route` (for `domain`) use TLS and log in.
@@ -353,10 +431,10 @@ impl Inner {
     /// and limited under.
     async fn targets(&self, route: &Route) -> Result<(String, Vec<(String, SocketAddr)>), Outcome> {
         let (key, hosts, port) = match route {
-            Route::Mx(domain) => (domain.clone(), self.dns.mx_hosts(domain).await?, self.settings.remote_port),
+            Route::Mx(domain) => (self.key_of(route), self.dns.mx_hosts(domain).await?, self.settings.remote_port),
             Route::Smart(sh) => {
                 let port = sh.port.unwrap_or(self.settings.remote_port);
-                let key = format!("smarthost:{}:{port}", sh.host);
+                let key = self.key_of(route);
                 let hosts = if sh.mx_lookup {
                     self.dns.mx_hosts(&sh.host).await?
                 } else {
@@ -380,63 +458,6 @@ impl Inner {
             }));
         }
         Ok((key, targets))
-    }
-
-    /// Tries each address in turn until one gives per-recipient answers.
-    async fn try_targets(
-        &self,
-        job: &Job,
-        key: &str,
-        targets: &[(String, SocketAddr)],
-        rcpts: &[DeliveryRecipient],
-        sec: &RouteSecurity,
-        smtputf8: bool,
-    ) -> Result<Vec<RecipientResult>, (Outcome, Option<String>)> {
-        let require_tls = sec.tls.required();
-        let mut last = (replies::no_host_answered(), None);
-        for (host, addr) in targets {
-            let mut clear_text = false;
-            // At most: a pooled connection that turned out dead, then a fresh one, then a
-            // fresh one in clear text after a failed TLS handshake.
-            for _ in 0..3 {
-                let (mut conn, permits) = match self.connection(key, host, *addr, sec, clear_text).await {
-                    Ok(c) => c,
-                    Err(f) => {
-                        let remote = f.peer_reply.then(|| format!("{host}[{}]", addr.ip()));
-                        if f.tls_failed && !require_tls && !clear_text {
-                            info!(id = job.id, host = %LogSafe(host), addr = %addr, "TLS handshake failed; retrying in clear text");
-                            clear_text = true;
-                            last = (f.outcome, remote);
-                            continue;
-                        }
-                        last = (f.outcome, remote);
-                        break;
-                    }
-                };
-                let fresh = conn.messages == 0;
-                match self.transaction(job, &mut conn, rcpts, smtputf8).await {
-                    Ok(results) => {
-                        self.finish(key, conn, permits);
-                        return Ok(results);
-                    }
-                    Err(f) => {
-                        // Report the peer as the source only of what it said itself.
-                        let remote = f.peer_reply.then(|| conn.peer.clone());
-                        self.finish(key, conn, permits);
-                        if !f.try_next_host {
-                            return Err((f.outcome, remote));
-                        }
-                        last = (f.outcome, remote);
-                        if fresh {
-                            break;
-                        }
-                        // A pooled connection the peer had closed: try again on a new one.
-                        debug!(id = job.id, host = %LogSafe(host), "pooled connection failed; opening a new one");
-                    }
-                }
-            }
-        }
-        Err(last)
     }
 
     /// A pooled connection to `addr`, or a new one.
@@ -511,70 +532,6 @@ impl Inner {
         } else {
             pool::close(conn, permits);
         }
-    }
-
-    async fn transaction(
-        &self,
-        job: &Job,
-        conn: &mut Connection,
-        rcpts: &[DeliveryRecipient],
-        smtputf8: bool,
-    ) -> Result<Vec<RecipientResult>, Failure> {
-        let caps = conn.caps.clone();
-        let peer = conn.peer.clone();
-        let refuse = |outcome: Outcome| -> Result<Vec<RecipientResult>, Failure> {
-            Err(Failure { outcome, try_next_host: false, tls_failed: false, peer_reply: false })
-        };
-        if let Some(limit) = caps.size.filter(|&n| n > 0) {
-            if job.message.len() as u64 > limit {
-                return refuse(replies::too_big_for(&peer, job.message.len(), limit));
-            }
-        }
-        // The more specific reason first: UTF-8 addresses make the message 8-bit as well.
-        if smtputf8 && !caps.smtputf8 {
-            return refuse(replies::no_smtputf8(&peer));
-        }
-        if job.eight_bit && !caps.eight_bit_mime {
-            return refuse(replies::no_8bitmime(&peer));
-        }
-        let mut mail_params = String::new();
-        if caps.size.is_some() {
-            mail_params.push_str(&format!(" SIZE={}", job.message.len()));
-        }
-        if job.eight_bit {
-            mail_params.push_str(" BODY=8BITMIME");
-        }
-        if smtputf8 {
-            mail_params.push_str(" SMTPUTF8");
-        }
-        if caps.dsn {
-            mail_params.push_str(&job.dsn.params());
-        }
-        let recipients: Vec<(&str, String)> =
-            rcpts.iter().map(|r| (r.address.as_str(), if caps.dsn { r.dsn.params() } else { String::new() })).collect();
-        let sender = self.masquerade(&job.sender);
-        let data = job.data.get_or_init(|| async { dot_stuff(&job.message) }).await;
-        let t = Transaction { sender: &sender, mail_params, recipients, data };
-        let outcomes = conn.send(&t).await?;
-        let handoff = if caps.dsn { Handoff::PassedOn } else { Handoff::Relayed };
-        Ok(rcpts
-            .iter()
-            .zip(outcomes)
-            .map(|(r, outcome)| RecipientResult {
-                index: r.index,
-                outcome: outcome.from_mta(Some(peer.clone())),
-                handoff,
-            })
-            .collect())
-    }
-
-    fn masquerade(&self, sender: &str) -> String {
-        if let (Some(m), Some((local, domain))) = (&self.settings.masquerade_domain, sender.rsplit_once('@')) {
-            if self.settings.local_domains.contains(domain) {
-                return format!("{local}@{m}");
-            }
-        }
-        sender.to_string()
     }
 }
 

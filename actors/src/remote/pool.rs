@@ -33,6 +33,8 @@ struct Idle {
 /// One route's connection limit, and a signal for requests waiting on it.
 struct Route {
     limit: Arc<Semaphore>,
+    /// The limit's size (this route's override, or the pool's per-route limit).
+    size: usize,
     /// Signalled when a connection of this route goes idle: a waiter may take it.
     idle: Notify,
 }
@@ -49,6 +51,8 @@ pub struct Pool {
     /// Signalled when any connection goes idle.
     any_idle: Notify,
     per_route: usize,
+    /// Per-route limits that differ from `per_route` (a domain's `max_connections`).
+    overrides: HashMap<String, usize>,
     metrics: Arc<Metrics>,
 }
 
@@ -67,12 +71,18 @@ pub fn close(mut conn: Connection, permits: Permits) {
 }
 
 impl Pool {
-    pub fn new(global: Arc<Semaphore>, per_route: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        global: Arc<Semaphore>,
+        per_route: usize,
+        overrides: HashMap<String, usize>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Pool {
             state: Mutex::new(State::default()),
             global,
             any_idle: Notify::new(),
             per_route: per_route.max(1),
+            overrides,
             metrics,
         }
     }
@@ -110,7 +120,10 @@ impl Pool {
         self.state()
             .routes
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Route { limit: Arc::new(Semaphore::new(self.per_route)), idle: Notify::new() }))
+            .or_insert_with(|| {
+                let size = self.overrides.get(key).copied().unwrap_or(self.per_route).max(1);
+                Arc::new(Route { limit: Arc::new(Semaphore::new(size)), size, idle: Notify::new() })
+            })
             .clone()
     }
 
@@ -191,8 +204,7 @@ impl Pool {
                 old.extend(gone);
             }
             st.idle.retain(|_, l| !l.is_empty());
-            let per_route = self.per_route;
-            st.routes.retain(|_, r| Arc::strong_count(r) > 1 || r.limit.available_permits() < per_route);
+            st.routes.retain(|_, r| Arc::strong_count(r) > 1 || r.limit.available_permits() < r.size);
         }
         for i in old {
             close(i.conn, i.permits);
