@@ -4,7 +4,8 @@
 //! sink. Prints messages/s end to end for both and the ratio.
 //!
 //! `cargo bench --bench relay_load -- [--messages N] [--sessions S] [--size BYTES] [--dir PATH]
-//! [--no-postfix]`; Postfix comes from Debian's `postfix` package (`apt-get install postfix`).
+//! [--no-postfix] [--dkim rsa|ed25519|both]`; with `--dkim`, mailroot runs twice, without and
+//! with signing (the messages are From: remote.test), and the signing cost per message is printed; Postfix comes from Debian's `postfix` package (`apt-get install postfix`).
 //! See docs/performance.md.
 
 mod common;
@@ -41,24 +42,44 @@ fn measure(name: &str, addr: SocketAddr, sink: &Sink, a: &common::Args) -> Optio
     all_there.then(|| arrived as f64 / e2e.as_secs_f64())
 }
 
-fn run_mailroot(base: &Path, sink: &Sink, a: &common::Args) -> Option<f64> {
+/// The `[dkim."remote.test"]` section for `algorithms` (`rsa`, `ed25519`, `both`), with keys
+/// made in `dir`.
+fn dkim_section(dir: &Path, algorithms: &str) -> String {
+    let algs: Vec<&str> = match algorithms {
+        "both" => vec!["rsa", "ed25519"],
+        one => vec![one],
+    };
+    let mut keys = Vec::new();
+    for alg in algs {
+        let (path, _) = mailroot::publish::keygen("remote.test", alg, alg, dir).expect("dkim keygen");
+        keys.push(format!("{{ selector = \"{alg}\", key = \"{}\" }}", path.display()));
+    }
+    format!("[dkim.\"remote.test\"]\nkeys = [{}]\n", keys.join(", "))
+}
+
+fn run_mailroot(base: &Path, sink: &Sink, a: &common::Args, dkim: Option<&str>) -> Option<f64> {
     let _ = std::fs::remove_dir_all(base);
-    let text = format!(
+    let mut text = format!(
         "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n\
          [delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n",
         sink.addr.port()
     );
+    if let Some(algs) = dkim {
+        text.push_str(&dkim_section(&base.join("keys"), algs));
+    }
     let mut config = Config::from_toml(&text).expect("bench config");
     config.mailroot.path = base.to_path_buf();
     config.admin.listen = "127.0.0.1:0".into();
     let running = daemon::start(config, StartOptions::default()).expect("start");
-    let rate = measure("mailroot", running.smtp_addrs[0], sink, a);
+    let name = if dkim.is_some() { "mr+dkim" } else { "mailroot" };
+    let rate = measure(name, running.smtp_addrs[0], sink, a);
     let m = running.metrics_text();
     let get = |k: &str| m.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string()).unwrap_or_default();
     println!(
-        "          outbound connections opened: {}; queue syncs: {}",
+        "          outbound connections opened: {}; queue syncs: {}; DKIM-signed: {}",
         get("mailroot_outbound_connections_total "),
-        get("mailroot_queue_commit_batch_size_count ")
+        get("mailroot_queue_commit_batch_size_count "),
+        get("mailroot_dkim_signing_total{result=\"signed\"} "),
     );
     running.stop();
     rate
@@ -166,7 +187,19 @@ fn main() {
         "relay_load: {} messages of {} bytes, {} sessions, through a smart host to a sink at {}",
         a.messages, a.size, a.sessions, sink.addr
     );
-    let mailroot = run_mailroot(&base.join("mailroot"), &sink, &a);
+    let mailroot = run_mailroot(&base.join("mailroot"), &sink, &a, None);
+    if let Some(algs) = a.dkim.as_deref() {
+        let signed = run_mailroot(&base.join("mailroot-dkim"), &sink, &a, Some(algs));
+        if let (Some(plain), Some(signed)) = (mailroot, signed) {
+            println!(
+                "dkim      {algs}: {:.0} vs {:.0} messages/s = {:.0} µs more per message end to end ({:.0}%)",
+                signed,
+                plain,
+                (1.0 / signed - 1.0 / plain) * 1e6,
+                (plain / signed - 1.0) * 100.0
+            );
+        }
+    }
     if !a.postfix {
         return;
     }

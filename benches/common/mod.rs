@@ -19,11 +19,13 @@ pub struct Args {
     pub dir: Option<PathBuf>,
     /// Run Postfix side by side (relay benchmark); `--no-postfix` turns it off.
     pub postfix: bool,
+    /// Relay benchmark: also run with DKIM signing (`rsa`, `ed25519` or `both`).
+    pub dkim: Option<String>,
 }
 
 impl Args {
     pub fn parse() -> Args {
-        let mut a = Args { messages: 20_000, sessions: 20, size: 1024, dir: None, postfix: true };
+        let mut a = Args { messages: 20_000, sessions: 20, size: 1024, dir: None, postfix: true, dkim: None };
         let mut it = std::env::args().skip(1);
         while let Some(k) = it.next() {
             let mut v = || it.next().unwrap_or_default();
@@ -33,6 +35,7 @@ impl Args {
                 "--size" => a.size = v().parse().unwrap_or(a.size),
                 "--dir" => a.dir = Some(PathBuf::from(v())),
                 "--no-postfix" => a.postfix = false,
+                "--dkim" => a.dkim = Some(v()),
                 _ => {} // cargo passes --bench
             }
         }
