@@ -264,3 +264,69 @@ fn a_refused_login_waits_and_credentials_never_go_out_unprotected() {
     assert!(untrusted.logins().is_empty() && clear.logins().is_empty(), "credentials went out");
     running.stop();
 }
+
+fn policy(mode: &str, mx: &str) -> String {
+    format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n")
+}
+
+#[test]
+fn mta_sts_enforce_keeps_mail_from_an_unverified_or_unlisted_mx() {
+    let w = world();
+    let mitm = Ca::new("somebody else");
+    let good = tls_peer("127.74.0.1", w.trusted.server(&["mx.sts.test"]));
+    let port = good.addr.port();
+    let start =
+        |ip: &str, cfg| Peer::start(ip, port, Behavior { tls: true, tls_config: Some(cfg), ..Behavior::default() });
+    let intercepted = start("127.74.0.2", mitm.server(&["mx.mitm.test"]));
+    let unlisted = start("127.74.0.3", w.trusted.server(&["mx.unlisted.test"]));
+    let testing = start("127.74.0.4", mitm.server(&["mx.testing.test"]));
+    let web = common::https::HttpsServer::start(
+        "127.74.0.10:0",
+        w.trusted.server(&["mta-sts.sts.test", "mta-sts.mitm.test", "mta-sts.unlisted.test", "mta-sts.testing.test"]),
+    );
+    let path = "/.well-known/mta-sts.txt";
+    for (d, p, mode, mx) in [
+        ("sts.test", &good, "enforce", "mx.sts.test"),
+        ("mitm.test", &intercepted, "enforce", "*.mitm.test"),
+        ("unlisted.test", &unlisted, "enforce", "mx.elsewhere.test"),
+        ("testing.test", &testing, "testing", "mx.elsewhere.test"),
+    ] {
+        w.mx(d, p);
+        w.dns.txt(&format!("_mta-sts.{d}"), "v=STSv1; id=20261202T01;");
+        w.dns.a(&format!("mta-sts.{d}"), &["127.74.0.10"]);
+        web.page(&format!("mta-sts.{d}"), path, 200, &policy(mode, mx));
+    }
+    let running = w.start(port, &format!("mta_sts_port = {}\n", web.addr.port()));
+    send(&running, "a@sts.test");
+    let mitm_id = send(&running, "b@mitm.test");
+    let unlisted_id = send(&running, "c@unlisted.test");
+    send(&running, "d@testing.test");
+    assert!(received(&good, 1)[0].tls);
+    // testing: delivered anyway (to a certificate we would not trust), and counted.
+    assert!(received(&testing, 1)[0].tls);
+    wait_metric(&running, "mailroot_outbound_tls_policy_total{policy=\"mta-sts-testing\",result=\"failure\"}", |v| {
+        v >= 1.0
+    });
+    let reason = last_reason(&running, mitm_id);
+    assert!(reason.contains("not trusted"), "{reason}");
+    let reason = last_reason(&running, unlisted_id);
+    assert!(reason.contains("MTA-STS") && reason.contains("mx.elsewhere.test"), "{reason}");
+    wait_metric(&running, "mailroot_outbound_tls_policy_total{policy=\"mta-sts\",result=\"failure\"}", |v| v >= 2.0);
+    assert!(intercepted.received().is_empty() && unlisted.received().is_empty());
+    // The policies are cached (disk and memory): more mail, no more fetches while the id stays.
+    let fetched = web.requests();
+    assert_eq!(fetched, 4, "one fetch per domain");
+    send(&running, "e@sts.test");
+    received(&good, 2);
+    assert_eq!(web.requests(), fetched);
+    assert!(w.dir.path().join("mr/Cache/mta-sts/sts.test").exists());
+    // The policy host goes away: the cached policy still holds (never a downgrade), even when the
+    // id changes and the refresh fails.
+    web.page("mta-sts.mitm.test", path, 404, "gone");
+    w.dns.txt("_mta-sts.mitm.test", "v=STSv1; id=20261203T01;");
+    let again = send(&running, "f@mitm.test");
+    let reason = last_reason(&running, again);
+    assert!(reason.contains("not trusted"), "{reason}");
+    assert!(intercepted.received().is_empty());
+    running.stop();
+}

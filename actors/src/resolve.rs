@@ -179,6 +179,33 @@ impl Dns {
 
     /// The addresses of one host. `Ok(empty)` when the name exists without addresses or does
     /// not exist; `Err` only for a failure worth retrying (timeout, SERVFAIL).
+    /// The TXT records of `name`, each with its strings joined (RFC 7208 §3.3); empty when
+    /// there are none. At most 16 records of 4 KiB are kept: what follows is a hostile answer.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, Outcome> {
+        match self.resolver.lookup(absolute(name), RecordType::TXT).await {
+            Ok(lookup) => {
+                self.count("ok");
+                let mut out = Vec::new();
+                for record in lookup.answers() {
+                    if let RData::TXT(txt) = &record.data {
+                        let joined: Vec<u8> = txt.txt_data.iter().flat_map(|s| s.iter().copied()).take(4096).collect();
+                        out.push(String::from_utf8_lossy(&joined).into_owned());
+                    }
+                }
+                out.truncate(16);
+                Ok(out)
+            }
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
+                self.count(if e.is_nx_domain() { "nxdomain" } else { "nodata" });
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                self.count("error");
+                Err(temporary_dns(name, "TXT", &e))
+            }
+        }
+    }
+
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, Outcome> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![ip]);

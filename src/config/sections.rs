@@ -351,6 +351,10 @@ pub struct Delivery {
     pub max_recipients_per_transaction: usize,
     /// Messages a minute to one destination (domain or smart host); 0 = no limit.
     pub messages_per_minute_per_domain: u32,
+    /// Honour the MTA-STS policies (RFC 8461) of domains without a `tls_policy` of their own.
+    pub mta_sts: bool,
+    /// The HTTPS port policies are fetched from (443; other values are for tests).
+    pub mta_sts_port: u16,
 }
 
 impl Default for Delivery {
@@ -382,6 +386,8 @@ impl Default for Delivery {
             smart_host_implicit_tls: false,
             max_recipients_per_transaction: r.max_recipients_per_transaction,
             messages_per_minute_per_domain: r.messages_per_minute_per_domain,
+            mta_sts: r.mta_sts,
+            mta_sts_port: r.mta_sts_port,
         }
     }
 }

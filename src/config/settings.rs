@@ -196,6 +196,9 @@ impl Config {
             smart_host_implicit_tls: d.smart_host_implicit_tls,
             max_recipients_per_transaction: d.max_recipients_per_transaction.max(1),
             messages_per_minute_per_domain: d.messages_per_minute_per_domain,
+            mta_sts: d.mta_sts,
+            mta_sts_port: d.mta_sts_port,
+            cache_dir: Some(self.mailroot.path.join("Cache")),
         })
     }
 

@@ -11,6 +11,7 @@ use mailroot::config::Config;
 use mailroot::daemon::{self, Running, StartOptions};
 
 pub mod dns;
+pub mod https;
 pub mod peer;
 
 pub const HOST: &str = "mx.example.test";

@@ -196,6 +196,14 @@ pub fn held_back(destination: &str, wait: std::time::Duration) -> Outcome {
     )
 }
 
+pub fn mta_sts_mx_mismatch(domain: &str, allowed: &[String]) -> Outcome {
+    Outcome::new(
+        451,
+        "4.7.5",
+        format!("MTA-STS: none of the MX hosts of {domain} is in its policy (mx: {})", allowed.join(", ")),
+    )
+}
+
 pub fn no_trusted_roots(e: impl Display) -> Outcome {
     Outcome::new(451, "4.7.5", format!("cannot verify certificates: {e}"))
 }

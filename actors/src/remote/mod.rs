@@ -12,6 +12,7 @@
 
 mod attempt;
 pub mod connection;
+mod mta_sts;
 mod pool;
 mod throttle;
 pub mod tls;
@@ -129,6 +130,12 @@ pub struct RemoteSettings {
     pub max_recipients_per_transaction: usize,
     /// Messages per minute to one destination (domain or smart host); 0 = no limit.
     pub messages_per_minute_per_domain: u32,
+    /// Honour MTA-STS policies of domains without a `tls_policy` of their own.
+    pub mta_sts: bool,
+    /// The HTTPS port of `mta-sts.<domain>` (443; tests use others).
+    pub mta_sts_port: u16,
+    /// Where fetched MTA-STS policies are kept across restarts.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for RemoteSettings {
@@ -161,6 +168,9 @@ impl Default for RemoteSettings {
             smart_host_implicit_tls: false,
             max_recipients_per_transaction: 50,
             messages_per_minute_per_domain: 0,
+            mta_sts: true,
+            mta_sts_port: 443,
+            cache_dir: None,
         }
     }
 }
@@ -176,6 +186,8 @@ fn route_key(domain: &str, smart_host: Option<&SmartHost>, remote_port: u16) -> 
 /// How one route's connections use TLS and log in.
 struct RouteSecurity {
     tls: TlsPolicy,
+    /// The policy's name in metrics: the TLS policy's, or `mta-sts` when one made it `verify`.
+    label: &'static str,
     auth: Option<Credentials>,
     /// TLS from the first byte (the smart host's port is 465, RFC 8314).
     implicit: bool,
@@ -195,6 +207,7 @@ struct Inner {
     pool: Pool,
     metrics: Arc<Metrics>,
     throttle: throttle::Throttle,
+    policies: mta_sts::Policies,
 }
 
 pub struct RemoteDelivery {
@@ -218,7 +231,9 @@ impl RemoteDelivery {
             metrics.clone(),
         );
         let throttle = throttle::Throttle::default();
-        Ok(RemoteDelivery { inner: Arc::new(Inner { settings, dns, tls, pool, metrics, throttle }) })
+        let policies =
+            mta_sts::Policies::new(settings.cache_dir.as_ref().map(|d| d.join("mta-sts")), settings.mta_sts_port);
+        Ok(RemoteDelivery { inner: Arc::new(Inner { settings, dns, tls, pool, metrics, throttle, policies }) })
     }
 }
 
@@ -349,7 +364,13 @@ impl Inner {
                     continue;
                 }
             };
-            let sec = self.route_security(domain, &route);
+            let mut sec = self.route_security(domain, &route);
+            let mut targets = targets;
+            if let Err(o) = self.apply_mta_sts(domain, &route, &mut sec, &mut targets).await {
+                last = o;
+                last_remote = None;
+                continue;
+            }
             let max_rcpts = self
                 .settings
                 .domains
@@ -398,6 +419,45 @@ impl Inner {
         results
     }
 
+    /// A domain without a TLS policy of its own that publishes an MTA-STS policy: `enforce`
+    /// means only the MX hosts it names, with verified certificates; `testing` means deliver as
+    /// before, but log and count what enforcing would have refused (the MX names only).
+    async fn apply_mta_sts(
+        &self,
+        domain: &str,
+        route: &Route,
+        sec: &mut RouteSecurity,
+        targets: &mut Vec<(String, SocketAddr)>,
+    ) -> Result<(), Outcome> {
+        let explicit = self.settings.domains.get(domain).is_some_and(|p| p.tls.is_some());
+        let (Route::Mx(_), false, true, Ok(verified)) = (route, explicit, self.settings.mta_sts, &self.tls.verified)
+        else {
+            return Ok(());
+        };
+        let Some(policy) = self.policies.get(domain, &self.dns, verified).await else { return Ok(()) };
+        let label = PolicyLabel { policy: "mta-sts", result: "failure" };
+        match policy.mode {
+            mta_sts::Mode::Enforce => {
+                *sec = RouteSecurity { tls: TlsPolicy::Verify, label: "mta-sts", auth: None, implicit: false };
+                let before = targets.len();
+                targets.retain(|(host, _)| policy.allows(host));
+                if targets.is_empty() && before > 0 {
+                    self.metrics.tls_policy.get_or_create(&label).inc();
+                    return Err(replies::mta_sts_mx_mismatch(domain, &policy.mx));
+                }
+            }
+            mta_sts::Mode::Testing => {
+                if let Some((host, _)) = targets.iter().find(|(h, _)| !policy.allows(h)) {
+                    let testing = PolicyLabel { policy: "mta-sts-testing", result: "failure" };
+                    self.metrics.tls_policy.get_or_create(&testing).inc();
+                    warn!(domain, host = %host, "MTA-STS (testing): MX host not in the policy; delivering anyway");
+                }
+            }
+            mta_sts::Mode::None => {}
+        }
+        Ok(())
+    }
+
     /// The key a route's connections are pooled, limited and throttled under.
     fn key_of(&self, route: &Route) -> String {
         match route {
@@ -410,20 +470,23 @@ impl Inner {
     fn route_security(&self, domain: &str, route: &Route) -> RouteSecurity {
         let policy = self.settings.domains.get(domain);
         match route {
-            Route::Smart(sh) => RouteSecurity {
-                tls: policy.and_then(|p| p.tls).unwrap_or(self.settings.smart_host_tls),
-                // A domain's own smart host logs in with the domain's credentials only.
-                auth: match policy.filter(|p| p.smart_host.is_some()) {
-                    Some(p) => p.auth.clone(),
-                    None => self.settings.smart_host_auth.clone(),
-                },
-                implicit: sh.port == Some(465) || self.settings.smart_host_implicit_tls,
-            },
-            Route::Mx(_) => RouteSecurity {
-                tls: policy.and_then(|p| p.tls).unwrap_or(self.settings.tls_policy),
-                auth: None,
-                implicit: false,
-            },
+            Route::Smart(sh) => {
+                let tls = policy.and_then(|p| p.tls).unwrap_or(self.settings.smart_host_tls);
+                RouteSecurity {
+                    tls,
+                    label: tls.name(),
+                    // A domain's own smart host logs in with the domain's credentials only.
+                    auth: match policy.filter(|p| p.smart_host.is_some()) {
+                        Some(p) => p.auth.clone(),
+                        None => self.settings.smart_host_auth.clone(),
+                    },
+                    implicit: sh.port == Some(465) || self.settings.smart_host_implicit_tls,
+                }
+            }
+            Route::Mx(_) => {
+                let tls = policy.and_then(|p| p.tls).unwrap_or(self.settings.tls_policy);
+                RouteSecurity { tls, label: tls.name(), auth: None, implicit: false }
+            }
         }
     }
 
@@ -501,7 +564,7 @@ impl Inner {
             auth: sec.auth.as_ref(),
             allow_unverified_auth: self.settings.allow_unverified_auth,
         };
-        let policy = sec.tls.name();
+        let policy = sec.label;
         match Connection::open(addr, host, &self.settings.helo_name, &security, &self.settings.timeouts).await {
             Ok(c) => {
                 self.metrics.outbound_connections.inc();
