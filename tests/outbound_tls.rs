@@ -32,6 +32,11 @@ impl Ca {
 
     /// A server configuration presenting a certificate for `names`, signed by this CA.
     fn server(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.identity(names).0
+    }
+
+    /// [`Ca::server`], and the SubjectPublicKeyInfo of the certificate's key (DER).
+    fn identity(&self, names: &[&str]) -> (Arc<rustls::ServerConfig>, Vec<u8>) {
         let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
@@ -43,7 +48,11 @@ impl Ca {
             .with_no_client_auth()
             .with_single_cert(vec![cert.der().clone(), self.issuer.der().clone()], der)
             .unwrap();
-        Arc::new(config)
+        (Arc::new(config), rcgen::PublicKeyData::subject_public_key_info(&key))
+    }
+
+    fn der(&self) -> Vec<u8> {
+        self.issuer.der().to_vec()
     }
 
     fn write(&self, path: &Path) -> PathBuf {
@@ -328,5 +337,61 @@ fn mta_sts_enforce_keeps_mail_from_an_unverified_or_unlisted_mx() {
     let reason = last_reason(&running, again);
     assert!(reason.contains("not trusted"), "{reason}");
     assert!(intercepted.received().is_empty());
+    running.stop();
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b).as_ref().to_vec()
+}
+
+#[test]
+fn dane_checks_authenticated_tlsa_records_and_ignores_unauthenticated_ones() {
+    let w = world();
+    let other = Ca::new("not in any root store");
+    let (ee_config, ee_spki) = other.identity(&["whatever.test"]);
+    let ee = tls_peer("127.75.0.1", ee_config);
+    let port = ee.addr.port();
+    let start =
+        |ip: &str, cfg| Peer::start(ip, port, Behavior { tls: true, tls_config: Some(cfg), ..Behavior::default() });
+    let mitm = start("127.75.0.2", Ca::new("mitm").server(&["mx.danemitm.test"]));
+    let ta = start("127.75.0.3", other.server(&["mx.daneta.test"]));
+    let ta_wrong_name = start("127.75.0.4", other.server(&["elsewhere.test"]));
+    let insecure = start("127.75.0.5", Ca::new("mitm2").server(&["mx.insecure.test"]));
+    let ee_record = vec![(3u8, 1u8, 1u8, sha256(&ee_spki))];
+    let ta_record = vec![(2u8, 0u8, 1u8, sha256(&other.der()))];
+    for (d, p, records, secure) in [
+        ("dane.test", &ee, ee_record.clone(), true),
+        ("danemitm.test", &mitm, ee_record.clone(), true),
+        ("daneta.test", &ta, ta_record.clone(), true),
+        ("danename.test", &ta_wrong_name, ta_record.clone(), true),
+        ("insecure.test", &insecure, ee_record.clone(), false),
+    ] {
+        w.mx(d, p);
+        let tlsa_name = format!("_{port}._tcp.mx.{d}");
+        w.dns.tlsa(&tlsa_name, records);
+        if secure {
+            w.dns.secure(d);
+            w.dns.secure(&tlsa_name);
+        }
+    }
+    let running = w.start(port, "dane = true\n");
+    send(&running, "a@dane.test");
+    let mitm_id = send(&running, "b@danemitm.test");
+    send(&running, "c@daneta.test");
+    let name_id = send(&running, "d@danename.test");
+    send(&running, "e@insecure.test");
+    // DANE-EE: the key named in DNS, whoever signed the certificate.
+    assert!(received(&ee, 1)[0].tls);
+    // DANE-TA: a chain to the CA named in DNS, for the MX host's name.
+    assert!(received(&ta, 1)[0].tls);
+    // Not authenticated (no AD bit): the records are ignored, opportunistic TLS as before.
+    assert!(received(&insecure, 1)[0].tls);
+    let reason = last_reason(&running, mitm_id);
+    assert!(reason.contains("TLSA"), "{reason}");
+    let reason = last_reason(&running, name_id);
+    assert!(reason.contains("TLSA"), "{reason}");
+    assert!(mitm.received().is_empty() && ta_wrong_name.received().is_empty());
+    assert!(metric(&running, "mailroot_outbound_tls_policy_total{policy=\"dane\",result=\"success\"}") >= 2.0);
+    wait_metric(&running, "mailroot_outbound_tls_policy_total{policy=\"dane\",result=\"failure\"}", |v| v >= 2.0);
     running.stop();
 }

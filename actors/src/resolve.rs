@@ -36,6 +36,20 @@ pub struct Dns {
 
 /// Orders MX records by preference and shuffles each group of equal preference (RFC 5321 §5.1),
 /// using `seed` so that tests can check the result.
+/// The resolvers of /etc/resolv.conf (empty when it cannot be read).
+pub fn system_nameservers() -> Vec<SocketAddr> {
+    match hickory_resolver::system_conf::read_system_conf() {
+        Ok((config, _)) => config
+            .name_servers()
+            .iter()
+            .flat_map(|ns| ns.connections.iter().map(move |c| SocketAddr::new(ns.ip, c.port)))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 pub fn order_mx(mut hosts: Vec<MxHost>, seed: u64) -> Vec<MxHost> {
     hosts.sort_by_key(|h| h.preference);
     let mut state = seed | 1;

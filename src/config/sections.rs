@@ -355,6 +355,9 @@ pub struct Delivery {
     pub mta_sts: bool,
     /// The HTTPS port policies are fetched from (443; other values are for tests).
     pub mta_sts_port: u16,
+    /// DANE (RFC 7672) with the AD bit of the resolvers, which must validate DNSSEC and be
+    /// trusted (a local unbound): off by default.
+    pub dane: bool,
 }
 
 impl Default for Delivery {
@@ -388,6 +391,7 @@ impl Default for Delivery {
             messages_per_minute_per_domain: r.messages_per_minute_per_domain,
             mta_sts: r.mta_sts,
             mta_sts_port: r.mta_sts_port,
+            dane: r.dane,
         }
     }
 }

@@ -199,6 +199,7 @@ impl Config {
             mta_sts: d.mta_sts,
             mta_sts_port: d.mta_sts_port,
             cache_dir: Some(self.mailroot.path.join("Cache")),
+            dane: d.dane,
         })
     }
 

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, MX, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,6 +19,8 @@ pub enum Answer {
     Addrs(Vec<IpAddr>),
     /// TXT records, each a value split into strings of at most 255 bytes.
     Txt(Vec<String>),
+    /// TLSA records: (usage, selector, matching, data).
+    Tlsa(Vec<(u8, u8, u8, Vec<u8>)>),
     NxDomain,
     ServFail,
     /// No answer at all: the resolver times out.
@@ -30,6 +32,8 @@ pub enum Answer {
 #[derive(Default)]
 struct Zone {
     entries: HashMap<(String, RecordType), Answer>,
+    /// Names whose answers carry the AD bit, as from a validating resolver.
+    secure: std::collections::HashSet<String>,
 }
 
 #[derive(Clone)]
@@ -111,6 +115,16 @@ impl DnsServer {
         self.set(name, RecordType::A, Answer::Addrs(ips.iter().map(|i| i.parse().expect("ip")).collect()));
     }
 
+    /// Answers for `name` carry the AD bit (DNSSEC-authenticated), as a validating resolver's.
+    pub fn secure(&self, name: &str) {
+        self.zone.lock().unwrap().secure.insert(key(name));
+    }
+
+    /// `name` has these TLSA records.
+    pub fn tlsa(&self, name: &str, records: Vec<(u8, u8, u8, Vec<u8>)>) {
+        self.set(name, RecordType::TLSA, Answer::Tlsa(records));
+    }
+
     /// `name` has one TXT record with this value.
     pub fn txt(&self, name: &str, value: &str) {
         self.set(name, RecordType::TXT, Answer::Txt(vec![value.to_string()]));
@@ -127,19 +141,22 @@ fn respond(zone: &Mutex<Zone>, queries: &Mutex<Vec<(String, RecordType)>>, bytes
     let name = key(&query.name().to_ascii());
     let rtype = query.query_type();
     queries.lock().unwrap().push((name.clone(), rtype));
-    let answer = {
+    let (answer, secure) = {
         let z = zone.lock().unwrap();
-        match z.entries.get(&(name.clone(), rtype)) {
+        let secure = z.secure.contains(&name);
+        let answer = match z.entries.get(&(name.clone(), rtype)) {
             Some(a) => Some(a.clone()),
             // The name exists with other types: NOERROR with no answers (NODATA).
             None if z.entries.keys().any(|(n, _)| *n == name) => None,
             None => Some(Answer::NxDomain),
-        }
+        };
+        (answer, secure)
     };
     let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
     resp.metadata.recursion_desired = req.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
     resp.metadata.authoritative = true;
+    resp.metadata.authentic_data = secure;
     resp.add_query(query.clone());
     let owner = query.name().clone();
     match answer {
@@ -165,6 +182,12 @@ fn respond(zone: &Mutex<Zone>, queries: &Mutex<Vec<(String, RecordType)>>, bytes
                 let parts: Vec<String> =
                     v.as_bytes().chunks(255).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
                 resp.add_answer(Record::from_rdata(owner.clone(), 1, RData::TXT(TXT::new(parts))));
+            }
+        }
+        Some(Answer::Tlsa(records)) => {
+            for (u, s, m, data) in records {
+                let t = TLSA::new(u.into(), s.into(), m.into(), data);
+                resp.add_answer(Record::from_rdata(owner.clone(), 1, RData::TLSA(t)));
             }
         }
         Some(Answer::NxDomain) => resp.metadata.response_code = ResponseCode::NXDomain,

@@ -177,6 +177,9 @@ pub fn starttls_twice(peer: &str) -> Outcome {
 /// A failed handshake; a certificate that did not verify says so first (RFC 3463 4.7.5).
 pub fn tls_handshake_failed(peer: &str, e: impl Display) -> Outcome {
     let e = e.to_string();
+    if e.contains("TLSA mismatch") {
+        return Outcome::new(451, "4.7.5", format!("DANE: certificate of {peer} does not match its TLSA records: {e}"));
+    }
     if e.contains("invalid peer certificate") {
         return Outcome::new(451, "4.7.5", format!("certificate of {peer} not trusted: {e}"));
     }
@@ -194,6 +197,10 @@ pub fn held_back(destination: &str, wait: std::time::Duration) -> Outcome {
         "4.4.5",
         format!("held back by the rate limit for {destination}; next in {}s", wait.as_secs().max(1)),
     )
+}
+
+pub fn dane_unusable(e: impl Display) -> Outcome {
+    Outcome::new(451, "4.7.5", format!("DANE: {e}"))
 }
 
 pub fn mta_sts_mx_mismatch(domain: &str, allowed: &[String]) -> Outcome {

@@ -12,12 +12,13 @@
 
 mod attempt;
 pub mod connection;
+mod dane;
 mod mta_sts;
 mod pool;
 mod throttle;
 pub mod tls;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -136,6 +137,8 @@ pub struct RemoteSettings {
     pub mta_sts_port: u16,
     /// Where fetched MTA-STS policies are kept across restarts.
     pub cache_dir: Option<PathBuf>,
+    /// DANE with the AD bit of the resolver (which must validate, and be trusted).
+    pub dane: bool,
 }
 
 impl Default for RemoteSettings {
@@ -171,6 +174,7 @@ impl Default for RemoteSettings {
             mta_sts: true,
             mta_sts_port: 443,
             cache_dir: None,
+            dane: false,
         }
     }
 }
@@ -191,6 +195,18 @@ struct RouteSecurity {
     auth: Option<Credentials>,
     /// TLS from the first byte (the smart host's port is 465, RFC 8314).
     implicit: bool,
+    /// DANE's verdict per MX host name, when the domain's MX records are DNSSEC-authenticated.
+    dane: HashMap<String, DaneHost>,
+}
+
+/// How DANE treats one MX host.
+enum DaneHost {
+    /// Its certificate must match its TLSA records.
+    Verify(Arc<rustls::ClientConfig>),
+    /// TLS is required, any certificate (authenticated TLSA records, none usable).
+    Encrypt,
+    /// The TLSA lookup failed: the host is not used now.
+    Unusable(String),
 }
 
 /// Where one domain's mail goes.
@@ -208,6 +224,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     throttle: throttle::Throttle,
     policies: mta_sts::Policies,
+    /// The resolvers DANE asks (with the AD bit): `nameservers`, or the system's.
+    dane_servers: Vec<SocketAddr>,
 }
 
 pub struct RemoteDelivery {
@@ -233,7 +251,13 @@ impl RemoteDelivery {
         let throttle = throttle::Throttle::default();
         let policies =
             mta_sts::Policies::new(settings.cache_dir.as_ref().map(|d| d.join("mta-sts")), settings.mta_sts_port);
-        Ok(RemoteDelivery { inner: Arc::new(Inner { settings, dns, tls, pool, metrics, throttle, policies }) })
+        let dane_servers = if settings.nameservers.is_empty() {
+            crate::resolve::system_nameservers()
+        } else {
+            settings.nameservers.clone()
+        };
+        let inner = Inner { settings, dns, tls, pool, metrics, throttle, policies, dane_servers };
+        Ok(RemoteDelivery { inner: Arc::new(inner) })
     }
 }
 
@@ -366,7 +390,11 @@ impl Inner {
             };
             let mut sec = self.route_security(domain, &route);
             let mut targets = targets;
-            if let Err(o) = self.apply_mta_sts(domain, &route, &mut sec, &mut targets).await {
+            // DANE takes precedence over MTA-STS (RFC 8461 §2): a domain with DANE is not
+            // asked for its MTA-STS policy.
+            let dane = self.apply_dane(domain, &route, &mut sec, &targets).await;
+            let sts = if dane { Ok(()) } else { self.apply_mta_sts(domain, &route, &mut sec, &mut targets).await };
+            if let Err(o) = sts {
                 last = o;
                 last_remote = None;
                 continue;
@@ -419,6 +447,46 @@ impl Inner {
         results
     }
 
+    /// DANE (RFC 7672) for a domain without a TLS policy of its own, when `[delivery] dane` is
+    /// on and its MX records are DNSSEC-authenticated: each MX host's authenticated TLSA
+    /// records decide how it is used. True when DANE applies to at least one host.
+    async fn apply_dane(
+        &self,
+        domain: &str,
+        route: &Route,
+        sec: &mut RouteSecurity,
+        targets: &[(String, SocketAddr)],
+    ) -> bool {
+        let explicit = self.settings.domains.get(domain).is_some_and(|p| p.tls.is_some());
+        if !matches!(route, Route::Mx(_)) || explicit || !self.settings.dane || self.dane_servers.is_empty() {
+            return false;
+        }
+        if !dane::mx_secure(&self.dane_servers, domain).await {
+            return false;
+        }
+        let mut hosts = HashMap::new();
+        for (host, _) in targets {
+            if hosts.contains_key(host) {
+                continue;
+            }
+            let verdict = match dane::host_tlsa(&self.dane_servers, host, self.settings.remote_port).await {
+                dane::HostTlsa::Verify(tlsa) => match dane::client_config(host, tlsa) {
+                    Ok(c) => DaneHost::Verify(c),
+                    Err(e) => DaneHost::Unusable(e),
+                },
+                dane::HostTlsa::Encrypt => DaneHost::Encrypt,
+                dane::HostTlsa::Unusable(e) => DaneHost::Unusable(e),
+                dane::HostTlsa::None => continue,
+            };
+            hosts.insert(host.clone(), verdict);
+        }
+        if hosts.is_empty() {
+            return false;
+        }
+        sec.dane = hosts;
+        true
+    }
+
     /// A domain without a TLS policy of its own that publishes an MTA-STS policy: `enforce`
     /// means only the MX hosts it names, with verified certificates; `testing` means deliver as
     /// before, but log and count what enforcing would have refused (the MX names only).
@@ -438,7 +506,13 @@ impl Inner {
         let label = PolicyLabel { policy: "mta-sts", result: "failure" };
         match policy.mode {
             mta_sts::Mode::Enforce => {
-                *sec = RouteSecurity { tls: TlsPolicy::Verify, label: "mta-sts", auth: None, implicit: false };
+                *sec = RouteSecurity {
+                    tls: TlsPolicy::Verify,
+                    label: "mta-sts",
+                    auth: None,
+                    implicit: false,
+                    dane: HashMap::new(),
+                };
                 let before = targets.len();
                 targets.retain(|(host, _)| policy.allows(host));
                 if targets.is_empty() && before > 0 {
@@ -481,11 +555,12 @@ impl Inner {
                         None => self.settings.smart_host_auth.clone(),
                     },
                     implicit: sh.port == Some(465) || self.settings.smart_host_implicit_tls,
+                    dane: HashMap::new(),
                 }
             }
             Route::Mx(_) => {
                 let tls = policy.and_then(|p| p.tls).unwrap_or(self.settings.tls_policy);
-                RouteSecurity { tls, label: tls.name(), auth: None, implicit: false }
+                RouteSecurity { tls, label: tls.name(), auth: None, implicit: false, dane: HashMap::new() }
             }
         }
     }
@@ -546,8 +621,10 @@ impl Inner {
             Some(Acquired::New(p)) => p,
             None => return Err(limits_closed()),
         };
-        let verified = sec.tls == TlsPolicy::Verify;
-        let config = match sec.tls {
+        let mut verified = sec.tls == TlsPolicy::Verify;
+        let mut required = sec.tls.required();
+        let mut policy = sec.label;
+        let mut config = match sec.tls {
             _ if clear_text => None,
             TlsPolicy::Opportunistic if !self.settings.starttls => None,
             TlsPolicy::Verify => match &self.tls.verified {
@@ -556,22 +633,30 @@ impl Inner {
             },
             _ => Some(&self.tls.any),
         };
+        // DANE decides per MX host (RFC 7672), over whatever the route said.
+        match sec.dane.get(host) {
+            Some(DaneHost::Verify(c)) => (config, verified, required, policy) = (Some(c), true, true, "dane"),
+            Some(DaneHost::Encrypt) => {
+                (config, verified, required, policy) = (Some(&self.tls.any), false, true, "dane")
+            }
+            Some(DaneHost::Unusable(e)) => return Err(Failure::host(replies::dane_unusable(e))),
+            None => {}
+        }
         let security = Security {
             tls: config,
-            required: sec.tls.required(),
+            required,
             verified,
             implicit: sec.implicit,
             auth: sec.auth.as_ref(),
             allow_unverified_auth: self.settings.allow_unverified_auth,
         };
-        let policy = sec.label;
         match Connection::open(addr, host, &self.settings.helo_name, &security, &self.settings.timeouts).await {
             Ok(c) => {
                 self.metrics.outbound_connections.inc();
                 if c.tls {
                     self.metrics.outbound_tls.inc();
                 }
-                if sec.tls.required() {
+                if required {
                     self.metrics.tls_policy.get_or_create(&PolicyLabel { policy, result: "success" }).inc();
                 }
                 Ok((c, permits))
@@ -580,7 +665,7 @@ impl Inner {
                 self.metrics.outbound_connect_failures.inc();
                 let status = f.outcome.status();
                 let tls_missing = status.subject == 7 && status.detail == 10;
-                if sec.tls.required() && (f.tls_failed || tls_missing) {
+                if required && (f.tls_failed || tls_missing) {
                     self.metrics.tls_policy.get_or_create(&PolicyLabel { policy, result: "failure" }).inc();
                 }
                 Err(f)
