@@ -201,7 +201,8 @@ impl Signer {
             s.write(&header);
             s.write(&first_body);
         }
-        let mut buf = vec![0u8; PIECE];
+        // Small messages (most) never need the large buffer: it grows when a read fills it.
+        let mut buf = vec![0u8; 4096];
         loop {
             let n = reader.read(&mut buf)?;
             if n == 0 {
@@ -209,6 +210,9 @@ impl Signer {
             }
             for s in &mut streams {
                 s.write(&buf[..n]);
+            }
+            if n == buf.len() && buf.len() < PIECE {
+                buf = vec![0u8; PIECE];
             }
         }
         let mut out = Vec::new();
@@ -299,7 +303,7 @@ fn load_key(path: &Path, algorithm: Option<&str>) -> Result<Loaded, String> {
 /// body bytes came with the last read. `None` = the section is over [`MAX_HEADER_SECTION`].
 fn read_header_section(reader: &mut dyn Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
     let mut buf = Vec::with_capacity(8 * 1024);
-    let mut piece = vec![0u8; 8 * 1024];
+    let mut piece = [0u8; 4096];
     let mut searched: usize = 0;
     loop {
         if buf.starts_with(b"\r\n") {
