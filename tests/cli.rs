@@ -161,3 +161,47 @@ fn gen_cert_and_passwd_make_files_the_daemon_accepts() {
     let e = mailroot::daemon::start(config, Default::default()).err().expect("refused");
     assert!(e.to_string().contains("bob"), "{e}");
 }
+
+#[test]
+fn dkim_keygen_and_dns_records_give_what_to_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = mailroot(
+        &["dkim", "keygen", "--domain", "example.test", "--selector", "e1", "--algorithm", "ed25519", "--out", "dkim"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("e1._domainkey.example.test.\t3600\tIN\tTXT\t\"v=DKIM1; k=ed25519; p="), "{out}");
+    let key = dir.path().join("dkim/example.test.e1.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    // The printed configuration lines work as they are.
+    let config_lines = out.split("# and in the configuration:\n").nth(1).unwrap();
+    std::fs::write(
+        dir.path().join("mailroot.toml"),
+        format!("[server]\nhostname = \"mx.example.test\"\n[domains]\nlocal = [\"example.test\"]\n{config_lines}"),
+    )
+    .unwrap();
+    let (code, _, err) = mailroot(&["check-config", "--config", "mailroot.toml"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    let (code, records, err) = mailroot(&["dns-records", "--config", "mailroot.toml"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    let published = out.lines().find(|l| l.starts_with("e1._domainkey")).unwrap();
+    for want in [
+        "example.test.\t3600\tIN\tMX\t10 mx.example.test.",
+        "\"v=spf1 mx a:mx.example.test -all\"",
+        published,
+        "_dmarc.example.test.",
+        "_mta-sts.example.test.",
+        "_smtp._tls.example.test.",
+        "PTR",
+    ] {
+        assert!(records.contains(want), "{want:?} missing from:\n{records}");
+    }
+    // Never over an existing key; an unknown domain is an error.
+    let (code, _, err) =
+        mailroot(&["dkim", "keygen", "--domain", "example.test", "--selector", "e1", "--out", "dkim"], dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("exists"), "{err}");
+    let (code, _, _) = mailroot(&["dns-records", "--config", "mailroot.toml", "--domain", "nope.test"], dir.path());
+    assert_eq!(code, 2);
+}

@@ -49,6 +49,8 @@ pub struct Behavior {
     pub auth: Option<(String, String)>,
     /// Recipients per transaction; the next get `452 4.5.3 Too many recipients`.
     pub max_rcpts: Option<usize>,
+    /// Offer only AUTH LOGIN (not PLAIN).
+    pub auth_login_only: bool,
 }
 
 impl Default for Behavior {
@@ -71,6 +73,7 @@ impl Default for Behavior {
             implicit_tls: false,
             auth: None,
             max_rcpts: None,
+            auth_login_only: false,
         }
     }
 }
@@ -287,7 +290,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut lines = vec!["peer.test greets you".to_string()];
                 lines.extend(b.ehlo.iter().cloned());
                 if b.auth.is_some() {
-                    lines.push("AUTH PLAIN LOGIN".into());
+                    lines.push(if b.auth_login_only { "AUTH LOGIN" } else { "AUTH PLAIN LOGIN" }.into());
                 }
                 if b.tls && !tls {
                     lines.push("STARTTLS".into());
