@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use tracing::{debug, info};
 
 use super::connection::{Connection, Failure, Transaction};
-use super::{Inner, Job, RouteSecurity};
+use super::{Inner, Job, RouteSecurity, Step};
 use crate::delivery::{replies, DeliveryRecipient, Handoff, Outcome, RecipientResult};
 use crate::logsafe::LogSafe;
 use crate::protocol::client::dot_stuff;
@@ -47,18 +47,25 @@ impl Inner {
                 }
             };
         for (host, addr) in targets {
-            let mut clear_text = false;
+            let mut step = Step::AsPolicy;
             // At most: a pooled connection that turned out dead, then a fresh one, then a
-            // fresh one in clear text after a failed TLS handshake.
+            // fresh one with any certificate (MTA-STS testing) or in clear text after a failed
+            // TLS handshake.
             let mut failures = 0;
-            while failures < 3 && !pending.is_empty() {
-                let (mut conn, permits) = match self.connection(key, host, *addr, sec, clear_text).await {
+            while failures < 4 && !pending.is_empty() {
+                let (mut conn, permits) = match self.connection(key, host, *addr, sec, step).await {
                     Ok(c) => c,
                     Err(f) => {
                         let remote = f.peer_reply.then(|| format!("{host}[{}]", addr.ip()));
-                        if f.tls_failed && !require_tls && !clear_text {
+                        if f.tls_failed && sec.sts_testing && step == Step::AsPolicy {
+                            info!(id = job.id, host = %LogSafe(host), error = %f.outcome.text, "MTA-STS (testing): certificate not verified; delivering anyway");
+                            step = Step::AnyCertificate;
+                            failures += 1;
+                            continue;
+                        }
+                        if f.tls_failed && !require_tls && step != Step::ClearText {
                             info!(id = job.id, host = %LogSafe(host), addr = %addr, "TLS handshake failed; retrying in clear text");
-                            clear_text = true;
+                            step = Step::ClearText;
                             last = (f.outcome, remote);
                             failures += 1;
                             continue;

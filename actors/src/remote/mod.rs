@@ -197,6 +197,19 @@ struct RouteSecurity {
     implicit: bool,
     /// DANE's verdict per MX host name, when the domain's MX records are DNSSEC-authenticated.
     dane: HashMap<String, DaneHost>,
+    /// The domain's MTA-STS policy is in `testing` mode: verify, count, deliver anyway.
+    sts_testing: bool,
+}
+
+/// How far a host's connection has fallen back after failed TLS handshakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// As the route's policy says.
+    AsPolicy,
+    /// Any certificate (after a failed verification under MTA-STS `testing`).
+    AnyCertificate,
+    /// No TLS (only under `opportunistic`).
+    ClearText,
 }
 
 /// How DANE treats one MX host.
@@ -512,6 +525,7 @@ impl Inner {
                     auth: None,
                     implicit: false,
                     dane: HashMap::new(),
+                    sts_testing: false,
                 };
                 let before = targets.len();
                 targets.retain(|(host, _)| policy.allows(host));
@@ -521,6 +535,7 @@ impl Inner {
                 }
             }
             mta_sts::Mode::Testing => {
+                sec.sts_testing = true;
                 if let Some((host, _)) = targets.iter().find(|(h, _)| !policy.allows(h)) {
                     let testing = PolicyLabel { policy: "mta-sts-testing", result: "failure" };
                     self.metrics.tls_policy.get_or_create(&testing).inc();
@@ -556,11 +571,19 @@ impl Inner {
                     },
                     implicit: sh.port == Some(465) || self.settings.smart_host_implicit_tls,
                     dane: HashMap::new(),
+                    sts_testing: false,
                 }
             }
             Route::Mx(_) => {
                 let tls = policy.and_then(|p| p.tls).unwrap_or(self.settings.tls_policy);
-                RouteSecurity { tls, label: tls.name(), auth: None, implicit: false, dane: HashMap::new() }
+                RouteSecurity {
+                    tls,
+                    label: tls.name(),
+                    auth: None,
+                    implicit: false,
+                    dane: HashMap::new(),
+                    sts_testing: false,
+                }
             }
         }
     }
@@ -605,11 +628,12 @@ impl Inner {
         host: &str,
         addr: SocketAddr,
         sec: &RouteSecurity,
-        clear_text: bool,
+        step: Step,
     ) -> Result<(Connection, Permits), Failure> {
+        let clear_text = step == Step::ClearText;
         let permits = match self.pool.acquire(key, addr).await {
-            // A clear-text retry after a failed handshake must not reuse a TLS connection.
-            Some(Acquired::Pooled(c, p)) if !clear_text => return Ok((*c, p)),
+            // A retry after a failed handshake must not reuse a connection made otherwise.
+            Some(Acquired::Pooled(c, p)) if step == Step::AsPolicy => return Ok((*c, p)),
             Some(Acquired::Pooled(c, p)) => {
                 pool::close(*c, p);
                 match self.pool.acquire(key, addr).await {
@@ -630,6 +654,12 @@ impl Inner {
             TlsPolicy::Verify => match &self.tls.verified {
                 Ok(c) => Some(c),
                 Err(e) => return Err(Failure::host(replies::no_trusted_roots(e))),
+            },
+            // MTA-STS testing: a verified certificate is tried first, to count what enforcing
+            // would refuse (RFC 8461 §5); any certificate after that.
+            TlsPolicy::Opportunistic if sec.sts_testing && step == Step::AsPolicy => match &self.tls.verified {
+                Ok(c) => Some(c),
+                Err(_) => Some(&self.tls.any),
             },
             _ => Some(&self.tls.any),
         };
@@ -658,6 +688,10 @@ impl Inner {
                 }
                 if required {
                     self.metrics.tls_policy.get_or_create(&PolicyLabel { policy, result: "success" }).inc();
+                }
+                if sec.sts_testing {
+                    let result = if c.tls && step == Step::AsPolicy { "success" } else { "failure" };
+                    self.metrics.tls_policy.get_or_create(&PolicyLabel { policy: "mta-sts-testing", result }).inc();
                 }
                 Ok((c, permits))
             }
