@@ -27,15 +27,6 @@ impl Handler<Enqueue> for Queue {
                 _ => EnqueueError::Storage,
             });
         }
-        let fail = |act: &mut Queue, e: StoreError, ctx: &mut Context<Queue>| {
-            error!(error = %e, "cannot store message");
-            act.store_error(&e, ctx);
-            if e.is_no_space() {
-                EnqueueError::Storage
-            } else {
-                EnqueueError::Temporary
-            }
-        };
         if let Some(mark) = &msg.pickup {
             match self.store.pickup_taken(mark) {
                 Ok(Some(id)) => {
@@ -43,7 +34,7 @@ impl Handler<Enqueue> for Queue {
                     return Box::pin(actix::fut::ready(Ok(id)));
                 }
                 Ok(None) => {}
-                Err(e) => return refused(fail(self, e, ctx)),
+                Err(e) => return refused(self.cannot_store(e, ctx)),
             }
         }
         if msg.sign && self.wants_signature(&msg.recipients) {
@@ -78,6 +69,17 @@ impl Handler<Enqueue> for Queue {
 }
 
 impl Queue {
+    /// A message could not be stored: the store may be failing; the client hears why.
+    fn cannot_store(&mut self, e: StoreError, ctx: &mut Context<Self>) -> EnqueueError {
+        error!(error = %e, "cannot store message");
+        self.store_error(&e, ctx);
+        if e.is_no_space() {
+            EnqueueError::Storage
+        } else {
+            EnqueueError::Temporary
+        }
+    }
+
     /// The rest of an `Enqueue`: store the message with its signature, commit, then answer.
     fn store_and_commit(
         &mut self,
@@ -87,15 +89,6 @@ impl Queue {
     ) -> ResponseActFuture<Self, Result<QueueId, EnqueueError>> {
         let refused = |e: EnqueueError| -> ResponseActFuture<Self, Result<QueueId, EnqueueError>> {
             Box::pin(actix::fut::ready(Err(e)))
-        };
-        let fail = |act: &mut Queue, e: StoreError, ctx: &mut Context<Queue>| {
-            error!(error = %e, "cannot store message");
-            act.store_error(&e, ctx);
-            if e.is_no_space() {
-                EnqueueError::Storage
-            } else {
-                EnqueueError::Temporary
-            }
         };
         let source = match msg.origin {
             Origin::Smtp { .. } => "smtp",
@@ -122,7 +115,7 @@ impl Queue {
         };
         let (env, message) = match self.store_message(new) {
             Ok(stored) => stored,
-            Err(e) => return refused(fail(self, e, ctx)),
+            Err(e) => return refused(self.cannot_store(e, ctx)),
         };
         let Some(committer) = self.committer.clone() else {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));

@@ -22,7 +22,9 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::{Name, RData, RecordType};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::CryptoProvider;
+
+use super::tls::AnyCertificate;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -184,6 +186,8 @@ struct DaneVerifier {
     tlsa: Vec<Tlsa>,
     host: String,
     provider: Arc<CryptoProvider>,
+    /// The handshake signature checks, which do not depend on the certificate's trust.
+    signatures: AnyCertificate,
 }
 
 impl ServerCertVerifier for DaneVerifier {
@@ -226,7 +230,7 @@ impl ServerCertVerifier for DaneVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -235,18 +239,23 @@ impl ServerCertVerifier for DaneVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
 /// A client configuration that accepts only what `tlsa` names for `host`.
 pub fn client_config(host: &str, tlsa: Vec<Tlsa>) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = DaneVerifier { tlsa, host: host.to_string(), provider: provider.clone() };
+    let verifier = DaneVerifier {
+        tlsa,
+        host: host.to_string(),
+        provider: provider.clone(),
+        signatures: AnyCertificate(provider.clone()),
+    };
     let c = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS client configuration: {e}"))?
