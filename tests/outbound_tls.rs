@@ -323,6 +323,19 @@ fn mta_sts_enforce_keeps_mail_from_an_unverified_or_unlisted_mx() {
     assert!(reason.contains("MTA-STS") && reason.contains("mx.elsewhere.test"), "{reason}");
     wait_metric(&running, "mailroot_outbound_tls_policy_total{policy=\"mta-sts\",result=\"failure\"}", |v| v >= 2.0);
     assert!(intercepted.received().is_empty() && unlisted.received().is_empty());
+    // The counts of an SMTP TLS report (RFC 8460), per domain and policy type.
+    let r = operator(&running).request("GET", "/api/tls-report").unwrap();
+    let report: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let policy = |d: &str| {
+        report["policies"].as_array().unwrap().iter().find(|p| p["policy"]["policy-domain"] == d).cloned().unwrap()
+    };
+    assert_eq!(policy("sts.test")["policy"]["policy-type"], "sts");
+    assert_eq!(policy("sts.test")["summary"]["total-successful-session-count"], 1);
+    let mitm = policy("mitm.test");
+    assert!(mitm["summary"]["total-failure-session-count"].as_u64().unwrap() >= 1, "{mitm}");
+    assert_eq!(mitm["failure-details"][0]["result-type"], "certificate-not-trusted", "{mitm}");
+    assert_eq!(mitm["failure-details"][0]["receiving-mx-hostname"], "mx.mitm.test");
+    assert_eq!(policy("unlisted.test")["failure-details"][0]["result-type"], "validation-failure");
     // The policies are cached (disk and memory): more mail, no more fetches while the id stays.
     let fetched = web.requests();
     assert_eq!(fetched, 4, "one fetch per domain");
@@ -393,6 +406,20 @@ fn dane_checks_authenticated_tlsa_records_and_ignores_unauthenticated_ones() {
     assert!(reason.contains("TLSA"), "{reason}");
     assert!(mitm.received().is_empty() && ta_wrong_name.received().is_empty());
     assert!(metric(&running, "mailroot_outbound_tls_policy_total{policy=\"dane\",result=\"success\"}") >= 2.0);
+    let r = operator(&running).request("GET", "/api/tls-report?day=today").unwrap();
+    let report: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let policy = |d: &str, t: &str| {
+        report["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["policy"]["policy-domain"] == d && p["policy"]["policy-type"] == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {t} policy for {d} in {report}"))
+    };
+    assert_eq!(policy("dane.test", "tlsa")["summary"]["total-successful-session-count"], 1);
+    assert_eq!(policy("danemitm.test", "tlsa")["failure-details"][0]["result-type"], "tlsa-invalid");
+    assert_eq!(policy("insecure.test", "no-policy-found")["summary"]["total-successful-session-count"], 1);
     wait_metric(&running, "mailroot_outbound_tls_policy_total{policy=\"dane\",result=\"failure\"}", |v| v >= 2.0);
     running.stop();
 }

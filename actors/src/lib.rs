@@ -44,6 +44,7 @@ pub mod session;
 pub mod store;
 pub mod supervisor;
 pub mod tls;
+pub mod tlsrpt;
 
 /// The sans-IO SMTP protocol lives in its own crate, so the compiler keeps it free of I/O.
 pub use mailroot_protocol as protocol;

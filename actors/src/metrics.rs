@@ -168,6 +168,8 @@ pub struct Metrics {
     pub tls_policy: Family<PolicyLabel, Counter>,
     /// Times a destination answered that it limits our rate, and was paused.
     pub rate_limited: Counter,
+    /// Per-domain TLS session counts for SMTP TLS reports (not Prometheus: domains are many).
+    pub tls_rpt: crate::tlsrpt::Counts,
     /// Times the queue store could not write (a full or failing disk) and mail was refused.
     pub store_failures: Counter,
     /// Times the failed queue store was reopened and took mail again, without a restart.
@@ -235,6 +237,7 @@ impl Metrics {
             dkim: Family::default(),
             tls_policy: Family::default(),
             rate_limited: Counter::default(),
+            tls_rpt: Default::default(),
             store_reopens: Counter::default(),
             outbound_connections: Counter::default(),
             outbound_connections_current: Gauge::default(),

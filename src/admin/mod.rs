@@ -117,6 +117,23 @@ async fn metrics(req: HttpRequest, s: State) -> HttpResponse {
     HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text)
 }
 
+/// The SMTP TLS report (RFC 8460 §4) of today so far, or `?day=yesterday` (the last complete
+/// UTC day), from what remote delivery counted.
+async fn tls_report(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let q = match query(&req) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let yesterday = match q.get("day").map(String::as_str) {
+        None | Some("today") => false,
+        Some("yesterday") => true,
+        Some(other) => return error(StatusCode::BAD_REQUEST, format!("day={other}: give today or yesterday")),
+    };
+    let now = mailroot_actors::clock::unix_now();
+    HttpResponse::Ok().json(s.metrics.tls_rpt.report(&s.hostname, yesterday, now))
+}
+
 async fn status(req: HttpRequest, s: State) -> HttpResponse {
     authorized!(req, s);
     let queue = match tokio::time::timeout(SUMMARY_TIMEOUT, s.queue.send(Summary)).await {
@@ -275,7 +292,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/queue/{id}", web::get().to(show))
         .route("/api/queue/{id}", web::delete().to(act))
         .route("/api/queue/{id}/{action}", web::post().to(act))
-        .route("/api/server/{action}", web::post().to(server_action));
+        .route("/api/server/{action}", web::post().to(server_action))
+        .route("/api/tls-report", web::get().to(tls_report));
 }
 
 /// Builds the server on an already bound socket; the caller spawns it and keeps its handle.

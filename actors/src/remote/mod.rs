@@ -28,12 +28,14 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
+use crate::clock::unix_now;
 use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, Outcome, RecipientResult};
 use crate::metrics::{Metrics, PolicyLabel};
 use crate::protocol::client::is_eight_bit;
 use crate::protocol::dsn::MessageDsn;
 use crate::protocol::LocalDomains;
 use crate::resolve::{Dns, MxHost};
+use crate::tlsrpt::Session;
 pub use connection::Credentials;
 use connection::{Connection, Failure, Security, Timeouts};
 use pool::{Acquired, Permits, Pool};
@@ -199,6 +201,9 @@ struct RouteSecurity {
     dane: HashMap<String, DaneHost>,
     /// The domain's MTA-STS policy is in `testing` mode: verify, count, deliver anyway.
     sts_testing: bool,
+    /// MX delivery: the domain and policy type (`sts`, `no-policy-found`) TLS reports count
+    /// its sessions under (`tlsa` for hosts DANE applies to).
+    report: Option<(String, &'static str)>,
 }
 
 /// How far a host's connection has fallen back after failed TLS handshakes.
@@ -526,16 +531,24 @@ impl Inner {
                     implicit: false,
                     dane: HashMap::new(),
                     sts_testing: false,
+                    report: Some((domain.to_string(), "sts")),
                 };
                 let before = targets.len();
+                let first = targets.first().cloned();
                 targets.retain(|(host, _)| policy.allows(host));
                 if targets.is_empty() && before > 0 {
                     self.metrics.tls_policy.get_or_create(&label).inc();
+                    if let Some((mx, ip)) = first {
+                        let session =
+                            Session::Failure { result_type: "validation-failure", mx: &mx, ip: ip.ip().to_string() };
+                        self.metrics.tls_rpt.record(domain, "sts", session, unix_now());
+                    }
                     return Err(replies::mta_sts_mx_mismatch(domain, &policy.mx));
                 }
             }
             mta_sts::Mode::Testing => {
                 sec.sts_testing = true;
+                sec.report = Some((domain.to_string(), "sts"));
                 if let Some((host, _)) = targets.iter().find(|(h, _)| !policy.allows(h)) {
                     let testing = PolicyLabel { policy: "mta-sts-testing", result: "failure" };
                     self.metrics.tls_policy.get_or_create(&testing).inc();
@@ -572,10 +585,12 @@ impl Inner {
                     implicit: sh.port == Some(465) || self.settings.smart_host_implicit_tls,
                     dane: HashMap::new(),
                     sts_testing: false,
+                    report: None,
                 }
             }
             Route::Mx(_) => {
                 let tls = policy.and_then(|p| p.tls).unwrap_or(self.settings.tls_policy);
+                let report = Some((domain.to_string(), "no-policy-found"));
                 RouteSecurity {
                     tls,
                     label: tls.name(),
@@ -583,6 +598,7 @@ impl Inner {
                     implicit: false,
                     dane: HashMap::new(),
                     sts_testing: false,
+                    report,
                 }
             }
         }
@@ -693,6 +709,21 @@ impl Inner {
                     let result = if c.tls && step == Step::AsPolicy { "success" } else { "failure" };
                     self.metrics.tls_policy.get_or_create(&PolicyLabel { policy: "mta-sts-testing", result }).inc();
                 }
+                if let Some((domain, policy_type)) = &sec.report {
+                    let policy_type = if sec.dane.contains_key(host) { "tlsa" } else { policy_type };
+                    let session = match (c.tls, step) {
+                        (true, Step::AsPolicy) => Some(Session::Success),
+                        (false, _) if sec.sts_testing => Some(Session::Failure {
+                            result_type: "starttls-not-supported",
+                            mx: host,
+                            ip: addr.ip().to_string(),
+                        }),
+                        _ => None,
+                    };
+                    if let Some(session) = session {
+                        self.metrics.tls_rpt.record(domain, policy_type, session, unix_now());
+                    }
+                }
                 Ok((c, permits))
             }
             Err(f) => {
@@ -701,6 +732,14 @@ impl Inner {
                 let tls_missing = status.subject == 7 && status.detail == 10;
                 if required && (f.tls_failed || tls_missing) {
                     self.metrics.tls_policy.get_or_create(&PolicyLabel { policy, result: "failure" }).inc();
+                }
+                if let (Some((domain, policy_type)), true) =
+                    (&sec.report, (required || sec.sts_testing) && (f.tls_failed || tls_missing))
+                {
+                    let policy_type = if sec.dane.contains_key(host) { "tlsa" } else { policy_type };
+                    let result_type = crate::tlsrpt::result_type(&f.outcome.text, tls_missing);
+                    let session = Session::Failure { result_type, mx: host, ip: addr.ip().to_string() };
+                    self.metrics.tls_rpt.record(domain, policy_type, session, unix_now());
                 }
                 Err(f)
             }
