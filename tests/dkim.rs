@@ -203,3 +203,47 @@ fn unsafe_or_broken_keys_are_refused_at_start() {
     // keygen never writes over a key that may be in use.
     assert!(mailroot::publish::keygen("example.test", "s1", "ed25519", dir.path()).is_err());
 }
+
+#[test]
+fn a_reload_adds_and_removes_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = DnsServer::start();
+    let (key, record) = mailroot::publish::keygen("example.test", "r1", "ed25519", &dir.path().join("keys")).unwrap();
+    dns.txt("r1._domainkey.example.test", &record);
+    let peer = Peer::start("127.65.0.1", 0, Behavior::default());
+    dns.mx("remote.test", &[(10, "mx.remote.test")]);
+    dns.a("mx.remote.test", &["127.65.0.1"]);
+    let path = dir.path().join("mailroot.toml");
+    let write = |dkim: bool| {
+        let section = if dkim {
+            format!("[dkim.\"example.test\"]\nselector = \"r1\"\nkey = \"{}\"\n", key.display())
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n[mailroot]\npath = \"spool\"\n\
+             [domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [delivery]\nnameservers = [\"{}\"]\nremote_port = {}\n{section}",
+            dns.addr,
+            peer.addr.port()
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write(false);
+    let loaded = mailroot::config::Config::load(Some(&path)).unwrap();
+    let options = mailroot::daemon::StartOptions { handle_signals: false, config_path: Some(path.clone()) };
+    let running = mailroot::daemon::start(loaded.config, options).unwrap();
+    let body = b"From: a@example.test\r\nSubject: r\r\n\r\nr\r\n";
+    send(running.smtp_addrs[0], "a@example.test", &["x@remote.test"], body);
+    assert_eq!(signatures(&[b"\r\n", &received(&peer, 1)[0].data[..]].concat()), 0);
+    write(true);
+    running.reload().unwrap();
+    send(running.smtp_addrs[0], "a@example.test", &["y@remote.test"], body);
+    let got = &received(&peer, 2)[1];
+    pass(&verify(&dns, &got.data), &["r1"]);
+    write(false);
+    running.reload().unwrap();
+    send(running.smtp_addrs[0], "a@example.test", &["z@remote.test"], body);
+    assert_eq!(signatures(&[b"\r\n", &received(&peer, 3)[2].data[..]].concat()), 0);
+    running.stop();
+}
