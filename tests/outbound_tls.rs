@@ -420,6 +420,33 @@ fn dane_checks_authenticated_tlsa_records_and_ignores_unauthenticated_ones() {
     assert_eq!(policy("dane.test", "tlsa")["summary"]["total-successful-session-count"], 1);
     assert_eq!(policy("danemitm.test", "tlsa")["failure-details"][0]["result-type"], "tlsa-invalid");
     assert_eq!(policy("insecure.test", "no-policy-found")["summary"]["total-successful-session-count"], 1);
+    // The report goes to the address dane.test publishes, as mail (RFC 8460 §5.3).
+    let reports = Peer::start("127.75.0.9", port, Behavior::default());
+    w.dns.txt("_smtp._tls.dane.test", "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test");
+    w.mx("reports.test", &reports);
+    let r = operator(&running).request("POST", "/api/tls-report/send?day=today").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"queued\":1"), "{}", r.body);
+    let mail = &received(&reports, 1)[0];
+    assert_eq!(mail.rcpts[0].trim_start_matches('<').split('>').next(), Some("tlsrpt@reports.test"));
+    let text = String::from_utf8_lossy(&mail.data).to_string();
+    assert!(text.contains("TLS-Report-Domain: dane.test") && text.contains("report-type=\"tlsrpt\""), "{text}");
+    // The attachment: base64 of gzip of the JSON report.
+    let b64: String = text
+        .split("application/tlsrpt+gzip")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\n\r\n").nth(1))
+        .and_then(|part| part.split("\r\n--").next())
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    use base64::Engine;
+    let gz = base64::engine::general_purpose::STANDARD.decode(b64).expect("base64 attachment");
+    let mut json = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut json).expect("gzip");
+    let sent: serde_json::Value = serde_json::from_str(&json).expect("report JSON");
+    assert_eq!(sent["policies"][0]["policy"]["policy-domain"], "dane.test");
+    assert_eq!(sent["policies"][0]["policy"]["policy-type"], "tlsa");
     wait_metric(&running, "mailroot_outbound_tls_policy_total{policy=\"dane\",result=\"failure\"}", |v| v >= 2.0);
     running.stop();
 }

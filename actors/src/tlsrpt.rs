@@ -1,7 +1,9 @@
 //! The counts an SMTP TLS report (RFC 8460) is made of: per recipient domain and policy type
 //! (`tlsa`, `sts`, `no-policy-found`), the TLS sessions that succeeded and those that failed,
 //! by result type and MX host, for today and yesterday (UTC days). `GET /api/tls-report` shows
-//! them in the report's own JSON shape; mailroot does not mail reports to `rua` addresses yet.
+//! them in the report's own JSON shape; [`message`] makes the mail that carries one domain's
+//! report to the `mailto:` addresses of its `_smtp._tls` record (the daemon sends yesterday's
+//! once a day).
 //!
 //! Memory is bounded: at most [`MAX_DOMAINS`] domains a day and [`MAX_DETAILS`] failure rows a
 //! domain; what does not fit is counted in the summary only.
@@ -117,6 +119,96 @@ impl Counts {
     }
 }
 
+impl Report {
+    /// One report per policy domain (RFC 8460 §4: a report is about one domain's policies).
+    pub fn per_domain(self) -> Vec<(String, Report)> {
+        let mut by: std::collections::BTreeMap<String, Vec<PolicyReport>> = Default::default();
+        for p in self.policies {
+            by.entry(p.policy.policy_domain.clone()).or_default().push(p);
+        }
+        by.into_iter()
+            .map(|(domain, policies)| {
+                let report = Report {
+                    organization_name: self.organization_name.clone(),
+                    date_range: DateRange {
+                        start_datetime: self.date_range.start_datetime.clone(),
+                        end_datetime: self.date_range.end_datetime.clone(),
+                    },
+                    contact_info: self.contact_info.clone(),
+                    report_id: format!("{}.{domain}", self.report_id),
+                    policies,
+                };
+                (domain, report)
+            })
+            .collect()
+    }
+}
+
+/// The `mailto:` addresses of a `_smtp._tls` TXT record set (`v=TLSRPTv1; rua=…`), at most 5.
+/// `https:` destinations are not supported and left out.
+pub fn mailto_rua(records: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in records.iter().filter(|r| r.trim_start().starts_with("v=TLSRPTv1")) {
+        for tag in r.split(';') {
+            let Some(v) = tag.trim().strip_prefix("rua=") else { continue };
+            for uri in v.split(',') {
+                if let Some(addr) = uri.trim().strip_prefix("mailto:") {
+                    // Percent-encoding in a mailto URI is rare; an address that needs it is skipped.
+                    let addr = addr.split('?').next().unwrap_or("");
+                    if addr.contains('@') && !addr.contains(['%', ' ', '<', '>']) && out.len() < 5 {
+                        out.push(addr.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The mail carrying `report` about `domain` (RFC 8460 §5.3): `multipart/report;
+/// report-type="tlsrpt"`, a short text and the gzipped JSON.
+pub fn message(report: &Report, domain: &str, hostname: &str, to: &[String], now: u64) -> Vec<u8> {
+    use mail_builder::headers::content_type::ContentType;
+    use mail_builder::headers::raw::Raw;
+    use mail_builder::mime::{BodyPart, MimePart};
+    use std::io::Write;
+    let json = serde_json::to_vec(report).unwrap_or_default();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let gzipped = gz.write_all(&json).and_then(|_| gz.finish()).unwrap_or_default();
+    let start = report.date_range.start_datetime.replace([':', '-'], "");
+    let end = report.date_range.end_datetime.replace([':', '-'], "");
+    let file = format!("{hostname}!{domain}!{start}!{end}.json.gz");
+    let text = format!(
+        "This is an aggregate TLS report (RFC 8460) from {hostname} about mail to {domain}          from {} to {}.
+",
+        report.date_range.start_datetime, report.date_range.end_datetime
+    );
+    let parts = vec![
+        MimePart::new(ContentType::new("text/plain").attribute("charset", "utf-8"), BodyPart::from(text)),
+        MimePart::new(ContentType::new("application/tlsrpt+gzip"), BodyPart::Binary(gzipped.into())).attachment(file),
+    ];
+    let body = MimePart::new(
+        ContentType::new("multipart/report").attribute("report-type", "tlsrpt"),
+        BodyPart::Multipart(parts),
+    );
+    mail_builder::MessageBuilder::new()
+        .from(("TLS reports".to_string(), format!("tlsrpt-noreply@{hostname}")))
+        .to(to.iter().map(|t| t.as_str()).collect::<Vec<_>>())
+        // Raw: the subject is ASCII and under 998 bytes; encoded words would hide it from filters.
+        .header(
+            "Subject",
+            Raw::new(format!("Report Domain: {domain} Submitter: {hostname} Report-ID: <{}>", report.report_id)),
+        )
+        .header("TLS-Report-Domain", Raw::new(domain.to_string()))
+        .header("TLS-Report-Submitter", Raw::new(hostname.to_string()))
+        .header("Auto-Submitted", Raw::new("auto-generated"))
+        .date(now as i64)
+        .message_id(format!("tlsrpt.{}.{domain}@{hostname}", now))
+        .body(body)
+        .write_to_vec()
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Report {
@@ -210,6 +302,42 @@ mod tests {
             ("TLS handshake with mx failed: received corrupt message", false, "validation-failure"),
         ] {
             assert_eq!(result_type(text, missing), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn rua_addresses() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            mailto_rua(&s(&["v=TLSRPTv1; rua=mailto:tls@example.org,https://r.example.org/x"])),
+            vec!["tls@example.org".to_string()]
+        );
+        assert_eq!(mailto_rua(&s(&["v=spf1 -all"])), Vec::<String>::new());
+        assert_eq!(mailto_rua(&s(&["v=TLSRPTv1;rua=mailto:a@b.org?subject=x , mailto:c@d.org"])).len(), 2);
+        let many =
+            format!("v=TLSRPTv1; rua={}", (0..20).map(|i| format!("mailto:r{i}@x.org")).collect::<Vec<_>>().join(","));
+        assert_eq!(mailto_rua(&[many]).len(), 5);
+    }
+
+    #[test]
+    fn report_mail() {
+        let c = Counts::default();
+        let day = 20_000 * 86_400;
+        c.record("example.org", "sts", Session::Success, day + 10);
+        c.record("other.org", "no-policy-found", Session::Success, day + 10);
+        let reports = c.report("mx.example.com", false, day + 20).per_domain();
+        assert_eq!(reports.len(), 2);
+        let (domain, r) = &reports[0];
+        let m = String::from_utf8(message(r, domain, "mx.example.com", &["tls@example.org".into()], day + 30)).unwrap();
+        for want in [
+            "TLS-Report-Domain: example.org",
+            "TLS-Report-Submitter: mx.example.com",
+            "report-type=\"tlsrpt\"",
+            "application/tlsrpt+gzip",
+            "Subject: Report Domain: example.org Submitter: mx.example.com",
+            "To: <tls@example.org>",
+        ] {
+            assert!(m.contains(want), "{want} missing:\n{m}");
         }
     }
 

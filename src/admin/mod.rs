@@ -37,6 +37,8 @@ use crate::control::ControlHandle;
 /// What the handlers work with.
 pub struct AdminState {
     pub queue: Addr<QueueSupervisor>,
+    /// Sends SMTP TLS reports (`POST /api/tls-report/send`).
+    pub tls_reporter: Arc<crate::daemon::reports::TlsReporter>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     /// Always set: configured, or generated into the Mailroot (see `guard.rs`).
@@ -132,6 +134,24 @@ async fn tls_report(req: HttpRequest, s: State) -> HttpResponse {
     };
     let now = mailroot_actors::clock::unix_now();
     HttpResponse::Ok().json(s.metrics.tls_rpt.report(&s.hostname, yesterday, now))
+}
+
+/// Queues the TLS reports of `?day=yesterday` (the default) or `today` now: `{queued: n}`.
+async fn send_tls_reports(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let q = match query(&req) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let yesterday = match q.get("day").map(String::as_str) {
+        None | Some("yesterday") => true,
+        Some("today") => false,
+        Some(other) => return error(StatusCode::BAD_REQUEST, format!("day={other}: give today or yesterday")),
+    };
+    match s.tls_reporter.send(yesterday).await {
+        Ok(n) => HttpResponse::Ok().json(serde_json::json!({ "queued": n })),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }
 
 async fn status(req: HttpRequest, s: State) -> HttpResponse {
@@ -293,7 +313,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/queue/{id}", web::delete().to(act))
         .route("/api/queue/{id}/{action}", web::post().to(act))
         .route("/api/server/{action}", web::post().to(server_action))
-        .route("/api/tls-report", web::get().to(tls_report));
+        .route("/api/tls-report", web::get().to(tls_report))
+        .route("/api/tls-report/send", web::post().to(send_tls_reports));
 }
 
 /// Builds the server on an already bound socket; the caller spawns it and keeps its handle.

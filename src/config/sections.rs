@@ -358,6 +358,8 @@ pub struct Delivery {
     /// DANE (RFC 7672) with the AD bit of the resolvers, which must validate DNSSEC and be
     /// trusted (a local unbound): off by default.
     pub dane: bool,
+    /// Send yesterday's SMTP TLS reports (RFC 8460) each day to the domains that ask for them.
+    pub tls_reports: bool,
 }
 
 impl Default for Delivery {
@@ -392,6 +394,7 @@ impl Default for Delivery {
             mta_sts: r.mta_sts,
             mta_sts_port: r.mta_sts_port,
             dane: r.dane,
+            tls_reports: true,
         }
     }
 }

@@ -39,6 +39,7 @@ use crate::config::{Config, ConfigError, Security};
 
 mod control;
 mod reload;
+pub mod reports;
 mod routes;
 mod systemd;
 mod wiring;

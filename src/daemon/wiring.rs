@@ -145,6 +145,19 @@ pub(super) fn run_system(
                 .with_signer(signer)
         });
         let queue = QueueSupervisor::new(factory, metrics.actor("queue")).start();
+        let tls_reporter = Arc::new(super::reports::TlsReporter {
+            metrics: metrics.clone(),
+            queue: queue.clone(),
+            hostname: config.server.hostname.clone(),
+            nameservers: if remote_settings.nameservers.is_empty() {
+                mailroot_actors::resolve::system_nameservers()
+            } else {
+                remote_settings.nameservers.clone()
+            },
+        });
+        if config.delivery.tls_reports {
+            tls_reporter.clone().schedule();
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
         let failed = failed.clone();
         let paused = Arc::new(AtomicBool::new(false));
@@ -182,6 +195,7 @@ pub(super) fn run_system(
         let admin = match admin {
             Some(socket) => {
                 let state = AdminState {
+                    tls_reporter: tls_reporter.clone(),
                     queue: queue.clone(),
                     registry,
                     metrics: metrics.clone(),

@@ -12,7 +12,7 @@
 
 mod attempt;
 pub mod connection;
-mod dane;
+pub mod dane;
 mod mta_sts;
 mod pool;
 mod throttle;
