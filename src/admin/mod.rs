@@ -119,18 +119,23 @@ async fn metrics(req: HttpRequest, s: State) -> HttpResponse {
     HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text)
 }
 
+/// `?day=today|yesterday` as "is it yesterday"; `yesterday` when not given.
+fn day_param(req: &HttpRequest, yesterday: bool) -> Result<bool, HttpResponse> {
+    match query(req)?.get("day").map(String::as_str) {
+        None => Ok(yesterday),
+        Some("today") => Ok(false),
+        Some("yesterday") => Ok(true),
+        Some(other) => Err(error(StatusCode::BAD_REQUEST, format!("day={other}: give today or yesterday"))),
+    }
+}
+
 /// The SMTP TLS report (RFC 8460 §4) of today so far, or `?day=yesterday` (the last complete
 /// UTC day), from what remote delivery counted.
 async fn tls_report(req: HttpRequest, s: State) -> HttpResponse {
     authorized!(req, s);
-    let q = match query(&req) {
-        Ok(q) => q,
+    let yesterday = match day_param(&req, false) {
+        Ok(y) => y,
         Err(r) => return r,
-    };
-    let yesterday = match q.get("day").map(String::as_str) {
-        None | Some("today") => false,
-        Some("yesterday") => true,
-        Some(other) => return error(StatusCode::BAD_REQUEST, format!("day={other}: give today or yesterday")),
     };
     let now = mailroot_actors::clock::unix_now();
     HttpResponse::Ok().json(s.metrics.tls_rpt.report(&s.hostname, yesterday, now))
@@ -139,14 +144,9 @@ async fn tls_report(req: HttpRequest, s: State) -> HttpResponse {
 /// Queues the TLS reports of `?day=yesterday` (the default) or `today` now: `{queued: n}`.
 async fn send_tls_reports(req: HttpRequest, s: State) -> HttpResponse {
     authorized!(req, s);
-    let q = match query(&req) {
-        Ok(q) => q,
+    let yesterday = match day_param(&req, true) {
+        Ok(y) => y,
         Err(r) => return r,
-    };
-    let yesterday = match q.get("day").map(String::as_str) {
-        None | Some("yesterday") => true,
-        Some("today") => false,
-        Some(other) => return error(StatusCode::BAD_REQUEST, format!("day={other}: give today or yesterday")),
     };
     match s.tls_reporter.send(yesterday).await {
         Ok(n) => HttpResponse::Ok().json(serde_json::json!({ "queued": n })),
