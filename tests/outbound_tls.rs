@@ -420,6 +420,14 @@ fn dane_checks_authenticated_tlsa_records_and_ignores_unauthenticated_ones() {
     assert_eq!(policy("dane.test", "tlsa")["summary"]["total-successful-session-count"], 1);
     assert_eq!(policy("danemitm.test", "tlsa")["failure-details"][0]["result-type"], "tlsa-invalid");
     assert_eq!(policy("insecure.test", "no-policy-found")["summary"]["total-successful-session-count"], 1);
+    // Another message to dane.test: the TLSA answer (TTL 60 s in the test DNS) comes from the
+    // cache, DNS is not asked again.
+    let tlsa_name = format!("_{port}._tcp.mx.dane.test");
+    let asked = w.dns.query_count(&tlsa_name);
+    assert!(asked >= 1);
+    send(&running, "again@dane.test");
+    received(&ee, 2);
+    assert_eq!(w.dns.query_count(&tlsa_name), asked);
     // The report goes to the address dane.test publishes, as mail (RFC 8460 §5.3).
     let reports = Peer::start("127.75.0.9", port, Behavior::default());
     w.dns.txt("_smtp._tls.dane.test", "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test");

@@ -187,7 +187,8 @@ fn respond(zone: &Mutex<Zone>, queries: &Mutex<Vec<(String, RecordType)>>, bytes
         Some(Answer::Tlsa(records)) => {
             for (u, s, m, data) in records {
                 let t = TLSA::new(u.into(), s.into(), m.into(), data);
-                resp.add_answer(Record::from_rdata(owner.clone(), 1, RData::TLSA(t)));
+                // A minute: long enough for a test to see that a cache is used.
+                resp.add_answer(Record::from_rdata(owner.clone(), 60, RData::TLSA(t)));
             }
         }
         Some(Answer::NxDomain) => resp.metadata.response_code = ResponseCode::NXDomain,

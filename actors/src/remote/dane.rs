@@ -140,15 +140,56 @@ fn rand_id() -> u16 {
     u16::from_be_bytes(b)
 }
 
+/// Answers of [`secure_query`] kept for their TTL (at most 5 minutes; failures are not kept),
+/// so a burst of mail to one domain asks once. Bounded to [`MAX_CACHED`] names.
+#[derive(Default)]
+pub struct Cache {
+    answers: std::sync::Mutex<std::collections::HashMap<(String, RecordType), Cached>>,
+}
+
+/// Until when, whether authenticated (AD), the answer.
+type Cached = (std::time::Instant, bool, Message);
+
+const MAX_CACHED: usize = 10_000;
+const MAX_TTL: u64 = 300;
+
+impl Cache {
+    pub async fn query(
+        &self,
+        servers: &[SocketAddr],
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<(bool, Message), String> {
+        let key = (name.to_ascii_lowercase(), rtype);
+        let now = std::time::Instant::now();
+        if let Some((until, ad, m)) = self.answers.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            if *until > now {
+                return Ok((*ad, m.clone()));
+            }
+        }
+        let (ad, m) = secure_query(servers, name, rtype).await?;
+        // The answer's smallest TTL, or a short while for a negative answer.
+        let ttl = m.answers.iter().map(|r| u64::from(r.ttl)).min().unwrap_or(30).min(MAX_TTL);
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if answers.len() >= MAX_CACHED {
+            answers.retain(|_, (until, _, _)| *until > now);
+        }
+        if answers.len() < MAX_CACHED {
+            answers.insert(key, (now + Duration::from_secs(ttl), ad, m.clone()));
+        }
+        Ok((ad, m))
+    }
+}
+
 /// Whether the MX RRset of `domain` is authenticated (the MX names can then be trusted as the
 /// names TLSA records are looked up for, RFC 7672 §2.2.1).
-pub async fn mx_secure(servers: &[SocketAddr], domain: &str) -> bool {
-    matches!(secure_query(servers, domain, RecordType::MX).await, Ok((true, _)))
+pub async fn mx_secure(cache: &Cache, servers: &[SocketAddr], domain: &str) -> bool {
+    matches!(cache.query(servers, domain, RecordType::MX).await, Ok((true, _)))
 }
 
 /// The TLSA records of `host` on `port`.
-pub async fn host_tlsa(servers: &[SocketAddr], host: &str, port: u16) -> HostTlsa {
-    let (ad, answer) = match secure_query(servers, &format!("_{port}._tcp.{host}"), RecordType::TLSA).await {
+pub async fn host_tlsa(cache: &Cache, servers: &[SocketAddr], host: &str, port: u16) -> HostTlsa {
+    let (ad, answer) = match cache.query(servers, &format!("_{port}._tcp.{host}"), RecordType::TLSA).await {
         Ok(a) => a,
         Err(e) => return HostTlsa::Unusable(format!("TLSA lookup for {host} failed: {e}")),
     };

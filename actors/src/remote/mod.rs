@@ -244,6 +244,7 @@ struct Inner {
     policies: mta_sts::Policies,
     /// The resolvers DANE asks (with the AD bit): `nameservers`, or the system's.
     dane_servers: Vec<SocketAddr>,
+    dane_cache: dane::Cache,
 }
 
 pub struct RemoteDelivery {
@@ -274,7 +275,8 @@ impl RemoteDelivery {
         } else {
             settings.nameservers.clone()
         };
-        let inner = Inner { settings, dns, tls, pool, metrics, throttle, policies, dane_servers };
+        let dane_cache = dane::Cache::default();
+        let inner = Inner { settings, dns, tls, pool, metrics, throttle, policies, dane_servers, dane_cache };
         Ok(RemoteDelivery { inner: Arc::new(inner) })
     }
 }
@@ -479,7 +481,7 @@ impl Inner {
         if !matches!(route, Route::Mx(_)) || explicit || !self.settings.dane || self.dane_servers.is_empty() {
             return false;
         }
-        if !dane::mx_secure(&self.dane_servers, domain).await {
+        if !dane::mx_secure(&self.dane_cache, &self.dane_servers, domain).await {
             return false;
         }
         let mut hosts = HashMap::new();
@@ -487,15 +489,16 @@ impl Inner {
             if hosts.contains_key(host) {
                 continue;
             }
-            let verdict = match dane::host_tlsa(&self.dane_servers, host, self.settings.remote_port).await {
-                dane::HostTlsa::Verify(tlsa) => match dane::client_config(host, tlsa) {
-                    Ok(c) => DaneHost::Verify(c),
-                    Err(e) => DaneHost::Unusable(e),
-                },
-                dane::HostTlsa::Encrypt => DaneHost::Encrypt,
-                dane::HostTlsa::Unusable(e) => DaneHost::Unusable(e),
-                dane::HostTlsa::None => continue,
-            };
+            let verdict =
+                match dane::host_tlsa(&self.dane_cache, &self.dane_servers, host, self.settings.remote_port).await {
+                    dane::HostTlsa::Verify(tlsa) => match dane::client_config(host, tlsa) {
+                        Ok(c) => DaneHost::Verify(c),
+                        Err(e) => DaneHost::Unusable(e),
+                    },
+                    dane::HostTlsa::Encrypt => DaneHost::Encrypt,
+                    dane::HostTlsa::Unusable(e) => DaneHost::Unusable(e),
+                    dane::HostTlsa::None => continue,
+                };
             hosts.insert(host.clone(), verdict);
         }
         if hosts.is_empty() {
