@@ -218,6 +218,30 @@ fn auth_in_clear_text_from_loopback_when_allowed() {
     running.stop();
 }
 
+/// With `[auth.senders]`, an authenticated user sends only as the addresses it owns.
+#[test]
+fn authenticated_users_cannot_send_as_someone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{}senders = {{ alice = [\"alice@example.test\", \"@alice.test\"] }}\n[relay]\nallow_networks = []\n{NO_DNS}",
+        users(dir.path(), true)
+    );
+    let running = start(config(dir.path(), &extra));
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").code, 235);
+    let r = c.cmd("MAIL FROM:<ceo@example.test>");
+    assert_eq!((r.code, r.text.starts_with("5.7.1")), (553, true), "{r:?}");
+    assert_eq!(c.cmd("MAIL FROM:<news@alice.test>").code, 250);
+    c.cmd("RSET");
+    assert_eq!(c.cmd("MAIL FROM:<alice@example.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<friend@far.test>").code, 250);
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"sender_login_mismatch\"}"), 1.0);
+    running.stop();
+    // A pattern that is not an address is a configuration error naming the key.
+    let bad = mailroot::config::Config::from_toml("[auth.senders]\nalice = [\"alice\"]\n");
+    assert!(bad.unwrap_err().to_string().starts_with("auth.senders"));
+}
+
 /// Failed AUTH attempts are counted per client address across connections (like Postfix's
 /// anvil): after `max_failures`, even the right password gets 454 4.7.0, unchecked, from that
 /// address, while other addresses are unaffected; it ends with the window.

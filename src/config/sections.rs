@@ -105,6 +105,9 @@ pub struct Auth {
     pub max_failures: u32,
     /// The window of `max_failures`, and so how long a lockout lasts at most.
     pub failure_window: HumanDuration,
+    /// Login = the senders it may use (`"alice@example.com"`, `"@example.org"`); when any is
+    /// set, an authenticated user giving another sender gets 553 5.7.1. Empty = not checked.
+    pub senders: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for Auth {
@@ -114,6 +117,7 @@ impl Default for Auth {
             allow_plaintext_loopback: false,
             max_failures: 5,
             failure_window: HumanDuration(Duration::from_secs(15 * 60)),
+            senders: BTreeMap::new(),
         }
     }
 }

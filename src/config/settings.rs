@@ -14,6 +14,7 @@ use mailroot_actors::listener::{AccessLists, ListenerSettings};
 use mailroot_actors::lmtp::LmtpSettings;
 use mailroot_actors::maildir::MaildirSettings;
 use mailroot_actors::pickup::PickupSettings;
+use mailroot_actors::protocol::senders::SenderLogins;
 use mailroot_actors::protocol::{LocalDomains, RecipientCheck, SessionParams};
 use mailroot_actors::queue::QueueSettings;
 use mailroot_actors::remote::connection::Timeouts;
@@ -237,6 +238,14 @@ impl Config {
         Some((settings, self.lmtp.verify_timeout.0))
     }
 
+    /// `[auth.senders]`, checked by `validate` (so a bad entry never reaches here).
+    pub fn sender_logins(&self) -> Option<Arc<SenderLogins>> {
+        if self.auth.senders.is_empty() {
+            return None;
+        }
+        SenderLogins::new(self.auth.senders.iter().map(|(k, v)| (k.clone(), v.clone()))).ok().map(Arc::new)
+    }
+
     /// What the SMTP side is built from; rebuilt at each reload.
     pub fn listener_settings(&self, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
         let params = Arc::new(SessionParams {
@@ -253,6 +262,7 @@ impl Config {
             auth_enabled: security.users.is_some(),
             auth_plaintext_loopback: self.auth.allow_plaintext_loopback,
             check_recipients: self.recipient_check(),
+            sender_logins: self.sender_logins(),
         });
         ListenerSettings {
             params,

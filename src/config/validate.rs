@@ -39,6 +39,11 @@ impl Config {
                 return err(&format!("domains.local[{i}]"), format!("{d:?} is not a valid domain"));
             }
         }
+        if let Err(e) = mailroot_actors::protocol::senders::SenderLogins::new(
+            self.auth.senders.iter().map(|(k, v)| (k.clone(), v.clone())),
+        ) {
+            return err("auth.senders", e);
+        }
         for (domain, d) in &self.dkim {
             let key = format!("dkim.\"{domain}\"");
             if validate_domain(domain).is_err() || !domain.contains('.') {

@@ -80,6 +80,13 @@ pub fn session(input: &[u8]) {
         } else {
             crate::RecipientCheck::default()
         },
+        // The fuzz user owns only its own address (bit 3): other senders are refused.
+        sender_logins: (control & 8 != 0).then(|| {
+            Arc::new(
+                crate::senders::SenderLogins::new([("alice".to_string(), vec!["alice@example.test".to_string()])])
+                    .unwrap_or_default(),
+            )
+        }),
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);

@@ -28,6 +28,7 @@ pub mod outcome;
 pub mod pickup;
 pub mod received;
 pub mod reply;
+pub mod senders;
 pub mod session;
 
 #[cfg(test)]

@@ -291,6 +291,10 @@ pub fn recipient_unverified(detail: &str) -> Reply {
     Reply::new(451, "4.4.3", format!("Cannot check the recipient now, try again later: {}", detail.trim()))
 }
 
+pub fn sender_not_owned() -> Reply {
+    Reply::new(553, "5.7.1", "Sender address not owned by the authenticated user")
+}
+
 pub fn relay_denied() -> Reply {
     Reply::new(550, "5.7.1", "Relaying denied")
 }

@@ -22,6 +22,7 @@ fn params() -> SessionParams {
         auth_enabled: false,
         auth_plaintext_loopback: false,
         check_recipients: RecipientCheck::default(),
+        sender_logins: None,
     }
 }
 
@@ -633,6 +634,37 @@ fn auth() {
     assert!(got.ends_with("250 250/2.1.0 550/5.7.1 250/2.0.0 235/2.7.0 250/2.1.0 250/2.1.5 354 250/2.0.0"), "{got}");
     assert_eq!(r.messages[0].protocol, "ESMTPSA");
     assert!(r.refusals.contains(&RefusalCause::RelayDenied));
+}
+
+#[test]
+fn authenticated_users_send_only_as_themselves() {
+    // "\0alice\0secret", base64.
+    let login = "EHLO c\r\nSTARTTLS\r\n";
+    let auth = "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n";
+    let map = crate::senders::SenderLogins::new([(
+        "alice".to_string(),
+        vec!["alice@example.test".to_string(), "@alice.test".to_string()],
+    )])
+    .unwrap();
+    let p = SessionParams { sender_logins: Some(Arc::new(map)), ..secure() };
+    let cases: &[(&str, &str)] = &[
+        ("MAIL FROM:<alice@example.test>\r\n", "250/2.1.0"),
+        ("MAIL FROM:<Alice@Example.TEST>\r\n", "250/2.1.0"),
+        ("MAIL FROM:<anything@alice.test>\r\n", "250/2.1.0"),
+        ("MAIL FROM:<>\r\n", "250/2.1.0"),
+        ("MAIL FROM:<bob@example.test>\r\n", "553/5.7.1"),
+        ("MAIL FROM:<alice@evil.test>\r\n", "553/5.7.1"),
+    ];
+    for (mail, want) in cases {
+        let (got, r) = codes(p.clone(), false, &[login, &format!("{auth}{mail}")]);
+        assert_eq!(got.rsplit(' ').next(), Some(*want), "{mail}: {got}");
+        assert_eq!(r.refusals.contains(&RefusalCause::SenderLoginMismatch), want.starts_with("553"));
+    }
+    // Without a map, or without AUTH (a relay network's client), senders are not checked.
+    let (got, _) = codes(secure(), false, &[login, &format!("{auth}MAIL FROM:<bob@example.test>\r\n")]);
+    assert!(got.ends_with("250/2.1.0"), "{got}");
+    let (got, _) = codes(p, true, &["EHLO c\r\nMAIL FROM:<bob@example.test>\r\n"]);
+    assert!(got.ends_with("250/2.1.0"), "{got}");
 }
 
 #[test]

@@ -150,6 +150,8 @@ pub enum RefusalCause {
     UnknownRecipient,
     /// The recipient could not be checked now (the mailbox server did not answer): 451 4.4.3.
     RecipientUnverified,
+    /// An authenticated user gave a sender it does not own: 553 5.7.1.
+    SenderLoginMismatch,
     /// The service is paused: new connections get 421 4.3.2.
     Paused,
     /// The service is stopping: open sessions end with 421 4.3.2.
@@ -186,6 +188,7 @@ impl RefusalCause {
             RefusalCause::AuthLockedOut => "auth_locked_out",
             RefusalCause::UnknownRecipient => "unknown_recipient",
             RefusalCause::RecipientUnverified => "recipient_unverified",
+            RefusalCause::SenderLoginMismatch => "sender_login_mismatch",
             RefusalCause::Paused => "paused",
             RefusalCause::ShuttingDown => "shutting_down",
         }

@@ -50,6 +50,8 @@ pub struct SessionParams {
     pub auth_plaintext_loopback: bool,
     /// Recipients to check with the mailbox server before RCPT is answered.
     pub check_recipients: RecipientCheck,
+    /// When set, an authenticated user may use only the senders it owns (553 5.7.1).
+    pub sender_logins: Option<Arc<crate::senders::SenderLogins>>,
 }
 
 /// Selects the recipients whose existence the caller checks at RCPT ([`Action::CheckRecipient`]):

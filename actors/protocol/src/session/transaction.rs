@@ -87,6 +87,14 @@ impl Session {
                 return self.reject(None, reply::bad_sender_address("address lacks a domain"));
             }
         }
+        if let (Some(user), Some(logins), Some(sender)) = (&self.user, &self.params.sender_logins, &from) {
+            // The null sender is anyone's (a client's own bounce); any other must be the user's.
+            if !logins.allows(user, sender) {
+                let mut refusal = self.refusal(RefusalCause::SenderLoginMismatch, None, 0);
+                refusal.sender = Some(sender.to_string());
+                return self.reject(Some(refusal), reply::sender_not_owned());
+            }
+        }
         if let Some(size) = params.size {
             if size > self.params.max_message_size as u64 {
                 let mut refusal = self.refusal(RefusalCause::MessageTooBig, None, 0);
