@@ -50,6 +50,11 @@ impl HttpsServer {
                         let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
                         let page = p.lock().unwrap().get(&format!("{host}{path}")).cloned();
                         let (status, body) = page.unwrap_or((404, "not found".into()));
+                        if status == 0 {
+                            // A server that takes the request and never answers.
+                            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                            return;
+                        }
                         let resp = format!(
                             "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                             body.len()
@@ -64,7 +69,7 @@ impl HttpsServer {
         HttpsServer { addr, pages, requests }
     }
 
-    /// `https://<host><path>` answers `status` with `body`.
+    /// `https://<host><path>` answers `status` with `body`; status 0 = never answers.
     pub fn page(&self, host: &str, path: &str, status: u16, body: &str) {
         self.pages.lock().unwrap().insert(format!("{host}{path}"), (status, body.to_string()));
     }

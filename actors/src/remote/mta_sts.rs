@@ -124,6 +124,9 @@ pub fn txt_id(records: &[String]) -> Option<String> {
 /// Policies by domain, with their disk copies.
 pub struct Policies {
     memory: Mutex<HashMap<String, Policy>>,
+    /// Domains whose policy is being fetched: one fetch per domain at a time, so a burst of
+    /// mail to a new domain fetches once (the others go on with what is cached, if anything).
+    fetching: Mutex<std::collections::HashSet<String>>,
     dir: Option<PathBuf>,
     port: u16,
 }
@@ -132,7 +135,7 @@ impl Policies {
     /// `dir`: where policies are kept across restarts (`None`: memory only). `port`: the HTTPS
     /// port of policy hosts (443; tests use others).
     pub fn new(dir: Option<PathBuf>, port: u16) -> Policies {
-        Policies { memory: Mutex::new(HashMap::new()), dir, port }
+        Policies { memory: Mutex::new(HashMap::new()), fetching: Mutex::default(), dir, port }
     }
 
     /// The policy in force for `domain`, refreshed as RFC 8461 §5.1 says. `None` = none.
@@ -148,7 +151,12 @@ impl Policies {
             _ => {}
         }
         let id = txt.unwrap_or_else(|| cached.as_ref().map(|p| p.id.clone()).unwrap_or_default());
-        match fetch(domain, self.port, dns, tls).await.and_then(|text| Policy::parse(&text, &id, now)) {
+        if !self.fetching.lock().unwrap_or_else(|e| e.into_inner()).insert(domain.to_string()) {
+            return cached;
+        }
+        let fetched = fetch(domain, self.port, dns, tls).await.and_then(|text| Policy::parse(&text, &id, now));
+        self.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(domain);
+        match fetched {
             Ok(p) => {
                 self.store(domain, &p);
                 Some(p)
@@ -236,8 +244,10 @@ async fn fetch(domain: &str, port: u16, dns: &Dns, tls: &Arc<rustls::ClientConfi
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
+        // The connection's own task ends with the fetch's time limit too: a server that holds
+        // the connection open cannot keep a task (and its socket) alive.
         tokio::task::spawn_local(async move {
-            let _ = conn.await;
+            let _ = tokio::time::timeout(FETCH_TIMEOUT, conn).await;
         });
         let req = hyper::Request::get("/.well-known/mta-sts.txt")
             .header("host", &host)

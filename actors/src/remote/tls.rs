@@ -9,7 +9,7 @@
 //! chain must lead to a trusted root (the system's, or the configured CA file) and name the
 //! host we meant to reach; nothing is sent otherwise, and there is no clear-text retry.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -159,9 +159,6 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
     }
     Ok(store)
 }
-
-/// Where the CA file named in the configuration is (for settings comparison at reload).
-pub type CaFile = Option<PathBuf>;
 
 #[cfg(test)]
 mod tests {
