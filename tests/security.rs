@@ -235,7 +235,17 @@ fn authenticated_users_cannot_send_as_someone_else() {
     c.cmd("RSET");
     assert_eq!(c.cmd("MAIL FROM:<alice@example.test>").code, 250);
     assert_eq!(c.cmd("RCPT TO:<friend@far.test>").code, 250);
-    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"sender_login_mismatch\"}"), 1.0);
+    assert_eq!(c.cmd("DATA").code, 354);
+    // The From: header is the user's too, or the message is refused at its end.
+    c.send(b"From: The CEO <ceo@example.test>\r\nSubject: wire money\r\n\r\nx\r\n.\r\n");
+    let r = c.read_reply().unwrap();
+    assert_eq!((r.code, r.text.starts_with("5.7.1")), (550, true), "{r:?}");
+    assert_eq!(c.cmd("MAIL FROM:<alice@example.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<friend@far.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"From: Alice <alice@example.test>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.read_reply().unwrap().code, 250);
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"sender_login_mismatch\"}"), 2.0);
     running.stop();
     // A pattern that is not an address is a configuration error naming the key.
     let bad = mailroot::config::Config::from_toml("[auth.senders]\nalice = [\"alice\"]\n");

@@ -56,6 +56,10 @@ pub struct DataReceiver {
     line_start: usize,
     in_header: bool,
     received_headers: usize,
+    /// The `From:` header fields seen, and the first one's value (unfolded, bounded).
+    from: HeaderFrom,
+    /// The current header line continues a `From:` field (folding).
+    in_from: bool,
     saw_8bit: bool,
     /// BDAT: no dot-stuffing, no end marker.
     raw: bool,
@@ -73,9 +77,23 @@ pub enum DataOutcome {
         streamed: usize,
         received_headers: usize,
         eight_bit: bool,
+        from: HeaderFrom,
     },
     Refused(DataProblem),
 }
+
+/// What the header section said in `From:` (for the sender-login check): how many `From:`
+/// fields there were and the first one's value, unfolded, at most [`MAX_FROM`] octets (`None`
+/// past that: too long to judge).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HeaderFrom {
+    pub count: usize,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The longest `From:` value kept. A From: field naming more than a few mailboxes is rare; one
+/// longer than this is judged as unreadable, never truncated into a different answer.
+pub const MAX_FROM: usize = 2048;
 
 impl DataReceiver {
     pub fn new(limit: usize) -> Self {
@@ -88,6 +106,8 @@ impl DataReceiver {
             line_start: 0,
             in_header: true,
             received_headers: 0,
+            from: HeaderFrom::default(),
+            in_from: false,
             saw_8bit: false,
             raw: false,
             handed: 0,
@@ -283,8 +303,31 @@ impl DataReceiver {
             let line = &self.body[self.line_start..];
             if line == b"\r\n" {
                 self.in_header = false;
-            } else if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
-                self.received_headers += 1;
+                self.in_from = false;
+            } else if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+                // A folded line continues the field before it.
+                if self.in_from {
+                    let text = line.strip_suffix(b"\r\n").unwrap_or(line);
+                    if let Some(v) = self.from.value.as_mut() {
+                        if v.len() + text.len() > MAX_FROM {
+                            self.from.value = None;
+                        } else {
+                            v.extend_from_slice(text);
+                        }
+                    }
+                }
+            } else {
+                self.in_from = false;
+                if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+                    self.received_headers += 1;
+                } else if let Some(rest) = field_value(line, b"from") {
+                    self.from.count += 1;
+                    if self.from.count == 1 {
+                        let text = rest.strip_suffix(b"\r\n").unwrap_or(rest);
+                        self.from.value = (text.len() <= MAX_FROM).then(|| text.to_vec());
+                        self.in_from = true;
+                    }
+                }
             }
         }
         self.line_start = self.body.len();
@@ -299,9 +342,22 @@ impl DataReceiver {
                 streamed: self.handed,
                 received_headers: self.received_headers,
                 eight_bit: self.saw_8bit,
+                from: std::mem::take(&mut self.from),
             },
         }
     }
+}
+
+/// The value of a header line whose field name is `name` (case-insensitive; RFC 5322's obsolete
+/// syntax allows blanks before the colon).
+fn field_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let head = line.get(..name.len())?;
+    if !head.eq_ignore_ascii_case(name) {
+        return None;
+    }
+    let rest = &line[name.len()..];
+    let blanks = rest.iter().take_while(|b| **b == b' ' || **b == b'\t').count();
+    rest.get(blanks..)?.strip_prefix(b":")
 }
 
 #[cfg(test)]
@@ -313,7 +369,13 @@ mod tests {
     }
 
     fn msg(body: &[u8]) -> Option<DataOutcome> {
-        Some(DataOutcome::Message { body: body.to_vec(), streamed: 0, received_headers: 0, eight_bit: false })
+        Some(DataOutcome::Message {
+            body: body.to_vec(),
+            streamed: 0,
+            received_headers: 0,
+            eight_bit: false,
+            from: HeaderFrom::default(),
+        })
     }
 
     #[test]
@@ -365,6 +427,7 @@ mod tests {
                 streamed: 0,
                 received_headers: 2,
                 eight_bit: false,
+                from: HeaderFrom::default(),
             })
         );
     }
@@ -409,6 +472,7 @@ mod tests {
             streamed: 0,
             received_headers: received,
             eight_bit: false,
+            from: HeaderFrom::default(),
         };
         let cases: Vec<(Vec<&[u8]>, DataOutcome)> = vec![
             // A dot line is content, never an end: the smuggled "message" stays inside this one.

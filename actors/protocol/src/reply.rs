@@ -295,6 +295,12 @@ pub fn sender_not_owned() -> Reply {
     Reply::new(553, "5.7.1", "Sender address not owned by the authenticated user")
 }
 
+/// The same refusal for the `From:` header at the end of DATA: 550, as RFC 5321 §4.3.2 lists
+/// for DATA (553 belongs to MAIL and RCPT).
+pub fn from_not_owned() -> Reply {
+    Reply::new(550, "5.7.1", "From: header address not owned by the authenticated user")
+}
+
 pub fn relay_denied() -> Reply {
     Reply::new(550, "5.7.1", "Relaying denied")
 }

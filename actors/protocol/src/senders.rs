@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::address::Mailbox;
+use crate::address::{parse_mailbox, Mailbox};
 
 /// Login → the addresses (`alice@example.com`) and whole domains (`@example.org`) it owns.
 /// Logins and domains compare case-insensitively, local parts too (as Postfix's lookups do).
@@ -47,6 +47,76 @@ impl SenderLogins {
     }
 }
 
+/// The mailboxes a `From:` value names (RFC 5322 §3.4: display names, angle addresses, bare
+/// addresses, groups, comments). `None` when it names none or one cannot be read: the caller then
+/// cannot tell who the message claims to be from.
+pub fn header_mailboxes(value: &[u8]) -> Option<Vec<Mailbox>> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut found = Vec::new();
+    let mut bare = String::new(); // text outside comments and angle brackets
+    let mut angle: Option<String> = None;
+    let mut in_angle = false;
+    let mut quoted = false;
+    let mut comment = 0usize;
+    let mut chars = text.chars();
+    let finish = |bare: &mut String, angle: &mut Option<String>, found: &mut Vec<Mailbox>| -> Option<()> {
+        let candidate = match angle.take() {
+            Some(a) => a,
+            None => bare.trim().to_string(),
+        };
+        bare.clear();
+        if !candidate.is_empty() {
+            found.push(parse_mailbox(candidate.trim()).ok()?);
+        }
+        Some(())
+    };
+    while let Some(c) = chars.next() {
+        let target = if in_angle { angle.get_or_insert_with(String::new) } else { &mut bare };
+        if quoted {
+            target.push(c);
+            match c {
+                '\\' => target.push(chars.next()?),
+                '"' => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        if comment > 0 {
+            match c {
+                '\\' => {
+                    chars.next()?;
+                }
+                '(' => comment += 1,
+                ')' => comment -= 1,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                quoted = true;
+                target.push(c);
+            }
+            '(' => comment = 1,
+            '<' if !in_angle => {
+                in_angle = true;
+                angle = Some(String::new());
+            }
+            '>' if in_angle => in_angle = false,
+            // A group's display name ends here; its members follow.
+            ':' if !in_angle => bare.clear(),
+            ',' | ';' if !in_angle => finish(&mut bare, &mut angle, &mut found)?,
+            c if in_angle => target.push(c),
+            c => target.push(c),
+        }
+    }
+    if quoted || comment > 0 || in_angle {
+        return None;
+    }
+    finish(&mut bare, &mut angle, &mut found)?;
+    (!found.is_empty()).then_some(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +143,36 @@ mod tests {
         }
         for bad in ["alice", "@", "a@b@c", ""] {
             assert!(SenderLogins::new([("x".to_string(), vec![bad.to_string()])]).is_err(), "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::header_mailboxes;
+
+    #[test]
+    fn from_header_values() {
+        for (value, want) in [
+            (" alice@example.com", Some(vec!["alice@example.com"])),
+            (" Alice <alice@example.com>", Some(vec!["alice@example.com"])),
+            (" \"Bob, <bob@evil.test>\" <alice@example.com>", Some(vec!["alice@example.com"])),
+            (" (bob@evil.test) alice@example.com (Alice)", Some(vec!["alice@example.com"])),
+            (" a@example.com, B <b@example.org>", Some(vec!["a@example.com", "b@example.org"])),
+            (" team: a@example.com, b@example.org;", Some(vec!["a@example.com", "b@example.org"])),
+            (" =?utf-8?q?Al=C3=AFce?= <alice@example.com>", Some(vec!["alice@example.com"])),
+            (" <alice@example.com> (comment (nested) here)", Some(vec!["alice@example.com"])),
+            ("", None),
+            (" undisclosed-recipients:;", None),
+            (" Alice <alice@example.com", None),
+            (" \"unterminated <alice@example.com>", None),
+            (" (open comment alice@example.com", None),
+            (" not an address", None),
+            (" Alice <alice@example.com>, junk", None),
+        ] {
+            let got = header_mailboxes(value.as_bytes()).map(|v| v.iter().map(|m| m.to_string()).collect::<Vec<_>>());
+            let want = want.map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+            assert_eq!(got, want, "{value:?}");
         }
     }
 }

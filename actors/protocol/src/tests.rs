@@ -668,6 +668,48 @@ fn authenticated_users_send_only_as_themselves() {
 }
 
 #[test]
+fn authenticated_users_write_only_their_own_from_header() {
+    let login = "EHLO c\r\nSTARTTLS\r\n";
+    let auth = "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.test>\r\n";
+    let map = crate::senders::SenderLogins::new([(
+        "alice".to_string(),
+        vec!["alice@example.test".to_string(), "@alice.test".to_string()],
+    )])
+    .unwrap();
+    let p = SessionParams { sender_logins: Some(Arc::new(map)), ..secure() };
+    let cases: &[(&str, &str)] = &[
+        ("From: Alice <alice@example.test>\r\n", "250/2.0.0"),
+        ("FROM : alice@EXAMPLE.test\r\n", "250/2.0.0"),
+        ("From: a@alice.test,\r\n b@alice.test\r\n", "250/2.0.0"),
+        ("Subject: no From: at all\r\n", "250/2.0.0"),
+        ("From: \"alice@example.test\" <bob@example.test>\r\n", "550/5.7.1"),
+        ("From: Alice <alice@example.test>,\r\n\tBob <bob@example.test>\r\n", "550/5.7.1"),
+        ("From: alice@example.test\r\nFrom: bob@example.test\r\n", "550/5.7.1"),
+        ("From: Alice <alice@example.test\r\n", "550/5.7.1"),
+        ("From: undisclosed:;\r\n", "550/5.7.1"),
+        // After the header section, "From:" is body text.
+        ("Subject: s\r\n\r\nFrom: bob@example.test\r\n", "250/2.0.0"),
+    ];
+    for (headers, want) in cases {
+        for bdat in [false, true] {
+            let body = format!("{headers}\r\nbody\r\n");
+            let data = if bdat {
+                format!("BDAT {} LAST\r\n{body}", body.len())
+            } else {
+                format!("DATA\r\n{body}.\r\n")
+            };
+            let (got, r) = codes(p.clone(), false, &[login, &format!("{auth}{data}")]);
+            assert_eq!(got.rsplit(' ').next(), Some(*want), "{headers:?} bdat {bdat}: {got}");
+            assert_eq!(r.messages.len(), usize::from(want.starts_with("250")), "{headers:?}");
+            assert_eq!(r.refusals.contains(&RefusalCause::SenderLoginMismatch), want.starts_with("550"));
+        }
+    }
+    // Unauthenticated clients (a relay network) are not checked.
+    let (got, _) = codes(p, true, &["EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nFrom: bob@example.test\r\n\r\nx\r\n.\r\n"]);
+    assert!(got.ends_with("250/2.0.0"), "{got}");
+}
+
+#[test]
 fn bdat() {
     let mail = "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n";
     let r = check(

@@ -197,9 +197,9 @@ impl Session {
     }
 
     pub(super) fn end_of_data(&mut self, outcome: DataOutcome) {
-        let (body, streamed, received, eight_bit) = match outcome {
-            DataOutcome::Message { body, streamed, received_headers, eight_bit } => {
-                (body, streamed, received_headers, eight_bit)
+        let (body, streamed, received, eight_bit, from) = match outcome {
+            DataOutcome::Message { body, streamed, received_headers, eight_bit, from } => {
+                (body, streamed, received_headers, eight_bit, from)
             }
             DataOutcome::Refused(problem) => {
                 let (cause, r) = match problem {
@@ -231,6 +231,21 @@ impl Session {
             let refusal = self.refusal(RefusalCause::HopCountExceeded, None, streamed + body.len());
             self.txn = Transaction::default();
             return self.reject(Some(refusal), reply::hop_count_exceeded());
+        }
+        if let (Some(user), Some(logins)) = (&self.user, &self.params.sender_logins) {
+            // The header the reader sees must be the user's too, as the envelope sender was at
+            // MAIL. One `From:` naming only owned mailboxes, or none at all (nothing claimed).
+            let owned = match (from.count, &from.value) {
+                (0, _) => true,
+                (1, Some(v)) => crate::senders::header_mailboxes(v)
+                    .is_some_and(|list| list.iter().all(|m| logins.allows(user, m))),
+                _ => false,
+            };
+            if !owned {
+                let refusal = self.refusal(RefusalCause::SenderLoginMismatch, None, streamed + body.len());
+                self.txn = Transaction::default();
+                return self.reject(Some(refusal), reply::from_not_owned());
+            }
         }
         let txn = std::mem::take(&mut self.txn);
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
