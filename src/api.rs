@@ -18,11 +18,23 @@ pub struct Status {
     /// Unix seconds.
     pub started_at: u64,
     pub uptime_seconds: u64,
-    /// The SMTP listeners' addresses.
-    pub listeners: Vec<String>,
+    /// The SMTP listeners.
+    pub listeners: Vec<ListenerStatus>,
     /// SMTP connections open now.
     pub connections: i64,
     pub queue: QueueSummary,
+}
+
+/// One SMTP listener in `GET /api/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListenerStatus {
+    /// Its name in the configuration (`mx` for `[server] listen`).
+    pub name: String,
+    /// `mx`, `submission` or `submissions`.
+    pub role: Cow<'static, str>,
+    pub addresses: Vec<String>,
+    /// Connections open on it now.
+    pub connections: i64,
 }
 
 /// `POST /api/queue/{id}/bounce`, `DELETE /api/queue/{id}`.

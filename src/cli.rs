@@ -205,7 +205,11 @@ pub fn ctl(action: CtlAction, api: &ApiArgs) -> ExitCode {
                     v.hostname,
                     v.state,
                     humanize(v.uptime_seconds),
-                    v.listeners.join(", "),
+                    v.listeners
+                        .iter()
+                        .map(|l| format!("{} ({}) {} [{} open]", l.name, l.role, l.addresses.join(" "), l.connections))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     v.connections,
                     q.total,
                     q.active,

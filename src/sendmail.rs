@@ -202,8 +202,12 @@ fn display_name(name: &str) -> String {
 /// the daemon queues it from there (it need not be running). Returns at QUIT or end of input.
 pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, mut output: W) -> Result<(), String> {
     use mailroot_actors::protocol::{Action, EnqueueError, Session};
-    let security = crate::config::Security { tls: None, users: None, dkim: Default::default() };
-    let mut params = (*config.listener_settings(&security, None).params).clone();
+    let security =
+        crate::config::Security { tls: None, listener_tls: Default::default(), users: None, dkim: Default::default() };
+    let first = config.listener_settings(&security, None).into_iter().next();
+    let Some(first) = first else { return Err("the configuration has no listener".into()) };
+    let mut params = (*first.params).clone();
+    params.auth_required = false;
     params.tls_available = false;
     params.tls_required = false;
     params.auth_enabled = false;

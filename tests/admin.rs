@@ -105,7 +105,9 @@ fn every_endpoint_with_and_without_the_token() {
     assert_eq!(status, 200);
     assert_eq!(v["state"], "running");
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(v["listeners"][0], smtp.to_string());
+    assert_eq!(v["listeners"][0]["addresses"][0], smtp.to_string());
+    assert_eq!(v["listeners"][0]["name"], "mx");
+    assert_eq!(v["listeners"][0]["role"], "mx");
     assert_eq!(v["queue"]["total"], 3);
     assert_eq!(v["queue"]["deferred"], 3);
 

@@ -30,7 +30,7 @@ fn spawn_daemon(config: &Path) -> (Child, SocketAddr) {
         // Keep draining so the child never blocks on a full pipe.
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split("listening addr=").nth(1) {
-                let _ = tx.send(rest.trim().to_string());
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
             }
         }
     });

@@ -95,6 +95,16 @@ impl TlsClient {
         c
     }
 
+    /// Connected to an implicit-TLS listener (port 465): the handshake, then the greeting.
+    fn implicit(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> TlsClient {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = TlsClient { stream: None, plain: Some(BufReader::new(s)) };
+        c.upgrade(config);
+        assert_eq!(c.read().0, 220);
+        c
+    }
+
     /// The handshake after a 220 to STARTTLS.
     fn upgrade(&mut self, config: &Arc<rustls::ClientConfig>) {
         let plain = self.plain.take().unwrap();
@@ -637,4 +647,111 @@ fn bodies_in_memory_share_one_budget() {
     drop(gone);
     wait_metric(&running, "mailroot_body_memory_bytes", |v| v == 0.0);
     running.stop();
+}
+
+/// Listeners with roles (RFC 6409, RFC 8314): `[server] listen` is the `mx` listener; a
+/// `submission` listener wants STARTTLS then AUTH before MAIL, even from a relay network; a
+/// `submissions` listener speaks TLS from the first byte; each is counted apart.
+#[test]
+fn listeners_with_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, client) = certificate(dir.path());
+    let extra = format!(
+        "{tls}{}[listeners.submission]\nrole = \"submission\"\nlisten = [\"127.0.0.1:0\"]\n\
+         [listeners.submissions]\nrole = \"submissions\"\nlisten = [\"127.0.0.1:0\"]\n\
+         [listeners.mx-noauth]\nrole = \"mx\"\nlisten = [\"127.0.0.1:0\"]\nauth = false\nmax_recipients = 1\n{NO_DNS}",
+        users(dir.path(), false)
+    );
+    let running = start(config(dir.path(), &extra));
+    let names: Vec<&str> = running.listeners.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["mx", "mx-noauth", "submission", "submissions"]);
+    const AUTH: &str = "AUTH PLAIN AGFsaWNlAHNlY3JldA==";
+
+    // Submission (587): clear text first; mail commands wait for STARTTLS, then for AUTH — the
+    // loopback client is in relay.allow_networks, which a submission listener ignores.
+    let sub = running.listener_addr("submission").unwrap();
+    let mut c = TlsClient::connect(sub);
+    let (code, ehlo) = c.cmd("EHLO client.test");
+    assert!(code == 250 && ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
+    let (code, text) = c.cmd("MAIL FROM:<alice@example.test>");
+    assert!(code == 530 && text.contains("STARTTLS"), "{text}");
+    let mut c = TlsClient::encrypted(sub, &client);
+    let (code, text) = c.cmd("MAIL FROM:<alice@example.test>");
+    assert!(code == 530 && text.contains("5.7.0 Authentication required"), "{text}");
+    assert_eq!(c.cmd(AUTH).0, 235);
+    assert_eq!(c.cmd("MAIL FROM:<alice@example.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<friend@far.test>").0, 250);
+    assert_eq!(c.cmd("DATA").0, 354);
+    c.send(b"Subject: submitted\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.read().0, 250);
+
+    // Submissions (465): TLS before the greeting; no STARTTLS offered; AUTH before MAIL.
+    let subs = running.listener_addr("submissions").unwrap();
+    let mut c = TlsClient::implicit(subs, &client);
+    let (code, ehlo) = c.cmd("EHLO client.test");
+    assert!(code == 250 && !ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    assert_eq!(c.cmd("MAIL FROM:<alice@example.test>").0, 530);
+    assert_eq!(c.cmd(AUTH).0, 235);
+    assert_eq!(c.cmd("MAIL FROM:<alice@example.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<friend@far.test>").0, 250);
+    assert_eq!(c.cmd("DATA").0, 354);
+    c.send(b"Subject: over 465\r\n\r\nx\r\n.\r\n");
+    let (code, _) = c.read();
+    assert_eq!(code, 250);
+    // A client speaking clear text to 465 gets nothing and is dropped.
+    let mut plain = Client::connect_from("127.0.0.1", subs);
+    plain.send(b"EHLO client.test\r\n");
+    assert!(plain.read_reply().is_none(), "no SMTP in clear text on an implicit-TLS port");
+
+    // The mx listener takes mail for local domains without AUTH, and relays only for the relay
+    // networks (loopback here) — as before.
+    let mut c = Client::ready(running.listener_addr("mx").unwrap(), "client.test");
+    let r = c.transaction("someone@far.test", &["postmaster@example.test"], b"Subject: in\r\n\r\nx\r\n");
+    assert_eq!(r.code, 250);
+    // Its own settings: no AUTH offered, one recipient per message.
+    let mut c = TlsClient::encrypted(running.listener_addr("mx-noauth").unwrap(), &client);
+    let (_, ehlo) = c.cmd("EHLO client.test");
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    assert_eq!(c.cmd(AUTH).0, 502);
+    assert_eq!(c.cmd("MAIL FROM:<a@far.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<a@example.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<b@example.test>").0, 452);
+
+    for (name, at_least) in [("mx", 1.0), ("mx-noauth", 1.0), ("submission", 2.0), ("submissions", 2.0)] {
+        let n = metric(&running, &format!("mailroot_listener_connections_total{{listener=\"{name}\"}}"));
+        assert!(n >= at_least, "{name}: {n}");
+    }
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"auth_required\"}"), 2.0);
+    running.stop();
+}
+
+/// What a listener needs is checked before anything starts, naming the key.
+#[test]
+fn listener_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, _) = certificate(dir.path());
+    let auth = users(dir.path(), false);
+    let cases = [
+        ("[listeners.s]\nrole = \"relay\"\nlisten = [\"127.0.0.1:0\"]\n".to_string(), "listeners.\"s\".role"),
+        ("[listeners.s]\nrole = \"mx\"\n".to_string(), "listeners.\"s\".listen"),
+        ("[listeners.S]\nrole = \"mx\"\nlisten = [\"127.0.0.1:0\"]\n".to_string(), "listeners.\"S\""),
+        (format!("{tls}[listeners.s]\nrole = \"submission\"\nlisten = [\"127.0.0.1:0\"]\n"), "listeners.\"s\": role \"submission\" needs AUTH"),
+        (format!("{auth}[listeners.s]\nrole = \"submissions\"\nlisten = [\"127.0.0.1:0\"]\n"), "listeners.\"s\": role \"submissions\" needs a certificate"),
+        (format!("{tls}{auth}[listeners.s]\nrole = \"submission\"\nlisten = [\"127.0.0.1:0\"]\nauth = false\n"), "listeners.\"s\".auth"),
+        (format!("{tls}{auth}[listeners.s]\nrole = \"submission\"\nlisten = [\"127.0.0.1:0\"]\nrelay_networks = [\"10.0.0.0/8\"]\n"), "listeners.\"s\".relay_networks"),
+        ("[listeners.mx]\nrole = \"mx\"\nlisten = [\"127.0.0.1:0\"]\n".to_string(), "listeners.\"mx\""),
+        ("[listeners.b]\nrole = \"mx\"\nlisten = [\"127.0.0.1:2599\"]\n[listeners.c]\nrole = \"mx\"\nlisten = [\"127.0.0.1:2599\"]\n".to_string(), "listeners.\"c\": 127.0.0.1:2599 is also"),
+    ];
+    for (extra, want) in cases {
+        let text = format!("[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n{extra}");
+        let e = mailroot::config::Config::from_toml(&text).unwrap_err().to_string();
+        assert!(e.starts_with(want), "{extra}\n=> {e}");
+    }
+    // [server] listen may be empty once a listener is named.
+    let text = format!(
+        "[server]\nhostname = \"{HOST}\"\nlisten = []\n[listeners.in]\nrole = \"mx\"\nlisten = [\"127.0.0.1:0\"]\n"
+    );
+    assert!(mailroot::config::Config::from_toml(&text).is_ok());
+    let e = mailroot::config::Config::from_toml("[server]\nlisten = []\n").unwrap_err().to_string();
+    assert!(e.starts_with("server.listen"), "{e}");
 }

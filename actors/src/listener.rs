@@ -22,13 +22,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use crate::metrics::{ActorMeter, Metrics};
+use crate::metrics::{ActorMeter, ListenerLabel, Metrics};
 use crate::peer::client_key;
 use crate::protocol::{self, reply, RefusalCause, SessionParams};
-use crate::session::{serve, Session, SessionShared, Timing};
+use crate::session::{serve, Session, SessionShared, Timing, Tls};
 
 #[derive(Clone)]
 pub struct ListenerSettings {
+    /// The listener's name in the configuration (`mx` for `[server] listen`): in metrics, logs
+    /// and the protocol log's `s-sitename`.
+    pub name: &'static str,
+    /// TLS from the first byte (`submissions`, RFC 8314): the handshake comes before the greeting.
+    pub implicit_tls: bool,
     pub params: Arc<SessionParams>,
     pub relay_networks: Arc<Vec<IpNet>>,
     pub max_connections: usize,
@@ -129,6 +134,8 @@ impl Listener {
     ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.max_connections));
         let meter = shared.metrics.actor("listener");
+        let mut shared = shared;
+        shared.listener = settings.name;
         Listener {
             sockets,
             settings,
@@ -203,6 +210,25 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Changes a connection limit from `old` to `new` permits. Open connections keep theirs; only
+/// the number handed out from now on changes. Call it on an actix runtime.
+pub fn resize(permits: &Arc<Semaphore>, old: usize, new: usize) {
+    if new > old {
+        permits.add_permits(new - old);
+    } else if new < old {
+        let forgotten = permits.forget_permits(old - new);
+        if forgotten < old - new {
+            // The rest are held by open connections: take them as those close.
+            let (permits, rest) = (permits.clone(), u32::try_from(old - new - forgotten).unwrap_or(u32::MAX));
+            actix_rt::spawn(async move {
+                if let Ok(p) = permits.acquire_many(rest).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+}
+
 pub fn relay_allowed(networks: &[IpNet], ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
     networks.iter().any(|n| n.contains(&ip))
@@ -227,7 +253,7 @@ impl Actor for Listener {
         for socket in std::mem::take(&mut self.sockets) {
             let me = ctx.address();
             if let Ok(addr) = socket.local_addr() {
-                info!(%addr, "listening");
+                info!(%addr, listener = self.settings.name, implicit_tls = self.settings.implicit_tls, "listening");
             }
             ctx.spawn(
                 async move {
@@ -259,6 +285,8 @@ impl Handler<Accepted> for Listener {
         let _handling = self.meter.handling();
         let Accepted { stream, peer } = msg;
         self.metrics().connections_total.inc();
+        let label = ListenerLabel { listener: self.settings.name };
+        self.metrics().listener_connections.get_or_create(&label).inc();
         let hostname = self.settings.params.hostname.clone();
         if self.paused.load(Ordering::Relaxed) {
             return self.refuse(stream, peer, RefusalCause::Paused, reply::paused(&hostname));
@@ -266,7 +294,11 @@ impl Handler<Accepted> for Listener {
         if !self.settings.access.permits(peer.ip()) {
             return self.refuse(stream, peer, RefusalCause::AccessDenied, reply::access_denied(&hostname));
         }
+        // The listener's own limit, then all listeners' together.
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return self.refuse(stream, peer, RefusalCause::TooManyConnections, reply::too_many_connections(&hostname));
+        };
+        let Ok(global) = self.shared.connection_permits.clone().try_acquire_owned() else {
             return self.refuse(stream, peer, RefusalCause::TooManyConnections, reply::too_many_connections(&hostname));
         };
         if let Err(cause) = self.admit(peer.ip(), Instant::now()) {
@@ -286,6 +318,11 @@ impl Handler<Accepted> for Listener {
             rate_window: self.settings.min_transfer_window,
         };
         let (shared, tls) = (self.shared.clone(), self.settings.tls.clone());
+        let tls = match (tls, self.settings.implicit_tls) {
+            (Some(acceptor), true) => Tls::Implicit(acceptor),
+            (Some(acceptor), false) => Tls::StartTls(acceptor),
+            (None, _) => Tls::None,
+        };
         let dns = self.settings.reverse_dns.clone();
         let run = move |stream: TcpStream| async move {
             if let Some(dns) = dns {
@@ -294,11 +331,15 @@ impl Handler<Accepted> for Listener {
             }
             let metrics = shared.metrics.clone();
             metrics.connections_current.inc();
+            let current = metrics.listener_connections_current.get_or_create(&label).clone();
+            current.inc();
             let stop = shared.stop.clone();
             let session = Session::new(proto, shared, peer).start();
             serve(stream, session, timing, tls, stop).await;
             metrics.connections_current.dec();
+            current.dec();
             drop(permit);
+            drop(global);
             drop(slot);
         };
         if self.arbiters.is_empty() {
@@ -326,23 +367,11 @@ impl Handler<Reconfigure> for Listener {
     type Result = ();
 
     fn handle(&mut self, msg: Reconfigure, _ctx: &mut Self::Context) {
-        let (old, new) = (self.settings.max_connections, msg.settings.max_connections);
-        // Open connections keep their permits; only the number handed out from now on changes.
-        if new > old {
-            self.permits.add_permits(new - old);
-        } else if new < old {
-            let forgotten = self.permits.forget_permits(old - new);
-            if forgotten < old - new {
-                // The rest are held by open connections: take them as those close.
-                let (permits, rest) = (self.permits.clone(), (old - new - forgotten) as u32);
-                actix_rt::spawn(async move {
-                    if let Ok(p) = permits.acquire_many(rest).await {
-                        p.forget();
-                    }
-                });
-            }
-        }
-        self.settings = msg.settings;
+        resize(&self.permits, self.settings.max_connections, msg.settings.max_connections);
+        // The name and the sockets are fixed at start (a reload that changes them waits for a
+        // restart), so the implicit-TLS switch is too.
+        self.settings =
+            ListenerSettings { name: self.settings.name, implicit_tls: self.settings.implicit_tls, ..msg.settings };
         self.shared.users = msg.users;
         self.shared.error_delay = msg.error_delay;
         self.shared.auth_failures.set_limits(msg.auth_limits.0, msg.auth_limits.1);
@@ -353,7 +382,7 @@ impl Handler<StopListening> for Listener {
     type Result = ();
 
     fn handle(&mut self, _msg: StopListening, ctx: &mut Self::Context) {
-        info!("no longer accepting connections");
+        info!(listener = self.settings.name, "no longer accepting connections");
         ctx.stop();
     }
 }

@@ -49,6 +49,11 @@ pub struct PolicyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -137,6 +142,9 @@ pub struct Metrics {
     pub bytes_delivered: Family<RouteOnlyLabel, Counter>,
     pub connections_total: Counter,
     pub connections_current: Gauge,
+    /// The same per listener (by its name in the configuration).
+    pub listener_connections: Family<ListenerLabel, Counter>,
+    pub listener_connections_current: Family<ListenerLabel, Gauge>,
     /// Refused connections, commands and messages, by cause.
     pub refusals: Family<CauseLabel, Counter>,
     /// Pickup files taken (`queued`) or moved to Badmail (`badmail`).
@@ -222,6 +230,8 @@ impl Metrics {
             bytes_delivered: Family::default(),
             connections_total: Counter::default(),
             connections_current: Gauge::default(),
+            listener_connections: Family::default(),
+            listener_connections_current: Family::default(),
             refusals: Family::default(),
             pickup_files: Family::default(),
             queue_messages: Gauge::default(),
@@ -254,6 +264,12 @@ impl Metrics {
         r.register("bytes_delivered", "Bytes of messages delivered, by route", m.bytes_delivered.clone());
         r.register("inbound_connections", "SMTP connections accepted", m.connections_total.clone());
         r.register("inbound_connections_current", "SMTP connections open now", m.connections_current.clone());
+        r.register("listener_connections", "SMTP connections accepted, by listener", m.listener_connections.clone());
+        r.register(
+            "listener_connections_current",
+            "SMTP connections open now, by listener",
+            m.listener_connections_current.clone(),
+        );
         r.register("refusals", "Refused connections, commands and messages by cause", m.refusals.clone());
         r.register("pickup_files", "Pickup files taken or moved to Badmail", m.pickup_files.clone());
         r.register("queue_messages", "Messages in the queue", m.queue_messages.clone());

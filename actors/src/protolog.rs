@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::protocol::received::civil_date;
 use crate::protocol::CommandLog;
 
-pub const FIELDS: &str = "date time c-ip cs-method cs-uri-stem sc-status sc-bytes cs-bytes time-taken";
+pub const FIELDS: &str = "date time c-ip s-sitename cs-method cs-uri-stem sc-status sc-bytes cs-bytes time-taken";
 
 pub struct ProtocolLog {
     template: String,
@@ -70,13 +70,14 @@ impl ProtocolLog {
     }
 
     /// Appends one line.
-    pub fn write(&self, client: IpAddr, entry: &CommandLog, taken: Duration) {
+    /// `site` is the listener's name (IIS wrote its virtual server's, `SMTPSVC1`).
+    pub fn write(&self, client: IpAddr, site: &str, entry: &CommandLog, taken: Duration) {
         let now = crate::clock::unix_now();
         let path = self.path_for(now);
         let (date, time) = date_time(now);
         let arg = if entry.arg.is_empty() { "-" } else { entry.arg.as_str() };
         let line = format!(
-            "{date} {time} {client} {} {arg} {} {} {} {}\r\n",
+            "{date} {time} {client} {site} {} {arg} {} {} {} {}\r\n",
             entry.verb,
             entry.status,
             entry.out_bytes,

@@ -157,6 +157,17 @@ pub struct SessionShared {
     pub meter: ActorMeter,
     /// The protocol log, when `[log] protocol` is set.
     pub protolog: Option<Arc<ProtocolLog>>,
+    /// Connections open at once, all listeners together (`[server] max_connections`).
+    pub connection_permits: Arc<tokio::sync::Semaphore>,
+    /// The listener's name (set by the Listener), for the logs.
+    pub listener: &'static str,
+}
+
+/// TLS on a connection: none, offered with STARTTLS, or from the first byte (port 465).
+pub enum Tls {
+    None,
+    StartTls(TlsAcceptor),
+    Implicit(TlsAcceptor),
 }
 
 pub struct Session {
@@ -312,7 +323,7 @@ async fn drive(
             Action::Close => out.close = true,
             Action::Log(entry) => {
                 if let Some(log) = &shared.protolog {
-                    log.write(peer.ip(), &entry, started.elapsed());
+                    log.write(peer.ip(), shared.listener, &entry, started.elapsed());
                 }
             }
             Action::StartTls => {
@@ -549,16 +560,32 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Owns the socket of one connection until it closes. Every write is bounded by the idle
 /// timeout too, so a client that stops reading cannot pin the connection.
-pub async fn serve(
-    stream: TcpStream,
-    session: Addr<Session>,
-    timing: Timing,
-    tls: Option<TlsAcceptor>,
-    mut stop: StopSignal,
-) {
+pub async fn serve(stream: TcpStream, session: Addr<Session>, timing: Timing, tls: Tls, mut stop: StopSignal) {
     let idle = timing.idle;
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
+    let tls = match tls {
+        Tls::None => None,
+        Tls::StartTls(acceptor) => Some(acceptor),
+        Tls::Implicit(acceptor) => {
+            // RFC 8314 §3.3: the handshake first, the greeting over TLS. A client that never
+            // finishes it holds its slot only for the handshake's time.
+            match tokio::time::timeout(idle.min(HANDSHAKE_TIMEOUT), acceptor.accept(stream)).await {
+                Ok(Ok(mut tls_stream)) => {
+                    if session.send(TlsStarted).await.is_err() {
+                        return;
+                    }
+                    let Ok(greeting) = session.send(Greet).await else { return };
+                    if write(&mut tls_stream, &greeting.bytes, idle).await {
+                        let _ = pump(tls_stream, &session, &timing, &mut stop).await;
+                    }
+                }
+                Ok(Err(e)) => info!(client = ?peer, error = %e, "TLS handshake failed"),
+                Err(_) => info!(client = ?peer, "TLS handshake timed out"),
+            }
+            return;
+        }
+    };
     let Ok(greeting) = session.send(Greet).await else {
         return;
     };
@@ -586,6 +613,9 @@ pub async fn serve(
         Err(_) => info!(client = ?peer, "TLS handshake timed out"),
     }
 }
+
+/// How long an implicit-TLS client may take over its handshake (at most the idle timeout).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Waits until a stream has something to read, without a buffer. A plain TCP stream asks the
 /// kernel, so an idle session holds no read buffer; a TLS stream may hold decrypted bytes the

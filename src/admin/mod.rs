@@ -21,12 +21,13 @@ use std::time::Instant;
 use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use mailroot_actors::metrics::{Metrics, StateLabel};
+use mailroot_actors::metrics::{ListenerLabel, Metrics, StateLabel};
 use mailroot_actors::queue::{
     AdminError, Bounce, Delete, Hold, List, ListFilter, Release, RetryAll, RetryNow, Show, Summary,
 };
 use mailroot_actors::supervisor::QueueSupervisor;
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 use tracing::info;
 
 use crate::api::{ApiError, Done, Reloaded, Retried, ServerState, Status};
@@ -50,7 +51,8 @@ pub struct AdminState {
     pub started_unix: u64,
     pub paused: Arc<AtomicBool>,
     pub control: ControlHandle,
-    pub smtp_listeners: Vec<SocketAddr>,
+    /// (name, role, bound addresses) of each SMTP listener.
+    pub smtp_listeners: Vec<(String, &'static str, Vec<SocketAddr>)>,
     pub hostname: String,
 }
 
@@ -167,7 +169,20 @@ async fn status(req: HttpRequest, s: State) -> HttpResponse {
         state: if s.paused.load(Ordering::Relaxed) { "paused" } else { "running" }.into(),
         started_at: s.started_unix,
         uptime_seconds: s.started.elapsed().as_secs(),
-        listeners: s.smtp_listeners.iter().map(|a| a.to_string()).collect(),
+        listeners: s
+            .smtp_listeners
+            .iter()
+            .map(|(name, role, addrs)| crate::api::ListenerStatus {
+                name: name.clone(),
+                role: Cow::Borrowed(role),
+                addresses: addrs.iter().map(|a| a.to_string()).collect(),
+                connections: s
+                    .metrics
+                    .listener_connections_current
+                    .get_or_create(&ListenerLabel { listener: mailroot_actors::metrics::intern(name) })
+                    .get(),
+            })
+            .collect(),
         connections: s.metrics.connections_current.get(),
         queue,
     })

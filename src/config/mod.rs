@@ -15,7 +15,7 @@ mod settings;
 mod validate;
 
 pub use sections::*;
-pub use settings::{RouteSettings, Security};
+pub use settings::{ListenerDef, RouteSettings, Security};
 
 /// The file `mailroot run` uses when `--config` is not given and it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/mailroot.toml";
@@ -41,6 +41,7 @@ pub struct Config {
     pub lmtp: LmtpRoute,
     /// DKIM keys by signing domain.
     pub dkim: BTreeMap<String, DkimDomain>,
+    pub listeners: BTreeMap<String, ListenerSection>,
 }
 
 /// A configuration problem, naming the key (or file) at fault.
@@ -95,6 +96,13 @@ impl Config {
         {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
+            }
+        }
+        for l in self.listeners.values_mut() {
+            for p in [&mut l.tls_cert, &mut l.tls_key] {
+                if p.is_relative() && !p.as_os_str().is_empty() {
+                    *p = base.join(&*p);
+                }
             }
         }
         for d in self.dkim.values_mut() {

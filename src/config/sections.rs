@@ -186,6 +186,61 @@ impl Default for Server {
     }
 }
 
+/// What a listener is for (RFC 6409, RFC 8314).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Port 25: anyone may deliver to the local domains; AUTH optional.
+    Mx,
+    /// Port 587: STARTTLS, then AUTH before MAIL.
+    Submission,
+    /// Port 465: TLS from the first byte, then AUTH before MAIL.
+    Submissions,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "mx" => Some(Role::Mx),
+            "submission" => Some(Role::Submission),
+            "submissions" => Some(Role::Submissions),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Mx => "mx",
+            Role::Submission => "submission",
+            Role::Submissions => "submissions",
+        }
+    }
+}
+
+/// `[listeners."name"]`: one more set of SMTP sockets with a role and its own settings. What a
+/// listener does not set comes from the global sections (`[server]`, `[tls]`, `[auth]`,
+/// `[limits]`, `[relay]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerSection {
+    /// `mx`, `submission` or `submissions`.
+    pub role: String,
+    pub listen: Vec<String>,
+    /// Connections open at once on this listener (default `server.max_connections`).
+    pub max_connections: Option<usize>,
+    /// This listener's own certificate (default `[tls]`'s). Relative to the config's folder.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Mail commands before STARTTLS get 530 (default: `true` for `submission`, `tls.required`
+    /// for `mx`).
+    pub tls_required: Option<bool>,
+    /// Offer AUTH (default: when `auth.users_file` is set; submission roles always do).
+    pub auth: Option<bool>,
+    pub max_message_size: Option<u64>,
+    pub max_recipients: Option<usize>,
+    /// Who may relay without AUTH (`mx` only; default `relay.allow_networks`).
+    pub relay_networks: Option<Vec<IpNet>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Mailroot {

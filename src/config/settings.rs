@@ -23,13 +23,15 @@ use mailroot_actors::resolve::Dns;
 use mailroot_actors::routes::RouteTable;
 use tracing::warn;
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, Role};
 
 /// The TLS configuration and AUTH users, loaded from their files before anything starts (or
 /// changes, at a reload), so a bad file is a clear error and never half-applied.
 #[derive(Clone)]
 pub struct Security {
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Listeners with a certificate of their own, by name.
+    pub listener_tls: BTreeMap<String, Arc<rustls::ServerConfig>>,
     pub users: Option<Arc<Users>>,
     /// DKIM keys (empty when no `[dkim."domain"]` is configured).
     pub dkim: Arc<Signer>,
@@ -44,6 +46,15 @@ impl Security {
         } else {
             None
         };
+        let mut listener_tls = BTreeMap::new();
+        for (name, l) in &config.listeners {
+            if l.tls_cert.as_os_str().is_empty() && l.tls_key.as_os_str().is_empty() {
+                continue;
+            }
+            let c = mailroot_actors::tls::server_config(&l.tls_cert, &l.tls_key)
+                .map_err(|e| ConfigError(format!("listeners.\"{name}\".tls_cert: {e}")))?;
+            listener_tls.insert(name.clone(), c);
+        }
         let users = match config.load_users()? {
             Some(map) => {
                 let users = Users::new(map).map_err(|e| ConfigError(format!("auth.users_file: {e}")))?;
@@ -55,8 +66,17 @@ impl Security {
             None => None,
         };
         let dkim = Arc::new(Signer::load(&config.dkim_settings()?).map_err(|e| ConfigError(e.to_string()))?);
-        Ok(Security { tls, users, dkim })
+        Ok(Security { tls, listener_tls, users, dkim })
     }
+}
+
+/// One listener: its name, the key that defines it (for errors), its role and its addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerDef {
+    pub name: String,
+    pub key: String,
+    pub role: Role,
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// What a built-in route's actor is made from. A reload compares these (`PartialEq`) and
@@ -115,15 +135,56 @@ impl Config {
             .map_err(|_| ConfigError(format!("admin.listen: {:?} is not an address:port", self.admin.listen)))
     }
 
+    /// Every listener: `[server] listen` as the `mx` listener (when it has addresses), then each
+    /// `[listeners."name"]` in name order.
+    pub fn listener_defs(&self) -> Result<Vec<ListenerDef>, ConfigError> {
+        let addrs = |key: &str, list: &[String]| -> Result<Vec<SocketAddr>, ConfigError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, a)| a.parse().map_err(|_| ConfigError(format!("{key}[{i}]: {a:?} is not an address:port"))))
+                .collect()
+        };
+        let mut defs = Vec::new();
+        if !self.server.listen.is_empty() {
+            defs.push(ListenerDef {
+                name: "mx".into(),
+                key: "server.listen".into(),
+                role: Role::Mx,
+                addrs: addrs("server.listen", &self.server.listen)?,
+            });
+        }
+        for (name, l) in &self.listeners {
+            let key = format!("listeners.\"{name}\"");
+            let valid = !name.is_empty()
+                && name.len() <= 32
+                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !valid {
+                return Err(ConfigError(format!("{key}: a listener's name is 1-32 of a-z, 0-9, '-', '_'")));
+            }
+            if name == "mx" && !self.server.listen.is_empty() {
+                return Err(ConfigError(format!("{key}: \"mx\" is [server] listen's name; choose another")));
+            }
+            let role = Role::parse(&l.role)
+                .ok_or_else(|| ConfigError(format!("{key}.role: {:?} is not mx, submission or submissions", l.role)))?;
+            if l.listen.is_empty() {
+                return Err(ConfigError(format!("{key}.listen: at least one address is needed")));
+            }
+            if l.max_connections == Some(0) {
+                return Err(ConfigError(format!("{key}.max_connections: must be at least 1")));
+            }
+            defs.push(ListenerDef {
+                name: name.clone(),
+                role,
+                addrs: addrs(&format!("{key}.listen"), &l.listen)?,
+                key,
+            });
+        }
+        Ok(defs)
+    }
+
+    /// Every listener's addresses, in [`Config::listener_defs`] order.
     pub fn listen_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
-        self.server
-            .listen
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                a.parse().map_err(|_| ConfigError(format!("server.listen[{i}]: {a:?} is not an address:port")))
-            })
-            .collect()
+        Ok(self.listener_defs()?.into_iter().flat_map(|d| d.addrs).collect())
     }
 
     /// Remote domains anyone may relay to (`relay_allowed = true`).
@@ -246,28 +307,50 @@ impl Config {
         SenderLogins::new(self.auth.senders.iter().map(|(k, v)| (k.clone(), v.clone()))).ok().map(Arc::new)
     }
 
-    /// What the SMTP side is built from; rebuilt at each reload.
-    pub fn listener_settings(&self, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
+    /// What each listener is built from, in [`Config::listener_defs`] order (validated, so a bad
+    /// listener never reaches here); rebuilt at each reload.
+    pub fn listener_settings(&self, security: &Security, reverse_dns: Option<Arc<Dns>>) -> Vec<ListenerSettings> {
+        let defs = self.listener_defs().unwrap_or_default();
+        defs.iter().map(|def| self.one_listener(def, security, reverse_dns.clone())).collect()
+    }
+
+    fn one_listener(&self, def: &ListenerDef, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
+        let own = self.listeners.get(&def.name).filter(|_| def.key != "server.listen").cloned().unwrap_or_default();
+        let tls = security.listener_tls.get(&def.name).or(security.tls.as_ref()).cloned();
+        let submission = def.role != Role::Mx;
         let params = Arc::new(SessionParams {
             hostname: self.server.hostname.clone(),
             local_domains: self.local_domains(),
             relay_domains: self.relay_domains(),
-            max_message_size: self.limits.max_message_size as usize,
-            max_recipients: self.limits.max_recipients,
+            max_message_size: own.max_message_size.unwrap_or(self.limits.max_message_size) as usize,
+            max_recipients: own.max_recipients.unwrap_or(self.limits.max_recipients),
             max_messages_per_connection: self.limits.max_messages_per_connection,
             max_errors: self.limits.max_errors,
             max_hop_count: self.queue.max_hop_count,
-            tls_available: security.tls.is_some(),
-            tls_required: self.tls.required,
-            auth_enabled: security.users.is_some(),
+            // Implicit TLS is on before the first command: nothing to offer.
+            tls_available: tls.is_some() && def.role != Role::Submissions,
+            tls_required: match def.role {
+                Role::Mx => own.tls_required.unwrap_or(self.tls.required),
+                Role::Submission => own.tls_required.unwrap_or(true),
+                Role::Submissions => false,
+            },
+            auth_enabled: security.users.is_some() && own.auth.unwrap_or(true),
             auth_plaintext_loopback: self.auth.allow_plaintext_loopback,
             check_recipients: self.recipient_check(),
             sender_logins: self.sender_logins(),
+            auth_required: submission,
         });
+        let relay_networks = match (submission, own.relay_networks) {
+            (true, _) => Vec::new(),
+            (false, Some(n)) => n,
+            (false, None) => self.relay.allow_networks.clone(),
+        };
         ListenerSettings {
+            name: mailroot_actors::metrics::intern(&def.name),
+            implicit_tls: def.role == Role::Submissions,
             params,
-            relay_networks: Arc::new(self.relay.allow_networks.clone()),
-            max_connections: self.server.max_connections,
+            relay_networks: Arc::new(relay_networks),
+            max_connections: own.max_connections.unwrap_or(self.server.max_connections),
             idle_timeout: self.server.idle_timeout.0,
             stress_idle_timeout: self.server.stress_idle_timeout.0,
             min_transfer_rate: self.server.min_transfer_rate,
@@ -275,7 +358,7 @@ impl Config {
             access: AccessLists { allow: self.access.allow.clone(), deny: self.access.deny.clone() },
             max_connections_per_ip: self.access.max_connections_per_ip,
             max_connections_per_ip_per_minute: self.access.max_connections_per_ip_per_minute,
-            tls: security.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
             reverse_dns,
         }
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use mailroot_actors::remote::SmartHost;
 use mailroot_actors::routes::RouteTable;
 
+use super::Role;
 use super::{Config, ConfigError};
 
 impl Config {
@@ -15,10 +16,41 @@ impl Config {
         if validate_domain(&self.server.hostname).is_err() {
             return err("server.hostname", format!("{:?} is not a valid host name", self.server.hostname));
         }
-        if self.server.listen.is_empty() {
-            return err("server.listen", "at least one address is needed".into());
+        if self.server.listen.is_empty() && self.listeners.is_empty() {
+            return err("server.listen", "at least one address is needed (or a [listeners.\"name\"] section)".into());
         }
-        self.listen_addrs()?;
+        let defs = self.listener_defs()?;
+        let mut seen = std::collections::HashSet::new();
+        for def in &defs {
+            // Port 0 (any free port, as tests use) never collides.
+            for a in def.addrs.iter().filter(|a| a.port() != 0) {
+                if !seen.insert(*a) {
+                    return err(&def.key, format!("{a} is also another listener's address"));
+                }
+            }
+        }
+        for def in defs.iter().filter(|d| d.role != Role::Mx) {
+            let key = &def.key;
+            let section = &self.listeners[&def.name];
+            if self.auth.users_file.as_os_str().is_empty() {
+                return err(key, format!("role {:?} needs AUTH: set auth.users_file", def.role.as_str()));
+            }
+            if section.auth == Some(false) {
+                return err(&format!("{key}.auth"), format!("role {:?} always offers AUTH", def.role.as_str()));
+            }
+            if !self.tls.enabled() && section.tls_cert.as_os_str().is_empty() {
+                return err(
+                    key,
+                    format!("role {:?} needs a certificate: set tls_cert and tls_key, or [tls]", def.role.as_str()),
+                );
+            }
+            if section.relay_networks.is_some() {
+                return err(
+                    &format!("{key}.relay_networks"),
+                    "a submission listener relays for authenticated users only".into(),
+                );
+            }
+        }
         if self.server.max_connections == 0 {
             return err("server.max_connections", "must be at least 1".into());
         }

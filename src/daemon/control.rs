@@ -83,7 +83,7 @@ pub(super) async fn control_loop(mut sys: Wired, mut rx: mpsc::Receiver<Control>
     let mut watchdog = systemd::Watchdog::from_env();
     loop {
         let request = match signals.next(&mut rx).await {
-            Request::Watch if !sys.listener.connected() => {
+            Request::Watch if sys.listeners.iter().any(|(_, l)| !l.connected()) => {
                 // Its sockets went with it: stop in order and let the service manager start a
                 // new process (the systemd unit restarts on failure).
                 error!("the SMTP listener died; stopping with a failure status");
@@ -97,7 +97,7 @@ pub(super) async fn control_loop(mut sys: Wired, mut rx: mpsc::Receiver<Control>
             Request::InjectPanic(actor) => match actor {
                 "queue" => sys.queue.do_send(mailroot_actors::fault::InjectPanic),
                 "pickup" => sys.pickup.do_send(mailroot_actors::fault::InjectPanic),
-                "listener" => sys.listener.do_send(mailroot_actors::fault::InjectPanic),
+                "listener" => sys.listeners.iter().for_each(|(_, l)| l.do_send(mailroot_actors::fault::InjectPanic)),
                 other => warn!(actor = other, "no such actor to make panic"),
             },
             Request::Watch => {
@@ -160,7 +160,9 @@ pub(super) async fn control_loop(mut sys: Wired, mut rx: mpsc::Receiver<Control>
 async fn shutdown(sys: &Wired) {
     let grace = sys.config.server.shutdown_grace.0;
     let deadline = tokio::time::Instant::now() + grace;
-    let _ = sys.listener.send(StopListening).await;
+    for (_, l) in &sys.listeners {
+        let _ = l.send(StopListening).await;
+    }
     let _ = sys.stop_tx.send(Some(deadline));
     let drain = sys.queue.send(Drain { grace });
     let sessions = async {
@@ -206,15 +208,26 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
     }
     // Before the listener sees the new settings: its sessions may start asking at once.
     sys.recipient_verifier.configure(new.recipient_verifier_settings());
-    sys.listener
-        .send(Reconfigure {
-            settings: new.listener_settings(&security, sys.reverse_dns.clone()),
-            users: security.users.clone(),
-            error_delay: new.limits.error_delay.0,
-            auth_limits: (new.auth.max_failures, new.auth.failure_window.0),
-        })
-        .await
-        .map_err(|e| format!("listener unavailable: {e}"))?;
+    // A listener added or removed waits for a restart (its sockets are bound at start): the
+    // running ones take their new settings by name.
+    let settings = new.listener_settings(&security, sys.reverse_dns.clone());
+    mailroot_actors::listener::resize(
+        &sys.connection_permits,
+        sys.config.server.max_connections,
+        new.server.max_connections,
+    );
+    for (name, listener) in &sys.listeners {
+        let Some(s) = settings.iter().find(|s| s.name == name.as_str()) else { continue };
+        listener
+            .send(Reconfigure {
+                settings: s.clone(),
+                users: security.users.clone(),
+                error_delay: new.limits.error_delay.0,
+                auth_limits: (new.auth.max_failures, new.auth.failure_window.0),
+            })
+            .await
+            .map_err(|e| format!("listener {name} unavailable: {e}"))?;
+    }
     *sys.router.lock().unwrap_or_else(|e| e.into_inner()) = router.clone();
     sys.queue.send(SetRouter(router)).await.map_err(|e| format!("queue unavailable: {e}"))?;
     *sys.signer.lock().unwrap_or_else(|e| e.into_inner()) = security.dkim.clone();

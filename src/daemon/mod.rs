@@ -102,10 +102,15 @@ pub struct StartOptions {
     pub config_path: Option<PathBuf>,
 }
 
+/// Each listener's name and the addresses it is bound to.
+pub type BoundListeners = Vec<(String, Vec<SocketAddr>)>;
+
 /// A running mailroot.
 pub struct Running {
-    /// The addresses the SMTP listeners are bound to (useful with port 0).
+    /// The addresses the SMTP listeners are bound to (useful with port 0), all listeners'.
     pub smtp_addrs: Vec<SocketAddr>,
+    /// The same by listener name, in the configuration's order (`mx` for `[server] listen`).
+    pub listeners: Vec<(String, Vec<SocketAddr>)>,
     /// The admin API's address, when it runs.
     pub admin_addr: Option<SocketAddr>,
     pub folders: Folders,
@@ -116,6 +121,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The first address of the listener called `name` (tests and embedders).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).and_then(|(_, a)| a.first().copied())
+    }
+
     /// The metrics in Prometheus text format.
     pub fn metrics_text(&self) -> String {
         let mut s = String::new();
@@ -307,7 +317,7 @@ fn start_with(
     routes::check_names(&config, &custom)?;
     let folders = Folders::new(&config.mailroot.path);
     folders.create().map_err(|e| StartError::Other(format!("creating the Mailroot folders: {e}")))?;
-    let listen = config.listen_addrs()?;
+    let listen = config.listener_defs()?;
     raise_open_file_limit(config.server.max_connections);
     let admin_listener = match config.admin_addr()? {
         Some(addr) => {
@@ -337,7 +347,7 @@ fn start_with(
     let metrics = Metrics::new(&mut registry);
     let registry = Arc::new(registry);
 
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Vec<SocketAddr>, StartError>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<BoundListeners, StartError>>();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel::<Control>(16);
     let control = ControlHandle::new(control_tx);
     let failed = Arc::new(AtomicBool::new(false));
@@ -363,8 +373,9 @@ fn start_with(
         .map_err(|e| StartError::Other(format!("cannot start the actor system thread: {e}")))?;
 
     match ready_rx.recv() {
-        Ok(Ok(smtp_addrs)) => {
-            Ok(Running { smtp_addrs, admin_addr, folders, registry, control, failed, thread: Some(thread) })
+        Ok(Ok(listeners)) => {
+            let smtp_addrs = listeners.iter().flat_map(|(_, a)| a.iter().copied()).collect();
+            Ok(Running { smtp_addrs, listeners, admin_addr, folders, registry, control, failed, thread: Some(thread) })
         }
         Ok(Err(e)) => {
             let _ = thread.join();

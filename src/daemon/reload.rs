@@ -3,7 +3,7 @@
 //! at the next start (the Mailroot folder, the queue's settings, the admin API, logging, the
 //! listening sockets and the host name, which the queue writes into every header it adds).
 
-use crate::config::{Config, Server};
+use crate::config::{Config, ListenerSection, Server};
 
 /// The outcome of comparing two configurations.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -19,6 +19,15 @@ pub(super) struct ReloadPlan {
 pub(super) fn plan(old: &Config, new: &Config, tls_loaded: bool) -> ReloadPlan {
     // The rest of [server] applies to new connections; listen and hostname need a restart.
     let rest = |s: &Server| Server { listen: Vec::new(), hostname: String::new(), ..s.clone() };
+    // A listener's sockets and role are fixed at start; the rest of its settings apply now.
+    let shape =
+        |c: &Config| c.listeners.iter().map(|(n, l)| (n.clone(), l.role.clone(), l.listen.clone())).collect::<Vec<_>>();
+    let rest_of = |c: &Config| {
+        c.listeners
+            .iter()
+            .map(|(n, l)| (n.clone(), ListenerSection { role: String::new(), listen: Vec::new(), ..l.clone() }))
+            .collect::<Vec<_>>()
+    };
     // (name, changed, applied now)
     let sections = [
         ("tls", old.tls != new.tls, true),
@@ -38,6 +47,8 @@ pub(super) fn plan(old: &Config, new: &Config, tls_loaded: bool) -> ReloadPlan {
         ("log", old.log != new.log, false),
         ("server.hostname", old.server.hostname != new.server.hostname, false),
         ("server.listen", old.server.listen != new.server.listen, false),
+        ("listeners", rest_of(old) != rest_of(new), true),
+        ("listeners (names, roles, addresses)", shape(old) != shape(new), false),
     ];
     let mut p = ReloadPlan::default();
     for (name, _, now) in sections.into_iter().filter(|s| s.1) {
@@ -78,6 +89,12 @@ mod tests {
             ("[admin]\nlisten = \"\"\n", false, &[], &["admin"]),
             ("[log]\nprotocol = \"/tmp/p\"\n", false, &[], &["log"]),
             ("[mailroot]\npath = \"/srv/mail\"\n", false, &[], &["mailroot"]),
+            (
+                "[listeners.sub]\nrole = \"mx\"\nlisten = [\"127.0.0.1:2627\"]\n",
+                false,
+                &["listeners"],
+                &["listeners (names, roles, addresses)"],
+            ),
             (
                 "[limits]\nmax_recipients = 10\n[queue]\nmax_hop_count = 20\n",
                 true,

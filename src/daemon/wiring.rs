@@ -31,7 +31,7 @@ use super::control;
 use super::routes::RouteActors;
 use super::{systemd, Folders, StartError, StartOptions};
 use crate::admin::AdminState;
-use crate::config::{Config, Security};
+use crate::config::{Config, ListenerDef, Security};
 use crate::control::{Control, ControlHandle};
 
 /// Everything the actor system thread needs.
@@ -42,7 +42,8 @@ pub(super) struct Parts {
     pub(super) store: Store,
     pub(super) metrics: Arc<Metrics>,
     pub(super) registry: Arc<Registry>,
-    pub(super) listen: Vec<SocketAddr>,
+    /// The listeners to bind, as the configuration defines them.
+    pub(super) listen: Vec<ListenerDef>,
     pub(super) admin: Option<std::net::TcpListener>,
     /// The admin API's token (configured or generated).
     pub(super) admin_token: String,
@@ -66,7 +67,10 @@ pub(super) struct Wired {
     pub(super) router: Arc<std::sync::Mutex<Router>>,
     /// The DKIM keys a restarted Queue starts with.
     pub(super) signer: Arc<std::sync::Mutex<Arc<mailroot_actors::dkim::Signer>>>,
-    pub(super) listener: Addr<Listener>,
+    /// Every listener by name, in the configuration's order.
+    pub(super) listeners: Vec<(String, Addr<Listener>)>,
+    /// `[server] max_connections`, shared by every listener.
+    pub(super) connection_permits: Arc<tokio::sync::Semaphore>,
     pub(super) queue: Addr<QueueSupervisor>,
     pub(super) pickup: Addr<Pickup>,
     pub(super) pickup_factory: Box<dyn Fn() -> Addr<Pickup>>,
@@ -80,7 +84,7 @@ pub(super) struct Wired {
 
 pub(super) fn run_system(
     parts: Parts,
-    ready: std::sync::mpsc::Sender<Result<Vec<SocketAddr>, StartError>>,
+    ready: std::sync::mpsc::Sender<Result<super::BoundListeners, StartError>>,
     control_rx: tokio::sync::mpsc::Receiver<Control>,
 ) {
     let system = System::new();
@@ -104,15 +108,20 @@ pub(super) fn run_system(
     } = parts;
 
     let started = system.block_on(async {
-        let mut sockets = Vec::new();
-        let mut addrs = Vec::new();
-        for addr in &listen {
-            let socket = super::bind(*addr)
-                .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|e| StartError::Other(format!("server.listen: cannot listen on {addr}: {e}")))?;
-            addrs.push(socket.local_addr().map_err(|e| StartError::Other(e.to_string()))?);
-            sockets.push(socket);
+        // (name, sockets, bound addresses) per listener.
+        let mut bound = Vec::new();
+        for def in &listen {
+            let (mut sockets, mut addrs) = (Vec::new(), Vec::new());
+            for addr in &def.addrs {
+                let socket = super::bind(*addr)
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .map_err(|e| StartError::Other(format!("{}: cannot listen on {addr}: {e}", def.key)))?;
+                addrs.push(socket.local_addr().map_err(|e| StartError::Other(e.to_string()))?);
+                sockets.push(socket);
+            }
+            bound.push((def.name.clone(), sockets, addrs));
         }
+        let addrs: Vec<(String, Vec<SocketAddr>)> = bound.iter().map(|(n, _, a)| (n.clone(), a.clone())).collect();
         let mut routes = RouteActors::default();
         routes.update(&config, &folders, &metrics, &custom)?;
         let router = routes.router(&config)?;
@@ -161,10 +170,8 @@ pub(super) fn run_system(
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
         let failed = failed.clone();
         let paused = Arc::new(AtomicBool::new(false));
-        let listener = Listener::new(
-            sockets,
-            config.listener_settings(&security, reverse_dns.clone()),
-            SessionShared {
+        let connection_permits = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
+        let shared = SessionShared {
                 queue: queue.clone().recipient(),
                 metrics: metrics.clone(),
                 users: security.users.clone(),
@@ -181,11 +188,17 @@ pub(super) fn run_system(
                 stop: stop_rx,
                 meter: metrics.actor("session"),
                 protolog: protolog.clone(),
-            },
-            session_arbiters.iter().map(|a| a.handle()).collect(),
-        )
-        .paused_by(paused.clone())
-        .start();
+                listener: "",
+                connection_permits: connection_permits.clone(),
+        };
+        let mut settings = config.listener_settings(&security, reverse_dns.clone()).into_iter();
+        let mut listeners = Vec::new();
+        for (name, sockets, _) in bound {
+            let Some(s) = settings.next() else { break };
+            let arbiters = session_arbiters.iter().map(|a| a.handle()).collect();
+            let listener = Listener::new(sockets, s, shared.clone(), arbiters).paused_by(paused.clone()).start();
+            listeners.push((name, listener));
+        }
         let pickup_settings = config.pickup_settings(&folders.pickup, &folders.badmail);
         let (q, m) = (queue.clone(), metrics.clone());
         let pickup_factory: Box<dyn Fn() -> Addr<Pickup>> = Box::new(move || {
@@ -206,7 +219,11 @@ pub(super) fn run_system(
                     started_unix: unix_now(),
                     paused,
                     control: control.clone(),
-                    smtp_listeners: addrs.clone(),
+                    smtp_listeners: listen
+                        .iter()
+                        .zip(&addrs)
+                        .map(|(def, (_, a))| (def.name.clone(), def.role.as_str(), a.clone()))
+                        .collect(),
                     hostname: config.server.hostname.clone(),
                 };
                 let server =
@@ -244,7 +261,8 @@ pub(super) fn run_system(
                 router: current_router,
                 signer: current_signer,
                 reverse_dns,
-                listener,
+                listeners,
+                connection_permits,
                 queue,
                 pickup,
                 pickup_factory,

@@ -87,6 +87,8 @@ pub fn session(input: &[u8]) {
                     .unwrap_or_default(),
             )
         }),
+        // A submission listener when a relay client also has a sender map.
+        auth_required: control & 0x09 == 0x09,
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);

@@ -147,6 +147,11 @@ pub fn ready_for_tls() -> Reply {
     Reply::new(220, "2.0.0", "Ready to start TLS")
 }
 
+/// RFC 4954 §6: a submission server takes mail only from authenticated clients.
+pub fn auth_required() -> Reply {
+    Reply::new(530, "5.7.0", "Authentication required")
+}
+
 pub fn tls_required() -> Reply {
     Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
 }

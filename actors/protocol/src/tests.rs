@@ -23,6 +23,7 @@ fn params() -> SessionParams {
         auth_plaintext_loopback: false,
         check_recipients: RecipientCheck::default(),
         sender_logins: None,
+        auth_required: false,
     }
 }
 
@@ -667,10 +668,37 @@ fn authenticated_users_send_only_as_themselves() {
     assert!(got.ends_with("250/2.1.0"), "{got}");
 }
 
+/// A submission listener (RFC 6409): nothing is taken before AUTH, not even from a relay network
+/// or for a local domain.
+#[test]
+fn submission_requires_auth() {
+    let p = SessionParams { auth_required: true, tls_required: true, ..secure() };
+    let login = "EHLO c\r\nSTARTTLS\r\n";
+    let cases: &[(&str, bool, &str)] = &[
+        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\n", false, "250 530/5.7.0"),
+        ("EHLO c\r\nMAIL FROM:<a@b.test>\r\n", true, "250 530/5.7.0"),
+        ("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@example.test>\r\n", true, "250 530/5.7.0 503/5.5.1"),
+        (
+            "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\n",
+            false,
+            "250 235/2.7.0 250/2.1.0 250/2.1.5",
+        ),
+    ];
+    for (input, relay, want) in cases {
+        let (got, r) = codes(p.clone(), *relay, &[login, input]);
+        assert!(got.ends_with(want), "{input:?} relay {relay}: {got}");
+        assert_eq!(r.refusals.contains(&RefusalCause::AuthRequired), want.contains("530"), "{input:?}");
+    }
+    // Before STARTTLS, tls_required answers first.
+    let (got, _) = codes(p, false, &["EHLO c\r\nMAIL FROM:<a@b.test>\r\n"]);
+    assert!(got.ends_with("250 530/5.7.0"), "{got}");
+}
+
 #[test]
 fn authenticated_users_write_only_their_own_from_header() {
     let login = "EHLO c\r\nSTARTTLS\r\n";
-    let auth = "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.test>\r\n";
+    let auth =
+        "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.test>\r\n";
     let map = crate::senders::SenderLogins::new([(
         "alice".to_string(),
         vec!["alice@example.test".to_string(), "@alice.test".to_string()],
@@ -693,11 +721,8 @@ fn authenticated_users_write_only_their_own_from_header() {
     for (headers, want) in cases {
         for bdat in [false, true] {
             let body = format!("{headers}\r\nbody\r\n");
-            let data = if bdat {
-                format!("BDAT {} LAST\r\n{body}", body.len())
-            } else {
-                format!("DATA\r\n{body}.\r\n")
-            };
+            let data =
+                if bdat { format!("BDAT {} LAST\r\n{body}", body.len()) } else { format!("DATA\r\n{body}.\r\n") };
             let (got, r) = codes(p.clone(), false, &[login, &format!("{auth}{data}")]);
             assert_eq!(got.rsplit(' ').next(), Some(*want), "{headers:?} bdat {bdat}: {got}");
             assert_eq!(r.messages.len(), usize::from(want.starts_with("250")), "{headers:?}");
@@ -705,7 +730,11 @@ fn authenticated_users_write_only_their_own_from_header() {
         }
     }
     // Unauthenticated clients (a relay network) are not checked.
-    let (got, _) = codes(p, true, &["EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nFrom: bob@example.test\r\n\r\nx\r\n.\r\n"]);
+    let (got, _) = codes(
+        p,
+        true,
+        &["EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nFrom: bob@example.test\r\n\r\nx\r\n.\r\n"],
+    );
     assert!(got.ends_with("250/2.0.0"), "{got}");
 }
 

@@ -152,6 +152,8 @@ pub enum RefusalCause {
     RecipientUnverified,
     /// An authenticated user gave a sender it does not own: 553 5.7.1.
     SenderLoginMismatch,
+    /// MAIL before AUTH on a submission listener: 530 5.7.0.
+    AuthRequired,
     /// The service is paused: new connections get 421 4.3.2.
     Paused,
     /// The service is stopping: open sessions end with 421 4.3.2.
@@ -189,6 +191,7 @@ impl RefusalCause {
             RefusalCause::UnknownRecipient => "unknown_recipient",
             RefusalCause::RecipientUnverified => "recipient_unverified",
             RefusalCause::SenderLoginMismatch => "sender_login_mismatch",
+            RefusalCause::AuthRequired => "auth_required",
             RefusalCause::Paused => "paused",
             RefusalCause::ShuttingDown => "shutting_down",
         }

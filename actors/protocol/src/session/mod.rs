@@ -52,6 +52,8 @@ pub struct SessionParams {
     pub check_recipients: RecipientCheck,
     /// When set, an authenticated user may use only the senders it owns (553 5.7.1).
     pub sender_logins: Option<Arc<crate::senders::SenderLogins>>,
+    /// A submission listener (RFC 6409 §4.3): MAIL before AUTH gets 530 5.7.0, whoever asks.
+    pub auth_required: bool,
 }
 
 /// Selects the recipients whose existence the caller checks at RCPT ([`Action::CheckRecipient`]):

@@ -68,6 +68,10 @@ impl Session {
         if self.txn.sender.is_some() {
             return self.reject(None, reply::bad_sequence("Sender already given (nested MAIL)"));
         }
+        if self.params.auth_required && self.user.is_none() {
+            let refusal = self.refusal(RefusalCause::AuthRequired, None, 0);
+            return self.reject(Some(refusal), reply::auth_required());
+        }
         let has_params = params != command::MailParams::default();
         if has_params && !esmtp {
             // Service extensions are only available after EHLO (RFC 5321 §4.1.1.1).
@@ -237,8 +241,9 @@ impl Session {
             // MAIL. One `From:` naming only owned mailboxes, or none at all (nothing claimed).
             let owned = match (from.count, &from.value) {
                 (0, _) => true,
-                (1, Some(v)) => crate::senders::header_mailboxes(v)
-                    .is_some_and(|list| list.iter().all(|m| logins.allows(user, m))),
+                (1, Some(v)) => {
+                    crate::senders::header_mailboxes(v).is_some_and(|list| list.iter().all(|m| logins.allows(user, m)))
+                }
                 _ => false,
             };
             if !owned {
