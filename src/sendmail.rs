@@ -202,8 +202,13 @@ fn display_name(name: &str) -> String {
 /// the daemon queues it from there (it need not be running). Returns at QUIT or end of input.
 pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, mut output: W) -> Result<(), String> {
     use mailroot_actors::protocol::{Action, EnqueueError, Session};
-    let security =
-        crate::config::Security { tls: None, listener_tls: Default::default(), users: None, dkim: Default::default() };
+    let security = crate::config::Security {
+        tls: None,
+        listener_tls: Default::default(),
+        users: None,
+        dkim: Default::default(),
+        srs: None,
+    };
     let first = config.listener_settings(&security, None).into_iter().next();
     let Some(first) = first else { return Err("the configuration has no listener".into()) };
     let mut params = (*first.params).clone();

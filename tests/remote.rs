@@ -669,3 +669,57 @@ fn a_destination_that_says_slow_down_is_paused_without_burning_retries() {
     assert_eq!(p[1].received().len(), 2);
     running.stop();
 }
+
+/// Recipient maps end to end: an unknown user of a mapped domain is refused at RCPT and no
+/// notification is ever made (no backscatter); an alias delivers to a mailbox here and forwards
+/// to another domain with an SRS sender; a bounce to that SRS address goes back to the original
+/// sender; a forged one is refused.
+#[test]
+fn recipient_maps_forward_with_srs_and_never_backscatter() {
+    let n = net();
+    let dns = DnsServer::start();
+    let p = peers(n, vec![Behavior::default()]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = format!(
+        "smart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]:{}\"\n\
+         [domains]\nlocal = [\"example.test\", \"alias.test\"]\n[recipients.\"example.test\"]\nusers = [\"alice\"]\naliases = {{ team = [\"alice\", \"friend@far.test\"] }}\n",
+        p[0].addr.ip(),
+        port_of(&p)
+    );
+    let running = start(config(dir.path(), &remote_config(&dns, 1, "", &d)));
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<forged@victim.test>").code, 250);
+    let r = c.cmd("RCPT TO:<nobody@example.test>");
+    assert_eq!((r.code, r.text.starts_with("5.1.1")), (550, true), "{r:?}");
+    assert_eq!(c.cmd("RCPT TO:<alice+lists@example.test>").code, 250);
+    assert_eq!(c.cmd("RSET").code, 250);
+    // Unmapped local domains still take any local part.
+    let r =
+        c.transaction("someone@origin.test", &["team@example.test", "anyone@alias.test"], b"Subject: fwd\r\n\r\nx\r\n");
+    assert_eq!(r.code, 250, "{r:?}");
+    wait_drop_with(dir.path(), "Subject: fwd");
+    let got = wait_received(&p[0], 1);
+    assert_eq!(got[0].rcpts, ["<friend@far.test>"]);
+    let srs = got[0].mail_from.split(['<', '>']).nth(1).unwrap().to_string();
+    assert!(srs.starts_with("SRS0=") && srs.ends_with("=origin.test=someone@example.test"), "{srs}");
+    // One envelope for the message, as postsrsd does: the local copy carries the SRS sender too
+    // (it reverses to the original, so a reply or bounce still reaches it).
+    let drop = wait_drop_with(dir.path(), "x-receiver: alice@example.test");
+    assert!(drop.contains(&format!("x-sender: {srs}")), "{drop}");
+
+    // The far side bounces: the bounce reaches the original sender through us.
+    let r = c.transaction("", &[&srs], b"Subject: bounce\r\n\r\nundeliverable\r\n");
+    assert_eq!(r.code, 250, "{r:?}");
+    let got = wait_received(&p[0], 2);
+    assert!(got[1].mail_from.starts_with("<>"), "{:?}", got[1].mail_from);
+    assert_eq!(got[1].rcpts, ["<someone@origin.test>"]);
+    // Forged or tampered SRS addresses are unknown users.
+    assert_eq!(c.cmd("MAIL FROM:<>").code, 250);
+    let tampered = srs.replace("someone", "victim");
+    assert_eq!(c.cmd(&format!("RCPT TO:<{tampered}>")).code, 550);
+    assert_eq!(c.cmd("RCPT TO:<SRS0=AAAA=AA=x.test=y@example.test>").code, 550);
+    c.cmd("QUIT");
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"unknown_recipient\"}"), 3.0);
+    assert_eq!(metric(&running, "mailroot_notifications_total{kind=\"failure\"}"), 0.0, "no backscatter");
+    running.stop();
+}

@@ -12,7 +12,7 @@
 //!   and the delivery actors [`maildir`] and [`lmtp`]; [`supervisor`] restarts delivery actors
 //!   that panic; [`routes`] maps domains to delivery actors by name.
 //! - [`auth`]: AUTH users and password hashes; [`tls`]: the inbound TLS configuration;
-//!   [`notify`]: delivery status notifications.
+//!   [`notify`]: delivery status notifications; [`srs`]: the Sender Rewriting Scheme for forwards.
 //! - [`metrics`]: the prometheus-client registry the actors update.
 
 pub mod alloc;
@@ -41,6 +41,7 @@ pub mod remote;
 pub mod resolve;
 pub mod routes;
 pub mod session;
+pub mod srs;
 pub mod store;
 pub mod supervisor;
 pub mod tls;

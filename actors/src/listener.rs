@@ -123,6 +123,8 @@ pub struct Reconfigure {
     pub error_delay: Duration,
     /// `[auth] max_failures` and `failure_window` (counts so far are kept).
     pub auth_limits: (u32, Duration),
+    /// The SRS secret for forwards (recipient maps may have been added or removed).
+    pub srs: Option<Arc<crate::srs::Srs>>,
 }
 
 impl Listener {
@@ -373,6 +375,7 @@ impl Handler<Reconfigure> for Listener {
         self.settings =
             ListenerSettings { name: self.settings.name, implicit_tls: self.settings.implicit_tls, ..msg.settings };
         self.shared.users = msg.users;
+        self.shared.srs = msg.srs;
         self.shared.error_delay = msg.error_delay;
         self.shared.auth_failures.set_limits(msg.auth_limits.0, msg.auth_limits.1);
     }

@@ -157,6 +157,8 @@ pub struct SessionShared {
     pub meter: ActorMeter,
     /// The protocol log, when `[log] protocol` is set.
     pub protolog: Option<Arc<ProtocolLog>>,
+    /// Rewrites the sender of mail forwarded to other domains (`None`: forwards keep it).
+    pub srs: Option<Arc<crate::srs::Srs>>,
     /// Connections open at once, all listeners together (`[server] max_connections`).
     pub connection_permits: Arc<tokio::sync::Semaphore>,
     /// The listener's name (set by the Listener), for the logs.
@@ -369,8 +371,25 @@ async fn drive(
                     Some(st) => Some(finish_spool(st, std::mem::take(&mut body)).await),
                     None => None,
                 };
+                let mut sender_out = m.sender;
+                if m.forwarded {
+                    // SPF at the destination judges the envelope sender against our address:
+                    // make it one of ours (SRS), unless it is the null sender or cannot be.
+                    let days = crate::clock::unix_now() / 86_400;
+                    let local = |s: &protocol::Mailbox| proto.params().local_domains.contains(&s.domain);
+                    if let (Some(srs), Some(s)) = (&shared.srs, &sender_out) {
+                        if !local(s) {
+                            match srs.forward(s, days) {
+                                Some(rewritten) => sender_out = Some(rewritten),
+                                None => {
+                                    info!(client = %peer, sender = %s, "forwarded without SRS: the sender cannot be rewritten")
+                                }
+                            }
+                        }
+                    }
+                }
                 let req = Enqueue {
-                    sender: m.sender,
+                    sender: sender_out,
                     recipients: m.recipients,
                     dsn: m.dsn,
                     rcpt_dsn: m.rcpt_dsn,

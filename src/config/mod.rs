@@ -42,6 +42,8 @@ pub struct Config {
     /// DKIM keys by signing domain.
     pub dkim: BTreeMap<String, DkimDomain>,
     pub listeners: BTreeMap<String, ListenerSection>,
+    pub recipients: BTreeMap<String, RecipientMap>,
+    pub srs: Srs,
 }
 
 /// A configuration problem, naming the key (or file) at fault.
@@ -97,6 +99,9 @@ impl Config {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
+        }
+        if self.srs.secret_file.is_relative() && !self.srs.secret_file.as_os_str().is_empty() {
+            self.srs.secret_file = base.join(&self.srs.secret_file);
         }
         for l in self.listeners.values_mut() {
             for p in [&mut l.tls_cert, &mut l.tls_key] {

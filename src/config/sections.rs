@@ -186,6 +186,37 @@ impl Default for Server {
     }
 }
 
+/// `[recipients."domain"]`: the recipient map of one local domain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecipientMap {
+    /// Local parts that are mailboxes here.
+    pub users: Vec<String>,
+    /// Local part = the addresses it forwards to (a bare local part is in this domain).
+    pub aliases: BTreeMap<String, Vec<String>>,
+    /// Where mail to other local parts goes; empty = refused with 550 5.1.1.
+    pub catch_all: Vec<String>,
+    /// The subaddress separator (`user+tag@`); `""` = none.
+    pub delimiter: String,
+}
+
+impl Default for RecipientMap {
+    fn default() -> Self {
+        RecipientMap { users: Vec::new(), aliases: BTreeMap::new(), catch_all: Vec::new(), delimiter: "+".into() }
+    }
+}
+
+/// `[srs]`: the Sender Rewriting Scheme for mail forwarded to other domains.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Srs {
+    /// The domain of SRS addresses (default: the first local domain). Bounces come back to it.
+    pub domain: String,
+    /// The secret (hex or any text, one line). Empty: `<Mailroot>/srs.key`, made at the first
+    /// start (0600). Keep it when moving: bounces of earlier forwards need it for 21 days.
+    pub secret_file: PathBuf,
+}
+
 /// What a listener is for (RFC 6409, RFC 8314).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -346,6 +377,9 @@ pub struct Queue {
     pub expire_after: HumanDuration,
     /// The sender gets one delay notice once a message has waited this long.
     pub delay_notice_after: HumanDuration,
+    /// The same two for local routes (Drop, Maildir, LMTP, custom actors); empty = as above.
+    pub local_expire_after: String,
+    pub local_delay_notice_after: String,
     /// Gets a copy of every non-delivery report; empty = nobody.
     pub ndr_copy_to: String,
     /// Bytes that must stay free on the Queue folder's filesystem: below it, MAIL gets
@@ -362,6 +396,8 @@ impl Default for Queue {
             retry_intervals: q.retry_intervals.into_iter().map(HumanDuration).collect(),
             expire_after: HumanDuration(q.expire_after),
             delay_notice_after: HumanDuration(q.delay_notice_after),
+            local_expire_after: String::new(),
+            local_delay_notice_after: String::new(),
             ndr_copy_to: String::new(),
             min_free_space: 100 * 1024 * 1024,
         }

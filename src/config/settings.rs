@@ -14,8 +14,9 @@ use mailroot_actors::listener::{AccessLists, ListenerSettings};
 use mailroot_actors::lmtp::LmtpSettings;
 use mailroot_actors::maildir::MaildirSettings;
 use mailroot_actors::pickup::PickupSettings;
+use mailroot_actors::protocol::recipients::{MapSource, RecipientMaps};
 use mailroot_actors::protocol::senders::SenderLogins;
-use mailroot_actors::protocol::{LocalDomains, RecipientCheck, SessionParams};
+use mailroot_actors::protocol::{LocalDomains, RecipientCheck, SessionParams, SrsReverse};
 use mailroot_actors::queue::QueueSettings;
 use mailroot_actors::remote::connection::Timeouts;
 use mailroot_actors::remote::{Credentials, DomainPolicy, RemoteSettings, SmartHost, TlsPolicy};
@@ -35,6 +36,8 @@ pub struct Security {
     pub users: Option<Arc<Users>>,
     /// DKIM keys (empty when no `[dkim."domain"]` is configured).
     pub dkim: Arc<Signer>,
+    /// The SRS secret and domain, when recipient maps can forward.
+    pub srs: Option<Arc<mailroot_actors::srs::Srs>>,
 }
 
 impl Security {
@@ -66,7 +69,8 @@ impl Security {
             None => None,
         };
         let dkim = Arc::new(Signer::load(&config.dkim_settings()?).map_err(|e| ConfigError(e.to_string()))?);
-        Ok(Security { tls, listener_tls, users, dkim })
+        let srs = if config.recipients.is_empty() { None } else { Some(Arc::new(config.load_srs()?)) };
+        Ok(Security { tls, listener_tls, users, dkim, srs })
     }
 }
 
@@ -299,6 +303,63 @@ impl Config {
         Some((settings, self.lmtp.verify_timeout.0))
     }
 
+    /// The `[recipients."domain"]` maps (`None` when there are none).
+    pub fn recipient_maps(&self) -> Result<Option<Arc<RecipientMaps>>, ConfigError> {
+        if self.recipients.is_empty() {
+            return Ok(None);
+        }
+        let sources = self.recipients.iter().map(|(d, m)| {
+            let src = MapSource {
+                users: m.users.clone(),
+                aliases: m.aliases.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                catch_all: m.catch_all.clone(),
+                delimiter: m.delimiter.clone(),
+            };
+            (d.clone(), src)
+        });
+        RecipientMaps::new(sources).map(|m| Some(Arc::new(m))).map_err(ConfigError)
+    }
+
+    /// The SRS secret from `[srs] secret_file` (or `<Mailroot>/srs.key`, made now if missing).
+    pub fn load_srs(&self) -> Result<mailroot_actors::srs::Srs, ConfigError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let path = if self.srs.secret_file.as_os_str().is_empty() {
+            self.mailroot.path.join("srs.key")
+        } else {
+            self.srs.secret_file.clone()
+        };
+        let err = |m: String| ConfigError(format!("srs.secret_file: {}: {m}", path.display()));
+        if !path.exists() {
+            let secret = mailroot_actors::srs::Srs::generate_secret().map_err(err)?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| err(e.to_string()))?;
+            std::io::Write::write_all(&mut f, format!("{secret}\n").as_bytes()).map_err(|e| err(e.to_string()))?;
+            f.sync_all().map_err(|e| err(e.to_string()))?;
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(err("readable by others: chmod 600 it".into()));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+        let secret = text.lines().next().unwrap_or("").trim();
+        if secret.len() < 16 {
+            return Err(err("the secret is shorter than 16 characters".into()));
+        }
+        let domain = if self.srs.domain.is_empty() {
+            self.domains.local.first().cloned().unwrap_or_default()
+        } else {
+            self.srs.domain.clone()
+        };
+        Ok(mailroot_actors::srs::Srs::new(secret.as_bytes(), &domain))
+    }
+
     /// `[auth.senders]`, checked by `validate` (so a bad entry never reaches here).
     pub fn sender_logins(&self) -> Option<Arc<SenderLogins>> {
         if self.auth.senders.is_empty() {
@@ -339,6 +400,14 @@ impl Config {
             check_recipients: self.recipient_check(),
             sender_logins: self.sender_logins(),
             auth_required: submission,
+            recipient_maps: self.recipient_maps().ok().flatten(),
+            srs: match &security.srs {
+                Some(srs) => {
+                    let srs = srs.clone();
+                    SrsReverse::new(move |m| srs.reverse(m, mailroot_actors::clock::unix_now() / 86_400))
+                }
+                None => SrsReverse::default(),
+            },
         });
         let relay_networks = match (submission, own.relay_networks) {
             (true, _) => Vec::new(),
@@ -370,6 +439,8 @@ impl Config {
             retry_intervals: self.queue.retry_intervals.iter().map(|d| d.0).collect(),
             expire_after: self.queue.expire_after.0,
             delay_notice_after: self.queue.delay_notice_after.0,
+            local_expire_after: optional_duration(&self.queue.local_expire_after),
+            local_delay_notice_after: optional_duration(&self.queue.local_delay_notice_after),
             ndr_copy_to: Some(self.queue.ndr_copy_to.clone()).filter(|s| !s.is_empty()),
             badmail_dir: badmail.to_path_buf(),
             ..QueueSettings::default()
@@ -427,6 +498,12 @@ impl Config {
         }
         Ok(routes)
     }
+}
+
+/// `""` = `None`; anything else was checked by `validate`.
+fn optional_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    (!s.is_empty()).then(|| super::HumanDuration::parse(s).ok().map(|d| d.0)).flatten()
 }
 
 /// A login from `<key>.username` and a password file (0600: only its owner may read it) or

@@ -71,6 +71,20 @@ impl Config {
                 return err(&format!("domains.local[{i}]"), format!("{d:?} is not a valid domain"));
             }
         }
+        for domain in self.recipients.keys() {
+            if !self.local_domains().contains(domain) {
+                return err(&format!("recipients.\"{domain}\""), "maps are for local domains (domains.local)".into());
+            }
+        }
+        if let Err(e) = self.recipient_maps() {
+            return err("recipients", e.0);
+        }
+        if !self.srs.domain.is_empty() && !self.local_domains().contains(&self.srs.domain) {
+            return err(
+                "srs.domain",
+                format!("{:?} is not a local domain: bounces to it would not reach us", self.srs.domain),
+            );
+        }
         if let Err(e) = mailroot_actors::protocol::senders::SenderLogins::new(
             self.auth.senders.iter().map(|(k, v)| (k.clone(), v.clone())),
         ) {
@@ -125,6 +139,18 @@ impl Config {
         }
         if self.queue.max_hop_count == 0 {
             return err("queue.max_hop_count", "must be at least 1 (RFC 5321 asks for 100)".into());
+        }
+        for (key, v) in [
+            ("queue.local_expire_after", &self.queue.local_expire_after),
+            ("queue.local_delay_notice_after", &self.queue.local_delay_notice_after),
+        ] {
+            if !v.trim().is_empty() {
+                match super::HumanDuration::parse(v.trim()) {
+                    Ok(d) if d.0 >= Duration::from_secs(1) => {}
+                    Ok(_) => return err(key, "must be at least 1s".into()),
+                    Err(e) => return err(key, e),
+                }
+            }
         }
         if self.queue.expire_after.0 < Duration::from_secs(1) {
             return err("queue.expire_after", "must be at least 1s".into());

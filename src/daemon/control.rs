@@ -224,6 +224,7 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
                 users: security.users.clone(),
                 error_delay: new.limits.error_delay.0,
                 auth_limits: (new.auth.max_failures, new.auth.failure_window.0),
+                srs: security.srs.clone(),
             })
             .await
             .map_err(|e| format!("listener {name} unavailable: {e}"))?;

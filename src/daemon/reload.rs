@@ -40,6 +40,8 @@ pub(super) fn plan(old: &Config, new: &Config, tls_loaded: bool) -> ReloadPlan {
         ("maildir", old.maildir != new.maildir, true),
         ("lmtp", old.lmtp != new.lmtp, true),
         ("delivery", old.delivery != new.delivery, true),
+        ("recipients", old.recipients != new.recipients, true),
+        ("srs", old.srs != new.srs, true),
         ("server", rest(&old.server) != rest(&new.server), true),
         ("mailroot", old.mailroot != new.mailroot, false),
         ("queue", old.queue != new.queue, false),

@@ -190,6 +190,7 @@ pub(super) fn run_system(
                 protolog: protolog.clone(),
                 listener: "",
                 connection_permits: connection_permits.clone(),
+                srs: security.srs.clone(),
         };
         let mut settings = config.listener_settings(&security, reverse_dns.clone()).into_iter();
         let mut listeners = Vec::new();

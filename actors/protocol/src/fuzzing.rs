@@ -89,6 +89,17 @@ pub fn session(input: &[u8]) {
         }),
         // A submission listener when a relay client also has a sender map.
         auth_required: control & 0x09 == 0x09,
+        // Recipients of example.test are mapped when bits 1 and 2 are set.
+        recipient_maps: (control & 6 == 6).then(|| {
+            let src = crate::recipients::MapSource {
+                users: vec!["alice".into()],
+                aliases: vec![("team".into(), vec!["alice".into(), "bob@far.test".into()])],
+                catch_all: Vec::new(),
+                delimiter: "+".into(),
+            };
+            Arc::new(crate::recipients::RecipientMaps::new([("example.test".to_string(), src)]).unwrap_or_default())
+        }),
+        srs: Default::default(),
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);

@@ -9,6 +9,8 @@
 //! - [`reply`]: the catalogue of every reply mailroot sends to a client.
 //! - [`client`]: the client side used for delivery (reply parser, EHLO capabilities, dot-stuffing);
 //!   [`outcome`]: a delivery result as a typed value (class, codes, text, remote MTA).
+//! - [`recipients`]: recipient maps of local domains (users, aliases, catch-all, `user+tag`);
+//!   [`senders`]: which senders an authenticated login owns.
 //! - [`received`]: the `Received:` trace header and dates; [`pickup`]: the Pickup file format.
 //! - [`fuzzing`]: the checks the fuzz targets run (and `cargo test` replays over the corpus).
 //!
@@ -27,6 +29,7 @@ pub mod fuzzing;
 pub mod outcome;
 pub mod pickup;
 pub mod received;
+pub mod recipients;
 pub mod reply;
 pub mod senders;
 pub mod session;
@@ -38,5 +41,5 @@ pub use address::{LocalDomains, Mailbox};
 pub use reply::Reply;
 pub use session::{
     Action, CommandLog, EnqueueError, Incoming, RecipientCheck, RecipientVerdict, Refusal, RefusalCause, Session,
-    SessionParams,
+    SessionParams, SrsReverse,
 };

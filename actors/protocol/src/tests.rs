@@ -23,6 +23,8 @@ fn params() -> SessionParams {
         auth_plaintext_loopback: false,
         check_recipients: RecipientCheck::default(),
         sender_logins: None,
+        recipient_maps: None,
+        srs: Default::default(),
         auth_required: false,
     }
 }
@@ -736,6 +738,63 @@ fn authenticated_users_write_only_their_own_from_header() {
         &["EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nFrom: bob@example.test\r\n\r\nx\r\n.\r\n"],
     );
     assert!(got.ends_with("250/2.0.0"), "{got}");
+}
+
+/// Recipient maps at RCPT: unknown users of a mapped domain are refused before DATA (no
+/// backscatter); aliases expand with ORCPT kept; unmapped domains take anything; SRS addresses
+/// of ours are reversed by the caller's hook.
+#[test]
+fn recipient_maps_at_rcpt() {
+    use crate::recipients::{MapSource, RecipientMaps};
+    let src = MapSource {
+        users: vec!["alice".into()],
+        aliases: vec![("team".into(), vec!["alice".into(), "bob@far.test".into()])],
+        catch_all: Vec::new(),
+        delimiter: "+".into(),
+    };
+    let maps = RecipientMaps::new([("example.test".to_string(), src)]).unwrap();
+    let srs = crate::SrsReverse::new(|m| {
+        let rest = m.local.strip_prefix("SRS0=")?;
+        Some(if rest == "good" {
+            Ok(crate::address::parse_mailbox("orig@far.test").unwrap())
+        } else {
+            Err("bad SRS".into())
+        })
+    });
+    let p = SessionParams { recipient_maps: Some(Arc::new(maps)), srs, max_recipients: 2, ..params() };
+    let mail = "EHLO c\r\nMAIL FROM:<s@far.test>\r\n";
+    let cases: &[(&str, &str, &[&str], bool)] = &[
+        ("RCPT TO:<alice@example.test>\r\n", "250/2.1.5", &["alice@example.test"], false),
+        ("RCPT TO:<Alice+news@example.test>\r\n", "250/2.1.5", &["Alice+news@example.test"], false),
+        ("RCPT TO:<nobody@example.test>\r\n", "550/5.1.1", &[], false),
+        ("RCPT TO:<team@example.test>\r\n", "250/2.1.5", &["alice@example.test", "bob@far.test"], true),
+        ("RCPT TO:<x@alias.test>\r\n", "250/2.1.5", &["x@alias.test"], false),
+        ("RCPT TO:<SRS0=good@example.test>\r\n", "250/2.1.5", &["orig@far.test"], true),
+        ("RCPT TO:<SRS0=forged@example.test>\r\n", "550/5.1.1", &[], false),
+        // An alias counts as one RCPT against max_recipients, however far it expands.
+        (
+            "RCPT TO:<team@example.test>\r\nRCPT TO:<alice@example.test>\r\n",
+            "250/2.1.5",
+            &["alice@example.test", "bob@far.test"],
+            true,
+        ),
+    ];
+    for (rcpt, want, recipients, forwarded) in cases {
+        let data = if recipients.is_empty() { "" } else { "DATA\r\nx\r\n.\r\n" };
+        let r = drive(p.clone(), false, &[format!("{mail}{rcpt}{data}").as_bytes()], Ok(1));
+        let rcpt_reply = r.codes.iter().rev().nth(if recipients.is_empty() { 0 } else { 2 }).cloned();
+        assert_eq!(rcpt_reply.as_deref(), Some(*want), "{rcpt:?}: {:?}", r.codes);
+        let got: Vec<String> = r.messages.iter().flat_map(|m| m.recipients.iter().map(|r| r.to_string())).collect();
+        assert_eq!(got, *recipients, "{rcpt:?}");
+        if let Some(m) = r.messages.first() {
+            assert_eq!(m.forwarded, *forwarded, "{rcpt:?}");
+        }
+        assert_eq!(r.refusals.contains(&RefusalCause::UnknownRecipient), want.starts_with("550"), "{rcpt:?}");
+    }
+    // The expansion remembers the address the client gave (RFC 3461 ORCPT).
+    let r = drive(p, false, &[format!("{mail}RCPT TO:<team@example.test>\r\nDATA\r\nx\r\n.\r\n").as_bytes()], Ok(1));
+    let orcpt: Vec<_> = r.messages[0].rcpt_dsn.iter().map(|d| d.orcpt.clone()).collect();
+    assert_eq!(orcpt, vec![Some("rfc822;team@example.test".to_string()); 2]);
 }
 
 #[test]

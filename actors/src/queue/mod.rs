@@ -68,6 +68,10 @@ pub struct QueueSettings {
     pub expire_after: Duration,
     /// The sender gets one delay notice once a message has waited this long.
     pub delay_notice_after: Duration,
+    /// The same two for local routes (every route but `smtp` and `smarthost`: Drop, Maildir,
+    /// LMTP, custom actors), as IIS kept separate local and remote times; `None` = as above.
+    pub local_expire_after: Option<Duration>,
+    pub local_delay_notice_after: Option<Duration>,
     /// Gets a copy of every non-delivery report.
     pub ndr_copy_to: Option<String>,
     /// Where undeliverable notifications go.
@@ -82,9 +86,25 @@ impl Default for QueueSettings {
             retry_intervals: [15, 30, 60, 240].iter().map(|m| Duration::from_secs(m * 60)).collect(),
             expire_after: Duration::from_secs(5 * 86_400),
             delay_notice_after: Duration::from_secs(4 * 3600),
+            local_expire_after: None,
+            local_delay_notice_after: None,
             ndr_copy_to: None,
             badmail_dir: PathBuf::from("Badmail"),
             max_in_flight: 256,
+        }
+    }
+}
+
+impl QueueSettings {
+    /// (expire after, delay notice after) for recipients of `route`.
+    pub fn times(&self, route: &str) -> (Duration, Duration) {
+        if matches!(route, "smtp" | "smarthost") {
+            (self.expire_after, self.delay_notice_after)
+        } else {
+            (
+                self.local_expire_after.unwrap_or(self.expire_after),
+                self.local_delay_notice_after.unwrap_or(self.delay_notice_after),
+            )
         }
     }
 }

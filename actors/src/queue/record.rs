@@ -39,7 +39,8 @@ impl Queue {
         };
         let stored_next = env.next_attempt;
         let now = unix_now();
-        let expires_at = env.received_at.saturating_add(self.settings.expire_after.as_secs());
+        let (expire_after, delay_notice_after) = self.settings.times(route);
+        let expires_at = env.received_at.saturating_add(expire_after.as_secs());
         let (mut failed, mut delayed, mut succeeded) = (Vec::new(), Vec::new(), Vec::new());
         for res in report.results {
             let Some(r) = env.recipients.get_mut(res.index) else {
@@ -81,7 +82,9 @@ impl Queue {
                 Class::Temporary => {
                     let at = match deferred {
                         Some(wait) => now.saturating_add(wait.as_secs().max(1)).min(expires_at).max(now + 1),
-                        None => next_attempt_at(&self.settings, r.attempts, env.received_at, env.delay_notified, now),
+                        None => {
+                            next_attempt_at(&self.settings, route, r.attempts, env.received_at, env.delay_notified, now)
+                        }
                     };
                     r.next_attempt = Some(at);
                     delayed.push(res.index);
@@ -125,7 +128,7 @@ impl Queue {
                 }
             }
         } else {
-            let delay_due = now >= env.received_at.saturating_add(self.settings.delay_notice_after.as_secs());
+            let delay_due = now >= env.received_at.saturating_add(delay_notice_after.as_secs());
             let wants = |i: &usize, f: fn(&RcptDsn) -> bool| env.recipients.get(*i).is_some_and(|r| f(&r.dsn));
             let failed_n: Vec<usize> = failed.iter().copied().filter(|i| wants(i, |d| d.notify().failure)).collect();
             let delayed_n: Vec<usize> = if !env.delay_notified && delay_due {

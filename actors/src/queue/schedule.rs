@@ -15,10 +15,19 @@ pub fn retry_delay(intervals: &[Duration], attempts: u32) -> Duration {
 /// When a recipient that just failed temporarily for the `attempts`-th time is tried next: the
 /// schedule's delay, but never after the message expires, nor after its delay notice is due
 /// (so both happen on time rather than at the next scheduled attempt). All times in Unix seconds.
-pub fn next_attempt_at(s: &QueueSettings, attempts: u32, received_at: u64, notified: bool, now: u64) -> u64 {
+/// `route` picks the local or remote times ([`QueueSettings::times`]).
+pub fn next_attempt_at(
+    s: &QueueSettings,
+    route: &str,
+    attempts: u32,
+    received_at: u64,
+    notified: bool,
+    now: u64,
+) -> u64 {
+    let (expire_after, delay_notice_after) = s.times(route);
     let mut at = now.saturating_add(retry_delay(&s.retry_intervals, attempts).as_secs());
-    at = at.min(received_at.saturating_add(s.expire_after.as_secs()));
-    let notice = received_at.saturating_add(s.delay_notice_after.as_secs());
+    at = at.min(received_at.saturating_add(expire_after.as_secs()));
+    let notice = received_at.saturating_add(delay_notice_after.as_secs());
     if !notified && notice > now {
         at = at.min(notice);
     }
@@ -81,12 +90,32 @@ mod tests {
         ];
         for (attempts, notified, now, want) in cases {
             assert_eq!(
-                next_attempt_at(&s, attempts, t0, notified, now),
+                next_attempt_at(&s, "smtp", attempts, t0, notified, now),
                 want,
                 "attempts {attempts}, notified {notified}, now +{}m",
                 (now - t0) / 60
             );
         }
+        // Local routes may have times of their own (IIS's local expiry and delay notice); the
+        // remote ones keep the above.
+        let local =
+            QueueSettings { local_expire_after: Some(m(120)), local_delay_notice_after: Some(m(30)), ..s.clone() };
+        let cases = [
+            ("drop", 1, false, t0, min(15)),
+            ("drop", 2, false, min(15), min(30)),
+            ("lmtp", 3, true, min(100), min(120)),
+            ("smtp", 2, false, min(15), min(45)),
+            ("smarthost", 3, true, min(100), min(160)),
+        ];
+        for (route, attempts, notified, now, want) in cases {
+            assert_eq!(
+                next_attempt_at(&local, route, attempts, t0, notified, now),
+                want,
+                "{route} attempts {attempts}"
+            );
+        }
+        assert_eq!(local.times("maildir"), (m(120), m(30)));
+        assert_eq!(local.times("smtp"), (m(5 * 24 * 60), m(240)));
         assert_eq!(humanize(42), "42s");
         assert_eq!(humanize(5 * 60), "5m");
         assert_eq!(humanize(7500), "2h 5m");

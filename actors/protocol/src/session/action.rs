@@ -112,6 +112,9 @@ pub struct Incoming {
     pub eight_bit: bool,
     /// Reverse DNS of the client, when looked up (see [`Session::set_client_name`]).
     pub client_name: Option<Option<String>>,
+    /// Some recipients are forwards to other domains (an alias, or a reversed SRS address): the
+    /// caller rewrites the sender with SRS so SPF passes at the destination.
+    pub forwarded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

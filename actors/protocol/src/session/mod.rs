@@ -54,6 +54,35 @@ pub struct SessionParams {
     pub sender_logins: Option<Arc<crate::senders::SenderLogins>>,
     /// A submission listener (RFC 6409 §4.3): MAIL before AUTH gets 530 5.7.0, whoever asks.
     pub auth_required: bool,
+    /// Recipient maps of local domains: unknown local parts of a mapped domain get 550 5.1.1 at
+    /// RCPT; aliases and the catch-all are expanded into the transaction's recipients.
+    pub recipient_maps: Option<Arc<crate::recipients::RecipientMaps>>,
+    /// Reverses SRS addresses (bounces of mail we forwarded) at RCPT.
+    pub srs: SrsReverse,
+}
+
+/// Takes an SRS address of ours apart at RCPT: `None` = not one; `Some(Err)` = forged or
+/// expired (550 5.1.1); `Some(Ok(original))` = deliver to the original sender instead. The
+/// caller's (it needs the secret and the clock).
+#[derive(Clone, Default)]
+pub struct SrsReverse(Option<Arc<Reverser>>);
+
+type Reverser = dyn Fn(&Mailbox) -> Option<Result<Mailbox, String>> + Send + Sync;
+
+impl SrsReverse {
+    pub fn new(f: impl Fn(&Mailbox) -> Option<Result<Mailbox, String>> + Send + Sync + 'static) -> Self {
+        SrsReverse(Some(Arc::new(f)))
+    }
+
+    fn reverse(&self, m: &Mailbox) -> Option<Result<Mailbox, String>> {
+        self.0.as_ref().and_then(|f| f(m))
+    }
+}
+
+impl std::fmt::Debug for SrsReverse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "SrsReverse(some)" } else { "SrsReverse(none)" })
+    }
 }
 
 /// Selects the recipients whose existence the caller checks at RCPT ([`Action::CheckRecipient`]):
@@ -200,6 +229,11 @@ impl Session {
     /// Client errors so far (each makes the next reply wait a little longer: the tarpit).
     pub fn errors(&self) -> usize {
         self.errors
+    }
+
+    /// The policy this session runs under.
+    pub fn params(&self) -> &SessionParams {
+        &self.params
     }
 
     pub fn user(&self) -> Option<&str> {

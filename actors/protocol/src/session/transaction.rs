@@ -7,6 +7,7 @@ use crate::address::Mailbox;
 use crate::command;
 use crate::data::{DataOutcome, DataProblem, DataReceiver};
 use crate::dsn::{MessageDsn, RcptDsn};
+use crate::recipients::{Lookup, MAX_EXPANSION};
 use crate::reply::{self, Reply};
 
 #[derive(Debug, Default)]
@@ -19,6 +20,10 @@ pub(super) struct Transaction {
     pub(super) rcpt_dsn: Vec<RcptDsn>,
     /// The message so far when it comes in BDAT chunks.
     pub(super) chunks: Option<DataReceiver>,
+    /// RCPT commands accepted (an alias makes more `recipients` than this).
+    pub(super) given: usize,
+    /// Some recipient is a forward to another domain (see [`Incoming::forwarded`]).
+    pub(super) forwarded: bool,
 }
 
 impl Session {
@@ -120,6 +125,8 @@ impl Session {
             dsn: params.dsn,
             rcpt_dsn: Vec::new(),
             chunks: None,
+            given: 0,
+            forwarded: false,
         };
         self.reply(reply::sender_ok());
     }
@@ -141,7 +148,7 @@ impl Session {
         if !to.is_ascii() && !self.txn.smtputf8 {
             return self.reject(None, reply::utf8_needs_smtputf8());
         }
-        if self.txn.recipients.len() >= self.params.max_recipients {
+        if self.txn.given >= self.params.max_recipients {
             let refusal = self.refusal(RefusalCause::TooManyRecipients, Some(to.to_string()), 0);
             self.out.push_back(Action::Refused(refusal));
             return self.reply(reply::too_many_recipients());
@@ -154,13 +161,67 @@ impl Session {
             let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
             return self.reject(Some(refusal), reply::relay_denied());
         }
+        if self.params.local_domains.contains(&to.domain) {
+            if let Some(reversed) = self.params.srs.reverse(&to) {
+                return match reversed {
+                    Ok(original) => self.add_recipients(&to, dsn, vec![original]),
+                    Err(why) => {
+                        let refusal = self.refusal(RefusalCause::UnknownRecipient, Some(to.to_string()), 0);
+                        self.reject(Some(refusal), reply::unknown_recipient(&why))
+                    }
+                };
+            }
+            let lookup = self.params.recipient_maps.as_ref().map(|m| m.lookup(&to));
+            match lookup {
+                None | Some(Lookup::NoMap | Lookup::Exists) => {}
+                Some(Lookup::Unknown) => {
+                    let refusal = self.refusal(RefusalCause::UnknownRecipient, Some(to.to_string()), 0);
+                    return self.reject(Some(refusal), reply::unknown_recipient("no such user here"));
+                }
+                Some(Lookup::Expands(list)) => return self.add_recipients(&to, dsn, list),
+            }
+        }
         if self.params.check_recipients.wanted(&to) {
             self.out.push_back(Action::CheckRecipient(to.clone()));
             self.mode = Mode::AwaitingCheck { to, dsn };
             return;
         }
-        self.txn.recipients.push(to);
-        self.txn.rcpt_dsn.push(dsn);
+        self.push_recipient(to, dsn);
+        self.reply(reply::recipient_ok());
+    }
+
+    /// One more RCPT accepted; an address already in the transaction (given twice, or also
+    /// reached through an alias) is delivered once.
+    fn push_recipient(&mut self, to: Mailbox, dsn: RcptDsn) {
+        if !self.txn.recipients.contains(&to) {
+            self.txn.recipients.push(to);
+            self.txn.rcpt_dsn.push(dsn);
+        }
+        self.txn.given += 1;
+    }
+
+    /// RCPT `to` stands for `list` (an alias, the catch-all, a reversed SRS address): each joins
+    /// the transaction once, remembering `to` as its original recipient (ORCPT, RFC 3461) unless
+    /// the client gave one.
+    fn add_recipients(&mut self, to: &Mailbox, dsn: RcptDsn, list: Vec<Mailbox>) {
+        let new: Vec<Mailbox> = list.into_iter().filter(|m| !self.txn.recipients.contains(m)).collect();
+        if self.txn.recipients.len() + new.len() > MAX_EXPANSION {
+            let refusal = self.refusal(RefusalCause::TooManyRecipients, Some(to.to_string()), 0);
+            self.out.push_back(Action::Refused(refusal));
+            return self.reply(reply::too_many_recipients());
+        }
+        let orcpt = dsn.orcpt.clone().or_else(|| {
+            let s = to.to_string();
+            s.is_ascii().then(|| format!("rfc822;{}", crate::dsn::xtext_encode(&s)))
+        });
+        for m in new {
+            if !self.params.local_domains.contains(&m.domain) {
+                self.txn.forwarded = true;
+            }
+            self.txn.recipients.push(m);
+            self.txn.rcpt_dsn.push(RcptDsn { notify: dsn.notify, orcpt: orcpt.clone() });
+        }
+        self.txn.given += 1;
         self.reply(reply::recipient_ok());
     }
 
@@ -168,8 +229,7 @@ impl Session {
     pub(super) fn checked(&mut self, to: Mailbox, dsn: RcptDsn, verdict: RecipientVerdict) {
         match verdict {
             RecipientVerdict::Exists => {
-                self.txn.recipients.push(to);
-                self.txn.rcpt_dsn.push(dsn);
+                self.push_recipient(to, dsn);
                 self.reply(reply::recipient_ok());
             }
             RecipientVerdict::Unknown(why) => {
@@ -283,6 +343,7 @@ impl Session {
             protocol,
             eight_bit,
             client_name: self.client_name.clone(),
+            forwarded: txn.forwarded,
         }));
     }
 }
