@@ -17,6 +17,7 @@
 
 pub mod alloc;
 pub mod auth;
+pub mod checks;
 pub mod clock;
 pub mod commit;
 pub mod delivery;

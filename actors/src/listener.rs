@@ -53,6 +53,8 @@ pub struct ListenerSettings {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Look up each client's name (PTR, confirmed forward) for the `Received:` header.
     pub reverse_dns: Option<Arc<crate::resolve::Dns>>,
+    /// Check who mail is from (SPF, DKIM, ARC, DMARC) on this listener; `None` = not.
+    pub checker: Option<Arc<crate::checks::Checker>>,
 }
 
 /// How long the reverse lookup of a client may delay its greeting.
@@ -138,6 +140,7 @@ impl Listener {
         let meter = shared.metrics.actor("listener");
         let mut shared = shared;
         shared.listener = settings.name;
+        shared.checker = settings.checker.clone();
         Listener {
             sockets,
             settings,
@@ -376,6 +379,7 @@ impl Handler<Reconfigure> for Listener {
             ListenerSettings { name: self.settings.name, implicit_tls: self.settings.implicit_tls, ..msg.settings };
         self.shared.users = msg.users;
         self.shared.srs = msg.srs;
+        self.shared.checker = self.settings.checker.clone();
         self.shared.error_delay = msg.error_delay;
         self.shared.auth_failures.set_limits(msg.auth_limits.0, msg.auth_limits.1);
     }

@@ -49,6 +49,12 @@ pub struct PolicyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabel {
+    pub check: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
     pub listener: &'static str,
 }
@@ -195,6 +201,9 @@ pub struct Metrics {
     pub auth: Family<ResultLabel, Counter>,
     /// Inbound connections upgraded with STARTTLS.
     pub inbound_tls: Counter,
+    /// Results of the checks of who inbound mail is from, by check (`spf`, `dkim`, `arc`,
+    /// `dmarc`, `all` for timeouts) and result.
+    pub inbound_auth: Family<CheckLabel, Counter>,
 }
 
 /// A `&'static str` for a route or actor name from the configuration (metric labels want one).
@@ -256,6 +265,7 @@ impl Metrics {
             dns_queries: Family::default(),
             auth: Family::default(),
             inbound_tls: Counter::default(),
+            inbound_auth: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("mailroot");
         r.register("messages_received", "Messages accepted into the queue", m.messages_received.clone());
@@ -270,6 +280,7 @@ impl Metrics {
             "SMTP connections open now, by listener",
             m.listener_connections_current.clone(),
         );
+        r.register("inbound_auth", "SPF, DKIM, ARC and DMARC results of inbound mail", m.inbound_auth.clone());
         r.register("refusals", "Refused connections, commands and messages by cause", m.refusals.clone());
         r.register("pickup_files", "Pickup files taken or moved to Badmail", m.pickup_files.clone());
         r.register("queue_messages", "Messages in the queue", m.queue_messages.clone());

@@ -248,6 +248,7 @@ async fn process(
         staged: None,
         // Whoever can write to the Pickup folder is a local user of this machine.
         sign: true,
+        auth_results: String::new(),
     };
     let id = match queue.send(req).await {
         Ok(Ok(id)) => id,

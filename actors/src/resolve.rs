@@ -127,6 +127,11 @@ impl Dns {
         Ok(Dns { resolver, metrics })
     }
 
+    /// The resolver itself (a handle: clones share its cache), for the inbound checks.
+    pub fn resolver(&self) -> TokioResolver {
+        self.resolver.clone()
+    }
+
     fn count(&self, result: &'static str) {
         self.metrics.dns_queries.get_or_create(&ResultLabel { result }).inc();
     }

@@ -157,6 +157,9 @@ pub struct SessionShared {
     pub meter: ActorMeter,
     /// The protocol log, when `[log] protocol` is set.
     pub protolog: Option<Arc<ProtocolLog>>,
+    /// Checks who inbound mail is from (SPF, DKIM, ARC, DMARC) for clients that are neither
+    /// authenticated nor in a relay network; `None` = off on this listener.
+    pub checker: Option<Arc<crate::checks::Checker>>,
     /// Rewrites the sender of mail forwarded to other domains (`None`: forwards keep it).
     pub srs: Option<Arc<crate::srs::Srs>>,
     /// Connections open at once, all listeners together (`[server] max_connections`).
@@ -371,6 +374,41 @@ async fn drive(
                     Some(st) => Some(finish_spool(st, std::mem::take(&mut body)).await),
                     None => None,
                 };
+                // Who is it from? Not asked of our own users and relay networks.
+                let mut auth_results = String::new();
+                if let Some(checker) = shared.checker.clone().filter(|_| !proto.trusted()) {
+                    let held = checker.hold(size).await;
+                    let message = match (&held, &spooled, &shared.body_store) {
+                        (None, _, _) => None,
+                        (Some(_), None, _) => Some(body.clone()),
+                        (Some(_), Some(Ok(st)), Some(store)) => {
+                            let file = store.open_spooled(st);
+                            blocking(move || {
+                                let mut buf = Vec::new();
+                                let mut file = file.map_err(|e| std::io::Error::other(e.to_string()))?;
+                                std::io::Read::read_to_end(&mut file, &mut buf)?;
+                                Ok(buf)
+                            })
+                            .await
+                            .ok()
+                        }
+                        _ => None,
+                    };
+                    let origin = crate::checks::Origin { ip: peer.ip(), helo: &m.helo, sender: m.sender.as_ref() };
+                    let verdict = checker.check(&origin, message.as_deref()).await;
+                    drop(message);
+                    drop(held);
+                    match verdict {
+                        crate::checks::Verdict::Accept { headers } => auth_results = headers,
+                        crate::checks::Verdict::Refuse { reply, cause } => {
+                            // Not acknowledged: the spool file goes with `staged`.
+                            let reply = proto.refused_at_end(reply, cause);
+                            info!(client = %peer, sender = %LogSafe(&sender), recipients = %LogSafe(&recipients.join(",")), size, result = %reply.summary(), "message");
+                            reply.write_to(&mut out.bytes);
+                            continue;
+                        }
+                    }
+                }
                 let mut sender_out = m.sender;
                 if m.forwarded {
                     // SPF at the destination judges the envelope sender against our address:
@@ -404,6 +442,7 @@ async fn drive(
                     pickup: None,
                     staged: None,
                     sign: proto.trusted(),
+                    auth_results,
                 };
                 let result = match spooled {
                     Some(Err(e)) => {

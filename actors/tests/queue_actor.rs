@@ -57,6 +57,7 @@ fn enqueue(rcpts: &[&str], mark: Option<PickupMark>) -> Enqueue {
         pickup: mark,
         staged: None,
         sign: true,
+        auth_results: String::new(),
     }
 }
 

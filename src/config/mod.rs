@@ -44,6 +44,7 @@ pub struct Config {
     pub listeners: BTreeMap<String, ListenerSection>,
     pub recipients: BTreeMap<String, RecipientMap>,
     pub srs: Srs,
+    pub checks: Checks,
 }
 
 /// A configuration problem, naming the key (or file) at fault.

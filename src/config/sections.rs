@@ -186,6 +186,42 @@ impl Default for Server {
     }
 }
 
+/// `[checks]`: who inbound mail is from (SPF, DKIM, ARC, DMARC).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Checks {
+    /// Check mail from clients that are neither authenticated nor in `relay.allow_networks`,
+    /// on `mx` listeners (a listener's `checks` overrides).
+    pub enabled: bool,
+    /// `record` (only in the header; DMARC decides) or `reject` (550 5.7.23 for an SPF `fail`).
+    pub spf_fail: String,
+    /// `enforce` (`p=reject` refused, `p=quarantine` marked) or `record`.
+    pub dmarc: String,
+    /// The header line added to mail DMARC says to quarantine.
+    pub quarantine_header: String,
+    /// All checks of one message, at most.
+    pub timeout: HumanDuration,
+    /// Messages checked at once, at most (others wait, within the timeout).
+    pub max_concurrent: usize,
+    /// DKIM and ARC are verified for messages up to this size (bytes).
+    pub max_message_size: u64,
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        let c = mailroot_actors::checks::CheckSettings::default();
+        Checks {
+            enabled: true,
+            spf_fail: "record".into(),
+            dmarc: "enforce".into(),
+            quarantine_header: c.quarantine_header,
+            timeout: HumanDuration(c.timeout),
+            max_concurrent: c.max_concurrent,
+            max_message_size: c.max_message_size as u64,
+        }
+    }
+}
+
 /// `[recipients."domain"]`: the recipient map of one local domain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -270,6 +306,8 @@ pub struct ListenerSection {
     pub max_recipients: Option<usize>,
     /// Who may relay without AUTH (`mx` only; default `relay.allow_networks`).
     pub relay_networks: Option<Vec<IpNet>>,
+    /// Check who mail is from here (default `checks.enabled`).
+    pub checks: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailroot_actors::auth::Users;
+use mailroot_actors::checks::{CheckSettings, Checker, SpfFail};
 use mailroot_actors::dkim::{self, Signer};
 use mailroot_actors::listener::{AccessLists, ListenerSettings};
 use mailroot_actors::lmtp::LmtpSettings;
@@ -368,11 +369,75 @@ impl Config {
         SenderLogins::new(self.auth.senders.iter().map(|(k, v)| (k.clone(), v.clone()))).ok().map(Arc::new)
     }
 
+    /// `[checks]` as the checker takes them (validated by `validate`).
+    pub fn check_settings(&self) -> Result<CheckSettings, ConfigError> {
+        let c = &self.checks;
+        let spf_fail = match c.spf_fail.as_str() {
+            "record" => SpfFail::Record,
+            "reject" => SpfFail::Reject,
+            other => return Err(ConfigError(format!("checks.spf_fail: {other:?} is not record or reject"))),
+        };
+        let dmarc_enforce = match c.dmarc.as_str() {
+            "enforce" => true,
+            "record" => false,
+            other => return Err(ConfigError(format!("checks.dmarc: {other:?} is not enforce or record"))),
+        };
+        let header = c.quarantine_header.trim();
+        let valid = header
+            .split_once(':')
+            .is_some_and(|(name, _)| !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
+            && header.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic());
+        if !valid {
+            return Err(ConfigError(format!("checks.quarantine_header: {header:?} is not one \"Name: value\" line")));
+        }
+        if c.max_concurrent == 0 {
+            return Err(ConfigError("checks.max_concurrent: must be at least 1".into()));
+        }
+        if c.timeout.0.is_zero() {
+            return Err(ConfigError("checks.timeout: must be more than 0".into()));
+        }
+        Ok(CheckSettings {
+            hostname: self.server.hostname.clone(),
+            spf_fail,
+            dmarc_enforce,
+            quarantine_header: header.to_string(),
+            timeout: c.timeout.0,
+            max_concurrent: c.max_concurrent,
+            max_message_size: usize::try_from(c.max_message_size).unwrap_or(usize::MAX),
+        })
+    }
+
     /// What each listener is built from, in [`Config::listener_defs`] order (validated, so a bad
-    /// listener never reaches here); rebuilt at each reload.
-    pub fn listener_settings(&self, security: &Security, reverse_dns: Option<Arc<Dns>>) -> Vec<ListenerSettings> {
+    /// listener never reaches here); rebuilt at each reload. `dns` is the daemon's inbound
+    /// resolver (reverse DNS, the checks); `None` = neither (`mailroot sendmail`).
+    pub fn listener_settings(
+        &self,
+        security: &Security,
+        dns: Option<&Arc<Dns>>,
+        metrics: Option<&Arc<mailroot_actors::metrics::Metrics>>,
+    ) -> Vec<ListenerSettings> {
+        let reverse_dns = dns.filter(|_| self.access.reverse_dns).cloned();
+        // One checker for all listeners: its slots and memory budget are global.
+        let checker = match (dns, metrics, self.check_settings()) {
+            (Some(dns), Some(m), Ok(s)) => Some(Arc::new(Checker::new(dns.resolver(), s, m.clone()))),
+            _ => None,
+        };
         let defs = self.listener_defs().unwrap_or_default();
-        defs.iter().map(|def| self.one_listener(def, security, reverse_dns.clone())).collect()
+        defs.iter()
+            .map(|def| {
+                let mut l = self.one_listener(def, security, reverse_dns.clone());
+                let own = self.listeners.get(&def.name).filter(|_| def.key != "server.listen").and_then(|l| l.checks);
+                let on = own.unwrap_or(self.checks.enabled && def.role == Role::Mx);
+                l.checker = checker.clone().filter(|_| on);
+                if on {
+                    // Only we may claim our own results: drop such headers as mail arrives.
+                    let mut params = (*l.params).clone();
+                    params.auth_results_id = Some(self.server.hostname.clone());
+                    l.params = Arc::new(params);
+                }
+                l
+            })
+            .collect()
     }
 
     fn one_listener(&self, def: &ListenerDef, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
@@ -408,6 +473,7 @@ impl Config {
                 }
                 None => SrsReverse::default(),
             },
+            auth_results_id: None,
         });
         let relay_networks = match (submission, own.relay_networks) {
             (true, _) => Vec::new(),
@@ -429,6 +495,7 @@ impl Config {
             max_connections_per_ip_per_minute: self.access.max_connections_per_ip_per_minute,
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
             reverse_dns,
+            checker: None,
         }
     }
 

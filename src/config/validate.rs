@@ -71,6 +71,7 @@ impl Config {
                 return err(&format!("domains.local[{i}]"), format!("{d:?} is not a valid domain"));
             }
         }
+        self.check_settings()?;
         for domain in self.recipients.keys() {
             if !self.local_domains().contains(domain) {
                 return err(&format!("recipients.\"{domain}\""), "maps are for local domains (domains.local)".into());

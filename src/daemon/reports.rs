@@ -71,6 +71,7 @@ impl TlsReporter {
                 pickup: None,
                 staged: None,
                 sign: true,
+                auth_results: String::new(),
             };
             match self.queue.send(req).await {
                 Ok(Ok(id)) => {

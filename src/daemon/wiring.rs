@@ -62,7 +62,8 @@ pub(super) struct Wired {
     pub(super) metrics: Arc<Metrics>,
     pub(super) custom: Vec<(String, ChildFactory)>,
     pub(super) routes: RouteActors,
-    pub(super) reverse_dns: Option<Arc<Dns>>,
+    /// The resolver of the SMTP side (reverse DNS, the checks of who mail is from).
+    pub(super) inbound_dns: Arc<Dns>,
     /// The routes a restarted Queue starts with.
     pub(super) router: Arc<std::sync::Mutex<Router>>,
     /// The DKIM keys a restarted Queue starts with.
@@ -126,13 +127,11 @@ pub(super) fn run_system(
         routes.update(&config, &folders, &metrics, &custom)?;
         let router = routes.router(&config)?;
         let remote_settings = config.remote_settings()?;
-        let reverse_dns = if config.access.reverse_dns {
-            let dns = Dns::new(&remote_settings.nameservers, remote_settings.dns_timeout, metrics.clone())
-                .map_err(StartError::Other)?;
-            Some(Arc::new(dns))
-        } else {
-            None
-        };
+        // One caching resolver for the SMTP side; a reload keeps it (and its cache).
+        let inbound_dns = Arc::new(
+            Dns::new(&remote_settings.nameservers, remote_settings.dns_timeout, metrics.clone())
+                .map_err(StartError::Other)?,
+        );
         let queue_settings = config.queue_settings(&folders.badmail);
         let qm = metrics.clone();
         let store_health = Arc::new(StoreHealth::new(store.dir(), config.queue.min_free_space));
@@ -191,8 +190,9 @@ pub(super) fn run_system(
                 listener: "",
                 connection_permits: connection_permits.clone(),
                 srs: security.srs.clone(),
+                checker: None,
         };
-        let mut settings = config.listener_settings(&security, reverse_dns.clone()).into_iter();
+        let mut settings = config.listener_settings(&security, Some(&inbound_dns), Some(&metrics)).into_iter();
         let mut listeners = Vec::new();
         for (name, sockets, _) in bound {
             let Some(s) = settings.next() else { break };
@@ -261,7 +261,7 @@ pub(super) fn run_system(
                 routes,
                 router: current_router,
                 signer: current_signer,
-                reverse_dns,
+                inbound_dns,
                 listeners,
                 connection_permits,
                 queue,

@@ -60,6 +60,14 @@ pub struct DataReceiver {
     from: HeaderFrom,
     /// The current header line continues a `From:` field (folding).
     in_from: bool,
+    /// Offset in `body` where the current header field starts (its first line).
+    field_start: usize,
+    /// `Authentication-Results:` fields naming this authserv-id (lower case) are dropped:
+    /// only we may claim our own results (RFC 8601 §5).
+    strip_results: Option<String>,
+    /// The current field is such a field being dropped, or one whose authserv-id is not known
+    /// yet (its first line had no value: folded).
+    results_field: ResultsField,
     saw_8bit: bool,
     /// BDAT: no dot-stuffing, no end marker.
     raw: bool,
@@ -80,6 +88,13 @@ pub enum DataOutcome {
         from: HeaderFrom,
     },
     Refused(DataProblem),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResultsField {
+    No,
+    Dropping,
+    Undecided,
 }
 
 /// What the header section said in `From:` (for the sender-login check): how many `From:`
@@ -108,6 +123,9 @@ impl DataReceiver {
             received_headers: 0,
             from: HeaderFrom::default(),
             in_from: false,
+            field_start: 0,
+            strip_results: None,
+            results_field: ResultsField::No,
             saw_8bit: false,
             raw: false,
             handed: 0,
@@ -117,6 +135,12 @@ impl DataReceiver {
     /// A receiver for BDAT chunks: feed every chunk, then [`DataReceiver::finish_chunks`].
     pub fn raw(limit: usize) -> Self {
         DataReceiver { raw: true, ..DataReceiver::new(limit) }
+    }
+
+    /// Drops `Authentication-Results:` header fields whose authserv-id is `id` (our host name).
+    pub fn strip_auth_results(mut self, id: Option<&str>) -> Self {
+        self.strip_results = id.map(str::to_ascii_lowercase);
+        self
     }
 
     /// True once the message is known to be refused (e.g. too big): later chunks are drained.
@@ -131,13 +155,14 @@ impl DataReceiver {
 
     /// Hands out the body received so far once it is at least `min` bytes, so the caller can
     /// store it and the receiver holds no more than about `min` plus one read. Within the header
-    /// section it cuts at the start of the current line (header lines are read whole for the hop
-    /// count). Nothing is handed out of a refused message.
+    /// section it cuts at the start of the current field (header fields are read whole: the hop
+    /// count, `From:`, our own `Authentication-Results:`). Nothing is handed out of a refused
+    /// message.
     pub fn take_ready(&mut self, min: usize) -> Option<Vec<u8>> {
         if self.problem.is_some() {
             return None;
         }
-        let cut = if self.in_header { self.line_start } else { self.body.len() };
+        let cut = if self.in_header { self.field_start.min(self.line_start) } else { self.body.len() };
         if cut < min.max(1) {
             return None;
         }
@@ -147,6 +172,7 @@ impl DataReceiver {
         let mut ready = std::mem::replace(&mut self.body, next);
         ready.truncate(cut);
         self.line_start = self.line_start.saturating_sub(cut);
+        self.field_start = self.field_start.saturating_sub(cut);
         self.handed += cut;
         Some(ready)
     }
@@ -304,8 +330,29 @@ impl DataReceiver {
             if line == b"\r\n" {
                 self.in_header = false;
                 self.in_from = false;
+                self.field_start = self.line_start;
             } else if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
                 // A folded line continues the field before it.
+                match self.results_field {
+                    ResultsField::Dropping => {
+                        self.body.truncate(self.line_start);
+                        self.line_start = self.body.len();
+                        self.line_len = 0;
+                        return;
+                    }
+                    ResultsField::Undecided => match self.claims_our_results(line) {
+                        Some(true) => {
+                            self.body.truncate(self.field_start);
+                            self.results_field = ResultsField::Dropping;
+                            self.line_start = self.body.len();
+                            self.line_len = 0;
+                            return;
+                        }
+                        Some(false) => self.results_field = ResultsField::No,
+                        None => {}
+                    },
+                    ResultsField::No => {}
+                }
                 if self.in_from {
                     let text = line.strip_suffix(b"\r\n").unwrap_or(line);
                     if let Some(v) = self.from.value.as_mut() {
@@ -318,6 +365,23 @@ impl DataReceiver {
                 }
             } else {
                 self.in_from = false;
+                self.field_start = self.line_start;
+                self.results_field = ResultsField::No;
+                if self.strip_results.is_some() {
+                    if let Some(value) = field_value(line, b"authentication-results") {
+                        match self.claims_our_results(value) {
+                            Some(true) => {
+                                self.body.truncate(self.line_start);
+                                self.results_field = ResultsField::Dropping;
+                                self.line_start = self.body.len();
+                                self.line_len = 0;
+                                return;
+                            }
+                            Some(false) => {}
+                            None => self.results_field = ResultsField::Undecided,
+                        }
+                    }
+                }
                 if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
                     self.received_headers += 1;
                 } else if let Some(rest) = field_value(line, b"from") {
@@ -332,6 +396,18 @@ impl DataReceiver {
         }
         self.line_start = self.body.len();
         self.line_len = 0;
+    }
+
+    /// Whether an `Authentication-Results:` value (or its continuation) starts with our
+    /// authserv-id; `None` when it holds no token yet (the id is on a folded line).
+    fn claims_our_results(&self, value: &[u8]) -> Option<bool> {
+        let id = self.strip_results.as_deref()?;
+        let text = String::from_utf8_lossy(value);
+        let token = text.trim_start().split(|c: char| c == ';' || c.is_whitespace()).next().unwrap_or("");
+        if token.is_empty() {
+            return None;
+        }
+        Some(token.eq_ignore_ascii_case(id))
     }
 
     fn finish(&mut self) -> DataOutcome {
@@ -402,6 +478,47 @@ mod tests {
         for (input, used, outcome) in cases {
             assert_eq!(run(1000, input), (used, outcome), "input {:?}", String::from_utf8_lossy(input));
         }
+    }
+
+    /// Our own `Authentication-Results:` fields (even folded, any case) are dropped as they
+    /// arrive, whatever the reads' sizes and the streaming pieces; others' stay; after the header
+    /// section nothing is touched.
+    #[test]
+    fn forged_authentication_results_are_dropped() {
+        let ours = "Authentication-Results: MX.example.test; spf=pass\r\n";
+        let folded = "Authentication-Results:\r\n mx.example.test;\r\n\tdkim=pass\r\n";
+        let versioned = "authentication-results : mx.example.test 1; dmarc=pass\r\n";
+        let theirs = "Authentication-Results: mx.other.test; spf=pass\r\n";
+        let prefix = "Authentication-Results: mx.example.test.evil.test; x=y\r\n";
+        let input =
+            format!("Received: x\r\n{ours}Subject: s\r\n{folded}{theirs}{versioned}{prefix}\r\nbody\r\n{ours}.\r\n");
+        let want = format!("Received: x\r\nSubject: s\r\n{theirs}{prefix}\r\nbody\r\n{ours}");
+        for step in [1, 3, 7, 64, input.len()] {
+            for min in [None, Some(1), Some(20)] {
+                let mut r = DataReceiver::new(10_000).strip_auth_results(Some("mx.example.test"));
+                let (mut got, mut end) = (Vec::new(), None);
+                for piece in input.as_bytes().chunks(step) {
+                    let (_, out) = r.feed(piece);
+                    if let Some(m) = min {
+                        while let Some(p) = r.take_ready(m) {
+                            got.extend_from_slice(&p);
+                        }
+                    }
+                    if out.is_some() {
+                        end = out;
+                        break;
+                    }
+                }
+                let Some(DataOutcome::Message { body, received_headers, .. }) = end else { panic!("{end:?}") };
+                got.extend_from_slice(&body);
+                assert_eq!(String::from_utf8_lossy(&got), want, "step {step} min {min:?}");
+                assert_eq!(received_headers, 1);
+            }
+        }
+        // Without an id, nothing is dropped.
+        let (_, out) = DataReceiver::new(10_000).feed(format!("{ours}\r\nx\r\n.\r\n").as_bytes());
+        let Some(DataOutcome::Message { body, .. }) = out else { panic!() };
+        assert!(body.starts_with(ours.as_bytes()));
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub fn session(input: &[u8]) {
             Arc::new(crate::recipients::RecipientMaps::new([("example.test".to_string(), src)]).unwrap_or_default())
         }),
         srs: Default::default(),
+        // Our own Authentication-Results are dropped when bit 4 is set.
+        auth_results_id: (control & 0x10 != 0).then(|| "mx.example.test".to_string()),
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);

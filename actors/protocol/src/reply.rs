@@ -147,6 +147,22 @@ pub fn ready_for_tls() -> Reply {
     Reply::new(220, "2.0.0", "Ready to start TLS")
 }
 
+/// RFC 7372 §3.2: the sender's domain says this client may not send its mail (SPF `fail`).
+pub fn spf_failed() -> Reply {
+    Reply::new(550, "5.7.23", "SPF validation failed: the sender's domain does not allow this client")
+}
+
+/// RFC 7489 §6.6.3 (RFC 7372's 5.7.1): the From: domain's DMARC policy says to reject it.
+pub fn dmarc_rejected(domain: &str) -> Reply {
+    let domain: String = domain.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
+    Reply::new(550, "5.7.1", format!("Rejected by the DMARC policy of {domain}"))
+}
+
+/// A lookup that decides the message failed (RFC 7208 §8.6, RFC 7489): come back later.
+pub fn auth_check_unavailable() -> Reply {
+    Reply::new(451, "4.4.3", "Sender authentication temporarily unavailable, try again later")
+}
+
 /// RFC 4954 §6: a submission server takes mail only from authenticated clients.
 pub fn auth_required() -> Reply {
     Reply::new(530, "5.7.0", "Authentication required")

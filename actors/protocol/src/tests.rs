@@ -25,6 +25,7 @@ fn params() -> SessionParams {
         sender_logins: None,
         recipient_maps: None,
         srs: Default::default(),
+        auth_results_id: None,
         auth_required: false,
     }
 }

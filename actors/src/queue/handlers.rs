@@ -97,6 +97,8 @@ impl Queue {
         };
         let mark = msg.pickup.clone();
         let rcpt_dsn = msg.rcpt_dsn;
+        // Below the Received: header, above any DKIM signature of ours.
+        let signature = [msg.auth_results.into_bytes(), signature].concat();
         let new = NewMessage {
             sender: msg.sender.as_ref().map(|s| s.to_string()),
             recipients: msg

@@ -33,6 +33,9 @@ pub struct Enqueue {
     /// The submitter may speak for the message's `From:` domain (an authenticated user, a
     /// relay client, Pickup): sign it with that domain's DKIM key if it leaves us.
     pub sign: bool,
+    /// Header lines to put on top of the message below our trace header (the results of the
+    /// checks of who it is from); empty = none.
+    pub auth_results: String,
 }
 
 /// A Pickup file whose message is queued has been deleted; forget its mark.

@@ -157,6 +157,12 @@ pub enum RefusalCause {
     SenderLoginMismatch,
     /// MAIL before AUTH on a submission listener: 530 5.7.0.
     AuthRequired,
+    /// SPF `fail` of the sender with `spf_fail = reject`: 550 5.7.23.
+    SpfFail,
+    /// DMARC `p=reject` and the message fails DMARC: 550 5.7.1.
+    DmarcReject,
+    /// An SPF or DMARC lookup failed where the answer could refuse the message: 451 4.4.3.
+    AuthCheckTempFail,
     /// The service is paused: new connections get 421 4.3.2.
     Paused,
     /// The service is stopping: open sessions end with 421 4.3.2.
@@ -195,6 +201,9 @@ impl RefusalCause {
             RefusalCause::RecipientUnverified => "recipient_unverified",
             RefusalCause::SenderLoginMismatch => "sender_login_mismatch",
             RefusalCause::AuthRequired => "auth_required",
+            RefusalCause::SpfFail => "spf_fail",
+            RefusalCause::DmarcReject => "dmarc_reject",
+            RefusalCause::AuthCheckTempFail => "auth_check_temperror",
             RefusalCause::Paused => "paused",
             RefusalCause::ShuttingDown => "shutting_down",
         }

@@ -59,6 +59,9 @@ pub struct SessionParams {
     pub recipient_maps: Option<Arc<crate::recipients::RecipientMaps>>,
     /// Reverses SRS addresses (bounces of mail we forwarded) at RCPT.
     pub srs: SrsReverse,
+    /// Our authserv-id when we add `Authentication-Results:` (the host name): such fields
+    /// already in a message are dropped as it arrives (RFC 8601 §5). `None` = kept.
+    pub auth_results_id: Option<String>,
 }
 
 /// Takes an SRS address of ours apart at RCPT: `None` = not one; `Some(Err)` = forged or
@@ -492,6 +495,23 @@ impl Session {
         if let Mode::AwaitingCheck { to, dsn } = std::mem::replace(&mut self.mode, Mode::Command) {
             self.checked(to, dsn, verdict);
         }
+    }
+
+    /// The caller refused the message of the last [`Action::Enqueue`] instead of queueing it
+    /// (its checks of who the message is from): `reply` is sent, the refusal counted.
+    pub fn refused_at_end(&mut self, reply: Reply, cause: RefusalCause) -> Reply {
+        let refusal = self.refusal(cause, None, 0);
+        self.out.push_back(Action::Refused(refusal));
+        if matches!(self.mode, Mode::AwaitingQueue) {
+            self.mode = Mode::Command;
+        }
+        self.txn = Transaction::default();
+        if let Some(mut l) = self.log_cmd.take() {
+            l.status = reply.code;
+            l.out_bytes = reply.to_bytes().len() as u64;
+            self.out.push_back(Action::Log(l));
+        }
+        reply
     }
 
     /// The queue's answer to the last [`Action::Enqueue`].

@@ -35,7 +35,10 @@ impl Session {
             Some(reply::no_valid_recipients())
         } else {
             if self.txn.chunks.is_none() {
-                self.txn.chunks = Some(DataReceiver::raw(self.params.max_message_size));
+                self.txn.chunks = Some(
+                    DataReceiver::raw(self.params.max_message_size)
+                        .strip_auth_results(self.params.auth_results_id.as_deref()),
+                );
                 self.body_seq += 1;
             }
             None
@@ -255,7 +258,9 @@ impl Session {
         if self.txn.recipients.is_empty() {
             return self.reject(None, reply::no_valid_recipients());
         }
-        self.mode = Mode::Data(DataReceiver::new(self.params.max_message_size));
+        self.mode = Mode::Data(
+            DataReceiver::new(self.params.max_message_size).strip_auth_results(self.params.auth_results_id.as_deref()),
+        );
         self.body_seq += 1;
         self.reply(reply::start_data());
     }

@@ -1,0 +1,289 @@
+//! Who inbound mail is from (mail-auth): SPF of the HELO and MAIL FROM identities (RFC 7208),
+//! DKIM signatures (RFC 6376), the ARC chain (RFC 8617) and DMARC alignment and policy (RFC
+//! 7489, with DMARCbis's DNS tree walk instead of a public-suffix list), summed up in one
+//! `Authentication-Results:` header (RFC 8601) and a verdict: accept, refuse (550) or try later
+//! (451 4.4.3). Run at the end of DATA for clients that are neither authenticated nor in a relay
+//! network, before the message is queued.
+//!
+//! Bounds: at most `max_concurrent` checks at once (others wait for a slot, within the
+//! timeout), each within `timeout` in all; DKIM and ARC are verified only for messages up to
+//! `max_message_size` (the whole message is parsed in memory); every lookup goes through one
+//! shared caching resolver (hickory), the same one delivery uses.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dmarc::Policy;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator, SpfResult,
+};
+use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
+use crate::protocol::reply::{self, Reply};
+use crate::protocol::{Mailbox, RefusalCause};
+
+/// What to do with an SPF `fail` (`-all`) of the MAIL FROM identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpfFail {
+    /// Only record it in the header (DMARC decides).
+    Record,
+    /// Refuse the message: `550 5.7.23`.
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSettings {
+    /// Our `authserv-id` (the host name) in `Authentication-Results:`.
+    pub hostname: String,
+    pub spf_fail: SpfFail,
+    /// Apply the sender domain's DMARC policy: `p=reject` refused, `p=quarantine` marked.
+    pub dmarc_enforce: bool,
+    /// The header line added to mail DMARC says to quarantine (`X-Spam-Flag: YES`).
+    pub quarantine_header: String,
+    pub timeout: Duration,
+    pub max_concurrent: usize,
+    /// DKIM and ARC are verified for messages up to this size.
+    pub max_message_size: usize,
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        CheckSettings {
+            hostname: "localhost".into(),
+            spf_fail: SpfFail::Record,
+            dmarc_enforce: true,
+            quarantine_header: "X-Spam-Flag: YES".into(),
+            timeout: Duration::from_secs(20),
+            max_concurrent: 64,
+            max_message_size: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// The outcome of the checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Queue it with these header lines on top (`Authentication-Results:` and, for DMARC
+    /// quarantine, the quarantine header), each ending in CRLF.
+    Accept { headers: String },
+    /// Refuse it: a 5xx, or a 4xx when a lookup failed where the answer would decide.
+    Refuse { reply: Reply, cause: RefusalCause },
+}
+
+/// What the session knows of the message's origin.
+pub struct Origin<'a> {
+    pub ip: IpAddr,
+    pub helo: &'a str,
+    pub sender: Option<&'a Mailbox>,
+}
+
+pub struct Checker {
+    auth: MessageAuthenticator,
+    settings: CheckSettings,
+    slots: Arc<Semaphore>,
+    /// KiB of messages held in memory for DKIM and ARC, all checks together.
+    memory: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+/// Messages held in memory for verification at once, at most (all sessions together).
+const MEMORY: usize = 64 * 1024 * 1024;
+
+impl Checker {
+    /// `resolver`: the daemon's shared resolver (see `resolve::build_resolver`).
+    pub fn new(resolver: hickory_resolver::TokioResolver, settings: CheckSettings, metrics: Arc<Metrics>) -> Checker {
+        let slots = Arc::new(Semaphore::new(settings.max_concurrent.max(1)));
+        let memory = Arc::new(Semaphore::new(MEMORY / 1024));
+        Checker { auth: MessageAuthenticator(resolver), settings, slots, memory, metrics }
+    }
+
+    /// Room to hold a message of `bytes` in memory for verification: `None` when it is over
+    /// `max_message_size`, or the shared budget stays spent for the whole timeout (then only
+    /// SPF and DMARC-on-SPF are checked).
+    pub async fn hold(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if bytes > self.settings.max_message_size {
+            return None;
+        }
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
+        tokio::time::timeout(self.settings.timeout, self.memory.clone().acquire_many_owned(kib)).await.ok()?.ok()
+    }
+
+    pub fn settings(&self) -> &CheckSettings {
+        &self.settings
+    }
+
+    fn count(&self, check: &'static str, result: &'static str) {
+        self.metrics.inbound_auth.get_or_create(&crate::metrics::CheckLabel { check, result }).inc();
+    }
+
+    /// Checks one message. `message` is `None` when it is larger than `max_message_size` (then
+    /// only SPF, and DMARC on SPF alone, are evaluated).
+    pub async fn check(&self, origin: &Origin<'_>, message: Option<&[u8]>) -> Verdict {
+        let work = async {
+            let Ok(_slot) = self.slots.acquire().await else { return None };
+            Some(self.run(origin, message).await)
+        };
+        match tokio::time::timeout(self.settings.timeout, work).await {
+            Ok(Some(v)) => v,
+            _ => {
+                self.metrics
+                    .inbound_auth
+                    .get_or_create(&crate::metrics::CheckLabel { check: "all", result: "timeout" })
+                    .inc();
+                if self.settings.dmarc_enforce || self.settings.spf_fail == SpfFail::Reject {
+                    // The answer could have refused it: ask the sender to come back.
+                    Verdict::Refuse { reply: reply::auth_check_unavailable(), cause: RefusalCause::AuthCheckTempFail }
+                } else {
+                    let header =
+                        format!("Authentication-Results: {}; none (checks timed out)\r\n", self.settings.hostname);
+                    Verdict::Accept { headers: header }
+                }
+            }
+        }
+    }
+
+    async fn run(&self, origin: &Origin<'_>, message: Option<&[u8]>) -> Verdict {
+        let s = &self.settings;
+        let helo = origin.helo.trim_start_matches('[').trim_end_matches(']');
+        let sender = origin.sender.map(|m| m.to_string()).unwrap_or_default();
+        let parsed = message.and_then(AuthenticatedMessage::parse);
+        // SPF: HELO first (RFC 7208 §2.3); MAIL FROM, or the HELO identity for the null sender.
+        let spf_helo = self
+            .auth
+            .verify_spf(mail_auth::spf::verify::SpfParameters::verify_ehlo(origin.ip, helo, &s.hostname))
+            .await;
+        let spf_mail = if sender.is_empty() {
+            spf_helo.clone()
+        } else {
+            self.auth
+                .verify_spf(mail_auth::spf::verify::SpfParameters::verify_mail_from(
+                    origin.ip,
+                    helo,
+                    &s.hostname,
+                    &sender,
+                ))
+                .await
+        };
+        self.count("spf", spf_label(spf_mail.result()));
+        let mut results = AuthenticationResults::new(&s.hostname)
+            .with_spf_ehlo_result(&spf_helo, origin.ip, helo)
+            .with_spf_mailfrom_result(&spf_mail, origin.ip, &sender, helo);
+        let mail_from_domain = origin.sender.map(|m| m.domain.clone()).unwrap_or_else(|| helo.to_string());
+        let Some(msg) = parsed.as_ref() else {
+            // Too large to verify in memory, or not a parseable message: SPF only.
+            if let Some(refusal) = self.spf_verdict(&spf_mail, &sender) {
+                return refusal;
+            }
+            return Verdict::Accept { headers: results.to_header() };
+        };
+        let header_from = msg.from.first().cloned().unwrap_or_default();
+        let dkim = self.auth.verify_dkim(msg).await;
+        for d in &dkim {
+            self.count("dkim", dkim_label(d.result()));
+        }
+        let arc = self.auth.verify_arc(msg).await;
+        self.count("arc", dkim_label(arc.result()));
+        let dmarc = self
+            .auth
+            .verify_dmarc(mail_auth::dmarc::verify::DmarcParameters::new(msg, &dkim, &mail_from_domain, &spf_mail))
+            .await;
+        let pass = *dmarc.dkim_result() == DmarcResult::Pass || *dmarc.spf_result() == DmarcResult::Pass;
+        let temp = matches!(dmarc.dkim_result(), DmarcResult::TempError(_))
+            || matches!(dmarc.spf_result(), DmarcResult::TempError(_));
+        // RFC 7489 §6.6.2: the domain has a record and no aligned identifier passed. (mail-auth
+        // leaves both results `none` when neither SPF nor DKIM passed at all: it is a fail.)
+        let failed = dmarc.dmarc_record().is_some() && !pass && !temp;
+        let dmarc = if failed && *dmarc.spf_result() == DmarcResult::None && *dmarc.dkim_result() == DmarcResult::None {
+            dmarc.with_spf_result(DmarcResult::Fail(mail_auth::Error::NotAligned))
+        } else {
+            dmarc
+        };
+        results =
+            results.with_dkim_results(&dkim, &header_from).with_arc_result(&arc, origin.ip).with_dmarc_result(&dmarc);
+        let mut headers = results.to_header();
+        let dmarc_label = if pass {
+            "pass"
+        } else if temp {
+            "temperror"
+        } else if failed {
+            "fail"
+        } else {
+            "none"
+        };
+        self.count("dmarc", dmarc_label);
+        if let Some(refusal) = self.spf_verdict(&spf_mail, &sender) {
+            return refusal;
+        }
+        if s.dmarc_enforce && !pass {
+            match (dmarc.policy(), failed, temp) {
+                (Policy::Reject, true, _) => {
+                    return Verdict::Refuse {
+                        reply: reply::dmarc_rejected(dmarc.domain()),
+                        cause: RefusalCause::DmarcReject,
+                    };
+                }
+                (Policy::Quarantine, true, _) => {
+                    headers.push_str(&s.quarantine_header);
+                    headers.push_str("\r\n");
+                }
+                // A lookup failed where the answer could refuse the message (RFC 7489 §6.6.3):
+                // the record (so the policy) is unknown, or a known strict one's check failed.
+                (Policy::Reject | Policy::Quarantine | Policy::Unspecified, false, true) => {
+                    return Verdict::Refuse {
+                        reply: reply::auth_check_unavailable(),
+                        cause: RefusalCause::AuthCheckTempFail,
+                    };
+                }
+                (_, false, true) if dmarc.dmarc_record().is_none() => {
+                    return Verdict::Refuse {
+                        reply: reply::auth_check_unavailable(),
+                        cause: RefusalCause::AuthCheckTempFail,
+                    };
+                }
+                _ => {}
+            }
+        }
+        Verdict::Accept { headers }
+    }
+
+    /// With `spf_fail = reject`: a `fail` refuses (550 5.7.23), a `temperror` defers (451 4.4.3,
+    /// RFC 7208 §8.6). The null sender's bounces are not refused on SPF.
+    fn spf_verdict(&self, spf: &mail_auth::SpfOutput, sender: &str) -> Option<Verdict> {
+        if self.settings.spf_fail != SpfFail::Reject || sender.is_empty() {
+            return None;
+        }
+        match spf.result() {
+            SpfResult::Fail => Some(Verdict::Refuse { reply: reply::spf_failed(), cause: RefusalCause::SpfFail }),
+            SpfResult::TempError => {
+                Some(Verdict::Refuse { reply: reply::auth_check_unavailable(), cause: RefusalCause::AuthCheckTempFail })
+            }
+            _ => None,
+        }
+    }
+}
+
+fn spf_label(r: SpfResult) -> &'static str {
+    match r {
+        SpfResult::Pass => "pass",
+        SpfResult::Fail => "fail",
+        SpfResult::SoftFail => "softfail",
+        SpfResult::Neutral => "neutral",
+        SpfResult::TempError => "temperror",
+        SpfResult::PermError => "permerror",
+        SpfResult::None => "none",
+    }
+}
+
+fn dkim_label(r: &DkimResult) -> &'static str {
+    match r {
+        DkimResult::Pass => "pass",
+        DkimResult::Neutral(_) => "neutral",
+        DkimResult::Fail(_) => "fail",
+        DkimResult::PermError(_) => "permerror",
+        DkimResult::TempError(_) => "temperror",
+        DkimResult::None => "none",
+    }
+}

@@ -1,0 +1,202 @@
+//! Who inbound mail is from, end to end: SPF, DKIM, ARC and DMARC checked against a real DNS
+//! server in the test, messages signed in the test with mail-auth (through our signer), over
+//! SMTP from a client outside the relay networks. Each case ends in a reply and, when accepted,
+//! in the `Authentication-Results:` header the Drop file carries.
+
+mod common;
+
+use std::path::Path;
+
+use common::dns::{Answer, DnsServer};
+use common::*;
+use hickory_proto::rr::RecordType;
+use mailroot_actors::dkim::{DomainSettings, KeySettings, Signer};
+
+/// A signer for `domain` with an Ed25519 key whose public record is in `dns` under `s1`.
+fn signer(dir: &Path, dns: &DnsServer, domain: &str) -> Signer {
+    let (key, record) = mailroot::publish::keygen(domain, "s1", "ed25519", &dir.join(domain)).unwrap();
+    dns.txt(&format!("s1._domainkey.{domain}"), &record);
+    let settings = DomainSettings {
+        domain: domain.into(),
+        keys: vec![KeySettings { selector: "s1".into(), key_file: key, algorithm: None }],
+        headers: Vec::new(),
+        oversign: Vec::new(),
+        expire: None,
+    };
+    Signer::load(&[settings]).unwrap()
+}
+
+fn message(from: &str, subject: &str) -> Vec<u8> {
+    format!("From: <{from}>\r\nTo: <user@example.test>\r\nSubject: {subject}\r\nMessage-ID: <{subject}@x>\r\n\r\nHello.\r\n")
+        .into_bytes()
+}
+
+fn signed(signer: &Signer, msg: &[u8]) -> Vec<u8> {
+    let signature = signer.sign(&mut &msg[..]).unwrap().unwrap();
+    [signature, msg.to_vec()].concat()
+}
+
+/// The test's DNS: origin.test (SPF allows 127.0.0.1, DMARC p=reject, signs), strict.test
+/// (SPF allows only 192.0.2.1, DMARC p=reject), soft.test (same, p=quarantine), broken.test
+/// (an SPF record that is a permanent error), slow.test (its DMARC record never answers).
+fn zone(dns: &DnsServer) {
+    dns.txt("origin.test", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt("_dmarc.origin.test", "v=DMARC1; p=reject");
+    for d in ["strict.test", "soft.test"] {
+        dns.txt(d, "v=spf1 ip4:192.0.2.1 -all");
+    }
+    dns.txt("_dmarc.strict.test", "v=DMARC1; p=reject");
+    dns.txt("_dmarc.soft.test", "v=DMARC1; p=quarantine");
+    dns.txt("broken.test", "v=spf1 ip4:127.0.0.1 redirect=a redirect=b");
+    dns.txt("slow.test", "v=spf1 ip4:192.0.2.1 -all");
+    dns.set("_dmarc.slow.test", RecordType::TXT, Answer::Silent);
+}
+
+fn daemon(dir: &Path, dns: &DnsServer, extra: &str) -> mailroot::daemon::Running {
+    let text = format!(
+        "[relay]\nallow_networks = [\"127.0.0.2/32\"]\n[delivery]\nnameservers = [\"{}\"]\ndns_timeout = \"1s\"\n{extra}",
+        dns.addr
+    );
+    start(config(dir, &text))
+}
+
+/// The Drop file of message `id`, as text.
+fn dropped(dir: &Path, id: u64) -> String {
+    String::from_utf8_lossy(&drop_file(dir, id)).into_owned()
+}
+
+#[test]
+fn spf_dkim_dmarc_results_and_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = DnsServer::start();
+    zone(&dns);
+    let origin = signer(dir.path(), &dns, "origin.test");
+    let running = daemon(dir.path(), &dns, "[checks]\ntimeout = \"8s\"\n");
+    let addr = running.smtp_addrs[0];
+    let mut c = Client::connect_from("127.0.0.1", addr);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO client.origin.test").code, 250);
+
+    // Signed, from an address SPF allows: everything passes; a forged result claiming our host
+    // name is dropped, another server's is kept.
+    let forged = format!("Authentication-Results: {HOST}; dkim=pass header.d=bank.test\r\n");
+    let theirs = "Authentication-Results: mx.elsewhere.test; spf=fail\r\n";
+    let body = [forged.as_bytes(), theirs.as_bytes(), &signed(&origin, &message("alice@origin.test", "good"))].concat();
+    let r = c.transaction("alice@origin.test", &["user@example.test"], &body);
+    assert_eq!(r.code, 250, "{r:?}");
+    let text = dropped(dir.path(), r.queue_id().unwrap());
+    let ours: Vec<&str> =
+        text.split("\r\n").filter(|l| l.starts_with(&format!("Authentication-Results: {HOST}"))).collect();
+    assert_eq!(ours.len(), 1, "one header of ours, the forged one gone: {text}");
+    let header =
+        text.split(&format!("Authentication-Results: {HOST}")).nth(1).unwrap().split("\r\n\r\n").next().unwrap();
+    for want in
+        ["spf=pass", "dkim=pass", "header.d=origin.test", "dmarc=pass", "arc=none", "smtp.mailfrom=alice@origin.test"]
+    {
+        assert!(header.contains(want), "{want} in {header}");
+    }
+    assert!(!header.contains("bank.test"));
+    assert!(text.contains(theirs), "{text}");
+
+    // Unsigned, from a domain whose SPF does not list us, with p=reject: refused.
+    let r = c.transaction("ceo@strict.test", &["user@example.test"], &message("ceo@strict.test", "wire"));
+    assert_eq!(
+        (r.code, r.text.starts_with("5.7.1")),
+        (550, true),
+        "{r:?} {}",
+        r.queue_id().map(|id| dropped(dir.path(), id)).unwrap_or_default()
+    );
+
+    // Signed, then changed on the way (the body hash fails); the envelope domain is not aligned:
+    // DMARC fails, p=reject: refused.
+    let mut tampered = signed(&origin, &message("alice@origin.test", "tampered"));
+    tampered.extend_from_slice(b"P.S. send money\r\n");
+    let r = c.transaction("bounces@unrelated.test", &["user@example.test"], &tampered);
+    assert_eq!(r.code, 550, "{r:?}");
+
+    // p=quarantine: accepted, marked for the mailbox to file.
+    let r = c.transaction("x@soft.test", &["user@example.test"], &message("x@soft.test", "quarantined"));
+    assert_eq!(r.code, 250, "{r:?}");
+    let text = dropped(dir.path(), r.queue_id().unwrap());
+    assert!(text.contains("X-Spam-Flag: YES\r\n") && text.contains("dmarc=fail"), "{text}");
+
+    // An SPF record that is a permanent error is recorded; no DMARC record, nothing enforced.
+    let r = c.transaction("x@broken.test", &["user@example.test"], &message("x@broken.test", "permerror"));
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(dropped(dir.path(), r.queue_id().unwrap()).contains("spf=permerror"));
+
+    // The DMARC record cannot be read (DNS times out): the answer could refuse it, so 451.
+    let r = c.transaction("x@slow.test", &["user@example.test"], &message("x@slow.test", "slow"));
+    assert_eq!(
+        (r.code, r.text.starts_with("4.4.3")),
+        (451, true),
+        "{r:?} {}",
+        r.queue_id().map(|id| dropped(dir.path(), id)).unwrap_or_default()
+    );
+    c.cmd("QUIT");
+
+    // A relay-network client is not checked, and gets no header.
+    let mut c = Client::connect_from("127.0.0.2", addr);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO relay.example.test").code, 250);
+    let r = c.transaction("ceo@strict.test", &["user@example.test"], &message("ceo@strict.test", "internal"));
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(!dropped(dir.path(), r.queue_id().unwrap()).contains("Authentication-Results"));
+
+    for (labels, at_least) in [
+        ("check=\"spf\",result=\"pass\"", 1.0),
+        ("check=\"spf\",result=\"fail\"", 2.0),
+        ("check=\"dkim\",result=\"pass\"", 1.0),
+        // mail-auth calls a body that no longer matches its hash `neutral`.
+        ("check=\"dkim\",result=\"neutral\"", 1.0),
+        ("check=\"dmarc\",result=\"pass\"", 1.0),
+        ("check=\"dmarc\",result=\"fail\"", 3.0),
+    ] {
+        let v = metric(&running, &format!("mailroot_inbound_auth_total{{{labels}}}"));
+        assert!(
+            v >= at_least,
+            "{labels}: {v} {}",
+            running.metrics_text().lines().filter(|l| l.contains("inbound_auth")).collect::<Vec<_>>().join("\n")
+        );
+    }
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"dmarc_reject\"}"), 2.0);
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"auth_check_temperror\"}"), 1.0);
+    running.stop();
+}
+
+/// `spf_fail = "reject"`: an SPF `fail` of the sender is refused with 550 5.7.23 whatever DMARC
+/// says; `[checks] enabled = false` checks nothing and adds no header.
+#[test]
+fn spf_fail_can_reject_and_checks_can_be_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = DnsServer::start();
+    zone(&dns);
+    dns.txt("_dmarc.strict.test", "v=DMARC1; p=none");
+    let running = daemon(dir.path(), &dns, "[checks]\nspf_fail = \"reject\"\n");
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    let r = c.transaction("ceo@strict.test", &["user@example.test"], &message("ceo@strict.test", "spf"));
+    assert_eq!((r.code, r.text.starts_with("5.7.23")), (550, true), "{r:?}");
+    let r = c.transaction("alice@origin.test", &["user@example.test"], &message("alice@origin.test", "ok"));
+    assert_eq!(r.code, 250, "{r:?}");
+    c.cmd("QUIT");
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"spf_fail\"}"), 1.0);
+    running.stop();
+
+    let dir = tempfile::tempdir().unwrap();
+    let running = daemon(dir.path(), &dns, "[checks]\nenabled = false\n");
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    let r = c.transaction("ceo@strict.test", &["user@example.test"], &message("ceo@strict.test", "off"));
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(!dropped(dir.path(), r.queue_id().unwrap()).contains("Authentication-Results"));
+    running.stop();
+    // Bad settings name the key.
+    let e = mailroot::config::Config::from_toml("[checks]\nspf_fail = \"maybe\"\n").unwrap_err().to_string();
+    assert!(e.starts_with("checks.spf_fail"), "{e}");
+    let e =
+        mailroot::config::Config::from_toml("[checks]\nquarantine_header = \"no colon\"\n").unwrap_err().to_string();
+    assert!(e.starts_with("checks.quarantine_header"), "{e}");
+}
