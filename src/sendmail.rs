@@ -209,7 +209,7 @@ pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, m
         dkim: Default::default(),
         srs: None,
     };
-    let first = config.listener_settings(&security, None, None).into_iter().next();
+    let first = config.listener_settings(&security, None, None, None).into_iter().next();
     let Some(first) = first else { return Err("the configuration has no listener".into()) };
     let mut params = (*first.params).clone();
     params.auth_required = false;

@@ -755,3 +755,46 @@ fn listener_configuration_errors() {
     let e = mailroot::config::Config::from_toml("[server]\nlisten = []\n").unwrap_err().to_string();
     assert!(e.starts_with("server.listen"), "{e}");
 }
+
+/// Rates across connections (Postfix's anvil): messages per client address, unknown recipients
+/// per client (directory harvesting ends the connection), relay networks exempt.
+#[test]
+fn rate_limits_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[relay]\nallow_networks = [\"127.0.0.2/32\"]\n[checks]\nenabled = false\n\
+         [rates]\nmessages_per_client = 2\nfailed_recipients_per_client = 2\n\
+         [domains]\nlocal = [\"example.test\"]\n[recipients.\"example.test\"]\nusers = [\"alice\"]\n{NO_DNS}"
+    );
+    let running = start(config(dir.path(), &extra));
+    let addr = running.smtp_addrs[0];
+    let session = |from: &str| {
+        let mut c = Client::connect_from(from, addr);
+        assert_eq!(c.greeting().code, 220);
+        assert_eq!(c.cmd("EHLO client.test").code, 250);
+        c
+    };
+    let mut c = session("127.0.0.5");
+    assert_eq!(c.transaction("a@far.test", &["alice@example.test"], b"Subject: 1\r\n\r\nx\r\n").code, 250);
+    let mut d = session("127.0.0.5");
+    assert_eq!(d.transaction("a@far.test", &["alice@example.test"], b"Subject: 2\r\n\r\nx\r\n").code, 250);
+    let r = c.cmd("MAIL FROM:<a@far.test>");
+    assert_eq!((r.code, r.text.starts_with("4.7.1")), (450, true), "{r:?}");
+    // Another address has its own count; a relay network none at all.
+    let mut e = session("127.0.0.6");
+    assert_eq!(e.cmd("MAIL FROM:<a@far.test>").code, 250);
+    let mut f = session("127.0.0.2");
+    for _ in 0..3 {
+        assert_eq!(f.transaction("a@far.test", &["alice@example.test"], b"Subject: r\r\n\r\nx\r\n").code, 250);
+    }
+    // Guessing addresses: two unknown recipients are refused, the third ends the connection.
+    assert_eq!(e.cmd("RCPT TO:<bob@example.test>").code, 550);
+    assert_eq!(e.cmd("RCPT TO:<carol@example.test>").code, 550);
+    let r = e.cmd("RCPT TO:<dave@example.test>");
+    assert_eq!((r.code, r.text.starts_with("4.7.0")), (421, true), "{r:?}");
+    assert!(e.read_reply().is_none(), "closed");
+    for (cause, n) in [("message_rate", 1.0), ("harvest_rate", 1.0), ("unknown_recipient", 2.0)] {
+        assert_eq!(metric(&running, &format!("mailroot_refusals_total{{cause=\"{cause}\"}}")), n, "{cause}");
+    }
+    running.stop();
+}

@@ -38,6 +38,7 @@ pub mod peer;
 pub mod pickup;
 pub mod protolog;
 pub mod queue;
+pub mod rates;
 pub mod remote;
 pub mod resolve;
 pub mod routes;

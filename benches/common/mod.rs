@@ -21,11 +21,14 @@ pub struct Args {
     pub postfix: bool,
     /// Relay benchmark: also run with DKIM signing (`rsa`, `ed25519` or `both`).
     pub dkim: Option<String>,
+    /// SMTP benchmark: run with the inbound SPF/DKIM/DMARC checks off, then on.
+    pub checks: bool,
 }
 
 impl Args {
     pub fn parse() -> Args {
-        let mut a = Args { messages: 20_000, sessions: 20, size: 1024, dir: None, postfix: true, dkim: None };
+        let mut a =
+            Args { messages: 20_000, sessions: 20, size: 1024, dir: None, postfix: true, dkim: None, checks: false };
         let mut it = std::env::args().skip(1);
         while let Some(k) = it.next() {
             let mut v = || it.next().unwrap_or_default();
@@ -36,6 +39,7 @@ impl Args {
                 "--dir" => a.dir = Some(PathBuf::from(v())),
                 "--no-postfix" => a.postfix = false,
                 "--dkim" => a.dkim = Some(v()),
+                "--checks" => a.checks = true,
                 _ => {} // cargo passes --bench
             }
         }

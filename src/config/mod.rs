@@ -45,6 +45,7 @@ pub struct Config {
     pub recipients: BTreeMap<String, RecipientMap>,
     pub srs: Srs,
     pub checks: Checks,
+    pub rates: Rates,
 }
 
 /// A configuration problem, naming the key (or file) at fault.

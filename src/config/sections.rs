@@ -186,6 +186,36 @@ impl Default for Server {
     }
 }
 
+/// `[rates]`: inbound limits per client address (IPv6 per /64) and per authenticated user,
+/// across connections, per `window`; 0 = no limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rates {
+    pub window: HumanDuration,
+    /// Messages (MAIL commands) per client per window: over it, 450 4.7.1.
+    pub messages_per_client: u32,
+    /// Recipients (RCPT commands past the relay check) per client per window: 450 4.7.1.
+    pub recipients_per_client: u32,
+    /// Unknown recipients per client per window (directory harvesting): 421 4.7.0, closed.
+    pub failed_recipients_per_client: u32,
+    /// The same for an authenticated user, wherever it connects from.
+    pub messages_per_user: u32,
+    pub recipients_per_user: u32,
+}
+
+impl Default for Rates {
+    fn default() -> Self {
+        Rates {
+            window: HumanDuration(Duration::from_secs(60)),
+            messages_per_client: 0,
+            recipients_per_client: 0,
+            failed_recipients_per_client: 20,
+            messages_per_user: 0,
+            recipients_per_user: 0,
+        }
+    }
+}
+
 /// `[checks]`: who inbound mail is from (SPF, DKIM, ARC, DMARC).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

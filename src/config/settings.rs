@@ -19,6 +19,7 @@ use mailroot_actors::protocol::recipients::{MapSource, RecipientMaps};
 use mailroot_actors::protocol::senders::SenderLogins;
 use mailroot_actors::protocol::{LocalDomains, RecipientCheck, SessionParams, SrsReverse};
 use mailroot_actors::queue::QueueSettings;
+use mailroot_actors::rates::{RateLimits, RateSettings};
 use mailroot_actors::remote::connection::Timeouts;
 use mailroot_actors::remote::{Credentials, DomainPolicy, RemoteSettings, SmartHost, TlsPolicy};
 use mailroot_actors::resolve::Dns;
@@ -369,6 +370,19 @@ impl Config {
         SenderLogins::new(self.auth.senders.iter().map(|(k, v)| (k.clone(), v.clone()))).ok().map(Arc::new)
     }
 
+    /// `[rates]` as the rate table takes them.
+    pub fn rate_settings(&self) -> RateSettings {
+        let r = &self.rates;
+        RateSettings {
+            window: r.window.0,
+            messages_per_client: r.messages_per_client,
+            recipients_per_client: r.recipients_per_client,
+            failed_recipients_per_client: r.failed_recipients_per_client,
+            messages_per_user: r.messages_per_user,
+            recipients_per_user: r.recipients_per_user,
+        }
+    }
+
     /// `[checks]` as the checker takes them (validated by `validate`).
     pub fn check_settings(&self) -> Result<CheckSettings, ConfigError> {
         let c = &self.checks;
@@ -415,7 +429,9 @@ impl Config {
         security: &Security,
         dns: Option<&Arc<Dns>>,
         metrics: Option<&Arc<mailroot_actors::metrics::Metrics>>,
+        rates: Option<&Arc<RateLimits>>,
     ) -> Vec<ListenerSettings> {
+        let gate = rates.map(|r| r.gate()).unwrap_or_default();
         let reverse_dns = dns.filter(|_| self.access.reverse_dns).cloned();
         // One checker for all listeners: its slots and memory budget are global.
         let checker = match (dns, metrics, self.check_settings()) {
@@ -429,12 +445,13 @@ impl Config {
                 let own = self.listeners.get(&def.name).filter(|_| def.key != "server.listen").and_then(|l| l.checks);
                 let on = own.unwrap_or(self.checks.enabled && def.role == Role::Mx);
                 l.checker = checker.clone().filter(|_| on);
+                let mut params = (*l.params).clone();
+                params.rates = gate.clone();
                 if on {
                     // Only we may claim our own results: drop such headers as mail arrives.
-                    let mut params = (*l.params).clone();
                     params.auth_results_id = Some(self.server.hostname.clone());
-                    l.params = Arc::new(params);
                 }
+                l.params = Arc::new(params);
                 l
             })
             .collect()
@@ -474,6 +491,7 @@ impl Config {
                 None => SrsReverse::default(),
             },
             auth_results_id: None,
+            rates: Default::default(),
         });
         let relay_networks = match (submission, own.relay_networks) {
             (true, _) => Vec::new(),

@@ -72,6 +72,9 @@ impl Config {
             }
         }
         self.check_settings()?;
+        if self.rates.window.0 < Duration::from_secs(1) {
+            return err("rates.window", "must be at least 1s".into());
+        }
         for domain in self.recipients.keys() {
             if !self.local_domains().contains(domain) {
                 return err(&format!("recipients.\"{domain}\""), "maps are for local domains (domains.local)".into());

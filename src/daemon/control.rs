@@ -210,7 +210,8 @@ async fn reload(sys: &mut Wired) -> Result<Vec<String>, String> {
     sys.recipient_verifier.configure(new.recipient_verifier_settings());
     // A listener added or removed waits for a restart (its sockets are bound at start): the
     // running ones take their new settings by name.
-    let settings = new.listener_settings(&security, Some(&sys.inbound_dns), Some(&sys.metrics));
+    sys.rates.set(new.rate_settings());
+    let settings = new.listener_settings(&security, Some(&sys.inbound_dns), Some(&sys.metrics), Some(&sys.rates));
     mailroot_actors::listener::resize(
         &sys.connection_permits,
         sys.config.server.max_connections,

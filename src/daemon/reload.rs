@@ -42,6 +42,8 @@ pub(super) fn plan(old: &Config, new: &Config, tls_loaded: bool) -> ReloadPlan {
         ("delivery", old.delivery != new.delivery, true),
         ("recipients", old.recipients != new.recipients, true),
         ("srs", old.srs != new.srs, true),
+        ("checks", old.checks != new.checks, true),
+        ("rates", old.rates != new.rates, true),
         ("server", rest(&old.server) != rest(&new.server), true),
         ("mailroot", old.mailroot != new.mailroot, false),
         ("queue", old.queue != new.queue, false),

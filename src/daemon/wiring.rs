@@ -19,6 +19,7 @@ use mailroot_actors::lmtp::RecipientVerifier;
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::pickup::Pickup;
 use mailroot_actors::queue::Queue;
+use mailroot_actors::rates::RateLimits;
 use mailroot_actors::resolve::Dns;
 use mailroot_actors::routes::Router;
 use mailroot_actors::session::{BodyBudget, ProtocolLog, SessionShared};
@@ -64,6 +65,8 @@ pub(super) struct Wired {
     pub(super) routes: RouteActors,
     /// The resolver of the SMTP side (reverse DNS, the checks of who mail is from).
     pub(super) inbound_dns: Arc<Dns>,
+    /// Inbound rate counts, kept across reloads.
+    pub(super) rates: Arc<RateLimits>,
     /// The routes a restarted Queue starts with.
     pub(super) router: Arc<std::sync::Mutex<Router>>,
     /// The DKIM keys a restarted Queue starts with.
@@ -192,7 +195,9 @@ pub(super) fn run_system(
                 srs: security.srs.clone(),
                 checker: None,
         };
-        let mut settings = config.listener_settings(&security, Some(&inbound_dns), Some(&metrics)).into_iter();
+        let rates = RateLimits::new(config.rate_settings());
+        let mut settings =
+            config.listener_settings(&security, Some(&inbound_dns), Some(&metrics), Some(&rates)).into_iter();
         let mut listeners = Vec::new();
         for (name, sockets, _) in bound {
             let Some(s) = settings.next() else { break };
@@ -262,6 +267,7 @@ pub(super) fn run_system(
                 router: current_router,
                 signer: current_signer,
                 inbound_dns,
+                rates,
                 listeners,
                 connection_permits,
                 queue,

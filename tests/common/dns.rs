@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, TLSA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -159,8 +159,19 @@ fn respond(zone: &Mutex<Zone>, queries: &Mutex<Vec<(String, RecordType)>>, bytes
     resp.metadata.authentic_data = secure;
     resp.add_query(query.clone());
     let owner = query.name().clone();
+    // A negative answer carries the zone's SOA (RFC 2308), as real servers send it, so that
+    // resolvers may cache it — for a second, like every answer here.
+    let soa = || {
+        let zone = Name::from_ascii("test.").ok()?;
+        let rname = Name::from_ascii("hostmaster.test.").ok()?;
+        Some(Record::from_rdata(zone.clone(), 1, RData::SOA(SOA::new(zone, rname, 1, 60, 60, 60, 1))))
+    };
     match answer {
-        None => {}
+        None => {
+            if let Some(r) = soa() {
+                resp.add_authority(r);
+            }
+        }
         Some(Answer::Mx(hosts)) => {
             for (pref, host) in hosts {
                 let exchange = if host == "." { Name::root() } else { Name::from_ascii(format!("{host}.")).ok()? };
@@ -191,7 +202,12 @@ fn respond(zone: &Mutex<Zone>, queries: &Mutex<Vec<(String, RecordType)>>, bytes
                 resp.add_answer(Record::from_rdata(owner.clone(), 60, RData::TLSA(t)));
             }
         }
-        Some(Answer::NxDomain) => resp.metadata.response_code = ResponseCode::NXDomain,
+        Some(Answer::NxDomain) => {
+            resp.metadata.response_code = ResponseCode::NXDomain;
+            if let Some(r) = soa() {
+                resp.add_authority(r);
+            }
+        }
         Some(Answer::ServFail) => resp.metadata.response_code = ResponseCode::ServFail,
         Some(Answer::Silent) => return None,
         Some(Answer::Garbage) => return Some(b"\x00\x01garbage that is not DNS at all".to_vec()),

@@ -102,6 +102,13 @@ pub fn session(input: &[u8]) {
         srs: Default::default(),
         // Our own Authentication-Results are dropped when bit 4 is set.
         auth_results_id: (control & 0x10 != 0).then(|| "mx.example.test".to_string()),
+        // Every second message and recipient is over the rate when bit 5 is set.
+        rates: if control & 0x20 != 0 {
+            let n = std::sync::atomic::AtomicUsize::new(0);
+            crate::RateGate::new(move |_, _, _| n.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2))
+        } else {
+            crate::RateGate::default()
+        },
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);

@@ -40,6 +40,6 @@ mod tests;
 pub use address::{LocalDomains, Mailbox};
 pub use reply::Reply;
 pub use session::{
-    Action, CommandLog, EnqueueError, Incoming, RecipientCheck, RecipientVerdict, Refusal, RefusalCause, Session,
-    SessionParams, SrsReverse,
+    Action, CommandLog, EnqueueError, Incoming, RateEvent, RateGate, RecipientCheck, RecipientVerdict, Refusal,
+    RefusalCause, Session, SessionParams, SrsReverse,
 };

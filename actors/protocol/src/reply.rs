@@ -163,6 +163,16 @@ pub fn auth_check_unavailable() -> Reply {
     Reply::new(451, "4.4.3", "Sender authentication temporarily unavailable, try again later")
 }
 
+/// A rate limit (messages or recipients per time) is reached: try again later.
+pub fn rate_limited(what: &str) -> Reply {
+    Reply::new(450, "4.7.1", format!("Too many {what} from you in a short time, try again later"))
+}
+
+/// Too many unknown recipients (directory harvesting): the connection ends.
+pub fn harvesting(hostname: &str) -> Reply {
+    Reply::new(421, "4.7.0", format!("{hostname} Too many unknown recipients, closing connection"))
+}
+
 /// RFC 4954 §6: a submission server takes mail only from authenticated clients.
 pub fn auth_required() -> Reply {
     Reply::new(530, "5.7.0", "Authentication required")

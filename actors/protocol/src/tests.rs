@@ -26,6 +26,7 @@ fn params() -> SessionParams {
         recipient_maps: None,
         srs: Default::default(),
         auth_results_id: None,
+        rates: Default::default(),
         auth_required: false,
     }
 }
@@ -796,6 +797,59 @@ fn recipient_maps_at_rcpt() {
     let r = drive(p, false, &[format!("{mail}RCPT TO:<team@example.test>\r\nDATA\r\nx\r\n.\r\n").as_bytes()], Ok(1));
     let orcpt: Vec<_> = r.messages[0].rcpt_dsn.iter().map(|d| d.orcpt.clone()).collect();
     assert_eq!(orcpt, vec![Some("rfc822;team@example.test".to_string()); 2]);
+}
+
+/// Rate limits as the caller's gate decides them: a message over the rate gets 450 4.7.1 at
+/// MAIL, a recipient 450 4.7.1 at RCPT, and too many unknown recipients end the connection with
+/// 421 4.7.0 (directory harvesting).
+#[test]
+fn rate_limits() {
+    use crate::recipients::{MapSource, RecipientMaps};
+    use std::sync::Mutex;
+    let gate = |max_messages: usize, max_rcpts: usize, max_failed: usize| {
+        let counts = Arc::new(Mutex::new((0, 0, 0)));
+        crate::RateGate::new(move |event, _ip, _user| {
+            let mut c = counts.lock().unwrap();
+            match event {
+                crate::RateEvent::Message => {
+                    c.0 += 1;
+                    c.0 <= max_messages
+                }
+                crate::RateEvent::Recipient => {
+                    c.1 += 1;
+                    c.1 <= max_rcpts
+                }
+                crate::RateEvent::FailedRecipient => {
+                    c.2 += 1;
+                    c.2 <= max_failed
+                }
+            }
+        })
+    };
+    let src = MapSource { users: vec!["alice".into()], delimiter: "+".into(), ..MapSource::default() };
+    let maps = Arc::new(RecipientMaps::new([("example.test".to_string(), src)]).unwrap());
+    let p = |g| SessionParams { rates: g, recipient_maps: Some(maps.clone()), ..params() };
+    let msg = "MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n";
+    let cases: &[(crate::RateGate, String, &str)] = &[
+        (gate(1, 9, 9), format!("EHLO c\r\n{msg}{msg}"), "250 250/2.1.0 250/2.1.5 354 250/2.0.0 450/4.7.1 503/5.5.1 503/5.5.1 500/5.5.2 500/5.5.2"),
+        (
+            gate(9, 2, 9),
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<alice+x@example.test>\r\nRCPT TO:<alice+y@example.test>\r\n".into(),
+            "250 250/2.1.0 250/2.1.5 250/2.1.5 450/4.7.1",
+        ),
+        (
+            gate(9, 9, 2),
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@example.test>\r\nRCPT TO:<z@example.test>\r\nRCPT TO:<alice@example.test>\r\n".into(),
+            "250 250/2.1.0 550/5.1.1 550/5.1.1 421/4.7.0",
+        ),
+    ];
+    for (g, input, want) in cases {
+        let r = drive(p(g.clone()), false, &[input.as_bytes()], Ok(1));
+        let got = r.codes.join(" ");
+        assert!(got.ends_with(want), "{input:?}: {got}");
+    }
+    let r = drive(p(gate(9, 9, 0)), false, &[b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n"], Ok(1));
+    assert!(r.closed && r.refusals.contains(&RefusalCause::HarvestRate));
 }
 
 #[test]

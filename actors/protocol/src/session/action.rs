@@ -163,6 +163,12 @@ pub enum RefusalCause {
     DmarcReject,
     /// An SPF or DMARC lookup failed where the answer could refuse the message: 451 4.4.3.
     AuthCheckTempFail,
+    /// The client or user sent more messages than its rate allows: 450 4.7.1.
+    MessageRate,
+    /// The client or user gave more recipients than its rate allows: 450 4.7.1.
+    RecipientRate,
+    /// Too many unknown recipients from the client (directory harvesting): 421 4.7.0.
+    HarvestRate,
     /// The service is paused: new connections get 421 4.3.2.
     Paused,
     /// The service is stopping: open sessions end with 421 4.3.2.
@@ -204,6 +210,9 @@ impl RefusalCause {
             RefusalCause::SpfFail => "spf_fail",
             RefusalCause::DmarcReject => "dmarc_reject",
             RefusalCause::AuthCheckTempFail => "auth_check_temperror",
+            RefusalCause::MessageRate => "message_rate",
+            RefusalCause::RecipientRate => "recipient_rate",
+            RefusalCause::HarvestRate => "harvest_rate",
             RefusalCause::Paused => "paused",
             RefusalCause::ShuttingDown => "shutting_down",
         }

@@ -62,6 +62,44 @@ pub struct SessionParams {
     /// Our authserv-id when we add `Authentication-Results:` (the host name): such fields
     /// already in a message are dropped as it arrives (RFC 8601 §5). `None` = kept.
     pub auth_results_id: Option<String>,
+    /// Rates per client address and per user, across connections (the caller keeps the counts).
+    pub rates: RateGate,
+}
+
+/// What a rate limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateEvent {
+    /// A message begins (MAIL).
+    Message,
+    /// A recipient is accepted (RCPT).
+    Recipient,
+    /// A recipient was refused as unknown (directory harvesting).
+    FailedRecipient,
+}
+
+/// Counts `event` for the client (`None` for a relay-network client, exempt as Postfix exempts
+/// `$mynetworks`) and the user (when authenticated) and says whether it is within the limits: `false` refuses it — 450 4.7.1 for messages and recipients, 421 4.7.0
+/// and the end of the connection for failed recipients. The caller's (it needs the clock and
+/// state shared by every connection). No limits by default.
+#[derive(Clone, Default)]
+pub struct RateGate(Option<Arc<Gate>>);
+
+type Gate = dyn Fn(RateEvent, Option<IpAddr>, Option<&str>) -> bool + Send + Sync;
+
+impl RateGate {
+    pub fn new(f: impl Fn(RateEvent, Option<IpAddr>, Option<&str>) -> bool + Send + Sync + 'static) -> Self {
+        RateGate(Some(Arc::new(f)))
+    }
+
+    fn allows(&self, event: RateEvent, ip: Option<IpAddr>, user: Option<&str>) -> bool {
+        self.0.as_ref().is_none_or(|f| f(event, ip, user))
+    }
+}
+
+impl std::fmt::Debug for RateGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "RateGate(some)" } else { "RateGate(none)" })
+    }
 }
 
 /// Takes an SRS address of ours apart at RCPT: `None` = not one; `Some(Err)` = forged or

@@ -2,7 +2,7 @@
 //! handed to the caller as [`Action::Enqueue`]. The transaction's state is [`Transaction`];
 //! RSET, EHLO and STARTTLS throw it away, and the queue's answer ends it.
 
-use super::{Action, Incoming, Mode, RecipientVerdict, RefusalCause, Session};
+use super::{Action, Incoming, Mode, RateEvent, RecipientVerdict, RefusalCause, Session};
 use crate::address::Mailbox;
 use crate::command;
 use crate::data::{DataOutcome, DataProblem, DataReceiver};
@@ -115,6 +115,12 @@ impl Session {
                 return self.reply(reply::size_exceeded());
             }
         }
+        if !self.params.rates.allows(RateEvent::Message, self.rate_client(), self.user.as_deref()) {
+            let mut refusal = self.refusal(RefusalCause::MessageRate, None, 0);
+            refusal.sender = Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default());
+            self.out.push_back(Action::Refused(refusal));
+            return self.reply(reply::rate_limited("messages"));
+        }
         if self.storage_room == 0 || params.size.is_some_and(|size| size > self.storage_room) {
             let mut refusal = self.refusal(RefusalCause::InsufficientStorage, None, 0);
             refusal.sender = Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default());
@@ -164,23 +170,22 @@ impl Session {
             let refusal = self.refusal(RefusalCause::RelayDenied, Some(to.to_string()), 0);
             return self.reject(Some(refusal), reply::relay_denied());
         }
+        if !self.params.rates.allows(RateEvent::Recipient, self.rate_client(), self.user.as_deref()) {
+            let refusal = self.refusal(RefusalCause::RecipientRate, Some(to.to_string()), 0);
+            self.out.push_back(Action::Refused(refusal));
+            return self.reply(reply::rate_limited("recipients"));
+        }
         if self.params.local_domains.contains(&to.domain) {
             if let Some(reversed) = self.params.srs.reverse(&to) {
                 return match reversed {
                     Ok(original) => self.add_recipients(&to, dsn, vec![original]),
-                    Err(why) => {
-                        let refusal = self.refusal(RefusalCause::UnknownRecipient, Some(to.to_string()), 0);
-                        self.reject(Some(refusal), reply::unknown_recipient(&why))
-                    }
+                    Err(why) => self.unknown(&to, &why),
                 };
             }
             let lookup = self.params.recipient_maps.as_ref().map(|m| m.lookup(&to));
             match lookup {
                 None | Some(Lookup::NoMap | Lookup::Exists) => {}
-                Some(Lookup::Unknown) => {
-                    let refusal = self.refusal(RefusalCause::UnknownRecipient, Some(to.to_string()), 0);
-                    return self.reject(Some(refusal), reply::unknown_recipient("no such user here"));
-                }
+                Some(Lookup::Unknown) => return self.unknown(&to, "no such user here"),
                 Some(Lookup::Expands(list)) => return self.add_recipients(&to, dsn, list),
             }
         }
@@ -191,6 +196,24 @@ impl Session {
         }
         self.push_recipient(to, dsn);
         self.reply(reply::recipient_ok());
+    }
+
+    /// The client address rates count against; `None` for a relay-network client (exempt).
+    fn rate_client(&self) -> Option<std::net::IpAddr> {
+        (!self.relay_allowed).then_some(self.client_ip)
+    }
+
+    /// RCPT of a recipient that does not exist: 550 5.1.1 — or, past the client's rate of
+    /// unknown recipients (someone guessing addresses), 421 4.7.0 and the end of the connection.
+    fn unknown(&mut self, to: &Mailbox, why: &str) {
+        if !self.params.rates.allows(RateEvent::FailedRecipient, self.rate_client(), self.user.as_deref()) {
+            let refusal = self.refusal(RefusalCause::HarvestRate, Some(to.to_string()), 0);
+            self.out.push_back(Action::Refused(refusal));
+            let r = reply::harvesting(&self.params.hostname);
+            return self.close_with(r);
+        }
+        let refusal = self.refusal(RefusalCause::UnknownRecipient, Some(to.to_string()), 0);
+        self.reject(Some(refusal), reply::unknown_recipient(why));
     }
 
     /// One more RCPT accepted; an address already in the transaction (given twice, or also
@@ -235,10 +258,7 @@ impl Session {
                 self.push_recipient(to, dsn);
                 self.reply(reply::recipient_ok());
             }
-            RecipientVerdict::Unknown(why) => {
-                let refusal = self.refusal(RefusalCause::UnknownRecipient, Some(to.to_string()), 0);
-                self.reject(Some(refusal), reply::unknown_recipient(&why));
-            }
+            RecipientVerdict::Unknown(why) => self.unknown(&to, &why),
             RecipientVerdict::TryLater(why) => {
                 // Not the client's error: no error count, no tarpit.
                 let refusal = self.refusal(RefusalCause::RecipientUnverified, Some(to.to_string()), 0);
