@@ -269,6 +269,8 @@ pub fn smtp_session<R: Read, W: std::io::Write>(config: &Config, mut input: R, m
                 Action::CheckRecipient(_) => {
                     session.recipient_checked(mailroot_actors::protocol::RecipientVerdict::Exists)
                 }
+                // A local program is trusted (a relay client): never asked; say "go on" anyway.
+                Action::CheckSender { .. } => session.sender_checked(None),
                 Action::BodyChunk { .. } | Action::Refused(_) | Action::Log(_) => {}
             }
         }

@@ -176,7 +176,8 @@ fn spf_fail_can_reject_and_checks_can_be_off() {
     let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
     assert_eq!(c.greeting().code, 220);
     assert_eq!(c.cmd("EHLO client.test").code, 250);
-    let r = c.transaction("ceo@strict.test", &["user@example.test"], &message("ceo@strict.test", "spf"));
+    // Refused at MAIL, before the message is sent (RFC 7208 §2.4).
+    let r = c.cmd("MAIL FROM:<ceo@strict.test>");
     assert_eq!((r.code, r.text.starts_with("5.7.23")), (550, true), "{r:?}");
     let r = c.transaction("alice@origin.test", &["user@example.test"], &message("alice@origin.test", "ok"));
     assert_eq!(r.code, 250, "{r:?}");

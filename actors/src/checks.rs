@@ -249,6 +249,31 @@ impl Checker {
         Verdict::Accept { headers }
     }
 
+    /// SPF of the MAIL FROM identity at MAIL, with `spf_fail = reject` (RFC 7208 §2.4: checked
+    /// there, refused there): `None` = go on, else the refusal. Within `timeout` and a slot; a
+    /// timeout defers (451 4.4.3).
+    pub async fn sender(&self, ip: IpAddr, helo: &str, sender: &Mailbox) -> Option<(Reply, RefusalCause)> {
+        if self.settings.spf_fail != SpfFail::Reject {
+            return None;
+        }
+        let helo = helo.trim_start_matches('[').trim_end_matches(']');
+        let address = sender.to_string();
+        let work = async {
+            let _slot = self.slots.acquire().await.ok()?;
+            let params =
+                mail_auth::spf::verify::SpfParameters::verify_mail_from(ip, helo, &self.settings.hostname, &address);
+            Some(self.auth.verify_spf(params).await)
+        };
+        let spf = match tokio::time::timeout(self.settings.timeout, work).await {
+            Ok(Some(spf)) => spf,
+            _ => return Some((reply::auth_check_unavailable(), RefusalCause::AuthCheckTempFail)),
+        };
+        match self.spf_verdict(&spf, &address) {
+            Some(Verdict::Refuse { reply, cause }) => Some((reply, cause)),
+            _ => None,
+        }
+    }
+
     /// With `spf_fail = reject`: a `fail` refuses (550 5.7.23), a `temperror` defers (451 4.4.3,
     /// RFC 7208 §8.6). The null sender's bounces are not refused on SPF.
     fn spf_verdict(&self, spf: &mail_auth::SpfOutput, sender: &str) -> Option<Verdict> {

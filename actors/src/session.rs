@@ -325,6 +325,13 @@ async fn drive(
                 metrics.recipient_checks.get_or_create(&ResultLabel { result }).inc();
                 proto.recipient_checked(verdict);
             }
+            Action::CheckSender { sender, helo } => {
+                let verdict = match &shared.checker {
+                    Some(checker) => checker.sender(peer.ip(), &helo, &sender).await,
+                    None => None,
+                };
+                proto.sender_checked(verdict);
+            }
             Action::Close => out.close = true,
             Action::Log(entry) => {
                 if let Some(log) = &shared.protolog {

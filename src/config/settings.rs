@@ -450,6 +450,8 @@ impl Config {
                 if on {
                     // Only we may claim our own results: drop such headers as mail arrives.
                     params.auth_results_id = Some(self.server.hostname.clone());
+                    // An SPF fail is refused at MAIL, before the message is sent.
+                    params.check_sender = l.checker.is_some() && self.checks.spf_fail == "reject";
                 }
                 l.params = Arc::new(params);
                 l
@@ -492,6 +494,7 @@ impl Config {
             },
             auth_results_id: None,
             rates: Default::default(),
+            check_sender: false,
         });
         let relay_networks = match (submission, own.relay_networks) {
             (true, _) => Vec::new(),

@@ -109,6 +109,7 @@ pub fn session(input: &[u8]) {
         } else {
             crate::RateGate::default()
         },
+        check_sender: control & 0x24 == 0x24,
     };
     let ip = if control & 0x80 != 0 { [127, 0, 0, 1] } else { [192, 0, 2, 1] };
     let mut s = Session::new(Arc::new(params), ip.into(), control & 1 != 0);
@@ -155,6 +156,11 @@ pub fn session(input: &[u8]) {
                 }
                 Action::StartTls => s.tls_started(),
                 Action::Authenticate { user, password } => s.authenticated(user == "alice" && password.0 == "secret"),
+                Action::CheckSender { sender, .. } => s.sender_checked(match sender.local.len() % 3 {
+                    0 => None,
+                    1 => Some((crate::reply::spf_failed(), crate::RefusalCause::SpfFail)),
+                    _ => Some((crate::reply::auth_check_unavailable(), crate::RefusalCause::AuthCheckTempFail)),
+                }),
                 Action::CheckRecipient(m) => s.recipient_checked(match m.local.len() % 3 {
                     0 => crate::RecipientVerdict::Exists,
                     1 => crate::RecipientVerdict::Unknown("no such user".into()),

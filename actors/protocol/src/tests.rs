@@ -27,6 +27,7 @@ fn params() -> SessionParams {
         srs: Default::default(),
         auth_results_id: None,
         rates: Default::default(),
+        check_sender: false,
         auth_required: false,
     }
 }
@@ -111,6 +112,17 @@ fn drive_from(ip: &str, p: SessionParams, relay: bool, chunks: &[&[u8]], queue: 
                         RecipientVerdict::TryLater("Cannot check the recipient now".into())
                     } else {
                         RecipientVerdict::Exists
+                    });
+                }
+                // The "SPF check": senders at spf-fail… are refused, at spf-temp… deferred.
+                Action::CheckSender { sender, helo } => {
+                    run.codes.push(format!("SPF {sender} {helo}"));
+                    s.sender_checked(if sender.domain.starts_with("spf-fail") {
+                        Some((crate::reply::spf_failed(), RefusalCause::SpfFail))
+                    } else if sender.domain.starts_with("spf-temp") {
+                        Some((crate::reply::auth_check_unavailable(), RefusalCause::AuthCheckTempFail))
+                    } else {
+                        None
                     });
                 }
             }
@@ -504,6 +516,7 @@ fn random_streams_never_break_the_session() {
                     Action::StartTls => s.tls_started(),
                     Action::Authenticate { .. } => s.authenticated(rng.below(2) == 0),
                     Action::CheckRecipient(_) => s.recipient_checked(RecipientVerdict::Exists),
+                    Action::CheckSender { .. } => s.sender_checked(None),
                 }
             }
         }
@@ -850,6 +863,31 @@ fn rate_limits() {
     }
     let r = drive(p(gate(9, 9, 0)), false, &[b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n"], Ok(1));
     assert!(r.closed && r.refusals.contains(&RefusalCause::HarvestRate));
+}
+
+/// SPF at MAIL (`check_sender`): the caller's verdict answers MAIL; relay and authenticated
+/// clients and the null sender are never asked; a refused MAIL leaves no transaction.
+#[test]
+fn sender_checked_at_mail() {
+    let p = SessionParams { check_sender: true, ..params() };
+    let cases: &[(&str, bool, &str)] = &[
+        ("MAIL FROM:<a@ok.test>\r\nRCPT TO:<x@example.test>\r\n", false, "SPF a@ok.test c 250/2.1.0 250/2.1.5"),
+        (
+            "MAIL FROM:<a@spf-fail.test>\r\nRCPT TO:<x@example.test>\r\n",
+            false,
+            "SPF a@spf-fail.test c 550/5.7.23 503/5.5.1",
+        ),
+        ("MAIL FROM:<a@spf-temp.test>\r\n", false, "SPF a@spf-temp.test c 451/4.4.3"),
+        ("MAIL FROM:<>\r\n", false, "250 250/2.1.0"),
+        ("MAIL FROM:<a@spf-fail.test>\r\n", true, "250 250/2.1.0"),
+    ];
+    for (input, relay, want) in cases {
+        let r = drive(p.clone(), *relay, &[format!("EHLO c\r\n{input}").as_bytes()], Ok(1));
+        let got = r.codes.join(" ");
+        assert!(got.ends_with(want), "{input:?}: {got}");
+    }
+    let r = drive(p, false, &[b"EHLO c\r\nMAIL FROM:<a@spf-fail.test>\r\n"], Ok(1));
+    assert!(r.refusals.contains(&RefusalCause::SpfFail));
 }
 
 #[test]

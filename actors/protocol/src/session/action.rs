@@ -23,6 +23,14 @@ pub enum Action {
     /// [`Session::recipient_checked`]; RCPT is answered then. Only for recipients
     /// [`SessionParams::check_recipients`] selects.
     CheckRecipient(Mailbox),
+    /// Check the sender's SPF (with the HELO name and the client's address), then call
+    /// [`Session::sender_checked`]; MAIL is answered then. Only with
+    /// [`SessionParams::check_sender`], for clients neither authenticated nor relaying, and never
+    /// for the null sender.
+    CheckSender {
+        sender: Mailbox,
+        helo: String,
+    },
     /// Store this message durably, then call [`Session::enqueued`].
     Enqueue(Incoming),
     /// Something was refused: for the log and the refusal counters. A reply follows.

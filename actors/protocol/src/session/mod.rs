@@ -64,6 +64,8 @@ pub struct SessionParams {
     pub auth_results_id: Option<String>,
     /// Rates per client address and per user, across connections (the caller keeps the counts).
     pub rates: RateGate,
+    /// Ask the caller about the sender at MAIL ([`Action::CheckSender`]): SPF refused there.
+    pub check_sender: bool,
 }
 
 /// What a rate limit counts.
@@ -159,6 +161,10 @@ enum Mode {
     Data(DataReceiver),
     /// An `Enqueue` is outstanding.
     AwaitingQueue,
+    /// A `CheckSender` is outstanding for this MAIL; the transaction it would start.
+    AwaitingSender {
+        txn: Box<Transaction>,
+    },
     /// A `CheckRecipient` is outstanding for this RCPT.
     AwaitingCheck {
         to: Mailbox,
@@ -428,6 +434,7 @@ impl Session {
                 Mode::Closed
                 | Mode::AwaitingQueue
                 | Mode::AwaitingCheck { .. }
+                | Mode::AwaitingSender { .. }
                 | Mode::AwaitingAuth { .. }
                 | Mode::AwaitingTls => return None,
                 Mode::Bdat { remaining, .. } => {
@@ -550,6 +557,25 @@ impl Session {
             self.out.push_back(Action::Log(l));
         }
         reply
+    }
+
+    /// The answer to [`Action::CheckSender`]: `None` = go on (MAIL gets 250), else the refusal.
+    pub fn sender_checked(&mut self, refused: Option<(Reply, RefusalCause)>) {
+        let Mode::AwaitingSender { txn } = std::mem::replace(&mut self.mode, Mode::Command) else {
+            return;
+        };
+        match refused {
+            None => {
+                self.txn = *txn;
+                self.reply(reply::sender_ok());
+            }
+            Some((r, cause)) => {
+                let mut refusal = self.refusal(cause, None, 0);
+                refusal.sender = txn.sender.as_ref().map(|s| s.as_ref().map(|m| m.to_string()).unwrap_or_default());
+                self.out.push_back(Action::Refused(refusal));
+                self.reply(r);
+            }
+        }
     }
 
     /// The queue's answer to the last [`Action::Enqueue`].

@@ -127,7 +127,7 @@ impl Session {
             self.out.push_back(Action::Refused(refusal));
             return self.reply(reply::insufficient_storage());
         }
-        self.txn = Transaction {
+        let txn = Transaction {
             sender: Some(from),
             recipients: Vec::new(),
             smtputf8: params.smtputf8,
@@ -137,6 +137,13 @@ impl Session {
             given: 0,
             forwarded: false,
         };
+        if let Some(Some(sender)) = txn.sender.as_ref().filter(|_| self.params.check_sender && !self.trusted()) {
+            let helo = self.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
+            self.out.push_back(Action::CheckSender { sender: sender.clone(), helo });
+            self.mode = Mode::AwaitingSender { txn: Box::new(txn) };
+            return;
+        }
+        self.txn = txn;
         self.reply(reply::sender_ok());
     }
 
