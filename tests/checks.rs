@@ -201,3 +201,35 @@ fn spf_fail_can_reject_and_checks_can_be_off() {
         mailroot::config::Config::from_toml("[checks]\nquarantine_header = \"no colon\"\n").unwrap_err().to_string();
     assert!(e.starts_with("checks.quarantine_header"), "{e}");
 }
+
+/// DNS lists at connect: a client on a block list gets 554 5.7.1 instead of the greeting; one on
+/// an allow list is not looked up; a list's "refused" answer (127.255.255.x) and a relay-network
+/// client are not blocks.
+#[test]
+fn dns_block_and_allow_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = DnsServer::start();
+    dns.a("1.0.0.127.bl.test", &["127.0.0.2"]);
+    dns.a("3.0.0.127.bl.test", &["127.0.0.2"]);
+    dns.a("3.0.0.127.wl.test", &["127.0.0.10"]);
+    dns.a("2.0.0.127.bl.test", &["127.0.0.2"]);
+    dns.a("5.0.0.127.bl.test", &["127.255.255.254"]);
+    let running = daemon(dir.path(), &dns, "[checks]\ndnsbl = [\"bl.test\"]\ndnswl = [\"wl.test\"]\n");
+    let addr = running.smtp_addrs[0];
+    for (from, code) in
+        [("127.0.0.1", 554), ("127.0.0.3", 220), ("127.0.0.4", 220), ("127.0.0.2", 220), ("127.0.0.5", 220)]
+    {
+        let mut c = Client::connect_from(from, addr);
+        let r = c.greeting();
+        assert_eq!(r.code, code, "{from}: {r:?}");
+        if code == 554 {
+            assert!(r.text.contains("blocked using bl.test"), "{r:?}");
+            assert!(c.read_reply().is_none(), "closed");
+        }
+    }
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"dnsbl\"}"), 1.0);
+    assert_eq!(metric(&running, "mailroot_inbound_auth_total{check=\"dnswl\",result=\"listed\"}"), 1.0);
+    running.stop();
+    let e = mailroot::config::Config::from_toml("[checks]\ndnsbl = [\"not a zone\"]\n").unwrap_err().to_string();
+    assert!(e.starts_with("checks.dnsbl"), "{e}");
+}

@@ -47,6 +47,10 @@ pub struct CheckSettings {
     pub max_concurrent: usize,
     /// DKIM and ARC are verified for messages up to this size.
     pub max_message_size: usize,
+    /// DNS block lists asked at connect (`zen.spamhaus.org`): a listed client is refused.
+    pub dnsbl: Vec<String>,
+    /// DNS allow lists: a client listed in one is not looked up in the block lists.
+    pub dnswl: Vec<String>,
 }
 
 impl Default for CheckSettings {
@@ -59,6 +63,8 @@ impl Default for CheckSettings {
             timeout: Duration::from_secs(20),
             max_concurrent: 64,
             max_message_size: 8 * 1024 * 1024,
+            dnsbl: Vec::new(),
+            dnswl: Vec::new(),
         }
     }
 }
@@ -249,6 +255,74 @@ impl Checker {
         Verdict::Accept { headers }
     }
 
+    /// Whether any DNS list is configured (the Listener asks [`Checker::blocked`] only then).
+    pub fn has_dns_lists(&self) -> bool {
+        !self.settings.dnsbl.is_empty()
+    }
+
+    /// The block list that lists `ip`, unless an allow list does: asked at connect, every zone at
+    /// once, within [`DNSL_TIMEOUT`]. A list that fails to answer does not block (fail open: a
+    /// dead list must not stop all mail), and is counted.
+    pub async fn blocked(&self, ip: IpAddr) -> Option<String> {
+        let ip = ip.to_canonical();
+        let listed = |zones: Vec<String>| {
+            let resolver = self.auth.0.clone();
+            let reversed = reversed_name(ip);
+            async move {
+                let mut asks = tokio::task::JoinSet::new();
+                for zone in zones {
+                    let resolver = resolver.clone();
+                    let name = format!("{reversed}.{}.", zone.trim_end_matches('.'));
+                    asks.spawn(async move {
+                        match resolver.ipv4_lookup(name).await {
+                            // 127.0.0.0/8 is a listing; 127.255.255.0/24 is the list refusing the
+                            // query (Spamhaus: a public resolver, or over quota), not a listing.
+                            Ok(a)
+                                if a.answers().iter().any(|r| {
+                                    matches!(&r.data, hickory_proto::rr::RData::A(x)
+                                    if x.0.octets()[0] == 127 && x.0.octets()[1] != 255)
+                                }) =>
+                            {
+                                (zone, Some(true))
+                            }
+                            Ok(_) => (zone, Some(false)),
+                            Err(e) if e.is_no_records_found() => (zone, Some(false)),
+                            Err(_) => (zone, None),
+                        }
+                    });
+                }
+                asks.join_all().await
+            }
+        };
+        let work = async {
+            for (zone, answer) in listed(self.settings.dnswl.clone()).await {
+                match answer {
+                    Some(true) => {
+                        self.count("dnswl", "listed");
+                        tracing::debug!(%ip, zone, "client on a DNS allow list");
+                        return None;
+                    }
+                    Some(false) => {}
+                    None => self.count("dnswl", "error"),
+                }
+            }
+            let mut hit = None;
+            for (zone, answer) in listed(self.settings.dnsbl.clone()).await {
+                match answer {
+                    Some(true) => hit = hit.or(Some(zone)),
+                    Some(false) => {}
+                    None => self.count("dnsbl", "error"),
+                }
+            }
+            self.count("dnsbl", if hit.is_some() { "listed" } else { "clear" });
+            hit
+        };
+        tokio::time::timeout(DNSL_TIMEOUT, work).await.unwrap_or_else(|_| {
+            self.count("dnsbl", "timeout");
+            None
+        })
+    }
+
     /// SPF of the MAIL FROM identity at MAIL, with `spf_fail = reject` (RFC 7208 §2.4: checked
     /// there, refused there): `None` = go on, else the refusal. Within `timeout` and a slot; a
     /// timeout defers (451 4.4.3).
@@ -290,6 +364,27 @@ impl Checker {
     }
 }
 
+/// How long the DNS lists may delay a client's greeting, in all.
+pub const DNSL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The name a DNS list is asked under: the address's octets (IPv4) or nibbles (IPv6) reversed.
+fn reversed_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut parts = Vec::with_capacity(32);
+            for byte in v6.octets().iter().rev() {
+                parts.push(format!("{:x}", byte & 0x0f));
+                parts.push(format!("{:x}", byte >> 4));
+            }
+            parts.join(".")
+        }
+    }
+}
+
 fn spf_label(r: SpfResult) -> &'static str {
     match r {
         SpfResult::Pass => "pass",
@@ -310,5 +405,20 @@ fn dkim_label(r: &DkimResult) -> &'static str {
         DkimResult::PermError(_) => "permerror",
         DkimResult::TempError(_) => "temperror",
         DkimResult::None => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reversed_name;
+
+    #[test]
+    fn dns_list_names() {
+        for (ip, want) in [
+            ("192.0.2.99", "99.2.0.192"),
+            ("2001:db8::1", "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"),
+        ] {
+            assert_eq!(reversed_name(ip.parse().unwrap()), want);
+        }
     }
 }

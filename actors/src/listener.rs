@@ -323,16 +323,36 @@ impl Handler<Accepted> for Listener {
             rate_window: self.settings.min_transfer_window,
         };
         let (shared, tls) = (self.shared.clone(), self.settings.tls.clone());
+        let shared_hostname = hostname.clone();
         let tls = match (tls, self.settings.implicit_tls) {
             (Some(acceptor), true) => Tls::Implicit(acceptor),
             (Some(acceptor), false) => Tls::StartTls(acceptor),
             (None, _) => Tls::None,
         };
         let dns = self.settings.reverse_dns.clone();
-        let run = move |stream: TcpStream| async move {
+        // DNS block lists, for clients outside the relay networks.
+        let lists = self.settings.checker.clone().filter(|c| c.has_dns_lists() && !relay);
+        let run = move |mut stream: TcpStream| async move {
             if let Some(dns) = dns {
                 let name = tokio::time::timeout(REVERSE_DNS_TIMEOUT, dns.verified_name(peer.ip())).await.ok().flatten();
                 proto.set_client_name(name);
+            }
+            if let Some(zone) = match &lists {
+                Some(checker) => checker.blocked(peer.ip()).await,
+                None => None,
+            } {
+                shared.metrics.refused(RefusalCause::DnsBlockList.as_str());
+                info!(client = %peer, zone = %zone, cause = "dnsbl", "refused");
+                let r = reply::blocked_by_dnsbl(&shared_hostname, peer.ip(), &zone);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::io::AsyncWriteExt::write_all(&mut stream, &r.to_bytes()),
+                )
+                .await;
+                drop(permit);
+                drop(global);
+                drop(slot);
+                return;
             }
             let metrics = shared.metrics.clone();
             metrics.connections_current.inc();

@@ -235,6 +235,10 @@ pub struct Checks {
     pub max_concurrent: usize,
     /// DKIM and ARC are verified for messages up to this size (bytes).
     pub max_message_size: u64,
+    /// DNS block lists asked at connect; a listed client gets 554 5.7.1 instead of a greeting.
+    pub dnsbl: Vec<String>,
+    /// DNS allow lists: a client listed in one is not looked up in the block lists.
+    pub dnswl: Vec<String>,
 }
 
 impl Default for Checks {
@@ -248,6 +252,8 @@ impl Default for Checks {
             timeout: HumanDuration(c.timeout),
             max_concurrent: c.max_concurrent,
             max_message_size: c.max_message_size as u64,
+            dnsbl: Vec::new(),
+            dnswl: Vec::new(),
         }
     }
 }

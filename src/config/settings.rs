@@ -410,7 +410,18 @@ impl Config {
         if c.timeout.0.is_zero() {
             return Err(ConfigError("checks.timeout: must be more than 0".into()));
         }
+        for (key, zones) in [("checks.dnsbl", &c.dnsbl), ("checks.dnswl", &c.dnswl)] {
+            for z in zones {
+                let valid = mailroot_actors::protocol::address::validate_domain(z.trim_end_matches('.')).is_ok()
+                    && z.contains('.');
+                if !valid {
+                    return Err(ConfigError(format!("{key}: {z:?} is not a DNS zone")));
+                }
+            }
+        }
         Ok(CheckSettings {
+            dnsbl: c.dnsbl.clone(),
+            dnswl: c.dnswl.clone(),
             hostname: self.server.hostname.clone(),
             spf_fail,
             dmarc_enforce,

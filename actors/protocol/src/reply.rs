@@ -182,6 +182,12 @@ pub fn tls_required() -> Reply {
     Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
 }
 
+/// The client is on a DNS block list (Postfix's wording): sent instead of the greeting.
+pub fn blocked_by_dnsbl(hostname: &str, ip: std::net::IpAddr, zone: &str) -> Reply {
+    let zone: String = zone.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
+    Reply::new(554, "5.7.1", format!("{hostname} Service unavailable; client [{ip}] blocked using {zone}"))
+}
+
 pub fn access_denied(hostname: &str) -> Reply {
     Reply::new(554, "5.7.1", format!("{hostname} Access denied"))
 }

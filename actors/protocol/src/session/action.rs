@@ -171,6 +171,8 @@ pub enum RefusalCause {
     DmarcReject,
     /// An SPF or DMARC lookup failed where the answer could refuse the message: 451 4.4.3.
     AuthCheckTempFail,
+    /// The client is on a DNS block list: 554 5.7.1 at connect.
+    DnsBlockList,
     /// The client or user sent more messages than its rate allows: 450 4.7.1.
     MessageRate,
     /// The client or user gave more recipients than its rate allows: 450 4.7.1.
@@ -218,6 +220,7 @@ impl RefusalCause {
             RefusalCause::SpfFail => "spf_fail",
             RefusalCause::DmarcReject => "dmarc_reject",
             RefusalCause::AuthCheckTempFail => "auth_check_temperror",
+            RefusalCause::DnsBlockList => "dnsbl",
             RefusalCause::MessageRate => "message_rate",
             RefusalCause::RecipientRate => "recipient_rate",
             RefusalCause::HarvestRate => "harvest_rate",
