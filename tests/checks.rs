@@ -185,6 +185,31 @@ fn spf_fail_can_reject_and_checks_can_be_off() {
     assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"spf_fail\"}"), 1.0);
     running.stop();
 
+    // A listener with its own policy: only recorded there, while the mx listener rejects.
+    let dir = tempfile::tempdir().unwrap();
+    let running = daemon(
+        dir.path(),
+        &dns,
+        "[checks]\nspf_fail = \"reject\"\n[listeners.lenient]\nrole = \"mx\"\nlisten = [\"127.0.0.1:0\"]\nspf_fail = \"record\"\ndmarc = \"record\"\n",
+    );
+    let mut c = Client::connect_from("127.0.0.1", running.listener_addr("lenient").unwrap());
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    let r = c.transaction("ceo@strict.test", &["user@example.test"], &message("ceo@strict.test", "lenient"));
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(dropped(dir.path(), r.queue_id().unwrap()).contains("spf=fail"));
+    let mut c = Client::connect_from("127.0.0.1", running.listener_addr("mx").unwrap());
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<ceo@strict.test>").code, 550);
+    running.stop();
+    let e = mailroot::config::Config::from_toml(
+        "[listeners.x]\nrole = \"mx\"\nlisten = [\"127.0.0.1:0\"]\ndmarc = \"maybe\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("listeners.\"x\".dmarc"), "{e}");
+
     let dir = tempfile::tempdir().unwrap();
     let running = daemon(dir.path(), &dns, "[checks]\nenabled = false\n");
     let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);

@@ -121,6 +121,17 @@ impl Checker {
         &self.settings
     }
 
+    /// The same checker (one resolver, slots and memory budget) with a listener's own policy.
+    pub fn with_policy(&self, spf_fail: SpfFail, dmarc_enforce: bool) -> Checker {
+        Checker {
+            auth: MessageAuthenticator(self.auth.0.clone()),
+            settings: CheckSettings { spf_fail, dmarc_enforce, ..self.settings.clone() },
+            slots: self.slots.clone(),
+            memory: self.memory.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     fn count(&self, check: &'static str, result: &'static str) {
         self.metrics.inbound_auth.get_or_create(&crate::metrics::CheckLabel { check, result }).inc();
     }

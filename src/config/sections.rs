@@ -344,6 +344,9 @@ pub struct ListenerSection {
     pub relay_networks: Option<Vec<IpNet>>,
     /// Check who mail is from here (default `checks.enabled`).
     pub checks: Option<bool>,
+    /// This listener's own `checks.dmarc` and `checks.spf_fail`.
+    pub dmarc: Option<String>,
+    pub spf_fail: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -386,16 +386,16 @@ impl Config {
     /// `[checks]` as the checker takes them (validated by `validate`).
     pub fn check_settings(&self) -> Result<CheckSettings, ConfigError> {
         let c = &self.checks;
-        let spf_fail = match c.spf_fail.as_str() {
-            "record" => SpfFail::Record,
-            "reject" => SpfFail::Reject,
-            other => return Err(ConfigError(format!("checks.spf_fail: {other:?} is not record or reject"))),
-        };
-        let dmarc_enforce = match c.dmarc.as_str() {
-            "enforce" => true,
-            "record" => false,
-            other => return Err(ConfigError(format!("checks.dmarc: {other:?} is not enforce or record"))),
-        };
+        let spf_fail = spf_policy("checks.spf_fail", &c.spf_fail)?;
+        let dmarc_enforce = dmarc_policy("checks.dmarc", &c.dmarc)?;
+        for (name, l) in &self.listeners {
+            if let Some(v) = &l.spf_fail {
+                spf_policy(&format!("listeners.\"{name}\".spf_fail"), v)?;
+            }
+            if let Some(v) = &l.dmarc {
+                dmarc_policy(&format!("listeners.\"{name}\".dmarc"), v)?;
+            }
+        }
         let header = c.quarantine_header.trim();
         let valid = header
             .split_once(':')
@@ -453,16 +453,27 @@ impl Config {
         defs.iter()
             .map(|def| {
                 let mut l = self.one_listener(def, security, reverse_dns.clone());
-                let own = self.listeners.get(&def.name).filter(|_| def.key != "server.listen").and_then(|l| l.checks);
-                let on = own.unwrap_or(self.checks.enabled && def.role == Role::Mx);
-                l.checker = checker.clone().filter(|_| on);
+                let section = self.listeners.get(&def.name).filter(|_| def.key != "server.listen");
+                let on = section.and_then(|l| l.checks).unwrap_or(self.checks.enabled && def.role == Role::Mx);
+                l.checker = checker.clone().filter(|_| on).map(|c| {
+                    // A listener's own policy (validated), on the shared checker.
+                    let spf = section.and_then(|s| s.spf_fail.as_deref()).and_then(|v| spf_policy("", v).ok());
+                    let dmarc = section.and_then(|s| s.dmarc.as_deref()).and_then(|v| dmarc_policy("", v).ok());
+                    match (spf, dmarc) {
+                        (None, None) => c,
+                        (spf, dmarc) => Arc::new(c.with_policy(
+                            spf.unwrap_or(c.settings().spf_fail),
+                            dmarc.unwrap_or(c.settings().dmarc_enforce),
+                        )),
+                    }
+                });
                 let mut params = (*l.params).clone();
                 params.rates = gate.clone();
                 if on {
                     // Only we may claim our own results: drop such headers as mail arrives.
                     params.auth_results_id = Some(self.server.hostname.clone());
                     // An SPF fail is refused at MAIL, before the message is sent.
-                    params.check_sender = l.checker.is_some() && self.checks.spf_fail == "reject";
+                    params.check_sender = l.checker.as_ref().is_some_and(|c| c.settings().spf_fail == SpfFail::Reject);
                 }
                 l.params = Arc::new(params);
                 l
@@ -596,6 +607,22 @@ impl Config {
             ));
         }
         Ok(routes)
+    }
+}
+
+fn spf_policy(key: &str, v: &str) -> Result<SpfFail, ConfigError> {
+    match v {
+        "record" => Ok(SpfFail::Record),
+        "reject" => Ok(SpfFail::Reject),
+        other => Err(ConfigError(format!("{key}: {other:?} is not record or reject"))),
+    }
+}
+
+fn dmarc_policy(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "enforce" => Ok(true),
+        "record" => Ok(false),
+        other => Err(ConfigError(format!("{key}: {other:?} is not enforce or record"))),
     }
 }
 
