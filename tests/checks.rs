@@ -258,3 +258,108 @@ fn dns_block_and_allow_lists() {
     let e = mailroot::config::Config::from_toml("[checks]\ndnsbl = [\"not a zone\"]\n").unwrap_err().to_string();
     assert!(e.starts_with("checks.dnsbl"), "{e}");
 }
+
+/// A resolver of mail-auth's own on the test's DNS, to seal messages as a forwarder would.
+fn authenticator(dns: &DnsServer) -> mail_auth::MessageAuthenticator {
+    use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+    let mut ns = NameServerConfig::udp_and_tcp(dns.addr.ip());
+    for c in &mut ns.connections {
+        c.port = dns.addr.port();
+    }
+    mail_auth::MessageAuthenticator::new(ResolverConfig::from_name_servers(vec![ns]), ResolverOpts::default()).unwrap()
+}
+
+/// `message` sealed with ARC by forwarder.test (ed25519, selector a1), as a mailing list that
+/// rewrote it would.
+fn arc_sealed(dir: &Path, dns: &DnsServer, message: &[u8]) -> Vec<u8> {
+    use mail_auth::common::crypto::Ed25519Key;
+    use mail_auth::common::headers::HeaderWriter;
+    let (key, record) = mailroot::publish::keygen("forwarder.test", "a1", "ed25519", &dir.join("arc")).unwrap();
+    dns.txt("a1._domainkey.forwarder.test", &record);
+    let pem = std::fs::read_to_string(key).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+    let auth = authenticator(dns);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let m = mail_auth::AuthenticatedMessage::parse(message).unwrap();
+        let arc = auth.verify_arc(&m).await;
+        let dkim = auth.verify_dkim(&m).await;
+        let results = mail_auth::AuthenticationResults::new("forwarder.test")
+            .with_dkim_results(&dkim, "alice@origin.test")
+            .with_arc_result(&arc, "192.0.2.1".parse().unwrap());
+        let set = mail_auth::arc::ArcSealer::from_key(Ed25519Key::from_pkcs8_der(&der).unwrap())
+            .domain("forwarder.test")
+            .selector("a1")
+            .headers(["From", "To", "Subject", "DKIM-Signature"])
+            .seal(&m, &results, &arc)
+            .unwrap();
+        [set.to_header().into_bytes(), message.to_vec()].concat()
+    })
+}
+
+/// Each mechanism's other results, recorded in the header: ARC pass (a sealed forward) and fail
+/// (changed after sealing), DKIM temperror (its key does not answer) and permerror (a broken
+/// key record), SPF temperror (refused at MAIL with spf_fail = reject, 451 4.4.3).
+#[test]
+fn arc_and_the_error_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = DnsServer::start();
+    zone(&dns);
+    dns.txt("lists.test", "v=spf1 ip4:127.0.0.1 -all");
+    let origin = signer(dir.path(), &dns, "origin.test");
+    let running = daemon(dir.path(), &dns, "[checks]\ndmarc = \"record\"\ntimeout = \"8s\"\n");
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO lists.test").code, 250);
+    let header_of = |id: u64| {
+        let text = dropped(dir.path(), id);
+        text.split(&format!("Authentication-Results: {HOST}"))
+            .nth(1)
+            .unwrap()
+            .split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    // A list changed the message (DKIM breaks) and sealed it: ARC passes.
+    let mut changed = signed(&origin, &message("alice@origin.test", "list"));
+    changed.extend_from_slice(b"-- \r\nlist footer\r\n");
+    let sealed = arc_sealed(dir.path(), &dns, &changed);
+    let r = c.transaction("bounces@lists.test", &["user@example.test"], &sealed);
+    assert_eq!(r.code, 250, "{r:?}");
+    let h = header_of(r.queue_id().unwrap());
+    assert!(h.contains("arc=pass") && h.contains("dkim=neutral"), "{h}");
+    // Changed again after the seal: ARC fails.
+    let mut broken = sealed.clone();
+    broken.extend_from_slice(b"appended later\r\n");
+    let r = c.transaction("bounces@lists.test", &["user@example.test"], &broken);
+    assert_eq!(r.code, 250, "{r:?}");
+    let h = header_of(r.queue_id().unwrap());
+    assert!(h.contains("arc=fail"), "{h}");
+    // DKIM keys that do not answer, or are not keys.
+    let timeout_key = signer(dir.path(), &dns, "dark.test");
+    dns.set("s1._domainkey.dark.test", RecordType::TXT, Answer::Silent);
+    let r =
+        c.transaction("x@lists.test", &["user@example.test"], &signed(&timeout_key, &message("x@dark.test", "dark")));
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(header_of(r.queue_id().unwrap()).contains("dkim=temperror"));
+    let bad_key = signer(dir.path(), &dns, "badkey.test");
+    dns.txt("s1._domainkey.badkey.test", "v=DKIM1; k=ed25519; p=not-base64!");
+    let r = c.transaction("x@lists.test", &["user@example.test"], &signed(&bad_key, &message("x@badkey.test", "bad")));
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(header_of(r.queue_id().unwrap()).contains("dkim=permerror"));
+    c.cmd("QUIT");
+    running.stop();
+
+    // SPF temperror with spf_fail = reject: 451 at MAIL.
+    let dir = tempfile::tempdir().unwrap();
+    dns.set("dnsdown.test", RecordType::TXT, Answer::Silent);
+    let running = daemon(dir.path(), &dns, "[checks]\nspf_fail = \"reject\"\n");
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO lists.test").code, 250);
+    let r = c.cmd("MAIL FROM:<x@dnsdown.test>");
+    assert_eq!((r.code, r.text.starts_with("4.4.3")), (451, true), "{r:?}");
+    running.stop();
+}
