@@ -556,3 +556,46 @@ fn lmtp_recipients_are_checked_at_rcpt() {
     assert!(started.elapsed() < Duration::from_secs(10), "bounded by verify_timeout");
     running.stop();
 }
+
+/// Recipient maps and LMTP checks together, and a reload: the map refuses unknown users without
+/// asking the server; users the map knows are still checked with the LMTP server (the map says
+/// who may exist, the server whether the mailbox is there); a user added to the map is taken at
+/// the next RCPT after `reload`.
+#[test]
+fn recipient_maps_with_lmtp_checks_and_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = serve_lmtp(move || listener.accept().map(|(s, _)| s));
+    let path = dir.path().join("mailroot.toml");
+    let write = |users: &str| {
+        let text = format!(
+            "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n\
+             [mailroot]\npath = \"spool\"\n[domains]\nlocal = [\"example.test\", \"mbox.test\"]\n[admin]\nlisten = \"\"\n\
+             [routes]\n\"mbox.test\" = \"lmtp\"\n[lmtp]\naddress = \"{addr}\"\n\
+             [recipients.\"mbox.test\"]\nusers = [{users}]\n"
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write("\"ok\", \"bad\"");
+    let loaded = mailroot::config::Config::load(Some(&path)).unwrap();
+    let options = mailroot::daemon::StartOptions { handle_signals: false, config_path: Some(path.clone()) };
+    let running = mailroot::daemon::start(loaded.config, options).unwrap();
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<s@remote.test>").code, 250);
+    let r = c.cmd("RCPT TO:<nobody@mbox.test>");
+    assert_eq!(r.code, 550, "{r:?}");
+    assert_eq!(log_of(&log).rcpts_seen, 0, "the map answered; the server was not asked");
+    let r = c.cmd("RCPT TO:<bad@mbox.test>");
+    assert!(r.code == 550 && r.text.contains("No such mailbox"), "the server's answer: {r:?}");
+    assert_eq!(c.cmd("RCPT TO:<ok@mbox.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<newbie@mbox.test>").code, 550);
+    write("\"ok\", \"bad\", \"newbie\"");
+    let changed = running.reload().unwrap();
+    assert!(changed.contains(&"recipients".to_string()), "{changed:?}");
+    assert_eq!(c.cmd("RCPT TO:<newbie@mbox.test>").code, 550, "a session keeps the settings it began with");
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<s@remote.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<newbie@mbox.test>").code, 250);
+    running.stop();
+}
