@@ -352,6 +352,19 @@ fn arc_and_the_error_results() {
     c.cmd("QUIT");
     running.stop();
 
+    // DMARC enforced: the changed message fails DMARC (p=reject) and is refused — unless the
+    // forwarder that sealed it is trusted.
+    for (trusted, want) in [("[]", 550), ("[\"forwarder.test\"]", 250)] {
+        let dir = tempfile::tempdir().unwrap();
+        let running = daemon(dir.path(), &dns, &format!("[checks]\ntrusted_arc_sealers = {trusted}\n"));
+        let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+        assert_eq!(c.greeting().code, 220);
+        assert_eq!(c.cmd("EHLO lists.test").code, 250);
+        let r = c.transaction("bounces@lists.test", &["user@example.test"], &sealed);
+        assert_eq!(r.code, want, "trusted {trusted}: {r:?}");
+        running.stop();
+    }
+
     // SPF temperror with spf_fail = reject: 451 at MAIL.
     let dir = tempfile::tempdir().unwrap();
     dns.set("dnsdown.test", RecordType::TXT, Answer::Silent);

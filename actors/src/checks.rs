@@ -51,6 +51,10 @@ pub struct CheckSettings {
     pub dnsbl: Vec<String>,
     /// DNS allow lists: a client listed in one is not looked up in the block lists.
     pub dnswl: Vec<String>,
+    /// Forwarders (mailing lists) whose ARC seal we trust: a message failing DMARC whose ARC
+    /// chain passes and was last sealed by one of these is not refused or quarantined for it
+    /// (RFC 8617 §7.2.1, a local policy override).
+    pub trusted_arc_sealers: Vec<String>,
 }
 
 impl Default for CheckSettings {
@@ -65,6 +69,7 @@ impl Default for CheckSettings {
             max_message_size: 8 * 1024 * 1024,
             dnsbl: Vec::new(),
             dnswl: Vec::new(),
+            trusted_arc_sealers: Vec::new(),
         }
     }
 }
@@ -234,7 +239,16 @@ impl Checker {
         if let Some(refusal) = self.spf_verdict(&spf_mail, &sender) {
             return refusal;
         }
-        if s.dmarc_enforce && !pass {
+        // A failure a trusted forwarder vouches for: its ARC chain passes and it sealed last.
+        let sealer = msg.as_headers.iter().max_by_key(|h| h.header.i).map(|h| h.header.d.as_str());
+        let vouched = failed
+            && *arc.result() == DkimResult::Pass
+            && sealer.is_some_and(|d| s.trusted_arc_sealers.iter().any(|t| t.eq_ignore_ascii_case(d)));
+        if vouched {
+            self.count("dmarc", "arc_override");
+            tracing::info!(ip = %origin.ip, sealer = sealer.unwrap_or(""), domain = dmarc.domain(), "DMARC failure accepted: a trusted ARC sealer vouches for it");
+        }
+        if s.dmarc_enforce && !pass && !vouched {
             match (dmarc.policy(), failed, temp) {
                 (Policy::Reject, true, _) => {
                     return Verdict::Refuse {

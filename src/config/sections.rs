@@ -239,6 +239,8 @@ pub struct Checks {
     pub dnsbl: Vec<String>,
     /// DNS allow lists: a client listed in one is not looked up in the block lists.
     pub dnswl: Vec<String>,
+    /// Forwarders whose ARC seal may excuse a DMARC failure (mailing lists you know).
+    pub trusted_arc_sealers: Vec<String>,
 }
 
 impl Default for Checks {
@@ -254,6 +256,7 @@ impl Default for Checks {
             max_message_size: c.max_message_size as u64,
             dnsbl: Vec::new(),
             dnswl: Vec::new(),
+            trusted_arc_sealers: Vec::new(),
         }
     }
 }

@@ -410,7 +410,11 @@ impl Config {
         if c.timeout.0.is_zero() {
             return Err(ConfigError("checks.timeout: must be more than 0".into()));
         }
-        for (key, zones) in [("checks.dnsbl", &c.dnsbl), ("checks.dnswl", &c.dnswl)] {
+        for (key, zones) in [
+            ("checks.dnsbl", &c.dnsbl),
+            ("checks.dnswl", &c.dnswl),
+            ("checks.trusted_arc_sealers", &c.trusted_arc_sealers),
+        ] {
             for z in zones {
                 let valid = mailroot_actors::protocol::address::validate_domain(z.trim_end_matches('.')).is_ok()
                     && z.contains('.');
@@ -421,6 +425,7 @@ impl Config {
         }
         Ok(CheckSettings {
             dnsbl: c.dnsbl.clone(),
+            trusted_arc_sealers: c.trusted_arc_sealers.clone(),
             dnswl: c.dnswl.clone(),
             hostname: self.server.hostname.clone(),
             spf_fail,
