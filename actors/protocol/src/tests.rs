@@ -654,17 +654,22 @@ fn auth() {
     assert!(r.refusals.contains(&RefusalCause::RelayDenied));
 }
 
-#[test]
-fn authenticated_users_send_only_as_themselves() {
-    // "\0alice\0secret", base64.
-    let login = "EHLO c\r\nSTARTTLS\r\n";
-    let auth = "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n";
+/// Secure params where the login alice owns alice@example.test and all of alice.test.
+fn alice_owns_her_addresses() -> SessionParams {
     let map = crate::senders::SenderLogins::new([(
         "alice".to_string(),
         vec!["alice@example.test".to_string(), "@alice.test".to_string()],
     )])
     .unwrap();
-    let p = SessionParams { sender_logins: Some(Arc::new(map)), ..secure() };
+    SessionParams { sender_logins: Some(Arc::new(map)), ..secure() }
+}
+
+#[test]
+fn authenticated_users_send_only_as_themselves() {
+    // "\0alice\0secret", base64.
+    let login = "EHLO c\r\nSTARTTLS\r\n";
+    let auth = "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n";
+    let p = alice_owns_her_addresses();
     let cases: &[(&str, &str)] = &[
         ("MAIL FROM:<alice@example.test>\r\n", "250/2.1.0"),
         ("MAIL FROM:<Alice@Example.TEST>\r\n", "250/2.1.0"),
@@ -716,12 +721,7 @@ fn authenticated_users_write_only_their_own_from_header() {
     let login = "EHLO c\r\nSTARTTLS\r\n";
     let auth =
         "EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.test>\r\n";
-    let map = crate::senders::SenderLogins::new([(
-        "alice".to_string(),
-        vec!["alice@example.test".to_string(), "@alice.test".to_string()],
-    )])
-    .unwrap();
-    let p = SessionParams { sender_logins: Some(Arc::new(map)), ..secure() };
+    let p = alice_owns_her_addresses();
     let cases: &[(&str, &str)] = &[
         ("From: Alice <alice@example.test>\r\n", "250/2.0.0"),
         ("FROM : alice@EXAMPLE.test\r\n", "250/2.0.0"),
