@@ -31,6 +31,33 @@ fn check_config_prints_the_effective_config() {
     assert!(out.contains(&format!("path = \"{}\"", dir.path().join("spool").display())), "{out}");
 }
 
+/// check-config reads what the configuration names but writes nothing: the SRS secret of
+/// recipient maps is made by the daemon when it creates its folders, not by a check.
+#[test]
+fn check_config_writes_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.toml");
+    std::fs::write(
+        &cfg,
+        "[mailroot]\npath = \"spool\"\n[domains]\nlocal = [\"example.test\"]\n\
+         [recipients.\"example.test\"]\nusers = [\"alice\"]\naliases = { team = [\"alice\", \"x@far.test\"] }\n",
+    )
+    .unwrap();
+    let (code, out, err) = mailroot(&["check-config", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("[recipients.\"example.test\"]"), "{out}");
+    assert!(!dir.path().join("spool").exists(), "nothing written");
+    // A map naming a user its domain does not have is refused, naming the key.
+    std::fs::write(
+        &cfg,
+        "[domains]\nlocal = [\"example.test\"]\n[recipients.\"example.test\"]\naliases = { a = [\"ghost\"] }\n",
+    )
+    .unwrap();
+    let (code, _, err) = mailroot(&["check-config", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("recipients: example.test: alias \"a\""), "{err}");
+}
+
 #[test]
 fn without_a_config_file_the_defaults_work() {
     let dir = tempfile::tempdir().unwrap();

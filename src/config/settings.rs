@@ -331,10 +331,20 @@ impl Config {
             self.srs.secret_file.clone()
         };
         let err = |m: String| ConfigError(format!("srs.secret_file: {}: {m}", path.display()));
+        let domain = if self.srs.domain.is_empty() {
+            self.domains.local.first().cloned().unwrap_or_default()
+        } else {
+            self.srs.domain.clone()
+        };
         if !path.exists() {
             let secret = mailroot_actors::srs::Srs::generate_secret().map_err(err)?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            // Before the first start (`check-config` on a new machine) the folder is not there:
+            // nothing is written; the daemon makes the file when it creates its folders.
+            if !path.parent().is_some_and(Path::exists) {
+                if !self.srs.secret_file.as_os_str().is_empty() {
+                    return Err(err("its folder does not exist".into()));
+                }
+                return Ok(mailroot_actors::srs::Srs::new(secret.as_bytes(), &domain));
             }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -354,11 +364,6 @@ impl Config {
         if secret.len() < 16 {
             return Err(err("the secret is shorter than 16 characters".into()));
         }
-        let domain = if self.srs.domain.is_empty() {
-            self.domains.local.first().cloned().unwrap_or_default()
-        } else {
-            self.srs.domain.clone()
-        };
         Ok(mailroot_actors::srs::Srs::new(secret.as_bytes(), &domain))
     }
 
