@@ -299,8 +299,9 @@ fn arc_sealed(dir: &Path, dns: &DnsServer, message: &[u8]) -> Vec<u8> {
 }
 
 /// Each mechanism's other results, recorded in the header: ARC pass (a sealed forward) and fail
-/// (changed after sealing), DKIM temperror (its key does not answer) and permerror (a broken
-/// key record), SPF temperror (refused at MAIL with spf_fail = reject, 451 4.4.3).
+/// (changed after sealing), a trusted sealer excusing DMARC, DKIM temperror (its key does not
+/// answer) and permerror (a broken key record), DMARC permerror (a broken record: nothing
+/// enforced), SPF temperror (refused at MAIL with spf_fail = reject, 451 4.4.3).
 #[test]
 fn arc_and_the_error_results() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,6 +365,20 @@ fn arc_and_the_error_results() {
         assert_eq!(r.code, want, "trusted {trusted}: {r:?}");
         running.stop();
     }
+
+    // A DMARC record that is not one: not a policy, so nothing is enforced.
+    dns.txt("badpolicy.test", "v=spf1 ip4:192.0.2.1 -all");
+    dns.txt("_dmarc.badpolicy.test", "v=DMARC1; p=rejectt; pct=abc");
+    let dir = tempfile::tempdir().unwrap();
+    let running = daemon(dir.path(), &dns, "");
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO lists.test").code, 250);
+    let r = c.transaction("x@badpolicy.test", &["user@example.test"], &message("x@badpolicy.test", "badpolicy"));
+    assert_eq!(r.code, 250, "{r:?}");
+    let text = dropped(dir.path(), r.queue_id().unwrap());
+    assert!(text.contains("dmarc=permerror") && text.contains("spf=fail"), "{text}");
+    running.stop();
 
     // SPF temperror with spf_fail = reject: 451 at MAIL.
     let dir = tempfile::tempdir().unwrap();
