@@ -47,6 +47,9 @@ pub enum Lookup {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecipientMaps {
     domains: HashMap<String, DomainMap>,
+    /// Every alias (`local@domain`) and catch-all (`@domain`) followed to its final addresses
+    /// once, when the maps are built: a RCPT costs a lookup, not a walk.
+    expanded: HashMap<String, Vec<Mailbox>>,
 }
 
 /// A map definition as the configuration gives it (strings), checked by [`RecipientMaps::new`].
@@ -102,20 +105,24 @@ impl RecipientMaps {
             }
             domains.insert(domain, map);
         }
-        let maps = RecipientMaps { domains };
+        let mut maps = RecipientMaps { domains, expanded: HashMap::new() };
+        let mut expanded = HashMap::new();
         for (domain, map) in &maps.domains {
+            // (name for errors, key): the catch-all under "@domain", as no alias has an empty name.
             let all = map
                 .aliases
                 .iter()
-                .map(|(k, v)| (k.clone(), v))
-                .chain(map.catch_all.iter().map(|v| ("*".to_string(), v)));
-            for (name, targets) in all {
+                .map(|(k, v)| (k.clone(), format!("{k}@{domain}"), v))
+                .chain(map.catch_all.iter().map(|v| ("*".to_string(), format!("@{domain}"), v)));
+            for (name, key, targets) in all {
                 let mut out = Vec::new();
                 for t in targets {
                     maps.expand(t, 0, &mut out).map_err(|e| format!("{domain}: alias {name:?}: {e}"))?;
                 }
+                expanded.insert(key, out);
             }
         }
+        maps.expanded = expanded;
         Ok(maps)
     }
 
@@ -145,23 +152,14 @@ impl RecipientMaps {
                 return Lookup::Exists;
             }
             if map.aliases.contains_key(name) {
-                let mut out = Vec::new();
-                let start = Mailbox { local: name.clone(), domain: to.domain.to_ascii_lowercase() };
-                return match self.expand(&start, 0, &mut out) {
-                    Ok(()) => Lookup::Expands(out),
-                    Err(_) => Lookup::Unknown,
-                };
+                let key = format!("{name}@{}", to.domain.to_ascii_lowercase());
+                return self.expanded.get(&key).map_or(Lookup::Unknown, |v| Lookup::Expands(v.clone()));
             }
         }
         match &map.catch_all {
-            Some(targets) => {
-                let mut out = Vec::new();
-                for t in targets {
-                    if self.expand(t, 0, &mut out).is_err() {
-                        return Lookup::Unknown;
-                    }
-                }
-                Lookup::Expands(out)
+            Some(_) => {
+                let key = format!("@{}", to.domain.to_ascii_lowercase());
+                self.expanded.get(&key).map_or(Lookup::Unknown, |v| Lookup::Expands(v.clone()))
             }
             None => Lookup::Unknown,
         }
@@ -238,6 +236,8 @@ mod tests {
                 ),
             ),
             ("catch.test".to_string(), src(&["help"], &[], &["help"])),
+            // An alias that looks like a wildcard is just a name; the catch-all is apart.
+            ("star.test".to_string(), src(&["u", "v"], &[("*", &["u"])], &["v"])),
         ])
         .unwrap();
         let expands = |v: &[&str]| Lookup::Expands(v.iter().map(|s| addr(s)).collect());
@@ -257,6 +257,8 @@ mod tests {
             ("help@catch.test", Lookup::Exists),
             ("anything@catch.test", expands(&["help@catch.test"])),
             ("x@unmapped.test", Lookup::NoMap),
+            ("*@star.test", expands(&["u@star.test"])),
+            ("w@star.test", expands(&["v@star.test"])),
         ] {
             assert_eq!(maps.lookup(&addr(to)), want, "{to}");
         }

@@ -3,6 +3,8 @@
 //! RSET, EHLO and STARTTLS throw it away, and the queue's answer ends it.
 
 use super::{Action, Incoming, Mode, RateEvent, RecipientVerdict, RefusalCause, Session};
+use std::collections::HashSet;
+
 use crate::address::Mailbox;
 use crate::command;
 use crate::data::{DataOutcome, DataProblem, DataReceiver};
@@ -24,6 +26,9 @@ pub(super) struct Transaction {
     pub(super) given: usize,
     /// Some recipient is a forward to another domain (see [`Incoming::forwarded`]).
     pub(super) forwarded: bool,
+    /// `recipients` as a set: an alias repeated in many RCPTs costs a lookup per address, not a
+    /// scan of up to 1,000 recipients per address.
+    pub(super) seen: HashSet<Mailbox>,
 }
 
 impl Session {
@@ -136,6 +141,7 @@ impl Session {
             chunks: None,
             given: 0,
             forwarded: false,
+            seen: HashSet::new(),
         };
         if let Some(Some(sender)) = txn.sender.as_ref().filter(|_| self.params.check_sender && !self.trusted()) {
             let helo = self.helo.as_ref().map(|h| h.0.clone()).unwrap_or_default();
@@ -226,7 +232,7 @@ impl Session {
     /// One more RCPT accepted; an address already in the transaction (given twice, or also
     /// reached through an alias) is delivered once.
     fn push_recipient(&mut self, to: Mailbox, dsn: RcptDsn) {
-        if !self.txn.recipients.contains(&to) {
+        if self.txn.seen.insert(to.clone()) {
             self.txn.recipients.push(to);
             self.txn.rcpt_dsn.push(dsn);
         }
@@ -237,7 +243,7 @@ impl Session {
     /// the transaction once, remembering `to` as its original recipient (ORCPT, RFC 3461) unless
     /// the client gave one.
     fn add_recipients(&mut self, to: &Mailbox, dsn: RcptDsn, list: Vec<Mailbox>) {
-        let new: Vec<Mailbox> = list.into_iter().filter(|m| !self.txn.recipients.contains(m)).collect();
+        let new: Vec<Mailbox> = list.into_iter().filter(|m| !self.txn.seen.contains(m)).collect();
         if self.txn.recipients.len() + new.len() > MAX_EXPANSION {
             let refusal = self.refusal(RefusalCause::TooManyRecipients, Some(to.to_string()), 0);
             self.out.push_back(Action::Refused(refusal));
@@ -251,6 +257,7 @@ impl Session {
             if !self.params.local_domains.contains(&m.domain) {
                 self.txn.forwarded = true;
             }
+            self.txn.seen.insert(m.clone());
             self.txn.recipients.push(m);
             self.txn.rcpt_dsn.push(RcptDsn { notify: dsn.notify, orcpt: orcpt.clone() });
         }
