@@ -89,6 +89,12 @@ fn load_until_killed(child: &mut Child, addr: SocketAddr, rcpt: &'static str) ->
         .collect();
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
     let delay = Duration::from_millis(300 + (nanos % 1200) as u64);
+    // The random moment counts from the first acknowledgement, so a slow start (a busy machine,
+    // a disk still busy with earlier deletions) never leaves nothing to check.
+    let first = std::time::Instant::now();
+    while acked.lock().unwrap().is_empty() && first.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(delay);
     child.kill().expect("SIGKILL");
     let _ = child.wait();
