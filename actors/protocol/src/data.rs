@@ -58,16 +58,13 @@ pub struct DataReceiver {
     received_headers: usize,
     /// The `From:` header fields seen, and the first one's value (unfolded, bounded).
     from: HeaderFrom,
-    /// The current header line continues a `From:` field (folding).
-    in_from: bool,
+    /// What the current header field is, for its folded lines.
+    field: Field,
     /// Offset in `body` where the current header field starts (its first line).
     field_start: usize,
     /// `Authentication-Results:` fields naming this authserv-id (lower case) are dropped:
     /// only we may claim our own results (RFC 8601 §5).
     strip_results: Option<String>,
-    /// The current field is such a field being dropped, or one whose authserv-id is not known
-    /// yet (its first line had no value: folded).
-    results_field: ResultsField,
     saw_8bit: bool,
     /// BDAT: no dot-stuffing, no end marker.
     raw: bool,
@@ -90,11 +87,16 @@ pub enum DataOutcome {
     Refused(DataProblem),
 }
 
+/// The header field the current line belongs to, as far as the receiver cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ResultsField {
-    No,
-    Dropping,
-    Undecided,
+enum Field {
+    Other,
+    /// The first `From:` field: its folded lines are captured too.
+    From,
+    /// Our own `Authentication-Results:` (forged): dropped, folded lines and all.
+    OurResults,
+    /// An `Authentication-Results:` whose authserv-id is on a folded line yet to come.
+    UndecidedResults,
 }
 
 /// What the header section said in `From:` (for the sender-login check): how many `From:`
@@ -122,10 +124,9 @@ impl DataReceiver {
             in_header: true,
             received_headers: 0,
             from: HeaderFrom::default(),
-            in_from: false,
+            field: Field::Other,
             field_start: 0,
             strip_results: None,
-            results_field: ResultsField::No,
             saw_8bit: false,
             raw: false,
             handed: 0,
@@ -326,62 +327,40 @@ impl DataReceiver {
 
     fn end_of_line(&mut self) {
         if self.in_header && self.problem.is_none() {
+            // Where to cut the body back to when a forged result of ours is dropped.
+            let mut drop_from = None;
             let line = &self.body[self.line_start..];
             if line == b"\r\n" {
                 self.in_header = false;
-                self.in_from = false;
+                self.field = Field::Other;
                 self.field_start = self.line_start;
             } else if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
                 // A folded line continues the field before it.
-                match self.results_field {
-                    ResultsField::Dropping => {
-                        self.body.truncate(self.line_start);
-                        self.line_start = self.body.len();
-                        self.line_len = 0;
-                        return;
-                    }
-                    ResultsField::Undecided => match self.claims_our_results(line) {
+                match self.field {
+                    Field::OurResults => drop_from = Some(self.line_start),
+                    Field::UndecidedResults => match self.claims_our_results(line) {
                         Some(true) => {
-                            self.body.truncate(self.field_start);
-                            self.results_field = ResultsField::Dropping;
-                            self.line_start = self.body.len();
-                            self.line_len = 0;
-                            return;
+                            drop_from = Some(self.field_start);
+                            self.field = Field::OurResults;
                         }
-                        Some(false) => self.results_field = ResultsField::No,
+                        Some(false) => self.field = Field::Other,
                         None => {}
                     },
-                    ResultsField::No => {}
-                }
-                if self.in_from {
-                    let text = line.strip_suffix(b"\r\n").unwrap_or(line);
-                    if let Some(v) = self.from.value.as_mut() {
-                        if v.len() + text.len() > MAX_FROM {
-                            self.from.value = None;
-                        } else {
-                            v.extend_from_slice(text);
+                    Field::From => {
+                        let text = line.strip_suffix(b"\r\n").unwrap_or(line);
+                        if let Some(v) = self.from.value.as_mut() {
+                            if v.len() + text.len() > MAX_FROM {
+                                self.from.value = None;
+                            } else {
+                                v.extend_from_slice(text);
+                            }
                         }
                     }
+                    Field::Other => {}
                 }
             } else {
-                self.in_from = false;
+                self.field = Field::Other;
                 self.field_start = self.line_start;
-                self.results_field = ResultsField::No;
-                if self.strip_results.is_some() {
-                    if let Some(value) = field_value(line, b"authentication-results") {
-                        match self.claims_our_results(value) {
-                            Some(true) => {
-                                self.body.truncate(self.line_start);
-                                self.results_field = ResultsField::Dropping;
-                                self.line_start = self.body.len();
-                                self.line_len = 0;
-                                return;
-                            }
-                            Some(false) => {}
-                            None => self.results_field = ResultsField::Undecided,
-                        }
-                    }
-                }
                 if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
                     self.received_headers += 1;
                 } else if let Some(rest) = field_value(line, b"from") {
@@ -389,9 +368,22 @@ impl DataReceiver {
                     if self.from.count == 1 {
                         let text = rest.strip_suffix(b"\r\n").unwrap_or(rest);
                         self.from.value = (text.len() <= MAX_FROM).then(|| text.to_vec());
-                        self.in_from = true;
+                        self.field = Field::From;
+                    }
+                } else if let Some(value) = field_value(line, b"authentication-results") {
+                    match self.claims_our_results(value) {
+                        Some(true) => {
+                            drop_from = Some(self.line_start);
+                            self.field = Field::OurResults;
+                        }
+                        Some(false) => {}
+                        None if self.strip_results.is_some() => self.field = Field::UndecidedResults,
+                        None => {}
                     }
                 }
+            }
+            if let Some(at) = drop_from {
+                self.body.truncate(at);
             }
         }
         self.line_start = self.body.len();
