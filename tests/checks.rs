@@ -60,6 +60,12 @@ fn daemon(dir: &Path, dns: &DnsServer, extra: &str) -> mailroot::daemon::Running
     start(config(dir, &text))
 }
 
+/// Our `Authentication-Results:` header in the Drop file of message `id`.
+fn header_of_in(dir: &Path, id: u64) -> String {
+    let text = dropped(dir, id);
+    text.split(&format!("Authentication-Results: {HOST}")).nth(1).unwrap().split("\r\n\r\n").next().unwrap().to_string()
+}
+
 /// The Drop file of message `id`, as text.
 fn dropped(dir: &Path, id: u64) -> String {
     String::from_utf8_lossy(&drop_file(dir, id)).into_owned()
@@ -97,6 +103,14 @@ fn spf_dkim_dmarc_results_and_policies() {
     }
     assert!(!header.contains("bank.test"));
     assert!(text.contains(theirs), "{text}");
+
+    // A large signed message (spooled to a file as it arrives) is read back and verified whole.
+    let mut long = message("alice@origin.test", "long");
+    long.extend_from_slice(&b"a long report line, one of many, for a message over 64 KiB\r\n".repeat(1500));
+    let r = c.transaction("alice@origin.test", &["user@example.test"], &signed(&origin, &long));
+    assert_eq!(r.code, 250, "{r:?}");
+    let text = dropped(dir.path(), r.queue_id().unwrap());
+    assert!(text.contains("dkim=pass") && text.len() > 90_000, "{}", &text[..600]);
 
     // Unsigned, from a domain whose SPF does not list us, with p=reject: refused.
     let r = c.transaction("ceo@strict.test", &["user@example.test"], &message("ceo@strict.test", "wire"));
@@ -313,16 +327,7 @@ fn arc_and_the_error_results() {
     let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
     assert_eq!(c.greeting().code, 220);
     assert_eq!(c.cmd("EHLO lists.test").code, 250);
-    let header_of = |id: u64| {
-        let text = dropped(dir.path(), id);
-        text.split(&format!("Authentication-Results: {HOST}"))
-            .nth(1)
-            .unwrap()
-            .split("\r\n\r\n")
-            .next()
-            .unwrap()
-            .to_string()
-    };
+    let header_of = |id: u64| header_of_in(dir.path(), id);
     // A list changed the message (DKIM breaks) and sealed it: ARC passes.
     let mut changed = signed(&origin, &message("alice@origin.test", "list"));
     changed.extend_from_slice(b"-- \r\nlist footer\r\n");
@@ -378,6 +383,30 @@ fn arc_and_the_error_results() {
     assert_eq!(r.code, 250, "{r:?}");
     let text = dropped(dir.path(), r.queue_id().unwrap());
     assert!(text.contains("dmarc=permerror") && text.contains("spf=fail"), "{text}");
+    running.stop();
+
+    // Over checks.max_message_size: DMARC on the header section. Unsigned forgeries are still
+    // refused; a signed message is not refused for a signature nobody verified.
+    let dir = tempfile::tempdir().unwrap();
+    let running = daemon(dir.path(), &dns, "[checks]\nmax_message_size = 2048\n");
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO lists.test").code, 250);
+    let mut big = message("ceo@strict.test", "big-forgery");
+    // Over 64 KiB: spooled to a file as it arrives, so the check reads its header section back.
+    big.extend_from_slice(&b"padding padding padding padding padding padding padding padding\r\n".repeat(1300));
+    let r = c.transaction("ceo@strict.test", &["user@example.test"], &big);
+    assert_eq!(r.code, 550, "an unsigned forgery is refused however large: {r:?}");
+    let mut body = message("alice@origin.test", "big-signed");
+    body.extend_from_slice(&b"a long newsletter line, one of many, for a large message\r\n".repeat(1300));
+    let r = c.transaction("bounces@unrelated.test", &["user@example.test"], &signed(&origin, &body));
+    assert_eq!(r.code, 250, "{r:?}");
+    let h = header_of_in(dir.path(), r.queue_id().unwrap());
+    assert!(h.contains("dkim=policy reason=\"message too large to verify\"") && h.contains("dmarc=fail"), "{h}");
+    assert_eq!(
+        metric(&running, "mailroot_inbound_auth_total{check=\"dmarc\",result=\"not_enforced_unverified\"}"),
+        1.0
+    );
     running.stop();
 
     // SPF temperror with spf_fail = reject: 451 at MAIL.

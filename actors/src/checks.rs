@@ -5,10 +5,12 @@
 //! (451 4.4.3). Run at the end of DATA for clients that are neither authenticated nor in a relay
 //! network, before the message is queued.
 //!
-//! Bounds: at most `max_concurrent` checks at once (others wait for a slot, within the
-//! timeout), each within `timeout` in all; DKIM and ARC are verified only for messages up to
-//! `max_message_size` (the whole message is parsed in memory); every lookup goes through one
-//! shared caching resolver (hickory), the same one delivery uses.
+//! Bounds: at most `max_concurrent` checks at once and [`MEMORY`] of messages held for them, each
+//! check within `timeout` in all (waiting for a slot and for memory included). DKIM and ARC are
+//! verified for messages up to `max_message_size` (the whole message is parsed in memory); a
+//! larger one gets SPF and DMARC on its header section, and DMARC is enforced on it only when it
+//! carries no DKIM signature we could not verify. Every lookup goes through the SMTP side's one
+//! caching resolver (hickory).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -66,7 +68,8 @@ impl Default for CheckSettings {
             quarantine_header: "X-Spam-Flag: YES".into(),
             timeout: Duration::from_secs(20),
             max_concurrent: 64,
-            max_message_size: 8 * 1024 * 1024,
+            // As `[limits] max_message_size`: every message verified whole by default.
+            max_message_size: 25 * 1024 * 1024,
             dnsbl: Vec::new(),
             dnswl: Vec::new(),
             trusted_arc_sealers: Vec::new(),
@@ -100,26 +103,26 @@ pub struct Checker {
     metrics: Arc<Metrics>,
 }
 
-/// Messages held in memory for verification at once, at most (all sessions together).
-const MEMORY: usize = 64 * 1024 * 1024;
+/// Messages held in memory for verification at once, at most (all sessions together);
+/// `max_message_size` may not exceed it.
+pub const MEMORY: usize = 64 * 1024 * 1024;
+
+/// The header section of a message too large to verify is read up to this much.
+const HEADER_LIMIT: usize = 1024 * 1024;
+
+/// The message to check, where it is.
+pub enum Message<'a> {
+    Memory(&'a [u8]),
+    /// A spool file holding the whole message (a large one), read on the blocking pool.
+    File(std::io::Result<std::fs::File>),
+}
 
 impl Checker {
-    /// `resolver`: the daemon's shared resolver (see `resolve::build_resolver`).
+    /// `resolver`: the SMTP side's resolver (`resolve::Dns::resolver`).
     pub fn new(resolver: hickory_resolver::TokioResolver, settings: CheckSettings, metrics: Arc<Metrics>) -> Checker {
         let slots = Arc::new(Semaphore::new(settings.max_concurrent.max(1)));
         let memory = Arc::new(Semaphore::new(MEMORY / 1024));
         Checker { auth: MessageAuthenticator(resolver), settings, slots, memory, metrics }
-    }
-
-    /// Room to hold a message of `bytes` in memory for verification: `None` when it is over
-    /// `max_message_size`, or the shared budget stays spent for the whole timeout (then only
-    /// SPF and DMARC-on-SPF are checked).
-    pub async fn hold(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        if bytes > self.settings.max_message_size {
-            return None;
-        }
-        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
-        tokio::time::timeout(self.settings.timeout, self.memory.clone().acquire_many_owned(kib)).await.ok()?.ok()
     }
 
     pub fn settings(&self) -> &CheckSettings {
@@ -141,12 +144,43 @@ impl Checker {
         self.metrics.inbound_auth.get_or_create(&crate::metrics::CheckLabel { check, result }).inc();
     }
 
-    /// Checks one message. `message` is `None` when it is larger than `max_message_size` (then
-    /// only SPF, and DMARC on SPF alone, are evaluated).
-    pub async fn check(&self, origin: &Origin<'_>, message: Option<&[u8]>) -> Verdict {
+    /// Checks one message of `size` bytes. Waiting for a slot and for memory, reading it and
+    /// every lookup happen within one `timeout`.
+    pub async fn check(&self, origin: &Origin<'_>, size: usize, message: Message<'_>) -> Verdict {
         let work = async {
-            let Ok(_slot) = self.slots.acquire().await else { return None };
-            Some(self.run(origin, message).await)
+            let _slot = self.slots.acquire().await.ok()?;
+            let whole = size <= self.settings.max_message_size;
+            let _held = match whole {
+                true => {
+                    let kib = u32::try_from(size.div_ceil(1024).max(1)).ok()?;
+                    Some(self.memory.acquire_many(kib).await.ok()?)
+                }
+                false => None,
+            };
+            let read;
+            let bytes: &[u8] = match message {
+                Message::Memory(b) if whole => b,
+                Message::Memory(b) => header_section(b),
+                Message::File(file) => {
+                    let limit = if whole { size } else { HEADER_LIMIT };
+                    read = crate::fsio::blocking(move || {
+                        let mut buf = Vec::new();
+                        std::io::Read::read_to_end(&mut std::io::Read::take(file?, limit as u64), &mut buf)?;
+                        Ok(buf)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot read a spooled message to check it");
+                        Vec::new()
+                    });
+                    if whole {
+                        &read
+                    } else {
+                        header_section(&read)
+                    }
+                }
+            };
+            Some(self.run(origin, bytes, whole).await)
         };
         match tokio::time::timeout(self.settings.timeout, work).await {
             Ok(Some(v)) => v,
@@ -167,11 +201,13 @@ impl Checker {
         }
     }
 
-    async fn run(&self, origin: &Origin<'_>, message: Option<&[u8]>) -> Verdict {
+    /// `message` is the whole message, or (`whole` false) only its header section: then DKIM and
+    /// ARC are not verified, and a DMARC failure is enforced only without a DKIM signature.
+    async fn run(&self, origin: &Origin<'_>, message: &[u8], whole: bool) -> Verdict {
         let s = &self.settings;
         let helo = origin.helo.trim_start_matches('[').trim_end_matches(']');
         let sender = origin.sender.map(|m| m.to_string()).unwrap_or_default();
-        let parsed = message.and_then(AuthenticatedMessage::parse);
+        let parsed = AuthenticatedMessage::parse(message);
         // SPF: HELO first (RFC 7208 §2.3); MAIL FROM, or the HELO identity for the null sender.
         let spf_helo = self
             .auth
@@ -195,18 +231,22 @@ impl Checker {
             .with_spf_mailfrom_result(&spf_mail, origin.ip, &sender, helo);
         let mail_from_domain = origin.sender.map(|m| m.domain.clone()).unwrap_or_else(|| helo.to_string());
         let Some(msg) = parsed.as_ref() else {
-            // Too large to verify in memory, or not a parseable message: SPF only.
+            // Not a parseable message: SPF only.
             if let Some(refusal) = self.spf_verdict(&spf_mail, &sender) {
                 return refusal;
             }
             return Verdict::Accept { headers: results.to_header() };
         };
         let header_from = msg.from.first().cloned().unwrap_or_default();
-        let dkim = self.auth.verify_dkim(msg).await;
+        let (dkim, arc) = if whole {
+            (self.auth.verify_dkim(msg).await, self.auth.verify_arc(msg).await)
+        } else {
+            self.count("dkim", "too_large");
+            (Vec::new(), Default::default())
+        };
         for d in &dkim {
             self.count("dkim", dkim_label(d.result()));
         }
-        let arc = self.auth.verify_arc(msg).await;
         self.count("arc", dkim_label(arc.result()));
         let dmarc = self
             .auth
@@ -223,9 +263,17 @@ impl Checker {
         } else {
             dmarc
         };
-        results =
-            results.with_dkim_results(&dkim, &header_from).with_arc_result(&arc, origin.ip).with_dmarc_result(&dmarc);
+        if whole {
+            results = results.with_dkim_results(&dkim, &header_from);
+        }
+        results = results.with_arc_result(&arc, origin.ip).with_dmarc_result(&dmarc);
         let mut headers = results.to_header();
+        if !whole {
+            // RFC 8601 §2.7.1 "policy": signed or not, we did not verify it.
+            if let Some(at) = headers.rfind("\r\n") {
+                headers.insert_str(at, ";\r\n\tdkim=policy reason=\"message too large to verify\"");
+            }
+        }
         let dmarc_label = if pass {
             "pass"
         } else if temp {
@@ -248,7 +296,13 @@ impl Checker {
             self.count("dmarc", "arc_override");
             tracing::info!(ip = %origin.ip, sealer = sealer.unwrap_or(""), domain = dmarc.domain(), "DMARC failure accepted: a trusted ARC sealer vouches for it");
         }
-        if s.dmarc_enforce && !pass && !vouched {
+        // Too large to verify, and signed: the signature may well pass; unsigned, a forgery
+        // cannot escape DMARC by being large.
+        let unverified = failed && !whole && !msg.dkim_headers.is_empty();
+        if unverified {
+            self.count("dmarc", "not_enforced_unverified");
+        }
+        if s.dmarc_enforce && !pass && !vouched && !unverified {
             match (dmarc.policy(), failed, temp) {
                 (Policy::Reject, true, _) => {
                     return Verdict::Refuse {
@@ -386,6 +440,14 @@ impl Checker {
             }
             _ => None,
         }
+    }
+}
+
+/// The header section of `message`, blank line included (all of it when there is none).
+fn header_section(message: &[u8]) -> &[u8] {
+    match message.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &message[..i + 4],
+        None => message,
     }
 }
 

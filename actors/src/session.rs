@@ -384,28 +384,15 @@ async fn drive(
                 // Who is it from? Not asked of our own users and relay networks.
                 let mut auth_results = String::new();
                 if let Some(checker) = shared.checker.clone().filter(|_| !proto.trusted()) {
-                    let held = checker.hold(size).await;
-                    let message = match (&held, &spooled, &shared.body_store) {
-                        (None, _, _) => None,
-                        (Some(_), None, _) => Some(body.clone()),
-                        (Some(_), Some(Ok(st)), Some(store)) => {
-                            let file = store.open_spooled(st);
-                            blocking(move || {
-                                let mut buf = Vec::new();
-                                let mut file = file.map_err(|e| std::io::Error::other(e.to_string()))?;
-                                std::io::Read::read_to_end(&mut file, &mut buf)?;
-                                Ok(buf)
-                            })
-                            .await
-                            .ok()
-                        }
-                        _ => None,
+                    // A spooled message is all in its file (`finish_spool` wrote the rest).
+                    let message = match (&spooled, &shared.body_store) {
+                        (Some(Ok(st)), Some(store)) => crate::checks::Message::File(
+                            store.open_spooled(st).map_err(|e| std::io::Error::other(e.to_string())),
+                        ),
+                        _ => crate::checks::Message::Memory(&body),
                     };
                     let origin = crate::checks::Origin { ip: peer.ip(), helo: &m.helo, sender: m.sender.as_ref() };
-                    let verdict = checker.check(&origin, message.as_deref()).await;
-                    drop(message);
-                    drop(held);
-                    match verdict {
+                    match checker.check(&origin, size, message).await {
                         crate::checks::Verdict::Accept { headers } => auth_results = headers,
                         crate::checks::Verdict::Refuse { reply, cause } => {
                             // Not acknowledged: the spool file goes with `staged`.

@@ -415,6 +415,12 @@ impl Config {
         if c.timeout.0.is_zero() {
             return Err(ConfigError("checks.timeout: must be more than 0".into()));
         }
+        if c.max_message_size > mailroot_actors::checks::MEMORY as u64 {
+            return Err(ConfigError(format!(
+                "checks.max_message_size: at most {} (the memory all checks together may hold)",
+                mailroot_actors::checks::MEMORY
+            )));
+        }
         for (key, zones) in [
             ("checks.dnsbl", &c.dnsbl),
             ("checks.dnswl", &c.dnswl),
