@@ -11,7 +11,7 @@ mod dns;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailroot_actors::checks::{CheckSettings, Checker, Origin, Verdict};
+use mailroot_actors::checks::{CheckSettings, Checker, Message, Origin, Verdict};
 use mailroot_actors::dkim::{DomainSettings, KeySettings, Signer};
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::protocol::address::parse_mailbox;
@@ -51,12 +51,12 @@ fn main() {
         let signature = signer.sign(&mut &message[..]).expect("read").expect("signed");
         let signed: Arc<Vec<u8>> = Arc::new([signature, message.to_vec()].concat());
         let origin = Origin { ip: "127.0.0.1".parse().expect("ip"), helo: "bench.test", sender: Some(&sender) };
-        let verdict = rt.block_on(checker.check(&origin, Some(&signed)));
+        let verdict = rt.block_on(checker.check(&origin, signed.len(), Message::Memory(&signed)));
         let Verdict::Accept { headers } = &verdict else { panic!("{verdict:?}") };
         assert!(headers.contains("dkim=pass") && headers.contains("dmarc=pass"), "{headers}");
         let start = Instant::now();
         for _ in 0..n {
-            let v = rt.block_on(checker.check(&origin, Some(&signed)));
+            let v = rt.block_on(checker.check(&origin, signed.len(), Message::Memory(&signed)));
             assert!(matches!(v, Verdict::Accept { .. }));
         }
         let per = start.elapsed().as_secs_f64() / n as f64;
@@ -70,7 +70,7 @@ fn main() {
     let origin = Origin { ip: "127.0.0.1".parse().expect("ip"), helo: "bench.test", sender: Some(&sender) };
     let start = Instant::now();
     for _ in 0..n {
-        rt.block_on(checker.check(&origin, Some(message)));
+        rt.block_on(checker.check(&origin, message.len(), Message::Memory(message)));
     }
     let per = start.elapsed().as_secs_f64() / n as f64;
     println!("  unsigned: {:.0} us per check, {:.0} checks/s on one core", per * 1e6, 1.0 / per);
