@@ -17,7 +17,7 @@ use mailroot_actors::maildir::MaildirSettings;
 use mailroot_actors::pickup::PickupSettings;
 use mailroot_actors::protocol::recipients::{MapSource, RecipientMaps};
 use mailroot_actors::protocol::senders::SenderLogins;
-use mailroot_actors::protocol::{LocalDomains, RecipientCheck, SessionParams, SrsReverse};
+use mailroot_actors::protocol::{LocalDomains, RateGate, RecipientCheck, SessionParams, SrsReverse};
 use mailroot_actors::queue::QueueSettings;
 use mailroot_actors::rates::{RateLimits, RateSettings};
 use mailroot_actors::remote::connection::Timeouts;
@@ -74,6 +74,17 @@ impl Security {
         let srs = if config.recipients.is_empty() { None } else { Some(Arc::new(config.load_srs()?)) };
         Ok(Security { tls, listener_tls, users, dkim, srs })
     }
+}
+
+/// What every listener's settings share, built once per (re)load.
+struct ListenerCommon {
+    reverse_dns: Option<Arc<Dns>>,
+    checker: Option<Arc<Checker>>,
+    rates: RateGate,
+    check_recipients: RecipientCheck,
+    sender_logins: Option<Arc<SenderLogins>>,
+    recipient_maps: Option<Arc<RecipientMaps>>,
+    srs: SrsReverse,
 }
 
 /// One listener: its name, the key that defines it (for errors), its role and its addresses.
@@ -458,49 +469,46 @@ impl Config {
         metrics: Option<&Arc<mailroot_actors::metrics::Metrics>>,
         rates: Option<&Arc<RateLimits>>,
     ) -> Vec<ListenerSettings> {
-        let gate = rates.map(|r| r.gate()).unwrap_or_default();
-        let reverse_dns = dns.filter(|_| self.access.reverse_dns).cloned();
-        // One checker for all listeners: its slots and memory budget are global.
-        let checker = match (dns, metrics, self.check_settings()) {
-            (Some(dns), Some(m), Ok(s)) => Some(Arc::new(Checker::new(dns.resolver(), s, m.clone()))),
-            _ => None,
+        // What every listener shares, built once.
+        let common = ListenerCommon {
+            reverse_dns: dns.filter(|_| self.access.reverse_dns).cloned(),
+            // One checker for all listeners: its slots and memory budget are global.
+            checker: match (dns, metrics, self.check_settings()) {
+                (Some(dns), Some(m), Ok(s)) => Some(Arc::new(Checker::new(dns.resolver(), s, m.clone()))),
+                _ => None,
+            },
+            rates: rates.map(|r| r.gate()).unwrap_or_default(),
+            check_recipients: self.recipient_check(),
+            sender_logins: self.sender_logins(),
+            recipient_maps: self.recipient_maps().ok().flatten(),
+            srs: match &security.srs {
+                Some(srs) => {
+                    let srs = srs.clone();
+                    SrsReverse::new(move |m| srs.reverse(m, mailroot_actors::clock::unix_now() / 86_400))
+                }
+                None => SrsReverse::default(),
+            },
         };
         let defs = self.listener_defs().unwrap_or_default();
-        defs.iter()
-            .map(|def| {
-                let mut l = self.one_listener(def, security, reverse_dns.clone());
-                let section = self.listeners.get(&def.name).filter(|_| def.key != "server.listen");
-                let on = section.and_then(|l| l.checks).unwrap_or(self.checks.enabled && def.role == Role::Mx);
-                l.checker = checker.clone().filter(|_| on).map(|c| {
-                    // A listener's own policy (validated), on the shared checker.
-                    let spf = section.and_then(|s| s.spf_fail.as_deref()).and_then(|v| spf_policy("", v).ok());
-                    let dmarc = section.and_then(|s| s.dmarc.as_deref()).and_then(|v| dmarc_policy("", v).ok());
-                    match (spf, dmarc) {
-                        (None, None) => c,
-                        (spf, dmarc) => Arc::new(c.with_policy(
-                            spf.unwrap_or(c.settings().spf_fail),
-                            dmarc.unwrap_or(c.settings().dmarc_enforce),
-                        )),
-                    }
-                });
-                let mut params = (*l.params).clone();
-                params.rates = gate.clone();
-                if on {
-                    // Only we may claim our own results: drop such headers as mail arrives.
-                    params.auth_results_id = Some(self.server.hostname.clone());
-                    // An SPF fail is refused at MAIL, before the message is sent.
-                    params.check_sender = l.checker.as_ref().is_some_and(|c| c.settings().spf_fail == SpfFail::Reject);
-                }
-                l.params = Arc::new(params);
-                l
-            })
-            .collect()
+        defs.iter().map(|def| self.one_listener(def, security, &common)).collect()
     }
 
-    fn one_listener(&self, def: &ListenerDef, security: &Security, reverse_dns: Option<Arc<Dns>>) -> ListenerSettings {
+    fn one_listener(&self, def: &ListenerDef, security: &Security, common: &ListenerCommon) -> ListenerSettings {
         let own = self.listeners.get(&def.name).filter(|_| def.key != "server.listen").cloned().unwrap_or_default();
         let tls = security.listener_tls.get(&def.name).or(security.tls.as_ref()).cloned();
         let submission = def.role != Role::Mx;
+        let checks_on = own.checks.unwrap_or(self.checks.enabled && def.role == Role::Mx);
+        // The shared checker, with this listener's own policy if it has one (validated).
+        let checker = common.checker.clone().filter(|_| checks_on).map(|c| {
+            let spf = own.spf_fail.as_deref().and_then(|v| spf_policy("", v).ok());
+            let dmarc = own.dmarc.as_deref().and_then(|v| dmarc_policy("", v).ok());
+            match (spf, dmarc) {
+                (None, None) => c,
+                (spf, dmarc) => Arc::new(
+                    c.with_policy(spf.unwrap_or(c.settings().spf_fail), dmarc.unwrap_or(c.settings().dmarc_enforce)),
+                ),
+            }
+        });
         let params = Arc::new(SessionParams {
             hostname: self.server.hostname.clone(),
             local_domains: self.local_domains(),
@@ -519,20 +527,16 @@ impl Config {
             },
             auth_enabled: security.users.is_some() && own.auth.unwrap_or(true),
             auth_plaintext_loopback: self.auth.allow_plaintext_loopback,
-            check_recipients: self.recipient_check(),
-            sender_logins: self.sender_logins(),
+            check_recipients: common.check_recipients.clone(),
+            sender_logins: common.sender_logins.clone(),
             auth_required: submission,
-            recipient_maps: self.recipient_maps().ok().flatten(),
-            srs: match &security.srs {
-                Some(srs) => {
-                    let srs = srs.clone();
-                    SrsReverse::new(move |m| srs.reverse(m, mailroot_actors::clock::unix_now() / 86_400))
-                }
-                None => SrsReverse::default(),
-            },
-            auth_results_id: None,
-            rates: Default::default(),
-            check_sender: false,
+            recipient_maps: common.recipient_maps.clone(),
+            srs: common.srs.clone(),
+            // Only we may claim our own results: drop such headers as mail arrives.
+            auth_results_id: checks_on.then(|| self.server.hostname.clone()),
+            rates: common.rates.clone(),
+            // An SPF fail is refused at MAIL, before the message is sent.
+            check_sender: checker.as_ref().is_some_and(|c| c.settings().spf_fail == SpfFail::Reject),
         });
         let relay_networks = match (submission, own.relay_networks) {
             (true, _) => Vec::new(),
@@ -553,8 +557,8 @@ impl Config {
             max_connections_per_ip: self.access.max_connections_per_ip,
             max_connections_per_ip_per_minute: self.access.max_connections_per_ip_per_minute,
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
-            reverse_dns,
-            checker: None,
+            reverse_dns: common.reverse_dns.clone(),
+            checker,
         }
     }
 
