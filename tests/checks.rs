@@ -420,3 +420,42 @@ fn arc_and_the_error_results() {
     assert_eq!((r.code, r.text.starts_with("4.4.3")), (451, true), "{r:?}");
     running.stop();
 }
+
+/// The limits' error paths: checks that run out of time answer 451 4.4.3 when a policy is
+/// enforced (and only record when none is); a DNS list that does not answer blocks nobody.
+#[test]
+fn checks_out_of_time_and_dead_lists() {
+    let dns = DnsServer::start();
+    for name in ["mute.test", "_dmarc.mute.test"] {
+        dns.set(name, RecordType::TXT, Answer::Silent);
+    }
+    dns.set("1.0.0.127.dead-list.test", RecordType::A, Answer::Silent);
+    // A query waits 2 s; all checks of a message may take 1 s.
+    let text = |extra: &str| {
+        format!(
+            "[relay]\nallow_networks = []\n[delivery]\nnameservers = [\"{}\"]\ndns_timeout = \"2s\"\n\
+             [checks]\ntimeout = \"1s\"\ndnsbl = [\"dead-list.test\"]\n{extra}",
+            dns.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &text("")));
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220, "a list that does not answer blocks nobody");
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    let r = c.transaction("x@mute.test", &["user@example.test"], &message("x@mute.test", "mute"));
+    assert_eq!((r.code, r.text.starts_with("4.4.3")), (451, true), "{r:?}");
+    assert_eq!(metric(&running, "mailroot_inbound_auth_total{check=\"all\",result=\"timeout\"}"), 1.0);
+    assert!(metric(&running, "mailroot_inbound_auth_total{check=\"dnsbl\",result=\"error\"}") >= 1.0);
+    running.stop();
+
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &text("dmarc = \"record\"\n")));
+    let mut c = Client::connect_from("127.0.0.1", running.smtp_addrs[0]);
+    assert_eq!(c.greeting().code, 220);
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    let r = c.transaction("x@mute.test", &["user@example.test"], &message("x@mute.test", "recorded"));
+    assert_eq!(r.code, 250, "{r:?}");
+    assert!(dropped(dir.path(), r.queue_id().unwrap()).contains("none (checks timed out)"));
+    running.stop();
+}

@@ -798,3 +798,27 @@ fn rate_limits_across_connections() {
     }
     running.stop();
 }
+
+/// A client that connects to an implicit-TLS port and never starts the handshake holds its
+/// connection only until the handshake time is up (the idle timeout, when shorter than 30 s).
+#[test]
+fn a_silent_client_on_an_implicit_tls_port_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, _) = certificate(dir.path());
+    let extra = format!(
+        "{tls}{}[listeners.submissions]\nrole = \"submissions\"\nlisten = [\"127.0.0.1:0\"]\n{NO_DNS}",
+        users(dir.path(), false)
+    );
+    let mut c = config(dir.path(), &extra);
+    c.server.idle_timeout = mailroot::config::HumanDuration(Duration::from_secs(1));
+    let running = start(c);
+    let mut s = TcpStream::connect(running.listener_addr("submissions").unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "no greeting in clear text, then closed");
+    assert!(started.elapsed() < Duration::from_secs(10), "closed after {:?}", started.elapsed());
+    wait_metric(&running, "mailroot_listener_connections_current{listener=\"submissions\"}", |v| v == 0.0);
+    running.stop();
+}
