@@ -53,10 +53,47 @@ impl Dovecot {
             .stderr(Stdio::null())
             .spawn()
             .expect("start dovecot");
-        wait_for("Dovecot to listen", Duration::from_secs(15), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-        });
-        Dovecot { child, dir: dir.to_path_buf(), port }
+        // The probe that waits for Dovecot to listen ends its session with QUIT, and we wait until
+        // Dovecot has logged it out: on a cold machine the first LMTP process can take long to
+        // start, and a probe logged late would unbalance the counts the test reads afterwards.
+        wait_for("Dovecot to answer LMTP", Duration::from_secs(30), || Self::greet_and_quit(port));
+        let dovecot = Dovecot { child, dir: dir.to_path_buf(), port };
+        dovecot.wait_all_logged_out(0, "Dovecot to log the probe out");
+        dovecot
+    }
+
+    /// One LMTP session that only greets and quits; `None` while Dovecot does not answer yet.
+    fn greet_and_quit(port: u16) -> Option<()> {
+        use std::io::{BufRead, BufReader, Write};
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let mut r = BufReader::new(s.try_clone().ok()?);
+        let mut line = String::new();
+        r.read_line(&mut line).ok()?;
+        if !line.starts_with("220") {
+            return None;
+        }
+        (&s).write_all(b"QUIT\r\n").ok()?;
+        line.clear();
+        r.read_line(&mut line).ok()?;
+        line.starts_with("221").then_some(())
+    }
+
+    /// The log from byte `from` on, once every connection it shows has been logged out; on
+    /// timeout the panic shows that log, which says which connection was not.
+    fn wait_all_logged_out(&self, from: usize, what: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log().get(from..).unwrap_or_default().to_string();
+            let connects = log.matches("Info: Connect from").count();
+            if connects > 0 && log.matches("Logged out").count() == connects {
+                return log;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("timed out waiting for {what}; Dovecot's log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn log(&self) -> String {
@@ -88,8 +125,7 @@ fn dovecot_lmtp_checks_recipients_delivers_and_is_left_with_quit() {
         dovecot.port
     );
     let root = dir.path().join("mailroot");
-    // Give the greeting probe's disconnect time to be logged, then note where mailroot's begin.
-    std::thread::sleep(Duration::from_millis(300));
+    // The probe is logged out (`Dovecot::start` waited for it): mailroot's connections start here.
     let before = dovecot.log().len();
     let running = start(config(&root, &extra));
     let mut c = Client::ready(running.smtp_addrs[0], "client.test");
@@ -111,12 +147,7 @@ fn dovecot_lmtp_checks_recipients_delivers_and_is_left_with_quit() {
     // No bounce was made for ghost: nothing in Drop.
     assert!(drop_files(&root).is_empty(), "no NDR to the (maybe forged) sender");
     // Every connection (the check's and the delivery's) ends with QUIT once idle for 1 s.
-    let log = wait_for("Dovecot to see every connection logged out", Duration::from_secs(15), || {
-        // Only mailroot's connections (not the probe that waited for Dovecot to listen).
-        let log = dovecot.log().get(before..).unwrap_or_default().to_string();
-        let connects = log.matches("Info: Connect from").count();
-        (connects > 0 && log.matches("Logged out").count() == connects).then_some(log)
-    });
+    let log = dovecot.wait_all_logged_out(before, "Dovecot to see every connection logged out");
     assert!(!log.contains("Connection closed"), "no connection dropped without QUIT: {log}");
     running.stop();
 
@@ -139,10 +170,6 @@ fn dovecot_lmtp_checks_recipients_delivers_and_is_left_with_quit() {
         (!dovecot.maildir_new("bob").is_empty()).then_some(())
     });
     running.stop();
-    let log = wait_for("every connection logged out after the stop", Duration::from_secs(15), || {
-        let log = dovecot.log().get(before..).unwrap_or_default().to_string();
-        let connects = log.matches("Info: Connect from").count();
-        (connects > 0 && log.matches("Logged out").count() == connects).then_some(log)
-    });
+    let log = dovecot.wait_all_logged_out(before, "every connection logged out after the stop");
     assert!(!log.contains("Connection closed"), "no connection dropped without QUIT: {log}");
 }
