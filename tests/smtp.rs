@@ -299,7 +299,7 @@ fn large_messages_stream_through_the_store() {
     let queue = running.folders.queue.clone();
     drop((a, b, c));
     running.stop();
-    let store = mailroot_actors::store::Store::open_waiting(&queue, 1, Duration::from_secs(10)).unwrap();
+    let store = mailroot_actors::store::SledStore::open_waiting(&queue, 1, Duration::from_secs(10)).unwrap();
     assert_eq!(store.orphans_removed(), 0, "no pieces were left behind");
     assert!(store.envelopes().unwrap().is_empty());
 }

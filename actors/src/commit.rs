@@ -1,8 +1,8 @@
 //! Group commit: many waiters, one sync. Whoever asks while a sync runs is served by the next one.
 //!
 //! A task owns the sync function and a bounded channel of waiters. It takes the first request,
-//! drains every other request already queued, runs the sync once on the blocking pool and answers
-//! them all. Anything written before a request was sent is covered by the sync that answers it.
+//! drains every other request already queued, runs the sync once (the store's commit: an
+//! `fdatasync` on the blocking pool for sled, a transaction for PostgreSQL) and answers them all. Anything written before a request was sent is covered by the sync that answers it.
 //! The batch adapts by itself: one when idle, dozens under load, no timer.
 
 use std::future::Future;
@@ -15,13 +15,15 @@ use std::time::Duration;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::fsio::blocking;
-
 type Waiter = oneshot::Sender<Result<(), Arc<io::Error>>>;
+
+/// One sync under way.
+pub type SyncFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
 /// A sync that has not finished within this long is given up on: its waiters get an error
 /// (so clients get 451, not silence), and no new sync starts until it has finished. sled's flush
-/// never returns after an I/O error such as a full disk; a stuck disk may do the same.
+/// never returns after an I/O error such as a full disk; a stuck disk or a database that stopped
+/// answering may do the same.
 pub const SYNC_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
@@ -31,14 +33,14 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Spawns the commit task on the current runtime. `sync` runs on the blocking pool, and is
-    /// given up on after `deadline`.
+    /// Spawns the commit task on the current runtime. `sync` starts one sync (whatever it
+    /// blocks must run elsewhere: the future is polled on this runtime), which is given up on
+    /// after `deadline`.
     pub fn spawn<F>(name: &'static str, sync: F, batch_sizes: Histogram, deadline: Duration) -> Self
     where
-        F: Fn() -> io::Result<()> + Send + Sync + 'static,
+        F: Fn() -> SyncFuture + Send + Sync + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<Waiter>(4096);
-        let sync = Arc::new(sync);
         let stuck = Arc::new(AtomicBool::new(false));
         let flag = stuck.clone();
         actix_rt::spawn(async move {
@@ -65,8 +67,7 @@ impl GroupCommit {
                         }
                     }
                 }
-                let f = sync.clone();
-                let mut fut: Pin<Box<dyn Future<Output = io::Result<()>>>> = Box::pin(blocking(move || f()));
+                let mut fut: Pin<Box<dyn Future<Output = io::Result<()>>>> = sync();
                 let result = match tokio::time::timeout(deadline, &mut fut).await {
                     Ok(r) => r.map_err(Arc::new),
                     Err(_) => {
@@ -118,11 +119,15 @@ mod tests {
         let gate = std::sync::Mutex::new(gate);
         let hang = Arc::new(AtomicBool::new(true));
         let h = hang.clone();
-        let sync = move || {
-            if h.swap(false, Ordering::SeqCst) {
-                let _ = gate.lock().map(|g| g.recv());
-            }
-            Ok(())
+        let gate = Arc::new(gate);
+        let sync = move || -> SyncFuture {
+            let (h, gate) = (h.clone(), gate.clone());
+            Box::pin(crate::fsio::blocking(move || {
+                if h.swap(false, Ordering::SeqCst) {
+                    let _ = gate.lock().map(|g| g.recv());
+                }
+                Ok(())
+            }))
         };
         let c = GroupCommit::spawn("test", sync, Histogram::new([1.0].into_iter()), Duration::from_millis(100));
         let e = c.commit().await.expect_err("given up on");

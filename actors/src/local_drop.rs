@@ -67,7 +67,10 @@ impl Actor for LocalDrop {
         let dir = self.drop_dir.clone();
         self.dir_sync = Some(GroupCommit::spawn(
             "drop directory",
-            move || sync_dir(&dir),
+            move || -> crate::commit::SyncFuture {
+                let dir = dir.clone();
+                Box::pin(crate::fsio::blocking(move || sync_dir(&dir)))
+            },
             self.metrics.drop_commit_batch.clone(),
             crate::commit::SYNC_DEADLINE,
         ));

@@ -31,7 +31,7 @@ use crate::protocol::received::Origin;
 use crate::protocol::{self, Action, EnqueueError};
 pub use crate::protolog::ProtocolLog;
 use crate::queue::Enqueue;
-use crate::store::{SpoolWriter, StagedBody, Store};
+use crate::store::{QueueStore, SpoolWriter, StagedBody};
 
 /// Bodies are written to their spool file in pieces of at least this size (plus at most one
 /// read); a message smaller than this never gets a spool file and goes whole to the Queue.
@@ -150,7 +150,7 @@ pub struct SessionShared {
     /// Where large message bodies go piece by piece as they arrive (a spool file each), so a
     /// session holds only about [`STREAM_PIECE`] of a message whatever its size. `None`: bodies
     /// go whole to the Queue.
-    pub body_store: Option<Arc<Store>>,
+    pub body_store: Option<Arc<dyn QueueStore>>,
     /// Tarpit step: each reply after an error waits this × the errors so far.
     pub error_delay: Duration,
     pub stop: StopSignal,
@@ -223,7 +223,7 @@ impl Drop for Staging {
 /// A failure refuses the message at its end (with 452 4.3.1), never a broken message.
 async fn stage_piece(
     staging: &mut Option<Box<Staging>>,
-    store: &Arc<Store>,
+    store: &Arc<dyn QueueStore>,
     proto: &mut protocol::Session,
     seq: u64,
     bytes: Vec<u8>,
@@ -236,7 +236,7 @@ async fn stage_piece(
         Some(st) => st.writer.take(),
         None => {
             let s = store.clone();
-            match blocking(move || s.spool().map_err(std::io::Error::other)).await {
+            match blocking(move || s.start_spool().map_err(std::io::Error::other)).await {
                 Ok(w) => {
                     *staging = Some(Box::new(Staging { seq, path: w.path().to_path_buf(), writer: None, kept: false }));
                     Some(w)
@@ -387,7 +387,7 @@ async fn drive(
                     // A spooled message is all in its file (`finish_spool` wrote the rest).
                     let message = match (&spooled, &shared.body_store) {
                         (Some(Ok(st)), Some(store)) => crate::checks::Message::File(
-                            store.open_spooled(st).map_err(|e| std::io::Error::other(e.to_string())),
+                            store.spool().open(st).map_err(|e| std::io::Error::other(e.to_string())),
                         ),
                         _ => crate::checks::Message::Memory(&body),
                     };

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use mailroot_actors::delivery::Class;
-use mailroot_actors::store::{RcptStatus, Store};
+use mailroot_actors::store::{RcptStatus, SledStore as Store};
 
 fn open_copy() -> (tempfile::TempDir, Store) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-before-typed-outcomes");

@@ -13,7 +13,7 @@ use mailroot_actors::protocol::received::Origin;
 use mailroot_actors::protocol::LocalDomains;
 use mailroot_actors::queue::{Enqueue, Inspect, Queue, QueueSettings};
 use mailroot_actors::routes::Router;
-use mailroot_actors::store::{PickupMark, RcptStatus, Store};
+use mailroot_actors::store::{PickupMark, QueueStore, RcptStatus, SledStore};
 
 /// A delivery actor as a user would write one: accepts `ok@`, refuses `bad@` permanently,
 /// defers everyone else.
@@ -78,7 +78,7 @@ fn queue_with(remote: Option<Recipient<Deliver>>) -> (tempfile::TempDir, std::pa
     let metrics = Metrics::unregistered();
     let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
     let router = Router::simple(LocalDomains::new(["example.test"]), local.recipient(), remote);
-    let store = Store::open(&dir.path().join("Queue"), 1).unwrap();
+    let store: Arc<dyn QueueStore> = Arc::new(SledStore::open(&dir.path().join("Queue"), 1).unwrap());
     let queue = Queue::new(store, QueueSettings::default(), router, metrics).start();
     (dir, drop_dir, queue)
 }
@@ -190,7 +190,7 @@ async fn a_panicking_queue_is_restarted_from_the_store() {
     let scripted = Scripted { seen: seen.clone() }.start();
     let local = LocalDrop::new(drop_dir.clone(), temp, metrics.clone()).start();
     let router = Router::simple(LocalDomains::new(["example.test"]), local.recipient(), Some(scripted.recipient()));
-    let store = Arc::new(Store::open(&dir.path().join("Queue"), 1).unwrap());
+    let store: Arc<dyn QueueStore> = Arc::new(SledStore::open(&dir.path().join("Queue"), 1).unwrap());
     let m = metrics.clone();
     let factory: QueueFactory =
         Box::new(move || Queue::new(store.clone(), QueueSettings::default(), router.clone(), m.clone()));

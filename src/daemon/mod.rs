@@ -30,7 +30,7 @@ use mailroot_actors::delivery::Deliver;
 use mailroot_actors::local_drop::highest_drop_id;
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::session::ProtocolLog;
-use mailroot_actors::store::{Store, StoreError};
+use mailroot_actors::store::{QueueStore, SledStore, StoreError};
 use mailroot_actors::supervisor::{self, ChildFactory};
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
@@ -227,11 +227,12 @@ fn raise_open_file_limit(max_connections: usize) {
 }
 
 /// sled locks its folder; a daemon that just stopped may take a moment to let go.
-fn open_store(dir: &Path, id_floor: u64) -> Result<Store, StartError> {
-    Store::open_waiting(dir, id_floor, Duration::from_secs(3)).map_err(|e| match e {
-        StoreError::Locked(_) => StartError::QueueLocked { path: dir.to_path_buf() },
-        source => StartError::Queue { path: dir.to_path_buf(), source },
-    })
+fn open_store(dir: &Path, id_floor: u64) -> Result<Arc<dyn QueueStore>, StartError> {
+    match SledStore::open_waiting(dir, id_floor, Duration::from_secs(3)) {
+        Ok(store) => Ok(Arc::new(store)),
+        Err(StoreError::Locked(_)) => Err(StartError::QueueLocked { path: dir.to_path_buf() }),
+        Err(source) => Err(StartError::Queue { path: dir.to_path_buf(), source }),
+    }
 }
 
 /// Builds a daemon: the configuration, options, and delivery actors of your own.

@@ -23,7 +23,7 @@ use mailroot_actors::rates::RateLimits;
 use mailroot_actors::resolve::Dns;
 use mailroot_actors::routes::Router;
 use mailroot_actors::session::{BodyBudget, ProtocolLog, SessionShared};
-use mailroot_actors::store::Store;
+use mailroot_actors::store::QueueStore;
 use mailroot_actors::supervisor::{ChildFactory, QueueFactory, QueueSupervisor};
 use prometheus_client::registry::Registry;
 use tracing::{error, info};
@@ -40,7 +40,7 @@ pub(super) struct Parts {
     pub(super) config: Config,
     pub(super) options: StartOptions,
     pub(super) folders: Folders,
-    pub(super) store: Store,
+    pub(super) store: Arc<dyn QueueStore>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) registry: Arc<Registry>,
     /// The listeners to bind, as the configuration defines them.
@@ -141,7 +141,6 @@ pub(super) fn run_system(
         // Always there, so a reload can turn recipient checks on (or point them elsewhere).
         let recipient_verifier = RecipientVerifier::new(routes.kept_connections());
         recipient_verifier.configure(config.recipient_verifier_settings());
-        let store = Arc::new(store);
         let body_store = store.clone();
         let health = store_health.clone();
         let current_router = Arc::new(std::sync::Mutex::new(router));

@@ -12,6 +12,8 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -163,142 +165,203 @@ pub struct Drain {
     pub grace: Duration,
 }
 
+/// The state of a message as the admin API names it; `busy`: being delivered here.
+fn state_of(env: &Envelope, busy: bool, now: u64) -> &'static str {
+    if env.held {
+        "held"
+    } else if busy {
+        "active"
+    } else if env.next_attempt.is_some_and(|t| t > now) {
+        "deferred"
+    } else {
+        "ready"
+    }
+}
+
+fn info(env: &Envelope, busy: bool, now: u64) -> MessageInfo {
+    MessageInfo {
+        id: env.id,
+        sender: env.sender.clone(),
+        state: Cow::Borrowed(state_of(env, busy, now)),
+        recipients: env
+            .recipients
+            .iter()
+            .map(|r| RecipientInfo {
+                address: r.address.clone(),
+                status: r.status,
+                attempts: r.attempts,
+                last_reply: r.last.as_ref().map(|o| o.to_string()),
+                last: r.last.clone(),
+                next_attempt: r.next_attempt,
+            })
+            .collect(),
+        attempts: env.recipients.iter().map(|r| r.attempts).max().unwrap_or(0),
+        next_attempt: env.next_attempt,
+        size: env.size,
+        received_at: env.received_at,
+        age_seconds: now.saturating_sub(env.received_at),
+        source: env.source.clone(),
+        origin: env.origin.clone(),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> AdminError {
+    AdminError::Internal(e.to_string())
+}
+
+type AdminFuture<T> = ResponseActFuture<Queue, Result<T, AdminError>>;
+
+fn answer<T: 'static>(r: Result<T, AdminError>) -> AdminFuture<T> {
+    Box::pin(actix::fut::ready(r))
+}
+
 impl Queue {
-    fn state_of(&self, env: &Envelope, now: u64) -> &'static str {
-        if env.held {
-            "held"
-        } else if self.outstanding.contains_key(&env.id) {
-            "active"
-        } else if env.next_attempt.is_some_and(|t| t > now) {
-            "deferred"
-        } else {
-            "ready"
-        }
-    }
-
     fn info(&self, env: &Envelope, now: u64) -> MessageInfo {
-        MessageInfo {
-            id: env.id,
-            sender: env.sender.clone(),
-            state: Cow::Borrowed(self.state_of(env, now)),
-            recipients: env
-                .recipients
-                .iter()
-                .map(|r| RecipientInfo {
-                    address: r.address.clone(),
-                    status: r.status,
-                    attempts: r.attempts,
-                    last_reply: r.last.as_ref().map(|o| o.to_string()),
-                    last: r.last.clone(),
-                    next_attempt: r.next_attempt,
-                })
-                .collect(),
-            attempts: env.recipients.iter().map(|r| r.attempts).max().unwrap_or(0),
-            next_attempt: env.next_attempt,
-            size: env.size,
-            received_at: env.received_at,
-            age_seconds: now.saturating_sub(env.received_at),
-            source: env.source.clone(),
-            origin: env.origin.clone(),
-        }
+        info(env, self.outstanding.contains_key(&env.id), now)
     }
 
-    fn load(&self, id: QueueId) -> Result<Envelope, AdminError> {
-        match self.store.envelope(id) {
-            Ok(Some(env)) => Ok(env),
-            Ok(None) => Err(AdminError::NotFound),
-            Err(e) => Err(AdminError::Internal(e.to_string())),
+    /// A message's envelope: the Queue's own copy while it works on the message (the newer one),
+    /// else the store's.
+    pub(super) fn envelope_of(&self, id: QueueId) -> AdminFuture<Envelope> {
+        if let Some(env) = self.active.get(&id) {
+            return answer(Ok(env.clone()));
         }
+        Box::pin(self.store.envelope(id).into_actor(self).map(move |res, act, _| {
+            // It may have been taken up while the store answered.
+            if let Some(env) = act.active.get(&id) {
+                return Ok(env.clone());
+            }
+            match res {
+                Ok(Some(env)) => Ok(env),
+                Ok(None) => Err(AdminError::NotFound),
+                Err(e) => Err(internal(e)),
+            }
+        }))
     }
 
-    /// The envelope, unless a delivery of it is in flight.
-    fn load_idle(&self, id: QueueId, what: &str) -> Result<Envelope, AdminError> {
-        let env = self.load(id)?;
+    /// Fails unless the message can be changed now: not while a delivery of it is in flight.
+    fn idle(&self, id: QueueId, what: &str) -> Result<(), AdminError> {
         if self.outstanding.contains_key(&id) {
             return Err(AdminError::Conflict(format!(
                 "message {id} is being delivered right now; {what} it once this attempt ends"
             )));
         }
-        Ok(env)
+        Ok(())
     }
 
-    /// Writes the envelope (whose stored retry time was `old_next`) and makes it durable before
-    /// the operator is told it is done.
-    fn save(&mut self, env: &Envelope, old_next: Option<u64>) -> Result<(), AdminError> {
-        self.store.update(env, old_next).map_err(|e| AdminError::Internal(e.to_string()))?;
-        self.store.sync().map_err(|e| AdminError::Internal(e.to_string()))
+    /// Writes the envelope (whose stored retry time was `old_next`), in the Queue's own copy too
+    /// if it has one, and answers once it is durable: the operator is told only then.
+    fn save(&mut self, env: &Envelope, old_next: Option<u64>) -> AdminFuture<()> {
+        if let Err(e) = self.store.update(env, old_next) {
+            return answer(Err(internal(e)));
+        }
+        if let Some(mine) = self.active.get_mut(&env.id) {
+            *mine = env.clone();
+        }
+        self.durable()
     }
 
-    fn retry_now(&mut self, mut env: Envelope, ctx: &mut Context<Self>) -> Result<MessageInfo, AdminError> {
+    /// Answers once everything written so far is durable.
+    fn durable(&mut self) -> AdminFuture<()> {
+        let Some(committer) = self.committer.clone() else {
+            return answer(Err(AdminError::Internal("the queue is not running".into())));
+        };
+        Box::pin(async move { committer.commit().await.map_err(internal) }.into_actor(self))
+    }
+
+    fn retry_now(&mut self, mut env: Envelope) -> AdminFuture<MessageInfo> {
         if env.held {
-            return Err(AdminError::Conflict(format!("message {} is on hold; release it instead", env.id)));
+            return answer(Err(AdminError::Conflict(format!("message {} is on hold; release it instead", env.id))));
         }
         let old_next = make_due(&mut env);
-        self.save(&env, old_next)?;
-        self.schedule(env.id, None);
-        self.pump(ctx);
-        Ok(self.info(&env, unix_now()))
+        Box::pin(self.save(&env, old_next).map(move |res, act, ctx| {
+            res?;
+            let info = act.info(&env, unix_now());
+            act.schedule(env, None);
+            act.pump(ctx);
+            Ok(info)
+        }))
     }
 }
 
 impl Handler<List> for Queue {
-    type Result = Result<ListPage, AdminError>;
+    type Result = ResponseActFuture<Self, Result<ListPage, AdminError>>;
 
     fn handle(&mut self, msg: List, _ctx: &mut Self::Context) -> Self::Result {
         let f = msg.0;
         if let Some(s) = &f.state {
             if !STATES.contains(&s.as_str()) {
-                return Err(AdminError::Conflict(format!("unknown state {s:?}; one of {}", STATES.join(", "))));
+                return answer(Err(AdminError::Conflict(format!("unknown state {s:?}; one of {}", STATES.join(", ")))));
             }
         }
         let limit = f.limit.clamp(1, 1000);
         let now = unix_now();
-        let mut messages = Vec::new();
-        let mut next_after = None;
-        for env in self.store.envelopes_after(f.after.unwrap_or(0)) {
-            let env = env.map_err(|e| AdminError::Internal(e.to_string()))?;
-            if env.is_finished() {
-                continue;
-            }
-            let info = self.info(&env, now);
-            if f.state.as_deref().is_some_and(|s| s != info.state) {
-                continue;
-            }
-            if let Some(d) = &f.domain {
-                let matches = env
-                    .recipients
-                    .iter()
-                    .any(|r| r.status == RcptStatus::Pending && domain_of(&r.address).eq_ignore_ascii_case(d));
-                if !matches {
-                    continue;
+        // What is being delivered here now; the walk runs off the Queue, a page at a time.
+        let busy: std::collections::HashSet<QueueId> = self.outstanding.keys().copied().collect();
+        let store = self.store.clone();
+        let walk = async move {
+            let mut messages = Vec::new();
+            let mut after = f.after.unwrap_or(0);
+            loop {
+                let page = store.page(after, LIST_PAGE).await.map_err(internal)?;
+                let last_page = page.len() < LIST_PAGE;
+                for env in page {
+                    after = env.id;
+                    if env.is_finished() {
+                        continue;
+                    }
+                    let info = info(&env, busy.contains(&env.id), now);
+                    if f.state.as_deref().is_some_and(|s| s != info.state) {
+                        continue;
+                    }
+                    if let Some(d) = &f.domain {
+                        let matches = env
+                            .recipients
+                            .iter()
+                            .any(|r| r.status == RcptStatus::Pending && domain_of(&r.address).eq_ignore_ascii_case(d));
+                        if !matches {
+                            continue;
+                        }
+                    }
+                    if messages.len() == limit {
+                        let next_after = messages.last().map(|m: &MessageInfo| m.id);
+                        return Ok(ListPage { messages, next_after });
+                    }
+                    messages.push(info);
+                }
+                if last_page {
+                    return Ok(ListPage { messages, next_after: None });
                 }
             }
-            if messages.len() == limit {
-                next_after = messages.last().map(|m: &MessageInfo| m.id);
-                break;
-            }
-            messages.push(info);
-        }
-        Ok(ListPage { messages, next_after })
+        };
+        Box::pin(walk.into_actor(self))
     }
 }
 
+/// Envelopes read from the store at once when listing.
+const LIST_PAGE: usize = 500;
+
 impl Handler<Show> for Queue {
-    type Result = Result<MessageInfo, AdminError>;
+    type Result = ResponseActFuture<Self, Result<MessageInfo, AdminError>>;
 
     fn handle(&mut self, msg: Show, _ctx: &mut Self::Context) -> Self::Result {
-        let env = self.load(msg.0)?;
-        Ok(self.info(&env, unix_now()))
+        Box::pin(self.envelope_of(msg.0).map(|res, act, _| res.map(|env| act.info(&env, unix_now()))))
     }
 }
 
 impl Handler<RetryNow> for Queue {
-    type Result = Result<MessageInfo, AdminError>;
+    type Result = ResponseActFuture<Self, Result<MessageInfo, AdminError>>;
 
-    fn handle(&mut self, msg: RetryNow, ctx: &mut Self::Context) -> Self::Result {
-        let env = self.load_idle(msg.0, "retry")?;
-        info!(id = msg.0, "retry now (admin)");
-        self.retry_now(env, ctx)
+    fn handle(&mut self, msg: RetryNow, _ctx: &mut Self::Context) -> Self::Result {
+        let id = msg.0;
+        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+            let env = match res.and_then(|env| act.idle(id, "retry").map(|()| env)) {
+                Ok(env) => env,
+                Err(e) => return answer(Err(e)),
+            };
+            info!(id, "retry now (admin)");
+            act.retry_now(env)
+        }))
     }
 }
 
@@ -340,40 +403,49 @@ struct RetryAllJob {
 }
 
 impl Queue {
-    /// One slice: makes up to [`RETRY_ALL_SLICE`] deferred messages due now (written, not yet
-    /// synced), commits them with the group commit off the Queue's thread, then queues them for
-    /// delivery and goes on with the next slice as a new task.
-    fn retry_all_slice(&mut self, mut job: RetryAllJob, ctx: &mut Context<Self>) {
+    /// One slice: reads up to [`RETRY_ALL_SLICE`] envelopes, makes the deferred ones due now
+    /// (written, not yet synced), commits them with the group commit off the Queue's thread, then
+    /// queues them for delivery and goes on with the next slice as a new task.
+    fn retry_all_slice(&mut self, job: RetryAllJob, ctx: &mut Context<Self>) {
+        self.store
+            .page(job.after, RETRY_ALL_SLICE)
+            .into_actor(self)
+            .map(move |res, act, ctx| act.retry_all_page(job, res, ctx))
+            .spawn(ctx);
+    }
+
+    fn retry_all_page(
+        &mut self,
+        mut job: RetryAllJob,
+        page: crate::store::Result<Vec<Envelope>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = job.reply.send(Err(internal(e)));
+                return;
+            }
+        };
+        let finished = page.len() < RETRY_ALL_SLICE;
         let mut chosen = Vec::new();
-        let mut seen = 0;
-        for env in self.store.envelopes_after(job.after) {
-            let mut env = match env {
-                Ok(env) => env,
-                Err(e) => {
-                    let _ = job.reply.send(Err(AdminError::Internal(e.to_string())));
-                    return;
-                }
-            };
-            seen += 1;
+        for mut env in page {
             job.after = env.id;
             let in_domain = |a: &str| job.domain.as_deref().is_none_or(|d| domain_of(a).eq_ignore_ascii_case(d));
+            // The messages the Queue works on are on their way already.
             let eligible = !env.held
                 && env.next_attempt.is_some_and(|t| t > job.now)
-                && !self.outstanding.contains_key(&env.id)
+                && !self.active.contains_key(&env.id)
                 && env.recipients.iter().any(|r| r.status == RcptStatus::Pending && in_domain(&r.address));
             if eligible {
                 let old_next = make_due(&mut env);
                 if let Err(e) = self.store.update(&env, old_next) {
-                    let _ = job.reply.send(Err(AdminError::Internal(e.to_string())));
+                    let _ = job.reply.send(Err(internal(e)));
                     return;
                 }
-                chosen.push(env.id);
-            }
-            if seen >= RETRY_ALL_SLICE {
-                break;
+                chosen.push(env);
             }
         }
-        let finished = seen < RETRY_ALL_SLICE;
         job.count += chosen.len();
         let Some(committer) = self.committer.clone() else {
             let _ = job.reply.send(Err(AdminError::Internal("the queue is not running".into())));
@@ -383,11 +455,11 @@ impl Queue {
             .into_actor(self)
             .map(move |res, act, ctx| {
                 if let Err(e) = res {
-                    let _ = job.reply.send(Err(AdminError::Internal(e.to_string())));
+                    let _ = job.reply.send(Err(internal(e)));
                     return;
                 }
-                for id in chosen {
-                    act.schedule(id, None);
+                for env in chosen {
+                    act.schedule(env, None);
                 }
                 act.pump(ctx);
                 if finished {
@@ -412,28 +484,44 @@ impl Queue {
 }
 
 impl Handler<Hold> for Queue {
-    type Result = Result<MessageInfo, AdminError>;
+    type Result = ResponseActFuture<Self, Result<MessageInfo, AdminError>>;
 
     fn handle(&mut self, msg: Hold, _ctx: &mut Self::Context) -> Self::Result {
-        let mut env = self.load_idle(msg.0, "hold")?;
-        if !env.held {
+        let id = msg.0;
+        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+            let mut env = match res.and_then(|env| act.idle(id, "hold").map(|()| env)) {
+                Ok(env) => env,
+                Err(e) => return answer(Err(e)),
+            };
+            if env.held {
+                return answer(Ok(act.info(&env, unix_now())));
+            }
             let old_next = env.next_attempt;
             env.held = true;
             env.next_attempt = None;
-            self.save(&env, old_next)?;
-            self.held.insert(env.id);
-            info!(id = env.id, "message put on hold (admin)");
-        }
-        Ok(self.info(&env, unix_now()))
+            act.held.insert(id);
+            Box::pin(act.save(&env, old_next).map(move |res, act, _| {
+                res?;
+                info!(id, "message put on hold (admin)");
+                Ok(act.info(&env, unix_now()))
+            }))
+        }))
     }
 }
 
 impl Handler<Release> for Queue {
-    type Result = Result<MessageInfo, AdminError>;
+    type Result = ResponseActFuture<Self, Result<MessageInfo, AdminError>>;
 
-    fn handle(&mut self, msg: Release, ctx: &mut Self::Context) -> Self::Result {
-        let mut env = self.load(msg.0)?;
-        if env.held {
+    fn handle(&mut self, msg: Release, _ctx: &mut Self::Context) -> Self::Result {
+        let id = msg.0;
+        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+            let mut env = match res {
+                Ok(env) => env,
+                Err(e) => return answer(Err(e)),
+            };
+            if !env.held {
+                return answer(Ok(act.info(&env, unix_now())));
+            }
             let now = unix_now();
             env.held = false;
             env.next_attempt = env
@@ -443,90 +531,124 @@ impl Handler<Release> for Queue {
                 .filter_map(|r| r.next_attempt)
                 .min()
                 .filter(|t| *t > now);
-            self.save(&env, None)?;
-            self.held.remove(&env.id);
-            match env.next_attempt {
-                Some(at) => self.tell_scheduler(at, now),
-                None => {
-                    self.schedule(env.id, None);
-                    self.pump(ctx);
+            Box::pin(act.save(&env, None).map(move |res, act, ctx| {
+                res?;
+                act.held.remove(&id);
+                let info = act.info(&env, unix_now());
+                match env.next_attempt {
+                    Some(at) => act.tell_scheduler(at, now),
+                    None => {
+                        act.schedule(env, None);
+                        act.pump(ctx);
+                    }
                 }
-            }
-            info!(id = env.id, "message released (admin)");
-        }
-        Ok(self.info(&env, unix_now()))
+                info!(id, "message released (admin)");
+                Ok(info)
+            }))
+        }))
     }
 }
 
 impl Handler<Bounce> for Queue {
-    type Result = Result<(), AdminError>;
+    type Result = ResponseActFuture<Self, Result<(), AdminError>>;
 
-    fn handle(&mut self, msg: Bounce, ctx: &mut Self::Context) -> Self::Result {
-        let env = self.load_idle(msg.0, "bounce")?;
-        let pending: Vec<usize> = env
-            .recipients
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.status == RcptStatus::Pending)
-            .map(|(i, _)| i)
-            .collect();
-        if pending.is_empty() {
-            return Err(AdminError::Conflict(format!("message {} has no pending recipient", msg.0)));
-        }
-        warn!(id = msg.0, recipients = pending.len(), "message bounced (admin)");
-        self.held.remove(&msg.0);
-        let report = DeliveryReport::all(pending, replies::returned_by_admin());
-        self.record(msg.0, "admin", report, ctx);
-        // The NDR and the new state must be on disk before the operator is told it is done.
-        self.store.sync().map_err(|e| AdminError::Internal(e.to_string()))
+    fn handle(&mut self, msg: Bounce, _ctx: &mut Self::Context) -> Self::Result {
+        let id = msg.0;
+        let body = self.store.body(id);
+        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+            let env = match res.and_then(|env| act.idle(id, "bounce").map(|()| env)) {
+                Ok(env) => env,
+                Err(e) => return answer(Err(e)),
+            };
+            let pending: Vec<usize> = env
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.status == RcptStatus::Pending)
+                .map(|(i, _)| i)
+                .collect();
+            if pending.is_empty() {
+                return answer(Err(AdminError::Conflict(format!("message {id} has no pending recipient"))));
+            }
+            // The report returns the message (or its headers): read it first.
+            Box::pin(body.into_actor(act).then(move |body, act, ctx| {
+                let body = match body {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => return answer(Err(internal(e))),
+                };
+                // Checked again: a delivery may have started while the body was read.
+                if let Err(e) = act.idle(id, "bounce") {
+                    return answer(Err(e));
+                }
+                let env = act.active.remove(&id).unwrap_or(env);
+                warn!(id, recipients = pending.len(), "message bounced (admin)");
+                act.held.remove(&id);
+                let report = DeliveryReport::all(pending, replies::returned_by_admin());
+                act.record(env, "admin", report, Some(&body), ctx);
+                // The NDR and the new state must be on disk before the operator is told it is done.
+                act.durable()
+            }))
+        }))
     }
 }
 
 impl Handler<Delete> for Queue {
-    type Result = Result<(), AdminError>;
+    type Result = ResponseActFuture<Self, Result<(), AdminError>>;
 
     fn handle(&mut self, msg: Delete, _ctx: &mut Self::Context) -> Self::Result {
-        let env = self.load_idle(msg.0, "delete")?;
-        self.store.remove(env.id, env.next_attempt).map_err(|e| AdminError::Internal(e.to_string()))?;
-        self.store.sync().map_err(|e| AdminError::Internal(e.to_string()))?;
-        self.held.remove(&env.id);
-        self.queued = self.queued.saturating_sub(1);
-        self.metrics.queue_messages.set(self.queued as i64);
-        let pending = env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).count();
-        warn!(id = env.id, sender = %LogSafe(&env.sender), pending, "message deleted (admin)");
-        Ok(())
+        let id = msg.0;
+        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+            let env = match res.and_then(|env| act.idle(id, "delete").map(|()| env)) {
+                Ok(env) => env,
+                Err(e) => return answer(Err(e)),
+            };
+            if let Err(e) = act.store.remove(env.id, env.next_attempt) {
+                return answer(Err(internal(e)));
+            }
+            act.active.remove(&id);
+            act.held.remove(&id);
+            act.queued = act.queued.saturating_sub(1);
+            act.metrics.queue_messages.set(act.queued as i64);
+            let pending = env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).count();
+            warn!(id, sender = %LogSafe(&env.sender), pending, "message deleted (admin)");
+            act.durable()
+        }))
     }
 }
 
 impl Handler<Summary> for Queue {
-    type Result = QueueSummary;
+    type Result = ResponseActFuture<Self, QueueSummary>;
 
-    fn handle(&mut self, _msg: Summary, _ctx: &mut Self::Context) -> QueueSummary {
-        let (_, deferred) = self.store.retry_counts(unix_now()).unwrap_or_default();
-        let active = self.outstanding.len();
-        let held = self.held.len();
-        let wedged = self.committer.as_ref().is_some_and(|c| c.stuck());
-        QueueSummary {
-            total: self.queued,
-            active,
-            deferred,
-            held,
-            ready: self.queued.saturating_sub(active + deferred + held),
-            store_error: if wedged {
-                Some("the queue store's sync is stuck (a failing disk?); new mail gets 451".to_string())
-            } else if let Some(why) = self.health.failing() {
-                Some(format!("{why}; new mail is refused, reopening the store every 5 s"))
-            } else if self.health.room() == 0 {
-                Some(format!(
-                    "free space in {} is below [queue] min_free_space ({} bytes); new mail gets 452 4.3.1",
-                    self.health.dir().display(),
-                    self.health.reserve()
-                ))
-            } else {
-                None
-            },
-            store_wedged: wedged,
-        }
+    fn handle(&mut self, _msg: Summary, _ctx: &mut Self::Context) -> Self::Result {
+        Box::pin(self.store.counts(unix_now()).into_actor(self).map(|counts, act, _| {
+            let counts = counts.unwrap_or_default();
+            let active = act.outstanding.len();
+            let total = counts.total.unwrap_or(act.queued);
+            let held = counts.held.unwrap_or(act.held.len());
+            let deferred = counts.deferred;
+            let wedged = act.committer.as_ref().is_some_and(|c| c.stuck());
+            QueueSummary {
+                total,
+                active,
+                deferred,
+                held,
+                ready: total.saturating_sub(active + deferred + held),
+                store_error: if wedged {
+                    Some("the queue store's sync is stuck (a failing disk?); new mail gets 451".to_string())
+                } else if let Some(why) = act.health.failing() {
+                    Some(format!("{why}; new mail is refused, reopening the store every 5 s"))
+                } else if act.health.room() == 0 {
+                    Some(format!(
+                        "free space in {} is below [queue] min_free_space ({} bytes); new mail gets 452 4.3.1",
+                        act.health.dir().display(),
+                        act.health.reserve()
+                    ))
+                } else {
+                    None
+                },
+                store_wedged: wedged,
+            }
+        }))
     }
 }
 

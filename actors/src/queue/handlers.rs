@@ -27,19 +27,31 @@ impl Handler<Enqueue> for Queue {
                 _ => EnqueueError::Storage,
             });
         }
-        if let Some(mark) = &msg.pickup {
-            match self.store.pickup_taken(mark) {
-                Ok(Some(id)) => {
+        let Some(mark) = &msg.pickup else { return self.sign_and_store(msg, ctx) };
+        Box::pin(self.store.pickup_taken(mark).into_actor(self).then(move |res, act, ctx| match res {
+            Ok(Some(id)) => {
+                if let Some(mark) = &msg.pickup {
                     info!(id, file = %LogSafe(&mark.name), "pickup file was already queued before a restart");
-                    return Box::pin(actix::fut::ready(Ok(id)));
                 }
-                Ok(None) => {}
-                Err(e) => return refused(self.cannot_store(e, ctx)),
+                Box::pin(actix::fut::ready(Ok(id))) as Self::Result
             }
-        }
+            Ok(None) => act.sign_and_store(msg, ctx),
+            Err(e) => Box::pin(actix::fut::ready(Err(act.cannot_store(e, ctx)))),
+        }))
+    }
+}
+
+impl Queue {
+    /// An `Enqueue` whose Pickup file (if any) was not queued before: sign it if it leaves us,
+    /// then store it.
+    fn sign_and_store(
+        &mut self,
+        msg: Enqueue,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<QueueId, EnqueueError>> {
         if msg.sign && self.wants_signature(&msg.recipients) {
             let (signer, metrics) = (self.signer(), self.metrics.clone());
-            let spooled = msg.staged.as_ref().map(|s| self.store.open_spooled(s));
+            let spooled = msg.staged.as_ref().map(|s| self.store.spool().open(s));
             let mut msg = msg;
             let body = std::mem::take(&mut msg.body);
             let work = move || {
@@ -66,9 +78,7 @@ impl Handler<Enqueue> for Queue {
         }
         self.store_and_commit(msg, Vec::new(), ctx)
     }
-}
 
-impl Queue {
     /// A message could not be stored: the store may be failing; the client hears why.
     fn cannot_store(&mut self, e: StoreError, ctx: &mut Context<Self>) -> EnqueueError {
         error!(error = %e, "cannot store message");
@@ -123,19 +133,24 @@ impl Queue {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
         };
         let (id, size) = (env.id, env.size);
+        let mut env = Some(env);
         Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
                 act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
                 act.metrics.bytes_received.inc_by(size);
                 act.queued += 1;
                 act.metrics.queue_messages.set(act.queued as i64);
-                act.schedule(id, message);
+                if let Some(env) = env.take() {
+                    act.schedule(env, message);
+                }
                 act.pump(ctx);
                 Ok(id)
             }
             Err(e) => {
                 error!(id, error = %e, "queue sync failed; refusing the message");
-                let _ = act.store.discard(&env, mark.as_ref());
+                if let Some(env) = &env {
+                    let _ = act.store.discard(env, mark.as_ref());
+                }
                 let no_space = crate::fsio::is_no_space(&e);
                 act.store_failed(format!("queue sync failed: {e}"), no_space, ctx);
                 Err(if no_space { EnqueueError::Storage } else { EnqueueError::Temporary })
@@ -145,15 +160,15 @@ impl Queue {
 }
 
 impl Handler<RetryDue> for Queue {
-    type Result = RetryBatch;
+    type Result = ResponseActFuture<Self, RetryBatch>;
 
-    fn handle(&mut self, msg: RetryDue, ctx: &mut Self::Context) -> RetryBatch {
+    fn handle(&mut self, msg: RetryDue, ctx: &mut Self::Context) -> Self::Result {
         // The one message that reaches the Queue without passing its supervisor, which
         // measures all the others.
         let _handling = self.meter.handling();
         // The scheduler now sleeps on its own reading of the index.
         self.told_scheduler = None;
-        RetryBatch { more: self.take_due(msg.now, ctx) }
+        Box::pin(self.take_due(msg.now, ctx).map(|more, _, _| RetryBatch { more }))
     }
 }
 
@@ -163,7 +178,7 @@ impl Handler<SetRouter> for Queue {
     fn handle(&mut self, msg: SetRouter, ctx: &mut Self::Context) {
         self.router = msg.0;
         // Recipients that waited for a route that now exists go at once.
-        self.take_due(unix_now(), ctx);
+        self.take_due(unix_now(), ctx).map(|_, _, _| ()).spawn(ctx);
     }
 }
 
@@ -178,17 +193,26 @@ impl Handler<PickupDone> for Queue {
 }
 
 impl Handler<Inspect> for Queue {
-    type Result = Option<Envelope>;
+    type Result = ResponseActFuture<Self, Option<Envelope>>;
 
     fn handle(&mut self, msg: Inspect, _ctx: &mut Self::Context) -> Self::Result {
-        self.store.envelope(msg.id).ok().flatten()
+        Box::pin(self.envelope_of(msg.id).map(|res, _, _| res.ok()))
     }
 }
 
 impl Handler<Flush> for Queue {
-    type Result = Result<(), String>;
+    type Result = ResponseActFuture<Self, Result<(), String>>;
 
     fn handle(&mut self, _msg: Flush, _ctx: &mut Self::Context) -> Self::Result {
-        self.store.sync().map_err(|e| e.to_string())
+        let committer = self.committer.clone();
+        Box::pin(
+            async move {
+                match committer {
+                    Some(c) => c.commit().await.map_err(|e| e.to_string()),
+                    None => Err("the queue is not running".to_string()),
+                }
+            }
+            .into_actor(self),
+        )
     }
 }

@@ -1,14 +1,20 @@
-//! The Queue actor: owns the sled store, assigns message IDs, answers `Enqueue` only once the
-//! message is durable (group commit), routes each recipient to a delivery actor, and records the
-//! per-recipient results: retry times, expiry, delay notices, non-delivery reports and success
-//! notices (RFC 3464), and Badmail for notifications that cannot be delivered.
+//! The Queue actor: owns the queue store (sled, or PostgreSQL shared with other nodes), assigns
+//! message IDs, answers `Enqueue` only once the message is durable (group commit), routes each
+//! recipient to a delivery actor, and records the per-recipient results: retry times, expiry,
+//! delay notices, non-delivery reports and success notices (RFC 3464), and Badmail for
+//! notifications that cannot be delivered.
 //!
 //! Invariants:
 //! - An `Enqueue` is answered `Ok` only after a sync that covers its write has returned.
+//! - The envelopes of the messages the Queue works on (waiting in `ready` or being delivered)
+//!   live in `active`, and every change to them is made there and written to the store from
+//!   there: the Queue never reads back what it wrote, so a store whose reads are remote (and see
+//!   only what is committed) behaves as the embedded one.
 //! - At most `max_in_flight` `Deliver` requests are outstanding; everything else waits in `ready`.
 //!   None is sent while the store cannot write (its result could not be recorded).
 //!   `ready` keeps message bodies in memory only up to `READY_BODY_BYTES` in total (the rest are
-//!   read back from sled when their turn comes), so memory stays bounded whatever the queue holds.
+//!   read back from the store when their turn comes, counted as in flight while they are read),
+//!   so memory stays bounded whatever the queue holds.
 //! - A message is removed from the store only when no recipient is pending.
 //! - A notification about a message is written to the store before that message's new state, so
 //!   sled's prefix recovery never keeps the state without the notification. A message from the
@@ -50,14 +56,13 @@ use tracing::{error, info, warn};
 use crate::clock::unix_now;
 use crate::commit::GroupCommit;
 use crate::delivery::{replies, Deliver, DeliveryRecipient, DeliveryReport, RecipientResult};
-use crate::fsio::blocking;
 use crate::health::{free_space, StoreHealth};
 use crate::logsafe::LogSafe;
 use crate::metrics::{ActorMeter, Metrics, RouteOnlyLabel};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::received::{received_header, Origin};
 use crate::routes::Router;
-use crate::store::{Envelope, PickupMark, QueueId, RcptStatus, RecipientState, StagedBody, Store, StoreError};
+use crate::store::{Envelope, PickupMark, QueueId, QueueStore, RcptStatus, RecipientState, StagedBody, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -124,6 +129,9 @@ const MAX_RETURNED_MESSAGE: usize = 1024 * 1024;
 /// its turn to be delivered comes).
 type Body = Option<Arc<Vec<u8>>>;
 
+/// The recipients of one message that go to one delivery actor.
+type Group = (&'static str, Recipient<Deliver>, Vec<DeliveryRecipient>);
+
 /// A message to store: what an `Enqueue` carries, or a notification the queue makes itself.
 struct NewMessage {
     sender: Option<String>,
@@ -140,7 +148,7 @@ struct NewMessage {
 }
 
 pub struct Queue {
-    store: Arc<Store>,
+    store: Arc<dyn QueueStore>,
     committer: Option<GroupCommit>,
     settings: QueueSettings,
     router: Router,
@@ -152,14 +160,16 @@ pub struct Queue {
     ready: VecDeque<(QueueId, Option<Arc<Vec<u8>>>)>,
     /// Bytes of the bodies held in `ready`.
     ready_bytes: usize,
-    /// IDs in `ready` or being delivered: never dispatched twice at once.
-    active: HashSet<QueueId>,
+    /// The envelopes of the messages in `ready` or being delivered (see the invariants): never
+    /// dispatched twice at once.
+    active: HashMap<QueueId, Envelope>,
     /// `Deliver` requests outstanding.
     in_flight: usize,
     /// Bytes of the messages those requests carry.
     in_flight_bytes: usize,
     /// Messages in the store (counted once at open: sled's `len` walks the whole tree).
     queued: usize,
+    /// Per message being delivered: the `Deliver` requests out (or its body being read).
     outstanding: HashMap<QueueId, usize>,
     /// Messages on hold (loaded at start, kept by Hold/Release/Delete).
     held: HashSet<QueueId>,
@@ -178,8 +188,7 @@ pub struct Queue {
 
 impl Queue {
     /// The queue and its [`RetryScheduler`] are started together on the current arbiter.
-    pub fn new(store: impl Into<Arc<Store>>, settings: QueueSettings, router: Router, metrics: Arc<Metrics>) -> Self {
-        let store = store.into();
+    pub fn new(store: Arc<dyn QueueStore>, settings: QueueSettings, router: Router, metrics: Arc<Metrics>) -> Self {
         Queue {
             health: Arc::new(StoreHealth::new(store.dir(), 0)),
             recovering: false,
@@ -192,7 +201,7 @@ impl Queue {
             told_scheduler: None,
             ready: VecDeque::new(),
             ready_bytes: 0,
-            active: HashSet::new(),
+            active: HashMap::new(),
             in_flight: 0,
             in_flight_bytes: 0,
             queued: 0,
@@ -258,19 +267,16 @@ impl Queue {
                 _ => {}
             }
         }
-        let store = self.store.clone();
-        let reopen = move || {
-            store
-                .reopen(Duration::from_secs(2))
-                .and_then(|()| store.probe())
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        };
-        blocking(reopen)
+        // What the Queue held in memory may not be what the store kept: start again from the store.
+        self.store
+            .clone()
+            .recover()
             .into_actor(self)
             .map(move |res, act, ctx| match res {
                 Ok(()) => {
                     act.recovering = false;
                     act.health.set_healthy();
+                    act.forget_waiting();
                     act.metrics.store_reopens.inc();
                     info!("queue store reopened; taking mail again");
                     act.load_queue(ctx);
@@ -288,32 +294,58 @@ impl Queue {
             .spawn(ctx);
     }
 
-    /// Reads the queue from the store: counts, held messages, and the messages due now
-    /// (those waiting for a retry time are the scheduler's). At start, and after a reopen (when
-    /// what was written but not synced before may be gone: the store is the truth).
+    /// Reads the queue from the store: counts, held messages, and the messages due now that the
+    /// store's retry index does not hand out (the rest come through the scheduler). At start, and
+    /// after a reopen (when what was written but not synced before may be gone: the store is the
+    /// truth).
     fn load_queue(&mut self, ctx: &mut Context<Self>) {
-        match self.store.envelopes() {
-            Ok(envs) => {
-                let now = unix_now();
-                self.queued = envs.len();
-                let mut resumed = 0;
-                self.held = envs.iter().filter(|e| e.held).map(|e| e.id).collect();
-                for env in envs.iter().filter(|e| !e.is_finished() && !e.held) {
-                    if env.next_attempt.is_none_or(|t| t <= now) {
-                        resumed += 1;
-                        self.schedule(env.id, None);
+        self.store
+            .startup()
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                match res {
+                    Ok(start) => {
+                        act.queued = start.queued;
+                        act.held = start.held.into_iter().collect();
+                        let resumed = start.resume.len();
+                        for env in start.resume {
+                            act.schedule(env, None);
+                        }
+                        info!(
+                            store = act.store.kind(),
+                            resumed,
+                            queued = act.queued,
+                            held = act.held.len(),
+                            "queue opened"
+                        );
                     }
+                    Err(e) => error!(error = %e, "cannot list the queued messages"),
                 }
-                info!(resumed, queued = self.queued, held = self.held.len(), "queue opened");
-            }
-            Err(e) => error!(error = %e, "cannot list the queued messages"),
-        }
-        self.metrics.queue_messages.set(self.queued as i64);
-        self.pump(ctx);
+                act.metrics.queue_messages.set(act.queued as i64);
+                act.pump(ctx);
+                // Whatever else is due now (new messages on a shared store, expired leases).
+                act.take_due(unix_now(), ctx).map(|_, _, _| ()).spawn(ctx);
+            })
+            .spawn(ctx);
     }
 
-    fn schedule(&mut self, id: QueueId, body: Option<Arc<Vec<u8>>>) {
-        if self.active.insert(id) {
+    /// Drops the messages waiting for a slot (not those being delivered): after the store was
+    /// reopened they are read again from what it kept.
+    fn forget_waiting(&mut self) {
+        for (id, _) in self.ready.drain(..) {
+            if !self.outstanding.contains_key(&id) {
+                self.active.remove(&id);
+            }
+        }
+        self.ready_bytes = 0;
+    }
+
+    /// Puts a message in line for delivery, unless the Queue already works on it (its own copy of
+    /// the envelope is then the newer one).
+    fn schedule(&mut self, env: Envelope, body: Option<Arc<Vec<u8>>>) {
+        let id = env.id;
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.active.entry(id) {
+            slot.insert(env);
             let body = body.filter(|b| self.ready_bytes + b.len() <= READY_BODY_BYTES);
             self.ready_bytes += body.as_ref().map_or(0, |b| b.len());
             self.ready.push_back((id, body));
@@ -333,27 +365,21 @@ impl Queue {
                 break;
             };
             self.ready_bytes -= body.as_ref().map_or(0, |b| b.len());
-            if !self.dispatch(id, body, ctx) {
+            if !self.dispatch(id, body, ctx) && !self.outstanding.contains_key(&id) {
                 self.active.remove(&id);
             }
         }
     }
 
-    /// Sends the pending recipients of `id` to their delivery actors; false when nothing was sent.
+    /// Sends the pending recipients of `id` to their delivery actors (reading its body from the
+    /// store first if it is not in memory); false when nothing was sent.
     fn dispatch(&mut self, id: QueueId, body: Option<Arc<Vec<u8>>>, ctx: &mut Context<Self>) -> bool {
-        let env = match self.store.envelope(id) {
-            Ok(Some(env)) => env,
-            Ok(None) => return false,
-            Err(e) => {
-                error!(id, error = %e, "cannot read envelope");
-                return false;
-            }
-        };
-        if env.held || self.draining {
+        let Some(env) = self.active.get(&id) else { return false };
+        if env.held || self.draining || self.outstanding.contains_key(&id) {
             return false;
         }
         let now = unix_now();
-        let mut groups: Vec<(&'static str, Recipient<Deliver>, Vec<DeliveryRecipient>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         let mut held = Vec::new();
         for (index, r) in env.recipients.iter().enumerate() {
             if r.status != RcptStatus::Pending || r.next_attempt.is_some_and(|t| t > now) {
@@ -381,24 +407,74 @@ impl Queue {
         if groups.is_empty() {
             return false;
         }
-        let message = match body {
-            Some(b) => b,
-            None => match self.store.body(id) {
-                Ok(b) => Arc::new(b),
-                Err(e) => {
-                    error!(id, error = %e, "cannot read message body");
-                    return false;
-                }
-            },
-        };
+        match body {
+            Some(message) => self.send(id, groups, message, ctx),
+            None => {
+                // Counted as a delivery under way while it is read: it holds a slot, and the
+                // admin sees it as active.
+                self.in_flight += 1;
+                *self.outstanding.entry(id).or_default() += 1;
+                self.store
+                    .body(id)
+                    .into_actor(self)
+                    .map(move |res, act, ctx| {
+                        act.in_flight -= 1;
+                        let done_here = act.one_less(id);
+                        match res {
+                            Ok(message) if !act.draining && act.active.contains_key(&id) => {
+                                act.send(id, groups, Arc::new(message), ctx)
+                            }
+                            Ok(_) => {}
+                            Err(e) => error!(id, error = %e, "cannot read message body"),
+                        }
+                        if done_here && !act.outstanding.contains_key(&id) {
+                            act.active.remove(&id);
+                        }
+                        act.after_delivery(ctx);
+                    })
+                    .spawn(ctx);
+            }
+        }
+        true
+    }
+
+    /// One fewer request out for `id`; true when none is left.
+    fn one_less(&mut self, id: QueueId) -> bool {
+        match self.outstanding.get_mut(&id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.outstanding.remove(&id);
+                true
+            }
+        }
+    }
+
+    /// After a delivery (or a body read) ended: wake a drain waiting for the last one, and send
+    /// what waits.
+    fn after_delivery(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight == 0 {
+            for tx in self.drained.drain(..) {
+                let _ = tx.send(());
+            }
+        }
+        self.pump(ctx);
+    }
+
+    /// Sends one `Deliver` per route group and records each report as it comes back.
+    fn send(&mut self, id: QueueId, groups: Vec<Group>, message: Arc<Vec<u8>>, ctx: &mut Context<Self>) {
+        let Some(env) = self.active.get(&id) else { return };
+        let (sender, dsn) = (env.sender.clone(), env.dsn.clone());
         for (route, actor, recipients) in groups {
-            let req =
-                Deliver { id, sender: env.sender.clone(), recipients, message: message.clone(), dsn: env.dsn.clone() };
+            let req = Deliver { id, sender: sender.clone(), recipients, message: message.clone(), dsn: dsn.clone() };
             self.in_flight += 1;
             self.in_flight_bytes += message.len();
             *self.outstanding.entry(id).or_default() += 1;
             let indices = req.indices();
             let size = message.len();
+            let original = message.clone();
             actor
                 .send(req)
                 .into_actor(self)
@@ -419,17 +495,17 @@ impl Queue {
                     if report.results.iter().any(|r| r.outcome.is_delivered()) {
                         act.metrics.bytes_delivered.get_or_create(&RouteOnlyLabel { route }).inc_by(size as u64);
                     }
-                    act.record(id, route, report, ctx);
-                    if act.in_flight == 0 {
-                        for tx in act.drained.drain(..) {
-                            let _ = tx.send(());
+                    let done_here = act.one_less(id);
+                    if let Some(env) = act.active.remove(&id) {
+                        let env = act.record(env, route, report, Some(&original), ctx);
+                        if !done_here {
+                            act.active.insert(id, env);
                         }
                     }
-                    act.pump(ctx);
+                    act.after_delivery(ctx);
                 })
                 .spawn(ctx);
         }
-        true
     }
 
     /// Writes a new message (body, envelope) to the store; durable only after a commit. Returns
@@ -505,28 +581,33 @@ impl Queue {
         }
     }
 
-    /// Queues the messages whose retry time has come; true when there may be more than fitted.
-    fn take_due(&mut self, now: u64, ctx: &mut Context<Self>) -> bool {
+    /// Queues the messages whose retry time has come (claimed for this node on a shared
+    /// store); answers true when there may be more than fitted.
+    fn take_due(&mut self, now: u64, _ctx: &mut Context<Self>) -> ResponseActFuture<Self, bool> {
         let room = self.settings.max_in_flight.saturating_mul(4).saturating_sub(self.ready.len());
-        if room == 0 {
-            return true;
+        if room == 0 || self.health.is_failing() {
+            return Box::pin(actix::fut::ready(room == 0));
         }
+        // The embedded store hands out the messages the Queue already works on too (skipped
+        // here); a shared store has them leased to us and leaves them out.
         let want = room + self.active.len();
-        let more = match self.store.due(now, want) {
-            Ok(ids) => {
-                let more = ids.len() == want;
-                for id in ids {
-                    self.schedule(id, None);
+        Box::pin(self.store.claim_due(now, want).into_actor(self).map(move |res, act, ctx| {
+            let more = match res {
+                Ok(envs) => {
+                    let more = envs.len() == want;
+                    for env in envs {
+                        act.schedule(env, None);
+                    }
+                    more
                 }
-                more
-            }
-            Err(e) => {
-                error!(error = %e, "cannot read the retry index");
-                true
-            }
-        };
-        self.pump(ctx);
-        more
+                Err(e) => {
+                    error!(error = %e, "cannot read the retry index");
+                    true
+                }
+            };
+            act.pump(ctx);
+            more
+        }))
     }
 }
 
@@ -540,7 +621,10 @@ impl Actor for Queue {
         let store = self.store.clone();
         self.committer = Some(GroupCommit::spawn(
             "queue",
-            move || store.sync().map_err(StoreError::into_io),
+            move || {
+                let commit = store.commit();
+                Box::pin(async move { commit.await.map_err(StoreError::into_io) })
+            },
             self.metrics.queue_commit_batch.clone(),
             crate::commit::SYNC_DEADLINE,
         ));
@@ -548,11 +632,30 @@ impl Actor for Queue {
             RetryScheduler::new(self.store.clone(), ctx.address().recipient(), self.metrics.actor("scheduler")).start(),
         );
         self.load_queue(ctx);
+        // A shared store leases the messages this node works on: keep the leases while the
+        // work lasts (a node that dies stops renewing, and another node takes the work over).
+        if let Some(every) = self.store.renew_every() {
+            ctx.run_interval(every, |act, ctx| {
+                let ids: Vec<QueueId> = act.active.keys().copied().collect();
+                if ids.is_empty() || act.health.is_failing() {
+                    return;
+                }
+                act.store
+                    .renew(ids)
+                    .into_actor(act)
+                    .map(|res, _act, _ctx| {
+                        if let Err(e) = res {
+                            warn!(error = %e, "cannot renew the leases on the messages being delivered");
+                        }
+                    })
+                    .spawn(ctx);
+            });
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.meter.stopped();
-        if let Err(e) = self.store.sync() {
+        if let Err(e) = self.store.commit_blocking(Duration::from_secs(5)) {
             error!(error = %e, "final queue sync failed");
         }
     }

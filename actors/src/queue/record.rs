@@ -3,6 +3,8 @@
 //! the sender, or Badmail for a notification that cannot be delivered. Notifications are stored
 //! before the state that makes them due (see the invariants in `mod.rs`).
 
+use std::sync::Arc;
+
 use actix::prelude::*;
 use tracing::{error, info, warn};
 
@@ -17,26 +19,23 @@ use crate::notify::{self, Report, ReportKind, ReportRecipient};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::received::rfc3339_utc;
 use crate::protocol::received::{rfc5322_date, Origin};
-use crate::store::{Envelope, QueueId, RcptStatus, Store, StoreError};
+use crate::store::{Envelope, RcptStatus, StoreError};
 
 impl Queue {
-    pub(super) fn record(&mut self, id: QueueId, route: &'static str, report: DeliveryReport, ctx: &mut Context<Self>) {
-        let done_here = match self.outstanding.get_mut(&id) {
-            Some(n) => {
-                *n -= 1;
-                *n == 0
-            }
-            None => true,
-        };
-        if done_here {
-            self.outstanding.remove(&id);
-            self.active.remove(&id);
-        }
-        let mut env = match self.store.envelope(id) {
-            Ok(Some(env)) => env,
-            Ok(None) => return,
-            Err(e) => return error!(id, error = %e, "cannot read envelope to record results"),
-        };
+    /// Records `report` about the message whose stored envelope is `stored`, with `original`, its
+    /// bytes, for the reports it makes due. Returns the envelope as now written, or `stored`
+    /// unchanged when nothing could be written (the results are then lost and the recipients
+    /// tried again: at least once).
+    pub(super) fn record(
+        &mut self,
+        stored: Envelope,
+        route: &'static str,
+        report: DeliveryReport,
+        original: Option<&Arc<Vec<u8>>>,
+        ctx: &mut Context<Self>,
+    ) -> Envelope {
+        let id = stored.id;
+        let mut env = stored.clone();
         let stored_next = env.next_attempt;
         let now = unix_now();
         let (expire_after, delay_notice_after) = self.settings.times(route);
@@ -111,20 +110,20 @@ impl Queue {
             env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).filter_map(|r| r.next_attempt).min();
 
         // Notifications go into the store before the state that makes them due (see invariants).
-        let mut original: Option<Vec<u8>> = None;
-        let mut body = |store: &Store| -> Option<Vec<u8>> {
+        let body = || -> Option<&[u8]> {
             if original.is_none() {
-                original = store.body(id).map_err(|e| error!(id, error = %e, "cannot read message for a report")).ok();
+                error!(id, "the message's bytes are not at hand for a report; results will be retried");
             }
-            original.clone()
+            original.map(|b| b.as_slice())
         };
-        let mut notices: Vec<(QueueId, Body)> = Vec::new();
+        let mut notices: Vec<(Envelope, Body)> = Vec::new();
         if env.sender.is_empty() {
             if !failed.is_empty() {
-                let Some(message) = body(&self.store) else { return };
-                if let Err(e) = self.badmail(&env, &failed, &message) {
+                let Some(message) = body() else { return stored };
+                if let Err(e) = self.badmail(&env, &failed, message) {
                     // Keep the message queued: losing it silently is worse than retrying.
-                    return error!(id, error = %e, "cannot write an undeliverable notification to Badmail; kept");
+                    error!(id, error = %e, "cannot write an undeliverable notification to Badmail; kept");
+                    return stored;
                 }
             }
         } else {
@@ -147,12 +146,13 @@ impl Queue {
                 if rcpts.is_empty() {
                     continue;
                 }
-                let Some(message) = body(&self.store) else { return };
-                match self.store_notification(&env, kind, &rcpts, &message, expires_at, now) {
+                let Some(message) = body() else { return stored };
+                match self.store_notification(&env, kind, &rcpts, message, expires_at, now) {
                     Ok(n) => notices.push(n),
                     Err(e) => {
                         error!(id, error = %e, "cannot store a delivery notification; results will be retried");
-                        return self.store_error(&e, ctx);
+                        self.store_error(&e, ctx);
+                        return stored;
                     }
                 }
             }
@@ -176,11 +176,13 @@ impl Queue {
             Err(e) => {
                 error!(id, error = %e, "cannot record delivery results; the message will be retried");
                 self.store_error(&e, ctx);
+                return stored;
             }
         }
         if !notices.is_empty() {
             self.commit_notices(notices, ctx);
         }
+        env
     }
 
     /// Builds a report about `rcpts` of `env` and stores it (not yet durable).
@@ -192,7 +194,7 @@ impl Queue {
         message: &[u8],
         expires_at: u64,
         now: u64,
-    ) -> Result<(QueueId, Body), StoreError> {
+    ) -> Result<(Envelope, Body), StoreError> {
         let recipients = rcpts
             .iter()
             .filter_map(|&(i, action)| env.recipients.get(i).map(|r| (r, action)))
@@ -241,11 +243,11 @@ impl Queue {
         })?;
         self.metrics.notifications.get_or_create(&KindLabel { kind: kind_name }).inc();
         info!(id = new.id, about = env.id, to = %LogSafe(&env.sender), kind = kind_name, "notification queued");
-        Ok((new.id, message))
+        Ok((new, message))
     }
 
     /// Makes stored notifications durable, then queues them for delivery.
-    fn commit_notices(&mut self, notices: Vec<(QueueId, Body)>, ctx: &mut Context<Self>) {
+    fn commit_notices(&mut self, notices: Vec<(Envelope, Body)>, ctx: &mut Context<Self>) {
         let Some(committer) = self.committer.clone() else { return };
         self.queued += notices.len();
         self.metrics.queue_messages.set(self.queued as i64);
@@ -257,8 +259,8 @@ impl Queue {
                     error!(error = %e, "queue sync failed for notifications");
                     return act.store_failed(format!("queue sync failed: {e}"), crate::fsio::is_no_space(&e), ctx);
                 }
-                for (id, message) in notices {
-                    act.schedule(id, message);
+                for (env, message) in notices {
+                    act.schedule(env, message);
                 }
                 act.pump(ctx);
             })

@@ -1,9 +1,10 @@
 //! The RetryScheduler actor, started by the Queue on its arbiter: sleeps until the earliest retry
-//! time in the sled retry index, then tells the Queue (`RetryDue`) to take the messages that are
-//! due. It knows the Queue only as a `Recipient<RetryDue>`.
+//! time in the store's retry index, then tells the Queue (`RetryDue`) to take the messages that
+//! are due. It knows the Queue only as a `Recipient<RetryDue>`. On a store shared by several
+//! nodes it also wakes every [`QueueStore::poll_every`]: others add work, and leases expire.
 //!
 //! Invariants:
-//! - The times live in sled, not here: after a restart the scheduler reads the earliest one and
+//! - The times live in the store, not here: after a restart the scheduler reads the earliest one and
 //!   sleeps until then, so no retry is lost or run early.
 //! - The scheduler never sleeps past a time the Queue has told it (`Reschedule`) nor past the
 //!   earliest time it read from the index after its last wake-up.
@@ -20,7 +21,7 @@ use tracing::{debug, error, warn};
 use super::messages::RetryDue;
 use crate::clock::unix_now;
 use crate::metrics::ActorMeter;
-use crate::store::Store;
+use crate::store::QueueStore;
 
 /// Sent by the Queue: a message now waits until `at` (Unix seconds).
 #[derive(Message)]
@@ -33,7 +34,7 @@ pub struct Reschedule {
 const MAX_SLEEP_SECS: u64 = 3600;
 
 pub struct RetryScheduler {
-    store: Arc<Store>,
+    store: Arc<dyn QueueStore>,
     queue: Recipient<RetryDue>,
     /// When the timer fires, and its handle.
     wake: Option<(u64, SpawnHandle)>,
@@ -45,7 +46,7 @@ pub struct RetryScheduler {
 }
 
 impl RetryScheduler {
-    pub fn new(store: Arc<Store>, queue: Recipient<RetryDue>, meter: ActorMeter) -> Self {
+    pub fn new(store: Arc<dyn QueueStore>, queue: Recipient<RetryDue>, meter: ActorMeter) -> Self {
         RetryScheduler { store, queue, wake: None, busy: false, pending: None, meter }
     }
 
@@ -59,7 +60,8 @@ impl RetryScheduler {
         }
         // Woken at least hourly: a wall-clock jump or a corrupt far-future time cannot leave the
         // scheduler asleep for days; an early wake-up finds nothing due and sleeps again.
-        let wait = Duration::from_secs(at.saturating_sub(unix_now()).min(MAX_SLEEP_SECS));
+        let longest = self.store.poll_every().map_or(MAX_SLEEP_SECS, |p| p.as_secs().max(1));
+        let wait = Duration::from_secs(at.saturating_sub(unix_now()).min(longest));
         debug!(at, wait_secs = wait.as_secs(), "retry scheduler sleeping");
         let handle = ctx.run_later(wait, |act, ctx| {
             act.wake = None;
@@ -70,14 +72,23 @@ impl RetryScheduler {
 
     /// Arms for the earliest time in the index at or after `from`.
     fn arm_from_store(&mut self, from: u64, ctx: &mut Context<Self>) {
-        match self.store.earliest_retry(from) {
-            Ok(Some(at)) => self.arm(at, ctx),
-            Ok(None) => {}
-            Err(e) => {
-                error!(error = %e, "cannot read the retry index; trying again in 10 s");
-                self.arm(unix_now() + 10, ctx);
-            }
-        }
+        self.store
+            .earliest_retry(from)
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok(Some(at)) => act.arm(at, ctx),
+                // Nothing waits; a shared store is looked at again anyway.
+                Ok(None) => {
+                    if let Some(every) = act.store.poll_every() {
+                        act.arm(unix_now() + every.as_secs().max(1), ctx);
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot read the retry index; trying again in 10 s");
+                    act.arm(unix_now() + 10, ctx);
+                }
+            })
+            .spawn(ctx);
     }
 
     fn fire(&mut self, ctx: &mut Context<Self>) {

@@ -1,10 +1,10 @@
-//! The durable queue store on sled: envelopes with per-recipient state, message bodies in chunks,
-//! the retry-time index and the Pickup "already taken" marks.
+//! The embedded queue store on sled (the default): envelopes with per-recipient state, message
+//! bodies in chunks, the retry-time index and the Pickup "already taken" marks, in one process.
 //!
 //! Invariants:
 //! - Bodies are stored in chunks of at most [`CHUNK`] bytes, so sled keeps them in its log (values
 //!   over ~128 KiB go to unsynced blob files, see docs/architecture.md) and one
-//!   [`Store::sync`] makes a whole batch durable.
+//!   [`SledStore::sync`] makes a whole batch durable.
 //! - The envelope of a message is written after its body; sled recovers a prefix of its log, so an
 //!   envelope found after a crash always has its body. Bodies without an envelope are removed at open.
 //! - `sync` = sled's flush (which only `sync_file_range`s) plus an `fdatasync` of the log file.
@@ -18,170 +18,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use serde::{Deserialize, Serialize};
-
-use crate::protocol::dsn::{MessageDsn, RcptDsn};
-use crate::protocol::outcome::{Class, Outcome};
-
-pub type QueueId = u64;
+use super::{
+    ready, remove_spool_file, Counts, Envelope, PickupMark, QueueId, QueueStore, Result, Spool, StagedBody, Startup,
+    StoreError, StoreFuture, CHUNK,
+};
 
 const NEXT_ID: &[u8] = b"next_id";
-
-/// Body chunk size: well under sled's blob threshold (segment size / 4 = 128 KiB by default).
-pub const CHUNK: usize = 64 * 1024;
-
 /// The folder (inside the store's) of large bodies written as they arrived, one file per message.
 const SPOOL: &str = "spool";
 /// The chunk number that marks a body whose rest is in its spool file (the value: its length).
 const SPOOLED: u32 = u32::MAX;
-
-fn remove_spool_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-        _ => Ok(()),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RcptStatus {
-    Pending,
-    Delivered,
-    Failed,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "StoredRecipient")]
-pub struct RecipientState {
-    pub address: String,
-    pub status: RcptStatus,
-    pub attempts: u32,
-    /// The result of the last delivery attempt (with the server that gave it, if one did).
-    pub last: Option<Outcome>,
-    /// Unix seconds of the next attempt after a temporary failure.
-    pub next_attempt: Option<u64>,
-    pub dsn: RcptDsn,
-}
-
-/// A recipient as any version stored it. Before outcomes were typed, the last result was a
-/// text (`last_reply`, `"451 4.4.2 …"`) beside `remote_mta`; such envelopes are read into the
-/// typed form here, and written back typed the next time they change.
-#[derive(Deserialize)]
-struct StoredRecipient {
-    address: String,
-    status: RcptStatus,
-    attempts: u32,
-    #[serde(default)]
-    last: Option<Outcome>,
-    #[serde(default)]
-    last_reply: Option<String>,
-    #[serde(default)]
-    remote_mta: Option<String>,
-    next_attempt: Option<u64>,
-    #[serde(default)]
-    dsn: RcptDsn,
-}
-
-impl From<StoredRecipient> for RecipientState {
-    fn from(s: StoredRecipient) -> Self {
-        let class = match s.status {
-            RcptStatus::Pending => Class::Temporary,
-            RcptStatus::Delivered => Class::Delivered,
-            RcptStatus::Failed => Class::Permanent,
-        };
-        let last = s.last.or_else(|| s.last_reply.map(|t| Outcome::from_legacy_text(class, &t, s.remote_mta)));
-        RecipientState {
-            address: s.address,
-            status: s.status,
-            attempts: s.attempts,
-            last,
-            next_attempt: s.next_attempt,
-            dsn: s.dsn,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Envelope {
-    pub id: QueueId,
-    /// Empty for the null reverse-path `<>`.
-    pub sender: String,
-    pub recipients: Vec<RecipientState>,
-    /// Stored size, trace header included.
-    pub size: u64,
-    /// Unix seconds.
-    pub received_at: u64,
-    /// `smtp` or `pickup`.
-    pub source: String,
-    /// Client address for SMTP, file name for Pickup.
-    pub origin: String,
-    /// Earliest `next_attempt` of the pending recipients; mirrored in the retry index.
-    pub next_attempt: Option<u64>,
-    #[serde(default)]
-    pub dsn: MessageDsn,
-    /// A delay notice has been sent for this message (one per message).
-    #[serde(default)]
-    pub delay_notified: bool,
-    /// Put on hold by the operator: not delivered until released (no retry-index entry).
-    #[serde(default)]
-    pub held: bool,
-}
-
-impl Envelope {
-    pub fn is_finished(&self) -> bool {
-        self.recipients.iter().all(|r| r.status != RcptStatus::Pending)
-    }
-}
-
-/// Identifies a Pickup file that has been queued, so a restart between "queued" and "file
-/// deleted" does not take it twice.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PickupMark {
-    pub name: String,
-    /// Inode, size and modification time of the file.
-    pub fingerprint: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("queue store: {0}")]
-    Sled(#[from] sled::Error),
-    #[error("queue store I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("queue store record unreadable: {0}")]
-    Corrupt(String),
-    /// Another handle holds the folder's lock: another process, or one of ours that was just
-    /// dropped and whose background flusher has not let go yet.
-    #[error("the queue store in {} is locked by another process", .0.display())]
-    Locked(std::path::PathBuf),
-    /// Being reopened after a write error ([`Store::reopen`]).
-    #[error("the queue store is being reopened")]
-    Closed,
-}
-
-impl StoreError {
-    /// As an I/O error for the group commit, keeping whether the disk is full.
-    pub fn into_io(self) -> std::io::Error {
-        let kind = if self.is_no_space() { std::io::ErrorKind::StorageFull } else { std::io::ErrorKind::Other };
-        std::io::Error::new(kind, self.to_string())
-    }
-
-    /// A write or sync failed (sled keeps such an error until the store is reopened), as
-    /// opposed to a record that cannot be read or a store that is being reopened.
-    pub fn is_write_failure(&self) -> bool {
-        matches!(self, StoreError::Io(_) | StoreError::Sled(sled::Error::Io(_)))
-    }
-
-    /// True when the disk is full (so the client is told 452 4.3.1 rather than 451).
-    pub fn is_no_space(&self) -> bool {
-        let io = match self {
-            StoreError::Io(e) => Some(e),
-            StoreError::Sled(sled::Error::Io(e)) => Some(e),
-            _ => None,
-        };
-        io.is_some_and(crate::fsio::is_no_space)
-    }
-}
 
 /// sled reports a held lock only as text inside an I/O error; when opening fails, ask the
 /// kernel instead: sled locks its `db` file with `flock`, and so does `File::try_lock`.
@@ -189,71 +35,20 @@ fn locked(dir: &Path) -> bool {
     File::open(dir.join("db")).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
-pub type Result<T> = std::result::Result<T, StoreError>;
-
-/// The queue store. Its sled handles can be closed and opened again in place
-/// ([`Store::reopen`]): sled keeps a write error (a full disk) for as long as a handle lives, so
-/// reopening is how writing resumes once the cause has gone, without a restart.
-pub struct Store {
+/// The sled store. Its sled handles can be closed and opened again in place
+/// ([`SledStore::reopen`]): sled keeps a write error (a full disk) for as long as a handle
+/// lives, so reopening is how writing resumes once the cause has gone, without a restart.
+pub struct SledStore {
     dir: PathBuf,
     /// The next message ID to hand out; kept across reopens.
     next: AtomicU64,
     /// The open handles; `None` while being reopened (every call then gets [`StoreError::Closed`]).
     open: RwLock<Option<Arc<Trees>>>,
-    /// Counts the reopens: pieces of a body staged before one are gone (see [`StagedBody`]).
-    generation: AtomicU64,
+    /// Large bodies; its generation counts the reopens: pieces of a body staged before one are
+    /// gone (see [`StagedBody`]).
+    spool: Spool,
     /// Bodies without an envelope removed by the last open.
     orphans: AtomicU64,
-}
-
-/// A large message body a session wrote to its spool file as it arrived ([`Store::spool`]),
-/// complete and synced. Becomes a message with [`Store::insert_staged`], which refuses it if
-/// the store was reopened since (the reopen's orphan sweep may have removed the file).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StagedBody {
-    pub id: QueueId,
-    /// Bytes in the spool file.
-    pub bytes: u64,
-    pub generation: u64,
-}
-
-/// A body being written to its spool file (`<Queue>/spool/<id>`) as it arrives. The file
-/// lives in the kernel's page cache, not in our memory; [`SpoolWriter::finish`] syncs it.
-pub struct SpoolWriter {
-    id: QueueId,
-    file: File,
-    path: PathBuf,
-    bytes: u64,
-    generation: u64,
-}
-
-impl SpoolWriter {
-    pub fn id(&self) -> QueueId {
-        self.id
-    }
-
-    /// The spool file; whoever gives up on the message removes it.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        use std::io::Write;
-        self.file.write_all(bytes)?;
-        self.bytes += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Writes the rest of the body and makes the file durable (its data, and its name in the
-    /// spool folder), so the envelope written after it never names a body that a crash lost.
-    pub fn finish(mut self, rest: &[u8]) -> std::io::Result<StagedBody> {
-        self.write(rest)?;
-        self.file.sync_data()?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(StagedBody { id: self.id, bytes: self.bytes, generation: self.generation })
-    }
 }
 
 /// One opening of the store: sled's database, its trees and a handle on its log file.
@@ -302,7 +97,7 @@ impl Trees {
     }
 
     /// Opens the trees and removes orphan bodies (returns how many).
-    fn open(dir: &Path) -> Result<(Trees, usize)> {
+    fn open(dir: &Path, spool: &Spool) -> Result<(Trees, usize)> {
         std::fs::create_dir_all(dir)?;
         let open = || sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024).flush_every_ms(Some(500)).open();
         // When opening fails, the kernel says whether the folder is locked. A lock let go between
@@ -326,9 +121,7 @@ impl Trees {
             db,
             log,
         };
-        let spool = dir.join(SPOOL);
-        std::fs::create_dir_all(&spool)?;
-        let orphans = trees.remove_orphans(&spool)?;
+        let orphans = trees.remove_orphans(spool)?;
         Ok((trees, orphans))
     }
 
@@ -344,7 +137,7 @@ impl Trees {
 
     /// Bodies whose envelope was never written (a crash mid-insert). Jumps from message to
     /// message instead of reading every chunk key.
-    fn remove_orphans(&self, spool: &Path) -> Result<usize> {
+    fn remove_orphans(&self, spool: &Spool) -> Result<usize> {
         let mut orphans = Vec::new();
         let mut next = self.bodies.first()?;
         while let Some((k, _)) = next {
@@ -363,32 +156,23 @@ impl Trees {
         }
         // Spool files without an envelope: a message being received when the process ended,
         // or one whose envelope never became durable.
-        let mut spooled = 0;
-        for entry in std::fs::read_dir(spool)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let id = name.to_str().and_then(|n| n.parse::<QueueId>().ok());
-            if id.is_some_and(|id| self.envelopes.contains_key(id.to_be_bytes()).unwrap_or(true)) {
-                continue;
-            }
-            tracing::warn!(file = %entry.path().display(), "removing a spool file whose message was never queued");
-            remove_spool_file(&entry.path())?;
-            spooled += 1;
-        }
+        let spooled = spool.sweep(|id| self.envelopes.contains_key(id.to_be_bytes()).unwrap_or(true))?;
         Ok(orphans.len() + spooled)
     }
 }
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the store in `dir`. sled locks the folder: a second process gets an error.
     /// New IDs will be at least `id_floor`.
-    pub fn open(dir: &Path, id_floor: QueueId) -> Result<Store> {
-        let (trees, orphans) = Trees::open(dir)?;
-        let store = Store {
+    pub fn open(dir: &Path, id_floor: QueueId) -> Result<SledStore> {
+        std::fs::create_dir_all(dir)?;
+        let spool = Spool::new(dir.join(SPOOL))?;
+        let (trees, orphans) = Trees::open(dir, &spool)?;
+        let store = SledStore {
             dir: dir.to_path_buf(),
             next: AtomicU64::new(1),
             open: RwLock::new(None),
-            generation: AtomicU64::new(0),
+            spool,
             orphans: AtomicU64::new(orphans as u64),
         };
         store.raise_next(&trees, id_floor)?;
@@ -404,10 +188,10 @@ impl Store {
     pub fn reopen(&self, wait: std::time::Duration) -> Result<()> {
         // Dropped outside the lock's guard would not matter; dropped before opening does.
         self.set_open(None);
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.spool.next_generation();
         let deadline = std::time::Instant::now() + wait;
         let trees = loop {
-            match Trees::open(&self.dir) {
+            match Trees::open(&self.dir, &self.spool) {
                 Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -450,11 +234,11 @@ impl Store {
         &self.dir
     }
 
-    /// [`Store::open`], waiting up to `wait` while the folder is locked.
-    pub fn open_waiting(dir: &Path, id_floor: QueueId, wait: std::time::Duration) -> Result<Store> {
+    /// [`SledStore::open`], waiting up to `wait` while the folder is locked.
+    pub fn open_waiting(dir: &Path, id_floor: QueueId, wait: std::time::Duration) -> Result<SledStore> {
         let deadline = std::time::Instant::now() + wait;
         loop {
-            match Store::open(dir, id_floor) {
+            match SledStore::open(dir, id_floor) {
                 Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -463,7 +247,7 @@ impl Store {
         }
     }
 
-    /// A new, increasing message ID. The counter is persisted by [`Store::insert`]: an ID handed
+    /// A new, increasing message ID. The counter is persisted by [`SledStore::insert`]: an ID handed
     /// out for a message that never became durable may be handed out again after a crash, which
     /// is harmless because that message was never acknowledged or delivered.
     pub fn next_id(&self) -> Result<QueueId> {
@@ -474,7 +258,7 @@ impl Store {
         Ok(id)
     }
 
-    /// Writes body and envelope (and the Pickup mark). Not durable until [`Store::sync`].
+    /// Writes body and envelope (and the Pickup mark). Not durable until [`SledStore::sync`].
     pub fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
         let t = self.trees()?;
         // The counter goes into the log before the envelope: a recovered envelope implies a
@@ -493,46 +277,24 @@ impl Store {
         Ok(())
     }
 
-    /// The current opening of the store (see [`StagedBody`]).
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
-    }
-
-    /// Starts the spool file of a large body being received, under a new message ID.
-    pub fn spool(&self) -> Result<SpoolWriter> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let generation = self.generation();
-        let id = self.next_id()?;
-        let path = self.spool_path(id);
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-        Ok(SpoolWriter { id, file, path, bytes: 0, generation })
-    }
-
-    /// Opens the spool file of a body not yet queued (to read it, e.g. to sign it).
-    pub fn open_spooled(&self, staged: &StagedBody) -> Result<File> {
-        Ok(File::open(self.spool_path(staged.id))?)
-    }
-
     fn spool_path(&self, id: QueueId) -> PathBuf {
-        self.dir.join(SPOOL).join(id.to_string())
+        self.spool.path(id)
     }
 
-    /// [`Store::insert`] for a body in a spool file: the trace header as chunk 0, a mark that
-    /// the rest is in the file (with its length), then the envelope. Not durable until
-    /// [`Store::sync`] (the file already is); refused if the store was reopened since the
+    /// [`SledStore::insert`] for a body in a spool file: the trace header as chunk 0, a mark
+    /// that the rest is in the file (with its length), then the envelope. Not durable until
+    /// [`SledStore::sync`] (the file already is); refused if the store was reopened since the
     /// file was started.
     pub fn insert_staged(&self, env: &Envelope, header: &[u8], staged: &StagedBody) -> Result<()> {
         let t = self.trees()?;
-        if staged.generation != self.generation() || staged.id != env.id {
-            return Err(StoreError::Closed);
-        }
+        self.spool.check(staged, env.id)?;
         t.meta.insert(NEXT_ID, &self.next.load(Ordering::SeqCst).to_be_bytes())?;
         t.bodies.insert(body_key(env.id, 0), header)?;
         t.bodies.insert(body_key(env.id, SPOOLED), &staged.bytes.to_be_bytes())?;
         t.put_envelope(env, None)
     }
 
-    /// Undoes an [`Store::insert`] whose sync failed: the message and its Pickup mark go, so a
+    /// Undoes an [`SledStore::insert`] whose sync failed: the message and its Pickup mark go, so a
     /// retried Pickup file is queued afresh.
     pub fn discard(&self, env: &Envelope, mark: Option<&PickupMark>) -> Result<()> {
         if let Some(m) = mark {
@@ -692,13 +454,146 @@ impl Store {
     }
 }
 
+/// sled answers from memory and its own log: every read is done by the time the future is made
+/// (on the caller's thread, as before the interface existed); only the sync goes to the
+/// blocking pool.
+impl QueueStore for SledStore {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    fn next_id(&self) -> Result<QueueId> {
+        SledStore::next_id(self)
+    }
+
+    fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
+        SledStore::insert(self, env, message, mark)
+    }
+
+    fn insert_staged(&self, env: &Envelope, header: &[u8], staged: &StagedBody) -> Result<()> {
+        SledStore::insert_staged(self, env, header, staged)
+    }
+
+    fn update(&self, env: &Envelope, old_next: Option<u64>) -> Result<()> {
+        SledStore::update(self, env, old_next)
+    }
+
+    fn remove(&self, id: QueueId, stored_next: Option<u64>) -> Result<()> {
+        SledStore::remove(self, id, stored_next)
+    }
+
+    fn discard(&self, env: &Envelope, mark: Option<&PickupMark>) -> Result<()> {
+        SledStore::discard(self, env, mark)
+    }
+
+    fn forget_pickup(&self, name: &str) -> Result<()> {
+        SledStore::forget_pickup(self, name)
+    }
+
+    fn commit(&self) -> StoreFuture<()> {
+        let trees = match self.trees() {
+            Ok(t) => t,
+            Err(e) => return ready(Err(e)),
+        };
+        Box::pin(async move {
+            crate::fsio::blocking(move || {
+                trees.db.flush().map_err(|e| StoreError::Sled(e).into_io())?;
+                trees.log.sync_data()
+            })
+            .await
+            .map_err(StoreError::Io)
+        })
+    }
+
+    fn commit_blocking(&self, _wait: std::time::Duration) -> Result<()> {
+        self.sync()
+    }
+
+    fn envelope(&self, id: QueueId) -> StoreFuture<Option<Envelope>> {
+        ready(SledStore::envelope(self, id))
+    }
+
+    fn body(&self, id: QueueId) -> StoreFuture<Vec<u8>> {
+        ready(SledStore::body(self, id))
+    }
+
+    fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>> {
+        ready(self.envelopes_after(after).take(limit).collect())
+    }
+
+    fn claim_due(&self, now: u64, limit: usize) -> StoreFuture<Vec<Envelope>> {
+        let envs = self.due(now, limit).map(|ids| {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                match SledStore::envelope(self, id) {
+                    Ok(Some(env)) if !env.held => out.push(env),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(id, error = %e, "cannot read a due message's envelope"),
+                }
+            }
+            out
+        });
+        ready(envs)
+    }
+
+    fn earliest_retry(&self, from: u64) -> StoreFuture<Option<u64>> {
+        ready(SledStore::earliest_retry(self, from))
+    }
+
+    fn counts(&self, now: u64) -> StoreFuture<Counts> {
+        ready(self.retry_counts(now).map(|(_, deferred)| Counts { total: None, deferred, held: None }))
+    }
+
+    fn startup(&self) -> StoreFuture<Startup> {
+        let now = crate::clock::unix_now();
+        ready(self.envelopes().map(|envs| {
+            Startup {
+                queued: envs.len(),
+                held: envs.iter().filter(|e| e.held).map(|e| e.id).collect(),
+                resume: envs
+                    .into_iter()
+                    .filter(|e| !e.is_finished() && !e.held && e.next_attempt.is_none_or(|t| t <= now))
+                    .collect(),
+            }
+        }))
+    }
+
+    fn pickup_taken(&self, mark: &PickupMark) -> StoreFuture<Option<QueueId>> {
+        ready(SledStore::pickup_taken(self, mark))
+    }
+
+    fn recover(self: std::sync::Arc<Self>) -> StoreFuture<()> {
+        // Reopening waits for the old handles to let go of the lock: on the blocking pool.
+        Box::pin(async move {
+            crate::fsio::blocking(move || {
+                self.reopen(std::time::Duration::from_secs(2)).and_then(|()| self.probe()).map_err(StoreError::into_io)
+            })
+            .await
+            .map_err(StoreError::Io)
+        })
+    }
+
+    fn orphans_removed(&self) -> u64 {
+        SledStore::orphans_removed(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{RcptStatus, RecipientState};
 
     /// Reopens right after a handle was dropped: its flusher may still hold the lock briefly.
-    fn reopen(dir: &Path, floor: QueueId) -> Store {
-        Store::open_waiting(dir, floor, std::time::Duration::from_secs(10)).unwrap()
+    fn reopen(dir: &Path, floor: QueueId) -> SledStore {
+        SledStore::open_waiting(dir, floor, std::time::Duration::from_secs(10)).unwrap()
     }
 
     fn env(id: QueueId, next: Option<u64>) -> Envelope {
@@ -781,7 +676,7 @@ mod tests {
         drop(s);
         // A floor (the highest ID in Drop, after the Queue folder was wiped) is respected.
         let wiped = tempfile::tempdir().unwrap();
-        let s = Store::open(wiped.path(), 500).unwrap();
+        let s = SledStore::open(wiped.path(), 500).unwrap();
         assert_eq!(s.next_id().unwrap(), 500);
     }
 
@@ -837,7 +732,7 @@ mod tests {
         assert!(s.next_id().unwrap() > id);
         s.probe().unwrap();
         // The reopened handles hold the folder's lock as the first ones did.
-        let other = Store::open(dir.path(), 0).err();
+        let other = SledStore::open(dir.path(), 0).err();
         assert!(matches!(other, Some(StoreError::Locked(_))), "{other:?}");
     }
 
@@ -850,7 +745,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = reopen(dir.path(), 0);
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
-        let mut w = s.spool().unwrap();
+        let mut w = s.start_spool().unwrap();
         let id = w.id();
         w.write(&big[..150_000]).unwrap();
         w.write(&big[150_000..190_000]).unwrap();
@@ -860,10 +755,10 @@ mod tests {
         s.sync().unwrap();
         assert_eq!(s.body(id).unwrap(), [b"Received: x\r\n".as_slice(), &big].concat());
 
-        let mut left = s.spool().unwrap();
+        let mut left = s.start_spool().unwrap();
         left.write(b"never queued").unwrap();
         let left_path = left.path().to_path_buf();
-        let stale = s.spool().unwrap();
+        let stale = s.start_spool().unwrap();
         let stale = stale.finish(b"abc").unwrap();
         drop(s);
         let s = reopen(dir.path(), 0);
@@ -889,13 +784,13 @@ mod tests {
     #[test]
     fn a_store_in_use_is_locked() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Store::open(dir.path(), 1).unwrap();
-        let second = Store::open(dir.path(), 1).err().expect("the folder is locked");
+        let first = SledStore::open(dir.path(), 1).unwrap();
+        let second = SledStore::open(dir.path(), 1).err().expect("the folder is locked");
         assert!(matches!(second, StoreError::Locked(ref p) if p == dir.path()), "{second:?}");
-        let waited = Store::open_waiting(dir.path(), 1, std::time::Duration::from_millis(100)).err();
+        let waited = SledStore::open_waiting(dir.path(), 1, std::time::Duration::from_millis(100)).err();
         assert!(matches!(waited, Some(StoreError::Locked(_))), "{waited:?}");
         drop(first);
         // sled's flusher lets go of the lock a moment after the handle is dropped.
-        Store::open_waiting(dir.path(), 1, std::time::Duration::from_secs(5)).unwrap();
+        SledStore::open_waiting(dir.path(), 1, std::time::Duration::from_secs(5)).unwrap();
     }
 }
