@@ -6,10 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+
+// The queue's behaviour on each store (tests/common/pg.rs).
+both_stores!(lettre_message_lands_in_drop, raw_transaction_is_byte_exact_and_pipelined, ten_megabyte_message);
 use lettre::message::Mailbox as LMailbox;
 use lettre::{Message, SmtpTransport, Transport};
 
-#[test]
 fn lettre_message_lands_in_drop() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));
@@ -39,7 +41,6 @@ fn lettre_message_lands_in_drop() {
     running.stop();
 }
 
-#[test]
 fn raw_transaction_is_byte_exact_and_pipelined() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));
@@ -103,7 +104,6 @@ fn relay_is_denied_to_outsiders_and_allowed_to_listed_networks() {
     running.stop();
 }
 
-#[test]
 fn ten_megabyte_message() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));

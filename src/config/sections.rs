@@ -465,6 +465,55 @@ pub struct Queue {
     /// Bytes that must stay free on the Queue folder's filesystem: below it, MAIL gets
     /// 452 4.3.1 (as does a declared SIZE= larger than the space above it). 0 = no check.
     pub min_free_space: u64,
+    /// Where the queue lives: `sled` (embedded in the Queue folder, the default) or `postgres`
+    /// (a PostgreSQL database several nodes share; see `[queue.postgres]`).
+    pub store: String,
+    pub postgres: QueuePostgres,
+}
+
+/// `[queue.postgres]`: the shared queue on PostgreSQL (`queue.store = "postgres"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueuePostgres {
+    /// `postgres://user@host:port/database` (or libpq's `host=… dbname=…`); a password is better
+    /// given with `password_file` or `password_env` than here.
+    pub url: String,
+    /// Read the password from this file (its first line; 0600: only its owner may read it).
+    pub password_file: PathBuf,
+    /// … or from this environment variable.
+    pub password_env: String,
+    /// The schema mailroot's tables live in; created and migrated by mailroot.
+    pub schema: String,
+    /// This node's name among the nodes sharing the queue (on its leases and Pickup marks);
+    /// empty = `server.hostname`. Two running nodes must never share a name.
+    pub node: String,
+    /// Connections to the database at most.
+    pub pool_size: usize,
+    /// A message this node works on stays its own this long without a renewal (renewed every
+    /// third of it); after a node dies, its messages go to the others after this.
+    pub lease: HumanDuration,
+    /// How often a node looks for work the others left or could not finish.
+    pub poll_every: HumanDuration,
+    pub connect_timeout: HumanDuration,
+    pub statement_timeout: HumanDuration,
+}
+
+impl Default for QueuePostgres {
+    fn default() -> Self {
+        let p = mailroot_actors::store::PgSettings::default();
+        QueuePostgres {
+            url: String::new(),
+            password_file: PathBuf::new(),
+            password_env: String::new(),
+            schema: p.schema,
+            node: String::new(),
+            pool_size: p.pool_size,
+            lease: HumanDuration(p.lease),
+            poll_every: HumanDuration(p.poll_every),
+            connect_timeout: HumanDuration(p.connect_timeout),
+            statement_timeout: HumanDuration(p.statement_timeout),
+        }
+    }
 }
 
 impl Default for Queue {
@@ -480,6 +529,8 @@ impl Default for Queue {
             local_delay_notice_after: String::new(),
             ndr_copy_to: String::new(),
             min_free_space: 100 * 1024 * 1024,
+            store: "sled".into(),
+            postgres: QueuePostgres::default(),
         }
     }
 }

@@ -563,6 +563,28 @@ impl Config {
     }
 
     /// The Queue's settings; `badmail` is the Mailroot's Badmail folder.
+    /// How to reach the shared queue (`queue.store = "postgres"`), with its password read.
+    pub fn pg_settings(&self) -> Result<mailroot_actors::store::PgSettings, ConfigError> {
+        let pg = &self.queue.postgres;
+        let password = match credentials("queue.postgres", "-", &pg.password_file, &pg.password_env) {
+            Ok(c) => c.map(|c| c.password),
+            // Neither given: the URL (or trust authentication) says it all.
+            Err(_) if pg.password_file.as_os_str().is_empty() && pg.password_env.is_empty() => None,
+            Err(e) => return Err(e),
+        };
+        Ok(mailroot_actors::store::PgSettings {
+            url: pg.url.clone(),
+            password,
+            schema: pg.schema.clone(),
+            node: if pg.node.is_empty() { self.server.hostname.clone() } else { pg.node.clone() },
+            pool_size: pg.pool_size,
+            lease: pg.lease.0,
+            poll_every: pg.poll_every.0,
+            connect_timeout: pg.connect_timeout.0,
+            statement_timeout: pg.statement_timeout.0,
+        })
+    }
+
     pub fn queue_settings(&self, badmail: &Path) -> QueueSettings {
         QueueSettings {
             hostname: self.server.hostname.clone(),

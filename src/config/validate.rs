@@ -141,6 +141,45 @@ impl Config {
         if let Some(i) = self.queue.retry_intervals.iter().position(|d| d.0 < Duration::from_secs(1)) {
             return err(&format!("queue.retry_intervals[{i}]"), "must be at least 1s".into());
         }
+        match self.queue.store.as_str() {
+            "sled" => {}
+            "postgres" => {
+                let pg = &self.queue.postgres;
+                if pg.url.trim().is_empty() {
+                    return err("queue.postgres.url", "queue.store is postgres: give the database's URL".into());
+                }
+                if let Err(e) = mailroot_actors::store::postgres::check_url(&pg.url) {
+                    return err("queue.postgres.url", e);
+                }
+                if !mailroot_actors::store::postgres::valid_schema(&pg.schema) {
+                    return err("queue.postgres.schema", "lower-case letters, digits and _ only, at most 63".into());
+                }
+                let node_ok = |n: &str| {
+                    !n.is_empty()
+                        && n.len() <= 64
+                        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                };
+                if !pg.node.is_empty() && !node_ok(&pg.node) {
+                    return err("queue.postgres.node", "letters, digits, '.', '_' and '-' only, at most 64".into());
+                }
+                if pg.pool_size < 2 {
+                    return err("queue.postgres.pool_size", "at least 2 (commits and reads run side by side)".into());
+                }
+                if pg.lease.0 < Duration::from_secs(10) {
+                    return err("queue.postgres.lease", "at least 10s".into());
+                }
+                for (key, d) in [
+                    ("queue.postgres.poll_every", pg.poll_every.0),
+                    ("queue.postgres.connect_timeout", pg.connect_timeout.0),
+                    ("queue.postgres.statement_timeout", pg.statement_timeout.0),
+                ] {
+                    if d < Duration::from_secs(1) {
+                        return err(key, "at least 1s".into());
+                    }
+                }
+            }
+            other => return err("queue.store", format!("{other:?} is not sled or postgres")),
+        }
         if self.queue.max_hop_count == 0 {
             return err("queue.max_hop_count", "must be at least 1 (RFC 5321 asks for 100)".into());
         }

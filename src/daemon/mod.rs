@@ -30,7 +30,7 @@ use mailroot_actors::delivery::Deliver;
 use mailroot_actors::local_drop::highest_drop_id;
 use mailroot_actors::metrics::Metrics;
 use mailroot_actors::session::ProtocolLog;
-use mailroot_actors::store::{QueueStore, SledStore, StoreError};
+use mailroot_actors::store::{PgStore, QueueStore, SledStore, StoreError};
 use mailroot_actors::supervisor::{self, ChildFactory};
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
@@ -226,8 +226,18 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// sled locks its folder; a daemon that just stopped may take a moment to let go.
-fn open_store(dir: &Path, id_floor: u64) -> Result<Arc<dyn QueueStore>, StartError> {
+/// The queue store the configuration names. sled locks its folder; a daemon that just stopped may
+/// take a moment to let go. PostgreSQL is reached (and its schema migrated) before anything else
+/// starts: a node that cannot reach its queue does not take mail.
+fn open_store(config: &Config, dir: &Path, id_floor: u64) -> Result<Arc<dyn QueueStore>, StartError> {
+    if config.queue.store == "postgres" {
+        let settings = config.pg_settings()?;
+        let store = PgStore::open(&settings, dir, id_floor).map_err(|e| {
+            StartError::Other(format!("opening the queue database (queue.postgres, schema {}): {e}", settings.schema))
+        })?;
+        tracing::info!(node = %settings.node, schema = %settings.schema, "queue on PostgreSQL");
+        return Ok(Arc::new(store));
+    }
     match SledStore::open_waiting(dir, id_floor, Duration::from_secs(3)) {
         Ok(store) => Ok(Arc::new(store)),
         Err(StoreError::Locked(_)) => Err(StartError::QueueLocked { path: dir.to_path_buf() }),
@@ -342,7 +352,7 @@ fn start_with(
     let security = Security::load(&config)?;
     let protolog =
         ProtocolLog::open(&config.log.protocol).map_err(|e| StartError::Other(format!("log.protocol: {e}")))?;
-    let store = open_store(&folders.queue, floor)?;
+    let store = open_store(&config, &folders.queue, floor)?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);

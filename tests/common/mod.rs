@@ -13,6 +13,7 @@ use mailroot::daemon::{self, Running, StartOptions};
 pub mod dns;
 pub mod https;
 pub mod peer;
+pub mod pg;
 
 pub const HOST: &str = "mx.example.test";
 
@@ -22,6 +23,8 @@ pub fn config(dir: &Path, extra: &str) -> Config {
     let mut c = Config::from_toml(&text).expect("test config");
     c.domains.local = vec!["example.test".into(), "alias.test".into()];
     c.mailroot.path = dir.to_path_buf();
+    // A test run on PostgreSQL (`both_stores!`) keeps its queue in its own schema.
+    pg::apply_thread_schema(&mut c);
     // Every test daemon gets its own admin port, unless the test chose one.
     if !extra.contains("[admin]") {
         c.admin.listen = "127.0.0.1:0".into();

@@ -23,7 +23,7 @@ use crate::clock::unix_now;
 use crate::delivery::{replies, DeliveryReport, Outcome};
 use crate::logsafe::LogSafe;
 use crate::routes::domain_of;
-use crate::store::{Envelope, QueueId, RcptStatus};
+use crate::store::{Claim, Envelope, QueueId, RcptStatus};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminError {
@@ -239,6 +239,35 @@ impl Queue {
         }))
     }
 
+    /// A message an operator acts on: the Queue's own copy while it works on it, else taken from
+    /// the store for this node (refused while another node delivers it). Unless the action
+    /// ends with the message delivered here or gone, give it back with `release`.
+    fn claim_of(&self, id: QueueId) -> AdminFuture<Envelope> {
+        if let Some(env) = self.active.get(&id) {
+            return answer(Ok(env.clone()));
+        }
+        Box::pin(self.store.claim(id).into_actor(self).map(move |res, act, _| {
+            if let Some(env) = act.active.get(&id) {
+                return Ok(env.clone());
+            }
+            match res {
+                Ok(Claim::Taken(env)) => Ok(env),
+                Ok(Claim::Missing) => Err(AdminError::NotFound),
+                Ok(Claim::Busy(node)) => Err(AdminError::Conflict(format!(
+                    "message {id} is being delivered by node {node:?} right now; try again once this attempt ends"
+                ))),
+                Err(e) => Err(internal(e)),
+            }
+        }))
+    }
+
+    /// Gives back a message claimed for an action, unless the Queue works on it.
+    fn give_back(&self, id: QueueId) {
+        if !self.active.contains_key(&id) {
+            self.store.release(id);
+        }
+    }
+
     /// Fails unless the message can be changed now: not while a delivery of it is in flight.
     fn idle(&self, id: QueueId, what: &str) -> Result<(), AdminError> {
         if self.outstanding.contains_key(&id) {
@@ -354,7 +383,7 @@ impl Handler<RetryNow> for Queue {
 
     fn handle(&mut self, msg: RetryNow, _ctx: &mut Self::Context) -> Self::Result {
         let id = msg.0;
-        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+        Box::pin(self.claim_of(id).then(move |res, act, _ctx| {
             let env = match res.and_then(|env| act.idle(id, "retry").map(|()| env)) {
                 Ok(env) => env,
                 Err(e) => return answer(Err(e)),
@@ -488,18 +517,20 @@ impl Handler<Hold> for Queue {
 
     fn handle(&mut self, msg: Hold, _ctx: &mut Self::Context) -> Self::Result {
         let id = msg.0;
-        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+        Box::pin(self.claim_of(id).then(move |res, act, _ctx| {
             let mut env = match res.and_then(|env| act.idle(id, "hold").map(|()| env)) {
                 Ok(env) => env,
                 Err(e) => return answer(Err(e)),
             };
             if env.held {
+                act.give_back(id);
                 return answer(Ok(act.info(&env, unix_now())));
             }
             let old_next = env.next_attempt;
             env.held = true;
             env.next_attempt = None;
             act.held.insert(id);
+            act.give_back(id);
             Box::pin(act.save(&env, old_next).map(move |res, act, _| {
                 res?;
                 info!(id, "message put on hold (admin)");
@@ -514,12 +545,13 @@ impl Handler<Release> for Queue {
 
     fn handle(&mut self, msg: Release, _ctx: &mut Self::Context) -> Self::Result {
         let id = msg.0;
-        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+        Box::pin(self.claim_of(id).then(move |res, act, _ctx| {
             let mut env = match res {
                 Ok(env) => env,
                 Err(e) => return answer(Err(e)),
             };
             if !env.held {
+                act.give_back(id);
                 return answer(Ok(act.info(&env, unix_now())));
             }
             let now = unix_now();
@@ -536,7 +568,10 @@ impl Handler<Release> for Queue {
                 act.held.remove(&id);
                 let info = act.info(&env, unix_now());
                 match env.next_attempt {
-                    Some(at) => act.tell_scheduler(at, now),
+                    Some(at) => {
+                        act.give_back(id);
+                        act.tell_scheduler(at, now)
+                    }
                     None => {
                         act.schedule(env, None);
                         act.pump(ctx);
@@ -555,7 +590,7 @@ impl Handler<Bounce> for Queue {
     fn handle(&mut self, msg: Bounce, _ctx: &mut Self::Context) -> Self::Result {
         let id = msg.0;
         let body = self.store.body(id);
-        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+        Box::pin(self.claim_of(id).then(move |res, act, _ctx| {
             let env = match res.and_then(|env| act.idle(id, "bounce").map(|()| env)) {
                 Ok(env) => env,
                 Err(e) => return answer(Err(e)),
@@ -568,13 +603,17 @@ impl Handler<Bounce> for Queue {
                 .map(|(i, _)| i)
                 .collect();
             if pending.is_empty() {
+                act.give_back(id);
                 return answer(Err(AdminError::Conflict(format!("message {id} has no pending recipient"))));
             }
             // The report returns the message (or its headers): read it first.
             Box::pin(body.into_actor(act).then(move |body, act, ctx| {
                 let body = match body {
                     Ok(b) => Arc::new(b),
-                    Err(e) => return answer(Err(internal(e))),
+                    Err(e) => {
+                        act.give_back(id);
+                        return answer(Err(internal(e)));
+                    }
                 };
                 // Checked again: a delivery may have started while the body was read.
                 if let Err(e) = act.idle(id, "bounce") {
@@ -585,6 +624,7 @@ impl Handler<Bounce> for Queue {
                 act.held.remove(&id);
                 let report = DeliveryReport::all(pending, replies::returned_by_admin());
                 act.record(env, "admin", report, Some(&body), ctx);
+                act.store.release(id);
                 // The NDR and the new state must be on disk before the operator is told it is done.
                 act.durable()
             }))
@@ -597,7 +637,7 @@ impl Handler<Delete> for Queue {
 
     fn handle(&mut self, msg: Delete, _ctx: &mut Self::Context) -> Self::Result {
         let id = msg.0;
-        Box::pin(self.envelope_of(id).then(move |res, act, _ctx| {
+        Box::pin(self.claim_of(id).then(move |res, act, _ctx| {
             let env = match res.and_then(|env| act.idle(id, "delete").map(|()| env)) {
                 Ok(env) => env,
                 Err(e) => return answer(Err(e)),

@@ -498,7 +498,9 @@ impl Queue {
                     let done_here = act.one_less(id);
                     if let Some(env) = act.active.remove(&id) {
                         let env = act.record(env, route, report, Some(&original), ctx);
-                        if !done_here {
+                        if done_here {
+                            act.store.release(id);
+                        } else {
                             act.active.insert(id, env);
                         }
                     }

@@ -22,6 +22,7 @@
 //! - Large bodies are written as they arrive to a spool file in a local folder
 //!   ([`SpoolWriter`]); the store takes them over at insert.
 
+pub mod postgres;
 pub mod sled;
 
 use std::fs::File;
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::outcome::{Class, Outcome};
 
+pub use self::postgres::{PgSettings, PgStore};
 pub use self::sled::SledStore;
 
 pub type QueueId = u64;
@@ -350,6 +352,15 @@ pub struct Counts {
     pub held: Option<usize>,
 }
 
+/// The answer to [`QueueStore::claim`].
+#[derive(Debug)]
+pub enum Claim {
+    Taken(Envelope),
+    Missing,
+    /// Another node works on it (its name).
+    Busy(String),
+}
+
 /// What the Queue needs to know when it opens the store.
 #[derive(Debug, Default)]
 pub struct Startup {
@@ -404,6 +415,10 @@ pub trait QueueStore: Send + Sync + 'static {
 
     fn forget_pickup(&self, name: &str) -> Result<()>;
 
+    /// The Queue is done with the message for now: a shared store gives its lease back (with
+    /// the next commit), so another node may take it when it is due.
+    fn release(&self, _id: QueueId) {}
+
     /// Makes every write made before the call durable. The group commit calls this: one call
     /// answers many writers.
     fn commit(&self) -> StoreFuture<()>;
@@ -424,6 +439,13 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Up to `limit` messages whose retry time is at or before `now`, earliest first, not on
     /// hold; on a shared store, claimed for this node (leased) as they are handed out.
     fn claim_due(&self, now: u64, limit: usize) -> StoreFuture<Vec<Envelope>>;
+
+    /// Takes one message for this node now (an operator acts on it): its envelope, unless another
+    /// node is working on it. Give it back with [`QueueStore::release`] unless it is delivered.
+    fn claim(&self, id: QueueId) -> StoreFuture<Claim> {
+        let envelope = self.envelope(id);
+        Box::pin(async move { Ok(envelope.await?.map_or(Claim::Missing, Claim::Taken)) })
+    }
 
     /// Extends this node's leases on the messages it works on (shared stores).
     fn renew(&self, _ids: Vec<QueueId>) -> StoreFuture<()> {

@@ -1,0 +1,849 @@
+//! The queue store on PostgreSQL: several mailroot nodes share one queue. Envelopes, bodies (in
+//! `bytea` chunks), the retry time of each message, message IDs (a sequence) and Pickup marks
+//! live in one schema that mailroot creates and migrates itself.
+//!
+//! Invariants:
+//! - Writes are buffered in memory in the order they are made and sent at the next
+//!   [`QueueStore::commit`] as one transaction: the `250` for a message comes after that
+//!   transaction's COMMIT (durable as the server's `synchronous_commit` makes it).
+//! - A failed commit makes the store refuse every later commit until [`QueueStore::recover`]
+//!   (as sled keeps a write error until it is reopened): a writer whose write was in the failed
+//!   transaction can never be told by a later, empty commit that it is durable.
+//! - A message is worked on by one node at a time: the node that inserts it or claims it
+//!   (`claim_due`, `SELECT … FOR UPDATE SKIP LOCKED`) holds a lease (node name, expiry in the
+//!   database's clock) that it renews while it works; a node that dies stops renewing, and once
+//!   the lease has expired another node claims the message. Delivery is at least once.
+//! - Message IDs come from one sequence, taken in blocks of [`ID_BLOCK`]: unique across nodes,
+//!   never reused. A node keeps a block or two in hand so that taking an ID never waits.
+//! - All database work runs on the store's own thread and runtime, never on an actor's: a slow
+//!   or absent database delays answers, it does not stop the Queue from answering.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::runtime::Handle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use super::{
+    remove_spool_file, Claim, Counts, Envelope, PickupMark, QueueId, QueueStore, Result, Spool, StagedBody, Startup,
+    StoreError, StoreFuture,
+};
+
+/// IDs taken from the sequence at once (its increment).
+pub const ID_BLOCK: i64 = 256;
+/// Bodies are stored in chunks of this size: few rows per message, each well within `bytea`.
+const PG_CHUNK: usize = 1024 * 1024;
+
+/// The schema's versions, in order: each is applied once, in one transaction, under an advisory
+/// lock (two nodes starting together do not both apply it).
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE SEQUENCE message_ids INCREMENT BY 256 MINVALUE 1 START WITH 1;
+     CREATE TABLE messages (
+         id bigint PRIMARY KEY,
+         envelope text NOT NULL,
+         -- Unix seconds the message is due (0: now); NULL while held.
+         due_at bigint,
+         held boolean NOT NULL DEFAULT false,
+         lease_node text,
+         -- Unix seconds, in the database's clock.
+         lease_until bigint
+     );
+     CREATE INDEX messages_due ON messages (due_at) WHERE due_at IS NOT NULL;
+     CREATE TABLE bodies (
+         id bigint NOT NULL,
+         chunk integer NOT NULL,
+         data bytea NOT NULL,
+         PRIMARY KEY (id, chunk)
+     );
+     CREATE TABLE pickup_marks (
+         node text NOT NULL,
+         name text NOT NULL,
+         id bigint NOT NULL,
+         fingerprint text NOT NULL,
+         PRIMARY KEY (node, name)
+     );
+     CREATE TABLE nodes (
+         name text PRIMARY KEY,
+         seen_at bigint NOT NULL
+     );",
+)];
+
+/// The database's clock in Unix seconds (leases are in it, so nodes' clocks need not agree).
+const DB_NOW: &str = "(extract(epoch from clock_timestamp()))::bigint";
+
+/// How to reach the database, and this node's part in it.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// `postgres://user@host:port/database` (libpq's URL or key=value form).
+    pub url: String,
+    /// The password, when not in the URL (from a file or the environment).
+    pub password: Option<String>,
+    /// The schema mailroot's tables live in (created if missing).
+    pub schema: String,
+    /// This node's name, on its leases and Pickup marks: unique among the nodes.
+    pub node: String,
+    /// Connections at most.
+    pub pool_size: usize,
+    /// How long a claimed message stays this node's without a renewal.
+    pub lease: Duration,
+    /// How often the retry scheduler looks for work other nodes left (and expired leases).
+    pub poll_every: Duration,
+    /// Connecting, and waiting for a free connection, at most this long.
+    pub connect_timeout: Duration,
+    /// Any statement, at most this long (a large body's insert included).
+    pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .field("schema", &self.schema)
+            .field("node", &self.node)
+            .field("pool_size", &self.pool_size)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `url` is a connection string the client understands.
+pub fn check_url(url: &str) -> std::result::Result<(), String> {
+    url.parse::<tokio_postgres::Config>().map(|_| ()).map_err(|e| e.to_string())
+}
+
+impl Default for PgSettings {
+    fn default() -> Self {
+        PgSettings {
+            url: "postgres://localhost/mailroot".into(),
+            password: None,
+            schema: "mailroot".into(),
+            node: "node1".into(),
+            pool_size: 8,
+            lease: Duration::from_secs(60),
+            poll_every: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A schema name mailroot can put in SQL as it is.
+pub fn valid_schema(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= 63
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// A write waiting for the next commit.
+enum Op {
+    Insert { id: i64, envelope: String, due_at: Option<i64>, held: bool, body: Body, mark: Option<PickupMark> },
+    Update { id: i64, envelope: String, due_at: Option<i64>, held: bool },
+    Remove { id: i64 },
+    Release { id: i64 },
+    ForgetPickup { name: String },
+}
+
+enum Body {
+    Memory(Vec<u8>),
+    /// Our trace header, then the spool file's bytes (read at commit, removed after it).
+    Staged {
+        header: Vec<u8>,
+        path: PathBuf,
+        bytes: u64,
+    },
+}
+
+fn db(e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&SqlState::DISK_FULL) {
+        StoreError::DatabaseFull(e.to_string())
+    } else {
+        StoreError::Database(match e.as_db_error() {
+            Some(d) => format!("{}: {}", d.code().code(), d.message()),
+            None => e.to_string(),
+        })
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db(e),
+        other => StoreError::Database(format!("no connection to the queue database: {other}")),
+    }
+}
+
+fn due_at(env: &Envelope) -> Option<i64> {
+    if env.held || env.is_finished() {
+        None
+    } else {
+        Some(env.next_attempt.unwrap_or(0).min(i64::MAX as u64) as i64)
+    }
+}
+
+fn to_json(env: &Envelope) -> Result<String> {
+    serde_json::to_string(env).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json(id: i64, text: &str) -> Result<Envelope> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("envelope {id}: {e}")))
+}
+
+/// What the store shares with the tasks on its runtime.
+struct Inner {
+    pool: Pool,
+    node: String,
+    lease_secs: i64,
+    /// Writes since the last commit started, in order.
+    pending: Mutex<Vec<Op>>,
+    /// Set by a failed commit, cleared by `recover` (see the invariants).
+    failed: Mutex<Option<String>>,
+    /// One transaction of writes at a time, in the order they were taken.
+    committing: tokio::sync::Mutex<()>,
+    /// Blocks of IDs in hand: `(next, end)`.
+    ids: Mutex<VecDeque<(i64, i64)>>,
+    refilling: AtomicBool,
+}
+
+/// The PostgreSQL store (see the module's documentation).
+pub struct PgStore {
+    inner: Arc<Inner>,
+    rt: Handle,
+    /// Ends the store's runtime thread when the store goes.
+    _stop: tokio::sync::oneshot::Sender<()>,
+    dir: PathBuf,
+    spool: Spool,
+    poll_every: Duration,
+    lease: Duration,
+}
+
+impl PgStore {
+    /// Connects, creates or migrates the schema, and takes a first block of IDs (above
+    /// `id_floor`). `dir` is the local folder for the spool of large bodies being received.
+    /// Blocks the calling thread (the daemon's start) until done or `connect_timeout` × a few.
+    pub fn open(settings: &PgSettings, dir: &Path, id_floor: QueueId) -> Result<PgStore> {
+        if !valid_schema(&settings.schema) {
+            return Err(StoreError::Database(format!(
+                "schema {:?}: lower-case letters, digits and _ only, at most 63",
+                settings.schema
+            )));
+        }
+        let mut config: tokio_postgres::Config =
+            settings.url.parse().map_err(|e| StoreError::Database(format!("queue.postgres.url: {e}")))?;
+        if let Some(p) = &settings.password {
+            config.password(p);
+        }
+        config
+            .connect_timeout(settings.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .application_name("mailroot")
+            .options(format!(
+                "-c search_path={} -c statement_timeout={}",
+                settings.schema,
+                settings.statement_timeout.as_millis()
+            ));
+        let (rt, stop) = runtime_thread()?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = {
+            let _entered = rt.enter();
+            Pool::builder(manager)
+                .max_size(settings.pool_size.max(2))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(settings.connect_timeout))
+                .create_timeout(Some(settings.connect_timeout))
+                .recycle_timeout(Some(settings.connect_timeout))
+                .build()
+                .map_err(|e| StoreError::Database(e.to_string()))?
+        };
+        let inner = Arc::new(Inner {
+            pool,
+            node: settings.node.clone(),
+            lease_secs: settings.lease.as_secs().max(1) as i64,
+            pending: Mutex::new(Vec::new()),
+            failed: Mutex::new(None),
+            committing: tokio::sync::Mutex::new(()),
+            ids: Mutex::new(VecDeque::new()),
+            refilling: AtomicBool::new(false),
+        });
+        std::fs::create_dir_all(dir)?;
+        let spool = Spool::new(dir.join("spool"))?;
+        // Bodies are in the database once committed: any file here is of a message never queued.
+        spool.sweep(|_| false)?;
+        let store = PgStore {
+            inner: inner.clone(),
+            rt: rt.clone(),
+            _stop: stop,
+            dir: dir.to_path_buf(),
+            spool,
+            poll_every: settings.poll_every,
+            lease: settings.lease,
+        };
+        let schema = settings.schema.clone();
+        let floor = id_floor.min(i64::MAX as u64) as i64;
+        store.block_on(settings.connect_timeout * 6, async move {
+            inner.migrate(&schema).await?;
+            inner.seen().await?;
+            let block = inner.take_block(floor).await?;
+            lock(&inner.ids).push_back(block);
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it here (never from that runtime).
+    fn block_on<T: Send + 'static>(
+        &self,
+        wait: Duration,
+        fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(wait)
+            .unwrap_or_else(|_| Err(StoreError::Database(format!("no answer from the queue database in {wait:?}"))))
+    }
+
+    /// Runs `fut` on the store's runtime; the answer can be awaited anywhere.
+    fn spawn<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let task = self.rt.spawn(fut);
+        Box::pin(async move { task.await.unwrap_or_else(|e| Err(StoreError::Database(format!("store task: {e}")))) })
+    }
+
+    fn push(&self, op: Op) {
+        lock(&self.inner.pending).push(op);
+    }
+
+    /// Starts taking another block of IDs when fewer than one block is left in hand.
+    fn refill_ids(&self) {
+        let left: i64 = lock(&self.inner.ids).iter().map(|(n, e)| e - n).sum();
+        if left >= ID_BLOCK || self.inner.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = self.inner.clone();
+        self.rt.spawn(async move {
+            match inner.take_block(0).await {
+                Ok(block) => lock(&inner.ids).push_back(block),
+                Err(e) => tracing::warn!(error = %e, "cannot take message IDs from the queue database"),
+            }
+            inner.refilling.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A thread running a current-thread runtime until the sender is dropped.
+fn runtime_thread() -> Result<(Handle, tokio::sync::oneshot::Sender<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new().name("mailroot-pg".into()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => {
+                let _ = tx.send(Ok(rt.handle().clone()));
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    })?;
+    Ok((rx.recv().map_err(|e| StoreError::Database(e.to_string()))??, stop))
+}
+
+impl Inner {
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Creates the schema or brings it to the newest version this build knows.
+    async fn migrate(&self, schema: &str) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        // The lock's key: the schema's name, so nodes on other schemas do not wait for us.
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&schema]).await.map_err(db)?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await
+        .map_err(db)?;
+        let current: i32 = tx
+            .query_one(&format!("SELECT coalesce(max(version), 0) FROM {schema}.schema_version"), &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        if current > newest {
+            return Err(StoreError::Database(format!(
+                "the queue database's schema is version {current}, newer than this mailroot knows ({newest}): upgrade mailroot"
+            )));
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            tx.batch_execute(sql).await.map_err(db)?;
+            tx.execute(&format!("INSERT INTO {schema}.schema_version (version) VALUES ($1)"), &[version])
+                .await
+                .map_err(db)?;
+            tracing::info!(version, schema, "queue database schema migrated");
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    /// Records that this node is alive (and proves that the database takes writes).
+    async fn seen(&self) -> Result<()> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "INSERT INTO nodes (name, seen_at) VALUES ($1, {DB_NOW})
+                 ON CONFLICT (name) DO UPDATE SET seen_at = EXCLUDED.seen_at"
+            ))
+            .await
+            .map_err(db)?;
+        c.execute(&st, &[&self.node]).await.map_err(db)?;
+        Ok(())
+    }
+
+    /// A block of IDs from the sequence, all at least `floor`.
+    async fn take_block(&self, floor: i64) -> Result<(i64, i64)> {
+        let c = self.client().await?;
+        let mut start: i64 = c.query_one("SELECT nextval('message_ids')", &[]).await.map_err(db)?.get(0);
+        if start < floor {
+            // The Drop folder holds higher IDs (its queue was wiped, or it came from sled).
+            c.execute("SELECT setval('message_ids', $1, false)", &[&floor]).await.map_err(db)?;
+            start = c.query_one("SELECT nextval('message_ids')", &[]).await.map_err(db)?.get(0);
+        }
+        Ok((start, start + ID_BLOCK))
+    }
+
+    /// Sends `ops` in one transaction.
+    async fn apply(&self, ops: &[Op]) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let insert = tx
+            .prepare_cached(&format!(
+                "INSERT INTO messages (id, envelope, due_at, held, lease_node, lease_until)
+                 VALUES ($1, $2, $3, $4, $5, {DB_NOW} + $6)"
+            ))
+            .await
+            .map_err(db)?;
+        let chunk = tx.prepare_cached("INSERT INTO bodies (id, chunk, data) VALUES ($1, $2, $3)").await.map_err(db)?;
+        let mark = tx
+            .prepare_cached(
+                "INSERT INTO pickup_marks (node, name, id, fingerprint) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (node, name) DO UPDATE SET id = EXCLUDED.id, fingerprint = EXCLUDED.fingerprint",
+            )
+            .await
+            .map_err(db)?;
+        let update = tx
+            .prepare_cached("UPDATE messages SET envelope = $2, due_at = $3, held = $4 WHERE id = $1")
+            .await
+            .map_err(db)?;
+        let remove_body = tx.prepare_cached("DELETE FROM bodies WHERE id = $1").await.map_err(db)?;
+        let remove = tx.prepare_cached("DELETE FROM messages WHERE id = $1").await.map_err(db)?;
+        let release = tx
+            .prepare_cached(
+                "UPDATE messages SET lease_node = NULL, lease_until = NULL WHERE id = $1 AND lease_node = $2",
+            )
+            .await
+            .map_err(db)?;
+        let forget = tx.prepare_cached("DELETE FROM pickup_marks WHERE node = $1 AND name = $2").await.map_err(db)?;
+        for op in ops {
+            match op {
+                Op::Insert { id, envelope, due_at, held, body, mark: pickup } => {
+                    // The body first: an envelope never names a body that is not there.
+                    match body {
+                        Body::Memory(bytes) => {
+                            for (i, piece) in bytes.chunks(PG_CHUNK).enumerate() {
+                                tx.execute(&chunk, &[id, &(i as i32), &piece]).await.map_err(db)?;
+                            }
+                        }
+                        Body::Staged { header, path, bytes } => {
+                            tx.execute(&chunk, &[id, &0i32, &header.as_slice()]).await.map_err(db)?;
+                            let mut file = tokio::fs::File::open(path).await?;
+                            let mut left = *bytes;
+                            let mut n = 1i32;
+                            let mut buf = vec![0u8; PG_CHUNK];
+                            while left > 0 {
+                                let want = (left as usize).min(PG_CHUNK);
+                                tokio::io::AsyncReadExt::read_exact(&mut file, &mut buf[..want]).await?;
+                                tx.execute(&chunk, &[id, &n, &&buf[..want]]).await.map_err(db)?;
+                                left -= want as u64;
+                                n += 1;
+                            }
+                        }
+                    }
+                    tx.execute(&insert, &[id, envelope, due_at, held, &self.node, &self.lease_secs])
+                        .await
+                        .map_err(db)?;
+                    if let Some(m) = pickup {
+                        tx.execute(&mark, &[&self.node, &m.name, id, &m.fingerprint]).await.map_err(db)?;
+                    }
+                }
+                Op::Update { id, envelope, due_at, held } => {
+                    tx.execute(&update, &[id, envelope, due_at, held]).await.map_err(db)?;
+                }
+                Op::Remove { id } => {
+                    tx.execute(&remove, &[id]).await.map_err(db)?;
+                    tx.execute(&remove_body, &[id]).await.map_err(db)?;
+                }
+                Op::Release { id } => {
+                    tx.execute(&release, &[id, &self.node]).await.map_err(db)?;
+                }
+                Op::ForgetPickup { name } => {
+                    tx.execute(&forget, &[&self.node, name]).await.map_err(db)?;
+                }
+            }
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    /// Commits what was written before the call (see the invariants).
+    async fn commit(&self) -> Result<()> {
+        let _one = self.committing.lock().await;
+        if let Some(why) = lock(&self.failed).clone() {
+            return Err(StoreError::Database(format!("an earlier commit failed ({why}); recovering")));
+        }
+        let ops = std::mem::take(&mut *lock(&self.pending));
+        if ops.is_empty() {
+            return Ok(());
+        }
+        match self.apply(&ops).await {
+            Ok(()) => {
+                // The bodies are in the database now: their spool files are no longer needed.
+                for op in &ops {
+                    if let Op::Insert { body: Body::Staged { path, .. }, .. } = op {
+                        if let Err(e) = remove_spool_file(path) {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot remove a spool file");
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                *lock(&self.failed) = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl QueueStore for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    fn next_id(&self) -> Result<QueueId> {
+        let id = {
+            let mut ids = lock(&self.inner.ids);
+            loop {
+                match ids.front_mut() {
+                    Some((next, end)) if *next < *end => {
+                        let id = *next;
+                        *next += 1;
+                        break Some(id);
+                    }
+                    Some(_) => {
+                        ids.pop_front();
+                    }
+                    None => break None,
+                }
+            }
+        };
+        self.refill_ids();
+        match id {
+            Some(id) => Ok(id as QueueId),
+            None => Err(StoreError::Database("no message IDs in hand: the queue database is slow or away".into())),
+        }
+    }
+
+    fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
+        self.push(Op::Insert {
+            id: env.id as i64,
+            envelope: to_json(env)?,
+            due_at: due_at(env),
+            held: env.held,
+            body: Body::Memory(message.to_vec()),
+            mark: mark.cloned(),
+        });
+        Ok(())
+    }
+
+    fn insert_staged(&self, env: &Envelope, header: &[u8], staged: &StagedBody) -> Result<()> {
+        self.spool.check(staged, env.id)?;
+        self.push(Op::Insert {
+            id: env.id as i64,
+            envelope: to_json(env)?,
+            due_at: due_at(env),
+            held: env.held,
+            body: Body::Staged { header: header.to_vec(), path: self.spool.path(env.id), bytes: staged.bytes },
+            mark: None,
+        });
+        Ok(())
+    }
+
+    fn update(&self, env: &Envelope, _old_next: Option<u64>) -> Result<()> {
+        self.push(Op::Update { id: env.id as i64, envelope: to_json(env)?, due_at: due_at(env), held: env.held });
+        Ok(())
+    }
+
+    fn remove(&self, id: QueueId, _stored_next: Option<u64>) -> Result<()> {
+        self.push(Op::Remove { id: id as i64 });
+        Ok(())
+    }
+
+    fn release(&self, id: QueueId) {
+        self.push(Op::Release { id: id as i64 });
+    }
+
+    fn discard(&self, env: &Envelope, mark: Option<&PickupMark>) -> Result<()> {
+        let id = env.id as i64;
+        // Not committed yet (the usual case): it never reaches the database.
+        lock(&self.inner.pending).retain(|op| !matches!(op, Op::Insert { id: i, .. } if *i == id));
+        if let Some(m) = mark {
+            self.forget_pickup(&m.name)?;
+        }
+        self.push(Op::Remove { id });
+        Ok(())
+    }
+
+    fn forget_pickup(&self, name: &str) -> Result<()> {
+        self.push(Op::ForgetPickup { name: name.to_string() });
+        Ok(())
+    }
+
+    fn commit(&self) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        self.spawn(async move { inner.commit().await })
+    }
+
+    fn commit_blocking(&self, wait: Duration) -> Result<()> {
+        let inner = self.inner.clone();
+        self.block_on(wait, async move { inner.commit().await })
+    }
+
+    fn envelope(&self, id: QueueId) -> StoreFuture<Option<Envelope>> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c.prepare_cached("SELECT envelope FROM messages WHERE id = $1").await.map_err(db)?;
+            let id = id as i64;
+            match c.query_opt(&st, &[&id]).await.map_err(db)? {
+                Some(row) => Ok(Some(from_json(id, row.get(0))?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn body(&self, id: QueueId) -> StoreFuture<Vec<u8>> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c.prepare_cached("SELECT data FROM bodies WHERE id = $1 ORDER BY chunk").await.map_err(db)?;
+            let mut out = Vec::new();
+            for row in c.query(&st, &[&(id as i64)]).await.map_err(db)? {
+                out.extend_from_slice(row.get::<_, &[u8]>(0));
+            }
+            Ok(out)
+        })
+    }
+
+    fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c
+                .prepare_cached("SELECT id, envelope FROM messages WHERE id > $1 ORDER BY id LIMIT $2")
+                .await
+                .map_err(db)?;
+            let after = after.min(i64::MAX as u64) as i64;
+            let rows = c.query(&st, &[&after, &(limit as i64)]).await.map_err(db)?;
+            rows.iter().map(|r| from_json(r.get(0), r.get(1))).collect()
+        })
+    }
+
+    fn claim_due(&self, now: u64, limit: usize) -> StoreFuture<Vec<Envelope>> {
+        // What this node has written but not committed is newer than the database: a message
+        // it removed or changed is not handed out on the database's word.
+        let mine: HashSet<i64> = lock(&self.inner.pending)
+            .iter()
+            .filter_map(|op| match op {
+                Op::Update { id, .. } | Op::Remove { id } | Op::Insert { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c
+                .prepare_cached(&format!(
+                    "UPDATE messages SET lease_node = $1, lease_until = {DB_NOW} + $2
+                     WHERE id IN (
+                         SELECT id FROM messages
+                         WHERE due_at <= $3 AND NOT held
+                           AND (lease_until IS NULL OR lease_until < {DB_NOW})
+                         ORDER BY due_at
+                         LIMIT $4
+                         FOR UPDATE SKIP LOCKED)
+                     RETURNING id, envelope"
+                ))
+                .await
+                .map_err(db)?;
+            let now = now.min(i64::MAX as u64) as i64;
+            let rows = c.query(&st, &[&inner.node, &inner.lease_secs, &now, &(limit as i64)]).await.map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let id: i64 = row.get(0);
+                if mine.contains(&id) {
+                    continue;
+                }
+                match from_json(id, row.get(1)) {
+                    Ok(env) => out.push(env),
+                    Err(e) => tracing::error!(id, error = %e, "unreadable envelope left in the queue"),
+                }
+            }
+            out.sort_by_key(|e| e.next_attempt.unwrap_or(0));
+            Ok(out)
+        })
+    }
+
+    fn claim(&self, id: QueueId) -> StoreFuture<Claim> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c
+                .prepare_cached(&format!(
+                    "UPDATE messages SET lease_node = $1, lease_until = {DB_NOW} + $2
+                     WHERE id = $3 AND (lease_node IS NULL OR lease_node = $1 OR lease_until < {DB_NOW})
+                     RETURNING envelope"
+                ))
+                .await
+                .map_err(db)?;
+            let id = id.min(i64::MAX as u64) as i64;
+            if let Some(row) = c.query_opt(&st, &[&inner.node, &inner.lease_secs, &id]).await.map_err(db)? {
+                return Ok(Claim::Taken(from_json(id, row.get(0))?));
+            }
+            let st = c.prepare_cached("SELECT lease_node FROM messages WHERE id = $1").await.map_err(db)?;
+            Ok(match c.query_opt(&st, &[&id]).await.map_err(db)? {
+                Some(row) => Claim::Busy(row.get::<_, Option<String>>(0).unwrap_or_default()),
+                None => Claim::Missing,
+            })
+        })
+    }
+
+    fn renew(&self, ids: Vec<QueueId>) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c
+                .prepare_cached(&format!(
+                    "UPDATE messages SET lease_until = {DB_NOW} + $2 WHERE id = ANY($1) AND lease_node = $3"
+                ))
+                .await
+                .map_err(db)?;
+            let ids: Vec<i64> = ids.into_iter().map(|i| i as i64).collect();
+            c.execute(&st, &[&ids, &inner.lease_secs, &inner.node]).await.map_err(db)?;
+            inner.seen().await
+        })
+    }
+
+    fn renew_every(&self) -> Option<Duration> {
+        Some((self.lease / 3).max(Duration::from_secs(1)))
+    }
+
+    fn earliest_retry(&self, from: u64) -> StoreFuture<Option<u64>> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c.prepare_cached("SELECT min(due_at) FROM messages WHERE due_at >= $1").await.map_err(db)?;
+            let from = from.min(i64::MAX as u64) as i64;
+            let at: Option<i64> = c.query_one(&st, &[&from]).await.map_err(db)?.get(0);
+            Ok(at.map(|t| t.max(0) as u64))
+        })
+    }
+
+    fn counts(&self, now: u64) -> StoreFuture<Counts> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT count(*), count(*) FILTER (WHERE due_at > $1), count(*) FILTER (WHERE held)
+                     FROM messages",
+                )
+                .await
+                .map_err(db)?;
+            let now = now.min(i64::MAX as u64) as i64;
+            let row = c.query_one(&st, &[&now]).await.map_err(db)?;
+            let n = |i: usize| row.get::<_, i64>(i).max(0) as usize;
+            Ok(Counts { total: Some(n(0)), deferred: n(1), held: Some(n(2)) })
+        })
+    }
+
+    fn startup(&self) -> StoreFuture<Startup> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let row = c.query_one("SELECT count(*) FROM messages", &[]).await.map_err(db)?;
+            // Nothing to resume by hand: `claim_due` hands out every message due now.
+            Ok(Startup { queued: row.get::<_, i64>(0).max(0) as usize, held: Vec::new(), resume: Vec::new() })
+        })
+    }
+
+    fn pickup_taken(&self, mark: &PickupMark) -> StoreFuture<Option<QueueId>> {
+        let inner = self.inner.clone();
+        let mark = mark.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            let st = c
+                .prepare_cached("SELECT id, fingerprint FROM pickup_marks WHERE node = $1 AND name = $2")
+                .await
+                .map_err(db)?;
+            Ok(c.query_opt(&st, &[&inner.node, &mark.name]).await.map_err(db)?.and_then(|row| {
+                let (id, fingerprint): (i64, String) = (row.get(0), row.get(1));
+                (fingerprint == mark.fingerprint).then_some(id as QueueId)
+            }))
+        })
+    }
+
+    fn recover(self: Arc<Self>) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        self.spool.next_generation();
+        self.spawn(async move {
+            // A durable write first: only then is the store healthy again.
+            inner.seen().await?;
+            let _one = inner.committing.lock().await;
+            lock(&inner.pending).clear();
+            *lock(&inner.failed) = None;
+            Ok(())
+        })
+    }
+
+    fn poll_every(&self) -> Option<Duration> {
+        Some(self.poll_every)
+    }
+}

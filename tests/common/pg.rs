@@ -1,0 +1,141 @@
+//! The machine's PostgreSQL for the tests: a schema of its own for each test (dropped when the
+//! test ends), so tests run side by side on one database. The database is `MAILROOT_TEST_PG`
+//! (`.ci/run` creates one per run and drops it after) or `postgres://root@127.0.0.1:5432/test`.
+//! Without a reachable server the PostgreSQL variants say they are skipped, unless
+//! `MAILROOT_INTEROP=1` (CI), which makes that a failure.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use mailroot::config::Config;
+
+pub fn url() -> String {
+    std::env::var("MAILROOT_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+}
+
+/// Runs `sql` on the test database (a fresh connection each time: tests are not in a hurry).
+pub fn execute(sql: &str) -> Result<(), String> {
+    query(sql).map(|_| ())
+}
+
+/// The first column of each row of `sql`, as text.
+pub fn query(sql: &str) -> Result<Vec<String>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let rows = client.simple_query(sql).await.map_err(|e| e.to_string())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+                _ => None,
+            })
+            .collect())
+    })
+}
+
+thread_local! {
+    /// The schema of the test running on this thread, if it runs on PostgreSQL.
+    static SCHEMA: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// A test's schema; dropped (with everything in it) when this goes.
+pub struct Schema {
+    pub name: String,
+}
+
+impl Schema {
+    /// A new schema name for this test, made the thread's queue for every [`super::config`]
+    /// from now on; `None` when PostgreSQL cannot be reached and CI does not require it.
+    pub fn for_this_test() -> Option<Schema> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        if let Err(e) = execute("SELECT 1") {
+            if std::env::var_os("MAILROOT_INTEROP").is_some() {
+                panic!("PostgreSQL at {} is needed (MAILROOT_INTEROP is set): {e}", url());
+            }
+            eprintln!("skipped: no PostgreSQL at {} ({e}); set MAILROOT_TEST_PG", url());
+            return None;
+        }
+        let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        SCHEMA.with(|s| *s.borrow_mut() = Some(name.clone()));
+        Some(Schema { name })
+    }
+
+    /// The settings a node named `node` uses for this schema.
+    pub fn apply(&self, c: &mut Config, node: &str) {
+        set(c, &self.name, node);
+    }
+
+    /// The same as TOML lines for a configuration file (`[queue]` section included).
+    pub fn toml(&self, node: &str) -> String {
+        format!(
+            "[queue]\nstore = \"postgres\"\n[queue.postgres]\nurl = \"{}\"\nschema = \"{}\"\nnode = \"{node}\"\nlease = \"10s\"\npoll_every = \"1s\"\n",
+            url(),
+            self.name
+        )
+    }
+}
+
+impl Schema {
+    /// Fails unless a daemon kept its queue here (the schema was created and a node checked in).
+    pub fn assert_used(&self) {
+        let nodes = query(&format!("SELECT count(*) FROM {}.nodes", self.name));
+        assert!(
+            nodes.as_ref().is_ok_and(|n| n.first().is_some_and(|c| c != "0")),
+            "the test's daemon did not use schema {}: {nodes:?}",
+            self.name
+        );
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        SCHEMA.with(|s| *s.borrow_mut() = None);
+        if let Err(e) = execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)) {
+            eprintln!("cannot drop test schema {}: {e}", self.name);
+        }
+    }
+}
+
+fn set(c: &mut Config, schema: &str, node: &str) {
+    c.queue.store = "postgres".into();
+    c.queue.postgres.url = url();
+    c.queue.postgres.schema = schema.into();
+    c.queue.postgres.node = node.into();
+    // Short, so that the tests about dead nodes do not wait long.
+    c.queue.postgres.lease = mailroot::config::HumanDuration(std::time::Duration::from_secs(10));
+    c.queue.postgres.poll_every = mailroot::config::HumanDuration(std::time::Duration::from_secs(1));
+}
+
+/// Puts the thread's test on its PostgreSQL schema, if it has one (called by `config`).
+pub fn apply_thread_schema(c: &mut Config) {
+    SCHEMA.with(|s| {
+        if let Some(name) = s.borrow().as_ref() {
+            set(c, name, "node1");
+        }
+    });
+}
+
+/// Runs a test on both queue stores: `both_stores!(name);` beside a plain `fn name()` makes the
+/// tests `name::sled` and `name::postgres`, the same body each time (the `postgres` one on a
+/// schema of its own).
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn sled() {
+                super::$name()
+            }
+
+            #[test]
+            fn postgres() {
+                if let Some(schema) = super::common::pg::Schema::for_this_test() {
+                    super::$name();
+                    schema.assert_used();
+                }
+            }
+        }
+    )+};
+}
