@@ -10,6 +10,13 @@ use std::time::Duration;
 
 use common::peer::{Behavior, Peer};
 use common::*;
+
+// The queue's behaviour on each store (tests/common/pg.rs).
+both_stores!(
+    every_endpoint_with_and_without_the_token,
+    retry_all_goes_through_every_slice,
+    stop_with_sessions_open_loses_nothing
+);
 use mailroot::client::{AdminClient, Response};
 use mailroot::daemon::Running;
 use serde_json::Value;
@@ -61,7 +68,6 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mailroot"))
 }
 
-#[test]
 fn every_endpoint_with_and_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start("127.41.0.1", 0, Behavior::default());
@@ -453,7 +459,6 @@ fn pause_refuses_new_clients_while_an_open_session_completes() {
     running.stop();
 }
 
-#[test]
 fn stop_with_sessions_open_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start("127.42.0.1", 0, Behavior::default());
@@ -611,7 +616,6 @@ fn the_admin_api_does_not_obey_web_pages() {
 
 /// Retry-all works through the queue in slices (256 envelopes each), so it reaches every
 /// deferred message however many there are, and the Queue keeps answering meanwhile.
-#[test]
 fn retry_all_goes_through_every_slice() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start("127.43.0.1", 0, Behavior::default());

@@ -8,6 +8,13 @@ use std::time::Duration;
 
 use common::*;
 
+// The queue's behaviour on each store (tests/common/pg.rs).
+both_stores!(
+    pickup_both_envelope_forms_and_a_malformed_file,
+    local_delivery_failure_is_retried,
+    restart_with_mail_pending
+);
+
 /// Writes a Pickup file the documented way: a dotfile first, then a rename.
 fn put_pickup(dir: &std::path::Path, name: &str, contents: &[u8]) {
     let tmp = dir.join("Pickup").join(format!(".{name}"));
@@ -15,7 +22,6 @@ fn put_pickup(dir: &std::path::Path, name: &str, contents: &[u8]) {
     fs::rename(&tmp, dir.join("Pickup").join(name)).unwrap();
 }
 
-#[test]
 fn pickup_both_envelope_forms_and_a_malformed_file() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), ""));
@@ -83,7 +89,6 @@ fn files_being_written_are_not_taken() {
     running.stop();
 }
 
-#[test]
 fn local_delivery_failure_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path(), "[queue]\nretry_intervals = [\"1s\"]\n"));
@@ -100,7 +105,6 @@ fn local_delivery_failure_is_retried() {
     running.stop();
 }
 
-#[test]
 fn restart_with_mail_pending() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "[queue]\nretry_intervals = [\"1s\"]\n");

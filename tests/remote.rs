@@ -11,6 +11,15 @@ use std::time::{Duration, Instant};
 use common::dns::{Answer, DnsServer};
 use common::peer::{Behavior, Hostile, Peer};
 use common::*;
+
+// The queue's behaviour on each store (tests/common/pg.rs).
+both_stores!(
+    mixed_results_then_success_on_retry,
+    delay_notice_then_expiry_report,
+    null_sender_gets_no_report_and_undeliverable_reports_go_to_badmail,
+    retry_schedule_survives_a_restart,
+    connection_reuse_and_limits_under_a_thousand_messages
+);
 use hickory_proto::rr::RecordType;
 
 const LONG: Duration = Duration::from_secs(20);
@@ -141,7 +150,6 @@ fn null_mx_and_nxdomain_fail_at_once_with_one_report() {
     running.stop();
 }
 
-#[test]
 fn mixed_results_then_success_on_retry() {
     let n = net();
     let dns = DnsServer::start();
@@ -172,7 +180,6 @@ fn mixed_results_then_success_on_retry() {
     running.stop();
 }
 
-#[test]
 fn delay_notice_then_expiry_report() {
     let n = net();
     let dns = DnsServer::start();
@@ -197,7 +204,6 @@ fn delay_notice_then_expiry_report() {
     running.stop();
 }
 
-#[test]
 fn null_sender_gets_no_report_and_undeliverable_reports_go_to_badmail() {
     let n = net();
     let dns = DnsServer::start();
@@ -232,7 +238,6 @@ fn null_sender_gets_no_report_and_undeliverable_reports_go_to_badmail() {
     running.stop();
 }
 
-#[test]
 fn retry_schedule_survives_a_restart() {
     let n = net();
     let dns = DnsServer::start();
@@ -322,7 +327,6 @@ fn per_domain_override_and_direct_before_smart_host() {
     running.stop();
 }
 
-#[test]
 fn connection_reuse_and_limits_under_a_thousand_messages() {
     let n = net();
     let dns = DnsServer::start();

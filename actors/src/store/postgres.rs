@@ -15,6 +15,8 @@
 //!   the lease has expired another node claims the message. Delivery is at least once.
 //! - Message IDs come from one sequence, taken in blocks of [`ID_BLOCK`]: unique across nodes,
 //!   never reused. A node keeps a block or two in hand so that taking an ID never waits.
+//! - Reads first commit what this node has written (a node reads its own writes, as on sled);
+//!   what nobody waits for is committed within [`FLUSH_EVERY`] anyway.
 //! - All database work runs on the store's own thread and runtime, never on an actor's: a slow
 //!   or absent database delays answers, it does not stop the Queue from answering.
 
@@ -73,6 +75,9 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          seen_at bigint NOT NULL
      );",
 )];
+
+/// How often writes left in memory (delivery results, which nobody waits for) are committed.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 /// The database's clock in Unix seconds (leases are in it, so nodes' clocks need not agree).
 const DB_NOW: &str = "(extract(epoch from clock_timestamp()))::bigint";
@@ -285,6 +290,21 @@ impl PgStore {
             poll_every: settings.poll_every,
             lease: settings.lease,
         };
+        // Writes nobody waits for (delivery results, releases) reach the database within
+        // FLUSH_EVERY, as sled flushes its log twice a second.
+        let weak = Arc::downgrade(&inner);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(FLUSH_EVERY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if lock(&inner.pending).is_empty() || lock(&inner.failed).is_some() {
+                    continue;
+                }
+                if let Err(e) = inner.commit().await {
+                    tracing::error!(error = %e, "cannot commit to the queue database");
+                }
+            }
+        });
         let schema = settings.schema.clone();
         let floor = id_floor.min(i64::MAX as u64) as i64;
         store.block_on(settings.connect_timeout * 6, async move {
@@ -649,6 +669,7 @@ impl QueueStore for PgStore {
     fn envelope(&self, id: QueueId) -> StoreFuture<Option<Envelope>> {
         let inner = self.inner.clone();
         self.spawn(async move {
+            inner.commit().await?;
             let c = inner.client().await?;
             let st = c.prepare_cached("SELECT envelope FROM messages WHERE id = $1").await.map_err(db)?;
             let id = id as i64;
@@ -675,6 +696,7 @@ impl QueueStore for PgStore {
     fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>> {
         let inner = self.inner.clone();
         self.spawn(async move {
+            inner.commit().await?;
             let c = inner.client().await?;
             let st = c
                 .prepare_cached("SELECT id, envelope FROM messages WHERE id > $1 ORDER BY id LIMIT $2")
@@ -734,6 +756,7 @@ impl QueueStore for PgStore {
     fn claim(&self, id: QueueId) -> StoreFuture<Claim> {
         let inner = self.inner.clone();
         self.spawn(async move {
+            inner.commit().await?;
             let c = inner.client().await?;
             let st = c
                 .prepare_cached(&format!(
@@ -778,6 +801,7 @@ impl QueueStore for PgStore {
     fn earliest_retry(&self, from: u64) -> StoreFuture<Option<u64>> {
         let inner = self.inner.clone();
         self.spawn(async move {
+            inner.commit().await?;
             let c = inner.client().await?;
             let st = c.prepare_cached("SELECT min(due_at) FROM messages WHERE due_at >= $1").await.map_err(db)?;
             let from = from.min(i64::MAX as u64) as i64;
@@ -789,6 +813,7 @@ impl QueueStore for PgStore {
     fn counts(&self, now: u64) -> StoreFuture<Counts> {
         let inner = self.inner.clone();
         self.spawn(async move {
+            inner.commit().await?;
             let c = inner.client().await?;
             let st = c
                 .prepare_cached(
@@ -807,6 +832,7 @@ impl QueueStore for PgStore {
     fn startup(&self) -> StoreFuture<Startup> {
         let inner = self.inner.clone();
         self.spawn(async move {
+            inner.commit().await?;
             let c = inner.client().await?;
             let row = c.query_one("SELECT count(*) FROM messages", &[]).await.map_err(db)?;
             // Nothing to resume by hand: `claim_due` hands out every message due now.
@@ -818,6 +844,7 @@ impl QueueStore for PgStore {
         let inner = self.inner.clone();
         let mark = mark.clone();
         self.spawn(async move {
+            inner.commit().await?;
             let c = inner.client().await?;
             let st = c
                 .prepare_cached("SELECT id, fingerprint FROM pickup_marks WHERE node = $1 AND name = $2")
