@@ -15,6 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 
+// On each store (tests/common/pg.rs).
+both_stores!(every_acknowledged_message_survives_sigkill, every_acknowledged_relayed_message_survives_sigkill);
+
 fn spawn_daemon(config: &Path) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mailroot"))
         .args(["run", "--config"])
@@ -133,14 +136,14 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[server]\nhostname = \"mx.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[mailroot]\npath = \"mailroot\"\n[domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
+            "[server]\nhostname = \"mx.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[mailroot]\npath = \"mailroot\"\n[domains]\nlocal = [\"example.test\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n{}",
+            common::pg::thread_toml("node1")
         ),
     )
     .unwrap();
     config
 }
 
-#[test]
 fn every_acknowledged_message_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("mailroot");
@@ -164,7 +167,6 @@ fn every_acknowledged_message_survives_sigkill() {
 /// The same for relayed mail: acknowledged messages reach the next hop after the restart. A
 /// message the peer took just before the kill, whose result was not yet recorded, is sent again
 /// (at least once, never lost).
-#[test]
 fn every_acknowledged_relayed_message_survives_sigkill() {
     let peer = common::peer::Peer::start("127.0.0.1", 0, common::peer::Behavior::default());
     let dir = tempfile::tempdir().unwrap();

@@ -69,11 +69,7 @@ impl Schema {
 
     /// The same as TOML lines for a configuration file (`[queue]` section included).
     pub fn toml(&self, node: &str) -> String {
-        format!(
-            "[queue]\nstore = \"postgres\"\n[queue.postgres]\nurl = \"{}\"\nschema = \"{}\"\nnode = \"{node}\"\nlease = \"10s\"\npoll_every = \"1s\"\n",
-            url(),
-            self.name
-        )
+        toml(&self.name, node)
     }
 }
 
@@ -106,6 +102,18 @@ fn set(c: &mut Config, schema: &str, node: &str) {
     // Short, so that the tests about dead nodes do not wait long.
     c.queue.postgres.lease = mailroot::config::HumanDuration(std::time::Duration::from_secs(10));
     c.queue.postgres.poll_every = mailroot::config::HumanDuration(std::time::Duration::from_secs(1));
+}
+
+fn toml(schema: &str, node: &str) -> String {
+    format!(
+        "[queue]\nstore = \"postgres\"\n[queue.postgres]\nurl = \"{}\"\nschema = \"{schema}\"\nnode = \"{node}\"\nlease = \"10s\"\npoll_every = \"1s\"\n",
+        url()
+    )
+}
+
+/// The thread's test's queue settings as configuration-file lines (empty on sled).
+pub fn thread_toml(node: &str) -> String {
+    SCHEMA.with(|s| s.borrow().as_ref().map(|name| toml(name, node)).unwrap_or_default())
 }
 
 /// Puts the thread's test on its PostgreSQL schema, if it has one (called by `config`).

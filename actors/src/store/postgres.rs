@@ -310,6 +310,7 @@ impl PgStore {
         store.block_on(settings.connect_timeout * 6, async move {
             inner.migrate(&schema).await?;
             inner.seen().await?;
+            inner.forget_predecessor().await?;
             let block = inner.take_block(floor).await?;
             lock(&inner.ids).push_back(block);
             Ok(())
@@ -437,6 +438,24 @@ impl Inner {
             .await
             .map_err(db)?;
         c.execute(&st, &[&self.node]).await.map_err(db)?;
+        Ok(())
+    }
+
+    /// Leases under this node's name are a dead predecessor's (a name is one running node's):
+    /// what it was working on is free again at once, not after its leases expire.
+    async fn forget_predecessor(&self) -> Result<()> {
+        let c = self.client().await?;
+        let freed = c
+            .execute("UPDATE messages SET lease_node = NULL, lease_until = NULL WHERE lease_node = $1", &[&self.node])
+            .await
+            .map_err(db)?;
+        if freed > 0 {
+            tracing::warn!(
+                messages = freed,
+                node = %self.node,
+                "messages this node was working on when it last stopped are queued again (delivery is at least once)"
+            );
+        }
         Ok(())
     }
 
