@@ -536,9 +536,11 @@ impl Handler<Input> for Session {
     type Result = ResponseActFuture<Self, Output>;
 
     fn handle(&mut self, msg: Input, _ctx: &mut Self::Context) -> Self::Result {
-        let room = self.shared.store_health.room();
+        let health = &self.shared.store_health;
+        let (room, down) = (health.room(), health.is_failing() && !health.failing_for_space());
         self.run(|proto| {
             proto.set_storage_room(room);
+            proto.set_storage_down(down);
             proto.feed(&msg.0)
         })
     }

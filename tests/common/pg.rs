@@ -147,3 +147,74 @@ macro_rules! both_stores {
         }
     )+};
 }
+
+/// The test database's URL with its `host:port` replaced by `addr` (to go through a [`Proxy`]).
+pub fn url_via(addr: std::net::SocketAddr) -> String {
+    let u = url();
+    let start = u.find('@').map_or("postgres://".len(), |i| i + 1);
+    let end = u[start..].find('/').map_or(u.len(), |i| start + i);
+    format!("{}{addr}{}", &u[..start], &u[end..])
+}
+
+/// The test database's `host:port`.
+pub fn server_addr() -> std::net::SocketAddr {
+    let u = url();
+    let start = u.find('@').map_or("postgres://".len(), |i| i + 1);
+    let end = u[start..].find('/').map_or(u.len(), |i| start + i);
+    u[start..end].parse().expect("MAILROOT_TEST_PG names the server as ip:port")
+}
+
+/// A TCP proxy in front of the database that can be made to go away (every connection cut,
+/// new ones closed at once) and come back: a database outage for one test, without stopping
+/// the server the other tests use.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start() -> Proxy {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let target = server_addr();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let down = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (d, o) = (down.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { continue };
+                if let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) {
+                    o.lock().unwrap().extend([c3, s3]);
+                }
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pipe(client, server);
+                pipe(s2, c2);
+            }
+        });
+        Proxy { addr, down, open }
+    }
+
+    /// Down: every connection cut, new ones closed; up: connections go through again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for s in self.open.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}

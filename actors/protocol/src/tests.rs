@@ -1060,6 +1060,18 @@ fn mail_is_refused_when_the_queue_has_no_room() {
         (1000, "MAIL FROM:<a@b.test> SIZE=1000\r\n", "220 250 250/2.1.0"),
         (1, "MAIL FROM:<a@b.test>\r\n", "220 250 250/2.1.0"),
     ];
+    // A store that is down for a reason other than space: 451 4.3.0, whatever the room.
+    let mut s = Session::new(Arc::new(params()), "192.0.2.9".parse().unwrap(), true);
+    s.set_storage_room(0);
+    s.set_storage_down(true);
+    s.feed(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n");
+    let mut codes = Vec::new();
+    while let Some(a) = s.next_action() {
+        if let Action::Reply(r) = a {
+            codes.push(r.status.map_or(r.code.to_string(), |st| format!("{}/{st}", r.code)));
+        }
+    }
+    assert_eq!(codes.join(" "), "250 451/4.3.0");
     for (room, mail, want) in cases {
         let mut s = Session::new(Arc::new(params()), "192.0.2.9".parse().unwrap(), true);
         s.set_storage_room(*room);

@@ -141,6 +141,8 @@ pub enum RefusalCause {
     NoRoom,
     /// Too little free space for the queue (its reserve reached, or the store failing): 452 4.3.1.
     InsufficientStorage,
+    /// The queue store cannot make anything durable now (a failed write, its database away).
+    StoreUnavailable,
     HopCountExceeded,
     TooManyRecipients,
     TooManyErrors,
@@ -199,6 +201,7 @@ impl RefusalCause {
             RefusalCause::EmptyMessage => "empty_message",
             RefusalCause::NoRoom => "no_room",
             RefusalCause::InsufficientStorage => "insufficient_storage",
+            RefusalCause::StoreUnavailable => "store_unavailable",
             RefusalCause::HopCountExceeded => "hop_count_exceeded",
             RefusalCause::TooManyRecipients => "too_many_recipients",
             RefusalCause::TooManyErrors => "too_many_errors",

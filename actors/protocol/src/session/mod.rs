@@ -211,6 +211,8 @@ pub struct Session {
     log_cmd: Option<CommandLog>,
     /// See [`Session::set_storage_room`].
     storage_room: u64,
+    /// See [`Session::set_storage_down`].
+    storage_down: bool,
     /// See [`Session::set_body_streaming`].
     stream_min: Option<usize>,
     /// Counts the messages whose body began (DATA, or a transaction's first BDAT).
@@ -236,6 +238,7 @@ impl Session {
             logging: false,
             log_cmd: None,
             storage_room: u64::MAX,
+            storage_down: false,
             stream_min: None,
             body_seq: 0,
         }
@@ -260,6 +263,12 @@ impl Session {
     /// (RFC 1870 §6.1), as Postfix does with `queue_minfree`. Unlimited unless set.
     pub fn set_storage_room(&mut self, bytes: u64) {
         self.storage_room = bytes;
+    }
+
+    /// The queue cannot make anything durable now for a reason other than space (a failed write
+    /// being recovered, its database away): `MAIL` is refused with `451 4.3.0`.
+    pub fn set_storage_down(&mut self, down: bool) {
+        self.storage_down = down;
     }
 
     /// Emit an [`Action::Log`] after the final reply to each command (the protocol log).

@@ -126,6 +126,12 @@ impl Session {
             self.out.push_back(Action::Refused(refusal));
             return self.reply(reply::rate_limited("messages"));
         }
+        if self.storage_down {
+            let mut refusal = self.refusal(RefusalCause::StoreUnavailable, None, 0);
+            refusal.sender = Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default());
+            self.out.push_back(Action::Refused(refusal));
+            return self.reply(reply::queue_unavailable());
+        }
         if self.storage_room == 0 || params.size.is_some_and(|size| size > self.storage_room) {
             let mut refusal = self.refusal(RefusalCause::InsufficientStorage, None, 0);
             refusal.sender = Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default());
