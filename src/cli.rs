@@ -116,7 +116,44 @@ fn finish<T: Serialize>(api: &ApiArgs, v: &T, table: impl FnOnce(&T) -> String) 
     ExitCode::SUCCESS
 }
 
+/// `queue export` / `queue import`: runs `work` on the configuration's store, and says how many
+/// messages went to or came from `file`.
+pub fn queue_file(
+    config: Option<&std::path::Path>,
+    work: impl FnOnce(&mailroot::config::Config) -> Result<usize, String>,
+    what: &str,
+    file: &std::path::Path,
+) -> ExitCode {
+    let loaded = match mailroot::config::Config::load(config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("mailroot: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match work(&loaded.config) {
+        Ok(n) => {
+            println!("{n} messages {what} {} ({} store)", file.display(), loaded.config.queue.store);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mailroot: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn queue(action: QueueAction, api: &ApiArgs) -> ExitCode {
+    // These two work on the store itself, not through the API.
+    let action = match action {
+        QueueAction::Export { config, out } => {
+            return queue_file(config.as_deref(), |c| mailroot::queue_io::export(c, &out), "exported to", &out)
+        }
+        QueueAction::Import { config, input } => {
+            return queue_file(config.as_deref(), |c| mailroot::queue_io::import(c, &input), "imported from", &input)
+        }
+        other => other,
+    };
     let c = match client(api) {
         Ok(c) => c,
         Err(code) => return code,
@@ -176,6 +213,10 @@ pub fn queue(action: QueueAction, api: &ApiArgs) -> ExitCode {
         }
         QueueAction::Hold { id } => changed(&c, api, "hold", id),
         QueueAction::Release { id } => changed(&c, api, "release", id),
+        QueueAction::Export { .. } | QueueAction::Import { .. } => {
+            eprintln!("mailroot: queue export and import do not go through the admin API");
+            return ExitCode::FAILURE;
+        }
         QueueAction::Bounce { id } => call::<Done>(&c, "POST", &format!("/api/queue/{id}/bounce"))
             .map(|d| finish(api, &d, |_| format!("message {id}: bounce done\n"))),
         QueueAction::Delete { id } => call::<Done>(&c, "DELETE", &format!("/api/queue/{id}"))

@@ -4,6 +4,7 @@
 //! Layout:
 //! - [`config`]: the TOML configuration, its defaults and validation.
 //! - [`daemon`]: creates the Mailroot folders, starts the actors, stops them in order.
+//! - [`queue_io`]: the queue as a portable file (`mailroot queue export/import`).
 //!
 //! Embedding: `let running = mailroot::daemon::start(config, Default::default())?;` then
 //! `running.stop()`.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod publish;
+pub mod queue_io;
 pub mod sendmail;
 
 pub use daemon::Daemon;

@@ -153,6 +153,23 @@ enum QueueAction {
     Bounce { id: u64 },
     /// Remove the message without notifying anyone.
     Delete { id: u64 },
+    /// Write every queued message to a file (the daemon stopped), to move the queue to another
+    /// store or machine with `import`.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add the messages of an `export` file to the configured store (under new IDs).
+    Import {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The file `export` wrote.
+        #[arg(long = "in")]
+        input: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -263,3 +263,121 @@ fn a_database_that_goes_away_and_comes_back() {
     );
     running.stop();
 }
+
+/// `mailroot queue export` / `import`, run as an operator would (the binary, daemons stopped):
+/// deferred mail moves from sled to PostgreSQL and back with every recipient's state (attempts,
+/// last reply, the recipient already delivered), and is delivered from where it ends up.
+#[test]
+fn the_queue_moves_from_sled_to_postgres_and_back() {
+    let Some(schema) = Schema::for_this_test() else { return };
+    let peer = Peer::start("127.0.0.1", 0, Behavior::default());
+    let delivery = format!(
+        "[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n[queue]\nretry_intervals = [\"1h\"]\n",
+        peer.addr.port()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let on_sled = |name: &str| {
+        let mut c = config(&dir.path().join(name), &delivery);
+        c.queue.store = "sled".into();
+        c
+    };
+    let on_pg = |name: &str| {
+        let mut c = config(&dir.path().join(name), &delivery);
+        schema.apply(&mut c, "node1");
+        c
+    };
+    let cli = |c: &mailroot::config::Config, args: &[&str]| {
+        let file = dir.path().join(format!("{}.toml", c.mailroot.path.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&file, c.to_toml()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mailroot"))
+            .args(["queue"])
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .expect("run mailroot");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "mailroot queue {args:?}: {text}");
+        text
+    };
+    let deferred = |running: &mailroot::daemon::Running| {
+        let admin = mailroot::client::AdminClient {
+            address: running.admin_addr.expect("admin").to_string(),
+            token: std::fs::read_to_string(running.folders.root.join("admin.token")).unwrap_or_default(),
+            timeout: Duration::from_secs(30),
+        };
+        let r = admin.request("GET", "/api/queue").expect("list");
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        (admin, v["messages"].as_array().cloned().unwrap_or_default())
+    };
+
+    // On sled: two deferred messages, one of them with a recipient already delivered.
+    let first = on_sled("first");
+    let running = start(first.clone());
+    let mut c = Client::ready(running.smtp_addrs[0], "client.test");
+    assert_eq!(c.transaction("a@example.test", &["t4one@far.test"], b"Subject: one\r\n\r\nx\r\n").code, 250);
+    assert_eq!(
+        c.transaction("a@example.test", &["t4two@far.test", "ok@far.test"], b"Subject: two\r\n\r\nx\r\n").code,
+        250
+    );
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 2.0);
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"delivered\"}", |v| v >= 1.0);
+    running.stop();
+    let file = dir.path().join("queue.jsonl");
+    let said = cli(&first, &["export", "--out", file.to_str().unwrap()]);
+    assert!(said.contains("2 messages exported"), "{said}");
+
+    // Into PostgreSQL: the same state, and a file cut short is refused whole.
+    let cut = dir.path().join("cut.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&cut, text.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    let second = on_pg("second");
+    let refused = Command::new(env!("CARGO_BIN_EXE_mailroot"))
+        .args(["queue", "import", "--in", cut.to_str().unwrap(), "--config"])
+        .arg({
+            let f = dir.path().join("second-cut.toml");
+            std::fs::write(&f, second.to_toml()).unwrap();
+            f
+        })
+        .output()
+        .unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("cut short"));
+    let said = cli(&second, &["import", "--in", file.to_str().unwrap()]);
+    assert!(said.contains("2 messages imported"), "{said}");
+    let running = start(second.clone());
+    let (_, list) = deferred(&running);
+    assert_eq!(list.len(), 2, "{list:?}");
+    let two = list.iter().find(|m| m["recipients"].as_array().unwrap().len() == 2).expect("message two");
+    let states: Vec<(&str, u64)> = two["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["status"].as_str().unwrap(), r["attempts"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(states, vec![("pending", 1), ("delivered", 1)]);
+    assert!(two["recipients"][0]["last_reply"].as_str().unwrap().starts_with("451"), "{two}");
+    running.stop();
+
+    // And back to sled, where the peer now takes everything.
+    let out2 = dir.path().join("queue2.jsonl");
+    let said = cli(&second, &["export", "--out", out2.to_str().unwrap()]);
+    assert!(said.contains("2 messages exported"), "{said}");
+    let third = on_sled("third");
+    let said = cli(&third, &["import", "--in", out2.to_str().unwrap()]);
+    assert!(said.contains("2 messages imported"), "{said}");
+    peer.set(|b| b.rcpt_replies.clear());
+    let running = start(third);
+    let (admin, list) = deferred(&running);
+    assert_eq!(list.len(), 2);
+    assert_eq!(admin.request("POST", "/api/queue/retry-all").expect("retry all").status, 200);
+    wait_for("both deferred recipients delivered", Duration::from_secs(30), || {
+        let seen = tokens(&peer);
+        (seen.get("one") == Some(&1) && seen.get("two") == Some(&2)).then_some(())
+    });
+    // `two` went once with ok@ and once more with t4two@ only: its delivered recipient was
+    // never sent again.
+    let last_two =
+        peer.received().into_iter().rev().find(|r| String::from_utf8_lossy(&r.data).contains("Subject: two"));
+    assert_eq!(last_two.map(|r| r.rcpts), Some(vec!["<t4two@far.test>".to_string()]));
+    running.stop();
+}

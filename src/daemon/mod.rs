@@ -226,6 +226,17 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// The queue store the configuration names, opened outside a running daemon (for
+/// `mailroot queue export/import`): sled refuses while a daemon holds it.
+pub fn open_queue_store(config: &Config) -> Result<Arc<dyn QueueStore>, StartError> {
+    let folders = Folders::new(&config.mailroot.path);
+    folders.create().map_err(|e| StartError::Other(format!("{}: {e}", folders.root.display())))?;
+    let floor = highest_drop_id(&folders.drop)
+        .map_err(|e| StartError::Other(format!("reading {}: {e}", folders.drop.display())))?
+        .saturating_add(1);
+    open_store(config, &folders.queue, floor)
+}
+
 /// The queue store the configuration names. sled locks its folder; a daemon that just stopped may
 /// take a moment to let go. PostgreSQL is reached (and its schema migrated) before anything else
 /// starts: a node that cannot reach its queue does not take mail.
