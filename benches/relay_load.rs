@@ -4,8 +4,11 @@
 //! sink. Prints messages/s end to end for both and the ratio.
 //!
 //! `cargo bench --bench relay_load -- [--messages N] [--sessions S] [--size BYTES] [--dir PATH]
-//! [--no-postfix] [--dkim rsa|ed25519|both]`; with `--dkim`, mailroot runs twice, without and
-//! with signing (the messages are From: remote.test), and the signing cost per message is printed; Postfix comes from Debian's `postfix` package (`apt-get install postfix`).
+//! [--no-postfix] [--dkim rsa|ed25519|both] [--store sled|postgres|both] [--pg URL]`; with
+//! `--dkim`, mailroot runs twice, without and with signing (the messages are From: remote.test),
+//! and the signing cost per message is printed; with `--store both`, mailroot runs once per queue
+//! store (PostgreSQL in a schema of the run's own). Postfix comes from Debian's `postfix` package
+//! (`apt-get install postfix`).
 //! See docs/performance.md.
 
 mod common;
@@ -57,7 +60,13 @@ fn dkim_section(dir: &Path, algorithms: &str) -> String {
     format!("[dkim.\"remote.test\"]\nkeys = [{}]\n", keys.join(", "))
 }
 
-fn run_mailroot(base: &Path, sink: &Sink, a: &common::Args, dkim: Option<&str>) -> Option<f64> {
+fn run_mailroot(
+    base: &Path,
+    sink: &Sink,
+    a: &common::Args,
+    dkim: Option<&str>,
+    pg: Option<&common::BenchSchema>,
+) -> Option<f64> {
     let _ = std::fs::remove_dir_all(base);
     let mut text = format!(
         "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n\
@@ -70,8 +79,15 @@ fn run_mailroot(base: &Path, sink: &Sink, a: &common::Args, dkim: Option<&str>) 
     let mut config = Config::from_toml(&text).expect("bench config");
     config.mailroot.path = base.to_path_buf();
     config.admin.listen = "127.0.0.1:0".into();
+    if let Some(schema) = pg {
+        schema.apply(&mut config, "bench-relay");
+    }
     let running = daemon::start(config, StartOptions::default()).expect("start");
-    let name = if dkim.is_some() { "mr+dkim" } else { "mailroot" };
+    let name = match (dkim.is_some(), pg.is_some()) {
+        (true, _) => "mr+dkim",
+        (false, true) => "mr/pg",
+        (false, false) => "mailroot",
+    };
     let rate = measure(name, running.smtp_addrs[0], sink, a);
     let m = running.metrics_text();
     let get = |k: &str| m.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string()).unwrap_or_default();
@@ -187,9 +203,20 @@ fn main() {
         "relay_load: {} messages of {} bytes, {} sessions, through a smart host to a sink at {}",
         a.messages, a.size, a.sessions, sink.addr
     );
-    let mailroot = run_mailroot(&base.join("mailroot"), &sink, &a, None);
+    let mut stores = Vec::new();
+    for store in &a.stores {
+        let schema = (store == "postgres").then(|| common::BenchSchema::new(&a.pg, "relay"));
+        stores.push((
+            store.clone(),
+            run_mailroot(&base.join(format!("mailroot-{store}")), &sink, &a, None, schema.as_ref()),
+        ));
+    }
+    let mailroot = stores.first().and_then(|(_, r)| *r);
+    if let [(s1, Some(r1)), (s2, Some(r2))] = &stores[..] {
+        println!("stores    {s2} / {s1} = {:.2}", r2 / r1);
+    }
     if let Some(algs) = a.dkim.as_deref() {
-        let signed = run_mailroot(&base.join("mailroot-dkim"), &sink, &a, Some(algs));
+        let signed = run_mailroot(&base.join("mailroot-dkim"), &sink, &a, Some(algs), None);
         if let (Some(plain), Some(signed)) = (mailroot, signed) {
             println!(
                 "dkim      {algs}: {:.0} vs {:.0} messages/s = {:.0} µs more per message end to end ({:.0}%)",
@@ -222,6 +249,11 @@ fn main() {
     drop(postfix);
     if let (Some(m), Some(p)) = (mailroot, pf) {
         println!("ratio     mailroot / postfix = {:.1}x", m / p);
+    }
+    for (store, rate) in stores.iter().skip(1) {
+        if let (Some(m), Some(p)) = (rate, pf) {
+            println!("ratio     mailroot on {store} / postfix = {:.1}x", m / p);
+        }
     }
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&base);

@@ -1,8 +1,11 @@
 //! Load benchmark: N messages of `size` bytes from S concurrent SMTP sessions to a local domain,
 //! with full durability on. Prints accepted messages per second and the time until every message
 //! is in Drop. Run with `cargo bench --bench smtp_load -- [--messages N] [--sessions S]
-//! [--size BYTES] [--dir PATH] [--checks]`; see docs/performance.md. `--checks` runs twice, with
-//! the inbound SPF/DKIM/DMARC checks off and on, against a DNS server in the process.
+//! [--size BYTES] [--dir PATH] [--checks] [--store sled|postgres|both] [--pg URL] [--nodes N]`;
+//! see docs/performance.md. `--checks` runs twice, with the inbound SPF/DKIM/DMARC checks off and
+//! on, against a DNS server in the process. `--store postgres` keeps the queue in a schema of the
+//! run's own on `--pg` (default `MAILROOT_TEST_PG` or the machine's `test` database); `--nodes 2`
+//! runs two daemons on that schema and splits the load between them.
 
 mod common;
 #[path = "../tests/common/dns.rs"]
@@ -50,19 +53,40 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Sends the load to a fresh daemon configured with `extra` in `base`.
-fn run(a: &common::Args, base: &std::path::Path, extra: &str, body: Arc<Vec<u8>>, label: &str) -> Figures {
+/// Sends the load to fresh daemons configured with `extra` in `base`: one, or `--nodes` on the
+/// PostgreSQL schema `pg`, each taking its share of the sessions and messages.
+fn run(
+    a: &common::Args,
+    base: &std::path::Path,
+    extra: &str,
+    body: Arc<Vec<u8>>,
+    label: &str,
+    pg: Option<&common::BenchSchema>,
+) -> Figures {
     let _ = std::fs::remove_dir_all(base);
-    let mut config = Config::from_toml(&format!(
-        "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
-    ))
-    .expect("bench config");
-    config.mailroot.path = base.to_path_buf();
-    let running = daemon::start(config, StartOptions::default()).expect("start");
-    let addr = running.smtp_addrs[0];
+    let nodes = if pg.is_some() { a.nodes } else { 1 };
+    let folders: Vec<PathBuf> =
+        (0..nodes).map(|n| if nodes == 1 { base.to_path_buf() } else { base.join(format!("node{n}")) }).collect();
+    let runnings: Vec<daemon::Running> = folders
+        .iter()
+        .enumerate()
+        .map(|(n, folder)| {
+            let mut config = Config::from_toml(&format!(
+                "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n[access]\nmax_connections_per_ip = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
+            ))
+            .expect("bench config");
+            config.mailroot.path = folder.clone();
+            if let Some(schema) = pg {
+                schema.apply(&mut config, &format!("bench-node{n}"));
+            }
+            daemon::start(config, StartOptions::default()).expect("start")
+        })
+        .collect();
+    let running = &runnings[0];
+    let store = if pg.is_some() { format!("postgres, {nodes} node(s)") } else { "sled".into() };
 
     println!(
-        "smtp_load{label}: {} messages of {} bytes, {} sessions, mailroot in {}",
+        "smtp_load{label}: {} messages of {} bytes, {} sessions, queue on {store}, mailroot in {}",
         a.messages,
         a.size,
         a.sessions,
@@ -70,8 +94,24 @@ fn run(a: &common::Args, base: &std::path::Path, extra: &str, body: Arc<Vec<u8>>
     );
     let start = Instant::now();
     let cpu_start = cpu_seconds();
-    let (accepted, accept_time) =
-        common::load(addr, a.sessions, a.messages, "bench@remote.test", "sink@example.test", body);
+    let loads: Vec<_> = runnings
+        .iter()
+        .enumerate()
+        .map(|(n, r)| {
+            let addr = r.smtp_addrs[0];
+            let share = |total: usize| total / nodes + usize::from(n < total % nodes);
+            let (sessions, messages, body) = (share(a.sessions).max(1), share(a.messages), body.clone());
+            std::thread::spawn(move || {
+                common::load(addr, sessions, messages, "bench@remote.test", "sink@example.test", body)
+            })
+        })
+        .collect();
+    let (mut accepted, mut accept_time) = (0, Duration::ZERO);
+    for l in loads {
+        let (n, t) = l.join().expect("load");
+        accepted += n;
+        accept_time = accept_time.max(t);
+    }
     // Poll the delivery counter, not the folder: listing 20,000 files every few milliseconds
     // would cost more CPU than the server under test.
     let delivered = |m: &str| {
@@ -81,12 +121,13 @@ fn run(a: &common::Args, base: &std::path::Path, extra: &str, body: Arc<Vec<u8>>
             .unwrap_or(0.0) as usize
     };
     let deadline = Instant::now() + Duration::from_secs(600);
-    while delivered(&running.metrics_text()) < accepted && Instant::now() < deadline {
+    while runnings.iter().map(|r| delivered(&r.metrics_text())).sum::<usize>() < accepted && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
     let e2e = start.elapsed();
     let cpu = cpu_seconds() - cpu_start;
-    let in_drop = std::fs::read_dir(base.join("Drop")).map(|d| d.count()).unwrap_or(0);
+    let in_drop: usize =
+        folders.iter().map(|f| std::fs::read_dir(f.join("Drop")).map(|d| d.count()).unwrap_or(0)).sum();
     let m = running.metrics_text();
     let figures = Figures {
         accepted_per_s: accepted as f64 / accept_time.as_secs_f64(),
@@ -115,7 +156,9 @@ fn run(a: &common::Args, base: &std::path::Path, extra: &str, body: Arc<Vec<u8>>
     for l in m.lines().filter(|l| l.starts_with("mailroot_inbound_auth_total")) {
         println!("  {l}");
     }
-    running.stop();
+    for r in runnings {
+        r.stop();
+    }
     figures
 }
 
@@ -123,7 +166,28 @@ fn main() {
     let a = common::Args::parse();
     let base = a.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-mailroot"));
     if !a.checks {
-        run(&a, &base, "", common::body(a.size, "sink@example.test"), "");
+        // Each store in a fresh folder of its own, nothing deleted in between (see below).
+        let _ = std::fs::remove_dir_all(&base);
+        let mut rates = Vec::new();
+        for store in &a.stores {
+            let schema = (store == "postgres").then(|| common::BenchSchema::new(&a.pg, "smtp"));
+            let f = run(
+                &a,
+                &base.join(store),
+                "",
+                common::body(a.size, "sink@example.test"),
+                &format!(" [{store}]"),
+                schema.as_ref(),
+            );
+            rates.push((store.clone(), f));
+        }
+        if let [(s1, f1), (s2, f2)] = &rates[..] {
+            println!(
+                "stores: {s2}/{s1} = {:.2} accepted, {:.2} end to end",
+                f2.accepted_per_s / f1.accepted_per_s,
+                f2.e2e_per_s / f1.e2e_per_s
+            );
+        }
     } else {
         // The sender's domain in a DNS server of our own: SPF allows the client, DMARC says
         // p=reject, and every message carries a valid ed25519 DKIM signature — so all three
@@ -163,8 +227,9 @@ fn main() {
             &format!("{common}[checks]\nenabled = false\n"),
             signed.clone(),
             " (checks off)",
+            None,
         );
-        let on = run(&a, &base.join("on"), &common, signed, " (SPF+DKIM+DMARC on)");
+        let on = run(&a, &base.join("on"), &common, signed, " (SPF+DKIM+DMARC on)", None);
         println!(
             "checks: {:.0} -> {:.0} messages/s accepted ({:.0}%), {:.0} -> {:.0} end to end; added {:.0} us of wall time per message at {} sessions",
             off.accepted_per_s,

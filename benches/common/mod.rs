@@ -23,12 +23,28 @@ pub struct Args {
     pub dkim: Option<String>,
     /// SMTP benchmark: run with the inbound SPF/DKIM/DMARC checks off, then on.
     pub checks: bool,
+    /// The queue stores to measure, one after the other: `sled`, `postgres` or `both`.
+    pub stores: Vec<String>,
+    /// The PostgreSQL database for `--store postgres` (a schema of the run's own is made there).
+    pub pg: String,
+    /// SMTP benchmark on PostgreSQL: this many nodes on one database, the load split between them.
+    pub nodes: usize,
 }
 
 impl Args {
     pub fn parse() -> Args {
-        let mut a =
-            Args { messages: 20_000, sessions: 20, size: 1024, dir: None, postfix: true, dkim: None, checks: false };
+        let mut a = Args {
+            messages: 20_000,
+            sessions: 20,
+            size: 1024,
+            dir: None,
+            postfix: true,
+            dkim: None,
+            checks: false,
+            stores: vec!["sled".into()],
+            pg: std::env::var("MAILROOT_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into()),
+            nodes: 1,
+        };
         let mut it = std::env::args().skip(1);
         while let Some(k) = it.next() {
             let mut v = || it.next().unwrap_or_default();
@@ -40,6 +56,14 @@ impl Args {
                 "--no-postfix" => a.postfix = false,
                 "--dkim" => a.dkim = Some(v()),
                 "--checks" => a.checks = true,
+                "--store" => {
+                    a.stores = match v().as_str() {
+                        "both" => vec!["sled".into(), "postgres".into()],
+                        s => vec![s.to_string()],
+                    }
+                }
+                "--pg" => a.pg = v(),
+                "--nodes" => a.nodes = v().parse().unwrap_or(1).max(1),
                 _ => {} // cargo passes --bench
             }
         }
@@ -278,5 +302,43 @@ impl RssSampler {
             let _ = t.join();
         }
         self.peak.load(Ordering::Relaxed) as u64
+    }
+}
+
+/// A schema of the benchmark run's own on PostgreSQL, dropped at the end.
+pub struct BenchSchema {
+    pub url: String,
+    pub name: String,
+}
+
+impl BenchSchema {
+    pub fn new(url: &str, tag: &str) -> BenchSchema {
+        BenchSchema { url: url.to_string(), name: format!("bench_{tag}_{}", std::process::id()) }
+    }
+
+    /// Puts `config`'s queue in this schema, as node `node`.
+    pub fn apply(&self, config: &mut mailroot::config::Config, node: &str) {
+        config.queue.store = "postgres".into();
+        config.queue.postgres.url = self.url.clone();
+        config.queue.postgres.schema = self.name.clone();
+        config.queue.postgres.node = node.into();
+    }
+
+    fn execute(&self, sql: &str) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let (client, conn) =
+                tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            client.batch_execute(sql).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl Drop for BenchSchema {
+    fn drop(&mut self) {
+        if let Err(e) = self.execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)) {
+            println!("could not drop schema {}: {e}", self.name);
+        }
     }
 }

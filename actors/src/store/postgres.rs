@@ -149,11 +149,31 @@ pub fn valid_schema(s: &str) -> bool {
 
 /// A write waiting for the next commit.
 enum Op {
-    Insert { id: i64, envelope: String, due_at: Option<i64>, held: bool, body: Body, mark: Option<PickupMark> },
-    Update { id: i64, envelope: String, due_at: Option<i64>, held: bool },
-    Remove { id: i64 },
-    Release { id: i64 },
-    ForgetPickup { name: String },
+    Insert {
+        id: i64,
+        envelope: String,
+        due_at: Option<i64>,
+        held: bool,
+        body: Body,
+        mark: Option<PickupMark>,
+    },
+    /// `release`: the lease goes with it (the Queue is done with the message for now).
+    Update {
+        id: i64,
+        envelope: String,
+        due_at: Option<i64>,
+        held: bool,
+        release: bool,
+    },
+    Remove {
+        id: i64,
+    },
+    Release {
+        id: i64,
+    },
+    ForgetPickup {
+        name: String,
+    },
 }
 
 enum Body {
@@ -471,86 +491,182 @@ impl Inner {
         Ok((start, start + ID_BLOCK))
     }
 
-    /// Sends `ops` in one transaction.
+    /// Sends `ops` in one transaction, in their order. Consecutive writes of one kind (the
+    /// inserts of a batch of new messages, the results of a batch of deliveries) go as one
+    /// statement each over arrays (`unnest`): a batch costs a few statements, not a few per
+    /// message.
     async fn apply(&self, ops: &[Op]) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db)?;
-        let insert = tx
+        let mut i = 0;
+        while i < ops.len() {
+            let kind = std::mem::discriminant(&ops[i]);
+            let staged = matches!(&ops[i], Op::Insert { body: Body::Staged { .. }, .. });
+            let mut j = i + 1;
+            if !staged && !matches!(ops[i], Op::ForgetPickup { .. }) {
+                while j < ops.len()
+                    && std::mem::discriminant(&ops[j]) == kind
+                    && !matches!(&ops[j], Op::Insert { body: Body::Staged { .. }, .. })
+                {
+                    j += 1;
+                }
+            }
+            let run = &ops[i..j];
+            i = j;
+            match &run[0] {
+                Op::Insert { body: Body::Staged { .. }, .. } => self.insert_staged(&tx, &run[0]).await?,
+                Op::Insert { .. } => self.insert_run(&tx, run).await?,
+                Op::Update { .. } => {
+                    // The last change to a message wins (an UPDATE … FROM with two rows for one
+                    // message would take either).
+                    let mut last: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+                    for (n, op) in run.iter().enumerate() {
+                        if let Op::Update { id, .. } = op {
+                            last.insert(*id, n);
+                        }
+                    }
+                    let (mut ids, mut envs, mut dues, mut helds, mut releases) =
+                        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    for (n, op) in run.iter().enumerate() {
+                        if let Op::Update { id, envelope, due_at, held, release } = op {
+                            if last.get(id) == Some(&n) {
+                                ids.push(*id);
+                                envs.push(envelope.as_str());
+                                dues.push(*due_at);
+                                helds.push(*held);
+                                releases.push(*release);
+                            }
+                        }
+                    }
+                    let st = tx
+                        .prepare_cached(
+                            "UPDATE messages AS m SET envelope = t.e, due_at = t.d, held = t.h,
+                                 lease_node = CASE WHEN t.r AND m.lease_node = $6 THEN NULL ELSE m.lease_node END,
+                                 lease_until = CASE WHEN t.r AND m.lease_node = $6 THEN NULL ELSE m.lease_until END
+                             FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[], $5::bool[])
+                                 AS t(i, e, d, h, r)
+                             WHERE m.id = t.i",
+                        )
+                        .await
+                        .map_err(db)?;
+                    tx.execute(&st, &[&ids, &envs, &dues, &helds, &releases, &self.node]).await.map_err(db)?;
+                }
+                Op::Remove { .. } => {
+                    let ids: Vec<i64> =
+                        run.iter().filter_map(|op| if let Op::Remove { id } = op { Some(*id) } else { None }).collect();
+                    let st = tx.prepare_cached("DELETE FROM messages WHERE id = ANY($1)").await.map_err(db)?;
+                    tx.execute(&st, &[&ids]).await.map_err(db)?;
+                    let st = tx.prepare_cached("DELETE FROM bodies WHERE id = ANY($1)").await.map_err(db)?;
+                    tx.execute(&st, &[&ids]).await.map_err(db)?;
+                }
+                Op::Release { .. } => {
+                    let ids: Vec<i64> = run
+                        .iter()
+                        .filter_map(|op| if let Op::Release { id } = op { Some(*id) } else { None })
+                        .collect();
+                    let st = tx
+                        .prepare_cached(
+                            "UPDATE messages SET lease_node = NULL, lease_until = NULL
+                             WHERE id = ANY($1) AND lease_node = $2",
+                        )
+                        .await
+                        .map_err(db)?;
+                    tx.execute(&st, &[&ids, &self.node]).await.map_err(db)?;
+                }
+                Op::ForgetPickup { name } => {
+                    let st = tx
+                        .prepare_cached("DELETE FROM pickup_marks WHERE node = $1 AND name = $2")
+                        .await
+                        .map_err(db)?;
+                    tx.execute(&st, &[&self.node, name]).await.map_err(db)?;
+                }
+            }
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    /// New messages whose bodies are in memory: their chunks, then their envelopes (holding this
+    /// node's lease), then their Pickup marks, three statements for the run.
+    async fn insert_run(&self, tx: &deadpool_postgres::Transaction<'_>, run: &[Op]) -> Result<()> {
+        let (mut chunk_ids, mut chunk_ns, mut chunks) = (Vec::new(), Vec::new(), Vec::<&[u8]>::new());
+        let (mut ids, mut envs, mut dues, mut helds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut mark_ids, mut names, mut prints) = (Vec::new(), Vec::new(), Vec::new());
+        for op in run {
+            let Op::Insert { id, envelope, due_at, held, body: Body::Memory(bytes), mark } = op else { continue };
+            for (n, piece) in bytes.chunks(PG_CHUNK).enumerate() {
+                chunk_ids.push(*id);
+                chunk_ns.push(n as i32);
+                chunks.push(piece);
+            }
+            ids.push(*id);
+            envs.push(envelope.as_str());
+            dues.push(*due_at);
+            helds.push(*held);
+            if let Some(m) = mark {
+                mark_ids.push(*id);
+                names.push(m.name.as_str());
+                prints.push(m.fingerprint.as_str());
+            }
+        }
+        // The bodies first: an envelope never names a body that is not there.
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO bodies (id, chunk, data) SELECT * FROM unnest($1::bigint[], $2::int[], $3::bytea[])",
+            )
+            .await
+            .map_err(db)?;
+        tx.execute(&st, &[&chunk_ids, &chunk_ns, &chunks]).await.map_err(db)?;
+        let st = tx
+            .prepare_cached(&format!(
+                "INSERT INTO messages (id, envelope, due_at, held, lease_node, lease_until)
+                 SELECT i, e, d, h, $5, {DB_NOW} + $6
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) AS t(i, e, d, h)"
+            ))
+            .await
+            .map_err(db)?;
+        tx.execute(&st, &[&ids, &envs, &dues, &helds, &self.node, &self.lease_secs]).await.map_err(db)?;
+        if !mark_ids.is_empty() {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO pickup_marks (node, name, id, fingerprint)
+                     SELECT $1, n, i, f FROM unnest($2::text[], $3::bigint[], $4::text[]) AS t(n, i, f)
+                     ON CONFLICT (node, name) DO UPDATE SET id = EXCLUDED.id, fingerprint = EXCLUDED.fingerprint",
+                )
+                .await
+                .map_err(db)?;
+            tx.execute(&st, &[&self.node, &names, &mark_ids, &prints]).await.map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// A new message whose body is in a spool file: our trace header, then the file in chunks
+    /// read one at a time (a large body never sits whole in memory), then its envelope.
+    async fn insert_staged(&self, tx: &deadpool_postgres::Transaction<'_>, op: &Op) -> Result<()> {
+        let Op::Insert { id, envelope, due_at, held, body: Body::Staged { header, path, bytes }, .. } = op else {
+            return Ok(());
+        };
+        let chunk = tx.prepare_cached("INSERT INTO bodies (id, chunk, data) VALUES ($1, $2, $3)").await.map_err(db)?;
+        tx.execute(&chunk, &[id, &0i32, &header.as_slice()]).await.map_err(db)?;
+        let mut file = tokio::fs::File::open(path).await?;
+        let mut left = *bytes;
+        let mut n = 1i32;
+        let mut buf = vec![0u8; PG_CHUNK];
+        while left > 0 {
+            let want = (left as usize).min(PG_CHUNK);
+            tokio::io::AsyncReadExt::read_exact(&mut file, &mut buf[..want]).await?;
+            tx.execute(&chunk, &[id, &n, &&buf[..want]]).await.map_err(db)?;
+            left -= want as u64;
+            n += 1;
+        }
+        let st = tx
             .prepare_cached(&format!(
                 "INSERT INTO messages (id, envelope, due_at, held, lease_node, lease_until)
                  VALUES ($1, $2, $3, $4, $5, {DB_NOW} + $6)"
             ))
             .await
             .map_err(db)?;
-        let chunk = tx.prepare_cached("INSERT INTO bodies (id, chunk, data) VALUES ($1, $2, $3)").await.map_err(db)?;
-        let mark = tx
-            .prepare_cached(
-                "INSERT INTO pickup_marks (node, name, id, fingerprint) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (node, name) DO UPDATE SET id = EXCLUDED.id, fingerprint = EXCLUDED.fingerprint",
-            )
-            .await
-            .map_err(db)?;
-        let update = tx
-            .prepare_cached("UPDATE messages SET envelope = $2, due_at = $3, held = $4 WHERE id = $1")
-            .await
-            .map_err(db)?;
-        let remove_body = tx.prepare_cached("DELETE FROM bodies WHERE id = $1").await.map_err(db)?;
-        let remove = tx.prepare_cached("DELETE FROM messages WHERE id = $1").await.map_err(db)?;
-        let release = tx
-            .prepare_cached(
-                "UPDATE messages SET lease_node = NULL, lease_until = NULL WHERE id = $1 AND lease_node = $2",
-            )
-            .await
-            .map_err(db)?;
-        let forget = tx.prepare_cached("DELETE FROM pickup_marks WHERE node = $1 AND name = $2").await.map_err(db)?;
-        for op in ops {
-            match op {
-                Op::Insert { id, envelope, due_at, held, body, mark: pickup } => {
-                    // The body first: an envelope never names a body that is not there.
-                    match body {
-                        Body::Memory(bytes) => {
-                            for (i, piece) in bytes.chunks(PG_CHUNK).enumerate() {
-                                tx.execute(&chunk, &[id, &(i as i32), &piece]).await.map_err(db)?;
-                            }
-                        }
-                        Body::Staged { header, path, bytes } => {
-                            tx.execute(&chunk, &[id, &0i32, &header.as_slice()]).await.map_err(db)?;
-                            let mut file = tokio::fs::File::open(path).await?;
-                            let mut left = *bytes;
-                            let mut n = 1i32;
-                            let mut buf = vec![0u8; PG_CHUNK];
-                            while left > 0 {
-                                let want = (left as usize).min(PG_CHUNK);
-                                tokio::io::AsyncReadExt::read_exact(&mut file, &mut buf[..want]).await?;
-                                tx.execute(&chunk, &[id, &n, &&buf[..want]]).await.map_err(db)?;
-                                left -= want as u64;
-                                n += 1;
-                            }
-                        }
-                    }
-                    tx.execute(&insert, &[id, envelope, due_at, held, &self.node, &self.lease_secs])
-                        .await
-                        .map_err(db)?;
-                    if let Some(m) = pickup {
-                        tx.execute(&mark, &[&self.node, &m.name, id, &m.fingerprint]).await.map_err(db)?;
-                    }
-                }
-                Op::Update { id, envelope, due_at, held } => {
-                    tx.execute(&update, &[id, envelope, due_at, held]).await.map_err(db)?;
-                }
-                Op::Remove { id } => {
-                    tx.execute(&remove, &[id]).await.map_err(db)?;
-                    tx.execute(&remove_body, &[id]).await.map_err(db)?;
-                }
-                Op::Release { id } => {
-                    tx.execute(&release, &[id, &self.node]).await.map_err(db)?;
-                }
-                Op::ForgetPickup { name } => {
-                    tx.execute(&forget, &[&self.node, name]).await.map_err(db)?;
-                }
-            }
-        }
-        tx.commit().await.map_err(db)
+        tx.execute(&st, &[id, envelope, due_at, held, &self.node, &self.lease_secs]).await.map_err(db)?;
+        Ok(())
     }
 
     /// Commits what was written before the call (see the invariants).
@@ -646,7 +762,13 @@ impl QueueStore for PgStore {
     }
 
     fn update(&self, env: &Envelope, _old_next: Option<u64>) -> Result<()> {
-        self.push(Op::Update { id: env.id as i64, envelope: to_json(env)?, due_at: due_at(env), held: env.held });
+        self.push(Op::Update {
+            id: env.id as i64,
+            envelope: to_json(env)?,
+            due_at: due_at(env),
+            held: env.held,
+            release: false,
+        });
         Ok(())
     }
 
@@ -656,7 +778,15 @@ impl QueueStore for PgStore {
     }
 
     fn release(&self, id: QueueId) {
-        self.push(Op::Release { id: id as i64 });
+        let id = id as i64;
+        let mut pending = lock(&self.inner.pending);
+        // Folded into the write just made about the same message (the usual case: its results),
+        // so that a batch of results stays one run of one kind.
+        match pending.last_mut() {
+            Some(Op::Remove { id: i }) if *i == id => {}
+            Some(Op::Update { id: i, release, .. }) if *i == id => *release = true,
+            _ => pending.push(Op::Release { id }),
+        }
     }
 
     fn discard(&self, env: &Envelope, mark: Option<&PickupMark>) -> Result<()> {
