@@ -186,9 +186,11 @@ fn a_node_killed_while_delivering_leaves_its_mail_to_the_other() {
     let seen = wait_delivered(&peer, &acked, Duration::from_secs(90));
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     assert!(metric(&b, by_b) > 0.0, "B delivered A's leftovers");
+    let taken = metric(&b, "mailroot_queue_takeovers_total");
+    assert!(taken > 0.0 && taken <= acked.len() as f64, "takeovers counted: {taken}");
     println!(
         "killed node: {} acknowledged, {delivered_by_a} delivered by A before SIGKILL, the rest by B within {:?} \
-         of the kill (lease 10 s); {duplicates} arrived twice",
+         of the kill (lease 10 s); {taken} taken over by B (counted), {duplicates} arrived twice",
         acked.len(),
         killed.elapsed()
     );

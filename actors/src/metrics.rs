@@ -188,6 +188,9 @@ pub struct Metrics {
     pub store_failures: Counter,
     /// Times the failed queue store was reopened and took mail again, without a restart.
     pub store_reopens: Counter,
+    /// Messages this node took over from another node whose lease had expired (shared store):
+    /// each may be delivered twice, if the other node had handed it over without recording it.
+    pub queue_takeovers: Counter,
     /// Outbound SMTP connections opened, and open now.
     pub outbound_connections: Counter,
     pub outbound_connections_current: Gauge,
@@ -258,6 +261,7 @@ impl Metrics {
             rate_limited: Counter::default(),
             tls_rpt: Default::default(),
             store_reopens: Counter::default(),
+            queue_takeovers: Counter::default(),
             outbound_connections: Counter::default(),
             outbound_connections_current: Gauge::default(),
             outbound_connect_failures: Counter::default(),
@@ -320,6 +324,11 @@ impl Metrics {
             "queue_store_reopens",
             "Times the failed queue store was reopened without a restart",
             m.store_reopens.clone(),
+        );
+        r.register(
+            "queue_takeovers",
+            "Messages taken over from a node whose lease had expired (possible duplicates)",
+            m.queue_takeovers.clone(),
         );
         r.register("outbound_connections", "Outbound SMTP connections opened", m.outbound_connections.clone());
         r.register(

@@ -662,6 +662,11 @@ impl Handler<Summary> for Queue {
     fn handle(&mut self, _msg: Summary, _ctx: &mut Self::Context) -> Self::Result {
         Box::pin(self.store.counts(unix_now()).into_actor(self).map(|counts, act, _| {
             let counts = counts.unwrap_or_default();
+            // A shared store counts every node's messages: the gauge follows it.
+            if let Some(total) = counts.total {
+                act.queued = total;
+                act.metrics.queue_messages.set(total as i64);
+            }
             let active = act.outstanding.len();
             let total = counts.total.unwrap_or(act.queued);
             let held = counts.held.unwrap_or(act.held.len());

@@ -182,6 +182,8 @@ pub struct Queue {
     health: Arc<StoreHealth>,
     /// A reopening of the failed store is scheduled or running.
     recovering: bool,
+    /// The store's count of messages taken over from dead nodes, as last added to the metric.
+    taken_over: u64,
     /// DKIM keys; empty = nothing is signed.
     signer: Arc<crate::dkim::Signer>,
 }
@@ -192,6 +194,8 @@ impl Queue {
         Queue {
             health: Arc::new(StoreHealth::new(store.dir(), 0)),
             recovering: false,
+            // A Queue started again after a panic counts on from where the store is.
+            taken_over: store.taken_over(),
             signer: Arc::new(crate::dkim::Signer::default()),
             store,
             committer: None,
@@ -594,6 +598,10 @@ impl Queue {
         // here); a shared store has them leased to us and leaves them out.
         let want = room + self.active.len();
         Box::pin(self.store.claim_due(now, want).into_actor(self).map(move |res, act, ctx| {
+            // What the store took over from dead nodes since the last look: possible duplicates.
+            let taken = act.store.taken_over();
+            act.metrics.queue_takeovers.inc_by(taken.saturating_sub(act.taken_over));
+            act.taken_over = act.taken_over.max(taken);
             let more = match res {
                 Ok(envs) => {
                     let more = envs.len() == want;

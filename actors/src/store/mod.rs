@@ -480,6 +480,12 @@ pub trait QueueStore: Send + Sync + 'static {
         None
     }
 
+    /// Messages taken over so far from other nodes whose leases had expired (shared stores):
+    /// each one may be delivered twice.
+    fn taken_over(&self) -> u64 {
+        0
+    }
+
     /// Bodies without an envelope that the last opening removed.
     fn orphans_removed(&self) -> u64 {
         0

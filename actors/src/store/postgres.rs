@@ -57,6 +57,8 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          lease_until bigint
      );
      CREATE INDEX messages_due ON messages (due_at) WHERE due_at IS NOT NULL;
+     CREATE INDEX messages_held ON messages (id) WHERE held;
+     CREATE INDEX messages_leased ON messages (lease_node) WHERE lease_node IS NOT NULL;
      CREATE TABLE bodies (
          id bigint NOT NULL,
          chunk integer NOT NULL,
@@ -234,6 +236,8 @@ struct Inner {
     /// Blocks of IDs in hand: `(next, end)`.
     ids: Mutex<VecDeque<(i64, i64)>>,
     refilling: AtomicBool,
+    /// Messages claimed whose expired lease was another node's (see `QueueStore::taken_over`).
+    taken_over: std::sync::atomic::AtomicU64,
 }
 
 /// The PostgreSQL store (see the module's documentation).
@@ -296,6 +300,7 @@ impl PgStore {
             committing: tokio::sync::Mutex::new(()),
             ids: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
+            taken_over: std::sync::atomic::AtomicU64::new(0),
         });
         std::fs::create_dir_all(dir)?;
         let spool = Spool::new(dir.join("spool"))?;
@@ -872,21 +877,38 @@ impl QueueStore for PgStore {
             let c = inner.client().await?;
             let st = c
                 .prepare_cached(&format!(
-                    "UPDATE messages SET lease_node = $1, lease_until = {DB_NOW} + $2
-                     WHERE id IN (
-                         SELECT id FROM messages
+                    "WITH picked AS (
+                         SELECT id, lease_node AS before FROM messages
                          WHERE due_at <= $3 AND NOT held
                            AND (lease_until IS NULL OR lease_until < {DB_NOW})
                          ORDER BY due_at
                          LIMIT $4
                          FOR UPDATE SKIP LOCKED)
-                     RETURNING id, envelope"
+                     UPDATE messages AS m SET lease_node = $1, lease_until = {DB_NOW} + $2
+                     FROM picked WHERE m.id = picked.id
+                     RETURNING m.id, m.envelope, picked.before"
                 ))
                 .await
                 .map_err(db)?;
             let now = now.min(i64::MAX as u64) as i64;
             let rows = c.query(&st, &[&inner.node, &inner.lease_secs, &now, &(limit as i64)]).await.map_err(db)?;
             let mut out = Vec::with_capacity(rows.len());
+            // Messages whose lease was another node's, by that node: it died or lost the
+            // database while working on them, and may have delivered some already.
+            let mut from: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+            for row in &rows {
+                if let Some(node) = row.get::<_, Option<String>>(2).filter(|n| *n != inner.node) {
+                    *from.entry(node).or_default() += 1;
+                }
+            }
+            for (node, n) in from {
+                inner.taken_over.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(
+                    messages = n,
+                    from = %node,
+                    "took over messages whose lease had expired; those it had already handed on will be delivered twice"
+                );
+            }
             for row in rows {
                 let id: i64 = row.get(0);
                 if mine.contains(&id) {
@@ -1021,5 +1043,9 @@ impl QueueStore for PgStore {
 
     fn poll_every(&self) -> Option<Duration> {
         Some(self.poll_every)
+    }
+
+    fn taken_over(&self) -> u64 {
+        self.inner.taken_over.load(Ordering::Relaxed)
     }
 }
