@@ -132,12 +132,13 @@ pub fn import(config: &Config, input: &Path) -> Result<usize, String> {
         let body = base64::engine::general_purpose::STANDARD.decode(&m.body).map_err(|e| e.to_string())?;
         let mut env = m.envelope;
         env.id = store.next_id().map_err(|e| e.to_string())?;
-        store.insert(&env, &body, None).map_err(|e| e.to_string())?;
+        let size = body.len();
+        store.insert(&env, Arc::new(body), None).map_err(|e| e.to_string())?;
         // Not being worked on by anyone: any node may take it when it is due.
         store.release(env.id);
         count += 1;
         batch += 1;
-        batch_bytes += body.len();
+        batch_bytes += size;
         if batch >= BATCH_MESSAGES || batch_bytes >= BATCH_BYTES {
             rt.block_on(store.commit()).map_err(|e| format!("after {count} messages: {e}"))?;
             (batch, batch_bytes) = (0, 0);

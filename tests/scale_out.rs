@@ -31,6 +31,15 @@ fn node(dir: &Path, schema: &Schema, name: &str, peer: &Peer, delivery: &str) ->
     c
 }
 
+/// The admin API of a node, with the token it generated.
+fn admin(running: &mailroot::daemon::Running) -> mailroot::client::AdminClient {
+    mailroot::client::AdminClient {
+        address: running.admin_addr.expect("admin").to_string(),
+        token: std::fs::read_to_string(running.folders.root.join("admin.token")).unwrap_or_default(),
+        timeout: Duration::from_secs(30),
+    }
+}
+
 /// How many times each token (Subject line) reached the peer.
 fn tokens(peer: &Peer) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
@@ -176,6 +185,16 @@ fn a_node_killed_while_delivering_leaves_its_mail_to_the_other() {
     wait_for("A to be delivering", Duration::from_secs(60), || (tokens(&peer).len() >= 10).then_some(()));
     let by_b = "mailroot_deliveries_total{route=\"smtp\",result=\"delivered\"}";
     assert_eq!(metric(&b, by_b), 0.0, "B took none of the messages A holds leases on");
+    // B's admin API shows the shared queue, and refuses to act on what A is working on.
+    let api = admin(&b);
+    let r = api.request("GET", "/api/queue?limit=1000").expect("list on B");
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    let listed = v["messages"].as_array().map_or(0, |m| m.len());
+    assert!(listed > 0, "B lists A's messages: {}", r.body);
+    let id = v["messages"][0]["id"].as_u64().expect("an ID");
+    let r = api.request("POST", &format!("/api/queue/{id}/hold")).expect("hold on B");
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("node-a"), "{}", r.body);
     a.kill().expect("SIGKILL");
     let _ = a.wait();
     let killed = Instant::now();
@@ -231,12 +250,7 @@ fn a_database_that_goes_away_and_comes_back() {
         None
     });
     assert_eq!((refused.code, refused.text.get(..5)), (451, Some("4.3.0")), "{refused:?}");
-    let status = mailroot::client::AdminClient {
-        address: running.admin_addr.expect("admin").to_string(),
-        token: std::fs::read_to_string(running.folders.root.join("admin.token")).unwrap_or_default(),
-        timeout: Duration::from_secs(30),
-    };
-    let r = status.request("GET", "/api/status").expect("status while the database is away");
+    let r = admin(&running).request("GET", "/api/status").expect("status while the database is away");
     assert!(r.body.contains("store_error"), "{}", r.body);
 
     proxy.set_down(false);
@@ -303,11 +317,7 @@ fn the_queue_moves_from_sled_to_postgres_and_back() {
         text
     };
     let deferred = |running: &mailroot::daemon::Running| {
-        let admin = mailroot::client::AdminClient {
-            address: running.admin_addr.expect("admin").to_string(),
-            token: std::fs::read_to_string(running.folders.root.join("admin.token")).unwrap_or_default(),
-            timeout: Duration::from_secs(30),
-        };
+        let admin = admin(running);
         let r = admin.request("GET", "/api/queue").expect("list");
         let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
         (admin, v["messages"].as_array().cloned().unwrap_or_default())

@@ -570,11 +570,13 @@ impl Queue {
         // The header goes in front of the body in place: no second copy of a large body.
         let mut message = msg.body;
         message.splice(0..0, header.bytes());
-        if let Err(e) = self.store.insert(&env, &message, msg.pickup.as_ref()) {
+        // Shared with the store until its commit (no copy), and with delivery after.
+        let message = Arc::new(message);
+        if let Err(e) = self.store.insert(&env, message.clone(), msg.pickup.as_ref()) {
             let _ = self.store.discard(&env, msg.pickup.as_ref());
             return Err(e);
         }
-        Ok((env, Some(Arc::new(message))))
+        Ok((env, Some(message)))
     }
 
     fn tell_scheduler(&mut self, at: u64, now: u64) {
@@ -665,6 +667,11 @@ impl Actor for Queue {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.meter.stopped();
+        // What waits here for a slot goes back to the shared store's other nodes at once,
+        // rather than when its lease runs out (deliveries still out keep theirs).
+        for id in self.active.keys().filter(|id| !self.outstanding.contains_key(id)) {
+            self.store.release(*id);
+        }
         if let Err(e) = self.store.commit_blocking(Duration::from_secs(5)) {
             error!(error = %e, "final queue sync failed");
         }

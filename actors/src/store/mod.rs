@@ -395,7 +395,7 @@ pub trait QueueStore: Send + Sync + 'static {
     }
 
     /// Writes a message (body, envelope and the Pickup mark); durable after the next commit.
-    fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()>;
+    fn insert(&self, env: &Envelope, message: std::sync::Arc<Vec<u8>>, mark: Option<&PickupMark>) -> Result<()>;
 
     /// [`QueueStore::insert`] for a body in a spool file: `header` (our trace header) goes in
     /// front of the file's content. Refused if the store was opened again since the file was

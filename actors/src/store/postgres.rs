@@ -179,13 +179,10 @@ enum Op {
 }
 
 enum Body {
-    Memory(Vec<u8>),
+    /// Shared with the Queue (no copy of the body is made for the commit).
+    Memory(Arc<Vec<u8>>),
     /// Our trace header, then the spool file's bytes (read at commit, removed after it).
-    Staged {
-        header: Vec<u8>,
-        path: PathBuf,
-        bytes: u64,
-    },
+    Staged { header: Vec<u8>, path: PathBuf, bytes: u64 },
 }
 
 fn db(e: tokio_postgres::Error) -> StoreError {
@@ -741,13 +738,13 @@ impl QueueStore for PgStore {
         }
     }
 
-    fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
+    fn insert(&self, env: &Envelope, message: Arc<Vec<u8>>, mark: Option<&PickupMark>) -> Result<()> {
         self.push(Op::Insert {
             id: env.id as i64,
             envelope: to_json(env)?,
             due_at: due_at(env),
             held: env.held,
-            body: Body::Memory(message.to_vec()),
+            body: Body::Memory(message),
             mark: mark.cloned(),
         });
         Ok(())

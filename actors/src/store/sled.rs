@@ -474,8 +474,8 @@ impl QueueStore for SledStore {
         SledStore::next_id(self)
     }
 
-    fn insert(&self, env: &Envelope, message: &[u8], mark: Option<&PickupMark>) -> Result<()> {
-        SledStore::insert(self, env, message, mark)
+    fn insert(&self, env: &Envelope, message: Arc<Vec<u8>>, mark: Option<&PickupMark>) -> Result<()> {
+        SledStore::insert(self, env, &message, mark)
     }
 
     fn insert_staged(&self, env: &Envelope, header: &[u8], staged: &StagedBody) -> Result<()> {
