@@ -6,10 +6,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,29 +16,6 @@ use common::*;
 
 // On each store (tests/common/pg.rs).
 both_stores!(every_acknowledged_message_survives_sigkill, every_acknowledged_relayed_message_survives_sigkill);
-
-fn spawn_daemon(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailroot"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mailroot");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep draining so the child never blocks on a full pipe.
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening addr=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("daemon listens").parse().expect("address");
-    (child, addr)
-}
 
 fn tokens_in_drop(dir: &Path) -> HashMap<String, usize> {
     let mut seen = HashMap::new();

@@ -75,31 +75,10 @@ fn postgresql_stopped_and_started_again() {
 
     let restart = Restart(version.clone());
     assert!(pg_ctl(&version, "stop"), "pg_ctlcluster stop");
-    let refused = wait_for("451 4.3.0 at MAIL", Duration::from_secs(60), || {
-        let mut c = Client::ready(smtp, "client.test");
-        let mail = c.cmd("MAIL FROM:<a@example.test>");
-        if mail.code != 250 {
-            return Some(mail);
-        }
-        assert_eq!(c.cmd("RCPT TO:<during@example.test>").code, 250);
-        assert_eq!(c.cmd("DATA").code, 354);
-        c.send(b"Subject: during\r\n\r\nx\r\n.\r\n");
-        let end = c.read_reply().expect("a reply to the message");
-        assert_eq!(end.code / 100, 4, "nothing is acknowledged while the database is down: {end:?}");
-        None
-    });
-    assert_eq!((refused.code, refused.text.get(..5)), (451, Some("4.3.0")), "{refused:?}");
+    common::pg::refused_while_down(smtp);
     drop(restart);
 
-    let after = wait_for("mail taken again", Duration::from_secs(60), || {
-        let mut c = Client::ready(smtp, "client.test");
-        if c.cmd("MAIL FROM:<a@example.test>").code != 250 {
-            return None;
-        }
-        assert_eq!(c.cmd("RSET").code, 250);
-        Some(c.transaction("a@example.test", &["after@example.test"], b"Subject: after\r\n\r\nx\r\n"))
-    });
-    assert_eq!(after.code, 250, "{after:?}");
+    common::pg::taken_again(smtp);
     wait_for("the message taken after the restart in Drop", Duration::from_secs(30), || {
         drop_files(dir.path())
             .iter()

@@ -7,10 +7,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::peer::{Behavior, Peer};
@@ -132,28 +131,6 @@ fn two_nodes_share_one_queue() {
     b.stop();
 }
 
-fn spawn_node(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailroot"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mailroot");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening addr=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node listens").parse().expect("address");
-    (child, addr)
-}
-
 /// Node A (its own process) takes 300 messages and delivers them slowly; it is SIGKILLed in the
 /// middle. Node B, running on the same database all along, leaves A's messages alone while A
 /// lives and delivers every acknowledged one once A's leases have expired (10 s here); what A
@@ -180,7 +157,7 @@ fn a_node_killed_while_delivering_leaves_its_mail_to_the_other() {
     // B runs all along: it must not take what A holds leases on while A lives.
     let bdir = tempfile::tempdir().unwrap();
     let b = start(node(bdir.path(), &schema, "node-b", &peer, "max_connections = 8\n"));
-    let (mut a, a_addr) = spawn_node(&file);
+    let (mut a, a_addr) = spawn_daemon(&file);
     let acked: Vec<String> = send_many(a_addr, "k", 300).into_iter().map(|(t, _)| t).collect();
     wait_for("A to be delivering", Duration::from_secs(60), || (tokens(&peer).len() >= 10).then_some(()));
     let by_b = "mailroot_deliveries_total{route=\"smtp\",result=\"delivered\"}";
@@ -236,35 +213,13 @@ fn a_database_that_goes_away_and_comes_back() {
 
     proxy.set_down(true);
     // New mail is refused, temporarily, and never acknowledged, until the database is back.
-    let refused = wait_for("451 4.3.0 at MAIL", Duration::from_secs(60), || {
-        let mut c = Client::ready(smtp, "client.test");
-        let mail = c.cmd("MAIL FROM:<a@example.test>");
-        if mail.code != 250 {
-            return Some(mail);
-        }
-        assert_eq!(c.cmd("RCPT TO:<during@example.test>").code, 250);
-        assert_eq!(c.cmd("DATA").code, 354);
-        c.send(b"Subject: during\r\n\r\nx\r\n.\r\n");
-        let end = c.read_reply().expect("a reply to the message");
-        assert_eq!(end.code / 100, 4, "nothing is acknowledged while the database is away: {end:?}");
-        None
-    });
-    assert_eq!((refused.code, refused.text.get(..5)), (451, Some("4.3.0")), "{refused:?}");
+    common::pg::refused_while_down(smtp);
     let r = admin(&running).request("GET", "/api/status").expect("status while the database is away");
     assert!(r.body.contains("store_error"), "{}", r.body);
 
     proxy.set_down(false);
     // Back within the recovery interval (every 5 s), without a restart.
-    let after = wait_for("mail taken again", Duration::from_secs(60), || {
-        let mut c = Client::ready(smtp, "client.test");
-        let mail = c.cmd("MAIL FROM:<a@example.test>");
-        if mail.code != 250 {
-            return None;
-        }
-        assert_eq!(c.cmd("RSET").code, 250);
-        Some(c.transaction("a@example.test", &["after@example.test"], b"Subject: after\r\n\r\nx\r\n"))
-    });
-    assert_eq!(after.code, 250, "{after:?}");
+    common::pg::taken_again(smtp);
     wait_for("both acknowledged messages in Drop", Duration::from_secs(30), || {
         let subjects: Vec<String> =
             drop_files(&running.folders.root).iter().filter_map(|f| std::fs::read_to_string(f).ok()).collect();

@@ -218,3 +218,36 @@ impl Proxy {
         }
     }
 }
+
+/// While the queue's database is away: new clients are refused at MAIL with 451 4.3.0 (once the
+/// node has noticed), and a message that got past MAIL before is never acknowledged.
+pub fn refused_while_down(smtp: std::net::SocketAddr) {
+    let refused = super::wait_for("451 4.3.0 at MAIL", std::time::Duration::from_secs(60), || {
+        let mut c = super::Client::ready(smtp, "client.test");
+        let mail = c.cmd("MAIL FROM:<a@example.test>");
+        if mail.code != 250 {
+            return Some(mail);
+        }
+        assert_eq!(c.cmd("RCPT TO:<during@example.test>").code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(b"Subject: during\r\n\r\nx\r\n.\r\n");
+        let end = c.read_reply().expect("a reply to the message");
+        assert_eq!(end.code / 100, 4, "nothing is acknowledged while the database is away: {end:?}");
+        None
+    });
+    assert_eq!((refused.code, refused.text.get(..5)), (451, Some("4.3.0")), "{refused:?}");
+}
+
+/// Once the database is back: mail is taken again (a message `Subject: after` gets its 250)
+/// within the recovery interval, without a restart.
+pub fn taken_again(smtp: std::net::SocketAddr) {
+    let after = super::wait_for("mail taken again", std::time::Duration::from_secs(60), || {
+        let mut c = super::Client::ready(smtp, "client.test");
+        if c.cmd("MAIL FROM:<a@example.test>").code != 250 {
+            return None;
+        }
+        assert_eq!(c.cmd("RSET").code, 250);
+        Some(c.transaction("a@example.test", &["after@example.test"], b"Subject: after\r\n\r\nx\r\n"))
+    });
+    assert_eq!(after.code, 250, "{after:?}");
+}
