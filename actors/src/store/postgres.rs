@@ -413,6 +413,12 @@ impl Inner {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// A connection for a read that must see this node's own writes: they are committed first.
+    async fn reader(&self) -> Result<deadpool_postgres::Object> {
+        self.commit().await?;
+        self.client().await
+    }
+
     /// Creates the schema or brings it to the newest version this build knows.
     async fn migrate(&self, schema: &str) -> Result<()> {
         let mut c = self.client().await?;
@@ -820,8 +826,7 @@ impl QueueStore for PgStore {
     fn envelope(&self, id: QueueId) -> StoreFuture<Option<Envelope>> {
         let inner = self.inner.clone();
         self.spawn(async move {
-            inner.commit().await?;
-            let c = inner.client().await?;
+            let c = inner.reader().await?;
             let st = c.prepare_cached("SELECT envelope FROM messages WHERE id = $1").await.map_err(db)?;
             let id = id as i64;
             match c.query_opt(&st, &[&id]).await.map_err(db)? {
@@ -847,8 +852,7 @@ impl QueueStore for PgStore {
     fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>> {
         let inner = self.inner.clone();
         self.spawn(async move {
-            inner.commit().await?;
-            let c = inner.client().await?;
+            let c = inner.reader().await?;
             let st = c
                 .prepare_cached("SELECT id, envelope FROM messages WHERE id > $1 ORDER BY id LIMIT $2")
                 .await
@@ -924,8 +928,7 @@ impl QueueStore for PgStore {
     fn claim(&self, id: QueueId) -> StoreFuture<Claim> {
         let inner = self.inner.clone();
         self.spawn(async move {
-            inner.commit().await?;
-            let c = inner.client().await?;
+            let c = inner.reader().await?;
             let st = c
                 .prepare_cached(&format!(
                     "UPDATE messages SET lease_node = $1, lease_until = {DB_NOW} + $2
@@ -969,8 +972,7 @@ impl QueueStore for PgStore {
     fn earliest_retry(&self, from: u64) -> StoreFuture<Option<u64>> {
         let inner = self.inner.clone();
         self.spawn(async move {
-            inner.commit().await?;
-            let c = inner.client().await?;
+            let c = inner.reader().await?;
             let st = c.prepare_cached("SELECT min(due_at) FROM messages WHERE due_at >= $1").await.map_err(db)?;
             let from = from.min(i64::MAX as u64) as i64;
             let at: Option<i64> = c.query_one(&st, &[&from]).await.map_err(db)?.get(0);
@@ -981,8 +983,7 @@ impl QueueStore for PgStore {
     fn counts(&self, now: u64) -> StoreFuture<Counts> {
         let inner = self.inner.clone();
         self.spawn(async move {
-            inner.commit().await?;
-            let c = inner.client().await?;
+            let c = inner.reader().await?;
             let st = c
                 .prepare_cached(
                     "SELECT count(*), count(*) FILTER (WHERE due_at > $1), count(*) FILTER (WHERE held)
@@ -1000,8 +1001,7 @@ impl QueueStore for PgStore {
     fn startup(&self) -> StoreFuture<Startup> {
         let inner = self.inner.clone();
         self.spawn(async move {
-            inner.commit().await?;
-            let c = inner.client().await?;
+            let c = inner.reader().await?;
             let row = c.query_one("SELECT count(*) FROM messages", &[]).await.map_err(db)?;
             // Nothing to resume by hand: `claim_due` hands out every message due now.
             Ok(Startup { queued: row.get::<_, i64>(0).max(0) as usize, held: Vec::new(), resume: Vec::new() })
@@ -1012,8 +1012,7 @@ impl QueueStore for PgStore {
         let inner = self.inner.clone();
         let mark = mark.clone();
         self.spawn(async move {
-            inner.commit().await?;
-            let c = inner.client().await?;
+            let c = inner.reader().await?;
             let st = c
                 .prepare_cached("SELECT id, fingerprint FROM pickup_marks WHERE node = $1 AND name = $2")
                 .await
