@@ -98,6 +98,7 @@ impl Config {
             .chain(std::iter::once(&mut self.delivery.smart_host_password_file))
             .chain(self.domains.remote.values_mut().map(|r| &mut r.password_file))
             .chain(std::iter::once(&mut self.queue.postgres.password_file))
+            .chain(std::iter::once(&mut self.queue.postgres.ca_file))
         {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);

@@ -496,6 +496,11 @@ pub struct QueuePostgres {
     pub poll_every: HumanDuration,
     pub connect_timeout: HumanDuration,
     pub statement_timeout: HumanDuration,
+    /// `auto` (none to this machine, `verify` to any other), `off`, `require` (encrypted, any
+    /// certificate) or `verify` (chain and name checked).
+    pub tls: String,
+    /// The CA certificates (PEM) `verify` trusts; empty = the system's roots.
+    pub ca_file: PathBuf,
 }
 
 impl Default for QueuePostgres {
@@ -512,6 +517,8 @@ impl Default for QueuePostgres {
             poll_every: HumanDuration(p.poll_every),
             connect_timeout: HumanDuration(p.connect_timeout),
             statement_timeout: HumanDuration(p.statement_timeout),
+            tls: "auto".into(),
+            ca_file: PathBuf::new(),
         }
     }
 }

@@ -582,6 +582,9 @@ impl Config {
             poll_every: pg.poll_every.0,
             connect_timeout: pg.connect_timeout.0,
             statement_timeout: pg.statement_timeout.0,
+            tls: mailroot_actors::store::PgTls::parse(&pg.tls)
+                .map_err(|e| ConfigError(format!("queue.postgres.tls: {e}")))?,
+            ca_file: (!pg.ca_file.as_os_str().is_empty()).then(|| pg.ca_file.clone()),
         })
     }
 

@@ -162,6 +162,9 @@ impl Config {
                 if !pg.node.is_empty() && !node_ok(&pg.node) {
                     return err("queue.postgres.node", "letters, digits, '.', '_' and '-' only, at most 64".into());
                 }
+                if let Err(e) = mailroot_actors::store::PgTls::parse(&pg.tls) {
+                    return err("queue.postgres.tls", e);
+                }
                 if pg.pool_size < 2 {
                     return err("queue.postgres.pool_size", "at least 2 (commits and reads run side by side)".into());
                 }

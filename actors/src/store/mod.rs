@@ -22,6 +22,7 @@
 //! - Large bodies are written as they arrive to a spool file in a local folder
 //!   ([`SpoolWriter`]); the store takes them over at insert.
 
+pub mod pg_tls;
 pub mod postgres;
 pub mod sled;
 
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::dsn::{MessageDsn, RcptDsn};
 use crate::protocol::outcome::{Class, Outcome};
 
-pub use self::postgres::{PgSettings, PgStore};
+pub use self::postgres::{PgSettings, PgStore, PgTls};
 pub use self::sled::SledStore;
 
 pub type QueueId = u64;

@@ -105,6 +105,34 @@ pub struct PgSettings {
     pub connect_timeout: Duration,
     /// Any statement, at most this long (a large body's insert included).
     pub statement_timeout: Duration,
+    /// TLS to the database.
+    pub tls: PgTls,
+    /// The CA certificates (PEM) that `PgTls::Verify` trusts; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgTls {
+    /// None to a database on this machine (loopback, a Unix socket), `Verify` to any other.
+    Auto,
+    Off,
+    /// Encrypted, certificate not checked (libpq's `sslmode=require`).
+    Require,
+    /// Encrypted, chain and name checked (libpq's `sslmode=verify-full`).
+    Verify,
+}
+
+impl PgTls {
+    pub fn parse(s: &str) -> std::result::Result<PgTls, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(PgTls::Auto),
+            "off" => Ok(PgTls::Off),
+            "require" => Ok(PgTls::Require),
+            "verify" => Ok(PgTls::Verify),
+            other => Err(format!("{other:?} is not auto, off, require or verify")),
+        }
+    }
 }
 
 impl std::fmt::Debug for PgSettings {
@@ -116,6 +144,7 @@ impl std::fmt::Debug for PgSettings {
             .field("node", &self.node)
             .field("pool_size", &self.pool_size)
             .field("lease", &self.lease)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -137,6 +166,8 @@ impl Default for PgSettings {
             poll_every: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(60),
+            tls: PgTls::Auto,
+            ca_file: None,
         }
     }
 }
@@ -191,7 +222,12 @@ fn db(e: tokio_postgres::Error) -> StoreError {
     } else {
         StoreError::Database(match e.as_db_error() {
             Some(d) => format!("{}: {}", d.code().code(), d.message()),
-            None => e.to_string(),
+            // The client's own errors keep their cause apart (a TLS handshake's reason, an
+            // I/O error): say it.
+            None => match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            },
         })
     }
 }
@@ -275,8 +311,37 @@ impl PgStore {
                 settings.schema,
                 settings.statement_timeout.as_millis()
             ));
+        let local = config.get_hosts().iter().all(|h| match h {
+            tokio_postgres::config::Host::Unix(_) => true,
+            tokio_postgres::config::Host::Tcp(name) => {
+                name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+        });
+        let tls = match settings.tls {
+            PgTls::Auto if local => PgTls::Off,
+            PgTls::Auto => PgTls::Verify,
+            chosen => chosen,
+        };
+        let manager_config = || ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match tls {
+            PgTls::Off | PgTls::Auto => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                Manager::from_config(config, NoTls, manager_config())
+            }
+            PgTls::Require | PgTls::Verify => {
+                // Never falls back to clear text.
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let configs =
+                    crate::remote::tls::TlsConfigs::new(settings.ca_file.as_deref()).map_err(StoreError::Database)?;
+                let client = if tls == PgTls::Verify {
+                    configs.verified.map_err(|e| StoreError::Database(format!("TLS to the database: {e}")))?
+                } else {
+                    configs.any
+                };
+                Manager::from_config(config, super::pg_tls::MakeRustls(client), manager_config())
+            }
+        };
         let (rt, stop) = runtime_thread()?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = {
             let _entered = rt.enter();
             Pool::builder(manager)
@@ -1043,5 +1108,70 @@ impl QueueStore for PgStore {
 
     fn taken_over(&self) -> u64 {
         self.inner.taken_over.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The machine's PostgreSQL (see tests/common/pg.rs), or `None` when it cannot be reached
+    /// and CI does not require it.
+    fn server() -> Option<String> {
+        let url = std::env::var("MAILROOT_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+        let reachable = url
+            .split('@')
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+            .is_some_and(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
+        if !reachable {
+            assert!(std::env::var_os("MAILROOT_INTEROP").is_none(), "PostgreSQL at {url} is needed");
+            eprintln!("skipped: no PostgreSQL at {url}");
+            return None;
+        }
+        Some(url)
+    }
+
+    /// Whether the store's connections are encrypted, then its schema dropped.
+    fn encrypted(store: &PgStore, schema: &str) -> bool {
+        let inner = store.inner.clone();
+        let schema = schema.to_string();
+        store
+            .block_on(Duration::from_secs(10), async move {
+                let c = inner.client().await?;
+                let ssl: bool = c
+                    .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.map_err(db)?;
+                Ok(ssl)
+            })
+            .expect("query the connection")
+    }
+
+    /// `require` encrypts (the machine's server has Debian's self-signed certificate); `verify`
+    /// refuses that certificate rather than fall back to clear text; `auto` to a loopback
+    /// address does not encrypt.
+    #[test]
+    fn tls_to_the_database() {
+        let Some(url) = server() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let settings = |tls: PgTls, schema: &str| PgSettings {
+            url: url.clone(),
+            schema: format!("{schema}_{}", std::process::id()),
+            tls,
+            ..PgSettings::default()
+        };
+        let s = settings(PgTls::Require, "tls_require");
+        let store = PgStore::open(&s, dir.path(), 1).expect("open with tls = require");
+        assert!(encrypted(&store, &s.schema), "require encrypts");
+        let s = settings(PgTls::Auto, "tls_auto");
+        let store = PgStore::open(&s, dir.path(), 1).expect("open with tls = auto");
+        assert!(!encrypted(&store, &s.schema), "auto to loopback does not");
+        let s = settings(PgTls::Verify, "tls_verify");
+        let refused = PgStore::open(&s, dir.path(), 1).err().expect("verify refuses a self-signed certificate");
+        assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
     }
 }
