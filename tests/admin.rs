@@ -88,6 +88,7 @@ fn every_endpoint_with_and_without_the_token() {
         for (method, path) in [
             ("GET", "/metrics".to_string()),
             ("GET", "/api/status".into()),
+            ("GET", "/api/history".into()),
             ("GET", "/api/queue".into()),
             ("GET", format!("/api/queue/{a}")),
             ("POST", format!("/api/queue/{a}/retry")),
@@ -430,6 +431,15 @@ fn metrics_count_a_known_workload() {
     }
     assert_eq!(value(&m, "mailroot_actor_live{actor=\"session\"}"), 0.0);
     assert_eq!(value(&m, "mailroot_actor_restarts_total{actor=\"local-drop\"}"), 0.0);
+    // The last hour minute by minute (the console's charts): the same workload, summed.
+    let (status, v) = call(&c, "GET", "/api/history");
+    assert_eq!(status, 200);
+    let minutes = v["minutes"].as_array().expect("minutes");
+    assert_eq!(minutes.len(), 60);
+    let sum = |k: &str| minutes.iter().map(|m| m[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("received"), sum("delivered"), sum("deferred"), sum("bounced")), (17, 17, 0, 0), "{v}");
+    let at = |i: usize| minutes[i]["at"].as_u64().unwrap();
+    assert!((1..60).all(|i| at(i) == at(i - 1) + 60), "consecutive minutes, oldest first");
     running.stop();
 }
 

@@ -27,6 +27,7 @@ pub mod dkim;
 pub mod fault;
 pub mod fsio;
 pub mod health;
+pub mod history;
 pub mod listener;
 pub mod lmtp;
 pub mod local_drop;

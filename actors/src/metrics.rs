@@ -137,6 +137,8 @@ impl Drop for Handling {
 
 pub struct Metrics {
     pub actors: ActorMetrics,
+    /// The last hour minute by minute (not Prometheus: served by `/api/history`).
+    pub history: crate::history::History,
     /// Messages accepted into the queue, by source (`smtp`, `pickup`).
     pub messages_received: Family<SourceLabel, Counter>,
     /// Bytes of accepted messages, trace header included.
@@ -229,6 +231,7 @@ fn batch_histogram() -> Histogram {
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Arc<Self> {
         let m = Metrics {
+            history: Default::default(),
             actors: ActorMetrics {
                 handled: Family::default(),
                 handling_seconds: Family::new_with_constructor(handling_histogram),

@@ -156,6 +156,14 @@ async fn send_tls_reports(req: HttpRequest, s: State) -> HttpResponse {
     }
 }
 
+/// The last hour minute by minute: messages received, recipient deliveries by result (kept by
+/// the daemon: the web console's charts need no Prometheus).
+async fn history(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let minutes = s.metrics.history.last_hour(mailroot_actors::clock::unix_now());
+    HttpResponse::Ok().json(serde_json::json!({ "minutes": minutes }))
+}
+
 async fn status(req: HttpRequest, s: State) -> HttpResponse {
     authorized!(req, s);
     let queue = match tokio::time::timeout(SUMMARY_TIMEOUT, s.queue.send(Summary)).await {
@@ -322,6 +330,7 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics))
         .route("/api/status", web::get().to(status))
+        .route("/api/history", web::get().to(history))
         .route("/api/queue", web::get().to(list))
         .route("/api/queue/retry-all", web::post().to(retry_all))
         .route("/api/queue/{id}", web::get().to(show))

@@ -137,6 +137,7 @@ impl Queue {
         Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
                 act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
+                act.metrics.history.received();
                 act.metrics.bytes_received.inc_by(size);
                 act.queued += 1;
                 act.metrics.queue_messages.set(act.queued as i64);

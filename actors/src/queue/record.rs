@@ -90,6 +90,7 @@ impl Queue {
                 }
             }
             self.metrics.deliveries.get_or_create(&RouteLabel { route, result: outcome.label() }).inc();
+            self.metrics.history.delivery(outcome.class);
             info!(
                 id,
                 sender = %LogSafe(&env.sender),
