@@ -596,24 +596,26 @@ impl Queue {
         if room == 0 || self.health.is_failing() {
             return Box::pin(actix::fut::ready(room == 0));
         }
-        // The embedded store hands out the messages the Queue already works on too (skipped
-        // here); a shared store has them leased to us and leaves them out.
-        let want = room + self.active.len();
-        Box::pin(self.store.claim_due(now, want).into_actor(self).map(move |res, act, ctx| {
+        let active = &self.active;
+        let claim = self.store.claim_due(now, room, &|id| active.contains_key(&id));
+        Box::pin(claim.into_actor(self).map(move |res, act, ctx| {
             // What the store took over from dead nodes since the last look: possible duplicates.
             let taken = act.store.taken_over();
             act.metrics.queue_takeovers.inc_by(taken.saturating_sub(act.taken_over));
             act.taken_over = act.taken_over.max(taken);
             let more = match res {
                 Ok(envs) => {
-                    let more = envs.len() == want;
+                    let more = envs.len() == room;
                     for env in envs {
                         act.schedule(env, None);
                     }
                     more
                 }
                 Err(e) => {
+                    // A shared store that cannot be reached, or whose background commit failed,
+                    // is failing: new mail is refused and it is recovered, as after a write.
                     error!(error = %e, "cannot read the retry index");
+                    act.store_error(&e, ctx);
                     true
                 }
             };
@@ -655,9 +657,10 @@ impl Actor for Queue {
                 act.store
                     .renew(ids)
                     .into_actor(act)
-                    .map(|res, _act, _ctx| {
+                    .map(|res, act, ctx| {
                         if let Err(e) = res {
                             warn!(error = %e, "cannot renew the leases on the messages being delivered");
+                            act.store_error(&e, ctx);
                         }
                     })
                     .spawn(ctx);

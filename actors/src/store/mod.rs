@@ -276,10 +276,6 @@ impl Spool {
         Ok(Spool { dir, generation: AtomicU64::new(0) })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn path(&self, id: QueueId) -> PathBuf {
         self.dir.join(id.to_string())
     }
@@ -438,8 +434,10 @@ pub trait QueueStore: Send + Sync + 'static {
     fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>>;
 
     /// Up to `limit` messages whose retry time is at or before `now`, earliest first, not on
-    /// hold; on a shared store, claimed for this node (leased) as they are handed out.
-    fn claim_due(&self, now: u64, limit: usize) -> StoreFuture<Vec<Envelope>>;
+    /// hold and not among those `working` says the Queue works on already; on a shared store,
+    /// claimed for this node (leased) as they are handed out (what this node works on is leased
+    /// to it already, so is never handed out again).
+    fn claim_due(&self, now: u64, limit: usize, working: &dyn Fn(QueueId) -> bool) -> StoreFuture<Vec<Envelope>>;
 
     /// Takes one message for this node now (an operator acts on it): its envelope, unless another
     /// node is working on it. Give it back with [`QueueStore::release`] unless it is delivered.
@@ -484,11 +482,6 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Messages taken over so far from other nodes whose leases had expired (shared stores):
     /// each one may be delivered twice.
     fn taken_over(&self) -> u64 {
-        0
-    }
-
-    /// Bodies without an envelope that the last opening removed.
-    fn orphans_removed(&self) -> u64 {
         0
     }
 }

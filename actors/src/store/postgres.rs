@@ -20,7 +20,7 @@
 //! - All database work runs on the store's own thread and runtime, never on an actor's: a slow
 //!   or absent database delays answers, it does not stop the Queue from answering.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -928,19 +928,12 @@ impl QueueStore for PgStore {
         })
     }
 
-    fn claim_due(&self, now: u64, limit: usize) -> StoreFuture<Vec<Envelope>> {
-        // What this node has written but not committed is newer than the database: a message
-        // it removed or changed is not handed out on the database's word.
-        let mine: HashSet<i64> = lock(&self.inner.pending)
-            .iter()
-            .filter_map(|op| match op {
-                Op::Update { id, .. } | Op::Remove { id } | Op::Insert { id, .. } => Some(*id),
-                _ => None,
-            })
-            .collect();
+    fn claim_due(&self, now: u64, limit: usize, _working: &dyn Fn(QueueId) -> bool) -> StoreFuture<Vec<Envelope>> {
         let inner = self.inner.clone();
         self.spawn(async move {
-            let c = inner.client().await?;
+            // What this node wrote first: the database must not hand out a message on an older
+            // word (one it removed, or whose lease it gave back with its results).
+            let c = inner.reader().await?;
             let st = c
                 .prepare_cached(&format!(
                     "WITH picked AS (
@@ -977,9 +970,6 @@ impl QueueStore for PgStore {
             }
             for row in rows {
                 let id: i64 = row.get(0);
-                if mine.contains(&id) {
-                    continue;
-                }
                 match from_json(id, row.get(1)) {
                     Ok(env) => out.push(env),
                     Err(e) => tracing::error!(id, error = %e, "unreadable envelope left in the queue"),

@@ -412,14 +412,20 @@ impl SledStore {
         Ok((due, later))
     }
 
-    /// Messages whose retry time is at or before `now`, earliest first.
-    pub fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueId>> {
+    /// The envelopes of up to `limit` messages whose retry time is at or before `now`, earliest
+    /// first, leaving out those on hold and those `working` names (the Queue has them).
+    pub fn due_envelopes(&self, now: u64, limit: usize, working: &dyn Fn(QueueId) -> bool) -> Result<Vec<Envelope>> {
         let t = self.trees()?;
         let mut out = Vec::new();
-        for k in t.retry.range(..retry_key(now, u64::MAX)).keys().take(limit) {
-            let k = k?;
-            if let Some(id) = k.get(8..).and_then(id_from) {
-                out.push(id);
+        for k in t.retry.range(..retry_key(now, u64::MAX)).keys() {
+            if out.len() == limit {
+                break;
+            }
+            let Some(id) = k?.get(8..).and_then(id_from).filter(|id| !working(*id)) else { continue };
+            match SledStore::envelope(self, id) {
+                Ok(Some(env)) if !env.held => out.push(env),
+                Ok(_) => {}
+                Err(e) => tracing::error!(id, error = %e, "cannot read a due message's envelope"),
             }
         }
         Ok(out)
@@ -529,19 +535,8 @@ impl QueueStore for SledStore {
         ready(self.envelopes_after(after).take(limit).collect())
     }
 
-    fn claim_due(&self, now: u64, limit: usize) -> StoreFuture<Vec<Envelope>> {
-        let envs = self.due(now, limit).map(|ids| {
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                match SledStore::envelope(self, id) {
-                    Ok(Some(env)) if !env.held => out.push(env),
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(id, error = %e, "cannot read a due message's envelope"),
-                }
-            }
-            out
-        });
-        ready(envs)
+    fn claim_due(&self, now: u64, limit: usize, working: &dyn Fn(QueueId) -> bool) -> StoreFuture<Vec<Envelope>> {
+        ready(self.due_envelopes(now, limit, working))
     }
 
     fn earliest_retry(&self, from: u64) -> StoreFuture<Option<u64>> {
@@ -580,10 +575,6 @@ impl QueueStore for SledStore {
             .map_err(StoreError::Io)
         })
     }
-
-    fn orphans_removed(&self) -> u64 {
-        SledStore::orphans_removed(self)
-    }
 }
 
 #[cfg(test)]
@@ -594,6 +585,11 @@ mod tests {
     /// Reopens right after a handle was dropped: its flusher may still hold the lock briefly.
     fn reopen(dir: &Path, floor: QueueId) -> SledStore {
         SledStore::open_waiting(dir, floor, std::time::Duration::from_secs(10)).unwrap()
+    }
+
+    /// The IDs of the due messages (none being worked on).
+    fn due(s: &SledStore, now: u64, limit: usize) -> Vec<QueueId> {
+        s.due_envelopes(now, limit, &|_| false).unwrap().iter().map(|e| e.id).collect()
     }
 
     fn env(id: QueueId, next: Option<u64>) -> Envelope {
@@ -634,12 +630,12 @@ mod tests {
             // Retry index follows next_attempt.
             let mut e = env(id, Some(100));
             s.update(&e, None).unwrap();
-            assert_eq!(s.due(99, 10).unwrap(), Vec::<u64>::new());
-            assert_eq!(s.due(100, 10).unwrap(), vec![id]);
+            assert_eq!(due(&s, 99, 10), Vec::<u64>::new());
+            assert_eq!(due(&s, 100, 10), vec![id]);
             e.next_attempt = Some(200);
             s.update(&e, Some(100)).unwrap();
-            assert_eq!(s.due(150, 10).unwrap(), Vec::<u64>::new());
-            assert_eq!(s.due(200, 10).unwrap(), vec![id]);
+            assert_eq!(due(&s, 150, 10), Vec::<u64>::new());
+            assert_eq!(due(&s, 200, 10), vec![id]);
             assert_eq!(s.earliest_retry(0).unwrap(), Some(200));
             assert_eq!(s.earliest_retry(200).unwrap(), Some(200));
             assert_eq!(s.earliest_retry(201).unwrap(), None);
@@ -653,7 +649,27 @@ mod tests {
         s.remove(stored[0].id, stored[0].next_attempt).unwrap();
         assert!(s.envelope(id).unwrap().is_none());
         assert!(s.body(id).unwrap().is_empty());
-        assert_eq!(s.due(u64::MAX, 10).unwrap(), Vec::<u64>::new());
+        assert_eq!(due(&s, u64::MAX, 10), Vec::<u64>::new());
+    }
+
+    /// What the Queue works on already is skipped, and the limit counts what it gets.
+    #[test]
+    fn due_messages_leave_out_those_being_worked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(dir.path(), 0);
+        for (id, at) in [(1, 10), (2, 20), (3, 30)] {
+            s.insert(&env(id, Some(at)), b"x", None).unwrap();
+        }
+        let got = |limit, working: &dyn Fn(QueueId) -> bool| -> Vec<QueueId> {
+            s.due_envelopes(100, limit, working).unwrap().iter().map(|e| e.id).collect()
+        };
+        assert_eq!(got(2, &|_| false), vec![1, 2]);
+        assert_eq!(got(2, &|id| id == 1), vec![2, 3], "1 is skipped, and does not count");
+        assert_eq!(got(10, &|id| id != 3), vec![3]);
+        let mut held = env(2, None);
+        held.held = true;
+        s.update(&held, Some(20)).unwrap();
+        assert_eq!(got(10, &|_| false), vec![1, 3], "a held message is never due");
     }
 
     #[test]
@@ -728,7 +744,7 @@ mod tests {
         s.sync().unwrap();
         s.reopen(std::time::Duration::from_secs(5)).unwrap();
         assert_eq!(s.body(id).unwrap(), b"kept");
-        assert_eq!(s.due(50, 10).unwrap(), vec![id]);
+        assert_eq!(due(&s, 50, 10), vec![id]);
         assert!(s.next_id().unwrap() > id);
         s.probe().unwrap();
         // The reopened handles hold the folder's lock as the first ones did.
