@@ -12,8 +12,6 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -223,30 +221,24 @@ impl Queue {
     /// A message's envelope: the Queue's own copy while it works on the message (the newer one),
     /// else the store's.
     pub(super) fn envelope_of(&self, id: QueueId) -> AdminFuture<Envelope> {
-        if let Some(env) = self.active.get(&id) {
-            return answer(Ok(env.clone()));
-        }
-        Box::pin(self.store.envelope(id).into_actor(self).map(move |res, act, _| {
-            // It may have been taken up while the store answered.
-            if let Some(env) = act.active.get(&id) {
-                return Ok(env.clone());
-            }
-            match res {
-                Ok(Some(env)) => Ok(env),
-                Ok(None) => Err(AdminError::NotFound),
-                Err(e) => Err(internal(e)),
-            }
-        }))
+        let read = self.store.envelope(id);
+        self.own_copy_or(id, Box::pin(async move { Ok(read.await?.map_or(Claim::Missing, Claim::Taken)) }))
     }
 
     /// A message an operator acts on: the Queue's own copy while it works on it, else taken from
     /// the store for this node (refused while another node delivers it). Unless the action
     /// ends with the message delivered here or gone, give it back with `release`.
     fn claim_of(&self, id: QueueId) -> AdminFuture<Envelope> {
+        self.own_copy_or(id, self.store.claim(id))
+    }
+
+    /// The Queue's copy of `id` if it works on it (also when it took it up while `from_store`
+    /// ran), else what `from_store` says.
+    fn own_copy_or(&self, id: QueueId, from_store: crate::store::StoreFuture<Claim>) -> AdminFuture<Envelope> {
         if let Some(env) = self.active.get(&id) {
             return answer(Ok(env.clone()));
         }
-        Box::pin(self.store.claim(id).into_actor(self).map(move |res, act, _| {
+        Box::pin(from_store.into_actor(self).map(move |res, act, _| {
             if let Some(env) = act.active.get(&id) {
                 return Ok(env.clone());
             }
@@ -291,7 +283,7 @@ impl Queue {
     }
 
     /// Answers once everything written so far is durable.
-    fn durable(&mut self) -> AdminFuture<()> {
+    pub(super) fn durable(&mut self) -> AdminFuture<()> {
         let Some(committer) = self.committer.clone() else {
             return answer(Err(AdminError::Internal("the queue is not running".into())));
         };
@@ -609,7 +601,7 @@ impl Handler<Bounce> for Queue {
             // The report returns the message (or its headers): read it first.
             Box::pin(body.into_actor(act).then(move |body, act, ctx| {
                 let body = match body {
-                    Ok(b) => Arc::new(b),
+                    Ok(b) => b,
                     Err(e) => {
                         act.give_back(id);
                         return answer(Err(internal(e)));
@@ -623,7 +615,7 @@ impl Handler<Bounce> for Queue {
                 warn!(id, recipients = pending.len(), "message bounced (admin)");
                 act.held.remove(&id);
                 let report = DeliveryReport::all(pending, replies::returned_by_admin());
-                act.record(env, "admin", report, Some(&body), ctx);
+                act.record(env, "admin", report, &body, ctx);
                 act.store.release(id);
                 // The NDR and the new state must be on disk before the operator is told it is done.
                 act.durable()

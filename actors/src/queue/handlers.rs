@@ -28,11 +28,10 @@ impl Handler<Enqueue> for Queue {
             });
         }
         let Some(mark) = &msg.pickup else { return self.sign_and_store(msg, ctx) };
+        let file = mark.name.clone();
         Box::pin(self.store.pickup_taken(mark).into_actor(self).then(move |res, act, ctx| match res {
             Ok(Some(id)) => {
-                if let Some(mark) = &msg.pickup {
-                    info!(id, file = %LogSafe(&mark.name), "pickup file was already queued before a restart");
-                }
+                info!(id, file = %LogSafe(&file), "pickup file was already queued before a restart");
                 Box::pin(actix::fut::ready(Ok(id))) as Self::Result
             }
             Ok(None) => act.sign_and_store(msg, ctx),
@@ -133,7 +132,6 @@ impl Queue {
             return Box::pin(actix::fut::ready(Err(EnqueueError::Temporary)));
         };
         let (id, size) = (env.id, env.size);
-        let mut env = Some(env);
         Box::pin(async move { committer.commit().await }.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
                 act.metrics.messages_received.get_or_create(&SourceLabel { source }).inc();
@@ -141,17 +139,13 @@ impl Queue {
                 act.metrics.bytes_received.inc_by(size);
                 act.queued += 1;
                 act.metrics.queue_messages.set(act.queued as i64);
-                if let Some(env) = env.take() {
-                    act.schedule(env, message);
-                }
+                act.schedule(env, message);
                 act.pump(ctx);
                 Ok(id)
             }
             Err(e) => {
                 error!(id, error = %e, "queue sync failed; refusing the message");
-                if let Some(env) = &env {
-                    let _ = act.store.discard(env, mark.as_ref());
-                }
+                let _ = act.store.discard(&env, mark.as_ref());
                 let no_space = crate::fsio::is_no_space(&e);
                 act.store_failed(format!("queue sync failed: {e}"), no_space, ctx);
                 Err(if no_space { EnqueueError::Storage } else { EnqueueError::Temporary })
@@ -205,15 +199,6 @@ impl Handler<Flush> for Queue {
     type Result = ResponseActFuture<Self, Result<(), String>>;
 
     fn handle(&mut self, _msg: Flush, _ctx: &mut Self::Context) -> Self::Result {
-        let committer = self.committer.clone();
-        Box::pin(
-            async move {
-                match committer {
-                    Some(c) => c.commit().await.map_err(|e| e.to_string()),
-                    None => Err("the queue is not running".to_string()),
-                }
-            }
-            .into_actor(self),
-        )
+        Box::pin(self.durable().map(|res, _, _| res.map_err(|e| e.to_string())))
     }
 }

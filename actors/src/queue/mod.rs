@@ -501,7 +501,7 @@ impl Queue {
                     }
                     let done_here = act.one_less(id);
                     if let Some(env) = act.active.remove(&id) {
-                        let env = act.record(env, route, report, Some(&original), ctx);
+                        let env = act.record(env, route, report, &original, ctx);
                         if done_here {
                             act.store.release(id);
                         } else {

@@ -3,8 +3,6 @@
 //! the sender, or Badmail for a notification that cannot be delivered. Notifications are stored
 //! before the state that makes them due (see the invariants in `mod.rs`).
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 use tracing::{error, info, warn};
 
@@ -23,7 +21,8 @@ use crate::store::{Envelope, RcptStatus, StoreError};
 
 impl Queue {
     /// Records `report` about the message whose stored envelope is `stored`, with `original`, its
-    /// bytes, for the reports it makes due. Returns the envelope as now written, or `stored`
+    /// bytes (at hand: they were just delivered, or read for a bounce), for the reports it makes
+    /// due. Returns the envelope as now written, or `stored`
     /// unchanged when nothing could be written (the results are then lost and the recipients
     /// tried again: at least once).
     pub(super) fn record(
@@ -31,7 +30,7 @@ impl Queue {
         stored: Envelope,
         route: &'static str,
         report: DeliveryReport,
-        original: Option<&Arc<Vec<u8>>>,
+        original: &[u8],
         ctx: &mut Context<Self>,
     ) -> Envelope {
         let id = stored.id;
@@ -111,17 +110,10 @@ impl Queue {
             env.recipients.iter().filter(|r| r.status == RcptStatus::Pending).filter_map(|r| r.next_attempt).min();
 
         // Notifications go into the store before the state that makes them due (see invariants).
-        let body = || -> Option<&[u8]> {
-            if original.is_none() {
-                error!(id, "the message's bytes are not at hand for a report; results will be retried");
-            }
-            original.map(|b| b.as_slice())
-        };
         let mut notices: Vec<(Envelope, Body)> = Vec::new();
         if env.sender.is_empty() {
             if !failed.is_empty() {
-                let Some(message) = body() else { return stored };
-                if let Err(e) = self.badmail(&env, &failed, message) {
+                if let Err(e) = self.badmail(&env, &failed, original) {
                     // Keep the message queued: losing it silently is worse than retrying.
                     error!(id, error = %e, "cannot write an undeliverable notification to Badmail; kept");
                     return stored;
@@ -147,8 +139,7 @@ impl Queue {
                 if rcpts.is_empty() {
                     continue;
                 }
-                let Some(message) = body() else { return stored };
-                match self.store_notification(&env, kind, &rcpts, message, expires_at, now) {
+                match self.store_notification(&env, kind, &rcpts, original, expires_at, now) {
                     Ok(n) => notices.push(n),
                     Err(e) => {
                         error!(id, error = %e, "cannot store a delivery notification; results will be retried");
