@@ -9,7 +9,7 @@
 //! hold messages), keeps every recipient's state (attempts, last reply, retry time, hold), and
 //! commits in batches.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -90,47 +90,102 @@ pub fn export(config: &Config, out: &Path) -> Result<usize, String> {
     Ok(count)
 }
 
-/// Reads `input` whole once to check it (header, every line, the end line's count), without
-/// keeping the bodies; returns the number of messages.
-fn check(input: &Path) -> Result<usize, String> {
-    let f = std::fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
-    let mut lines = BufReader::new(f).lines();
-    let header: Header = match lines.next() {
-        Some(Ok(l)) => serde_json::from_str(&l).map_err(|e| format!("line 1 is not a queue export header: {e}"))?,
-        _ => return Err("empty file".into()),
-    };
-    if header.format != FORMAT || header.version != VERSION {
-        return Err(format!("not a {FORMAT} file of version {VERSION}"));
-    }
-    let mut count = 0;
-    for (n, line) in lines.enumerate() {
-        let line = line.map_err(|e| format!("line {}: {e}", n + 2))?;
-        if let Ok(end) = serde_json::from_str::<End>(&line) {
-            if end.end && end.messages == count {
-                return Ok(count);
-            }
-            return Err(format!("the end line counts {} messages, the file has {count}", end.messages));
+/// The lines of an export file, one at a time, none longer than `max_line` bytes: a damaged
+/// or hostile file cannot make us read a line without end.
+struct Reader {
+    lines: BufReader<std::fs::File>,
+    max_line: usize,
+    number: usize,
+    buf: Vec<u8>,
+}
+
+/// What a line of an export file holds after the header.
+enum Item {
+    Message(Envelope, Vec<u8>),
+    End(usize),
+}
+
+impl Reader {
+    /// Opens `input` and checks its header.
+    fn open(input: &Path, max_line: usize) -> Result<Reader, String> {
+        let f = std::fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
+        let mut r = Reader { lines: BufReader::new(f), max_line, number: 0, buf: Vec::new() };
+        let header: Header = match r.line()? {
+            Some(l) => serde_json::from_slice(l).map_err(|e| format!("line 1 is not a queue export header: {e}"))?,
+            None => return Err("empty file".into()),
+        };
+        if header.format != FORMAT || header.version != VERSION {
+            return Err(format!("not a {FORMAT} file of version {VERSION}"));
         }
-        let m: Line = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", n + 2))?;
-        base64::engine::general_purpose::STANDARD.decode(&m.body).map_err(|e| format!("line {}: body: {e}", n + 2))?;
-        count += 1;
+        Ok(r)
     }
-    Err(format!("no end line after {count} messages: the file was cut short; nothing imported"))
+
+    fn line(&mut self) -> Result<Option<&[u8]>, String> {
+        self.buf.clear();
+        self.number += 1;
+        let n = (&mut self.lines)
+            .take(self.max_line as u64 + 1)
+            .read_until(b'\n', &mut self.buf)
+            .map_err(|e| format!("line {}: {e}", self.number))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.buf.len() > self.max_line {
+            return Err(format!("line {} is longer than {} bytes", self.number, self.max_line));
+        }
+        Ok(Some(&self.buf))
+    }
+
+    /// The next message or the end line; `None` when the file ends without one.
+    fn next(&mut self) -> Result<Option<Item>, String> {
+        let Some(line) = self.line()? else { return Ok(None) };
+        if let Ok(end) = serde_json::from_slice::<End>(line) {
+            return Ok(end.end.then_some(Item::End(end.messages)));
+        }
+        let m: Line = serde_json::from_slice(line).map_err(|e| format!("line {}: {e}", self.number))?;
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(&m.body)
+            .map_err(|e| format!("line {}: body: {e}", self.number))?;
+        Ok(Some(Item::Message(m.envelope, body)))
+    }
+}
+
+/// The longest line an export of this configuration's messages can hold: a message's bytes in
+/// base64 (4/3) and its envelope, with room to spare.
+fn max_line(config: &Config) -> usize {
+    (config.limits.max_message_size as usize).max(BATCH_BYTES).saturating_mul(2)
+}
+
+/// Reads `input` whole once to check it (header, every line, the end line's count), keeping
+/// one line at a time; returns the number of messages.
+fn check(input: &Path, max_line: usize) -> Result<usize, String> {
+    let mut r = Reader::open(input, max_line)?;
+    let mut count = 0;
+    loop {
+        match r.next()? {
+            Some(Item::Message(..)) => count += 1,
+            Some(Item::End(n)) if n == count => return Ok(count),
+            Some(Item::End(n)) => return Err(format!("the end line counts {n} messages, the file has {count}")),
+            None => {
+                return Err(format!("no end line after {count} messages: the file was cut short; nothing imported"))
+            }
+        }
+    }
 }
 
 /// Adds every message in `input` to the configured store, under new IDs; returns how many.
 pub fn import(config: &Config, input: &Path) -> Result<usize, String> {
-    let expected = check(input)?;
+    let max_line = max_line(config);
+    let expected = check(input, max_line)?;
     let store = open(config)?;
     let rt = runtime()?;
-    let f = std::fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
+    let mut r = Reader::open(input, max_line)?;
     let mut count = 0;
     let (mut batch, mut batch_bytes) = (0, 0);
-    for line in BufReader::new(f).lines().skip(1).take(expected) {
-        let line = line.map_err(|e| e.to_string())?;
-        let m: Line = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-        let body = base64::engine::general_purpose::STANDARD.decode(&m.body).map_err(|e| e.to_string())?;
-        let mut env = m.envelope;
+    while count < expected {
+        let Some(Item::Message(mut env, body)) = r.next()? else {
+            return Err(format!("the file changed while it was imported (after {count} messages)"));
+        };
         env.id = store.next_id().map_err(|e| e.to_string())?;
         let size = body.len();
         store.insert(&env, Arc::new(body), None).map_err(|e| e.to_string())?;
@@ -146,4 +201,43 @@ pub fn import(config: &Config, input: &Path) -> Result<usize, String> {
     }
     rt.block_on(store.commit()).map_err(|e| format!("after {count} messages: {e}"))?;
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &Path, lines: &[&str]) -> std::path::PathBuf {
+        let p = dir.join("q.jsonl");
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        p
+    }
+
+    /// Files `import` refuses before writing anything, and one it takes.
+    #[test]
+    fn checking_an_export_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = r#"{"format":"mailroot-queue","version":1,"store":"sled"}"#;
+        let env = r#"{"id":7,"sender":"a@b.test","recipients":[],"size":1,"received_at":0,"source":"smtp","origin":"x","next_attempt":null}"#;
+        let message = format!(r#"{{"envelope":{env},"body":"eA=="}}"#);
+        let end = |n: usize| format!(r#"{{"end":true,"messages":{n}}}"#);
+        let cases: Vec<(Vec<String>, usize, Result<usize, &str>)> = vec![
+            (vec![header.into(), message.clone(), end(1)], 1000, Ok(1)),
+            (vec![header.into(), message.clone()], 1000, Err("cut short")),
+            (vec![header.into(), message.clone(), end(2)], 1000, Err("counts 2 messages")),
+            (vec![header.into(), message.replace("eA==", "!!"), end(1)], 1000, Err("body")),
+            (vec![r#"{"format":"other","version":1,"store":"x"}"#.into(), end(0)], 1000, Err("not a mailroot-queue")),
+            (vec![header.into(), message.clone(), end(1)], 100, Err("longer than 100 bytes")),
+            (vec![], 1000, Err("not a queue export header")),
+        ];
+        for (lines, max, want) in cases {
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            let got = check(&file(dir.path(), &refs), max);
+            match (got, want) {
+                (Ok(n), Ok(w)) => assert_eq!(n, w),
+                (Err(e), Err(w)) => assert!(e.contains(w), "{e:?} should say {w:?}"),
+                (got, want) => panic!("{lines:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 }
