@@ -334,11 +334,12 @@ impl Queue {
     }
 
     /// Drops the messages waiting for a slot (not those being delivered): after the store was
-    /// reopened they are read again from what it kept.
+    /// reopened they are read again from what it kept (and a shared store gets their leases
+    /// back, so they need not wait for them to expire).
     fn forget_waiting(&mut self) {
         for (id, _) in self.ready.drain(..) {
-            if !self.outstanding.contains_key(&id) {
-                self.active.remove(&id);
+            if !self.outstanding.contains_key(&id) && self.active.remove(&id).is_some() {
+                self.store.release(id);
             }
         }
         self.ready_bytes = 0;
