@@ -486,6 +486,17 @@ impl Queue {
                 .map(move |res, act, ctx| {
                     let mut report = match res {
                         Ok(r) => r,
+                        // Stopping: the delivery actor went away under it. Nothing is known of
+                        // the attempt, so nothing is recorded: its recipients stay pending as if
+                        // not attempted (see `Drain`), not deferred by a retry interval.
+                        Err(_) if act.draining => {
+                            act.in_flight -= 1;
+                            act.in_flight_bytes -= size;
+                            if act.one_less(id) {
+                                act.active.remove(&id);
+                            }
+                            return act.after_delivery(ctx);
+                        }
                         Err(e) => DeliveryReport::all(indices.clone(), replies::actor_unavailable(e)),
                     };
                     // The interface promises a result per recipient; a buggy actor that leaves
