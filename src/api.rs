@@ -13,7 +13,7 @@ pub use mailroot_actors::queue::{ListPage, MessageInfo, QueueSummary, RecipientI
 pub struct Status {
     pub version: Cow<'static, str>,
     pub hostname: String,
-    /// `running` or `paused`.
+    /// `running`, `paused` or `stopping`.
     pub state: Cow<'static, str>,
     /// Unix seconds.
     pub started_at: u64,
@@ -65,6 +65,47 @@ pub struct ServerState {
 pub struct Reloaded {
     /// The sections applied now (empty: nothing changed).
     pub changed: Vec<String>,
+}
+
+/// `POST /api/queue/bulk`: one action on many messages (at most [`BULK_MAX`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkRequest {
+    /// `retry`, `hold`, `release`, `bounce` or `delete`.
+    pub action: String,
+    pub ids: Vec<u64>,
+}
+
+/// Most messages one bulk request may name: the console sends a larger selection in pieces.
+pub const BULK_MAX: usize = 1000;
+
+/// The answer to `POST /api/queue/bulk`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkDone {
+    pub action: String,
+    /// Messages the action was done to.
+    pub done: usize,
+    /// The others, each with why (gone meanwhile, being delivered, …).
+    pub failed: Vec<BulkFailure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BulkFailure {
+    pub id: u64,
+    pub error: String,
+}
+
+/// `POST /api/sessions/{id}/disconnect`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Disconnected {
+    pub id: u64,
+}
+
+/// `GET /api/queue/{id}/headers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageHeaders {
+    pub id: u64,
+    /// The header section as stored (our `Received:` first), at most 64 KiB of it.
+    pub headers: String,
 }
 
 /// Every error: 400, 401, 404, 409, 422, 500, 503.

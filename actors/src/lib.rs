@@ -44,6 +44,7 @@ pub mod remote;
 pub mod resolve;
 pub mod routes;
 pub mod session;
+pub mod sessions;
 pub mod srs;
 pub mod store;
 pub mod supervisor;

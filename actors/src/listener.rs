@@ -359,8 +359,11 @@ impl Handler<Accepted> for Listener {
             let current = metrics.listener_connections_current.get_or_create(&label).clone();
             current.inc();
             let stop = shared.stop.clone();
-            let session = Session::new(proto, shared, peer).start();
-            serve(stream, session, timing, tls, stop).await;
+            let registration = shared.sessions.open(shared.listener, peer);
+            let entry = registration.entry();
+            let session = Session::new(proto, shared, peer).listed(entry.clone()).start();
+            serve(stream, session, timing, tls, stop, Some(entry)).await;
+            drop(registration);
             metrics.connections_current.dec();
             current.dec();
             drop(permit);

@@ -2,6 +2,7 @@
 //! and the per-actor metrics ([`ActorMeter`]): messages handled, handling time, work in flight,
 //! live actors and restarts, labelled by actor kind. Served by the admin API at `/metrics`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -73,9 +74,76 @@ pub struct ActorLabel {
 
 type HistogramFamily = Family<ActorLabel, Histogram, fn() -> Histogram>;
 
+/// The handling-time buckets' upper bounds: 50 µs to ~100 s (a session command takes
+/// microseconds, a remote delivery seconds).
+const HANDLING_START: f64 = 0.000_05;
+const HANDLING_FACTOR: f64 = 4.0;
+const HANDLING_BUCKETS: usize = 11;
+
 fn handling_histogram() -> Histogram {
-    // 50 µs to ~100 s: a session command takes microseconds, a remote delivery seconds.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 4.0, 11))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        HANDLING_START,
+        HANDLING_FACTOR,
+        HANDLING_BUCKETS as u16,
+    ))
+}
+
+/// Handling times of one actor kind as the admin API reads them back (prometheus-client's
+/// histogram cannot be read but by encoding it): the same buckets, plus the sum.
+#[derive(Default)]
+pub struct Latency {
+    /// Counts per bucket of [`handling_histogram`], the last one past its largest bound.
+    buckets: [AtomicU64; HANDLING_BUCKETS + 1],
+    micros: AtomicU64,
+}
+
+impl Latency {
+    fn observe(&self, seconds: f64) {
+        let mut bound = HANDLING_START;
+        let mut i = 0;
+        while i < HANDLING_BUCKETS && seconds > bound {
+            bound *= HANDLING_FACTOR;
+            i += 1;
+        }
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// (mean, the bound under which at least 99% of the times fall) in seconds; `None` when
+    /// nothing was measured, and a p99 of `None` when it lies past the largest bound.
+    fn summary(&self) -> Option<(f64, Option<f64>)> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let n: u64 = counts.iter().sum();
+        if n == 0 {
+            return None;
+        }
+        let mean = self.micros.load(Ordering::Relaxed) as f64 / 1e6 / n as f64;
+        let wanted = n - n / 100;
+        let (mut seen, mut bound) = (0, HANDLING_START);
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= wanted {
+                return Some((mean, (i < HANDLING_BUCKETS).then_some(bound)));
+            }
+            bound *= HANDLING_FACTOR;
+        }
+        Some((mean, None))
+    }
+}
+
+/// One actor kind in the admin API's `/api/actors`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ActorRow {
+    pub actor: String,
+    pub live: i64,
+    pub handled: u64,
+    pub in_flight: i64,
+    pub restarts: u64,
+    /// Mean handling time in seconds (`None`: nothing handled yet).
+    pub mean_seconds: Option<f64>,
+    /// 99% of messages were handled within this (a bucket bound: an upper estimate); `None`
+    /// with messages handled means longer than ~100 s.
+    pub p99_seconds: Option<f64>,
 }
 
 /// The per-actor metric families.
@@ -85,6 +153,8 @@ pub struct ActorMetrics {
     pub in_flight: Family<ActorLabel, Gauge>,
     pub live: Family<ActorLabel, Gauge>,
     pub restarts: Family<ActorLabel, Counter>,
+    /// Every kind that asked for a meter, with its readable handling times.
+    kinds: std::sync::Mutex<std::collections::BTreeMap<String, Arc<Latency>>>,
 }
 
 /// One actor kind's handles on the per-actor metrics, resolved once so that measuring a message
@@ -96,6 +166,7 @@ pub struct ActorMeter {
     in_flight: Gauge,
     live: Gauge,
     restarts: Counter,
+    latency: Arc<Latency>,
 }
 
 impl ActorMeter {
@@ -131,7 +202,9 @@ impl Drop for Handling {
     fn drop(&mut self) {
         self.meter.in_flight.dec();
         self.meter.handled.inc();
-        self.meter.seconds.observe(self.start.elapsed().as_secs_f64());
+        let seconds = self.start.elapsed().as_secs_f64();
+        self.meter.seconds.observe(seconds);
+        self.meter.latency.observe(seconds);
     }
 }
 
@@ -238,6 +311,7 @@ impl Metrics {
                 in_flight: Family::default(),
                 live: Family::default(),
                 restarts: Family::default(),
+                kinds: Default::default(),
             },
             messages_received: Family::default(),
             bytes_received: Counter::default(),
@@ -365,13 +439,46 @@ impl Metrics {
     pub fn actor(&self, kind: &str) -> ActorMeter {
         let label = ActorLabel { actor: kind.to_string() };
         let a = &self.actors;
+        let latency = a
+            .kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind.to_string())
+            .or_default()
+            .clone();
         ActorMeter {
+            latency,
             handled: a.handled.get_or_create(&label).clone(),
             seconds: a.handling_seconds.get_or_create(&label).clone(),
             in_flight: a.in_flight.get_or_create(&label).clone(),
             live: a.live.get_or_create(&label).clone(),
             restarts: a.restarts.get_or_create(&label).clone(),
         }
+    }
+
+    /// Every actor kind with its counts and handling times, by name.
+    pub fn actor_table(&self) -> Vec<ActorRow> {
+        let kinds: Vec<(String, Arc<Latency>)> = {
+            let k = self.actors.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            k.iter().map(|(name, l)| (name.clone(), l.clone())).collect()
+        };
+        let a = &self.actors;
+        kinds
+            .into_iter()
+            .map(|(actor, latency)| {
+                let label = ActorLabel { actor };
+                let summary = latency.summary();
+                ActorRow {
+                    live: a.live.get_or_create(&label).get(),
+                    handled: a.handled.get_or_create(&label).get(),
+                    in_flight: a.in_flight.get_or_create(&label).get(),
+                    restarts: a.restarts.get_or_create(&label).get(),
+                    mean_seconds: summary.map(|s| s.0),
+                    p99_seconds: summary.and_then(|s| s.1),
+                    actor: label.actor,
+                }
+            })
+            .collect()
     }
 
     /// A registry-less instance for tests and embedding without metrics.
@@ -381,5 +488,52 @@ impl Metrics {
 
     pub fn refused(&self, cause: &'static str) {
         self.refusals.get_or_create(&CauseLabel { cause }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mean and p99 as `/api/actors` shows them, from known handling times.
+    #[test]
+    fn handling_time_summaries() {
+        let cases: [(&[(f64, usize)], Option<(f64, Option<f64>)>); 4] = [
+            (&[], None),
+            // 100 × 1 ms: mean 1 ms; p99 in the bucket up to 3.2 ms (50 µs × 4³).
+            (&[(0.001, 100)], Some((0.001, Some(0.0032)))),
+            // 99 fast, one slow: p99 still the fast bucket (at least 99% within it).
+            (&[(0.000_01, 99), (2.0, 1)], Some((0.020_009_9, Some(0.000_05)))),
+            // Past the largest bound (~52 s): no p99 bound.
+            (&[(500.0, 10)], Some((500.0, None))),
+        ];
+        for (times, want) in cases {
+            let l = Latency::default();
+            for &(t, n) in times {
+                for _ in 0..n {
+                    l.observe(t);
+                }
+            }
+            match (l.summary(), want) {
+                (None, None) => {}
+                (Some((mean, p99)), Some((wmean, wp99))) => {
+                    assert!((mean - wmean).abs() < 1e-5, "{times:?}: mean {mean} vs {wmean}");
+                    match (p99, wp99) {
+                        (None, None) => {}
+                        (Some(a), Some(b)) => assert!((a - b).abs() < 1e-9, "{times:?}: p99 {a} vs {b}"),
+                        other => panic!("{times:?}: p99 {other:?}"),
+                    }
+                }
+                other => panic!("{times:?}: {other:?}"),
+            }
+        }
+        let m = Metrics::unregistered();
+        let meter = m.actor("queue");
+        meter.started();
+        drop(meter.handling());
+        let table = m.actor_table();
+        let q = table.iter().find(|r| r.actor == "queue").unwrap();
+        assert_eq!((q.live, q.handled, q.in_flight), (1, 1, 0));
+        assert!(q.mean_seconds.is_some());
     }
 }

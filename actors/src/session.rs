@@ -31,6 +31,7 @@ use crate::protocol::received::Origin;
 use crate::protocol::{self, Action, EnqueueError};
 pub use crate::protolog::ProtocolLog;
 use crate::queue::Enqueue;
+use crate::sessions::SessionEntry;
 use crate::store::{QueueStore, SpoolWriter, StagedBody};
 
 /// Bodies are written to their spool file in pieces of at least this size (plus at most one
@@ -61,6 +62,12 @@ pub struct TooSlow;
 #[derive(Message)]
 #[rtype(result = "Output")]
 pub struct Shutdown;
+
+/// An operator asked for this session to be closed: answer `421 4.7.0` and close, even in the
+/// middle of a transaction.
+#[derive(Message)]
+#[rtype(result = "Output")]
+pub struct Disconnect;
 
 /// The TLS handshake asked for by the last [`Output`] succeeded.
 #[derive(Message)]
@@ -166,6 +173,8 @@ pub struct SessionShared {
     pub connection_permits: Arc<tokio::sync::Semaphore>,
     /// The listener's name (set by the Listener), for the logs.
     pub listener: &'static str,
+    /// The open sessions of all listeners, as the admin API lists them.
+    pub sessions: Arc<crate::sessions::OpenSessions>,
 }
 
 /// TLS on a connection: none, offered with STARTTLS, or from the first byte (port 465).
@@ -185,6 +194,8 @@ pub struct Session {
     /// The spool file of the message being received (with `body_store`; boxed: most sessions
     /// never have one); like `proto`, owned by a handler's future while it runs.
     staging: Option<Box<Staging>>,
+    /// This session's line in the list of open sessions, kept up to date after each command.
+    entry: Option<Arc<SessionEntry>>,
 }
 
 impl Session {
@@ -192,7 +203,19 @@ impl Session {
         if shared.body_store.is_some() {
             proto.set_body_streaming(STREAM_PIECE);
         }
-        Session { proto: Some(proto), shared, peer, charged: 0, staging: None }
+        Session { proto: Some(proto), shared, peer, charged: 0, staging: None, entry: None }
+    }
+
+    /// Shows this session in the list of open sessions (`registration` made by the Listener).
+    pub fn listed(mut self, entry: Arc<SessionEntry>) -> Self {
+        self.entry = Some(entry);
+        self
+    }
+
+    fn show(&self, proto: &protocol::Session) {
+        if let Some(e) = &self.entry {
+            e.update(proto.phase(), proto.user(), proto.helo_name(), proto.is_tls());
+        }
     }
 }
 
@@ -505,6 +528,7 @@ impl Session {
         Box::pin(fut.into_actor(self).map(|(mut proto, staging, out), act, _ctx| {
             drop(handling);
             act.charge(&mut proto);
+            act.show(&proto);
             act.proto = Some(proto);
             act.staging = staging;
             out
@@ -554,6 +578,9 @@ impl Handler<TlsStarted> for Session {
             proto.tls_started();
             self.shared.metrics.inbound_tls.inc();
         }
+        if let Some(proto) = self.proto.as_ref() {
+            self.show(proto);
+        }
     }
 }
 
@@ -562,6 +589,15 @@ impl Handler<Shutdown> for Session {
 
     fn handle(&mut self, _msg: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
         self.run(protocol::Session::shutdown)
+    }
+}
+
+impl Handler<Disconnect> for Session {
+    type Result = ResponseActFuture<Self, Output>;
+
+    fn handle(&mut self, _msg: Disconnect, _ctx: &mut Self::Context) -> Self::Result {
+        info!(client = %self.peer, "session closed by the administrator");
+        self.run(protocol::Session::disconnect)
     }
 }
 
@@ -614,7 +650,16 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Owns the socket of one connection until it closes. Every write is bounded by the idle
 /// timeout too, so a client that stops reading cannot pin the connection.
-pub async fn serve(stream: TcpStream, session: Addr<Session>, timing: Timing, tls: Tls, mut stop: StopSignal) {
+/// `listed`: the session's entry in the list of open sessions, whose disconnect it obeys.
+pub async fn serve(
+    stream: TcpStream,
+    session: Addr<Session>,
+    timing: Timing,
+    tls: Tls,
+    mut stop: StopSignal,
+    listed: Option<Arc<SessionEntry>>,
+) {
+    let kick = Kick(listed);
     let idle = timing.idle;
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
@@ -631,7 +676,7 @@ pub async fn serve(stream: TcpStream, session: Addr<Session>, timing: Timing, tl
                     }
                     let Ok(greeting) = session.send(Greet).await else { return };
                     if write(&mut tls_stream, &greeting.bytes, idle).await {
-                        let _ = pump(tls_stream, &session, &timing, &mut stop).await;
+                        let _ = pump(tls_stream, &session, &timing, &mut stop, &kick).await;
                     }
                 }
                 Ok(Err(e)) => info!(client = ?peer, error = %e, "TLS handshake failed"),
@@ -647,7 +692,7 @@ pub async fn serve(stream: TcpStream, session: Addr<Session>, timing: Timing, tl
     if !write(&mut stream, &greeting.bytes, idle).await {
         return;
     }
-    let Some(tcp) = pump(stream, &session, &timing, &mut stop).await else {
+    let Some(tcp) = pump(stream, &session, &timing, &mut stop, &kick).await else {
         return;
     };
     // STARTTLS: the protocol only asks for it when an acceptor is configured.
@@ -661,7 +706,7 @@ pub async fn serve(stream: TcpStream, session: Addr<Session>, timing: Timing, tl
             }
             debug!(client = ?peer, "TLS started");
             // A second STARTTLS is refused by the protocol, so this never returns a stream.
-            let _ = pump(tls_stream, &session, &timing, &mut stop).await;
+            let _ = pump(tls_stream, &session, &timing, &mut stop, &kick).await;
         }
         Ok(Err(e)) => info!(client = ?peer, error = %e, "TLS handshake failed"),
         Err(_) => info!(client = ?peer, "TLS handshake timed out"),
@@ -699,7 +744,24 @@ enum Read {
     Idle,
     /// Below the minimum rate over the last window.
     TooSlow,
+    /// An operator disconnected the session.
+    Kicked,
 }
+
+/// The operator's disconnect, for a session that is listed (never, for one that is not).
+struct Kick(Option<Arc<SessionEntry>>);
+
+impl Kick {
+    async fn wait(&self) {
+        match &self.0 {
+            Some(e) => e.kicked().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// How long the 421 of a disconnect may take to write: the client may not be reading.
+const KICKED_WRITE: Duration = Duration::from_secs(2);
 
 /// The minimum-rate window of a client that is mid-command or mid-message.
 struct RateWindow {
@@ -715,6 +777,7 @@ async fn pump<S: AsyncRead + AsyncWrite + WaitReadable + Unpin>(
     session: &Addr<Session>,
     timing: &Timing,
     stop: &mut StopSignal,
+    kick: &Kick,
 ) -> Option<S> {
     let mut in_transaction = false;
     let mut watching = true;
@@ -771,6 +834,7 @@ async fn pump<S: AsyncRead + AsyncWrite + WaitReadable + Unpin>(
                 None
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => None,
+            () = kick.wait() => Some(Read::Kicked),
         };
         let Some(mut read) = read else { continue };
         if let (Read::Bytes(b), Some(w)) = (&read, window.as_mut()) {
@@ -792,13 +856,24 @@ async fn pump<S: AsyncRead + AsyncWrite + WaitReadable + Unpin>(
             Read::Idle => session.send(IdleTimeout).await,
             Read::TooSlow => session.send(TooSlow).await,
             Read::Closed => break,
+            Read::Kicked => {
+                if let Ok(out) = session.send(Disconnect).await {
+                    let _ = write(&mut stream, &out.bytes, timing.idle.min(KICKED_WRITE)).await;
+                }
+                break;
+            }
             Read::Bytes(buf) => session.send(Input(buf)).await,
         };
         let Ok(out) = out else { break };
         if !out.delay.is_zero() {
             tokio::time::sleep(out.delay).await;
         }
-        if !write(&mut stream, &out.bytes, timing.idle).await || out.close {
+        // A client that does not read our replies is not waited for once disconnected.
+        let written = tokio::select! {
+            ok = write(&mut stream, &out.bytes, timing.idle) => ok,
+            () = kick.wait() => false,
+        };
+        if !written || out.close {
             break;
         }
         in_transaction = out.in_transaction;

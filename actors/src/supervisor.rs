@@ -166,6 +166,7 @@ fallback! {
     queue::SetSigner => (),
     queue::List => Err(unavailable()),
     queue::Show => Err(unavailable()),
+    queue::Headers => Err(unavailable()),
     queue::RetryNow => Err(unavailable()),
     queue::RetryAll => Err(unavailable()),
     queue::Hold => Err(unavailable()),

@@ -95,18 +95,24 @@ pub(super) fn host_allowed(value: &str, allowed: &[String]) -> bool {
         || allowed.iter().any(|a| a.eq_ignore_ascii_case(host))
 }
 
+/// 403 for a Host that DNS rebinding could present; what the console's pages check too (they
+/// hold no data, so they need no token).
+pub(super) fn check_host(req: &HttpRequest, s: &AdminState) -> Result<(), HttpResponse> {
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if host_allowed(host, &s.hosts) {
+        return Ok(());
+    }
+    let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    warn!(client = %who, "admin API request for a foreign Host refused (DNS rebinding?)");
+    Err(error(StatusCode::FORBIDDEN, "this Host is not served: use an address, localhost, or a name listed in admin.hosts"))
+}
+
 /// `Err` is the response to send: 403 for a foreign Host or Origin, 415 for a state-changing
 /// request that is not JSON, 401 for a missing or wrong token.
 pub(super) fn check(req: &HttpRequest, s: &AdminState, is_metrics: bool) -> Result<(), HttpResponse> {
     let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    check_host(req, s)?;
     let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !host_allowed(host, &s.hosts) {
-        warn!(client = %who, "admin API request for a foreign Host refused (DNS rebinding?)");
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "this Host is not served: use an address, localhost, or a name listed in admin.hosts",
-        ));
-    }
     if matches!(*req.method(), Method::POST | Method::DELETE | Method::PUT | Method::PATCH) {
         let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if let Some(origin) = origin {

@@ -1,5 +1,6 @@
-//! The admin HTTP API (actix-web): Prometheus metrics, status, queue management and
-//! pause/resume/stop. JSON in and out; every error is `{"error": "..."}` with a fitting status.
+//! The admin HTTP API (actix-web): Prometheus metrics, status, queue management,
+//! pause/resume/stop, open sessions, per-actor figures, and the web console (`console.rs`) that
+//! uses them. JSON in and out; every error is `{"error": "..."}` with a fitting status.
 //!
 //! Invariants:
 //! - Every request passes `guard.rs` first: a Host that DNS rebinding cannot forge, JSON and no
@@ -23,15 +24,21 @@ use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use mailroot_actors::metrics::{ListenerLabel, Metrics, StateLabel};
 use mailroot_actors::queue::{
-    AdminError, Bounce, Delete, Hold, List, ListFilter, Release, RetryAll, RetryNow, Show, Summary,
+    AdminError, Bounce, Delete, Headers, Hold, List, ListFilter, Release, RetryAll, RetryNow, Show, Summary,
 };
+use mailroot_actors::session::StopSignal;
+use mailroot_actors::sessions::OpenSessions;
 use mailroot_actors::supervisor::QueueSupervisor;
 use prometheus_client::registry::Registry;
 use std::borrow::Cow;
 use tracing::info;
 
-use crate::api::{ApiError, Done, Reloaded, Retried, ServerState, Status};
+use crate::api::{
+    ApiError, BulkDone, BulkFailure, BulkRequest, Disconnected, Done, MessageHeaders, Reloaded, Retried, ServerState,
+    Status, BULK_MAX,
+};
 
+mod console;
 pub mod guard;
 use crate::control::ControlHandle;
 
@@ -54,6 +61,12 @@ pub struct AdminState {
     /// (name, role, bound addresses) of each SMTP listener.
     pub smtp_listeners: Vec<(String, &'static str, Vec<SocketAddr>)>,
     pub hostname: String,
+    /// The open SMTP sessions (`/api/sessions`).
+    pub sessions: Arc<OpenSessions>,
+    /// Set once the daemon is stopping (the sessions' stop signal): status says `stopping`.
+    pub stopping: StopSignal,
+    /// `admin.path_prefix`: also served under it.
+    pub path_prefix: String,
 }
 
 type State = web::Data<AdminState>;
@@ -174,7 +187,14 @@ async fn status(req: HttpRequest, s: State) -> HttpResponse {
     HttpResponse::Ok().json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         hostname: s.hostname.clone(),
-        state: if s.paused.load(Ordering::Relaxed) { "paused" } else { "running" }.into(),
+        state: if s.stopping.borrow().is_some() {
+            "stopping"
+        } else if s.paused.load(Ordering::Relaxed) {
+            "paused"
+        } else {
+            "running"
+        }
+        .into(),
         started_at: s.started_unix,
         uptime_seconds: s.started.elapsed().as_secs(),
         listeners: s
@@ -218,6 +238,8 @@ async fn list(req: HttpRequest, s: State) -> HttpResponse {
     let filter = ListFilter {
         state: q.get("state").filter(|s| !s.is_empty()).cloned(),
         domain: q.get("domain").filter(|s| !s.is_empty()).cloned(),
+        sender: q.get("sender").filter(|s| !s.is_empty()).cloned(),
+        recipient: q.get("recipient").filter(|s| !s.is_empty()).cloned(),
         after,
         limit: limit.unwrap_or(100) as usize,
     };
@@ -242,6 +264,35 @@ async fn show(req: HttpRequest, s: State) -> HttpResponse {
     }
 }
 
+/// The header section of one message's body.
+async fn headers(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let id = match message_id(&req) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.queue.send(Headers(id)).await {
+        Ok(Ok(headers)) => HttpResponse::Ok().json(MessageHeaders { id, headers }),
+        Ok(Err(e)) => admin_error(e),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// One queue action on one message; `Ok` carries what the single-message endpoint answers.
+async fn queue_action(q: &Addr<QueueSupervisor>, id: u64, action: &str) -> Option<Result<HttpResponse, AdminError>> {
+    let shown = |m| HttpResponse::Ok().json(m);
+    let done = |()| HttpResponse::Ok().json(Done { id, result: action.to_string().into() });
+    let sent = match action {
+        "retry" => q.send(RetryNow(id)).await.map(|r| r.map(shown)),
+        "hold" => q.send(Hold(id)).await.map(|r| r.map(shown)),
+        "release" => q.send(Release(id)).await.map(|r| r.map(shown)),
+        "bounce" => q.send(Bounce(id)).await.map(|r| r.map(done)),
+        "delete" => q.send(Delete(id)).await.map(|r| r.map(done)),
+        _ => return None,
+    };
+    Some(sent.unwrap_or_else(|e| Err(AdminError::Internal(format!("the queue is not answering: {e}")))))
+}
+
 /// The queue actions on one message, by the last path segment (or DELETE).
 async fn act(req: HttpRequest, s: State) -> HttpResponse {
     authorized!(req, s);
@@ -256,24 +307,76 @@ async fn act(req: HttpRequest, s: State) -> HttpResponse {
     };
     let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(client = %who, id, action, "admin API queue action");
-    let done = |r: Result<(), AdminError>| match r {
-        Ok(()) => HttpResponse::Ok().json(Done { id, result: action.to_string().into() }),
-        Err(e) => admin_error(e),
-    };
-    let shown = |r: Result<mailroot_actors::queue::MessageInfo, AdminError>| match r {
-        Ok(m) => HttpResponse::Ok().json(m),
-        Err(e) => admin_error(e),
-    };
-    let q = &s.queue;
-    match action {
-        "retry" => q.send(RetryNow(id)).await.map(shown),
-        "hold" => q.send(Hold(id)).await.map(shown),
-        "release" => q.send(Release(id)).await.map(shown),
-        "bounce" => q.send(Bounce(id)).await.map(done),
-        "delete" => q.send(Delete(id)).await.map(done),
-        _ => return not_found(req).await,
+    match queue_action(&s.queue, id, action).await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => admin_error(e),
+        None => not_found(req).await,
     }
-    .unwrap_or_else(unavailable)
+}
+
+/// One action on up to [`BULK_MAX`] messages, one after the other (each as the single-message
+/// endpoint would do it): what the console's selections and "all matching" send, in pieces.
+async fn bulk(req: HttpRequest, s: State, body: web::Bytes) -> HttpResponse {
+    authorized!(req, s);
+    let mut r: BulkRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"action\": …, \"ids\": […]}}: {e}")),
+    };
+    if !["retry", "hold", "release", "bounce", "delete"].contains(&r.action.as_str()) {
+        return error(StatusCode::BAD_REQUEST, format!("unknown action {:?}: retry, hold, release, bounce or delete", r.action));
+    }
+    if r.ids.len() > BULK_MAX {
+        return error(StatusCode::BAD_REQUEST, format!("at most {BULK_MAX} messages per request, not {}", r.ids.len()));
+    }
+    r.ids.sort_unstable();
+    r.ids.dedup();
+    let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    info!(client = %who, action = %r.action, messages = r.ids.len(), "admin API bulk queue action");
+    let (mut done, mut failed) = (0, Vec::new());
+    for id in r.ids {
+        match queue_action(&s.queue, id, &r.action).await {
+            Some(Ok(_)) => done += 1,
+            Some(Err(e)) => failed.push(BulkFailure { id, error: e.to_string() }),
+            None => break,
+        }
+    }
+    HttpResponse::Ok().json(BulkDone { action: r.action, done, failed })
+}
+
+/// The open SMTP sessions, oldest first (`?limit=`, default and at most 1,000).
+async fn sessions(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let q = match query(&req) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let limit = match q.get("limit").map(|v| v.parse::<usize>()) {
+        None => 1000,
+        Some(Ok(n)) => n.clamp(1, 1000),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a number"),
+    };
+    HttpResponse::Ok().json(s.sessions.list(limit))
+}
+
+/// Closes one SMTP session (421 4.7.0 to the client; a message it was sending is not taken).
+async fn disconnect(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    let Some(id) = req.match_info().get("id").and_then(|v| v.parse().ok()) else {
+        return error(StatusCode::NOT_FOUND, "no such session");
+    };
+    let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    if s.sessions.disconnect(id) {
+        info!(client = %who, session = id, "admin API: session disconnected");
+        HttpResponse::Ok().json(Disconnected { id })
+    } else {
+        error(StatusCode::NOT_FOUND, "no such session (it may have ended)")
+    }
+}
+
+/// Every actor kind with its counts and handling times.
+async fn actors(req: HttpRequest, s: State) -> HttpResponse {
+    authorized!(req, s);
+    HttpResponse::Ok().json(serde_json::json!({ "actors": s.metrics.actor_table() }))
 }
 
 async fn retry_all(req: HttpRequest, s: State) -> HttpResponse {
@@ -327,13 +430,23 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", req.method(), req.path()))
 }
 
+/// Largest request body any endpoint reads (a bulk request of 1,000 IDs is about 20 KiB).
+const BODY_MAX: usize = 64 * 1024;
+
 fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/metrics", web::get().to(metrics))
+    console::routes(cfg);
+    cfg.app_data(web::PayloadConfig::new(BODY_MAX))
+        .route("/metrics", web::get().to(metrics))
         .route("/api/status", web::get().to(status))
         .route("/api/history", web::get().to(history))
         .route("/api/queue", web::get().to(list))
         .route("/api/queue/retry-all", web::post().to(retry_all))
+        .route("/api/queue/bulk", web::post().to(bulk))
         .route("/api/queue/{id}", web::get().to(show))
+        .route("/api/queue/{id}/headers", web::get().to(headers))
+        .route("/api/sessions", web::get().to(sessions))
+        .route("/api/sessions/{id}/disconnect", web::post().to(disconnect))
+        .route("/api/actors", web::get().to(actors))
         .route("/api/queue/{id}", web::delete().to(act))
         .route("/api/queue/{id}/{action}", web::post().to(act))
         .route("/api/server/{action}", web::post().to(server_action))
@@ -344,9 +457,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
 /// Builds the server on an already bound socket; the caller spawns it and keeps its handle.
 pub fn serve(socket: std::net::TcpListener, state: AdminState) -> std::io::Result<actix_web::dev::Server> {
     let addr = socket.local_addr()?;
+    let prefix = state.path_prefix.clone();
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
-        App::new().app_data(data.clone()).configure(routes).default_service(web::to(not_found))
+        let app = App::new().app_data(data.clone());
+        // Behind a proxy that passes `/prefix/…` on as it is; served without it too (a proxy
+        // that strips it, or a local operator).
+        let app = if prefix.is_empty() { app } else { app.service(web::scope(&prefix).configure(routes)) };
+        app.configure(routes).default_service(web::to(not_found))
     })
     .workers(1)
     .disable_signals()

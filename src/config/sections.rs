@@ -25,11 +25,20 @@ pub struct Admin {
     pub metrics_public: bool,
     /// Host names the API answers to besides addresses and `localhost` (DNS-rebinding defence).
     pub hosts: Vec<String>,
+    /// The path under which a reverse proxy passes the API and the console on without removing
+    /// it (`/mailroot`): requests are served with and without it. Empty: none.
+    pub path_prefix: String,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: "127.0.0.1:8025".into(), token: String::new(), metrics_public: false, hosts: Vec::new() }
+        Admin {
+            listen: "127.0.0.1:8025".into(),
+            token: String::new(),
+            metrics_public: false,
+            hosts: Vec::new(),
+            path_prefix: String::new(),
+        }
     }
 }
 

@@ -254,6 +254,16 @@ impl Config {
         if !self.admin.listen.is_empty() {
             self.admin_addr()?;
         }
+        let prefix = &self.admin.path_prefix;
+        if !prefix.is_empty() {
+            let safe = prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b));
+            if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains("//") || !safe {
+                return err(
+                    "admin.path_prefix",
+                    format!("{prefix:?}: a path such as \"/mailroot\" (starts with /, no / at the end, letters, digits, - . _ ~)"),
+                );
+            }
+        }
         let table = RouteTable::new(&self.routes).map_err(|e| ConfigError(format!("routes: {e}")))?;
         for name in table.names() {
             let missing = match name {
@@ -338,6 +348,10 @@ mod tests {
             ("[queue]\nretry_intervals = [\"1m\", \"10ms\"]\n", "queue.retry_intervals[1]"),
             ("[nosuch]\n", "nosuch"),
             ("[admin]\nlisten = \"localhost\"\n", "admin.listen"),
+            ("[admin]\npath_prefix = \"mailroot\"\n", "admin.path_prefix"),
+            ("[admin]\npath_prefix = \"/mailroot/\"\n", "admin.path_prefix"),
+            ("[admin]\npath_prefix = \"/a b\"\n", "admin.path_prefix"),
+            ("[admin]\npath_prefix = \"/a\\\"<x>\"\n", "admin.path_prefix"),
             ("[routes]\n\"*\" = \"drop\"\n", "routes"),
             ("[routes]\n\"a.test\" = \"maildir\"\n", "maildir.path"),
             ("[routes]\n\"a.test\" = \"lmtp\"\n", "lmtp.address"),

@@ -172,6 +172,7 @@ pub(super) fn run_system(
         let failed = failed.clone();
         let paused = Arc::new(AtomicBool::new(false));
         let connection_permits = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
+        let open_sessions = mailroot_actors::sessions::OpenSessions::new();
         let shared = SessionShared {
                 queue: queue.clone().recipient(),
                 metrics: metrics.clone(),
@@ -193,6 +194,7 @@ pub(super) fn run_system(
                 connection_permits: connection_permits.clone(),
                 srs: security.srs.clone(),
                 checker: None,
+                sessions: open_sessions.clone(),
         };
         let rates = RateLimits::new(config.rate_settings());
         let mut settings =
@@ -230,6 +232,9 @@ pub(super) fn run_system(
                         .map(|(def, (_, a))| (def.name.clone(), def.role.as_str(), a.clone()))
                         .collect(),
                     hostname: config.server.hostname.clone(),
+                    sessions: open_sessions,
+                    stopping: shared.stop.clone(),
+                    path_prefix: config.admin.path_prefix.clone(),
                 };
                 let server =
                     crate::admin::serve(socket, state).map_err(|e| StartError::Other(format!("admin.listen: {e}")))?;

@@ -103,6 +103,10 @@ pub fn shutting_down(hostname: &str) -> Reply {
     Reply::new(421, "4.3.2", format!("{hostname} service shutting down, try again later"))
 }
 
+pub fn disconnected(hostname: &str) -> Reply {
+    Reply::new(421, "4.7.0", format!("{hostname} closing connection: disconnected by the administrator"))
+}
+
 // --- positive ---------------------------------------------------------------------------------
 
 /// The client's EHLO/HELO argument as echoed back: at most 64 characters, so a reply line stays

@@ -414,6 +414,35 @@ fn timeout_closes_with_421() {
     assert!(s.is_closed());
 }
 
+/// What the list of open sessions shows, step by step through a transaction; and an operator's
+/// disconnect in the middle of one closes with 421 4.7.0 and hands nothing to the queue.
+#[test]
+fn phases_and_disconnect() {
+    let mut s = Session::new(Arc::new(params()), "192.0.2.9".parse().unwrap(), true);
+    let steps: [(&[u8], &str); 6] = [
+        (b"", "connected"),
+        (b"EHLO client.example\r\n", "idle"),
+        (b"MAIL FROM:<a@example.org>\r\n", "mail"),
+        (b"RCPT TO:<b@example.net>\r\n", "rcpt"),
+        (b"DATA\r\n", "data"),
+        (b"Subject: half\r\n\r\nso far", "data"),
+    ];
+    for (input, phase) in steps {
+        s.feed(input);
+        while s.next_action().is_some() {}
+        assert_eq!(s.phase(), phase, "after {:?}", String::from_utf8_lossy(input));
+    }
+    assert_eq!(s.helo_name(), Some("client.example"));
+    assert!(!s.is_tls());
+    s.disconnect();
+    let actions: Vec<Action> = std::iter::from_fn(|| s.next_action()).collect();
+    assert!(matches!(&actions[0], Action::Refused(r) if r.cause == RefusalCause::Disconnected));
+    assert!(matches!(&actions[1], Action::Reply(r) if r.code == 421 && r.status == Some("4.7.0")));
+    assert!(matches!(actions[2], Action::Close));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Enqueue(_))));
+    assert_eq!(s.phase(), "closed");
+}
+
 /// A small deterministic generator (xorshift64*), so failures reproduce from the printed seed.
 struct Rng(u64);
 

@@ -98,6 +98,10 @@ pub struct ListFilter {
     pub state: Option<String>,
     /// Messages with a pending recipient in this domain (case-insensitive).
     pub domain: Option<String>,
+    /// Messages whose sender contains this (case-insensitive; `<>` for the null sender).
+    pub sender: Option<String>,
+    /// Messages with a recipient (any state) containing this (case-insensitive).
+    pub recipient: Option<String>,
     /// Paging: messages with IDs above this one.
     pub after: Option<QueueId>,
     pub limit: usize,
@@ -320,12 +324,21 @@ impl Handler<List> for Queue {
         // What is being delivered here now; the walk runs off the Queue, a page at a time.
         let busy: std::collections::HashSet<QueueId> = self.outstanding.keys().copied().collect();
         let store = self.store.clone();
+        let sender = f.sender.as_ref().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
+        let recipient = f.recipient.as_ref().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
         let walk = async move {
             let mut messages = Vec::new();
             let mut after = f.after.unwrap_or(0);
+            let mut scanned = 0;
             loop {
+                // A filter that matches little must not walk a huge queue in one request: after
+                // `LIST_SCAN` envelopes the page ends, short, with where to go on from.
+                if scanned >= LIST_SCAN {
+                    return Ok(ListPage { messages, next_after: Some(after) });
+                }
                 let page = store.page(after, LIST_PAGE).await.map_err(internal)?;
                 let last_page = page.len() < LIST_PAGE;
+                scanned += page.len();
                 for env in page {
                     after = env.id;
                     if env.is_finished() {
@@ -334,6 +347,21 @@ impl Handler<List> for Queue {
                     let info = info(&env, busy.contains(&env.id), now);
                     if f.state.as_deref().is_some_and(|s| s != info.state) {
                         continue;
+                    }
+                    if let Some(want) = &sender {
+                        let matches = if want == "<>" {
+                            env.sender.is_empty()
+                        } else {
+                            env.sender.to_ascii_lowercase().contains(want.as_str())
+                        };
+                        if !matches {
+                            continue;
+                        }
+                    }
+                    if let Some(want) = &recipient {
+                        if !env.recipients.iter().any(|r| r.address.to_ascii_lowercase().contains(want.as_str())) {
+                            continue;
+                        }
                     }
                     if let Some(d) = &f.domain {
                         let matches = env
@@ -361,6 +389,42 @@ impl Handler<List> for Queue {
 
 /// Envelopes read from the store at once when listing.
 const LIST_PAGE: usize = 500;
+
+/// Envelopes one list request looks at, at most (a page may then be short, with `next_after`).
+const LIST_SCAN: usize = 20_000;
+
+/// The header section of one message (at most [`HEADERS_MAX`] bytes of it), for the console's
+/// message detail: read from the store without the rest of the body.
+#[derive(Message)]
+#[rtype(result = "Result<String, AdminError>")]
+pub struct Headers(pub QueueId);
+
+pub const HEADERS_MAX: usize = 64 * 1024;
+
+impl Handler<Headers> for Queue {
+    type Result = ResponseActFuture<Self, Result<String, AdminError>>;
+
+    fn handle(&mut self, msg: Headers, _ctx: &mut Self::Context) -> Self::Result {
+        let store = self.store.clone();
+        let read = async move {
+            let head = store.body_head(msg.0, HEADERS_MAX).await.map_err(internal)?;
+            if head.is_empty() {
+                return Err(AdminError::NotFound);
+            }
+            Ok(header_section(&head))
+        };
+        Box::pin(read.into_actor(self))
+    }
+}
+
+/// The bytes up to the blank line that ends the header section (all of them when it is not
+/// within), as text.
+fn header_section(head: &[u8]) -> String {
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 2).or_else(|| {
+        head.windows(2).position(|w| w == b"\n\n").map(|i| i + 1)
+    });
+    String::from_utf8_lossy(&head[..end.unwrap_or(head.len())]).into_owned()
+}
 
 impl Handler<Show> for Queue {
     type Result = ResponseActFuture<Self, Result<MessageInfo, AdminError>>;

@@ -430,6 +430,10 @@ pub trait QueueStore: Send + Sync + 'static {
     /// One message's stored bytes (our trace header included).
     fn body(&self, id: QueueId) -> StoreFuture<Vec<u8>>;
 
+    /// At most the first `max` bytes of one message's stored bytes (its header section, for the
+    /// admin API), read without reading the rest.
+    fn body_head(&self, id: QueueId, max: usize) -> StoreFuture<Vec<u8>>;
+
     /// Up to `limit` envelopes with IDs above `after`, in ID order: paging through the queue.
     fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>>;
 

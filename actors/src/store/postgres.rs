@@ -914,6 +914,31 @@ impl QueueStore for PgStore {
         })
     }
 
+    fn body_head(&self, id: QueueId, max: usize) -> StoreFuture<Vec<u8>> {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let c = inner.client().await?;
+            // Each chunk cut to `max` in the database; the first chunks are enough (chunk 0 can
+            // be as small as our trace header, the others are 1 MiB).
+            let st = c
+                .prepare_cached(
+                    "SELECT substring(data FROM 1 FOR $2) FROM bodies WHERE id = $1 ORDER BY chunk LIMIT 4",
+                )
+                .await
+                .map_err(db)?;
+            let max_i32 = i32::try_from(max).unwrap_or(i32::MAX);
+            let mut out = Vec::new();
+            for row in c.query(&st, &[&(id as i64), &max_i32]).await.map_err(db)? {
+                let data = row.get::<_, &[u8]>(0);
+                out.extend_from_slice(&data[..data.len().min(max - out.len())]);
+                if out.len() >= max {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>> {
         let inner = self.inner.clone();
         self.spawn(async move {

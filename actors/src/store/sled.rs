@@ -356,6 +356,27 @@ impl SledStore {
         Ok(out)
     }
 
+    /// The first `max` bytes of a body: the chunks in order until there are enough, and of a
+    /// spool file only what is still wanted.
+    pub fn body_head(&self, id: QueueId, max: usize) -> Result<Vec<u8>> {
+        let t = self.trees()?;
+        let mut out = Vec::new();
+        for kv in t.bodies.scan_prefix(id.to_be_bytes()) {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = kv?;
+            let want = max - out.len();
+            if k.get(8..).and_then(|c| c.try_into().ok()).map(u32::from_be_bytes) == Some(SPOOLED) {
+                let f = File::open(self.spool_path(id))?;
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, want as u64), &mut out)?;
+                continue;
+            }
+            out.extend_from_slice(&v[..v.len().min(want)]);
+        }
+        Ok(out)
+    }
+
     /// Removes a message whose stored `next_attempt` is `stored_next`: envelope first, so a crash
     /// leaves at worst an orphan body, cleaned at the next open; then retry entry and body.
     pub fn remove(&self, id: QueueId, stored_next: Option<u64>) -> Result<()> {
@@ -529,6 +550,10 @@ impl QueueStore for SledStore {
 
     fn body(&self, id: QueueId) -> StoreFuture<Vec<u8>> {
         ready(SledStore::body(self, id))
+    }
+
+    fn body_head(&self, id: QueueId, max: usize) -> StoreFuture<Vec<u8>> {
+        ready(SledStore::body_head(self, id, max))
     }
 
     fn page(&self, after: QueueId, limit: usize) -> StoreFuture<Vec<Envelope>> {

@@ -185,6 +185,8 @@ pub enum RefusalCause {
     Paused,
     /// The service is stopping: open sessions end with 421 4.3.2.
     ShuttingDown,
+    /// An operator closed the session (the console's or the API's disconnect): 421 4.7.0.
+    Disconnected,
 }
 
 impl RefusalCause {
@@ -229,6 +231,7 @@ impl RefusalCause {
             RefusalCause::HarvestRate => "harvest_rate",
             RefusalCause::Paused => "paused",
             RefusalCause::ShuttingDown => "shutting_down",
+            RefusalCause::Disconnected => "disconnected",
         }
     }
 }

@@ -371,6 +371,41 @@ impl Session {
         self.close_with(r);
     }
 
+    /// An operator closed the session: the next actions are `421 4.7.0` and `Close`, even in
+    /// the middle of a transaction (whose message is then not acknowledged, so not lost).
+    pub fn disconnect(&mut self) {
+        let refusal = self.refusal(RefusalCause::Disconnected, None, 0);
+        self.out.push_back(Action::Refused(refusal));
+        let r = reply::disconnected(&self.params.hostname);
+        self.close_with(r);
+    }
+
+    /// Where the session is, in a word, for the list of open sessions: `connected` (no HELO yet),
+    /// `idle` (greeted, no transaction), `auth`, `tls` (handshake asked for), `mail` (MAIL given),
+    /// `rcpt` (a recipient accepted), `data` (message being received or queued), `closed`.
+    pub fn phase(&self) -> &'static str {
+        match &self.mode {
+            Mode::Closed => "closed",
+            Mode::Data(_) | Mode::AwaitingQueue | Mode::Bdat { .. } => "data",
+            Mode::Auth(_) | Mode::AwaitingAuth { .. } => "auth",
+            Mode::AwaitingTls => "tls",
+            _ if !self.txn.recipients.is_empty() => "rcpt",
+            _ if self.txn.sender.is_some() || matches!(self.mode, Mode::AwaitingSender { .. }) => "mail",
+            _ if self.helo.is_some() => "idle",
+            _ => "connected",
+        }
+    }
+
+    /// The name the client gave in EHLO/HELO, if any.
+    pub fn helo_name(&self) -> Option<&str> {
+        self.helo.as_ref().map(|(name, _)| name.as_str())
+    }
+
+    /// TLS is in use on this connection (STARTTLS done, or implicit TLS).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
     /// Adds bytes read from the client. The buffer holds at most what one read brought plus one
     /// partial command line, because the caller drains it before reading again.
     pub fn feed(&mut self, bytes: &[u8]) {
