@@ -32,6 +32,12 @@ impl Response {
 
 impl AdminClient {
     pub fn request(&self, method: &str, path: &str) -> Result<Response, String> {
+        // State-changing requests are JSON (the API refuses others: see admin/guard.rs).
+        self.request_json(method, path, if method == "GET" { "" } else { "{}" })
+    }
+
+    /// A request with a JSON body (`""`: none).
+    pub fn request_json(&self, method: &str, path: &str, body: &str) -> Result<Response, String> {
         let addr = self
             .address
             .to_socket_addrs()
@@ -43,8 +49,6 @@ impl AdminClient {
         })?;
         stream.set_read_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
         stream.set_write_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
-        // State-changing requests are JSON (the API refuses others: see admin/guard.rs).
-        let body = if method == "GET" { "" } else { "{}" };
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
         if !body.is_empty() {
             req.push_str("Content-Type: application/json\r\n");

@@ -439,13 +439,7 @@ impl Metrics {
     pub fn actor(&self, kind: &str) -> ActorMeter {
         let label = ActorLabel { actor: kind.to_string() };
         let a = &self.actors;
-        let latency = a
-            .kinds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(kind.to_string())
-            .or_default()
-            .clone();
+        let latency = a.kinds.lock().unwrap_or_else(|e| e.into_inner()).entry(kind.to_string()).or_default().clone();
         ActorMeter {
             latency,
             handled: a.handled.get_or_create(&label).clone(),

@@ -104,7 +104,10 @@ pub(super) fn check_host(req: &HttpRequest, s: &AdminState) -> Result<(), HttpRe
     }
     let who = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     warn!(client = %who, "admin API request for a foreign Host refused (DNS rebinding?)");
-    Err(error(StatusCode::FORBIDDEN, "this Host is not served: use an address, localhost, or a name listed in admin.hosts"))
+    Err(error(
+        StatusCode::FORBIDDEN,
+        "this Host is not served: use an address, localhost, or a name listed in admin.hosts",
+    ))
 }
 
 /// `Err` is the response to send: 403 for a foreign Host or Origin, 415 for a state-changing

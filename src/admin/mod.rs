@@ -323,7 +323,10 @@ async fn bulk(req: HttpRequest, s: State, body: web::Bytes) -> HttpResponse {
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"action\": …, \"ids\": […]}}: {e}")),
     };
     if !["retry", "hold", "release", "bounce", "delete"].contains(&r.action.as_str()) {
-        return error(StatusCode::BAD_REQUEST, format!("unknown action {:?}: retry, hold, release, bounce or delete", r.action));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown action {:?}: retry, hold, release, bounce or delete", r.action),
+        );
     }
     if r.ids.len() > BULK_MAX {
         return error(StatusCode::BAD_REQUEST, format!("at most {BULK_MAX} messages per request, not {}", r.ids.len()));

@@ -339,6 +339,10 @@ impl Handler<List> for Queue {
                 let page = store.page(after, LIST_PAGE).await.map_err(internal)?;
                 let last_page = page.len() < LIST_PAGE;
                 scanned += page.len();
+                // sled's pages are read when asked, on the Queue's thread: between two pages the
+                // Queue takes its other messages (new mail first), so paging never stalls intake
+                // for longer than one page.
+                tokio::task::yield_now().await;
                 for env in page {
                     after = env.id;
                     if env.is_finished() {
@@ -420,9 +424,11 @@ impl Handler<Headers> for Queue {
 /// The bytes up to the blank line that ends the header section (all of them when it is not
 /// within), as text.
 fn header_section(head: &[u8]) -> String {
-    let end = head.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 2).or_else(|| {
-        head.windows(2).position(|w| w == b"\n\n").map(|i| i + 1)
-    });
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 2)
+        .or_else(|| head.windows(2).position(|w| w == b"\n\n").map(|i| i + 1));
     String::from_utf8_lossy(&head[..end.unwrap_or(head.len())]).into_owned()
 }
 

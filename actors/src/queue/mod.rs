@@ -38,8 +38,8 @@ mod schedule;
 mod signing;
 
 pub use admin::{
-    AdminError, Bounce, Delete, Drain, Headers, Hold, List, ListFilter, ListPage, MessageInfo, QueueSummary, RecipientInfo,
-    Release, RetryAll, RetryNow, Show, Summary, STATES,
+    AdminError, Bounce, Delete, Drain, Headers, Hold, List, ListFilter, ListPage, MessageInfo, QueueSummary,
+    RecipientInfo, Release, RetryAll, RetryNow, Show, Summary, STATES,
 };
 pub use messages::{Enqueue, Flush, Inspect, PickupDone, RetryBatch, RetryDue, SetRouter, SetSigner};
 pub use retry::{Reschedule, RetryScheduler};

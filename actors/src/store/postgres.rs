@@ -921,9 +921,7 @@ impl QueueStore for PgStore {
             // Each chunk cut to `max` in the database; the first chunks are enough (chunk 0 can
             // be as small as our trace header, the others are 1 MiB).
             let st = c
-                .prepare_cached(
-                    "SELECT substring(data FROM 1 FOR $2) FROM bodies WHERE id = $1 ORDER BY chunk LIMIT 4",
-                )
+                .prepare_cached("SELECT substring(data FROM 1 FOR $2) FROM bodies WHERE id = $1 ORDER BY chunk LIMIT 4")
                 .await
                 .map_err(db)?;
             let max_i32 = i32::try_from(max).unwrap_or(i32::MAX);

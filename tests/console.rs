@@ -1,0 +1,330 @@
+//! The web console end to end: its pages and their headers (behind a path prefix too), the
+//! endpoints it added (open sessions and disconnect, actors, bulk actions, message headers,
+//! sender and recipient filters), cross-site and foreign-Host requests refused, and the console
+//! driven in Debian's headless Chromium (`console_in_a_real_browser`, see tests/common/browser.rs).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use common::peer::{Behavior, Peer};
+use common::*;
+use mailroot::daemon::Running;
+use serde_json::Value;
+
+const TOKEN: &str = "console-test-token-0123456789abcdef";
+
+/// One raw HTTP/1.1 exchange: (status, headers lowercased as "name: value" lines, body).
+fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("admin API reachable");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn get(addr: SocketAddr, host: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"))
+}
+
+/// A POST as the caller describes it: extra header lines, then the body.
+fn post(addr: SocketAddr, path: &str, headers: &str, body: &str) -> (u16, String, String) {
+    http(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn api_get(addr: SocketAddr, path: &str) -> Value {
+    let (status, _, body) = get(addr, &addr.to_string(), path, Some(TOKEN));
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
+}
+
+fn api_post(addr: SocketAddr, path: &str, body: &str) -> (u16, Value) {
+    let (status, _, text) =
+        post(addr, path, &format!("Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"), body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn admin_of(running: &Running) -> SocketAddr {
+    running.admin_addr.expect("admin API running")
+}
+
+fn admin_toml(extra: &str) -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n{extra}")
+}
+
+/// A daemon whose remote mail goes to `peer`, which defers `t4…` recipients (451).
+fn deferring_daemon(dir: &Path, peer: &Peer) -> Running {
+    let extra = format!(
+        "[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]:{}\"\n[queue]\nretry_intervals = [\"1h\"]\n{}",
+        peer.addr.ip(),
+        peer.addr.port(),
+        admin_toml("")
+    );
+    start(config(dir, &extra))
+}
+
+fn send(addr: SocketAddr, from: &str, to: &[&str], subject: &str) -> u64 {
+    let mut c = Client::ready(addr, "client.test");
+    let body = format!("Subject: {subject}\r\nFrom: <{from}>\r\n\r\nthe body text\r\n");
+    let r = c.transaction(from, to, body.as_bytes());
+    assert_eq!(r.code, 250, "{r:?}");
+    r.queue_id().expect("queue id")
+}
+
+#[test]
+fn pages_are_served_with_a_strict_policy_under_a_prefix_and_only_to_our_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &admin_toml("path_prefix = \"/mailroot\"\n")));
+    let admin = admin_of(&running);
+    let host = admin.to_string();
+
+    for prefix in ["", "/mailroot"] {
+        let (status, head, body) = get(admin, &host, &format!("{prefix}/console/"), None);
+        assert_eq!(status, 200, "{prefix}/console/: {body}");
+        assert!(head.contains("content-type: text/html"), "{head}");
+        assert!(head.contains("content-security-policy: default-src 'none'; script-src 'self'"), "{head}");
+        assert!(head.contains("frame-ancestors 'none'"), "{head}");
+        assert!(head.contains("x-frame-options: deny"), "{head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+        assert!(body.contains("<script src=\"app.js\""), "relative links only: {body}");
+        assert!(!body.contains("<script>"), "no inline script (the policy would block it)");
+        let (status, head, body) = get(admin, &host, &format!("{prefix}/console/app.js"), None);
+        assert_eq!(status, 200);
+        assert!(head.contains("content-type: text/javascript"), "{head}");
+        assert!(!body.contains("innerHTML"), "the script renders data as text only");
+        let (status, head, _) = get(admin, &host, &format!("{prefix}/console/app.css"), None);
+        assert_eq!(status, 200);
+        assert!(head.contains("content-type: text/css"), "{head}");
+        // The API under the prefix too, with the same token rule.
+        let (status, _, _) = get(admin, &host, &format!("{prefix}/api/status"), Some(TOKEN));
+        assert_eq!(status, 200);
+        let (status, _, _) = get(admin, &host, &format!("{prefix}/api/status"), None);
+        assert_eq!(status, 401);
+    }
+    let (status, head, _) = get(admin, &host, "/", None);
+    assert_eq!(status, 302);
+    assert!(head.contains("location: ./console/"), "{head}");
+    let (status, head, _) = get(admin, &host, "/console", None);
+    assert_eq!(status, 302);
+    assert!(head.contains("location: console/"), "{head}");
+
+    // A name DNS rebinding could point at us: no page, no script, no API (even with the token).
+    for path in ["/", "/console/", "/console/app.js", "/mailroot/console/", "/api/status", "/mailroot/api/status"] {
+        let (status, _, body) = get(admin, &format!("evil.example:{}", admin.port()), path, Some(TOKEN));
+        assert_eq!(status, 403, "{path}: {body}");
+    }
+    // A name the operator listed is served.
+    drop(running);
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &admin_toml("hosts = [\"mail.example.org\"]\n")));
+    let (status, _, _) = get(admin_of(&running), "mail.example.org", "/console/", None);
+    assert_eq!(status, 200);
+}
+
+/// What another site's page can make a browser send — an HTML form (urlencoded, multipart or
+/// text/plain: no preflight) or a script's request carrying its Origin — changes nothing, with or
+/// without a token.
+#[test]
+fn cross_site_requests_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &admin_toml("")));
+    let admin = admin_of(&running);
+    let smtp = running.smtp_addrs[0];
+    send(smtp, "a@example.test", &["postmaster@example.test"], "kept");
+    let paths = [
+        "/api/server/pause",
+        "/api/server/stop",
+        "/api/server/reload",
+        "/api/queue/bulk",
+        "/api/queue/retry-all",
+        "/api/queue/1/hold",
+        "/api/sessions/1/disconnect",
+    ];
+    let forms = [
+        ("application/x-www-form-urlencoded", "action=delete&ids=1"),
+        ("multipart/form-data; boundary=x", "--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--x--\r\n"),
+        ("text/plain", "{\"action\":\"delete\",\"ids\":[1]}"),
+    ];
+    for path in paths {
+        for (ctype, body) in forms {
+            for auth in ["", &format!("Authorization: Bearer {TOKEN}\r\n")] {
+                // As a browser sends a form from another site: with its Origin.
+                let headers = format!("Origin: http://evil.example\r\nContent-Type: {ctype}\r\n{auth}");
+                let (status, _, text) = post(admin, path, &headers, body);
+                assert_eq!(status, 403, "{path} {ctype} {auth:?}: {text}");
+                // Without an Origin (older browsers, some redirects): still not JSON.
+                let headers = format!("Content-Type: {ctype}\r\n{auth}");
+                let (status, _, text) = post(admin, path, &headers, body);
+                assert_eq!(status, 415, "{path} {ctype} {auth:?}: {text}");
+            }
+        }
+        // A script on another site that learnt the token and sends JSON: its Origin gives it away.
+        let headers = format!(
+            "Origin: http://evil.example\r\nContent-Type: application/json\r\nAuthorization: Bearer {TOKEN}\r\n"
+        );
+        let (status, _, text) = post(admin, path, &headers, "{}");
+        assert_eq!(status, 403, "{path}: {text}");
+    }
+    let status = api_get(admin, "/api/status");
+    assert_eq!(status["state"], "running", "nothing paused or stopped");
+    // The test's message was delivered: neither deleted nor held by a forged request.
+    wait_for("the message delivered to Drop", Duration::from_secs(20), || {
+        (drop_files(dir.path()).len() == 1).then_some(())
+    });
+}
+
+#[test]
+fn sessions_are_listed_and_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &admin_toml("")));
+    let admin = admin_of(&running);
+    let smtp = running.smtp_addrs[0];
+
+    let mut a = Client::ready(smtp, "client-a.test");
+    assert_eq!(a.cmd("MAIL FROM:<a@example.test>").code, 250);
+    assert_eq!(a.cmd("RCPT TO:<postmaster@example.test>").code, 250);
+    let a_addr = a.writer.local_addr().unwrap();
+    let mut b = Client::ready(smtp, "client-b.test");
+    assert_eq!(b.cmd("MAIL FROM:<b@example.test>").code, 250);
+    assert_eq!(b.cmd("RCPT TO:<postmaster@example.test>").code, 250);
+    assert_eq!(b.cmd("DATA").code, 354);
+    b.send(b"Subject: half a message\r\n\r\nnot finished");
+
+    let list = wait_for("both sessions listed where they are", Duration::from_secs(10), || {
+        let v = api_get(admin, "/api/sessions");
+        let ok = v["total"] == 2 && v["sessions"][1]["state"] == "data";
+        ok.then_some(v)
+    });
+    let sessions = list["sessions"].as_array().unwrap();
+    let sa = &sessions[0];
+    assert_eq!(sa["client"], a_addr.to_string());
+    assert_eq!(sa["listener"], "mx");
+    assert_eq!(sa["state"], "rcpt");
+    assert_eq!(sa["helo"], "client-a.test");
+    assert_eq!(sa["tls"], false);
+    assert!(sa["user"].is_null());
+    let (a_id, b_id) = (sa["id"].as_u64().unwrap(), sessions[1]["id"].as_u64().unwrap());
+
+    // In the middle of a message: 421 and closed; the half message is not queued.
+    let (status, v) = api_post(admin, &format!("/api/sessions/{b_id}/disconnect"), "{}");
+    assert_eq!((status, v["id"].as_u64()), (200, Some(b_id)));
+    let r = b.read_reply().expect("a reply before the close");
+    assert_eq!((r.code, r.text.starts_with("4.7.0")), (421, true), "{r:?}");
+    assert!(b.read_reply().is_none(), "closed");
+    // Between commands too.
+    let (status, _) = api_post(admin, &format!("/api/sessions/{a_id}/disconnect"), "{}");
+    assert_eq!(status, 200);
+    let r = a.read_reply().expect("a reply before the close");
+    assert_eq!(r.code, 421, "{r:?}");
+    assert!(a.read_reply().is_none(), "closed");
+
+    wait_for("the list empty again", Duration::from_secs(10), || {
+        (api_get(admin, "/api/sessions")["total"] == 0).then_some(())
+    });
+    let (status, _) = api_post(admin, &format!("/api/sessions/{a_id}/disconnect"), "{}");
+    assert_eq!(status, 404, "a session that ended");
+    assert_eq!(api_get(admin, "/api/status")["queue"]["total"], 0, "nothing was queued");
+    assert!(drop_files(dir.path()).is_empty());
+    assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"disconnected\"}"), 2.0);
+}
+
+#[test]
+fn filters_bulk_actions_headers_and_actors() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::start("127.42.0.1", 0, Behavior::default());
+    let running = deferring_daemon(dir.path(), &peer);
+    let admin = admin_of(&running);
+    let smtp = running.smtp_addrs[0];
+    let a = send(smtp, "alice@example.test", &["t4a@far.test"], "console a");
+    let b = send(smtp, "bob@example.test", &["t4b@far.test"], "console b");
+    let c = send(smtp, "alice@example.test", &["t4c@other.test"], "console c");
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 3.0);
+
+    let ids = |query: &str| -> Vec<u64> {
+        let v = api_get(admin, &format!("/api/queue{query}"));
+        v["messages"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect()
+    };
+    let cases: [(&str, Vec<u64>); 8] = [
+        ("", vec![a, b, c]),
+        ("?sender=ALICE", vec![a, c]),
+        ("?sender=bob%40example.test", vec![b]),
+        ("?sender=%3C%3E", vec![]),
+        ("?recipient=t4b", vec![b]),
+        ("?recipient=far.test&sender=alice", vec![a]),
+        ("?domain=other.test", vec![c]),
+        ("?state=deferred&recipient=t4", vec![a, b, c]),
+    ];
+    for (query, want) in cases {
+        assert_eq!(ids(query), want, "{query}");
+    }
+
+    // The header section only, our trace header first.
+    let h = api_get(admin, &format!("/api/queue/{a}/headers"));
+    let text = h["headers"].as_str().unwrap();
+    assert!(text.starts_with("Received: "), "{text}");
+    assert!(text.contains("Subject: console a\r\n"), "{text}");
+    assert!(!text.contains("the body text"), "{text}");
+    let (status, _, _) = get(admin, &admin.to_string(), "/api/queue/999999/headers", Some(TOKEN));
+    assert_eq!(status, 404);
+
+    // Bulk: each message as the single-message action would do it; the missing one reported.
+    let (status, v) =
+        api_post(admin, "/api/queue/bulk", &format!("{{\"action\":\"hold\",\"ids\":[{a},{c},999999,{a}]}}"));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["done"], 2);
+    assert_eq!(v["failed"][0]["id"], 999999);
+    assert!(v["failed"][0]["error"].as_str().unwrap().contains("no such message"), "{v}");
+    assert_eq!(ids("?state=held"), vec![a, c]);
+    let (_, v) = api_post(admin, "/api/queue/bulk", &format!("{{\"action\":\"release\",\"ids\":[{a},{c}]}}"));
+    assert_eq!(v["done"], 2);
+    assert_eq!(ids("?state=held"), Vec::<u64>::new());
+    let (_, v) = api_post(admin, "/api/queue/bulk", &format!("{{\"action\":\"delete\",\"ids\":[{c}]}}"));
+    assert_eq!(v["done"], 1);
+    assert_eq!(ids(""), vec![a, b]);
+    let too_many: Vec<String> = (1..=1001).map(|i| i.to_string()).collect();
+    for (body, why) in [
+        (format!("{{\"action\":\"hold\",\"ids\":[{}]}}", too_many.join(",")), "at most 1000"),
+        (format!("{{\"action\":\"explode\",\"ids\":[{a}]}}"), "unknown action"),
+        ("{\"action\":\"hold\"}".to_string(), "expected"),
+        ("not json".to_string(), "expected"),
+    ] {
+        let (status, v) = api_post(admin, "/api/queue/bulk", &body);
+        assert_eq!(status, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{v}");
+    }
+    let (status, _, _) = post(
+        admin,
+        "/api/queue/bulk",
+        &format!("Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"),
+        &" ".repeat(70 * 1024),
+    );
+    assert_eq!(status, 413, "a body over 64 KiB is not read");
+    assert_eq!(ids(""), vec![a, b], "nothing else changed");
+
+    // Every actor kind that worked shows what it handled.
+    let v = api_get(admin, "/api/actors");
+    let actors = v["actors"].as_array().unwrap();
+    let row = |name: &str| actors.iter().find(|r| r["actor"] == name).unwrap_or_else(|| panic!("{name} in {v}"));
+    for name in ["listener", "session", "queue"] {
+        let r = row(name);
+        assert!(r["handled"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["live"].as_i64().unwrap() >= 1 || name == "session", "{r}");
+        assert!(r["mean_seconds"].as_f64().is_some(), "{r}");
+        assert_eq!(r["restarts"], 0);
+    }
+    assert!(row("session")["handled"].as_u64().unwrap() >= 3 * 5, "at least five commands per client");
+}
