@@ -242,7 +242,9 @@ fn sessions_are_listed_and_disconnected() {
     assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"disconnected\"}"), 2.0);
 }
 
-#[test]
+// The queue's side on each store (tests/common/pg.rs): filters, headers read without the body.
+both_stores!(filters_bulk_actions_headers_and_actors);
+
 fn filters_bulk_actions_headers_and_actors() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start("127.42.0.1", 0, Behavior::default());
@@ -327,4 +329,181 @@ fn filters_bulk_actions_headers_and_actors() {
         assert_eq!(r["restarts"], 0);
     }
     assert!(row("session")["handled"].as_u64().unwrap() >= 3 * 5, "at least five commands per client");
+}
+
+#[path = "common/browser.rs"]
+mod browser;
+
+/// Another site's page: it submits an HTML form to the admin API as soon as it loads.
+fn foreign_site(form: String) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").expect("a foreign site on 127.0.0.2");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().map_while(Result::ok) {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let page =
+                format!("<!doctype html><html><body>{form}<script>document.forms[0].submit()</script></body></html>");
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    addr
+}
+
+/// The console as an operator uses it, in Debian's headless Chromium: sign in (a wrong token
+/// first), see a message sent over SMTP appear in the queue, open it, hold and release it, a
+/// cancelled delete, the open sessions and a disconnect, the actors, pause (a new SMTP client
+/// gets 421) and resume, a reload, a phone-width overview; then another site's forms and a
+/// DNS-rebinding name, refused. A screenshot of each page goes to target/console-screenshots/.
+#[test]
+fn console_in_a_real_browser() {
+    if !browser::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::start("127.43.0.1", 0, Behavior::default());
+    // From a file, so that the console's reload has something to read again.
+    let path = dir.path().join("mailroot.toml");
+    let write = |max_connections: &str| {
+        let text = format!(
+            "[server]\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nmax_connections = {max_connections}\n\
+             shutdown_grace = \"1s\"\n[mailroot]\npath = \"spool\"\n[domains]\nlocal = [\"example.test\"]\n\
+             [delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[{}]:{}\"\n\
+             [queue]\nretry_intervals = [\"1h\"]\n{}",
+            peer.addr.ip(),
+            peer.addr.port(),
+            admin_toml("")
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write("100");
+    let loaded = mailroot::config::Config::load(Some(&path)).unwrap();
+    let options = mailroot::daemon::StartOptions { handle_signals: false, config_path: Some(path.clone()) };
+    let running = mailroot::daemon::start(loaded.config, options).unwrap();
+    let admin = admin_of(&running);
+    let smtp = running.smtp_addrs[0];
+    let console = format!("http://{admin}/console/");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let b = browser::Browser::start().await;
+
+        // Sign in: a wrong token is refused and said so; the right one opens the overview.
+        b.goto(&console).await;
+        b.type_into("#token", "not-the-token").await;
+        b.click("#signin").await;
+        b.wait_text("#signin-error", "the refusal", |t| t.contains("not accepted")).await;
+        b.screenshot("signin").await;
+        b.type_into("#token", TOKEN).await;
+        b.click("#signin").await;
+        b.wait_text("#ov-state", "the overview", |t| t == "running").await;
+        b.wait_text("#ov-store", "store health", |t| t == "healthy").await;
+        b.wait_text("#listeners tbody", "the listener", |t| t.contains(&smtp.to_string())).await;
+
+        // A message sent over SMTP appears in the queue (deferred by the peer).
+        let id = send(smtp, "alice@example.test", &["t4a@far.test"], "seen in the console");
+        wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 1.0);
+        b.goto(&format!("{console}#overview")).await;
+        b.wait_text("#charts", "the charts count it", |t| t.contains("Received 1 in the hour")).await;
+        b.screenshot("overview").await;
+        b.click("#nav-queue").await;
+        let row = format!("#queue-table tr[data-id=\"{id}\"]");
+        b.wait_text(&row, "the message in the queue", |t| t.contains("alice@example.test") && t.contains("deferred"))
+            .await;
+        b.screenshot("queue").await;
+
+        // Its detail; hold, then release.
+        b.click(&format!("{row} a")).await;
+        b.wait_text("#m-headers", "the headers", |t| t.contains("Subject: seen in the console")).await;
+        b.wait_text("#m-recipients", "the last reply", |t| t.contains("451 4.2.1")).await;
+        b.click("#m-hold").await;
+        b.wait_text("#m-fields", "held", |t| t.contains("Stateheld")).await;
+        let v = api_get(admin, &format!("/api/queue/{id}"));
+        assert_eq!(v["state"], "held", "the console's hold reached the queue");
+        b.screenshot("message").await;
+        b.click("#m-release").await;
+        b.wait_text("#m-fields", "released", |t| t.contains("Statedeferred") || t.contains("Stateready")).await;
+        assert_ne!(api_get(admin, &format!("/api/queue/{id}"))["state"], "held");
+
+        // Delete asks first; cancelled, nothing happens.
+        b.click("#nav-queue").await;
+        b.click(&format!("{row} input.q-select")).await;
+        b.wait_text("#q-selected", "one selected", |t| t == "1 selected").await;
+        b.click("[data-bulk=delete]").await;
+        b.wait_text("#confirm-text", "the confirmation", |t| t.contains("deleted without a notice")).await;
+        b.screenshot("confirm-delete").await;
+        b.click("#confirm-no").await;
+        assert_eq!(api_get(admin, "/api/status")["queue"]["total"], 1, "a cancelled delete deletes nothing");
+
+        // Sessions: an idle client is listed; disconnected from the console, it gets 421.
+        let mut idle = Client::ready(smtp, "idle-client.test");
+        b.click("#nav-sessions").await;
+        b.wait_text("#sessions-table tbody", "the open session", |t| t.contains("idle-client.test")).await;
+        b.screenshot("sessions").await;
+        b.click("#sessions-table tbody button").await;
+        b.click("#confirm-yes").await;
+        let r = idle.read_reply().expect("421 before the close");
+        assert_eq!(r.code, 421, "{r:?}");
+        b.wait_text("#sessions-table tbody", "the list empty", |t| t.contains("no open SMTP session")).await;
+
+        // Actors.
+        b.click("#nav-actors").await;
+        b.wait_text("#actors-table tbody", "the actors", |t| t.contains("queue") && t.contains("session")).await;
+        b.screenshot("actors").await;
+
+        // Pause: a new SMTP client gets 421; resume: 220 again. Reload: nothing changed.
+        b.click("#nav-controls").await;
+        b.click("#c-pause").await;
+        b.wait_text("#c-state", "paused", |t| t == "paused").await;
+        let mut c = Client::connect(smtp);
+        assert_eq!(c.greeting().code, 421, "paused: new clients are turned away");
+        b.click("#c-reload").await;
+        b.wait_text("#c-reload-result", "the reload's result", |t| t.contains("Nothing changed")).await;
+        write("200");
+        b.click("#c-reload").await;
+        b.wait_text("#c-reload-result", "what the reload changed", |t| t.contains("Applied: server")).await;
+        write("\"many\"");
+        b.click("#c-reload").await;
+        b.wait_text("#c-reload-result", "the refused reload", |t| t.contains("refused, nothing applied")).await;
+        b.screenshot("controls").await;
+        b.click("#c-resume").await;
+        b.wait_text("#c-state", "running", |t| t == "running").await;
+        let mut c = Client::connect(smtp);
+        assert_eq!(c.greeting().code, 220);
+
+        // A phone's width: everything within the screen, the menu shown.
+        b.client.set_window_size(390, 844).await.expect("resized");
+        b.click("#nav-overview").await;
+        b.wait_text("#ov-state", "the overview", |t| t == "running").await;
+        let fits = b
+            .client
+            .execute("return document.documentElement.scrollWidth <= window.innerWidth;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(fits, Value::Bool(true), "no sideways scrolling at 390 px");
+        b.screenshot("overview-phone").await;
+        b.client.set_window_size(1280, 900).await.expect("resized");
+
+        // Another site's forms, submitted by the browser: refused, nothing paused or stopped.
+        for (action, enctype, input) in [
+            ("/api/server/pause", "text/plain", r#"<input name='{"a":"' value='"}'>"#),
+            ("/api/server/stop", "application/x-www-form-urlencoded", "<input name=x value=1>"),
+        ] {
+            let form =
+                format!(r#"<form method="POST" enctype="{enctype}" action="http://{admin}{action}">{input}</form>"#);
+            let site = foreign_site(form);
+            b.goto(&format!("http://{site}/")).await;
+            b.wait_text("body", "the API's refusal", |t| t.contains("cross-origin requests are not served")).await;
+        }
+        // A DNS-rebinding name for our address: the console is not served to it.
+        b.goto(&format!("http://evil.test:{}/console/", admin.port())).await;
+        b.wait_text("body", "the foreign Host refused", |t| t.contains("this Host is not served")).await;
+        assert_eq!(api_get(admin, "/api/status")["state"], "running");
+        assert_eq!(api_get(admin, "/api/status")["queue"]["total"], 1);
+        let _ = b.client.clone().close().await;
+    });
+    eprintln!("screenshots in {}", browser::screenshot_dir().display());
 }

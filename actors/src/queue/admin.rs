@@ -321,7 +321,7 @@ impl Handler<List> for Queue {
         }
         let limit = f.limit.clamp(1, 1000);
         let now = unix_now();
-        // What is being delivered here now; the walk runs off the Queue, a page at a time.
+        // What is being delivered here now; the walk runs off the Queue's thread, a page at a time.
         let busy: std::collections::HashSet<QueueId> = self.outstanding.keys().copied().collect();
         let store = self.store.clone();
         let sender = f.sender.as_ref().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
@@ -336,13 +336,12 @@ impl Handler<List> for Queue {
                 if scanned >= LIST_SCAN {
                     return Ok(ListPage { messages, next_after: Some(after) });
                 }
-                let page = store.page(after, LIST_PAGE).await.map_err(internal)?;
-                let last_page = page.len() < LIST_PAGE;
+                // The first read asks for one more than the page (enough when nothing is filtered
+                // out: a page of 100 reads 101 envelopes, not 500); later reads take 500.
+                let want = if scanned == 0 { (limit + 1).min(LIST_PAGE) } else { LIST_PAGE };
+                let page = store.page(after, want).await.map_err(internal)?;
+                let last_page = page.len() < want;
                 scanned += page.len();
-                // sled's pages are read when asked, on the Queue's thread: between two pages the
-                // Queue takes its other messages (new mail first), so paging never stalls intake
-                // for longer than one page.
-                tokio::task::yield_now().await;
                 for env in page {
                     after = env.id;
                     if env.is_finished() {
@@ -387,7 +386,16 @@ impl Handler<List> for Queue {
                 }
             }
         };
-        Box::pin(walk.into_actor(self))
+        // sled reads (and the envelopes are parsed) when a page is asked for, on the asking
+        // thread: the walk runs on a blocking thread, so listing a large queue never holds up
+        // the Queue's own work (new mail first). PostgreSQL's reads run on its runtime anyway.
+        let runtime = tokio::runtime::Handle::current();
+        let off_queue = async move {
+            tokio::task::spawn_blocking(move || runtime.block_on(walk))
+                .await
+                .unwrap_or_else(|e| Err(internal(format!("the list walk failed: {e}"))))
+        };
+        Box::pin(off_queue.into_actor(self))
     }
 }
 

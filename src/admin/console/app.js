@@ -115,6 +115,10 @@ function seconds(s) {
   return s.toFixed(2) + ' s';
 }
 
+function plural(n, word) {
+  return n + ' ' + word + (n === 1 ? '' : 's');
+}
+
 function flash(text, isError) {
   const f = $('flash');
   f.textContent = text;
@@ -224,9 +228,9 @@ async function loadOverview() {
   $('ov-state').textContent = status.state;
   $('ov-version').textContent = 'mailroot ' + status.version + ', up ' + duration(status.uptime_seconds);
   $('ov-connections').textContent = status.connections;
-  $('ov-listeners').textContent = status.listeners.length + ' listener(s)';
+  $('ov-listeners').textContent = 'on ' + plural(status.listeners.length, 'listener');
   const q = status.queue;
-  $('ov-queue-total').textContent = q.total + ' messages';
+  $('ov-queue-total').textContent = plural(q.total, 'message');
   const dl = $('ov-queue');
   dl.replaceChildren();
   for (const k of ['active', 'ready', 'deferred', 'held']) {
@@ -293,6 +297,10 @@ function drawCharts(minutes) {
       svg.appendChild(r);
     });
     fig.appendChild(svg);
+    const axis = el('div', null, 'axis');
+    axis.appendChild(el('span', '60 min ago'));
+    axis.appendChild(el('span', 'now'));
+    fig.appendChild(axis);
     fig.appendChild(cap);
     box.appendChild(fig);
   }
@@ -342,7 +350,7 @@ async function loadQueue() {
   $('q-next').disabled = queueState.next === null || queueState.next === undefined;
   $('q-first').disabled = queueState.after === null;
   const shown = page.messages.length;
-  $('q-count').textContent = shown + ' message(s) on this page' + (queueState.next ? '; more follow' : '');
+  $('q-count').textContent = plural(shown, 'message') + ' on this page' + (queueState.next ? '; more follow' : '');
   countSelected();
 }
 
@@ -380,7 +388,7 @@ async function bulk(action) {
     return;
   }
   if (LOSES_MAIL[action] || everything) {
-    const what = everything ? 'every message matching the filter' : ids.length + ' message(s)';
+    const what = everything ? 'every message matching the filter' : plural(ids.length, 'message');
     const effect = LOSES_MAIL[action] ? ' will be ' + LOSES_MAIL[action] : '';
     const ok = await confirmAction(action[0].toUpperCase() + action.slice(1) + ' ' + what + '?' + (effect ? ' They' + effect + '.' : ''));
     if (!ok) return;
@@ -461,7 +469,7 @@ async function oneAction(action) {
 
 async function loadSessions() {
   const list = await api('GET', '/api/sessions');
-  $('s-count').textContent = list.total + ' open session(s)' + (list.total > list.sessions.length ? ', the oldest ' + list.sessions.length + ' shown' : '');
+  $('s-count').textContent = plural(list.total, 'open session') + (list.total > list.sessions.length ? ', the oldest ' + list.sessions.length + ' shown' : '');
   fill(
     $('sessions-table').tBodies[0],
     list.sessions.map((s) => {

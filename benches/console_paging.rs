@@ -1,0 +1,148 @@
+//! Console paging benchmark: N messages (default 100,000) sit deferred in the queue (a smart
+//! host defers every recipient), then rounds of 20,000 local messages are sent: alone; while a
+//! client pages through the whole queue through the admin API as the console does (pages of 100
+//! back to back, the same at 10 a second, a filter that matches nothing and so scans 20,000
+//! envelopes per request); alone again. Prints intake per round (the question: does paging slow
+//! intake?) and the list requests' times. Run with `cargo bench --bench console_paging -- [--messages N]
+//! [--sessions S] [--dir PATH]`; see docs/performance.md.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Sink;
+use mailroot::client::AdminClient;
+use mailroot::config::Config;
+use mailroot::daemon::{self, StartOptions};
+
+const TO: &str = "sink@relay.test";
+const FROM: &str = "bench@example.test";
+const LOCAL: &str = "sink@example.test";
+/// Local messages per intake round.
+const ROUND: usize = 20_000;
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// What a pager did: requests, messages listed, whole passes, and the time per request.
+#[derive(Default)]
+struct Paging {
+    requests: usize,
+    messages: usize,
+    passes: usize,
+    times: Vec<Duration>,
+}
+
+/// Pages through the whole queue with `query`, again and again until `stop`, waiting `pause`
+/// between requests (zero: as fast as the API answers).
+fn pager(admin: AdminClient, query: &'static str, pause: Duration, stop: Arc<AtomicBool>) -> Paging {
+    let mut p = Paging::default();
+    let mut after: Option<u64> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let path = match after {
+            Some(a) => format!("/api/queue?{query}&after={a}"),
+            None => format!("/api/queue?{query}"),
+        };
+        let t = Instant::now();
+        let r = admin.request("GET", &path).expect("list");
+        p.times.push(t.elapsed());
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        p.requests += 1;
+        p.messages += v["messages"].as_array().map_or(0, Vec::len);
+        after = v["next_after"].as_u64();
+        if after.is_none() {
+            p.passes += 1;
+        }
+        std::thread::sleep(pause);
+    }
+    p
+}
+
+fn intake(addr: std::net::SocketAddr, sessions: usize, size: usize) -> f64 {
+    let (accepted, took) = common::load(addr, sessions, ROUND, FROM, LOCAL, common::body(size, LOCAL));
+    accepted as f64 / took.as_secs_f64()
+}
+
+fn main() {
+    let a = common::Args::parse();
+    let messages = if std::env::args().any(|x| x == "--messages") { a.messages } else { 100_000 };
+    let base = a.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-console"));
+    let _ = std::fs::remove_dir_all(&base);
+    let sink = Sink::start();
+    sink.defer.store(true, Ordering::Relaxed);
+    let text = format!(
+        "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n\
+         [access]\nmax_connections_per_ip = 0\n[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n\
+         [queue]\nretry_intervals = [\"1h\"]\n",
+        sink.addr.port()
+    );
+    let mut config = Config::from_toml(&text).expect("bench config");
+    config.mailroot.path = base.clone();
+    config.admin.listen = "127.0.0.1:0".into();
+    let running = daemon::start(config, StartOptions::default()).expect("start");
+    let addr = running.smtp_addrs[0];
+    println!(
+        "console_paging: {messages} messages deferred in the queue, intake of {ROUND} local messages from {} sessions \
+         without and with an operator paging; mailroot in {}",
+        a.sessions,
+        base.display()
+    );
+
+    let start = Instant::now();
+    let (accepted, _) = common::load(addr, a.sessions, messages, FROM, TO, common::body(a.size, TO));
+    let deferred_name = "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"} ";
+    while (metric(&running.metrics_text(), deferred_name) as usize) < accepted {
+        assert!(start.elapsed() < Duration::from_secs(1800), "deferring took too long");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("queue:      {accepted} messages deferred in {:.1}s", start.elapsed().as_secs_f64());
+    let token = std::fs::read_to_string(base.join("admin.token")).expect("admin token");
+    let admin = || AdminClient {
+        address: running.admin_addr.expect("admin API").to_string(),
+        token: token.clone(),
+        timeout: Duration::from_secs(600),
+    };
+
+    let alone = intake(addr, a.sessions, a.size);
+    println!("intake:     {alone:.0} messages/s alone");
+    let rounds: [(&str, &'static str, Duration); 3] = [
+        ("pages of 100, back to back", "limit=100", Duration::ZERO),
+        ("pages of 100, 10 a second", "limit=100", Duration::from_millis(100)),
+        ("a filter matching nothing, back to back", "limit=100&sender=nobody-sends-this", Duration::ZERO),
+    ];
+    for (what, query, pause) in rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let paging = {
+            let (admin, stop) = (admin(), stop.clone());
+            std::thread::spawn(move || pager(admin, query, pause, stop))
+        };
+        let with = intake(addr, a.sessions, a.size);
+        stop.store(true, Ordering::Relaxed);
+        let p = paging.join().expect("pager");
+        let mut t = p.times.clone();
+        t.sort();
+        let ms = |q: f64| {
+            t.get(((t.len() as f64 * q) as usize).min(t.len().saturating_sub(1))).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        println!(
+            "intake:     {with:.0} messages/s ({:.2} of alone) while paging with {what}: {} requests ({} messages listed, {} whole passes over the queue), median {:.1} ms, p99 {:.1} ms",
+            with / alone,
+            p.requests,
+            p.messages,
+            p.passes,
+            ms(0.5),
+            ms(0.99)
+        );
+    }
+    let again = intake(addr, a.sessions, a.size);
+    println!("intake:     {again:.0} messages/s alone again");
+    running.stop();
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
