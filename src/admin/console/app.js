@@ -403,7 +403,7 @@ async function bulk(action) {
       failed.push(...r.failed);
     }
     const note = failed.length ? '; not done for ' + failed.length + ' (' + failed.slice(0, 3).map((f) => f.id + ': ' + f.error).join('; ') + ')' : '';
-    flash(action + ': done for ' + done + ' message(s)' + note, failed.length > 0);
+    flash(action + ': done for ' + plural(done, 'message') + note, failed.length > 0);
     $('q-all-matching').checked = false;
     await loadQueue();
   } catch (e) {
