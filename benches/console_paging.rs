@@ -4,7 +4,7 @@
 //! back to back, the same at 10 a second, a filter that matches nothing and so scans 20,000
 //! envelopes per request); alone again. Prints intake per round (the question: does paging slow
 //! intake?) and the list requests' times. Run with `cargo bench --bench console_paging -- [--messages N]
-//! [--sessions S] [--dir PATH]`; see docs/performance.md.
+//! [--sessions S] [--dir PATH] [--store sled|postgres|both] [--pg URL]`; see docs/performance.md.
 
 mod common;
 
@@ -68,11 +68,9 @@ fn intake(addr: std::net::SocketAddr, sessions: usize, size: usize) -> f64 {
     accepted as f64 / took.as_secs_f64()
 }
 
-fn main() {
-    let a = common::Args::parse();
-    let messages = if std::env::args().any(|x| x == "--messages") { a.messages } else { 100_000 };
-    let base = a.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-console"));
-    let _ = std::fs::remove_dir_all(&base);
+/// One whole run on a fresh daemon in `base`, on sled or (with `pg`) PostgreSQL.
+fn run(a: &common::Args, messages: usize, base: &std::path::Path, pg: Option<&common::BenchSchema>) {
+    let _ = std::fs::remove_dir_all(base);
     let sink = Sink::start();
     sink.defer.store(true, Ordering::Relaxed);
     let text = format!(
@@ -82,13 +80,17 @@ fn main() {
         sink.addr.port()
     );
     let mut config = Config::from_toml(&text).expect("bench config");
-    config.mailroot.path = base.clone();
+    config.mailroot.path = base.to_path_buf();
     config.admin.listen = "127.0.0.1:0".into();
+    if let Some(schema) = pg {
+        schema.apply(&mut config, "bench");
+    }
     let running = daemon::start(config, StartOptions::default()).expect("start");
     let addr = running.smtp_addrs[0];
     println!(
-        "console_paging: {messages} messages deferred in the queue, intake of {ROUND} local messages from {} sessions \
-         without and with an operator paging; mailroot in {}",
+        "console_paging [{}]: {messages} messages deferred in the queue, intake of {ROUND} local messages from {} \
+         sessions without and with a client paging; mailroot in {}",
+        if pg.is_some() { "postgres" } else { "sled" },
         a.sessions,
         base.display()
     );
@@ -108,13 +110,13 @@ fn main() {
         timeout: Duration::from_secs(600),
     };
 
-    let alone = intake(addr, a.sessions, a.size);
-    println!("intake:     {alone:.0} messages/s alone");
+    let before = intake(addr, a.sessions, a.size);
     let rounds: [(&str, &'static str, Duration); 3] = [
         ("pages of 100, back to back", "limit=100", Duration::ZERO),
         ("pages of 100, 10 a second", "limit=100", Duration::from_millis(100)),
         ("a filter matching nothing, back to back", "limit=100&sender=nobody-sends-this", Duration::ZERO),
     ];
+    let mut results = Vec::new();
     for (what, query, pause) in rounds {
         let stop = Arc::new(AtomicBool::new(false));
         let paging = {
@@ -123,14 +125,22 @@ fn main() {
         };
         let with = intake(addr, a.sessions, a.size);
         stop.store(true, Ordering::Relaxed);
-        let p = paging.join().expect("pager");
+        results.push((what, with, paging.join().expect("pager")));
+    }
+    let after = intake(addr, a.sessions, a.size);
+    // Intake drifts over a run (the disk, the Drop folder filling): rounds are compared with the
+    // mean of the rounds alone before and after them.
+    let alone = (before + after) / 2.0;
+    println!("intake:     alone {before:.0} before and {after:.0} after messages/s (mean {alone:.0})");
+    for (what, with, p) in results {
         let mut t = p.times.clone();
         t.sort();
         let ms = |q: f64| {
             t.get(((t.len() as f64 * q) as usize).min(t.len().saturating_sub(1))).map_or(0.0, |d| d.as_secs_f64() * 1e3)
         };
         println!(
-            "intake:     {with:.0} messages/s ({:.2} of alone) while paging with {what}: {} requests ({} messages listed, {} whole passes over the queue), median {:.1} ms, p99 {:.1} ms",
+            "intake:     {with:.0} messages/s ({:.2} of alone) while paging with {what}: {} requests ({} messages \
+             listed, {} whole passes), median {:.1} ms, p99 {:.1} ms",
             with / alone,
             p.requests,
             p.messages,
@@ -139,9 +149,18 @@ fn main() {
             ms(0.99)
         );
     }
-    let again = intake(addr, a.sessions, a.size);
-    println!("intake:     {again:.0} messages/s alone again");
     running.stop();
+}
+
+fn main() {
+    let a = common::Args::parse();
+    let messages = if std::env::args().any(|x| x == "--messages") { a.messages } else { 100_000 };
+    let base = a.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-console"));
+    let _ = std::fs::remove_dir_all(&base);
+    for store in &a.stores {
+        let schema = (store == "postgres").then(|| common::BenchSchema::new(&a.pg, "console"));
+        run(&a, messages, &base.join(store), schema.as_ref());
+    }
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&base);
     }
