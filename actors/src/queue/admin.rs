@@ -327,6 +327,9 @@ impl Handler<List> for Queue {
         let sender = f.sender.as_ref().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
         let recipient = f.recipient.as_ref().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
         let walk = async move {
+            // However many operators or scripts list at once, at most two walks run: the rest
+            // wait their turn rather than take every core from the mail.
+            let _turn = LIST_WALKS.acquire().await.map_err(internal)?;
             let mut messages = Vec::new();
             let mut after = f.after.unwrap_or(0);
             let mut scanned = 0;
@@ -401,6 +404,9 @@ impl Handler<List> for Queue {
 
 /// Envelopes read from the store at once when listing.
 const LIST_PAGE: usize = 500;
+
+/// List walks running at once, at most (all Queues of the process together).
+static LIST_WALKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Envelopes one list request looks at, at most (a page may then be short, with `next_after`).
 const LIST_SCAN: usize = 20_000;
