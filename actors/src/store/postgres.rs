@@ -350,6 +350,29 @@ impl PgStore {
                 .wait_timeout(Some(settings.connect_timeout))
                 .create_timeout(Some(settings.connect_timeout))
                 .recycle_timeout(Some(settings.connect_timeout))
+                .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                    Box::pin(async move {
+                        // A prepared statement's generic plan is made from the table's statistics
+                        // of that moment — often an empty queue, where a sequential scan is
+                        // cheapest — and kept until the table is analysed again. Without
+                        // autovacuum that is never: a queue grown to 100,000 deferred messages
+                        // then had every delivery result's update scan the whole table. On such
+                        // a server each statement is planned when run (measured: ~9% of the
+                        // relay benchmark's speed, so not where autovacuum does the work).
+                        let on: String = client
+                            .query_one("SHOW autovacuum", &[])
+                            .await
+                            .map_err(deadpool_postgres::HookError::Backend)?
+                            .get(0);
+                        if on != "on" {
+                            client
+                                .batch_execute("SET plan_cache_mode = force_custom_plan")
+                                .await
+                                .map_err(deadpool_postgres::HookError::Backend)?;
+                        }
+                        Ok(())
+                    })
+                }))
                 .build()
                 .map_err(|e| StoreError::Database(e.to_string()))?
         };
@@ -517,7 +540,18 @@ impl Inner {
                 .map_err(db)?;
             tracing::info!(version, schema, "queue database schema migrated");
         }
-        tx.commit().await.map_err(db)
+        tx.commit().await.map_err(db)?;
+        // Every delivery result rewrites a row: without autovacuum the tables only grow, and the
+        // planner never learns how large they are.
+        let autovacuum: String = c.query_one("SHOW autovacuum", &[]).await.map_err(db)?.get(0);
+        if autovacuum != "on" {
+            tracing::warn!(
+                schema,
+                "autovacuum is off on the queue's PostgreSQL server: its tables will bloat and every \
+                 statement is planned anew (slower); turn it on, or VACUUM ANALYZE the schema's tables regularly"
+            );
+        }
+        Ok(())
     }
 
     /// Records that this node is alive (and proves that the database takes writes).
