@@ -8,6 +8,8 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::peer::{Behavior, Peer};
@@ -317,6 +319,25 @@ fn filters_bulk_actions_headers_and_actors() {
     assert_eq!(status, 413, "a body over 64 KiB is not read");
     assert_eq!(ids(""), vec![a, b], "nothing else changed");
 
+    // Many at once (acted on in batches that share their commits): every one, once.
+    let mut c = Client::ready(smtp, "client.test");
+    let many: Vec<u64> = (0..150)
+        .map(|i| {
+            let body = format!("Subject: many {i}\r\n\r\nx\r\n");
+            let r = c.transaction("carol@example.test", &[&format!("t4m{i}@far.test")], body.as_bytes());
+            r.queue_id().expect("queued")
+        })
+        .collect();
+    wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 153.0);
+    let list: Vec<String> = many.iter().map(u64::to_string).collect();
+    let (_, v) = api_post(admin, "/api/queue/bulk", &format!("{{\"action\":\"hold\",\"ids\":[{}]}}", list.join(",")));
+    assert_eq!((v["done"].as_u64(), v["failed"].as_array().map(Vec::len)), (Some(150), Some(0)), "{v}");
+    let held = api_get(admin, "/api/queue?state=held&limit=1000");
+    assert_eq!(held["messages"].as_array().unwrap().len(), 150);
+    let (_, v) = api_post(admin, "/api/queue/bulk", &format!("{{\"action\":\"delete\",\"ids\":[{}]}}", list.join(",")));
+    assert_eq!(v["done"], 150, "{v}");
+    assert_eq!(ids(""), vec![a, b], "only the 150 went");
+
     // Every actor kind that worked shows what it handled.
     let v = api_get(admin, "/api/actors");
     let actors = v["actors"].as_array().unwrap();
@@ -354,11 +375,73 @@ fn foreign_site(form: String) -> SocketAddr {
     addr
 }
 
+/// A reverse proxy that serves the admin API under `/mailroot/` and strips that path (as nginx's
+/// `proxy_pass http://127.0.0.1:8025/;` does), passing the Host on; anything else gets 404.
+/// One request per connection (`Connection: close`); returns its address and how many requests
+/// it forwarded.
+fn stripping_proxy(admin: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.3:0").expect("a proxy on 127.0.0.3");
+    let addr = listener.local_addr().unwrap();
+    let forwarded = Arc::new(AtomicUsize::new(0));
+    let count = forwarded.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let _ = proxy_one(client, admin, &count);
+            });
+        }
+    });
+    (addr, forwarded)
+}
+
+fn proxy_one(mut client: TcpStream, admin: SocketAddr, count: &AtomicUsize) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        if client.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.splitn(3, ' ');
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let Some(rest) = path.strip_prefix("/mailroot/") else {
+        return client.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    };
+    let mut length = 0;
+    let mut headers = String::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("connection:") || lower.starts_with("keep-alive:") {
+            continue;
+        }
+        headers.push_str(line);
+        headers.push_str("\r\n");
+    }
+    let mut body = vec![0u8; length];
+    client.read_exact(&mut body)?;
+    let mut upstream = TcpStream::connect(admin)?;
+    upstream.write_all(format!("{method} /{rest} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n").as_bytes())?;
+    upstream.write_all(&body)?;
+    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut answer = Vec::new();
+    upstream.read_to_end(&mut answer)?;
+    client.write_all(&answer)
+}
+
 /// The console as an operator uses it, in Debian's headless Chromium: sign in (a wrong token
 /// first), see a message sent over SMTP appear in the queue, open it, hold and release it, a
 /// cancelled delete, the open sessions and a disconnect, the actors, pause (a new SMTP client
-/// gets 421) and resume, a reload, a phone-width overview; then another site's forms and a
-/// DNS-rebinding name, refused. A screenshot of each page goes to target/console-screenshots/.
+/// gets 421) and resume, reloads, a phone-width overview, the console behind a reverse proxy
+/// under a path; then another site's forms and a DNS-rebinding name, refused. A screenshot of each page goes to target/console-screenshots/.
 #[test]
 fn console_in_a_real_browser() {
     if !browser::available() {
@@ -498,6 +581,21 @@ fn console_in_a_real_browser() {
             b.goto(&format!("http://{site}/")).await;
             b.wait_text("body", "the API's refusal", |t| t.contains("cross-origin requests are not served")).await;
         }
+        // Behind a reverse proxy that serves it under /mailroot/ and strips the path: the
+        // console's relative links and requests go through the proxy (another origin, so the
+        // token is asked for again), and its actions work there too.
+        let (proxy, forwarded) = stripping_proxy(admin);
+        b.goto(&format!("http://{proxy}/mailroot/console/")).await;
+        b.type_into("#token", TOKEN).await;
+        b.click("#signin").await;
+        b.wait_text("#ov-state", "the overview through the proxy", |t| t == "running").await;
+        b.click("#nav-controls").await;
+        b.click("#c-pause").await;
+        b.wait_text("#c-state", "paused through the proxy", |t| t == "paused").await;
+        b.click("#c-resume").await;
+        b.wait_text("#c-state", "running through the proxy", |t| t == "running").await;
+        let through = forwarded.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(through >= 8, "pages, script, style and API calls all went through the proxy: {through}");
         // A DNS-rebinding name for our address: the console is not served to it.
         b.goto(&format!("http://evil.test:{}/console/", admin.port())).await;
         b.wait_text("body", "the foreign Host refused", |t| t.contains("this Host is not served")).await;

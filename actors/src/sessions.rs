@@ -141,12 +141,13 @@ impl SessionEntry {
         let mut v = lock(&self.view);
         v.phase = phase;
         v.tls = tls;
+        // Called after every command: copy only what changed.
         if v.user.as_deref() != user {
             v.user = user.map(str::to_string);
         }
-        let helo = helo.map(|h| h.chars().take(HELO_SHOWN).collect::<String>());
-        if v.helo != helo {
-            v.helo = helo;
+        let helo = helo.map(|h| h.char_indices().nth(HELO_SHOWN).map_or(h, |(end, _)| &h[..end]));
+        if v.helo.as_deref() != helo {
+            v.helo = helo.map(str::to_string);
         }
     }
 

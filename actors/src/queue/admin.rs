@@ -389,16 +389,22 @@ impl Handler<List> for Queue {
                 }
             }
         };
-        // sled reads (and the envelopes are parsed) when a page is asked for, on the asking
-        // thread: the walk runs on a blocking thread, so listing a large queue never holds up
-        // the Queue's own work (new mail first). PostgreSQL's reads run on its runtime anyway.
-        let runtime = tokio::runtime::Handle::current();
-        let off_queue = async move {
-            tokio::task::spawn_blocking(move || runtime.block_on(walk))
-                .await
-                .unwrap_or_else(|e| Err(internal(format!("the list walk failed: {e}"))))
-        };
-        Box::pin(off_queue.into_actor(self))
+        Box::pin(off_queue(walk).into_actor(self))
+    }
+}
+
+/// Runs an admin read on a blocking thread. sled reads (and envelopes are parsed) when a read is
+/// asked for, on the asking thread: off the Queue's, listing a large queue or reading a spooled
+/// body never holds up the Queue's own work (new mail first). PostgreSQL's reads run on its own
+/// runtime anyway; waiting for them here costs a blocking thread, not the Queue.
+fn off_queue<T: Send + 'static>(
+    read: impl std::future::Future<Output = Result<T, AdminError>> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, AdminError>> {
+    let runtime = tokio::runtime::Handle::current();
+    async move {
+        tokio::task::spawn_blocking(move || runtime.block_on(read))
+            .await
+            .unwrap_or_else(|e| Err(internal(format!("the admin read failed: {e}"))))
     }
 }
 
@@ -431,7 +437,7 @@ impl Handler<Headers> for Queue {
             }
             Ok(header_section(&head))
         };
-        Box::pin(read.into_actor(self))
+        Box::pin(off_queue(read).into_actor(self))
     }
 }
 
@@ -787,5 +793,26 @@ impl Handler<Drain> for Queue {
         Box::pin(
             actix::fut::wrap_future::<_, Self>(tokio::time::timeout(msg.grace, rx)).map(|_, act, _ctx| act.in_flight),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_section;
+
+    #[test]
+    fn the_header_section_ends_at_the_blank_line() {
+        let cases: [(&[u8], &str); 5] = [
+            (b"Subject: a\r\nFrom: b\r\n\r\nbody\r\n", "Subject: a\r\nFrom: b\r\n"),
+            (b"Subject: a\n\nbody\n", "Subject: a\n"),
+            // Cut short at 64 KiB without a blank line: all that was read.
+            (b"Subject: a\r\nX-Long: yyyy", "Subject: a\r\nX-Long: yyyy"),
+            // Not UTF-8: shown with replacement characters, never an error.
+            (b"Subject: \xff\r\n\r\n", "Subject: \u{fffd}\r\n"),
+            (b"\r\n\r\nbody", "\r\n"),
+        ];
+        for (head, want) in cases {
+            assert_eq!(header_section(head), want, "{:?}", String::from_utf8_lossy(head));
+        }
     }
 }
