@@ -492,7 +492,9 @@ mod tests {
     /// Mean and p99 as `/api/actors` shows them, from known handling times.
     #[test]
     fn handling_time_summaries() {
-        let cases: [(&[(f64, usize)], Option<(f64, Option<f64>)>); 4] = [
+        // (handling times and how often each, the expected (mean, p99)).
+        type Case<'a> = (&'a [(f64, usize)], Option<(f64, Option<f64>)>);
+        let cases: [Case; 4] = [
             (&[], None),
             // 100 × 1 ms: mean 1 ms; p99 in the bucket up to 3.2 ms (50 µs × 4³).
             (&[(0.001, 100)], Some((0.001, Some(0.0032)))),
