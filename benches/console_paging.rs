@@ -15,18 +15,12 @@ use std::time::{Duration, Instant};
 
 use common::Sink;
 use mailroot::client::AdminClient;
-use mailroot::config::Config;
-use mailroot::daemon::{self, StartOptions};
 
 const TO: &str = "sink@relay.test";
 const FROM: &str = "bench@example.test";
 const LOCAL: &str = "sink@example.test";
 /// Local messages per intake round.
 const ROUND: usize = 20_000;
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
-}
 
 /// What a pager did: requests, messages listed, whole passes, and the time per request.
 #[derive(Default)]
@@ -73,19 +67,7 @@ fn run(a: &common::Args, messages: usize, base: &std::path::Path, pg: Option<&co
     let _ = std::fs::remove_dir_all(base);
     let sink = Sink::start();
     sink.defer.store(true, Ordering::Relaxed);
-    let text = format!(
-        "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n\
-         [access]\nmax_connections_per_ip = 0\n[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n\
-         [queue]\nretry_intervals = [\"1h\"]\n",
-        sink.addr.port()
-    );
-    let mut config = Config::from_toml(&text).expect("bench config");
-    config.mailroot.path = base.to_path_buf();
-    config.admin.listen = "127.0.0.1:0".into();
-    if let Some(schema) = pg {
-        schema.apply(&mut config, "bench");
-    }
-    let running = daemon::start(config, StartOptions::default()).expect("start");
+    let running = common::deferring_daemon(base, &sink, pg);
     let addr = running.smtp_addrs[0];
     println!(
         "console_paging [{}]: {messages} messages deferred in the queue, intake of {ROUND} local messages from {} \
@@ -96,12 +78,7 @@ fn run(a: &common::Args, messages: usize, base: &std::path::Path, pg: Option<&co
     );
 
     let start = Instant::now();
-    let (accepted, _) = common::load(addr, a.sessions, messages, FROM, TO, common::body(a.size, TO));
-    let deferred_name = "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"} ";
-    while (metric(&running.metrics_text(), deferred_name) as usize) < accepted {
-        assert!(start.elapsed() < Duration::from_secs(1800), "deferring took too long");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let accepted = common::fill_deferred(&running, a, messages, FROM, TO);
     println!("queue:      {accepted} messages deferred in {:.1}s", start.elapsed().as_secs_f64());
     let token = std::fs::read_to_string(base.join("admin.token")).expect("admin token");
     let admin = || AdminClient {

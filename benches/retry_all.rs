@@ -16,15 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::Sink;
 use mailroot::client::AdminClient;
-use mailroot::config::Config;
-use mailroot::daemon::{self, StartOptions};
 
 const TO: &str = "sink@relay.test";
 const FROM: &str = "bench@example.test";
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
-}
 
 /// Sends one local message every 20 ms on one session until `stop`; the time from the end of
 /// the data to its `250`, for each.
@@ -54,16 +48,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&base);
     let sink = Sink::start();
     sink.defer.store(true, Ordering::Relaxed);
-    let text = format!(
-        "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n\
-         [access]\nmax_connections_per_ip = 0\n[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n\
-         [queue]\nretry_intervals = [\"1h\"]\n",
-        sink.addr.port()
-    );
-    let mut config = Config::from_toml(&text).expect("bench config");
-    config.mailroot.path = base.clone();
-    config.admin.listen = "127.0.0.1:0".into();
-    let running = daemon::start(config, StartOptions::default()).expect("start");
+    let running = common::deferring_daemon(&base, &sink, None);
     let addr = running.smtp_addrs[0];
     println!(
         "retry_all: {messages} messages deferred by the smart host, then retried at once; mailroot in {}",
@@ -72,12 +57,7 @@ fn main() {
 
     // 1. Fill the queue with deferred mail.
     let start = Instant::now();
-    let (accepted, _) = common::load(addr, a.sessions, messages, FROM, TO, common::body(a.size, TO));
-    let deferred_name = "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"} ";
-    while (metric(&running.metrics_text(), deferred_name) as usize) < accepted {
-        assert!(start.elapsed() < Duration::from_secs(1800), "deferring took too long");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let accepted = common::fill_deferred(&running, &a, messages, FROM, TO);
     println!("deferred:   {accepted} messages in {:.1}s", start.elapsed().as_secs_f64());
 
     // 2. Retry them all while a probe measures intake.

@@ -342,3 +342,37 @@ impl Drop for BenchSchema {
         }
     }
 }
+
+/// A daemon in `base` (on PostgreSQL with `pg`) whose remote mail goes to `sink` as smart host,
+/// retried after an hour: with the sink deferring, what is relayed stays deferred in the queue.
+pub fn deferring_daemon(base: &std::path::Path, sink: &Sink, pg: Option<&BenchSchema>) -> mailroot::daemon::Running {
+    let text = format!(
+        "[server]\nhostname = \"bench.example.test\"\nlisten = [\"127.0.0.1:0\"]\n[domains]\nlocal = [\"example.test\"]\n\
+         [access]\nmax_connections_per_ip = 0\n[delivery]\nsmart_host_tls = \"opportunistic\"\nsmart_host = \"[127.0.0.1]:{}\"\n\
+         [queue]\nretry_intervals = [\"1h\"]\n",
+        sink.addr.port()
+    );
+    let mut config = mailroot::config::Config::from_toml(&text).expect("bench config");
+    config.mailroot.path = base.to_path_buf();
+    config.admin.listen = "127.0.0.1:0".into();
+    if let Some(schema) = pg {
+        schema.apply(&mut config, "bench");
+    }
+    mailroot::daemon::start(config, mailroot::daemon::StartOptions::default()).expect("start")
+}
+
+/// Relays `messages` from `from` to `to` through `running` and waits until each has been tried
+/// once (and, with a deferring sink, deferred); returns how many were accepted.
+pub fn fill_deferred(running: &mailroot::daemon::Running, a: &Args, messages: usize, from: &str, to: &str) -> usize {
+    let start = Instant::now();
+    let (accepted, _) = load(running.smtp_addrs[0], a.sessions, messages, from, to, body(a.size, to));
+    let deferred = "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"} ";
+    let tried = || {
+        running.metrics_text().lines().find_map(|l| l.strip_prefix(deferred).and_then(|v| v.trim().parse::<f64>().ok()))
+    };
+    while (tried().unwrap_or(0.0) as usize) < accepted {
+        assert!(start.elapsed() < Duration::from_secs(1800), "deferring took too long");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    accepted
+}
