@@ -474,10 +474,12 @@ fn console_in_a_real_browser() {
     rt.block_on(async {
         let b = browser::Browser::start().await;
 
-        // Sign in: a wrong token is refused and said so; the right one opens the overview.
+        // Sign in: a wrong token is refused and said so (typed with the keyboard alone: the
+        // field has the focus, Enter submits); the right one opens the overview.
         b.goto(&console).await;
-        b.type_into("#token", "not-the-token").await;
-        b.click("#signin").await;
+        let focused = b.client.active_element().await.expect("focus").attr("id").await.expect("id");
+        assert_eq!(focused.as_deref(), Some("token"), "the token field has the focus");
+        b.type_into("#token", "not-the-token\u{E007}").await;
         b.wait_text("#signin-error", "the refusal", |t| t.contains("not accepted")).await;
         b.screenshot("signin").await;
         b.type_into("#token", TOKEN).await;
