@@ -523,6 +523,25 @@ fn console_in_a_real_browser() {
         b.click("#confirm-no").await;
         assert_eq!(api_get(admin, "/api/status")["queue"]["total"], 1, "a cancelled delete deletes nothing");
 
+        // A second message, bounced from its page once confirmed: back on the queue, the result
+        // still said, the message gone (its sender's NDR is local mail, delivered to Drop).
+        let other = send(smtp, "alice@example.test", &["t4z@far.test"], "to be bounced");
+        wait_metric(&running, "mailroot_deliveries_total{route=\"smtp\",result=\"temporary\"}", |v| v >= 2.0);
+        b.goto(&format!("{console}#message/{other}")).await;
+        b.wait_text("#m-headers", "its headers", |t| t.contains("Subject: to be bounced")).await;
+        b.click("[data-one=bounce]").await;
+        b.wait_text("#confirm-text", "the confirmation", |t| t.contains("returned to its sender")).await;
+        b.click("#confirm-yes").await;
+        b.wait_text("#flash", "the result kept on the queue page", |t| {
+            t.contains(&format!("bounce: done for message {other}"))
+        })
+        .await;
+        let (status, _, _) = get(admin, &admin.to_string(), &format!("/api/queue/{other}"), Some(TOKEN));
+        assert_eq!(status, 404, "bounced and gone");
+        wait_for("the NDR in Drop", Duration::from_secs(20), || {
+            (!drop_files(dir.path().join("spool").as_path()).is_empty()).then_some(())
+        });
+
         // Sessions: an idle client is listed; disconnected from the console, it gets 421.
         let mut idle = Client::ready(smtp, "idle-client.test");
         b.click("#nav-sessions").await;

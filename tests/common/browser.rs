@@ -121,19 +121,28 @@ impl Browser {
         }
     }
 
-    /// Waits for an element that is displayed, and clicks it.
+    /// Waits for an element that is displayed and enabled, and clicks it. The element is looked
+    /// up again on each try: the pages that refresh themselves (sessions, actors) replace their
+    /// rows every few seconds, and a row found just before that is gone ("stale").
     pub async fn click(&self, css: &str) {
-        let e = self.client.wait().at_most(PATIENCE).for_element(Locator::Css(css)).await.unwrap_or_else(|e| {
-            panic!("no {css} to click: {e}");
-        });
         let deadline = Instant::now() + PATIENCE;
-        while !e.is_displayed().await.unwrap_or(false) || !e.is_enabled().await.unwrap_or(false) {
+        let mut last = String::from("not found");
+        loop {
+            match self.client.find(Locator::Css(css)).await {
+                Ok(e) => match (e.is_displayed().await, e.is_enabled().await) {
+                    (Ok(true), Ok(true)) => match e.click().await {
+                        Ok(()) => return,
+                        Err(err) => last = format!("click failed: {err}"),
+                    },
+                    (shown, enabled) => last = format!("displayed {shown:?}, enabled {enabled:?}"),
+                },
+                Err(err) => last = format!("not found: {err}"),
+            }
             if Instant::now() > deadline {
-                panic!("{css} never became visible and enabled");
+                panic!("could not click {css}: {last}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        e.click().await.unwrap_or_else(|e| panic!("clicking {css}: {e}"));
     }
 
     pub async fn type_into(&self, css: &str, text: &str) {

@@ -12,6 +12,9 @@ const REFRESH_MS = 5000;
 let token = sessionStorage.getItem(TOKEN_KEY) || '';
 let timer = null;
 let lastStatus = null;
+// Set when an action navigates on its own (a bounce or delete returns to the queue): the next
+// page keeps the action's message instead of clearing it.
+let keepFlash = false;
 
 const $ = (id) => document.getElementById(id);
 
@@ -194,7 +197,8 @@ function route() {
     show('signin');
     return;
   }
-  flash('');
+  if (!keepFlash) flash('');
+  keepFlash = false;
   const hash = location.hash.replace(/^#/, '') || 'overview';
   const [page, arg] = hash.split('/');
   const pages = {
@@ -349,6 +353,7 @@ async function loadQueue() {
   $('q-select-page').checked = false;
   $('q-next').disabled = queueState.next === null || queueState.next === undefined;
   $('q-first').disabled = queueState.after === null;
+  $('q-prev').disabled = queueState.pages.length === 0;
   const shown = page.messages.length;
   $('q-count').textContent = plural(shown, 'message') + ' on this page' + (queueState.next ? '; more follow' : '');
   countSelected();
@@ -378,7 +383,9 @@ async function allMatching() {
   }
 }
 
+// What an action that loses mail does, said in its confirmation (for many, then for one).
 const LOSES_MAIL = { bounce: 'returned to their senders as undeliverable', delete: 'deleted without a notice to anyone' };
+const LOSES_ONE = { bounce: 'returned to its sender as undeliverable', delete: 'deleted without a notice to anyone' };
 
 async function bulk(action) {
   const everything = $('q-all-matching').checked;
@@ -450,16 +457,20 @@ async function loadMessage(id) {
 
 async function oneAction(action) {
   const id = location.hash.split('/')[1];
-  if (LOSES_MAIL[action]) {
-    const ok = await confirmAction(action[0].toUpperCase() + action.slice(1) + ' message ' + id + '? It will be ' + LOSES_MAIL[action] + '.');
+  if (LOSES_ONE[action]) {
+    const ok = await confirmAction(action[0].toUpperCase() + action.slice(1) + ' message ' + id + '? It will be ' + LOSES_ONE[action] + '.');
     if (!ok) return;
   }
   try {
     if (action === 'delete') await api('DELETE', '/api/queue/' + id);
     else await api('POST', '/api/queue/' + id + '/' + action);
     flash(action + ': done for message ' + id);
-    if (action === 'bounce' || action === 'delete') location.hash = '#queue';
-    else await loadMessage(id);
+    if (action === 'bounce' || action === 'delete') {
+      keepFlash = true;
+      location.hash = '#queue';
+    } else {
+      await loadMessage(id);
+    }
   } catch (e) {
     if (e.status !== 401) flash(e.message, true);
   }
@@ -568,11 +579,16 @@ document.addEventListener('DOMContentLoaded', () => {
   $('f-clear').addEventListener('click', () => {
     for (const k of ['state', 'domain', 'sender', 'recipient']) $('f-' + k).value = '';
     queueState.after = null;
+    queueState.pages = [];
     loadQueue().catch((e) => e.status !== 401 && flash(e.message, true));
   });
   $('q-next').addEventListener('click', () => {
     queueState.pages.push(queueState.after);
     queueState.after = queueState.next;
+    loadQueue().catch((e) => e.status !== 401 && flash(e.message, true));
+  });
+  $('q-prev').addEventListener('click', () => {
+    queueState.after = queueState.pages.length ? queueState.pages.pop() : null;
     loadQueue().catch((e) => e.status !== 401 && flash(e.message, true));
   });
   $('q-first').addEventListener('click', () => {
