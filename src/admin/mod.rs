@@ -316,8 +316,13 @@ async fn act(req: HttpRequest, s: State) -> HttpResponse {
 
 /// One action on up to [`BULK_MAX`] messages, one after the other (each as the single-message
 /// endpoint would do it): what the console's selections and "all matching" send, in pieces.
-async fn bulk(req: HttpRequest, s: State, body: web::Bytes) -> HttpResponse {
+async fn bulk(req: HttpRequest, s: State, payload: web::Payload) -> HttpResponse {
     authorized!(req, s);
+    // Read only once the request passed the guard, and never more than BODY_MAX.
+    let body = match read_body(payload).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let mut r: BulkRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"action\": …, \"ids\": […]}}: {e}")),
@@ -350,6 +355,20 @@ async fn bulk(req: HttpRequest, s: State, body: web::Bytes) -> HttpResponse {
         }
     }
     HttpResponse::Ok().json(BulkDone { action: r.action, done, failed })
+}
+
+/// A request body of at most [`BODY_MAX`] bytes (`Err`: 413, or 400 when it breaks off).
+async fn read_body(mut payload: web::Payload) -> Result<Vec<u8>, HttpResponse> {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the request: {e}")))?;
+        if body.len() + chunk.len() > BODY_MAX {
+            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are at most {BODY_MAX} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The open SMTP sessions, oldest first (`?limit=`, default and at most 1,000).
@@ -447,8 +466,7 @@ const BODY_MAX: usize = 64 * 1024;
 
 fn routes(cfg: &mut web::ServiceConfig) {
     console::routes(cfg);
-    cfg.app_data(web::PayloadConfig::new(BODY_MAX))
-        .route("/metrics", web::get().to(metrics))
+    cfg.route("/metrics", web::get().to(metrics))
         .route("/api/status", web::get().to(status))
         .route("/api/history", web::get().to(history))
         .route("/api/queue", web::get().to(list))
