@@ -126,18 +126,17 @@ impl Browser {
     /// rows every few seconds, and a row found just before that is gone ("stale").
     pub async fn click(&self, css: &str) {
         let deadline = Instant::now() + PATIENCE;
-        let mut last = String::from("not found");
         loop {
-            match self.client.find(Locator::Css(css)).await {
+            let last = match self.client.find(Locator::Css(css)).await {
                 Ok(e) => match (e.is_displayed().await, e.is_enabled().await) {
                     (Ok(true), Ok(true)) => match e.click().await {
                         Ok(()) => return,
-                        Err(err) => last = format!("click failed: {err}"),
+                        Err(err) => format!("click failed: {err}"),
                     },
-                    (shown, enabled) => last = format!("displayed {shown:?}, enabled {enabled:?}"),
+                    (shown, enabled) => format!("displayed {shown:?}, enabled {enabled:?}"),
                 },
-                Err(err) => last = format!("not found: {err}"),
-            }
+                Err(err) => format!("not found: {err}"),
+            };
             if Instant::now() > deadline {
                 panic!("could not click {css}: {last}");
             }
