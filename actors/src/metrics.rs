@@ -72,52 +72,74 @@ pub struct ActorLabel {
     pub actor: String,
 }
 
-type HistogramFamily = Family<ActorLabel, Histogram, fn() -> Histogram>;
-
 /// The handling-time buckets' upper bounds: 50 µs to ~100 s (a session command takes
 /// microseconds, a remote delivery seconds).
 const HANDLING_START: f64 = 0.000_05;
 const HANDLING_FACTOR: f64 = 4.0;
 const HANDLING_BUCKETS: usize = 11;
 
-fn handling_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        HANDLING_START,
-        HANDLING_FACTOR,
-        HANDLING_BUCKETS as u16,
-    ))
-}
+/// Handling times of one actor kind: a Prometheus histogram (`mailroot_actor_handling_seconds`)
+/// that the admin API can also read back (prometheus-client's own can only be encoded), and
+/// whose observation is a few atomic additions instead of a lock.
+#[derive(Clone, Debug, Default)]
+pub struct HandlingTimes(Arc<Latency>);
 
-/// Handling times of one actor kind as the admin API reads them back (prometheus-client's
-/// histogram cannot be read but by encoding it): the same buckets, plus the sum.
-#[derive(Default)]
-pub struct Latency {
-    /// Counts per bucket of [`handling_histogram`], the last one past its largest bound.
+#[derive(Debug, Default)]
+struct Latency {
+    /// Counts per bucket (upper bounds `HANDLING_START` × `HANDLING_FACTOR`^i), the last one past
+    /// the largest bound.
     buckets: [AtomicU64; HANDLING_BUCKETS + 1],
     micros: AtomicU64,
 }
 
-impl Latency {
+impl prometheus_client::metrics::TypedMetric for HandlingTimes {
+    const TYPE: prometheus_client::metrics::MetricType = prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for HandlingTimes {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        let l = &self.0;
+        let mut bound = HANDLING_START;
+        let mut buckets = Vec::with_capacity(HANDLING_BUCKETS + 1);
+        let mut count = 0;
+        for (i, b) in l.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            count += n;
+            // The encoder adds the buckets up; the last is +Inf.
+            buckets.push((if i < HANDLING_BUCKETS { bound } else { f64::MAX }, n));
+            bound *= HANDLING_FACTOR;
+        }
+        let sum = l.micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<()>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        <Self as prometheus_client::metrics::TypedMetric>::TYPE
+    }
+}
+
+impl HandlingTimes {
     fn observe(&self, seconds: f64) {
+        let l = &self.0;
         let mut bound = HANDLING_START;
         let mut i = 0;
         while i < HANDLING_BUCKETS && seconds > bound {
             bound *= HANDLING_FACTOR;
             i += 1;
         }
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        l.buckets[i].fetch_add(1, Ordering::Relaxed);
+        l.micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
     /// (mean, the bound under which at least 99% of the times fall) in seconds; `None` when
     /// nothing was measured, and a p99 of `None` when it lies past the largest bound.
     fn summary(&self) -> Option<(f64, Option<f64>)> {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self.0.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
         let n: u64 = counts.iter().sum();
         if n == 0 {
             return None;
         }
-        let mean = self.micros.load(Ordering::Relaxed) as f64 / 1e6 / n as f64;
+        let mean = self.0.micros.load(Ordering::Relaxed) as f64 / 1e6 / n as f64;
         let wanted = n - n / 100;
         let (mut seen, mut bound) = (0, HANDLING_START);
         for (i, c) in counts.iter().enumerate() {
@@ -149,12 +171,12 @@ pub struct ActorRow {
 /// The per-actor metric families.
 pub struct ActorMetrics {
     pub handled: Family<ActorLabel, Counter>,
-    pub handling_seconds: HistogramFamily,
+    pub handling_seconds: Family<ActorLabel, HandlingTimes>,
     pub in_flight: Family<ActorLabel, Gauge>,
     pub live: Family<ActorLabel, Gauge>,
     pub restarts: Family<ActorLabel, Counter>,
-    /// Every kind that asked for a meter, with its readable handling times.
-    kinds: std::sync::Mutex<std::collections::BTreeMap<String, Arc<Latency>>>,
+    /// Every kind that asked for a meter (a family cannot be walked).
+    kinds: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// One actor kind's handles on the per-actor metrics, resolved once so that measuring a message
@@ -162,11 +184,10 @@ pub struct ActorMetrics {
 #[derive(Clone)]
 pub struct ActorMeter {
     handled: Counter,
-    seconds: Histogram,
+    seconds: HandlingTimes,
     in_flight: Gauge,
     live: Gauge,
     restarts: Counter,
-    latency: Arc<Latency>,
 }
 
 impl ActorMeter {
@@ -202,9 +223,7 @@ impl Drop for Handling {
     fn drop(&mut self) {
         self.meter.in_flight.dec();
         self.meter.handled.inc();
-        let seconds = self.start.elapsed().as_secs_f64();
-        self.meter.seconds.observe(seconds);
-        self.meter.latency.observe(seconds);
+        self.meter.seconds.observe(self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -307,7 +326,7 @@ impl Metrics {
             history: Default::default(),
             actors: ActorMetrics {
                 handled: Family::default(),
-                handling_seconds: Family::new_with_constructor(handling_histogram),
+                handling_seconds: Family::default(),
                 in_flight: Family::default(),
                 live: Family::default(),
                 restarts: Family::default(),
@@ -439,9 +458,8 @@ impl Metrics {
     pub fn actor(&self, kind: &str) -> ActorMeter {
         let label = ActorLabel { actor: kind.to_string() };
         let a = &self.actors;
-        let latency = a.kinds.lock().unwrap_or_else(|e| e.into_inner()).entry(kind.to_string()).or_default().clone();
+        a.kinds.lock().unwrap_or_else(|e| e.into_inner()).insert(kind.to_string());
         ActorMeter {
-            latency,
             handled: a.handled.get_or_create(&label).clone(),
             seconds: a.handling_seconds.get_or_create(&label).clone(),
             in_flight: a.in_flight.get_or_create(&label).clone(),
@@ -452,16 +470,13 @@ impl Metrics {
 
     /// Every actor kind with its counts and handling times, by name.
     pub fn actor_table(&self) -> Vec<ActorRow> {
-        let kinds: Vec<(String, Arc<Latency>)> = {
-            let k = self.actors.kinds.lock().unwrap_or_else(|e| e.into_inner());
-            k.iter().map(|(name, l)| (name.clone(), l.clone())).collect()
-        };
+        let kinds: Vec<String> = self.actors.kinds.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
         let a = &self.actors;
         kinds
             .into_iter()
-            .map(|(actor, latency)| {
+            .map(|actor| {
                 let label = ActorLabel { actor };
-                let summary = latency.summary();
+                let summary = a.handling_seconds.get_or_create(&label).summary();
                 ActorRow {
                     live: a.live.get_or_create(&label).get(),
                     handled: a.handled.get_or_create(&label).get(),
@@ -504,7 +519,7 @@ mod tests {
             (&[(500.0, 10)], Some((500.0, None))),
         ];
         for (times, want) in cases {
-            let l = Latency::default();
+            let l = HandlingTimes::default();
             for &(t, n) in times {
                 for _ in 0..n {
                     l.observe(t);
@@ -523,7 +538,8 @@ mod tests {
                 other => panic!("{times:?}: {other:?}"),
             }
         }
-        let m = Metrics::unregistered();
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
         let meter = m.actor("queue");
         meter.started();
         drop(meter.handling());
@@ -531,5 +547,18 @@ mod tests {
         let q = table.iter().find(|r| r.actor == "queue").unwrap();
         assert_eq!((q.live, q.handled, q.in_flight), (1, 1, 0));
         assert!(q.mean_seconds.is_some());
+        // The same observations, as Prometheus reads them: a histogram with cumulative buckets
+        // (one more of a known time: the first took however long the machine let it).
+        m.actors.handling_seconds.get_or_create(&ActorLabel { actor: "queue".into() }).observe(0.001);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line =
+            |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} in {text}"));
+        assert!(text.contains("# TYPE mailroot_actor_handling_seconds histogram"), "{text}");
+        let value = |prefix: &str| line(prefix).rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0);
+        assert_eq!(value("mailroot_actor_handling_seconds_count{actor=\"queue\"}"), 2.0);
+        assert_eq!(value("mailroot_actor_handling_seconds_bucket{le=\"+Inf\",actor=\"queue\"}"), 2.0);
+        assert!(value("mailroot_actor_handling_seconds_bucket{le=\"0.0032\",actor=\"queue\"}") >= 1.0, "cumulative");
+        assert!(value("mailroot_actor_handling_seconds_sum{actor=\"queue\"}") >= 0.001);
     }
 }
