@@ -435,21 +435,10 @@ impl Handler<Headers> for Queue {
             if head.is_empty() {
                 return Err(AdminError::NotFound);
             }
-            Ok(header_section(&head))
+            Ok(String::from_utf8_lossy(crate::notify::header_block(&head)).into_owned())
         };
         Box::pin(off_queue(read).into_actor(self))
     }
-}
-
-/// The bytes up to the blank line that ends the header section (all of them when it is not
-/// within), as text.
-fn header_section(head: &[u8]) -> String {
-    let end = head
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 2)
-        .or_else(|| head.windows(2).position(|w| w == b"\n\n").map(|i| i + 1));
-    String::from_utf8_lossy(&head[..end.unwrap_or(head.len())]).into_owned()
 }
 
 impl Handler<Show> for Queue {
@@ -793,26 +782,5 @@ impl Handler<Drain> for Queue {
         Box::pin(
             actix::fut::wrap_future::<_, Self>(tokio::time::timeout(msg.grace, rx)).map(|_, act, _ctx| act.in_flight),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::header_section;
-
-    #[test]
-    fn the_header_section_ends_at_the_blank_line() {
-        let cases: [(&[u8], &str); 5] = [
-            (b"Subject: a\r\nFrom: b\r\n\r\nbody\r\n", "Subject: a\r\nFrom: b\r\n"),
-            (b"Subject: a\n\nbody\n", "Subject: a\n"),
-            // Cut short at 64 KiB without a blank line: all that was read.
-            (b"Subject: a\r\nX-Long: yyyy", "Subject: a\r\nX-Long: yyyy"),
-            // Not UTF-8: shown with replacement characters, never an error.
-            (b"Subject: \xff\r\n\r\n", "Subject: \u{fffd}\r\n"),
-            (b"\r\n\r\nbody", "\r\n"),
-        ];
-        for (head, want) in cases {
-            assert_eq!(header_section(head), want, "{:?}", String::from_utf8_lossy(head));
-        }
     }
 }

@@ -492,8 +492,9 @@ impl Queue {
                         Err(_) if act.draining => {
                             act.in_flight -= 1;
                             act.in_flight_bytes -= size;
-                            if act.one_less(id) {
-                                act.active.remove(&id);
+                            // Its lease goes back at once (a shared store's other nodes take it up).
+                            if act.one_less(id) && act.active.remove(&id).is_some() {
+                                act.store.release(id);
                             }
                             return act.after_delivery(ctx);
                         }
