@@ -10,7 +10,7 @@
 //! - Everything shown came from the client: it is kept bounded (the EHLO name to 64 characters)
 //!   and the console renders it as text, never as markup.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,7 +28,7 @@ const HELO_SHOWN: usize = 64;
 #[derive(Default)]
 pub struct OpenSessions {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<SessionEntry>>>,
+    open: Mutex<BTreeMap<u64, Arc<SessionEntry>>>,
 }
 
 /// One open session: what it is, and the bell an operator rings to close it.
@@ -101,13 +101,12 @@ impl OpenSessions {
         Registration { sessions: self.clone(), entry }
     }
 
-    /// Up to `limit` sessions, oldest first.
+    /// Up to `limit` sessions, oldest first (IDs grow with time).
     pub fn list(&self, limit: usize) -> SessionList {
-        let entries: Vec<Arc<SessionEntry>> = lock(&self.open).values().cloned().collect();
-        let total = entries.len();
-        let mut entries = entries;
-        entries.sort_unstable_by_key(|e| e.id);
-        entries.truncate(limit);
+        let (total, entries): (usize, Vec<Arc<SessionEntry>>) = {
+            let open = lock(&self.open);
+            (open.len(), open.values().take(limit).cloned().collect())
+        };
         SessionList { total, sessions: entries.iter().map(|e| e.info()).collect() }
     }
 
