@@ -278,7 +278,11 @@ async fn headers(req: HttpRequest, s: State) -> HttpResponse {
     }
 }
 
-/// One queue action on one message; `Ok` carries what the single-message endpoint answers.
+/// What `queue_action` knows.
+const QUEUE_ACTIONS: [&str; 5] = ["retry", "hold", "release", "bounce", "delete"];
+
+/// One queue action on one message; `Ok` carries what the single-message endpoint answers
+/// (`None`: not one of [`QUEUE_ACTIONS`]).
 async fn queue_action(q: &Addr<QueueSupervisor>, id: u64, action: &str) -> Option<Result<HttpResponse, AdminError>> {
     let shown = |m| HttpResponse::Ok().json(m);
     let done = |()| HttpResponse::Ok().json(Done { id, result: action.to_string().into() });
@@ -314,8 +318,8 @@ async fn act(req: HttpRequest, s: State) -> HttpResponse {
     }
 }
 
-/// One action on up to [`BULK_MAX`] messages, one after the other (each as the single-message
-/// endpoint would do it): what the console's selections and "all matching" send, in pieces.
+/// One action on up to [`BULK_MAX`] messages, each as the single-message endpoint does it,
+/// [`BULK_AT_ONCE`] at a time: what the console's selections and "all matching" send, in pieces.
 async fn bulk(req: HttpRequest, s: State, payload: web::Payload) -> HttpResponse {
     authorized!(req, s);
     // Read only once the request passed the guard, and never more than BODY_MAX.
@@ -327,11 +331,8 @@ async fn bulk(req: HttpRequest, s: State, payload: web::Payload) -> HttpResponse
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"action\": …, \"ids\": […]}}: {e}")),
     };
-    if !["retry", "hold", "release", "bounce", "delete"].contains(&r.action.as_str()) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("unknown action {:?}: retry, hold, release, bounce or delete", r.action),
-        );
+    if !QUEUE_ACTIONS.contains(&r.action.as_str()) {
+        return error(StatusCode::BAD_REQUEST, format!("unknown action {:?}: one of {}", r.action, QUEUE_ACTIONS.join(", ")));
     }
     if r.ids.len() > BULK_MAX {
         return error(StatusCode::BAD_REQUEST, format!("at most {BULK_MAX} messages per request, not {}", r.ids.len()));
