@@ -332,7 +332,10 @@ async fn bulk(req: HttpRequest, s: State, payload: web::Payload) -> HttpResponse
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"action\": …, \"ids\": […]}}: {e}")),
     };
     if !QUEUE_ACTIONS.contains(&r.action.as_str()) {
-        return error(StatusCode::BAD_REQUEST, format!("unknown action {:?}: one of {}", r.action, QUEUE_ACTIONS.join(", ")));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown action {:?}: one of {}", r.action, QUEUE_ACTIONS.join(", ")),
+        );
     }
     if r.ids.len() > BULK_MAX {
         return error(StatusCode::BAD_REQUEST, format!("at most {BULK_MAX} messages per request, not {}", r.ids.len()));

@@ -10,6 +10,8 @@
 //!   sender gets the same NDR (or Badmail for the null sender).
 
 use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -21,7 +23,7 @@ use crate::clock::unix_now;
 use crate::delivery::{replies, DeliveryReport, Outcome};
 use crate::logsafe::LogSafe;
 use crate::routes::domain_of;
-use crate::store::{Claim, Envelope, QueueId, RcptStatus};
+use crate::store::{Claim, Envelope, QueueId, QueueStore, RcptStatus};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminError {
@@ -319,78 +321,95 @@ impl Handler<List> for Queue {
                 return answer(Err(AdminError::Conflict(format!("unknown state {s:?}; one of {}", STATES.join(", ")))));
             }
         }
-        let limit = f.limit.clamp(1, 1000);
-        let now = unix_now();
         // What is being delivered here now; the walk runs off the Queue's thread, a page at a time.
-        let busy: std::collections::HashSet<QueueId> = self.outstanding.keys().copied().collect();
-        let store = self.store.clone();
-        let sender = f.sender.as_ref().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
-        let recipient = f.recipient.as_ref().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
-        let walk = async move {
-            // However many operators or scripts list at once, at most two walks run: the rest
-            // wait their turn rather than take every core from the mail.
-            let _turn = LIST_WALKS.acquire().await.map_err(internal)?;
-            let mut messages = Vec::new();
-            let mut after = f.after.unwrap_or(0);
-            let mut scanned = 0;
-            loop {
-                // A filter that matches little must not walk a huge queue in one request: after
-                // `LIST_SCAN` envelopes the page ends, short, with where to go on from.
-                if scanned >= LIST_SCAN {
-                    return Ok(ListPage { messages, next_after: Some(after) });
-                }
-                // The first read asks for one more than the page (enough when nothing is filtered
-                // out: a page of 100 reads 101 envelopes, not 500); later reads take 500.
-                let want = if scanned == 0 { (limit + 1).min(LIST_PAGE) } else { LIST_PAGE };
-                let page = store.page(after, want).await.map_err(internal)?;
-                let last_page = page.len() < want;
-                scanned += page.len();
-                for env in page {
-                    after = env.id;
-                    if env.is_finished() {
-                        continue;
-                    }
-                    let info = info(&env, busy.contains(&env.id), now);
-                    if f.state.as_deref().is_some_and(|s| s != info.state) {
-                        continue;
-                    }
-                    if let Some(want) = &sender {
-                        let matches = if want == "<>" {
-                            env.sender.is_empty()
-                        } else {
-                            env.sender.to_ascii_lowercase().contains(want.as_str())
-                        };
-                        if !matches {
-                            continue;
-                        }
-                    }
-                    if let Some(want) = &recipient {
-                        if !env.recipients.iter().any(|r| r.address.to_ascii_lowercase().contains(want.as_str())) {
-                            continue;
-                        }
-                    }
-                    if let Some(d) = &f.domain {
-                        let matches = env
-                            .recipients
-                            .iter()
-                            .any(|r| r.status == RcptStatus::Pending && domain_of(&r.address).eq_ignore_ascii_case(d));
-                        if !matches {
-                            continue;
-                        }
-                    }
-                    if messages.len() == limit {
-                        let next_after = messages.last().map(|m: &MessageInfo| m.id);
-                        return Ok(ListPage { messages, next_after });
-                    }
-                    messages.push(info);
-                }
-                if last_page {
-                    return Ok(ListPage { messages, next_after: None });
-                }
-            }
-        };
+        let busy: HashSet<QueueId> = self.outstanding.keys().copied().collect();
+        let walk = list_walk(self.store.clone(), f, busy, unix_now(), LIST_SCAN);
         Box::pin(off_queue(walk).into_actor(self))
     }
+}
+
+/// One page of the list: messages matching `f` after `f.after`, looking at `scan` envelopes at
+/// most — a filter that matches little must not walk a huge queue in one request, so the page
+/// then ends short, with where to go on from.
+async fn list_walk(
+    store: Arc<dyn QueueStore>,
+    f: ListFilter,
+    busy: HashSet<QueueId>,
+    now: u64,
+    scan: usize,
+) -> Result<ListPage, AdminError> {
+    // However many operators or scripts list at once, at most two walks run: the rest wait
+    // their turn rather than take every core from the mail.
+    let _turn = LIST_WALKS.acquire().await.map_err(internal)?;
+    let limit = f.limit.clamp(1, 1000);
+    let mut messages = Vec::new();
+    let mut after = f.after.unwrap_or(0);
+    let mut scanned = 0;
+    loop {
+        if scanned >= scan {
+            return Ok(ListPage { messages, next_after: Some(after) });
+        }
+        // The first read asks for one more than the page (enough when nothing is filtered out:
+        // a page of 100 reads 101 envelopes, not 500); later reads take 500.
+        let want = if scanned == 0 { (limit + 1).min(LIST_PAGE) } else { LIST_PAGE }.min(scan - scanned);
+        let page = store.page(after, want).await.map_err(internal)?;
+        let last_page = page.len() < want;
+        scanned += page.len();
+        for env in page {
+            after = env.id;
+            let busy = busy.contains(&env.id);
+            // The view is built only for what is shown.
+            if env.is_finished() || !f.matches(&env, busy, now) {
+                continue;
+            }
+            if messages.len() == limit {
+                let next_after = messages.last().map(|m: &MessageInfo| m.id);
+                return Ok(ListPage { messages, next_after });
+            }
+            messages.push(info(&env, busy, now));
+        }
+        if last_page {
+            return Ok(ListPage { messages, next_after: None });
+        }
+    }
+}
+
+impl ListFilter {
+    /// Whether `env` is one the filter asks for (`busy`: being delivered here).
+    fn matches(&self, env: &Envelope, busy: bool, now: u64) -> bool {
+        fn wanted(given: &Option<String>) -> Option<&str> {
+            given.as_deref().filter(|s| !s.is_empty())
+        }
+        if self.state.as_deref().is_some_and(|s| s != state_of(env, busy, now)) {
+            return false;
+        }
+        if let Some(want) = wanted(&self.sender) {
+            let ok = if want == "<>" { env.sender.is_empty() } else { contains_ignoring_case(&env.sender, want) };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(want) = wanted(&self.recipient) {
+            if !env.recipients.iter().any(|r| contains_ignoring_case(&r.address, want)) {
+                return false;
+            }
+        }
+        if let Some(d) = wanted(&self.domain) {
+            let pending_there = env
+                .recipients
+                .iter()
+                .any(|r| r.status == RcptStatus::Pending && domain_of(&r.address).eq_ignore_ascii_case(d));
+            if !pending_there {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// `needle` (not empty) in `hay`, ASCII letters of either case alike; no copy of either.
+fn contains_ignoring_case(hay: &str, needle: &str) -> bool {
+    hay.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// Runs an admin read on a blocking thread. sled reads (and envelopes are parsed) when a read is
@@ -782,5 +801,99 @@ impl Handler<Drain> for Queue {
         Box::pin(
             actix::fut::wrap_future::<_, Self>(tokio::time::timeout(msg.grace, rx)).map(|_, act, _ctx| act.in_flight),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{test_envelope, SledStore};
+
+    fn filter(state: Option<&str>, domain: Option<&str>, sender: Option<&str>, recipient: Option<&str>) -> ListFilter {
+        let own = |v: Option<&str>| v.map(str::to_string);
+        ListFilter {
+            state: own(state),
+            domain: own(domain),
+            sender: own(sender),
+            recipient: own(recipient),
+            after: None,
+            limit: 100,
+        }
+    }
+
+    #[test]
+    fn what_each_filter_matches() {
+        let now = 1_000;
+        let deferred = test_envelope(1, "Alice@Example.test", "bob@Far.test", Some(now + 60));
+        let null_sender = test_envelope(2, "", "carol@near.test", None);
+        let mut held = test_envelope(3, "dave@example.test", "erin@far.test", None);
+        held.held = true;
+        let mut delivered_there = test_envelope(4, "x@example.test", "frank@far.test", None);
+        delivered_there.recipients[0].status = RcptStatus::Delivered;
+        // (filter, busy, which of the four it takes)
+        let cases = [
+            (filter(None, None, None, None), false, [true, true, true, true]),
+            (filter(Some("deferred"), None, None, None), false, [true, false, false, false]),
+            (filter(Some("ready"), None, None, None), false, [false, true, false, true]),
+            (filter(Some("held"), None, None, None), false, [false, false, true, false]),
+            (filter(Some("active"), None, None, None), true, [true, true, false, true]),
+            (filter(None, None, Some("alice@EXAMPLE"), None), false, [true, false, false, false]),
+            (filter(None, None, Some("<>"), None), false, [false, true, false, false]),
+            (filter(None, None, Some(""), None), false, [true, true, true, true]),
+            (filter(None, None, None, Some("FAR.test")), false, [true, false, true, true]),
+            (filter(None, Some("far.test"), None, None), false, [true, false, true, false]),
+            (filter(None, Some("far"), None, None), false, [false, false, false, false]),
+            (filter(None, Some("far.test"), Some("alice"), Some("bob")), false, [true, false, false, false]),
+            (filter(None, None, Some("a much longer needle than any sender here"), None), false, [false; 4]),
+        ];
+        for (f, busy, want) in cases {
+            let got = [&deferred, &null_sender, &held, &delivered_there].map(|e| f.matches(e, busy, now));
+            assert_eq!(got, want, "{f:?} busy={busy}");
+        }
+    }
+
+    /// Paging: pages of `limit`, and a filter that matches little stops after `scan` envelopes
+    /// with where to go on from — walked to the end, it finds each match once.
+    #[tokio::test]
+    async fn pages_and_bounded_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStore::open(dir.path(), 0).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..50u64 {
+            let id = sled.next_id().unwrap();
+            let sender = if i % 10 == 0 { "rare@example.test" } else { "common@example.test" };
+            sled.insert(&test_envelope(id, sender, "to@far.test", None), b"x", None).unwrap();
+            ids.push(id);
+        }
+        sled.sync().unwrap();
+        let store: Arc<dyn QueueStore> = Arc::new(sled);
+        let walk = |f: ListFilter, scan| list_walk(store.clone(), f, HashSet::new(), 0, scan);
+
+        // Unfiltered: 20 a page, next_after the last shown.
+        let mut f = filter(None, None, None, None);
+        f.limit = 20;
+        let page = walk(f.clone(), LIST_SCAN).await.unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.id).collect::<Vec<_>>(), ids[..20]);
+        assert_eq!(page.next_after, Some(ids[19]));
+        f.after = Some(ids[39]);
+        let page = walk(f, LIST_SCAN).await.unwrap();
+        assert_eq!(page.messages.len(), 10);
+        assert_eq!(page.next_after, None, "the last page");
+
+        // Five rare senders, looked for 12 envelopes at a time: short pages, then the end.
+        let mut f = filter(None, None, Some("rare"), None);
+        let (mut found, mut requests) = (Vec::new(), 0);
+        loop {
+            requests += 1;
+            let page = walk(f.clone(), 12).await.unwrap();
+            found.extend(page.messages.iter().map(|m| m.id));
+            match page.next_after {
+                Some(next) => f.after = Some(next),
+                None => break,
+            }
+        }
+        let rare: Vec<u64> = ids.iter().step_by(10).copied().collect();
+        assert_eq!(found, rare);
+        assert_eq!(requests, 5, "each request read 12 envelopes at most: 12, 24, 36, 48, then the last 2");
     }
 }

@@ -489,3 +489,28 @@ pub trait QueueStore: Send + Sync + 'static {
         0
     }
 }
+
+/// An envelope for tests: one pending recipient, never tried, due at `next`.
+#[cfg(test)]
+pub(crate) fn test_envelope(id: QueueId, sender: &str, recipient: &str, next: Option<u64>) -> Envelope {
+    Envelope {
+        id,
+        sender: sender.into(),
+        recipients: vec![RecipientState {
+            address: recipient.into(),
+            status: RcptStatus::Pending,
+            attempts: 0,
+            last: None,
+            next_attempt: next,
+            dsn: Default::default(),
+        }],
+        size: 3,
+        received_at: 0,
+        source: "smtp".into(),
+        origin: "127.0.0.1".into(),
+        next_attempt: next,
+        dsn: Default::default(),
+        delay_notified: false,
+        held: false,
+    }
+}

@@ -605,7 +605,6 @@ impl QueueStore for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{RcptStatus, RecipientState};
 
     /// Reopens right after a handle was dropped: its flusher may still hold the lock briefly.
     fn reopen(dir: &Path, floor: QueueId) -> SledStore {
@@ -618,26 +617,7 @@ mod tests {
     }
 
     fn env(id: QueueId, next: Option<u64>) -> Envelope {
-        Envelope {
-            id,
-            sender: "a@b.test".into(),
-            recipients: vec![RecipientState {
-                address: "c@d.test".into(),
-                status: RcptStatus::Pending,
-                attempts: 0,
-                last: None,
-                next_attempt: next,
-                dsn: Default::default(),
-            }],
-            size: 3,
-            received_at: 0,
-            source: "smtp".into(),
-            origin: "127.0.0.1".into(),
-            next_attempt: next,
-            dsn: Default::default(),
-            delay_notified: false,
-            held: false,
-        }
+        crate::store::test_envelope(id, "a@b.test", "c@d.test", next)
     }
 
     #[test]
