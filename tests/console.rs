@@ -246,6 +246,51 @@ fn sessions_are_listed_and_disconnected() {
     assert_eq!(metric(&running, "mailroot_refusals_total{cause=\"disconnected\"}"), 2.0);
 }
 
+/// A client that sends and never reads: once the socket buffers are full the session is stuck
+/// writing its replies. A disconnect still ends it at once, not at the idle timeout.
+#[test]
+fn a_session_stuck_writing_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    // The idle timeout (300 s by default) is far beyond the test's patience: only the disconnect
+    // can end the session in time.
+    let running = start(config(dir.path(), &admin_toml("")));
+    let admin = admin_of(&running);
+    let smtp = running.smtp_addrs[0];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let stream = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(smtp).await.unwrap().into_std().unwrap()
+    });
+    stream.set_nonblocking(false).unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (mut w, sent) = (stream.try_clone().unwrap(), sent.clone());
+        std::thread::spawn(move || {
+            let batch = "NOOP\r\n".repeat(1000);
+            while w.write_all(batch.as_bytes()).is_ok() {
+                sent.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    // Stuck: what the client has sent stops growing (the server no longer reads).
+    wait_for("the session stuck writing", Duration::from_secs(60), || {
+        let before = sent.load(std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(500));
+        (before > 0 && sent.load(std::sync::atomic::Ordering::Relaxed) == before).then_some(())
+    });
+    let v = api_get(admin, "/api/sessions");
+    assert_eq!(v["total"], 1, "{v}");
+    let id = v["sessions"][0]["id"].as_u64().unwrap();
+    let (status, _) = api_post(admin, &format!("/api/sessions/{id}/disconnect"), "{}");
+    assert_eq!(status, 200);
+    wait_for("the stuck session ended", Duration::from_secs(15), || {
+        (api_get(admin, "/api/sessions")["total"] == 0).then_some(())
+    });
+    drop(stream);
+    let _ = writer.join();
+}
+
 // The queue's side on each store (tests/common/pg.rs): filters, headers read without the body.
 both_stores!(filters_bulk_actions_headers_and_actors);
 
