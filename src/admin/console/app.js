@@ -11,6 +11,8 @@ const REFRESH_MS = 5000;
 
 let token = sessionStorage.getItem(TOKEN_KEY) || '';
 let timer = null;
+// Counts page changes: a refresh still answering from the page before does not schedule more.
+let generation = 0;
 let lastStatus = null;
 // Set when an action navigates on its own (a bounce or delete returns to the queue): the next
 // page keeps the action's message instead of clearing it.
@@ -191,8 +193,9 @@ function show(name) {
 }
 
 function route() {
-  clearInterval(timer);
+  clearTimeout(timer);
   timer = null;
+  const mine = ++generation;
   if (!token) {
     show('signin');
     return;
@@ -211,9 +214,13 @@ function route() {
   };
   const [load, live] = pages[page] || pages.overview;
   show(pages[page] ? page : 'overview');
-  const run = () => load().catch((e) => e.status !== 401 && flash(e.message, true));
+  // The next refresh is asked for once this one has answered, never on a clock: a slow daemon
+  // gets one request at a time from a console, not a growing pile.
+  const run = async () => {
+    await load().catch((e) => e.status !== 401 && flash(e.message, true));
+    if (live && mine === generation) timer = setTimeout(run, REFRESH_MS);
+  };
   run();
-  if (live) timer = setInterval(run, REFRESH_MS);
 }
 
 function showState(status) {
@@ -312,7 +319,7 @@ function drawCharts(minutes) {
 
 // Queue ------------------------------------------------------------------------------------------
 
-const queueState = { after: null, next: null, pages: [], messages: [] };
+const queueState = { after: null, next: null, pages: [] };
 
 function filterQuery() {
   const p = new URLSearchParams();
@@ -328,7 +335,6 @@ async function loadQueue() {
   p.set('limit', '100');
   if (queueState.after !== null) p.set('after', String(queueState.after));
   const page = await api('GET', '/api/queue?' + p.toString());
-  queueState.messages = page.messages;
   queueState.next = page.next_after;
   const body = $('queue-table').tBodies[0];
   const rows = page.messages.map((m) => {
